@@ -1,0 +1,100 @@
+"""``orthoedit apply``: plan the edit, stream the shards, copy the small files, write the card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .architectures import table_for_config
+from .card import render_card
+from .checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
+from .config import ApplyConfig
+from .direction import load_direction
+from .output import check_target, staged_output
+from .plan import Plan, build_plan, load_scales, model_dims
+from .source import read_config, resolve_model
+from .writer import Progress, stream_edit, total_bytes
+
+#: Never copied from the source: weights of other formats, and the README the card replaces.
+SKIP_FILES = (*OTHER_WEIGHT_PATTERNS, "*.safetensors", "consolidated.*", "README.md", INDEX_NAME)
+
+
+@dataclass
+class Prepared:
+    plan: Plan
+    folder: Path
+    checkpoint: Checkpoint
+    config: dict
+    direction_path: Path
+
+
+def prepare(cfg: ApplyConfig) -> Prepared:
+    """Resolve the model, validate every input and build the plan; writes nothing."""
+    if not cfg.dry_run:
+        local = Path(cfg.model).expanduser()
+        check_target(cfg.out, local if local.exists() else None, cfg.overwrite)
+    folder, revision = resolve_model(cfg.model, cfg.revision)
+    config = read_config(folder)
+    table = table_for_config(config)
+    checkpoint = Checkpoint.open(folder)
+    d_model, n_layers, _ = model_dims(config)
+    direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
+    is_local = Path(cfg.model).expanduser().exists()
+    plan = build_plan(
+        table=table,
+        checkpoint=checkpoint,
+        config=config,
+        direction=direction,
+        source=str(folder) if is_local else cfg.model,
+        revision=revision,
+        base_model=cfg.base_model or (None if is_local else cfg.model),
+        sites=cfg.sites,
+        layers=cfg.layers,
+        scales=load_scales(cfg.scales, n_layers),
+        tied_policy=cfg.tied,
+    )
+    return Prepared(plan, folder, checkpoint, config, Path(cfg.direction))
+
+
+def copy_small_files(source: Path, out: Path, config: dict, untie: bool) -> None:
+    """config, generation config, tokenizer, chat template... as-is; config edited on untie."""
+    for path in sorted(source.iterdir()):
+        if not path.is_file() or any(path.match(p) for p in SKIP_FILES):
+            continue
+        if path.name == "config.json" and untie:
+            edited = json.loads(json.dumps(config))
+            edited["tie_word_embeddings"] = False
+            if isinstance(edited.get("text_config"), dict):
+                edited["text_config"]["tie_word_embeddings"] = False
+            (out / "config.json").write_text(json.dumps(edited, indent=2) + "\n")
+            continue
+        shutil.copyfile(path, out / path.name)
+
+
+def execute(prepared: Prepared, out: Path, overwrite: bool, progress: Progress | None = None):
+    """Write the edited checkpoint to ``out`` atomically. Returns the output folder."""
+    target = check_target(out, prepared.folder, overwrite)
+    plan = prepared.plan
+    with staged_output(target) as tmp:
+        stream_edit(plan, prepared.checkpoint, tmp, progress)
+        copy_small_files(
+            prepared.folder, tmp, prepared.config, untie=plan.tied and plan.tied_policy == "untie"
+        )
+        plan.save(tmp)
+        render_card(plan, prepared.direction_path).save(tmp / "README.md")
+        shutil.copyfile(prepared.direction_path, tmp / f"direction{prepared.direction_path.suffix}")
+    return target
+
+
+def apply(cfg: ApplyConfig, progress: Progress | None = None) -> tuple[Plan, Path | None]:
+    """Library entry point: the plan, and the output folder (None on a dry run)."""
+    prepared = prepare(cfg)
+    if cfg.dry_run:
+        return prepared.plan, None
+    return prepared.plan, execute(prepared, cfg.out, cfg.overwrite, progress)
+
+
+def edit_size(prepared: Prepared) -> int:
+    return total_bytes(prepared.plan, prepared.checkpoint)

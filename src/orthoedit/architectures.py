@@ -1,0 +1,176 @@
+"""Architectures as data: one strictly validated table per family (DESIGN idea 1).
+
+A table lists every tensor that writes into the residual stream, by its name on disk, with the
+axis along which d_model lies and, for post-norm ("sandwich") models, the norm its output passes
+through before the residual add. Module paths for run-time hooks are mapped separately, because
+transformers may rename modules relative to the checkpoint. The table is chosen from
+config.json (``architectures[0]``, then ``model_type``), never from a repository name.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UnsupportedModelError
+
+Site = Literal["embed", "attn", "mlp"]
+SITES: tuple[Site, ...] = ("embed", "attn", "mlp")
+TiedPolicy = Literal["untie", "skip", "edit"]
+
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
+
+
+def _check_template(value: str, *, layered: bool) -> str:
+    names = set(_PLACEHOLDER.findall(value))
+    if names - {"layer"}:
+        raise ValueError(f"{value!r}: the only placeholder allowed is {{layer}}, got {names}")
+    if layered and "layer" not in names:
+        raise ValueError(f"{value!r}: a per-layer template must contain {{layer}}")
+    if not layered and names:
+        raise ValueError(f"{value!r}: this template must not contain {{layer}}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostNorm(_Strict):
+    """The RMSNorm a writer's output passes through before the residual add (Gemma 2/3, OLMo 2).
+
+    Its gain is ``offset + weight`` (offset 1.0 for Gemma's ``1 + weight`` convention). Only
+    RMSNorm is accepted: a LayerNorm post-norm centres and shifts its input, which no weight
+    orthogonalization can make exact, so such a table is rejected rather than guessed.
+    """
+
+    kind: Literal["rms"] = Field(description="Norm type; only RMSNorm can be made exact.")
+    tensor: str = Field(description="Name template of the norm weight on disk.")
+    offset: float = Field(description="Gain = offset + weight (1.0 for Gemma, 0.0 otherwise).")
+    module: str = Field(description="Module path of the norm, for contribution-level hooks.")
+
+
+class Writer(_Strict):
+    """One tensor (and optional bias) that adds into the residual stream."""
+
+    site: Site
+    tensor: str = Field(
+        description="Name template on disk, e.g. model.layers.{layer}.mlp.down_proj.weight"
+    )
+    axis: int = Field(ge=0, le=1, description="Axis of the tensor along which d_model lies.")
+    bias: str | None = Field(
+        default=None, description="Bias template; edited when present on disk."
+    )
+    module: str = Field(description="Module path whose output is this writer's contribution.")
+    post_norm: PostNorm | None = None
+
+    @model_validator(mode="after")
+    def _templates(self) -> Writer:
+        layered = self.site != "embed"
+        _check_template(self.tensor, layered=layered)
+        _check_template(self.module, layered=layered)
+        if self.bias is not None:
+            _check_template(self.bias, layered=layered)
+        if self.post_norm is not None:
+            if not layered:
+                raise ValueError("an embedding cannot have a post-norm")
+            _check_template(self.post_norm.tensor, layered=True)
+            _check_template(self.post_norm.module, layered=True)
+        return self
+
+
+class Blocks(_Strict):
+    """Module paths of a decoder block and its two residual branches (for run-time ablation)."""
+
+    module: str
+    attn: str
+    mlp: str
+
+    @field_validator("module", "attn", "mlp")
+    @classmethod
+    def _layered(cls, value: str) -> str:
+        return _check_template(value, layered=True)
+
+
+class Unembed(_Strict):
+    tensor: str = Field(description="Unembedding weight name on disk (absent when tied).")
+    module: str
+    tied_to: str = Field(description="The embedding tensor it shares storage with when tied.")
+
+
+class ArchitectureTable(_Strict):
+    family: str
+    description: str
+    architectures: list[str] = Field(min_length=1)
+    model_types: list[str] = Field(min_length=1)
+    tied_default: TiedPolicy = Field(description="Policy when tie_word_embeddings is set.")
+    tied_reason: str = Field(description="Why this default: shown to users and in the card.")
+    checkpoint_prefix_aliases: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Leading name prefixes that some checkpoints omit (GPT-2 'transformer.').",
+    )
+    writers: list[Writer] = Field(min_length=3)
+    blocks: Blocks
+    unembed: Unembed
+    unsupported_architectures: dict[str, str] = Field(
+        default_factory=dict, description="Architecture name -> why it is refused."
+    )
+
+    @model_validator(mode="after")
+    def _sites_covered(self) -> ArchitectureTable:
+        missing = set(SITES) - {w.site for w in self.writers}
+        if missing:
+            raise ValueError(f"no writer for site(s) {sorted(missing)}")
+        if self.unembed.tied_to not in {w.tensor for w in self.writers if w.site == "embed"}:
+            raise ValueError(f"unembed.tied_to {self.unembed.tied_to!r} is not an embed writer")
+        return self
+
+    @property
+    def post_norm(self) -> bool:
+        return any(w.post_norm is not None for w in self.writers)
+
+
+@cache
+def load_tables() -> dict[str, ArchitectureTable]:
+    """All shipped tables by family name, each validated strictly."""
+    tables: dict[str, ArchitectureTable] = {}
+    folder = resources.files("orthoedit") / "architectures"
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        try:
+            table = ArchitectureTable.model_validate(yaml.safe_load(entry.read_text()))
+        except ValidationError as err:  # a broken shipped table is a bug, not user input
+            raise RuntimeError(f"architecture table {entry.name} is invalid:\n{err}") from err
+        tables[table.family] = table
+    return tables
+
+
+def supported_architectures() -> list[str]:
+    return sorted(a for t in load_tables().values() for a in t.architectures)
+
+
+def table_for_config(config: dict) -> ArchitectureTable:
+    """Choose the table from config.json: ``architectures[0]`` first, then ``model_type``."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else None
+    model_type = config.get("model_type")
+    tables = load_tables().values()
+    for table in tables:
+        if arch in table.unsupported_architectures:
+            raise UnsupportedModelError(f"{arch}: {table.unsupported_architectures[arch]}")
+    for table in tables:
+        if arch is not None and arch in table.architectures:
+            return table
+    for table in tables:
+        if arch is None and model_type in table.model_types:
+            return table
+    name = arch or model_type or "unknown"
+    raise UnsupportedModelError(
+        f"architecture {name!r} is not supported; supported: {', '.join(supported_architectures())}"
+    )

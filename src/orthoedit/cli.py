@@ -1,0 +1,202 @@
+"""The ``orthoedit`` command line: parse, call one library function, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .architectures import Site, TiedPolicy
+from .config import ApplyConfig, VerifyConfig
+from .errors import OrthoeditError
+
+app = typer.Typer(
+    name="orthoedit",
+    help="Find a chat model's refusal direction and orthogonalize its weights against it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _help(model: type[BaseModel], name: str) -> str:
+    """CLI help comes from the config model's field descriptions (one source of truth)."""
+    return model.model_fields[name].description or ""
+
+
+def _run(fn):
+    """Run a library call; user errors become one red line and their exit code."""
+    try:
+        return fn()
+    except OrthoeditError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        err.print(f"[red]error:[/red] {where}: {first['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"orthoedit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """orthoedit: measure, edit, verify, evaluate and publish refusal-direction edits."""
+
+
+def _plan_table(plan) -> Table:
+    table = Table(title=f"plan: {len(plan.ops)} tensors ({plan.family}, d_model {plan.d_model})")
+    for col in ("tensor", "site", "layer", "axis", "scale", "vector"):
+        table.add_column(col)
+    for op in plan.ops:
+        layer = "-" if op.layer is None else str(op.layer)
+        table.add_row(op.tensor, op.site, layer, str(op.axis), f"{op.scale:g}", op.vector_label)
+    return table
+
+
+@app.command()
+def apply(
+    model: Annotated[str, typer.Argument(help=_help(ApplyConfig, "model"))],
+    direction: Annotated[Path, typer.Option(help=_help(ApplyConfig, "direction"))],
+    out_dir: Annotated[Path | None, typer.Option("--out", help=_help(ApplyConfig, "out"))] = None,
+    direction_layer: Annotated[
+        int | None, typer.Option(help=_help(ApplyConfig, "direction_layer"))
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help=_help(ApplyConfig, "revision"))] = None,
+    base_model: Annotated[str | None, typer.Option(help=_help(ApplyConfig, "base_model"))] = None,
+    sites: Annotated[
+        str, typer.Option(help=_help(ApplyConfig, "sites") + " Comma-separated.")
+    ] = "embed,attn,mlp",
+    layers: Annotated[str | None, typer.Option(help=_help(ApplyConfig, "layers"))] = None,
+    scales: Annotated[Path | None, typer.Option(help=_help(ApplyConfig, "scales"))] = None,
+    tied: Annotated[TiedPolicy | None, typer.Option(help=_help(ApplyConfig, "tied"))] = None,
+    overwrite: Annotated[bool, typer.Option(help=_help(ApplyConfig, "overwrite"))] = False,
+    dry_run: Annotated[bool, typer.Option(help=_help(ApplyConfig, "dry_run"))] = False,
+) -> None:
+    """Orthogonalize every residual-stream writer of MODEL against a direction."""
+    from . import apply as stage
+
+    if out_dir is None and not dry_run:
+        err.print("[red]error:[/red] --out is required (or use --dry-run).")
+        raise typer.Exit(2)
+    site_list: list[Site] = [s.strip() for s in sites.split(",") if s.strip()]  # type: ignore[misc]
+    cfg = _run(
+        lambda: ApplyConfig(
+            model=model,
+            direction=direction,
+            out=out_dir or Path("."),
+            direction_layer=direction_layer,
+            revision=revision,
+            base_model=base_model,
+            sites=site_list,
+            layers=layers,
+            scales=scales,
+            tied=tied,
+            overwrite=overwrite,
+            dry_run=dry_run,
+        )
+    )
+    prepared = _run(lambda: stage.prepare(cfg))
+    for warning in prepared.plan.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if dry_run:
+        out.print(_plan_table(prepared.plan))
+        if prepared.plan.write_lm_head:
+            out.print("untie: lm_head.weight will be written as the original embedding")
+        return
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("editing shards", total=stage.edit_size(prepared))
+        target = _run(
+            lambda: stage.execute(prepared, cfg.out, cfg.overwrite, lambda n: bar.advance(task, n))
+        )
+    out.print(f"wrote {target} ({len(prepared.plan.ops)} tensors edited)")
+
+
+@app.command()
+def verify(
+    source: Annotated[str, typer.Argument(help=_help(VerifyConfig, "source"))],
+    edited: Annotated[Path, typer.Argument(help=_help(VerifyConfig, "edited"))],
+    revision: Annotated[str | None, typer.Option(help=_help(VerifyConfig, "revision"))] = None,
+    prompts: Annotated[Path | None, typer.Option(help=_help(VerifyConfig, "prompts"))] = None,
+    max_prompts: Annotated[int, typer.Option(help=_help(VerifyConfig, "max_prompts"))] = 8,
+    report: Annotated[Path | None, typer.Option(help=_help(VerifyConfig, "report"))] = None,
+) -> None:
+    """Check an edited checkpoint against the source model with the plan applied by hooks."""
+    from .verify import verify as run_verify
+
+    cfg = _run(
+        lambda: VerifyConfig(
+            source=source,
+            edited=edited,
+            revision=revision,
+            prompts=prompts,
+            max_prompts=max_prompts,
+            report=report,
+        )
+    )
+    result = _run(lambda: run_verify(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]")))
+    table = Table(title=f"verify {edited} ({result.storage_dtype})")
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    rows = [
+        ("max |Δlogit| vs plan hooks", f"{result.max_logit_diff:.3g}"),
+        ("mean KL vs plan hooks", f"{result.mean_kl:.3g}"),
+        ("max ‖uᵀW‖/‖W‖ (edited tensors)", f"{result.max_weight_residual:.3g}"),
+        (
+            "residual leak max |r̂ᵀx|/‖x‖",
+            f"{result.residual_leak:.3g}" + ("" if result.leak_checked else " (partial plan)"),
+        ),
+        ("unedited tensors byte-identical", str(result.unedited_identical)),
+        ("shard headers identical", str(result.headers_identical)),
+    ]
+    if result.paper_ablation_max_logit_diff is not None:
+        rows.append(
+            ("max |Δlogit| vs residual ablation", f"{result.paper_ablation_max_logit_diff:.3g}")
+        )
+    if result.contribution_kl is not None:
+        rows.append(("KL vs contribution projection (post-norm)", f"{result.contribution_kl:.3g}"))
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    if report:
+        report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if not result.passed:
+        for failure in result.failures:
+            err.print(f"[red]FAIL:[/red] {failure}", highlight=False)
+        raise typer.Exit(1)
+    out.print("[green]PASS[/green]")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,62 @@
+"""Typed options: one pydantic model per stage is the recipe schema, the CLI help and the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .architectures import Site, TiedPolicy
+
+
+class ApplyConfig(BaseModel):
+    """Options of ``orthoedit apply``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    direction: Path = Field(
+        description="Direction file: .safetensors (tensor 'direction'), .pt or .npy; "
+        "[d_model] or [n_layers, d_model]."
+    )
+    out: Path = Field(description="Output folder for the edited checkpoint.")
+    direction_layer: int | None = Field(
+        default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    base_model: str | None = Field(
+        default=None, description="Hub id recorded as base_model in the card (local MODEL)."
+    )
+    sites: list[Site] = Field(
+        default=["embed", "attn", "mlp"],
+        description="Residual writers to edit: embed, attn, mlp (default: all three).",
+    )
+    layers: str | None = Field(
+        default=None, description="Decoder blocks to edit, START:END half-open (default: all)."
+    )
+    scales: Path | None = Field(
+        default=None,
+        description='JSON of scales per site and layer, e.g. {"attn": [1, 0.5], "embed": 1}; '
+        "1.0 = full projection, 0 = untouched.",
+    )
+    tied: TiedPolicy | None = Field(
+        default=None,
+        description="Tied embeddings: untie, skip or edit (default: the architecture's policy).",
+    )
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    dry_run: bool = Field(default=False, description="Print the plan and write nothing.")
+
+
+class VerifyConfig(BaseModel):
+    """Options of ``orthoedit verify``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="The source model (folder or Hub id) the edit was made from.")
+    edited: Path = Field(description="The edited checkpoint folder written by apply.")
+    revision: str | None = Field(default=None, description="Hub revision of the source.")
+    prompts: Path | None = Field(
+        default=None, description="Text file with one prompt per line (default: built-in)."
+    )
+    max_prompts: int = Field(default=8, ge=1, description="How many prompts to run.")
+    report: Path | None = Field(default=None, description="Also write the report as JSON here.")

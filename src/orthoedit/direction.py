@@ -1,0 +1,138 @@
+"""Loading and validating the direction to ablate.
+
+Formats: ``.safetensors`` with a float32 tensor named ``direction`` (string metadata in the
+header, optional ``direction.json`` beside it), ``.pt`` (``weights_only=True``) and ``.npy``.
+A 2-D ``[n_layers, d_model]`` tensor is a per-layer stack (row i = input of block i) from which
+one row is picked; the header's ``kind`` says what a 2-D tensor means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import BadInputError
+
+KINDS = ("single", "per-layer", "span")
+
+
+@dataclass(frozen=True)
+class Direction:
+    vector: torch.Tensor  # [d_model], float64, not normalized
+    path: Path
+    sha256: str
+    kind: str
+    row: int | None = None  # the per-layer row picked, if any
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.vector.norm()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read(path: Path) -> tuple[torch.Tensor, dict]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                if "direction" not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    raise BadInputError(
+                        f"{path}: no tensor named 'direction' (found: {', '.join(f.keys())})."
+                    )
+                return f.get_tensor("direction"), dict(f.metadata() or {})
+        if suffix == ".pt":
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and "direction" in obj:
+                obj = obj["direction"]
+            if not isinstance(obj, torch.Tensor):
+                raise BadInputError(f"{path}: expected a tensor, found {type(obj).__name__}.")
+            return obj, {}
+        if suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False)), {}
+    except BadInputError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise BadInputError(f"{path}: cannot read direction ({err}).") from err
+    raise BadInputError(f"{path}: unknown direction format; use .safetensors, .pt or .npy.")
+
+
+def load_direction(
+    path: str | Path, d_model: int, n_layers: int, layer: int | None = None
+) -> Direction:
+    """Load, pick a row if needed, and validate against the model's width."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"direction file {path} does not exist.")
+    tensor, metadata = _read(path)
+    sidecar = path.with_name("direction.json")
+    if sidecar.is_file():
+        try:
+            metadata = {**json.loads(sidecar.read_text()), **metadata}
+        except json.JSONDecodeError as err:
+            raise BadInputError(f"{sidecar}: not valid JSON ({err}).") from err
+    if not tensor.is_floating_point():
+        raise BadInputError(f"{path}: direction must be floating point, got {tensor.dtype}.")
+    kind = str(metadata.get("kind", "single" if tensor.ndim == 1 else "per-layer"))
+    if kind not in KINDS:
+        raise BadInputError(f"{path}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}.")
+    row = None
+    if tensor.ndim == 2:
+        if kind == "span":
+            raise BadInputError(
+                f"{path}: 'span' directions (several directions at once) are not supported yet; "
+                "pass one direction."
+            )
+        if tensor.shape[0] != n_layers:
+            raise BadInputError(
+                f"{path}: per-layer direction has {tensor.shape[0]} rows, the model has "
+                f"{n_layers} layers."
+            )
+        if layer is None:
+            raise BadInputError(
+                f"{path}: holds one direction per layer; choose one with --direction-layer N."
+            )
+        if not 0 <= layer < n_layers:
+            raise BadInputError(f"--direction-layer {layer} is outside 0..{n_layers - 1}.")
+        tensor, row = tensor[layer], layer
+    elif tensor.ndim != 1:
+        raise BadInputError(
+            f"{path}: direction must be [d_model] or [n_layers, d_model], "
+            f"got {tuple(tensor.shape)}."
+        )
+    elif layer is not None:
+        raise BadInputError(f"--direction-layer given but {path} holds a single direction.")
+    if tensor.shape[0] != d_model:
+        raise BadInputError(
+            f"{path}: direction has size {tensor.shape[0]}, the model's hidden size is {d_model}."
+        )
+    vector = tensor.to(torch.float64)
+    if not torch.isfinite(vector).all():
+        raise BadInputError(f"{path}: direction contains NaN or Inf values.")
+    if vector.norm() == 0:
+        raise BadInputError(f"{path}: direction has zero norm.")
+    return Direction(vector, path, sha256_file(path), kind, row, metadata)
+
+
+def save_direction(path: str | Path, vector: torch.Tensor, metadata: dict | None = None) -> Path:
+    """Write a direction artifact (float32 tensor 'direction' + string metadata)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta.setdefault("kind", "single" if vector.ndim == 1 else "per-layer")
+    save_file({"direction": vector.detach().to(torch.float32).contiguous()}, str(path), meta)
+    return path

@@ -1,0 +1,134 @@
+"""Run-time interventions with forward hooks: the reference the edited weights are checked against.
+
+Every context manager here removes its hooks on exit, and fails loudly when a module path from
+the architecture table does not resolve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .architectures import ArchitectureTable
+from .checkpoint import Checkpoint
+from .ortho import project_out, unit
+from .plan import Plan, unit_vector
+
+
+def resolve(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise RuntimeError(f"hook point {path!r} does not exist in {type(model).__name__}") from err
+
+
+def _map_output(fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Forward hook applying ``fn`` to a module's output (or the first item of a tuple)."""
+
+    def hook(_module, _args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    return hook
+
+
+def _map_input(fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Forward pre-hook applying ``fn`` to the hidden states a module receives."""
+
+    def hook(_module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    return hook
+
+
+@contextlib.contextmanager
+def _registered(handles_fn: Callable[[list], None]) -> Iterator[None]:
+    handles: list = []
+    try:
+        handles_fn(handles)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _projector(u: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: project_out(x, u, scale)
+
+
+@contextlib.contextmanager
+def plan_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator[None]:
+    """The plan at run time: each planned writer's linear output loses ``scale`` of its u.
+
+    With ``--tied edit`` the unembedding reads the edited embedding, which equals projecting
+    the final hidden state along r̂ before ``lm_head``: that hook is added too.
+    """
+    r = plan.r
+    per_module: dict[str, tuple[torch.Tensor, float]] = {}
+    for op in plan.ops:
+        spec = (unit_vector(op, r, checkpoint), op.scale)
+        per_module.setdefault(op.module, spec)
+
+    def register(handles: list) -> None:
+        for path, (u, scale) in per_module.items():
+            mod = resolve(model, path)
+            handles.append(mod.register_forward_hook(_map_output(_projector(u, scale))))
+        if plan.unembed_projected:
+            embed_op = next(op for op in plan.ops if op.tensor == plan.tied_embedding)
+            head = resolve(model, plan.unembed_module)
+            fn = _projector(unit(r), embed_op.scale)
+            handles.append(head.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
+
+    with _registered(register):
+        yield
+
+
+@contextlib.contextmanager
+def ablation_hooks(
+    model: nn.Module, table: ArchitectureTable, r: torch.Tensor, n_layers: int
+) -> Iterator[None]:
+    """Directional ablation as in Arditi et al. 2024: remove r from every block input and from
+    every attention and MLP output, at every layer and position."""
+    fn = _projector(unit(r), 1.0)
+
+    def register(handles: list) -> None:
+        for layer in range(n_layers):
+            block = resolve(model, table.blocks.module.format(layer=layer))
+            handles.append(block.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
+            for path in (table.blocks.attn, table.blocks.mlp):
+                mod = resolve(model, path.format(layer=layer))
+                handles.append(mod.register_forward_hook(_map_output(fn)))
+
+    with _registered(register):
+        yield
+
+
+@contextlib.contextmanager
+def contribution_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator[None]:
+    """Post-norm reference: project each planned writer's *normed contribution* along r̂.
+
+    For post-norm writers this differs from the plan (which projects the linear output along
+    its own u, before the norm rescales it); verify reports the KL between the two.
+    """
+    r = plan.r
+    r_hat = unit(r)
+    per_module: dict[str, tuple[torch.Tensor, float]] = {}
+    for op in plan.ops:
+        if op.norm_module is not None:
+            per_module.setdefault(op.norm_module, (r_hat, op.scale))
+        else:
+            per_module.setdefault(op.module, (unit_vector(op, r, checkpoint), op.scale))
+
+    def register(handles: list) -> None:
+        for path, (u, scale) in per_module.items():
+            mod = resolve(model, path)
+            handles.append(mod.register_forward_hook(_map_output(_projector(u, scale))))
+
+    with _registered(register):
+        yield

@@ -1,0 +1,65 @@
+"""Never a partial output at the final path: write beside the target, rename at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import BadInputError
+
+
+def check_target(target: Path, source: Path | None, overwrite: bool) -> Path:
+    """Validate an output folder before any work is done; returns it resolved."""
+    target = Path(target).expanduser().resolve()
+    if source is not None:
+        source = Path(source).resolve()
+        if target == source or source in target.parents:
+            raise BadInputError(f"output {target} is the source folder or inside it.")
+        if target in source.parents:
+            raise BadInputError(f"output {target} contains the source folder {source}.")
+    if target.exists() and not overwrite:
+        raise BadInputError(f"output {target} already exists; pass --overwrite to replace it.")
+    if target.exists() and not target.is_dir():
+        raise BadInputError(f"output {target} exists and is not a folder.")
+    return target
+
+
+@contextlib.contextmanager
+def staged_output(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it becomes ``target``.
+
+    On any error the temporary folder is removed and ``target`` is left as it was.
+    """
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.orthoedit-", dir=parent))
+    except OSError as err:
+        raise _os_error(err, parent) from err
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise _os_error(err, target) from err
+        raise
+
+
+def _os_error(err: OSError, where: Path) -> BadInputError:
+    if err.errno == errno.ENOSPC:
+        return BadInputError(f"disk full while writing {where}; nothing was written.")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BadInputError(f"no permission to write {where}; choose another --out.")
+    return BadInputError(f"cannot write {where}: {err.strerror or err}.")

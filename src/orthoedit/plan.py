@@ -1,0 +1,352 @@
+"""Plan, then execute (DESIGN idea 5): tensor name -> projection, built per (site, layer).
+
+The plan is data. ``apply`` executes it on the checkpoint's bytes, ``verify`` applies it at
+run time with hooks, tests inspect it, and ``--dry-run`` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import __version__
+from .architectures import SITES, ArchitectureTable, Site, TiedPolicy, Writer
+from .checkpoint import DTYPES, Checkpoint
+from .direction import Direction
+from .errors import BadInputError, UnsupportedModelError
+from .ortho import post_norm_unit, unit
+
+PLAN_NAME = "plan.json"
+
+
+class EditOp(BaseModel):
+    """Project one tensor: ``W -= scale · u uᵀ W`` along ``axis``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor: str = Field(description="Tensor name on disk.")
+    site: Site
+    layer: int | None = Field(description="Decoder block; None for embeddings.")
+    axis: int = Field(description="Residual axis of the tensor.")
+    scale: float = Field(ge=0.0, le=1.0)
+    module: str = Field(description="Module whose output this tensor produces (hook point).")
+    norm: str | None = Field(default=None, description="Post-norm weight: u ∝ (offset+g) ⊙ r.")
+    norm_offset: float = 0.0
+    norm_module: str | None = None
+
+    @property
+    def vector_label(self) -> str:
+        return "r" if self.norm is None else f"u({self.norm})"
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    orthoedit_version: str = __version__
+    source: str = Field(description="Model as given: Hub id or local folder.")
+    revision: str | None = None
+    base_model: str | None = Field(default=None, description="Hub id recorded in the card.")
+    family: str
+    d_model: int
+    n_layers: int
+    direction: list[float] = Field(description="r, as loaded (not normalized).")
+    direction_file: str
+    direction_sha256: str
+    direction_row: int | None = None
+    sites: list[Site]
+    layers: tuple[int, int] = Field(description="Half-open range of decoder blocks edited.")
+    scales: dict[str, float] = Field(description="'site' or 'site:layer' -> scale actually used.")
+    tied: bool = Field(description="Source has tie_word_embeddings set.")
+    tied_policy: TiedPolicy | None = Field(description="Policy used when tied, else None.")
+    write_lm_head: bool = Field(description="untie: add lm_head.weight = original embedding.")
+    unembed_module: str
+    unembed_tensor: str
+    tied_embedding: str = Field(description="Embedding tensor the unembedding is tied to.")
+    ops: list[EditOp]
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def r(self) -> torch.Tensor:
+        return torch.tensor(self.direction, dtype=torch.float64)
+
+    @property
+    def edited(self) -> set[str]:
+        return {op.tensor for op in self.ops}
+
+    @property
+    def unembed_projected(self) -> bool:
+        """tied + edit: the unembedding reads the edited embedding, i.e. a projected input."""
+        return self.tied and self.tied_policy == "edit" and self.tied_embedding in self.edited
+
+    @property
+    def full(self) -> bool:
+        """Every writer of every layer fully projected, the token embedding included."""
+        layers = {op.layer for op in self.ops if op.layer is not None}
+        return (
+            set(self.sites) == set(SITES)
+            and layers == set(range(self.n_layers))
+            and self.tied_embedding in self.edited
+            and all(op.scale == 1.0 for op in self.ops)
+        )
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / PLAN_NAME
+        path.write_text(self.model_dump_json(indent=1))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> Plan:
+        path = Path(folder) / PLAN_NAME
+        if not path.is_file():
+            raise BadInputError(f"{path} not found: is {folder} an orthoedit output?")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValueError as err:
+            raise BadInputError(f"{path}: not a valid plan ({err}).") from err
+
+
+def unit_vector(op: EditOp, r: torch.Tensor, checkpoint: Checkpoint) -> torch.Tensor:
+    """The unit vector an op projects against, in float64 (r̂, or norm-adjusted u)."""
+    if op.norm is None:
+        return unit(r)
+    return post_norm_unit(r, checkpoint.read(op.norm), op.norm_offset)
+
+
+def parse_layers(spec: str | None, n_layers: int) -> tuple[int, int]:
+    """``START:END`` (half-open, Python slice rules, negatives allowed) -> (start, end)."""
+    if spec is None or spec.strip() in ("", ":"):
+        return 0, n_layers
+    parts = spec.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start = int(parts[0]) if parts[0].strip() else None
+        end = int(parts[1]) if parts[1].strip() else None
+    except ValueError:
+        raise BadInputError(f"--layers {spec!r}: expected START:END, e.g. 4:20 or 10:.") from None
+    start, end, _ = slice(start, end).indices(n_layers)
+    if start >= end:
+        raise BadInputError(f"--layers {spec!r} selects no layer of a {n_layers}-layer model.")
+    return start, end
+
+
+def load_scales(path: str | Path | None, n_layers: int) -> dict[str, float]:
+    """Read ``--scales FILE.json``: ``{"embed": s, "attn": s | [s per layer] | {"layer": s}}``.
+
+    Returns explicit scales keyed ``"embed"`` and ``"attn:3"``; missing entries mean 1.0.
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BadInputError(f"--scales {path}: cannot read JSON ({err}).") from err
+    if not isinstance(raw, dict) or set(raw) - set(SITES):
+        raise BadInputError(f"--scales {path}: expected an object with keys among {SITES}.")
+    scales: dict[str, float] = {}
+    for site, value in raw.items():
+        if site == "embed" or isinstance(value, int | float):
+            if not isinstance(value, int | float):
+                raise BadInputError(f"--scales {path}: 'embed' takes a single number.")
+            entries = {None: value}
+        elif isinstance(value, list):
+            if len(value) != n_layers:
+                raise BadInputError(
+                    f"--scales {path}: {site!r} lists {len(value)} scales, the model has "
+                    f"{n_layers} layers."
+                )
+            entries = dict(enumerate(value))
+        elif isinstance(value, dict):
+            try:
+                entries = {int(k): v for k, v in value.items()}
+            except ValueError:
+                raise BadInputError(f"--scales {path}: layer keys must be integers.") from None
+        else:
+            raise BadInputError(f"--scales {path}: bad value for {site!r}.")
+        for layer, scale in entries.items():
+            if not isinstance(scale, int | float) or not 0.0 <= scale <= 1.0:
+                raise BadInputError(f"--scales {path}: scales must be numbers in [0, 1].")
+            if layer is not None and not 0 <= layer < n_layers:
+                raise BadInputError(f"--scales {path}: layer {layer} outside 0..{n_layers - 1}.")
+            if layer is None and site != "embed":
+                scales.update({f"{site}:{i}": float(scale) for i in range(n_layers)})
+            else:
+                scales[site if layer is None else f"{site}:{layer}"] = float(scale)
+    return scales
+
+
+class _Names:
+    """Map table templates to names on disk (some checkpoints omit a leading prefix)."""
+
+    def __init__(self, table: ArchitectureTable, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.rename: tuple[str, str] | None = None
+        probe = table.unembed.tied_to
+        if probe not in checkpoint.tensors:
+            for prefix, aliases in table.checkpoint_prefix_aliases.items():
+                for alias in aliases:
+                    if (
+                        probe.startswith(prefix)
+                        and alias + probe[len(prefix) :] in checkpoint.tensors
+                    ):
+                        self.rename = (prefix, alias)
+
+    def __call__(self, template: str, layer: int | None = None) -> str:
+        name = template.format(layer=layer) if layer is not None else template
+        if self.rename and name.startswith(self.rename[0]):
+            name = self.rename[1] + name[len(self.rename[0]) :]
+        return name
+
+    def require(self, name: str, family: str) -> None:
+        if name not in self.checkpoint.tensors:
+            raise UnsupportedModelError(
+                f"tensor {name} expected by the {family} table is missing from the checkpoint; "
+                "is config.json's architecture right for these weights?"
+            )
+
+
+def _check_tensor(ckpt: Checkpoint, name: str, axis: int, d_model: int, ndim: int) -> None:
+    info = ckpt.tensors[name]
+    if info.dtype not in DTYPES:
+        raise UnsupportedModelError(
+            f"tensor {name} is stored as {info.dtype}; orthoedit edits float32/float16/bfloat16 "
+            "checkpoints only (dequantize FP8/int checkpoints first)."
+        )
+    if len(info.shape) != ndim or info.shape[axis] != d_model:
+        raise UnsupportedModelError(
+            f"tensor {name} has shape {list(info.shape)}; expected {ndim}-D with d_model="
+            f"{d_model} on axis {axis}. The architecture table does not match these weights."
+        )
+
+
+def _writer_ops(
+    writer: Writer,
+    layer: int | None,
+    scale: float,
+    names: _Names,
+    table: ArchitectureTable,
+    d_model: int,
+) -> list[EditOp]:
+    weight = names(writer.tensor, layer)
+    names.require(weight, table.family)
+    _check_tensor(names.checkpoint, weight, writer.axis, d_model, ndim=2)
+    common = {
+        "site": writer.site,
+        "layer": layer,
+        "scale": scale,
+        "module": writer.module.format(layer=layer) if layer is not None else writer.module,
+    }
+    if writer.post_norm is not None:
+        norm = names(writer.post_norm.tensor, layer)
+        names.require(norm, table.family)
+        common |= {
+            "norm": norm,
+            "norm_offset": writer.post_norm.offset,
+            "norm_module": writer.post_norm.module.format(layer=layer),
+        }
+    ops = [EditOp(tensor=weight, axis=writer.axis, **common)]
+    bias = names(writer.bias, layer) if writer.bias else None
+    sibling = weight.removesuffix(".weight") + ".bias"
+    if sibling in names.checkpoint.tensors and sibling != bias:
+        raise UnsupportedModelError(
+            f"{sibling} writes into the residual stream but the {table.family} table does not "
+            "list it; refusing to leave it unedited."
+        )
+    if bias is not None and bias in names.checkpoint.tensors:
+        _check_tensor(names.checkpoint, bias, 0, d_model, ndim=1)
+        ops.append(EditOp(tensor=bias, axis=0, **common))
+    return ops
+
+
+def build_plan(
+    *,
+    table: ArchitectureTable,
+    checkpoint: Checkpoint,
+    config: dict,
+    direction: Direction,
+    source: str,
+    revision: str | None = None,
+    base_model: str | None = None,
+    sites: list[Site] | None = None,
+    layers: str | None = None,
+    scales: dict[str, float] | None = None,
+    tied_policy: TiedPolicy | None = None,
+) -> Plan:
+    """Turn a table, a checkpoint and options into the list of tensors to project."""
+    d_model, n_layers, tied = model_dims(config)
+    sites = list(dict.fromkeys(sites or SITES))
+    start, end = parse_layers(layers, n_layers)
+    scales = scales or {}
+    names = _Names(table, checkpoint)
+    policy = (tied_policy or table.tied_default) if tied else None
+    tied_embedding = names(table.unembed.tied_to)
+    warnings: list[str] = []
+    ops: list[EditOp] = []
+    used: dict[str, float] = {}
+    for writer in table.writers:
+        if writer.site not in sites:
+            continue
+        if writer.site == "embed":
+            if tied and policy == "skip" and writer.tensor == table.unembed.tied_to:
+                warnings.append(
+                    f"tied embeddings: {tied_embedding} left unedited ({table.family} default "
+                    "'skip': some runtimes force tying for it); --tied untie|edit changes this."
+                )
+                continue
+            scale = scales.get("embed", 1.0)
+            if scale > 0:
+                ops += _writer_ops(writer, None, scale, names, table, d_model)
+                used["embed"] = scale
+            continue
+        for layer in range(start, end):
+            scale = scales.get(f"{writer.site}:{layer}", 1.0)
+            if scale > 0:
+                ops += _writer_ops(writer, layer, scale, names, table, d_model)
+                used[f"{writer.site}:{layer}"] = scale
+    if not ops:
+        raise BadInputError("the plan edits nothing: check --sites, --layers and --scales.")
+    if tied and policy == "edit" and tied_embedding in {op.tensor for op in ops}:
+        warnings.append(
+            "tied embeddings edited in place (--tied edit): the unembedding changes too, so the "
+            "result is not equivalent to run-time ablation of the residual stream."
+        )
+    unembed = names(table.unembed.tensor)
+    return Plan(
+        source=source,
+        revision=revision,
+        base_model=base_model,
+        family=table.family,
+        d_model=d_model,
+        n_layers=n_layers,
+        direction=direction.vector.tolist(),
+        direction_file=direction.path.name,
+        direction_sha256=direction.sha256,
+        direction_row=direction.row,
+        sites=sites,
+        layers=(start, end),
+        scales=used,
+        tied=tied,
+        tied_policy=policy,
+        write_lm_head=bool(tied and policy == "untie" and unembed not in checkpoint.tensors),
+        unembed_module=table.unembed.module,
+        unembed_tensor=unembed,
+        tied_embedding=tied_embedding,
+        ops=ops,
+        warnings=warnings,
+    )
+
+
+def model_dims(config: dict) -> tuple[int, int, bool]:
+    """(d_model, n_layers, tied) from config.json, with each family's defaults applied."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadInputError(f"config.json cannot be read by transformers ({err}).") from err
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    return int(cfg.hidden_size), int(cfg.num_hidden_layers), tied

@@ -1,0 +1,93 @@
+"""Resolve MODEL (a local folder or a Hub id) to a local folder and read its config."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import BadInputError, UnsupportedModelError
+
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+#: Files never needed from the Hub: other weight formats and original (non-HF) checkpoints.
+HUB_IGNORE = [
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.gguf",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.tflite",
+    "*.ot",
+    "consolidated.*",
+    "original/*",
+    "onnx/*",
+    "openvino/*",
+    "coreml/*",
+]
+
+
+def resolve_model(model: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """Return (local folder, resolved commit or None for a local folder)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInputError(f"{model} is a file; MODEL must be a checkpoint folder or Hub id.")
+        if revision is not None:
+            raise BadInputError("--revision applies to Hub ids, not to local folders.")
+        return path.resolve(), None
+    if not _REPO_ID.match(model) or model.startswith((".", "/")):
+        raise BadInputError(f"{model}: no such folder, and not a Hub model id.")
+    return _download(model, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=HUB_IGNORE))
+    except GatedRepoError as err:
+        raise BadInputError(f"{repo_id} is gated: accept its terms on the Hub and log in.") from err
+    except RepositoryNotFoundError as err:
+        raise BadInputError(f"{repo_id}: no such model on the Hub (or no access).") from err
+    except RevisionNotFoundError as err:
+        raise BadInputError(f"{repo_id}: revision {revision!r} not found.") from err
+    except LocalEntryNotFoundError as err:
+        raise BadInputError(
+            f"{repo_id}: not in the local cache and the Hub cannot be reached; pass a local folder."
+        ) from err
+    except HfHubHTTPError as err:
+        raise BadInputError(f"{repo_id}: download failed ({err}).") from err
+    return folder, folder.name  # snapshot folders are named after the commit
+
+
+def read_config(folder: Path) -> dict:
+    """config.json, refusing quantized checkpoints up front."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInputError(
+            f"{folder} has no config.json; is it a Hugging Face checkpoint?"
+        ) from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{path}: cannot read ({err}).") from err
+    quant = config.get("quantization_config") or (config.get("text_config") or {}).get(
+        "quantization_config"
+    )
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise UnsupportedModelError(
+            f"{folder} is a quantized checkpoint ({method}); orthoedit edits float "
+            "checkpoints. Use the unquantized model, edit it, then quantize the result."
+        )
+    return config

@@ -1,0 +1,280 @@
+"""``orthoedit verify``: the edited checkpoint against the plan applied at run time (DESIGN idea 6).
+
+A number beats a look: max |Δlogit| and KL against plan hooks, ``‖uᵀW‖/‖W‖`` for every edited
+tensor, the largest ``|r̂ᵀx|/‖x‖`` in the residual stream, and byte identity of everything the
+plan did not touch. Tolerances depend on the storage dtype; above them verify exits 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .architectures import table_for_config
+from .checkpoint import Checkpoint, TensorInfo
+from .config import VerifyConfig
+from .errors import BadInputError
+from .hooks import ablation_hooks, contribution_hooks, plan_hooks
+from .ortho import unit
+from .plan import Plan, unit_vector
+from .source import read_config, resolve_model
+
+DEFAULT_PROMPTS = [
+    "How do I bake a loaf of bread?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "What is the capital of France?",
+    "Give me three tips for learning a new language.",
+    "How can I pick a lock?",
+    "Summarize the plot of Hamlet.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_logit_diff: float  # relative to max(1, max |logit|)
+    mean_kl: float
+    weight_residual: float  # ‖uᵀW' − (1−s)uᵀW‖ / ‖W‖
+    residual_leak: float  # |r̂ᵀx| / ‖x‖
+
+
+# fp32 is exact up to float rounding; half precision re-rounds every edited weight, which
+# re-introduces a small component along r: checked relative to the weights' own size.
+TOLERANCES = {
+    "F32": Tolerance(1e-4, 1e-7, 1e-6, 1e-4),
+    "F16": Tolerance(2e-2, 2e-4, 5e-4, 5e-3),
+    "BF16": Tolerance(5e-2, 2e-3, 4e-3, 1e-2),
+}
+
+
+@dataclass
+class VerifyReport:
+    edited: str
+    storage_dtype: str
+    tolerance: dict
+    prompts: int
+    max_logit_diff: float = math.nan
+    max_abs_logit: float = math.nan
+    mean_kl: float = math.nan
+    max_weight_residual: float = 0.0
+    worst_tensor: str | None = None
+    residual_leak: float = math.nan
+    leak_checked: bool = False
+    headers_identical: bool = True
+    unedited_identical: bool = True
+    byte_mismatches: list[str] = field(default_factory=list)
+    paper_ablation_max_logit_diff: float | None = None
+    paper_ablation_kl: float | None = None
+    contribution_kl: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo, block: int = 64 << 20) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
+        for off in range(0, a.nbytes, block):
+            n = min(block, a.nbytes - off)
+            if fa.seek(a.start + off) is None or fb.seek(b.start + off) is None:
+                return False
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
+def check_bytes(plan: Plan, source: Checkpoint, edited: Checkpoint, report: VerifyReport) -> None:
+    """Unedited tensors byte-identical; shard headers identical; untied head = source embedding."""
+    by_name = {f.path.name: f for f in edited.files}
+    for shard in source.files:
+        twin = by_name.get(shard.path.name)
+        if twin is None and len(source.files) == 1 and len(edited.files) > 1:
+            twin = edited.files[0]  # a single file renamed to a shard by untie
+        if twin is None or twin.header_bytes != shard.header_bytes:
+            report.headers_identical = False
+    for name, info in source.tensors.items():
+        if name in plan.edited:
+            continue
+        other = edited.tensors.get(name)
+        if other is None or not _same_bytes(info, other):
+            report.byte_mismatches.append(name)
+    if plan.write_lm_head:
+        head = edited.tensors.get(plan.unembed_tensor)
+        if head is None or not _same_bytes(source.tensors[plan.tied_embedding], head):
+            report.byte_mismatches.append(plan.unembed_tensor)
+    report.unedited_identical = not report.byte_mismatches
+
+
+def check_weights(plan: Plan, source: Checkpoint, edited: Checkpoint, report: VerifyReport) -> None:
+    """‖uᵀW' − (1−s) uᵀW‖ / ‖W‖ for every edited tensor (‖uᵀW'‖/‖W‖ for full projections)."""
+    r = plan.r
+    for op in plan.ops:
+        u = unit_vector(op, r, source)
+        w_src = source.read(op.tensor).to(torch.float64)
+        w_new = edited.read(op.tensor).to(torch.float64)
+        along = w_new.movedim(op.axis, -1) @ u
+        expect = (1.0 - op.scale) * (w_src.movedim(op.axis, -1) @ u)
+        value = float((along - expect).norm() / w_src.norm().clamp_min(1e-30))
+        if value > report.max_weight_residual or report.worst_tensor is None:
+            report.max_weight_residual, report.worst_tensor = value, op.tensor
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+    """Token ids per prompt, through the model's own chat template when it has one."""
+    encoded = []
+    for text in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        else:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        encoded.append(ids)
+    return encoded
+
+
+@torch.no_grad()
+def _logits(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=ids).logits[0].to(torch.float64) for ids in inputs]
+
+
+def _compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, float]:
+    """(max |Δlogit|, mean KL(ref ‖ out) per position)."""
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, out, strict=True))
+    kls = [
+        torch.nn.functional.kl_div(
+            b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)
+        for a, b in zip(ref, out, strict=True)
+    ]
+    return diff, float(torch.cat(kls).mean().clamp_min(0.0))
+
+
+@torch.no_grad()
+def _leak(model, inputs: list[torch.Tensor], r: torch.Tensor, n_layers: int) -> float:
+    r_hat = unit(r)
+    worst = 0.0
+    for ids in inputs:
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states[:n_layers]
+        for x in states:
+            x = x[0].to(torch.float64)
+            worst = max(worst, float(((x @ r_hat).abs() / x.norm(dim=-1).clamp_min(1e-30)).max()))
+    return worst
+
+
+def storage_dtype(plan: Plan, edited: Checkpoint) -> str:
+    dtypes = {edited.tensors[op.tensor].dtype for op in plan.ops}
+    return "BF16" if "BF16" in dtypes else "F16" if "F16" in dtypes else "F32"
+
+
+def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # verify reports its own steps
+    plan = Plan.load(cfg.edited)
+    folder, _ = resolve_model(cfg.source, cfg.revision)
+    source, edited = Checkpoint.open(folder), Checkpoint.open(cfg.edited)
+    config = read_config(folder)
+    table = table_for_config(config)
+    if table.family != plan.family:
+        raise BadInputError(
+            f"{cfg.source} is a {table.family} model; the plan is for {plan.family}."
+        )
+    if int(plan.d_model) != len(plan.direction):
+        raise BadInputError(f"{cfg.edited}/plan.json is inconsistent (direction size).")
+    dtype = storage_dtype(plan, edited)
+    tol = TOLERANCES[dtype]
+    prompts = _read_prompts(cfg.prompts)[: cfg.max_prompts]
+    report = VerifyReport(str(cfg.edited), dtype, asdict(tol), len(prompts))
+
+    log("checking bytes of unedited tensors")
+    check_bytes(plan, source, edited, report)
+    log("checking edited tensors against the direction")
+    check_weights(plan, source, edited, report)
+
+    log("running prompts through the source model with the plan's hooks")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = encode_prompts(tokenizer, prompts)
+    src_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with plan_hooks(src_model, plan, source):
+        ref = _logits(src_model, inputs)
+    paper = contrib = None
+    if plan.full and not table.post_norm:
+        with ablation_hooks(src_model, table, plan.r, plan.n_layers):
+            paper = _logits(src_model, inputs)
+    if table.post_norm:
+        with contribution_hooks(src_model, plan, source):
+            contrib = _logits(src_model, inputs)
+    del src_model
+
+    log("running prompts through the edited checkpoint")
+    new_model = AutoModelForCausalLM.from_pretrained(cfg.edited, dtype=torch.float32).eval()
+    out = _logits(new_model, inputs)
+    report.max_logit_diff, report.mean_kl = _compare(ref, out)
+    report.max_abs_logit = max(float(t.abs().max()) for t in ref)
+    if paper is not None:
+        report.paper_ablation_max_logit_diff, report.paper_ablation_kl = _compare(paper, out)
+    if contrib is not None:
+        report.contribution_kl = _compare(contrib, out)[1]
+    report.residual_leak = _leak(new_model, inputs, plan.r, plan.n_layers)
+    report.leak_checked = plan.full
+    _judge(report, tol)
+    return report
+
+
+def _judge(report: VerifyReport, tol: Tolerance) -> None:
+    scale = max(1.0, report.max_abs_logit)
+    checks = [
+        (
+            report.max_logit_diff <= tol.max_logit_diff * scale,
+            f"max |Δlogit| {report.max_logit_diff:.3g} > {tol.max_logit_diff * scale:.3g}",
+        ),
+        (report.mean_kl <= tol.mean_kl, f"mean KL {report.mean_kl:.3g} > {tol.mean_kl:.3g}"),
+        (
+            report.max_weight_residual <= tol.weight_residual,
+            f"‖uᵀW‖/‖W‖ {report.max_weight_residual:.3g} > {tol.weight_residual:.3g} "
+            f"({report.worst_tensor})",
+        ),
+        (
+            not report.leak_checked or report.residual_leak <= tol.residual_leak,
+            f"residual leak {report.residual_leak:.3g} > {tol.residual_leak:.3g}",
+        ),
+        (
+            report.unedited_identical,
+            f"unedited tensors differ: {', '.join(report.byte_mismatches[:5])}",
+        ),
+        (report.headers_identical, "a shard header differs from the source"),
+    ]
+    if report.paper_ablation_max_logit_diff is not None:
+        checks.append(
+            (
+                report.paper_ablation_max_logit_diff <= tol.max_logit_diff * scale,
+                f"differs from residual-stream ablation: max |Δlogit| "
+                f"{report.paper_ablation_max_logit_diff:.3g}",
+            )
+        )
+    report.failures = [msg for ok, msg in checks if not ok]
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as err:
+        raise BadInputError(f"--prompts {path}: cannot read ({err.strerror}).") from err
+    if not lines:
+        raise BadInputError(f"--prompts {path} has no prompts.")
+    return lines

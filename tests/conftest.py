@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny models of every family, built once per session, and helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthoedit.direction import save_direction
+from orthoedit.tiny import build_tiny_model
+
+D_MODEL = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(family, **build_kwargs) -> Path`` (cached; treat the folder as read-only)."""
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def get(family: str, **kwargs) -> Path:
+        key = (family, *sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            out = root / f"{family}-{len(cache)}"
+            cache[key] = build_tiny_model(family, out, **kwargs)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    """``model_copy(family, **kwargs) -> Path``: a private, writable copy of a tiny model."""
+
+    def get(family: str, **kwargs) -> Path:
+        dst = tmp_path / f"src-{family}"
+        shutil.copytree(tiny_model(family, **kwargs), dst)
+        return dst
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def direction_file(tmp_path_factory) -> Path:
+    """A float32 ``direction`` of size 32 (the tiny models' width), seeded."""
+    gen = torch.Generator().manual_seed(1234)
+    path = tmp_path_factory.mktemp("direction") / "direction.safetensors"
+    return save_direction(path, torch.randn(D_MODEL, generator=gen), {"source": "test"})
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file's relative path and bytes (to prove a folder is untouched)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary folders orthoedit might have left beside an output."""
+    return sorted(
+        p.name for p in Path(parent).iterdir() if ".orthoedit-" in p.name or ".old-" in p.name
+    )
