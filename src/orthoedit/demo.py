@@ -37,7 +37,7 @@ def main(root: str = "demo-out") -> int:
             app(args, standalone_mode=False)
         except SystemExit as exit_:  # typer.Exit from a failed check
             return int(exit_.code or 0)
-        except Exception as exc:  # noqa: BLE001 - the demo reports and stops
+        except Exception as exc:
             console.print(f"[red]{exc}[/red]")
             return 1
     console.rule("done")

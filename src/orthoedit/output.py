@@ -36,25 +36,39 @@ def staged_output(target: Path) -> Iterator[Path]:
     On any error the temporary folder is removed and ``target`` is left as it was.
     """
     parent = target.parent
+    created = next((p for p in reversed([parent, *parent.parents]) if not p.exists()), None)
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.orthoedit-", dir=parent))
+        # mkdtemp makes 0700 folders; a checkpoint should be readable as the umask allows.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
     except OSError as err:
+        _remove(created)
         raise _os_error(err, parent) from err
+    old = None
     try:
         yield tmp
-        old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
             os.replace(target, old / target.name)
         os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.replace(old / target.name, target)  # put the previous output back
+        _remove(old)
+        _remove(tmp)
+        _remove(created)
         if isinstance(err, OSError):
             raise _os_error(err, target) from err
         raise
+    _remove(old)
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _os_error(err: OSError, where: Path) -> BadInputError:
