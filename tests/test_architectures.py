@@ -103,3 +103,17 @@ def test_shipped_yaml_round_trips(tmp_path):
     for table in load_tables().values():
         again = ArchitectureTable.model_validate(yaml.safe_load(yaml.safe_dump(table.model_dump())))
         assert again == table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("drop_tie_key", [False, True])
+def test_dims_match_transformers_config(tiny_model, family, drop_tie_key):
+    """Tables read config.json without transformers; they must agree with its config classes."""
+    from transformers import AutoConfig
+
+    config = json.loads((tiny_model(family) / "config.json").read_text())
+    if drop_tie_key:
+        config.pop("tie_word_embeddings", None)
+    cfg = AutoConfig.for_model(**config)
+    expect = (cfg.hidden_size, cfg.num_hidden_layers, bool(cfg.tie_word_embeddings))
+    assert load_tables()[family].dims(config) == expect

@@ -13,7 +13,7 @@ from .checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from .config import ApplyConfig
 from .direction import load_direction
 from .output import check_target, staged_output
-from .plan import Plan, build_plan, load_scales, model_dims
+from .plan import Plan, build_plan, load_scales
 from .source import read_config, resolve_model
 from .writer import Progress, stream_edit, total_bytes
 
@@ -39,7 +39,7 @@ def prepare(cfg: ApplyConfig) -> Prepared:
     config = read_config(folder)
     table = table_for_config(config)
     checkpoint = Checkpoint.open(folder)
-    d_model, n_layers, _ = model_dims(config)
+    d_model, n_layers, _ = table.dims(config)
     direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
     is_local = Path(cfg.model).expanduser().exists()
     plan = build_plan(

@@ -103,11 +103,22 @@ class Unembed(_Strict):
     tied_to: str = Field(description="The embedding tensor it shares storage with when tied.")
 
 
+class ConfigKeys(_Strict):
+    """Where config.json keeps the model's size, so that apply never needs transformers."""
+
+    hidden_size: str = "hidden_size"
+    num_layers: str = "num_hidden_layers"
+    tie_default: bool = Field(
+        description="tie_word_embeddings when config.json omits it (the config class default)."
+    )
+
+
 class ArchitectureTable(_Strict):
     family: str
     description: str
     architectures: list[str] = Field(min_length=1)
     model_types: list[str] = Field(min_length=1)
+    config: ConfigKeys
     tied_default: TiedPolicy = Field(description="Policy when tie_word_embeddings is set.")
     tied_reason: str = Field(description="Why this default: shown to users and in the card.")
     checkpoint_prefix_aliases: dict[str, list[str]] = Field(
@@ -133,6 +144,17 @@ class ArchitectureTable(_Strict):
     @property
     def post_norm(self) -> bool:
         return any(w.post_norm is not None for w in self.writers)
+
+    def dims(self, config: dict) -> tuple[int, int, bool]:
+        """(d_model, n_layers, tied) read from config.json."""
+        keys = self.config
+        try:
+            d_model, n_layers = int(config[keys.hidden_size]), int(config[keys.num_layers])
+        except (KeyError, TypeError, ValueError) as err:
+            raise UnsupportedModelError(
+                f"config.json lacks a valid {err} for a {self.family} model."
+            ) from None
+        return d_model, n_layers, bool(config.get("tie_word_embeddings", keys.tie_default))
 
 
 @cache

@@ -277,7 +277,7 @@ def build_plan(
     tied_policy: TiedPolicy | None = None,
 ) -> Plan:
     """Turn a table, a checkpoint and options into the list of tensors to project."""
-    d_model, n_layers, tied = model_dims(config)
+    d_model, n_layers, tied = table.dims(config)
     sites = list(dict.fromkeys(sites or SITES))
     start, end = parse_layers(layers, n_layers)
     scales = scales or {}
@@ -338,15 +338,3 @@ def build_plan(
         ops=ops,
         warnings=warnings,
     )
-
-
-def model_dims(config: dict) -> tuple[int, int, bool]:
-    """(d_model, n_layers, tied) from config.json, with each family's defaults applied."""
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.for_model(**config)
-    except (ValueError, KeyError, TypeError) as err:
-        raise BadInputError(f"config.json cannot be read by transformers ({err}).") from err
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    return int(cfg.hidden_size), int(cfg.num_hidden_layers), tied
