@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
     direction = save_direction(args.work / "direction.safetensors", r, {"source": "bench_apply"})
-    u = unit(r)
+    u = torch.from_numpy(unit(r.numpy()))
     startup = {label: time_startup(code) for label, code in STARTUP.items()}
     sizes = []
     try:

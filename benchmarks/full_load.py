@@ -1,7 +1,7 @@
 """Reference for ``bench_apply.py``: the full-load edit that existing abliteration tools do.
 
 ``from_pretrained`` the whole model, orthogonalize the residual writers in memory (token
-embedding, every ``o_proj`` and ``down_proj``, with orthoedit's own math), ``save_pretrained``.
+embedding, every ``o_proj`` and ``down_proj``, in float32 with torch), ``save_pretrained``.
 Prints one JSON line with the time of each phase.
 Usage: ``python benchmarks/full_load.py SRC DIRECTION OUT``.
 """
@@ -17,7 +17,14 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from orthoedit.direction import load_direction  # noqa: E402
-from orthoedit.ortho import orthogonalize, unit  # noqa: E402
+from orthoedit.ortho import unit  # noqa: E402
+
+
+def orthogonalize(weight: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
+    """W - u uᵀW along ``axis`` in float32, cast back once (what in-memory tools do)."""
+    w = weight.float().movedim(axis, -1)
+    w -= (w @ u).unsqueeze(-1) * u
+    return w.movedim(-1, axis).to(weight.dtype)
 
 
 def main(src: str, direction: str, out: str) -> dict[str, float]:
@@ -27,7 +34,8 @@ def main(src: str, direction: str, out: str) -> dict[str, float]:
     times["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     cfg = model.config
-    u = unit(load_direction(direction, cfg.hidden_size, cfg.num_hidden_layers).vector)
+    r = load_direction(direction, cfg.hidden_size, cfg.num_hidden_layers).vector
+    u = torch.from_numpy(unit(r)).float()
     with torch.no_grad():
         embed = model.get_input_embeddings()
         embed.weight.data = orthogonalize(embed.weight.data, u, axis=1)  # [vocab, d_model]

@@ -61,14 +61,14 @@ def check_edit(src, out, plan, *, expect_paper: bool):
     before, after = _tensors(src), _tensors(out)
     r = plan.r
     for op in plan.ops:
-        u = unit_vector(op, r, source)
-        expect = orthogonalize(before[op.tensor], u, op.axis, op.scale)
-        assert torch.allclose(after[op.tensor], expect, atol=1e-6), op.tensor  # in-memory edit
-        along = after[op.tensor].double().movedim(op.axis, -1) @ u
-        base = before[op.tensor].double().movedim(op.axis, -1) @ u
-        assert float((along - (1 - op.scale) * base).norm()) <= 1e-6 * float(
-            before[op.tensor].double().norm()
-        ), op.tensor
+        u = torch.from_numpy(unit_vector(op, r, source))
+        w_before, w_after = before[op.tensor].double(), after[op.tensor].double()
+        expect = torch.from_numpy(orthogonalize(w_before.numpy(), u.numpy(), op.axis, op.scale))
+        assert torch.allclose(w_after, expect, atol=1e-6), op.tensor  # in-memory edit
+        along = w_after.movedim(op.axis, -1) @ u
+        base = w_before.movedim(op.axis, -1) @ u
+        residual = float((along - (1 - op.scale) * base).norm())
+        assert residual <= 1e-6 * float(w_before.norm()), op.tensor
     for name, tensor in before.items():
         if name not in plan.edited:
             assert torch.equal(tensor.view(torch.uint8), after[name].view(torch.uint8)), name

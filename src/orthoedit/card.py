@@ -5,8 +5,6 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
-
 from . import __version__
 from .plan import Plan
 
@@ -25,7 +23,10 @@ def _site_summary(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def render_card(plan: Plan, direction_path: Path) -> ModelCard:
+def render_card(plan: Plan, direction_path: Path):
+    """The card as a huggingface_hub ModelCard (imported here: it is slow to import)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     base = plan.base_model
     data = ModelCardData(
         base_model=base,

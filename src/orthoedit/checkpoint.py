@@ -7,20 +7,16 @@ bytes. orthoedit never parses tensors it does not edit: it copies their bytes.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .errors import BadInputError, UnsupportedModelError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
+#: Float storage dtypes orthoedit edits, with their size in bytes.
+DTYPES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt", "*.h5", "*.msgpack")
@@ -41,7 +37,7 @@ class TensorInfo:
         return self.end - self.start
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def itemsize(self) -> int:
         return DTYPES[self.dtype]
 
 
@@ -53,6 +49,13 @@ class SafetensorsFile:
     size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    _map: np.ndarray | None = field(default=None, repr=False)
+
+    def bytes(self, info: TensorInfo) -> np.ndarray:
+        """A tensor's bytes as a read-only uint8 view of the memory-mapped file (no copy)."""
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return np.asarray(self._map[info.start : info.end])
 
     @classmethod
     def open(cls, path: Path) -> SafetensorsFile:
@@ -140,20 +143,38 @@ class Checkpoint:
                     )
         return cls(folder, files, tensors, index)
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, fully read (meant for small tensors such as norm weights)."""
+    def shard(self, info: TensorInfo) -> SafetensorsFile:
+        return next(f for f in self.files if f.path == info.file)
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor decoded to float64 (meant for norm weights and checks, not for streaming)."""
         info = self.tensors[name]
-        return read_range(info, 0, info.nbytes).reshape(info.shape)
+        return decode(self.shard(info).bytes(info), info.dtype, np.float64).reshape(info.shape)
 
 
-def read_range(info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
-    """Bytes ``[offset, offset + nbytes)`` of a tensor as a flat tensor of its dtype."""
-    buf = bytearray(nbytes)
-    with open(info.file, "rb", buffering=0) as f:
-        got = os.preadv(f.fileno(), [buf], info.start + offset)
-    if got != nbytes:
-        raise BadInputError(f"{info.file}: short read in tensor {info.name}; file truncated?")
-    return torch.frombuffer(buf, dtype=info.torch_dtype)
+def decode(raw: np.ndarray, dtype: str, math: type[np.floating]) -> np.ndarray:
+    """Stored bytes (uint8) -> a new float array in ``math`` precision (exact upcast)."""
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        wide = raw.view(np.uint16).astype(np.uint32)
+        wide <<= 16
+        values = wide.view(np.float32)
+        return values if math == np.float32 else values.astype(math)
+    stored = raw.view(np.float32 if dtype == "F32" else np.float16)
+    return stored.astype(math)
+
+
+def encode(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Float array -> stored dtype, rounding once (to nearest even, as torch does)."""
+    if dtype == "F32":
+        return values.astype(np.float32, copy=False)
+    if dtype == "F16":
+        return values.astype(np.float16)
+    bits = values.astype(np.float32, copy=False).view(np.uint32)
+    rounded = (bits >> 16) & 1
+    rounded += 0x7FFF
+    rounded += bits
+    rounded >>= 16
+    return rounded.astype(np.uint16)
 
 
 def _no_safetensors(folder: Path) -> BadInputError:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import BadInputError
@@ -24,7 +23,7 @@ KINDS = ("single", "per-layer", "span")
 
 @dataclass(frozen=True)
 class Direction:
-    vector: torch.Tensor  # [d_model], float64, not normalized
+    vector: np.ndarray  # [d_model], float64, not normalized
     path: Path
     sha256: str
     kind: str
@@ -32,8 +31,8 @@ class Direction:
     metadata: dict = field(default_factory=dict)
 
     @property
-    def unit(self) -> torch.Tensor:
-        return self.vector / self.vector.norm()
+    def unit(self) -> np.ndarray:
+        return self.vector / np.linalg.norm(self.vector)
 
 
 def sha256_file(path: Path) -> str:
@@ -44,25 +43,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path) -> tuple[torch.Tensor, dict]:
+def _read(path: Path) -> tuple[np.ndarray, dict]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="np") as f:
                 if "direction" not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
                     raise BadInputError(
                         f"{path}: no tensor named 'direction' (found: {', '.join(f.keys())})."
                     )
                 return f.get_tensor("direction"), dict(f.metadata() or {})
         if suffix == ".pt":
+            import torch  # only .pt directions need torch
+
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and "direction" in obj:
                 obj = obj["direction"]
             if not isinstance(obj, torch.Tensor):
                 raise BadInputError(f"{path}: expected a tensor, found {type(obj).__name__}.")
-            return obj, {}
+            if not obj.is_floating_point():
+                raise BadInputError(f"{path}: direction must be floating point, got {obj.dtype}.")
+            return obj.detach().cpu().to(torch.float64).numpy(), {}
         if suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False)), {}
+            return np.load(path, allow_pickle=False), {}
     except BadInputError:
         raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
@@ -84,7 +87,7 @@ def load_direction(
             metadata = {**json.loads(sidecar.read_text()), **metadata}
         except json.JSONDecodeError as err:
             raise BadInputError(f"{sidecar}: not valid JSON ({err}).") from err
-    if not tensor.is_floating_point():
+    if not np.issubdtype(tensor.dtype, np.floating):
         raise BadInputError(f"{path}: direction must be floating point, got {tensor.dtype}.")
     kind = str(metadata.get("kind", "single" if tensor.ndim == 1 else "per-layer"))
     if kind not in KINDS:
@@ -119,20 +122,27 @@ def load_direction(
         raise BadInputError(
             f"{path}: direction has size {tensor.shape[0]}, the model's hidden size is {d_model}."
         )
-    vector = tensor.to(torch.float64)
-    if not torch.isfinite(vector).all():
+    vector = tensor.astype(np.float64)
+    if not np.isfinite(vector).all():
         raise BadInputError(f"{path}: direction contains NaN or Inf values.")
-    if vector.norm() == 0:
+    if not np.any(vector):
         raise BadInputError(f"{path}: direction has zero norm.")
     return Direction(vector, path, sha256_file(path), kind, row, metadata)
 
 
-def save_direction(path: str | Path, vector: torch.Tensor, metadata: dict | None = None) -> Path:
-    """Write a direction artifact (float32 tensor 'direction' + string metadata)."""
-    from safetensors.torch import save_file
+def save_direction(path: str | Path, vector, metadata: dict | None = None) -> Path:
+    """Write a direction artifact (float32 tensor 'direction' + string metadata).
+
+    ``vector``: a numpy array or a torch tensor, [d_model] or [n_layers, d_model].
+    """
+    from safetensors.numpy import save_file
+
+    if hasattr(vector, "detach"):  # a torch tensor
+        vector = vector.detach().cpu().double().numpy()
+    vector = np.asarray(vector)
 
     path = Path(path)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta.setdefault("kind", "single" if vector.ndim == 1 else "per-layer")
-    save_file({"direction": vector.detach().to(torch.float32).contiguous()}, str(path), meta)
+    save_file({"direction": np.ascontiguousarray(vector, dtype=np.float32)}, str(path), meta)
     return path

@@ -14,8 +14,18 @@ from torch import nn
 
 from .architectures import ArchitectureTable
 from .checkpoint import Checkpoint
-from .ortho import project_out, unit
+from .ortho import unit
 from .plan import Plan, unit_vector
+
+
+def project_out(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Activations ``x: [..., d_model]`` minus ``scale`` of their component along u."""
+    uu = u.to(device=x.device, dtype=x.dtype)
+    return x - scale * (x @ uu).unsqueeze(-1) * uu
+
+
+def _t(vector) -> torch.Tensor:
+    return torch.from_numpy(vector)
 
 
 def resolve(model: nn.Module, path: str) -> nn.Module:
@@ -72,7 +82,7 @@ def plan_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator
     r = plan.r
     per_module: dict[str, tuple[torch.Tensor, float]] = {}
     for op in plan.ops:
-        spec = (unit_vector(op, r, checkpoint), op.scale)
+        spec = (_t(unit_vector(op, r, checkpoint)), op.scale)
         per_module.setdefault(op.module, spec)
 
     def register(handles: list) -> None:
@@ -82,7 +92,7 @@ def plan_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator
         if plan.unembed_projected:
             embed_op = next(op for op in plan.ops if op.tensor == plan.tied_embedding)
             head = resolve(model, plan.unembed_module)
-            fn = _projector(unit(r), embed_op.scale)
+            fn = _projector(_t(unit(r)), embed_op.scale)
             handles.append(head.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
 
     with _registered(register):
@@ -90,12 +100,10 @@ def plan_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator
 
 
 @contextlib.contextmanager
-def ablation_hooks(
-    model: nn.Module, table: ArchitectureTable, r: torch.Tensor, n_layers: int
-) -> Iterator[None]:
+def ablation_hooks(model: nn.Module, table: ArchitectureTable, r, n_layers: int) -> Iterator[None]:
     """Directional ablation as in Arditi et al. 2024: remove r from every block input and from
     every attention and MLP output, at every layer and position."""
-    fn = _projector(unit(r), 1.0)
+    fn = _projector(_t(unit(r)), 1.0)
 
     def register(handles: list) -> None:
         for layer in range(n_layers):
@@ -117,13 +125,13 @@ def contribution_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> 
     its own u, before the norm rescales it); verify reports the KL between the two.
     """
     r = plan.r
-    r_hat = unit(r)
+    r_hat = _t(unit(r))
     per_module: dict[str, tuple[torch.Tensor, float]] = {}
     for op in plan.ops:
         if op.norm_module is not None:
             per_module.setdefault(op.norm_module, (r_hat, op.scale))
         else:
-            per_module.setdefault(op.module, (unit_vector(op, r, checkpoint), op.scale))
+            per_module.setdefault(op.module, (_t(unit_vector(op, r, checkpoint)), op.scale))
 
     def register(handles: list) -> None:
         for path, (u, scale) in per_module.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
@@ -69,8 +69,8 @@ class Plan(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
     @property
-    def r(self) -> torch.Tensor:
-        return torch.tensor(self.direction, dtype=torch.float64)
+    def r(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64)
 
     @property
     def edited(self) -> set[str]:
@@ -108,7 +108,7 @@ class Plan(BaseModel):
             raise BadInputError(f"{path}: not a valid plan ({err}).") from err
 
 
-def unit_vector(op: EditOp, r: torch.Tensor, checkpoint: Checkpoint) -> torch.Tensor:
+def unit_vector(op: EditOp, r: np.ndarray, checkpoint: Checkpoint) -> np.ndarray:
     """The unit vector an op projects against, in float64 (r̂, or norm-adjusted u)."""
     if op.norm is None:
         return unit(r)

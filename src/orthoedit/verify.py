@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .architectures import table_for_config
@@ -120,11 +121,10 @@ def check_weights(plan: Plan, source: Checkpoint, edited: Checkpoint, report: Ve
     r = plan.r
     for op in plan.ops:
         u = unit_vector(op, r, source)
-        w_src = source.read(op.tensor).to(torch.float64)
-        w_new = edited.read(op.tensor).to(torch.float64)
-        along = w_new.movedim(op.axis, -1) @ u
-        expect = (1.0 - op.scale) * (w_src.movedim(op.axis, -1) @ u)
-        value = float((along - expect).norm() / w_src.norm().clamp_min(1e-30))
+        w_src, w_new = source.read(op.tensor), edited.read(op.tensor)
+        along = np.moveaxis(w_new, op.axis, -1) @ u
+        expect = (1.0 - op.scale) * (np.moveaxis(w_src, op.axis, -1) @ u)
+        value = float(np.linalg.norm(along - expect) / max(np.linalg.norm(w_src), 1e-30))
         if value > report.max_weight_residual or report.worst_tensor is None:
             report.max_weight_residual, report.worst_tensor = value, op.tensor
 
@@ -162,8 +162,8 @@ def _compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, f
 
 
 @torch.no_grad()
-def _leak(model, inputs: list[torch.Tensor], r: torch.Tensor, n_layers: int) -> float:
-    r_hat = unit(r)
+def _leak(model, inputs: list[torch.Tensor], r: np.ndarray, n_layers: int) -> float:
+    r_hat = torch.from_numpy(unit(r))
     worst = 0.0
     for ids in inputs:
         states = model(input_ids=ids, output_hidden_states=True).hidden_states[:n_layers]
