@@ -96,3 +96,6 @@ def test_codecs_match_torch(name, dtype):
     expect = wide.to(dtype).view(torch.uint8).numpy()
     got = encode(wide.numpy().astype(math), name).view(np.uint8)
     assert np.array_equal(got, expect)
+    # Row blocks are 2-D: the codec must not depend on the shape.
+    blocks = encode(wide.numpy().astype(math).reshape(64, 64), name)
+    assert np.array_equal(blocks.reshape(-1).view(np.uint8), expect)

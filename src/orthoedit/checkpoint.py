@@ -170,11 +170,11 @@ def encode(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F16":
         return values.astype(np.float16)
     bits = values.astype(np.float32, copy=False).view(np.uint32)
-    rounded = (bits >> 16) & 1
+    rounded = bits >> 16
+    rounded &= 1
     rounded += 0x7FFF
     rounded += bits
-    rounded >>= 16
-    return rounded.astype(np.uint16)
+    return rounded.reshape(-1).view(np.uint16)[1::2].copy()  # high halves (little-endian)
 
 
 def _no_safetensors(folder: Path) -> BadInputError:

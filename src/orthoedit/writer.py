@@ -27,7 +27,9 @@ from .ortho import MATH_DTYPE, column_coefficients, remove_columns_, remove_rows
 from .plan import EditOp, Plan, unit_vector
 
 Progress = Callable[[int], None]
-CHUNK_BYTES = 64 * 1024 * 1024  # math-dtype working set per chunk
+CHUNK_BYTES = 16 * 1024 * 1024  # math-dtype working set of one row block
+ONE_PASS_BYTES = 64 * 1024 * 1024  # a [d_model, in] weight up to this size is read once
+EDIT_THREADS = 2
 COPY_BLOCK = 64 * 1024 * 1024
 _NO_OFFLOAD = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
@@ -62,52 +64,71 @@ def copy_bytes(src: int, dst: int, offset: int, length: int, stop: threading.Eve
         offset += len(block)
 
 
-def edit_tensor(
+def _blocks(rows: int, step: int) -> list[tuple[int, int]]:
+    return [(i0, min(rows, i0 + step)) for i0 in range(0, rows, step)]
+
+
+def edit_tasks(
     shard: SafetensorsFile, info: TensorInfo, op: EditOp, u: np.ndarray, dst: int
-) -> None:
-    """Write the projected tensor at its own offset in ``dst``, chunk by chunk."""
+) -> list[Callable[[], None]]:
+    """Independent jobs that together write the projected tensor at its offset in ``dst``.
+
+    Rows of an embedding (or a Conv1D ``[in, d_model]``) are independent writers, so each row
+    block is its own job; a row-major ``[d_model, in]`` weight needs ``uᵀW`` from every row
+    first: one job, one read if it fits in ``ONE_PASS_BYTES``, else two passes over row blocks.
+    """
     math = MATH_DTYPE[info.dtype]
     u = u.astype(math)
     raw = shard.bytes(info)
-
-    def put(values: np.ndarray, row: int) -> None:
-        _write_all(dst, encode_values(values, info.dtype), info.start + row * row_bytes)
-
     if len(info.shape) == 1:
-        row_bytes = 0
-        b = decode(raw, info.dtype, math)
-        b -= op.scale * (b @ u) * u
-        put(b, 0)
-        return
+
+        def bias() -> None:
+            b = decode(raw, info.dtype, math)
+            b -= op.scale * (b @ u) * u
+            _write_all(dst, encode_values(b, info.dtype), info.start)
+
+        return [bias]
     rows, cols = info.shape
     row_bytes = cols * info.itemsize
-    step = max(1, CHUNK_BYTES // (cols * np.dtype(math).itemsize))
     matrix = raw.reshape(rows, row_bytes)
+    step = max(1, CHUNK_BYTES // (cols * np.dtype(math).itemsize))
 
-    def chunk(i0: int, i1: int) -> np.ndarray:
+    def read(i0: int, i1: int) -> np.ndarray:
         return decode(matrix[i0:i1], info.dtype, math).reshape(i1 - i0, cols)
 
-    if op.axis == 1:  # rows are independent writers: [vocab, d_model] or Conv1D [in, d_model]
-        for i0 in range(0, rows, step):
-            c = chunk(i0, min(rows, i0 + step))
-            remove_rows_(c, u, op.scale)
-            put(c, i0)
-        return
-    # [d_model, in], row-major: uᵀW needs every row before any row can be written.
-    if rows <= step:  # fits in one chunk: one read
-        w = chunk(0, rows)
-        remove_columns_(w, u, column_coefficients(w, u), op.scale)
-        put(w, 0)
-        return
-    coeff = np.zeros(cols, dtype=math)
-    for i0 in range(0, rows, step):
-        i1 = min(rows, i0 + step)
-        coeff += column_coefficients(chunk(i0, i1), u[i0:i1])
-    for i0 in range(0, rows, step):
-        i1 = min(rows, i0 + step)
-        c = chunk(i0, i1)
-        remove_columns_(c, u[i0:i1], coeff, op.scale)
-        put(c, i0)
+    def put(values: np.ndarray, i0: int) -> None:
+        _write_all(dst, encode_values(values, info.dtype), info.start + i0 * row_bytes)
+
+    if op.axis == 1:
+
+        def rows_job(i0: int, i1: int) -> Callable[[], None]:
+            def job() -> None:
+                block = read(i0, i1)
+                remove_rows_(block, u, op.scale)
+                put(block, i0)
+
+            return job
+
+        return [rows_job(i0, i1) for i0, i1 in _blocks(rows, step)]
+
+    def columns_job() -> None:
+        blocks = _blocks(rows, step)
+        if rows * cols * np.dtype(math).itemsize <= ONE_PASS_BYTES:
+            w = read(0, rows)
+            coeff = column_coefficients(w, u)
+            for i0, i1 in blocks:  # subtract block by block: temporaries stay one block
+                remove_columns_(w[i0:i1], u[i0:i1], coeff, op.scale)
+            put(w, 0)
+            return
+        coeff = np.zeros(cols, dtype=math)
+        for i0, i1 in blocks:
+            coeff += column_coefficients(read(i0, i1), u[i0:i1])
+        for i0, i1 in blocks:
+            block = read(i0, i1)
+            remove_columns_(block, u[i0:i1], coeff, op.scale)
+            put(block, i0)
+
+    return [columns_job]
 
 
 def _unedited_spans(shard: SafetensorsFile, edited: list[TensorInfo]) -> list[tuple[int, int]]:
@@ -127,7 +148,11 @@ def write_shard(
     dst_path: Path,
     progress: Progress | None = None,
 ) -> None:
-    """One output shard: header and unedited bytes copied, planned tensors projected."""
+    """One output shard: header and unedited bytes copied, planned tensors projected.
+
+    The kernel copies the unedited ranges on one thread while edit jobs run on the others
+    (numpy releases the GIL); every job writes at its own offset, so order does not matter.
+    """
     edited = sorted((t for t in shard.tensors.values() if t.name in ops), key=lambda t: t.start)
     spans = _unedited_spans(shard, edited)
     stop = threading.Event()
@@ -138,19 +163,29 @@ def write_shard(
             if progress:
                 progress(length)
 
+    def counted(job: Callable[[], None], nbytes: int) -> Callable[[], None]:
+        def run() -> None:
+            if not stop.is_set():
+                job()
+                if progress:
+                    progress(nbytes)
+
+        return run
+
     with open(shard.path, "rb", buffering=0) as src, open(dst_path, "xb", buffering=0) as dst:
         sfd, dfd = src.fileno(), dst.fileno()
-        with ThreadPoolExecutor(1, thread_name_prefix="orthoedit-copy") as pool:
-            copying = pool.submit(copy_all)  # the kernel copies while this thread computes
+        jobs = []
+        for info in edited:
+            tasks = edit_tasks(shard, info, ops[info.name], vectors[info.name], dfd)
+            jobs += [counted(t, info.nbytes // len(tasks)) for t in tasks]
+        with ThreadPoolExecutor(1 + EDIT_THREADS, thread_name_prefix="orthoedit") as pool:
+            futures = [pool.submit(copy_all)] + [pool.submit(job) for job in jobs]
             try:
-                for info in edited:
-                    edit_tensor(shard, info, ops[info.name], vectors[info.name], dfd)
-                    if progress:
-                        progress(info.nbytes)
+                for future in futures:
+                    future.result()
             except BaseException:
-                stop.set()
+                stop.set()  # let the other jobs end early; the caller removes the output
                 raise
-            copying.result()
 
 
 def write_lm_head(checkpoint: Checkpoint, embedding: TensorInfo, name: str, dst_path: Path):
