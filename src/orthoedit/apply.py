@@ -32,16 +32,15 @@ class Prepared:
 
 def prepare(cfg: ApplyConfig) -> Prepared:
     """Resolve the model, validate every input and build the plan; writes nothing."""
-    if not cfg.dry_run:
-        local = Path(cfg.model).expanduser()
-        check_target(cfg.out, local if local.exists() else None, cfg.overwrite)
+    is_local = Path(cfg.model).expanduser().exists()
+    if not cfg.dry_run:  # before any download: a bad --out must not cost a model fetch
+        check_target(cfg.out, Path(cfg.model).expanduser() if is_local else None, cfg.overwrite)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)
     checkpoint = Checkpoint.open(folder)
     d_model, n_layers, _ = table.dims(config)
     direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
-    is_local = Path(cfg.model).expanduser().exists()
     plan = build_plan(
         table=table,
         checkpoint=checkpoint,

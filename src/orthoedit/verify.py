@@ -8,6 +8,7 @@ plan did not touch. Tolerances depend on the storage dtype; above them verify ex
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,9 +88,7 @@ def _same_bytes(a: TensorInfo, b: TensorInfo, block: int = 64 << 20) -> bool:
     with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
         for off in range(0, a.nbytes, block):
             n = min(block, a.nbytes - off)
-            if fa.seek(a.start + off) is None or fb.seek(b.start + off) is None:
-                return False
-            if fa.read(n) != fb.read(n):
+            if os.pread(fa.fileno(), n, a.start + off) != os.pread(fb.fileno(), n, b.start + off):
                 return False
     return True
 
