@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -171,3 +172,18 @@ def test_load_scales_rejects(tmp_path, content):
     path.write_text(content)
     with pytest.raises(BadInputError, match="--scales"):
         load_scales(path, 2)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_checkpoint_along_in_blocks_matches_whole_tensor(tiny_model, axis):
+    """verify measures uᵀW block by block; it must equal the whole-tensor computation."""
+    from orthoedit.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(tiny_model("llama", dtype=torch.bfloat16))
+    name = "model.embed_tokens.weight" if axis == 1 else "model.layers.0.mlp.down_proj.weight"
+    w = ckpt.read(name)
+    u = np.random.default_rng(0).standard_normal(32)
+    u /= np.linalg.norm(u)
+    got, norm = ckpt.along(name, u, axis, block_bytes=1000)  # many small blocks
+    assert np.allclose(got, np.moveaxis(w, axis, -1) @ u, atol=1e-12)
+    assert np.isclose(norm, np.linalg.norm(w))

@@ -151,6 +151,31 @@ class Checkpoint:
         info = self.tensors[name]
         return decode(self.shard(info).bytes(info), info.dtype, np.float64).reshape(info.shape)
 
+    def along(self, name: str, u: np.ndarray, axis: int, block_bytes: int = 64 << 20):
+        """(components along u on ``axis``, Frobenius norm), in float64, one row block at a time.
+
+        Memory stays one block even for a 128k-vocabulary embedding, which would be GBs in
+        float64 if read whole.
+        """
+        info = self.tensors[name]
+        raw = self.shard(info).bytes(info)
+        if len(info.shape) == 1:
+            b = decode(raw, info.dtype, np.float64)
+            return np.asarray(b @ u), float(np.linalg.norm(b))
+        rows, cols = info.shape
+        matrix = raw.reshape(rows, cols * info.itemsize)
+        step = max(1, block_bytes // (cols * 8))
+        parts, coeff, sq = [], np.zeros(cols), 0.0
+        for i0 in range(0, rows, step):
+            i1 = min(rows, i0 + step)
+            block = decode(matrix[i0:i1], info.dtype, np.float64).reshape(i1 - i0, cols)
+            sq += float(np.einsum("ij,ij->", block, block))
+            if axis == 1:
+                parts.append(block @ u)
+            else:
+                coeff += u[i0:i1] @ block
+        return (np.concatenate(parts) if axis == 1 else coeff), sq**0.5
+
 
 def decode(raw: np.ndarray, dtype: str, math: type[np.floating]) -> np.ndarray:
     """Stored bytes (uint8) -> a new float array in ``math`` precision (exact upcast)."""

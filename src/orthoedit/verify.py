@@ -120,10 +120,9 @@ def check_weights(plan: Plan, source: Checkpoint, edited: Checkpoint, report: Ve
     r = plan.r
     for op in plan.ops:
         u = unit_vector(op, r, source)
-        w_src, w_new = source.read(op.tensor), edited.read(op.tensor)
-        along = np.moveaxis(w_new, op.axis, -1) @ u
-        expect = (1.0 - op.scale) * (np.moveaxis(w_src, op.axis, -1) @ u)
-        value = float(np.linalg.norm(along - expect) / max(np.linalg.norm(w_src), 1e-30))
+        before, norm = source.along(op.tensor, u, op.axis)
+        after, _ = edited.along(op.tensor, u, op.axis)
+        value = float(np.linalg.norm(after - (1.0 - op.scale) * before) / max(norm, 1e-30))
         if value > report.max_weight_residual or report.worst_tensor is None:
             report.max_weight_residual, report.worst_tensor = value, op.tensor
 
