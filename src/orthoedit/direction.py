@@ -30,10 +30,6 @@ class Direction:
     row: int | None = None  # the per-layer row picked, if any
     metadata: dict = field(default_factory=dict)
 
-    @property
-    def unit(self) -> np.ndarray:
-        return self.vector / np.linalg.norm(self.vector)
-
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
