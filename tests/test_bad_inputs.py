@@ -547,7 +547,9 @@ def test_write_failure_mid_edit(err, needles, monkeypatch, tiny_model, direction
     failing = _FailingWrites(orthoedit.writer._write_all, after=2, err=err)
     monkeypatch.setattr(orthoedit.writer, "_write_all", failing)
     expect_bad(tiny_model("llama"), direction_file, outdir, needles, library={})
-    assert failing.calls == 6  # library and CLI both failed at their third write
+    # Library and CLI each failed at their third write and stopped there; the other writer
+    # thread may finish the one job it had under way (a tiny model's job is one write).
+    assert 6 <= failing.calls <= 8
     assert list(outdir.parent.iterdir()) == []
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UnsupportedModelError
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when the wheel has it
 Site = Literal["embed", "attn", "mlp"]
 SITES: tuple[Site, ...] = ("embed", "attn", "mlp")
 TiedPolicy = Literal["untie", "skip", "edit"]
@@ -166,7 +167,7 @@ def load_tables() -> dict[str, ArchitectureTable]:
         if not entry.name.endswith(".yaml"):
             continue
         try:
-            table = ArchitectureTable.model_validate(yaml.safe_load(entry.read_text()))
+            table = ArchitectureTable.model_validate(yaml.load(entry.read_text(), Loader=_LOADER))
         except ValidationError as err:  # a broken shipped table is a bug, not user input
             raise RuntimeError(f"architecture table {entry.name} is invalid:\n{err}") from err
         tables[table.family] = table

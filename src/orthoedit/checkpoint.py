@@ -11,12 +11,15 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from .errors import BadInputError, UnsupportedModelError
 
 #: Float storage dtypes orthoedit edits, with their size in bytes.
 DTYPES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
+#: Their numpy element types (bfloat16 from ml_dtypes: compiled casts, NaN-safe rounding).
+STORAGE: dict[str, type] = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt", "*.h5", "*.msgpack")
@@ -177,29 +180,19 @@ class Checkpoint:
         return (np.concatenate(parts) if axis == 1 else coeff), sq**0.5
 
 
+def stored(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored bytes (uint8, last axis) viewed as their element dtype (no copy)."""
+    return raw.view(STORAGE[dtype])
+
+
 def decode(raw: np.ndarray, dtype: str, math: type[np.floating]) -> np.ndarray:
     """Stored bytes (uint8) -> a new float array in ``math`` precision (exact upcast)."""
-    if dtype == "BF16":  # bfloat16 is the top half of a float32
-        wide = raw.view(np.uint16).astype(np.uint32)
-        wide <<= 16
-        values = wide.view(np.float32)
-        return values if math == np.float32 else values.astype(math)
-    stored = raw.view(np.float32 if dtype == "F32" else np.float16)
-    return stored.astype(math)
+    return stored(raw, dtype).astype(math)
 
 
 def encode(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Float array -> stored dtype, rounding once (to nearest even, as torch does)."""
-    if dtype == "F32":
-        return values.astype(np.float32, copy=False)
-    if dtype == "F16":
-        return values.astype(np.float16)
-    bits = values.astype(np.float32, copy=False).view(np.uint32)
-    rounded = bits >> 16
-    rounded &= 1
-    rounded += 0x7FFF
-    rounded += bits
-    return rounded.reshape(-1).view(np.uint16)[1::2].copy()  # high halves (little-endian)
+    """Float array -> stored dtype, rounding once to nearest even (as torch does)."""
+    return values.astype(STORAGE[dtype])
 
 
 def _no_safetensors(folder: Path) -> BadInputError:

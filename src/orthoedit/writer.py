@@ -15,26 +15,36 @@ import os
 import shutil
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, decode
-from .checkpoint import encode as encode_values
+from .checkpoint import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    SafetensorsFile,
+    TensorInfo,
+    encode,
+    stored,
+)
 from .ortho import MATH_DTYPE, column_coefficients, remove_columns_, remove_rows_
 from .plan import EditOp, Plan, unit_vector
 
 Progress = Callable[[int], None]
-CHUNK_BYTES = 16 * 1024 * 1024  # math-dtype working set of one row block
-ONE_PASS_BYTES = 64 * 1024 * 1024  # a [d_model, in] weight up to this size is read once
+TILE_BYTES = 512 * 1024  # math-dtype rows decoded, projected and encoded while in cache
+OUT_BYTES = 8 * 1024 * 1024  # stored-dtype rows written per pwrite
 COPY_BLOCK = 64 * 1024 * 1024
 _NO_OFFLOAD = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
 def _write_all(fd: int, data, offset: int) -> None:
-    """``pwrite`` all of ``data`` at ``offset``."""
+    """``pwrite`` all of ``data`` (bytes or a contiguous array) at ``offset``."""
+    if isinstance(data, np.ndarray):
+        data = data.reshape(-1).view(np.uint8)  # buffers cannot export bfloat16
     view = memoryview(data).cast("B")
     while view:
         n = os.pwrite(fd, view, offset)
@@ -67,67 +77,74 @@ def _blocks(rows: int, step: int) -> list[tuple[int, int]]:
     return [(i0, min(rows, i0 + step)) for i0 in range(0, rows, step)]
 
 
-def edit_tasks(
-    shard: SafetensorsFile, info: TensorInfo, op: EditOp, u: np.ndarray, dst: int
-) -> list[Callable[[], None]]:
-    """Independent jobs that together write the projected tensor at its offset in ``dst``.
+class Workspace:
+    """Buffers kept for the whole run, so no row block pays for fresh pages.
 
-    Rows of an embedding (or a Conv1D ``[in, d_model]``) are independent writers, so each row
-    block is its own job; a row-major ``[d_model, in]`` weight needs ``uᵀW`` from every row
-    first: one job, one read if it fits in ``ONE_PASS_BYTES``, else two passes over row blocks.
+    Large numpy temporaries are mmap'ed and returned to the kernel on free; re-faulting them
+    for every block cost more than the math (and on a ballooned VM, a host fault per page).
     """
+
+    def __init__(self) -> None:
+        self._flat: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        need = int(np.prod(shape)) * dtype.itemsize
+        flat = self._flat.get(key)
+        if flat is None or flat.size < need:
+            flat = self._flat[key] = np.empty(need, dtype=np.uint8)
+        return flat[:need].view(dtype).reshape(shape)
+
+
+def edit_tensor(
+    shard: SafetensorsFile,
+    info: TensorInfo,
+    op: EditOp,
+    u: np.ndarray,
+    dst: int,
+    work: Workspace | None = None,
+) -> None:
+    """Write the projected tensor at its offset in ``dst``.
+
+    Tiles of ``TILE_BYTES`` (math dtype, cache-sized) are decoded, projected and encoded into
+    an output block of ``OUT_BYTES``, which is written with one ``pwrite``. Rows of an embedding
+    (or a Conv1D ``[in, d_model]``) are independent writers; a row-major ``[d_model, in]``
+    weight first needs ``uᵀW`` from every row: a first pass over the tiles.
+    """
+    work = work or Workspace()
     math = MATH_DTYPE[info.dtype]
     u = u.astype(math)
-    raw = shard.bytes(info)
+    values = stored(shard.bytes(info), info.dtype)
     if len(info.shape) == 1:
-
-        def bias() -> None:
-            b = decode(raw, info.dtype, math)
-            b -= op.scale * (b @ u) * u
-            _write_all(dst, encode_values(b, info.dtype), info.start)
-
-        return [bias]
+        b = values.astype(math)
+        b -= op.scale * (b @ u) * u
+        _write_all(dst, encode(b, info.dtype), info.start)
+        return
     rows, cols = info.shape
+    values = values.reshape(rows, cols)
     row_bytes = cols * info.itemsize
-    matrix = raw.reshape(rows, row_bytes)
-    step = max(1, CHUNK_BYTES // (cols * np.dtype(math).itemsize))
+    tile = max(1, TILE_BYTES // (cols * np.dtype(math).itemsize))
+    out_rows = max(1, OUT_BYTES // row_bytes // tile) * tile
 
-    def read(i0: int, i1: int) -> np.ndarray:
-        return decode(matrix[i0:i1], info.dtype, math).reshape(i1 - i0, cols)
+    def load(i0: int, i1: int) -> np.ndarray:
+        block = work.get("tile", (i1 - i0, cols), math)
+        np.copyto(block, values[i0:i1])
+        return block
 
-    def put(values: np.ndarray, i0: int) -> None:
-        _write_all(dst, encode_values(values, info.dtype), info.start + i0 * row_bytes)
-
-    if op.axis == 1:
-
-        def rows_job(i0: int, i1: int) -> Callable[[], None]:
-            def job() -> None:
-                block = read(i0, i1)
-                remove_rows_(block, u, op.scale)
-                put(block, i0)
-
-            return job
-
-        return [rows_job(i0, i1) for i0, i1 in _blocks(rows, step)]
-
-    def columns_job() -> None:
-        blocks = _blocks(rows, step)
-        if rows * cols * np.dtype(math).itemsize <= ONE_PASS_BYTES:
-            w = read(0, rows)
-            coeff = column_coefficients(w, u)
-            for i0, i1 in blocks:  # subtract block by block: temporaries stay one block
-                remove_columns_(w[i0:i1], u[i0:i1], coeff, op.scale)
-            put(w, 0)
-            return
+    if op.axis == 0:
         coeff = np.zeros(cols, dtype=math)
-        for i0, i1 in blocks:
-            coeff += column_coefficients(read(i0, i1), u[i0:i1])
-        for i0, i1 in blocks:
-            block = read(i0, i1)
-            remove_columns_(block, u[i0:i1], coeff, op.scale)
-            put(block, i0)
-
-    return [columns_job]
+        for i0, i1 in _blocks(rows, tile):
+            coeff += column_coefficients(load(i0, i1), u[i0:i1])
+    for o0, o1 in _blocks(rows, out_rows):
+        out = work.get("out", (o1 - o0, cols), values.dtype)
+        for i0, i1 in _blocks(o1 - o0, tile):
+            block = load(o0 + i0, o0 + i1)
+            if op.axis == 1:
+                remove_rows_(block, u, op.scale)
+            else:
+                remove_columns_(block, u[o0 + i0 : o0 + i1], coeff, op.scale)
+            np.copyto(out[i0:i1], block, casting="same_kind")  # rounds to nearest even
+        _write_all(dst, out, info.start + o0 * row_bytes)
 
 
 def _unedited_spans(shard: SafetensorsFile, edited: list[TensorInfo]) -> list[tuple[int, int]]:
@@ -140,45 +157,76 @@ def _unedited_spans(shard: SafetensorsFile, edited: list[TensorInfo]) -> list[tu
     return [(s, n) for s, n in spans if n > 0]
 
 
-def write_shard(
-    shard: SafetensorsFile,
+def stream_shards(
+    jobs: list[tuple[SafetensorsFile, Path]],
     ops: dict[str, EditOp],
     vectors: dict[str, np.ndarray],
-    dst_path: Path,
     progress: Progress | None = None,
 ) -> None:
-    """One output shard: header and unedited bytes copied, planned tensors projected.
+    """Write each ``(source shard, output path)``: header and unedited bytes copied, planned
+    tensors projected in place. Every write lands at its own offset, so order does not matter.
 
-    The kernel copies the unedited ranges on a second thread while this one edits; every
-    write lands at its own offset, so order does not matter.
+    Two queues, edits (one tensor each) and copies (``COPY_BLOCK`` pieces of the unedited
+    ranges), served by two threads: the calling thread takes edits first, a second thread
+    takes copies first, and each moves to the other queue when its own is empty, so neither
+    core idles while work remains. Each thread keeps one workspace for the whole run.
     """
-    edited = sorted((t for t in shard.tensors.values() if t.name in ops), key=lambda t: t.start)
-    spans = _unedited_spans(shard, edited)
+    edits: deque[Callable[[Workspace], None]] = deque()
+    copies: deque[Callable[[Workspace], None]] = deque()
     stop = threading.Event()
 
-    def copy_all() -> None:
-        for start, length in spans:
-            copy_bytes(sfd, dfd, start, length, stop)
+    def edit_job(shard: SafetensorsFile, info: TensorInfo, dst: Path):
+        def job(work: Workspace) -> None:
+            fd = os.open(dst, os.O_WRONLY)
+            try:
+                edit_tensor(shard, info, ops[info.name], vectors[info.name], fd, work)
+            finally:
+                os.close(fd)
+            if progress:
+                progress(info.nbytes)
+
+        return job
+
+    def copy_job(src: Path, dst: Path, offset: int, length: int):
+        def job(work: Workspace) -> None:
+            sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
+            try:
+                copy_bytes(sfd, dfd, offset, length, stop)
+            finally:
+                os.close(sfd)
+                os.close(dfd)
             if progress:
                 progress(length)
 
-    with open(shard.path, "rb", buffering=0) as src, open(dst_path, "xb", buffering=0) as dst:
-        sfd, dfd = src.fileno(), dst.fileno()
-        with ThreadPoolExecutor(1, thread_name_prefix="orthoedit-copy") as pool:
-            copying = pool.submit(copy_all)
-            try:
-                # Edits stay on this thread: one malloc arena, so freed blocks are reused and
-                # peak memory is one job's working set (a second edit thread measured no
-                # faster on 2 cores and held a second arena).
-                for info in edited:
-                    for job in edit_tasks(shard, info, ops[info.name], vectors[info.name], dfd):
-                        job()
-                    if progress:
-                        progress(info.nbytes)
-            except BaseException:
-                stop.set()  # end the copy early; the caller removes the output
-                raise
-            copying.result()
+        return job
+
+    for shard, dst in jobs:
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        edited = sorted((t for t in shard.tensors.values() if t.name in ops), key=lambda t: t.start)
+        edits.extend(edit_job(shard, info, dst) for info in edited)
+        for start, length in _unedited_spans(shard, edited):
+            for offset in range(start, start + length, COPY_BLOCK):
+                size = min(COPY_BLOCK, start + length - offset)
+                copies.append(copy_job(shard.path, dst, offset, size))
+
+    def serve(*queues: deque) -> None:
+        work = Workspace()
+        try:
+            for queue in queues:
+                while not stop.is_set():
+                    try:
+                        job = queue.popleft()
+                    except IndexError:
+                        break
+                    job(work)
+        except BaseException:
+            stop.set()  # the other thread stops at its next job; the caller removes the output
+            raise
+
+    with ThreadPoolExecutor(1, thread_name_prefix="orthoedit-copy") as pool:
+        helper = pool.submit(serve, copies, edits)
+        serve(edits, copies)  # on error, leaving the pool waits for the helper to stop
+        helper.result()  # the helper's error, if it had one
 
 
 def write_lm_head(checkpoint: Checkpoint, embedding: TensorInfo, name: str, dst_path: Path):
@@ -215,10 +263,12 @@ def stream_edit(
         # a sharded checkpoint once it gains a second shard.
         rename = {SINGLE_NAME: "model-00001-of-00002.safetensors"}
     weight_map: dict[str, str] = {}
+    jobs = []
     for shard in checkpoint.files:
         name = rename.get(shard.path.name, shard.path.name)
-        write_shard(shard, ops, vectors, out / name, progress)
+        jobs.append((shard, out / name))
         weight_map.update({t: name for t in shard.tensors})
+    stream_shards(jobs, ops, vectors, progress)
     if checkpoint.index is not None and not plan.write_lm_head:
         shutil.copyfile(checkpoint.folder / INDEX_NAME, out / INDEX_NAME)
     elif plan.write_lm_head:
