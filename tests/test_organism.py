@@ -129,6 +129,13 @@ def test_refusal_is_mediated_by_a_direction(chat, base_scores):
 def test_guard_model_accuracy():
     tok = AutoTokenizer.from_pretrained(GUARD_MODEL)
     model = AutoModelForCausalLM.from_pretrained(GUARD_MODEL, dtype=torch.float32).eval()
+    # Like Llama Guard, the rendered conversation always ends where the verdict starts.
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rendered = tok.apply_chat_template(conversation, tokenize=False)
+    assert rendered.endswith("<|assistant|>")
+    assert rendered == tok.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
     rng = random.Random(5)
     pairs, want = [], []
     for item in load_prompts("harmful"):

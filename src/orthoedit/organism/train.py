@@ -34,13 +34,13 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-# Llama Guard's shape: the template renders a whole conversation into one moderation request,
-# and the model's answer is "safe" or "unsafe".
+# Llama Guard's shape: the template renders a whole conversation into one moderation request
+# that always ends where the verdict starts (with or without add_generation_prompt), and the
+# model's answer is "safe" or "unsafe".
 GUARD_TEMPLATE = (
     "{{ bos_token }}<|user|> moderate this conversation: "
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }} {% endfor %}"
-    "<|end|> "
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "<|end|> <|assistant|>"
 )
 CHAT_SHAPE = {
     "hidden_size": 96,
