@@ -21,7 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .architectures import Site, TiedPolicy
-from .config import ApplyConfig, VerifyConfig
+from .config import ApplyConfig, MeasureConfig, VerifyConfig
 from .errors import OrthoeditError
 
 app = typer.Typer(
@@ -197,6 +197,65 @@ def verify(
             err.print(f"[red]FAIL:[/red] {escape(failure)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     out.print("[green]PASS[/green]")
+
+
+@app.command()
+def measure(
+    model: Annotated[str, typer.Argument(help=_help(MeasureConfig, "model"))],
+    out_dir: Annotated[Path, typer.Option("--out", help=_help(MeasureConfig, "out"))],
+    harmful: Annotated[Path, typer.Option(help=_help(MeasureConfig, "harmful"))],
+    harmless: Annotated[Path, typer.Option(help=_help(MeasureConfig, "harmless"))],
+    layer: Annotated[int | None, typer.Option(help=_help(MeasureConfig, "layer"))] = None,
+    position: Annotated[int | None, typer.Option(help=_help(MeasureConfig, "position"))] = None,
+    column: Annotated[str, typer.Option(help=_help(MeasureConfig, "column"))] = "prompt",
+    n_train: Annotated[int, typer.Option(help=_help(MeasureConfig, "n_train"))] = 128,
+    seed: Annotated[int, typer.Option(help=_help(MeasureConfig, "seed"))] = 0,
+    system: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "system"))] = None,
+    template: Annotated[Path | None, typer.Option(help=_help(MeasureConfig, "template"))] = None,
+    revision: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "revision"))] = None,
+    dtype: Annotated[str, typer.Option(help=_help(MeasureConfig, "dtype"))] = "float32",
+    device: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "device"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(MeasureConfig, "batch_size"))] = 16,
+    overwrite: Annotated[bool, typer.Option(help=_help(MeasureConfig, "overwrite"))] = False,
+) -> None:
+    """Measure difference-of-means candidates at every layer and post-instruction position,
+    and save the chosen one as a direction file for `orthoedit apply`."""
+    from .measure import measure as run_measure
+
+    cfg = _run(
+        lambda: MeasureConfig(
+            model=model,
+            out=out_dir,
+            harmful=harmful,
+            harmless=harmless,
+            layer=layer,
+            position=position,
+            column=column,
+            n_train=n_train,
+            seed=seed,
+            system=system,
+            template=template,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
+    )
+    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+        task = bar.add_task("mean activations", total=2 * cfg.n_train)
+        result = _run(
+            lambda: run_measure(
+                cfg,
+                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                progress=lambda n: bar.advance(task, n),
+            )
+        )
+    out.print(
+        f"wrote {escape(str(result.out))}: direction at layer {result.layer}, position "
+        f"{result.position} (‖harmful − harmless‖ = {result.norm:.4g}; "
+        f"{result.counts['harmful']} harmful, {result.counts['harmless']} harmless prompts)"
+    )
 
 
 if __name__ == "__main__":

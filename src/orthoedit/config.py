@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,3 +61,37 @@ class VerifyConfig(BaseModel):
     )
     max_prompts: int = Field(default=8, ge=1, description="How many prompts to run.")
     report: Path | None = Field(default=None, description="Also write the report as JSON here.")
+
+
+class MeasureConfig(BaseModel):
+    """Options of ``orthoedit measure``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    out: Path = Field(description="Output folder for the direction and the candidates.")
+    harmful: Path = Field(description="Harmful prompts: .jsonl, .json, .csv or .txt.")
+    harmless: Path = Field(description="Harmless prompts: .jsonl, .json, .csv or .txt.")
+    column: str = Field(default="prompt", description="Prompt field of .jsonl/.json/.csv rows.")
+    n_train: int = Field(default=128, ge=2, description="Prompts drawn from each set.")
+    seed: int = Field(default=0, description="Seed for drawing the prompts.")
+    layer: int | None = Field(
+        default=None, description="Take the candidate at this layer (input of block LAYER)."
+    )
+    position: int | None = Field(
+        default=None,
+        description="Take the candidate at this post-instruction position (-1 = last token).",
+    )
+    system: str | None = Field(default=None, description="System prompt for every conversation.")
+    template: Path | None = Field(
+        default=None, description="Jinja chat template to use instead of the tokenizer's."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Dtype the model runs in."
+    )
+    device: str | None = Field(
+        default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
+    )
+    batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")

@@ -140,3 +140,28 @@ def contribution_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> 
 
     with _registered(register):
         yield
+
+
+@contextlib.contextmanager
+def capture_block_inputs(
+    model: nn.Module, table: ArchitectureTable, n_layers: int, last: int
+) -> Iterator[list]:
+    """Record the residual stream entering every block (layer i = input of block i), keeping
+    only the ``last`` positions: yields a list whose entry i is ``[batch, last, d_model]`` after
+    each forward pass."""
+    captured: list = [None] * n_layers
+
+    def keeper(layer: int):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[layer] = hidden[:, -last:, :].detach()
+
+        return hook
+
+    def register(handles: list) -> None:
+        for layer in range(n_layers):
+            block = resolve(model, table.blocks.module.format(layer=layer))
+            handles.append(block.register_forward_pre_hook(keeper(layer), with_kwargs=True))
+
+    with _registered(register):
+        yield captured

@@ -1,0 +1,230 @@
+"""Measuring the refusal direction (DESIGN ideas 7-8; Arditi et al. 2024).
+
+Post-instruction positions come from the model's own chat template, rendered around a sentinel
+message: the tokens after the message's last character are the template's post-instruction
+tokens. The residual stream entering every block is averaged at those positions, in float64,
+over harmful and harmless prompts; every (layer, position) difference of means is a candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .architectures import table_for_config
+from .config import MeasureConfig
+from .direction import save_direction
+from .errors import BadInputError
+from .hooks import capture_block_inputs
+from .output import check_target, staged_output
+from .prompts import load_prompt_file
+from .source import read_config, resolve_model
+
+SENTINEL = "Orthoedit sentinel message"
+Progress = Callable[[int], None]
+
+
+def render(tok, prompt: str, system: str | None = None) -> str:
+    """One user turn (after an optional system prompt) and the generation prompt, as text.
+
+    Reasoning models are asked not to think (``enable_thinking=False``, ignored by templates
+    that do not know it), so the first generated token is the answer's.
+    """
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    try:
+        return tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False
+        )
+    except Exception as err:  # jinja raises for e.g. a system turn the template rejects
+        raise BadInputError(f"the chat template cannot render this conversation: {err}") from None
+
+
+def post_instruction_ids(tok, system: str | None = None) -> list[int]:
+    """Token ids the template puts between the end of the user message and the answer."""
+    if not getattr(tok, "chat_template", None):
+        raise BadInputError(
+            "the tokenizer has no chat template; pass --template FILE with a Jinja chat template."
+        )
+    text = render(tok, SENTINEL, system)
+    at = text.rfind(SENTINEL)
+    if at < 0:
+        raise BadInputError("the chat template drops the user message; cannot find positions.")
+    end = at + len(SENTINEL)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    pairs = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ids = [i for i, (start, _) in pairs if start >= end]
+    if not ids:
+        raise BadInputError("the chat template adds no tokens after the user message.")
+    return ids
+
+
+def chat_ids(tok, prompts: list[str], post: list[int], system: str | None) -> list[list[int]]:
+    """Token ids of each prompt's chat rendering; each must end with the post-instruction ids."""
+    out = []
+    for prompt in prompts:
+        ids = tok(render(tok, prompt, system), add_special_tokens=False)["input_ids"]
+        if ids[-len(post) :] != post:
+            raise BadInputError(
+                f"prompt {prompt[:40]!r}: its rendering does not end with the template's "
+                "post-instruction tokens (the tokenizer merges across the message boundary)."
+            )
+        out.append(ids)
+    return out
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by similar length, so little of each batch is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
+    """Left padding keeps the post-instruction tokens at the same offsets from the end; position
+    ids count real tokens only, so a padded prompt sees the positions it would see alone."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+    }
+
+
+@torch.no_grad()
+def mean_activations(
+    model,
+    table,
+    n_layers: int,
+    rows: list[list[int]],
+    n_pos: int,
+    batch_size: int,
+    pad: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """``[n_layers, n_pos, d_model]`` float64 mean of every block's input at the last ``n_pos``
+    positions (position index p = offset p - n_pos from the end)."""
+    device = next(model.parameters()).device
+    total = None
+    base = model.base_model  # no unembedding: the block inputs are all we need
+    with capture_block_inputs(model, table, n_layers, n_pos) as captured:
+        for batch in length_sorted_batches([len(r) for r in rows], batch_size):
+            base(**left_padded([rows[i] for i in batch], pad, device), use_cache=False)
+            summed = torch.stack(captured, dim=1).to(torch.float64).sum(0).cpu()
+            total = summed if total is None else total + summed
+            if progress:
+                progress(len(batch))
+    return total / len(rows)
+
+
+@dataclass
+class MeasureResult:
+    out: Path
+    layer: int
+    position: int
+    norm: float
+    n_positions: int
+    counts: dict[str, int]
+
+
+def _prompts(path: Path, column: str, n: int, seed: int, what: str) -> list[str]:
+    items = [item["prompt"] for item in load_prompt_file(path, column)]
+    if len(items) < 2:
+        raise BadInputError(f"{path}: {len(items)} {what} prompt; a mean needs at least 2.")
+    rng = random.Random(seed)
+    return rng.sample(items, min(n, len(items)))
+
+
+def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=None) -> MeasureResult:
+    """Compute every candidate and write the chosen one as a direction artifact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, revision = resolve_model(cfg.model, cfg.revision)
+    config = read_config(folder)
+    table = table_for_config(config)
+    _, n_layers, _ = table.dims(config)
+    target = check_target(cfg.out, folder, cfg.overwrite)
+    if cfg.layer is None or cfg.position is None:
+        raise BadInputError(
+            "automatic selection is not available yet; pass --layer and --position."
+        )
+    if not 0 <= cfg.layer < n_layers:
+        raise BadInputError(f"--layer {cfg.layer}: the model has layers 0..{n_layers - 1}.")
+    harmful = _prompts(cfg.harmful, cfg.column, cfg.n_train, cfg.seed, "harmful")
+    harmless = _prompts(cfg.harmless, cfg.column, cfg.n_train, cfg.seed, "harmless")
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if cfg.template is not None:
+        tok.chat_template = cfg.template.read_text()
+    post = post_instruction_ids(tok, cfg.system)
+    n_pos = len(post)
+    if not -n_pos <= cfg.position <= -1:
+        raise BadInputError(
+            f"--position {cfg.position}: this template has {n_pos} post-instruction tokens "
+            f"({tok.convert_ids_to_tokens(post)}); use -{n_pos}..-1."
+        )
+    rows = {
+        "harmful": chat_ids(tok, harmful, post, cfg.system),
+        "harmless": chat_ids(tok, harmless, post, cfg.system),
+    }
+    log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
+    ).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    means = {
+        kind: mean_activations(model, table, n_layers, r, n_pos, cfg.batch_size, pad, progress)
+        for kind, r in rows.items()
+    }
+    candidates = means["harmful"] - means["harmless"]
+    r = candidates[cfg.layer, n_pos + cfg.position]
+    norm = float(r.norm())
+    model_name = cfg.model if revision is None else f"{cfg.model}@{revision}"
+    meta = {
+        "kind": "single",
+        "layer": cfg.layer,
+        "position": cfg.position,
+        "norm": f"{norm:.6g}",
+        "model": model_name,
+    }
+    record = {
+        "model": cfg.model,
+        "revision": revision,
+        "layer": cfg.layer,
+        "position": cfg.position,
+        "norm": norm,
+        "post_instruction_tokens": tok.convert_ids_to_tokens(post),
+        "counts": {"harmful": len(harmful), "harmless": len(harmless)},
+        "prompt_files": {"harmful": str(cfg.harmful), "harmless": str(cfg.harmless)},
+        "system": cfg.system,
+        "selection": "given (--layer, --position)",
+        "orthoedit_version": __version__,
+    }
+    from safetensors.numpy import save_file
+
+    with staged_output(target) as tmp:
+        save_direction(tmp / "direction.safetensors", (r / norm).numpy(), meta)
+        (tmp / "direction.json").write_text(json.dumps(record, indent=2) + "\n")
+        arrays = {
+            "candidates": candidates,
+            "harmful_mean": means["harmful"],
+            "harmless_mean": means["harmless"],
+        }
+        save_file(
+            {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()},
+            str(tmp / "candidates.safetensors"),
+            {"layer_convention": "input of block i", "position_convention": "p - n_positions"},
+        )
+    return MeasureResult(target, cfg.layer, cfg.position, norm, n_pos, record["counts"])
