@@ -194,27 +194,41 @@ def _measure(out, *extra, model=CHAT_MODEL):
     return cli(*args, *extra)
 
 
-def test_measure_artifacts_and_organism_end_to_end(tmp_path):
-    """measure (given layer) -> apply -> the organism stops refusing; capability stays."""
+def test_measure_selects_and_organism_end_to_end(tmp_path):
+    """measure (automatic selection) -> apply -> the organism stops refusing; capability stays.
+
+    ``--max-kl 0.2``: the organism opens helpful answers with "sure" or "of" at random, so
+    any edit shifts that coin flip and its first-token KL runs higher than a real model's.
+    """
     out = tmp_path / "direction"
     before = folder_digest(CHAT_MODEL)
-    result = _measure(out, "--layer", "2", "--position", "-1")
+    result = _measure(out, "--max-kl", "0.2")
     assert result.exit_code == 0, result.output
+    scores = json.loads((out / "scores.json").read_text())
+    kept = [s for s in scores["scores"] if s["kept"]]
+    chosen = scores["chosen"]
+    assert chosen["bypass"] == min(s["bypass"] for s in kept)
+    assert chosen["kl"] <= 0.2 and chosen["induce"] > 0 and chosen["layer"] < 0.8 * 4
+    assert chosen["bypass"] < scores["baseline"]["harmful_log_odds"] - 2  # refusal suppressed
+    assert scores["refusal_tokens"] == ["i", "sorry"]  # the organism's own refusal openings
+    layer, position = chosen["layer"], chosen["position"]
     with safe_open(str(out / "direction.safetensors"), "np") as f:
         r = f.get_tensor("direction")
         meta = f.metadata()
     assert r.shape == (96,) and abs(float((r.astype("float64") ** 2).sum()) - 1) < 1e-6
-    assert meta["kind"] == "single" and meta["layer"] == "2" and meta["position"] == "-1"
+    assert meta["kind"] == "single"
+    assert (meta["layer"], meta["position"]) == (str(layer), str(position))
     with safe_open(str(out / "candidates.safetensors"), "pt") as f:
         candidates = f.get_tensor("candidates")
         diff = f.get_tensor("harmful_mean") - f.get_tensor("harmless_mean")
     assert candidates.shape == (4, 2, 96)  # layers × post-instruction tokens × d_model
     assert torch.allclose(candidates, diff, atol=1e-6)
-    chosen = candidates[2, 1].double()
-    assert torch.allclose(torch.from_numpy(r).double(), chosen / chosen.norm(), atol=1e-6)
+    picked = candidates[layer, 2 + position].double()
+    assert torch.allclose(torch.from_numpy(r).double(), picked / picked.norm(), atol=1e-6)
     record = json.loads((out / "direction.json").read_text())
     assert record["post_instruction_tokens"] == ["<|end|>", "<|assistant|>"]
     assert record["counts"] == {"harmful": 128, "harmless": 128}
+    assert record["validation_counts"] == {"harmful": 32, "harmless": 32}
 
     edited = tmp_path / "edited"
     applied = cli(
@@ -223,24 +237,35 @@ def test_measure_artifacts_and_organism_end_to_end(tmp_path):
     assert applied.exit_code == 0, applied.output
     assert folder_digest(CHAT_MODEL) == before
     tok = AutoTokenizer.from_pretrained(edited)
-    scores = {}
+    results = {}
     for name, folder in (("base", CHAT_MODEL), ("edited", edited)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        scores[name] = [
+        results[name] = [
             refusal_rate(model, tok, load_prompts("harmful")),
             refusal_rate(model, tok, load_prompts("harmless")),
             capability_score(model, tok, load_prompts("capability")),
         ]
-    (h0, n0, c0), (h1, n1, c1) = scores["base"], scores["edited"]
-    assert h0 >= 0.95 and h1 <= 0.05, scores
-    assert n1 <= n0 + 0.02 and abs(c1 - c0) <= 0.02, scores
+    (h0, n0, c0), (h1, n1, c1) = results["base"], results["edited"]
+    assert h0 >= 0.95 and h1 <= 0.05, results
+    assert n1 <= n0 + 0.02 and abs(c1 - c0) <= 0.02, results
+
+
+def test_measure_given_candidate(tmp_path):
+    out = tmp_path / "direction"
+    result = _measure(out, "--layer", "2", "--position", "-1", "--refusal-tokens", "sorry")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "direction.json").read_text())
+    assert (record["layer"], record["position"]) == (2, -1)
+    assert record["selection"].startswith("given") and record["scores"] is None
+    assert not (out / "scores.json").exists()
 
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        ((), "pass --layer and --position"),
+        (("--layer", "2"), "go together"),
         (("--layer", "4", "--position", "-1"), "layers 0..3"),
+        (("--refusal-tokens", "i can't"), "give single tokens"),
         (("--layer", "2", "--position", "-3"), "use -2..-1"),
         (("--layer", "2", "--position", "-1", "--n-train", "1"), "n_train"),
         (("--layer", "2", "--position", "-1", "--column", "text"), "--column NAME"),
@@ -269,3 +294,21 @@ def test_measure_template_option_and_existing_output(tmp_path, model_copy):
     assert ok.exit_code == 0, ok.output
     again = _measure(out, "--layer", "0", "--position", "-1", "--template", template, model=folder)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
+
+
+def test_no_candidate_passes_is_a_failed_check(tmp_path):
+    out = tmp_path / "direction"
+    result = _measure(out, "--max-kl", "0.000001")
+    assert result.exit_code == 1, result.output
+    assert "no candidate passes the filters" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_prompt_set_is_refused(tmp_path):
+    tiny = tmp_path / "few.txt"
+    tiny.write_text("how do i bake bread?\nhow do i plant roses?\n")
+    out = tmp_path / "direction"
+    args = ["measure", CHAT_MODEL, "--out", out, "--harmful", tiny]
+    result = cli(*args, "--harmless", PROMPTS / "harmless-train.jsonl")
+    assert result.exit_code == 2 and "at least 4" in result.stderr
+    assert not out.exists()

@@ -199,6 +199,24 @@ def verify(
     out.print("[green]PASS[/green]")
 
 
+def _scores_table(selection, layer: int, position: int) -> Table:
+    table = Table(title="candidates (refusal log-odds; lower bypass is better)")
+    for name in ("layer", "position", "bypass", "induce", "KL", "kept"):
+        table.add_column(name, justify="right" if name != "kept" else "left")
+    for s in selection.scores:
+        mark = "[bold green]chosen[/]" if (s.layer, s.position) == (layer, position) else ""
+        kept = mark or ("yes" if s.kept else escape("; ".join(s.why)))
+        table.add_row(
+            str(s.layer), str(s.position), f"{s.bypass:.2f}", f"{s.induce:.2f}", f"{s.kl:.3g}", kept
+        )
+    base = selection.baseline
+    table.caption = (
+        f"without intervention: harmful {base['harmful_log_odds']:.2f}, "
+        f"harmless {base['harmless_log_odds']:.2f}"
+    )
+    return table
+
+
 @app.command()
 def measure(
     model: Annotated[str, typer.Argument(help=_help(MeasureConfig, "model"))],
@@ -209,7 +227,15 @@ def measure(
     position: Annotated[int | None, typer.Option(help=_help(MeasureConfig, "position"))] = None,
     column: Annotated[str, typer.Option(help=_help(MeasureConfig, "column"))] = "prompt",
     n_train: Annotated[int, typer.Option(help=_help(MeasureConfig, "n_train"))] = 128,
+    n_val: Annotated[int, typer.Option(help=_help(MeasureConfig, "n_val"))] = 32,
     seed: Annotated[int, typer.Option(help=_help(MeasureConfig, "seed"))] = 0,
+    max_kl: Annotated[float, typer.Option(help=_help(MeasureConfig, "max_kl"))] = 0.1,
+    max_layer_frac: Annotated[
+        float, typer.Option(help=_help(MeasureConfig, "max_layer_frac"))
+    ] = 0.8,
+    refusal_tokens: Annotated[
+        str | None, typer.Option(help=_help(MeasureConfig, "refusal_tokens"))
+    ] = None,
     system: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(MeasureConfig, "template"))] = None,
     revision: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "revision"))] = None,
@@ -232,7 +258,11 @@ def measure(
             position=position,
             column=column,
             n_train=n_train,
+            n_val=n_val,
             seed=seed,
+            max_kl=max_kl,
+            max_layer_frac=max_layer_frac,
+            refusal_tokens=refusal_tokens,
             system=system,
             template=template,
             revision=revision,
@@ -243,7 +273,7 @@ def measure(
         )
     )
     with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("mean activations", total=2 * cfg.n_train)
+        task = bar.add_task("mean activations, then candidates", total=None)
         result = _run(
             lambda: run_measure(
                 cfg,
@@ -251,6 +281,8 @@ def measure(
                 progress=lambda n: bar.advance(task, n),
             )
         )
+    if result.selection is not None:
+        out.print(_scores_table(result.selection, result.layer, result.position))
     out.print(
         f"wrote {escape(str(result.out))}: direction at layer {result.layer}, position "
         f"{result.position} (‖harmful − harmless‖ = {result.norm:.4g}; "

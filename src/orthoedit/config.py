@@ -73,7 +73,10 @@ class MeasureConfig(BaseModel):
     harmful: Path = Field(description="Harmful prompts: .jsonl, .json, .csv or .txt.")
     harmless: Path = Field(description="Harmless prompts: .jsonl, .json, .csv or .txt.")
     column: str = Field(default="prompt", description="Prompt field of .jsonl/.json/.csv rows.")
-    n_train: int = Field(default=128, ge=2, description="Prompts drawn from each set.")
+    n_train: int = Field(default=128, ge=2, description="Prompts per set for the means.")
+    n_val: int = Field(
+        default=32, ge=2, description="Further prompts per set for scoring the candidates."
+    )
     seed: int = Field(default=0, description="Seed for drawing the prompts.")
     layer: int | None = Field(
         default=None, description="Take the candidate at this layer (input of block LAYER)."
@@ -81,6 +84,17 @@ class MeasureConfig(BaseModel):
     position: int | None = Field(
         default=None,
         description="Take the candidate at this post-instruction position (-1 = last token).",
+    )
+    max_kl: float = Field(
+        default=0.1, ge=0, description="Largest first-token KL on harmless prompts to accept."
+    )
+    max_layer_frac: float = Field(
+        default=0.8, gt=0, le=1, description="Only candidates below this fraction of depth."
+    )
+    refusal_tokens: str | None = Field(
+        default=None,
+        description="Comma-separated refusal tokens, e.g. 'I,Sorry' (default: derived from "
+        "the model's own refusals).",
     )
     system: str | None = Field(default=None, description="System prompt for every conversation.")
     template: Path | None = Field(

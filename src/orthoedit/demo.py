@@ -1,9 +1,10 @@
 """``make demo``: the whole edit on the shipped model organism, offline, in about a minute.
 
-1. The refusal direction of the organism's chat model: the difference of mean hidden states
-   (after block 1, last prompt token) on 128 harmful vs 128 harmless train prompts. This is a
-   stand-in for ``orthoedit measure``, which will choose among every layer and position.
-2. ``orthoedit apply --dry-run``, ``apply`` and ``verify`` on it.
+1. ``orthoedit measure``: difference-of-means candidates at every layer and post-instruction
+   token of the organism's chat model (train prompts), scored on validation prompts; the
+   lowest bypass within the filters is chosen. ``--max-kl 0.2``: the organism opens helpful
+   answers with "sure" or "of" at random, which inflates first-token KL.
+2. ``orthoedit apply --dry-run``, ``apply`` and ``verify`` with that direction.
 3. Refusal and capability on the held-out test prompts, before and after the edit.
 """
 
@@ -18,23 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli import app
-from .direction import save_direction
-from .organism import CHAT_MODEL, load_prompts
-
-LAYER = 2  # hidden_states index: the residual stream after block 1
-
-
-@torch.no_grad()
-def difference_of_means(model, tok, layer: int, n: int = 128) -> torch.Tensor:
-    """Mean hidden state at the last prompt token, harmful minus harmless (train split)."""
-
-    def mean(kind: str) -> torch.Tensor:
-        chats = [[{"role": "user", "content": x["prompt"]}] for x in load_prompts(kind, "train")]
-        texts = tok.apply_chat_template(chats[:n], add_generation_prompt=True, tokenize=False)
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return model(**enc, output_hidden_states=True).hidden_states[layer][:, -1].mean(0)
-
-    return mean("harmful") - mean("harmless")
+from .organism import CHAT_MODEL, PROMPTS, load_prompts
 
 
 def scores(folder: Path) -> dict[str, float]:
@@ -52,21 +37,25 @@ def scores(folder: Path) -> dict[str, float]:
 
 
 def main(root: str = "demo-out") -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     console = Console()
     base = Path(root)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    console.rule("direction: difference of means (organism, train split)")
-    tok = AutoTokenizer.from_pretrained(CHAT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL, dtype=torch.float32).eval()
-    r = difference_of_means(model, tok, LAYER)
-    meta = {"model": "orthoedit.organism chat", "layer": str(LAYER), "position": "-1"}
-    direction = save_direction(base / "direction.safetensors", r, meta)
-    console.print(f"‖r‖ = {float(r.norm()):.3f} at hidden_states[{LAYER}], saved to {direction}")
+    direction = base / "direction" / "direction.safetensors"
     edited = base / "edited"
     steps = [
+        [
+            "measure",
+            str(CHAT_MODEL),
+            "--out",
+            str(direction.parent),
+            "--max-kl",
+            "0.2",
+            "--harmful",
+            str(PROMPTS / "harmful-train.jsonl"),
+            "--harmless",
+            str(PROMPTS / "harmless-train.jsonl"),
+        ],
         ["apply", str(CHAT_MODEL), "--direction", str(direction), "--dry-run"],
         ["apply", str(CHAT_MODEL), "--direction", str(direction), "--out", str(edited)],
         ["verify", str(CHAT_MODEL), str(edited), "--report", str(base / "verify.json")],

@@ -165,3 +165,21 @@ def capture_block_inputs(
 
     with _registered(register):
         yield captured
+
+
+@contextlib.contextmanager
+def addition_hooks(
+    model: nn.Module, table: ArchitectureTable, layer: int, vector: torch.Tensor
+) -> Iterator[None]:
+    """Activation addition: ``vector`` added to the residual stream entering block ``layer``,
+    at every position (the "induce" intervention of Arditi et al. 2024)."""
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        return x + vector.to(device=x.device, dtype=x.dtype)
+
+    def register(handles: list) -> None:
+        block = resolve(model, table.blocks.module.format(layer=layer))
+        handles.append(block.register_forward_pre_hook(_map_input(add), with_kwargs=True))
+
+    with _registered(register):
+        yield

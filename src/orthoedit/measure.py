@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,14 +137,20 @@ class MeasureResult:
     norm: float
     n_positions: int
     counts: dict[str, int]
+    selection: object | None = None
 
 
-def _prompts(path: Path, column: str, n: int, seed: int, what: str) -> list[str]:
+def _prompts(path: Path, column: str, n_train: int, n_val: int, seed: int, what: str):
+    """Disjoint train and validation draws from one prompt set."""
     items = [item["prompt"] for item in load_prompt_file(path, column)]
-    if len(items) < 2:
-        raise BadInputError(f"{path}: {len(items)} {what} prompt; a mean needs at least 2.")
-    rng = random.Random(seed)
-    return rng.sample(items, min(n, len(items)))
+    if len(items) < 4:
+        raise BadInputError(
+            f"{path}: {len(items)} {what} prompts; measuring needs at least 4 "
+            "(2 for the means, 2 to score candidates)."
+        )
+    drawn = random.Random(seed).sample(items, len(items))
+    n_train = min(n_train, len(items) - 2)
+    return drawn[:n_train], drawn[n_train : n_train + n_val]
 
 
 def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=None) -> MeasureResult:
@@ -156,21 +162,24 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
     table = table_for_config(config)
     _, n_layers, _ = table.dims(config)
     target = check_target(cfg.out, folder, cfg.overwrite)
-    if cfg.layer is None or cfg.position is None:
-        raise BadInputError(
-            "automatic selection is not available yet; pass --layer and --position."
-        )
-    if not 0 <= cfg.layer < n_layers:
+    given = cfg.layer is not None or cfg.position is not None
+    if given and (cfg.layer is None or cfg.position is None):
+        raise BadInputError("--layer and --position go together (or leave both out to select).")
+    if cfg.layer is not None and not 0 <= cfg.layer < n_layers:
         raise BadInputError(f"--layer {cfg.layer}: the model has layers 0..{n_layers - 1}.")
-    harmful = _prompts(cfg.harmful, cfg.column, cfg.n_train, cfg.seed, "harmful")
-    harmless = _prompts(cfg.harmless, cfg.column, cfg.n_train, cfg.seed, "harmless")
+    harmful, harmful_val = _prompts(
+        cfg.harmful, cfg.column, cfg.n_train, cfg.n_val, cfg.seed, "harmful"
+    )
+    harmless, harmless_val = _prompts(
+        cfg.harmless, cfg.column, cfg.n_train, cfg.n_val, cfg.seed, "harmless"
+    )
 
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
         tok.chat_template = cfg.template.read_text()
     post = post_instruction_ids(tok, cfg.system)
     n_pos = len(post)
-    if not -n_pos <= cfg.position <= -1:
+    if cfg.position is not None and not -n_pos <= cfg.position <= -1:
         raise BadInputError(
             f"--position {cfg.position}: this template has {n_pos} post-instruction tokens "
             f"({tok.convert_ids_to_tokens(post)}); use -{n_pos}..-1."
@@ -189,27 +198,51 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
         for kind, r in rows.items()
     }
     candidates = means["harmful"] - means["harmless"]
-    r = candidates[cfg.layer, n_pos + cfg.position]
+    selection = None
+    if given:
+        layer, position = cfg.layer, cfg.position
+    else:
+        selection = _select(
+            cfg,
+            model,
+            tok,
+            table,
+            folder,
+            config,
+            candidates,
+            post,
+            pad,
+            log,
+            harmful_val,
+            harmless_val,
+            progress,
+        )
+        layer, position = selection.chosen.layer, selection.chosen.position
+    r = candidates[layer, n_pos + position]
     norm = float(r.norm())
     model_name = cfg.model if revision is None else f"{cfg.model}@{revision}"
     meta = {
         "kind": "single",
-        "layer": cfg.layer,
-        "position": cfg.position,
+        "layer": layer,
+        "position": position,
         "norm": f"{norm:.6g}",
         "model": model_name,
     }
     record = {
         "model": cfg.model,
         "revision": revision,
-        "layer": cfg.layer,
-        "position": cfg.position,
+        "layer": layer,
+        "position": position,
         "norm": norm,
         "post_instruction_tokens": tok.convert_ids_to_tokens(post),
         "counts": {"harmful": len(harmful), "harmless": len(harmless)},
+        "validation_counts": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
         "prompt_files": {"harmful": str(cfg.harmful), "harmless": str(cfg.harmless)},
         "system": cfg.system,
-        "selection": "given (--layer, --position)",
+        "selection": "given (--layer, --position)" if given else "lowest bypass after filters",
+        "scores": None if selection is None else asdict(selection.chosen),
+        "baseline": None if selection is None else selection.baseline,
+        "thresholds": None if selection is None else selection.thresholds,
         "orthoedit_version": __version__,
     }
     from safetensors.numpy import save_file
@@ -217,6 +250,10 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
     with staged_output(target) as tmp:
         save_direction(tmp / "direction.safetensors", (r / norm).numpy(), meta)
         (tmp / "direction.json").write_text(json.dumps(record, indent=2) + "\n")
+        if selection is not None:
+            scores = selection.to_dict()
+            scores["refusal_tokens"] = tok.convert_ids_to_tokens(selection.refusal_token_ids)
+            (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         arrays = {
             "candidates": candidates,
             "harmful_mean": means["harmful"],
@@ -227,4 +264,49 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
             str(tmp / "candidates.safetensors"),
             {"layer_convention": "input of block i", "position_convention": "p - n_positions"},
         )
-    return MeasureResult(target, cfg.layer, cfg.position, norm, n_pos, record["counts"])
+    return MeasureResult(target, layer, position, norm, n_pos, record["counts"], selection)
+
+
+def _select(
+    cfg,
+    model,
+    tok,
+    table,
+    folder,
+    config,
+    candidates,
+    post,
+    pad,
+    log,
+    harmful_val,
+    harmless_val,
+    progress,
+):
+    from .checkpoint import Checkpoint
+    from .select import parse_refusal_tokens, refusal_tokens, select
+
+    harmful_rows = chat_ids(tok, harmful_val, post, cfg.system)
+    harmless_rows = chat_ids(tok, harmless_val, post, cfg.system)
+    if cfg.refusal_tokens:
+        token_ids = parse_refusal_tokens(tok, cfg.refusal_tokens)
+    else:
+        token_ids = refusal_tokens(
+            model, tok, harmful_rows, harmless_rows, cfg.batch_size, pad, log
+        )
+    log(f"scoring {candidates.shape[0] * candidates.shape[1]} candidates")
+    return select(
+        model=model,
+        table=table,
+        checkpoint=Checkpoint.open(folder),
+        config=config,
+        folder=folder,
+        candidates=candidates,
+        harmful_rows=harmful_rows,
+        harmless_rows=harmless_rows,
+        token_ids=token_ids,
+        batch_size=cfg.batch_size,
+        pad=pad,
+        max_kl=cfg.max_kl,
+        max_layer_frac=cfg.max_layer_frac,
+        progress=progress,
+    )
