@@ -312,3 +312,15 @@ def test_tiny_prompt_set_is_refused(tmp_path):
     result = cli(*args, "--harmless", PROMPTS / "harmless-train.jsonl")
     assert result.exit_code == 2 and "at least 4" in result.stderr
     assert not out.exists()
+
+
+def test_pruning_scores_only_the_best_quick_candidates(tmp_path):
+    out = tmp_path / "direction"
+    result = _measure(out, "--max-kl", "0.2", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    full = [s for s in scores if s["bypass"] == s["bypass"]]  # not NaN
+    pruned = [s for s in scores if s["why"] and s["why"][0].startswith("pruned")]
+    assert len(full) == 2 and len(pruned) == 4  # 8 candidates, 2 at layer 0 are all zero
+    chosen = json.loads((out / "direction.json").read_text())
+    assert (chosen["layer"], chosen["position"]) in {(s["layer"], s["position"]) for s in full}

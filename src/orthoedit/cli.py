@@ -233,6 +233,8 @@ def measure(
     max_layer_frac: Annotated[
         float, typer.Option(help=_help(MeasureConfig, "max_layer_frac"))
     ] = 0.8,
+    top_k: Annotated[int, typer.Option(help=_help(MeasureConfig, "top_k"))] = 20,
+    thorough: Annotated[bool, typer.Option(help=_help(MeasureConfig, "thorough"))] = False,
     refusal_tokens: Annotated[
         str | None, typer.Option(help=_help(MeasureConfig, "refusal_tokens"))
     ] = None,
@@ -262,6 +264,8 @@ def measure(
             seed=seed,
             max_kl=max_kl,
             max_layer_frac=max_layer_frac,
+            top_k=top_k,
+            thorough=thorough,
             refusal_tokens=refusal_tokens,
             system=system,
             template=template,

@@ -91,6 +91,15 @@ class MeasureConfig(BaseModel):
     max_layer_frac: float = Field(
         default=0.8, gt=0, le=1, description="Only candidates below this fraction of depth."
     )
+    top_k: int = Field(
+        default=20,
+        ge=0,
+        description="Fully score only the best K candidates by a quick bypass on 8 prompts "
+        "(0 = score all).",
+    )
+    thorough: bool = Field(
+        default=False, description="Score every candidate fully (the paper's protocol; GPU)."
+    )
     refusal_tokens: str | None = Field(
         default=None,
         description="Comma-separated refusal tokens, e.g. 'I,Sorry' (default: derived from "

@@ -308,5 +308,6 @@ def _select(
         pad=pad,
         max_kl=cfg.max_kl,
         max_layer_frac=cfg.max_layer_frac,
+        top_k=0 if cfg.thorough else cfg.top_k,
         progress=progress,
     )

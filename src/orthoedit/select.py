@@ -65,7 +65,9 @@ def first_token_logprobs(model, rows: list[list[int]], batch_size: int, pad: int
     parts: dict[int, torch.Tensor] = {}
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
         enc = left_padded([rows[i] for i in batch], pad, device)
-        logits = model(**enc, use_cache=False).logits[:, -1].float()
+        # Only the last position's logits: the unembedding of every position is most of the
+        # cost of a small model with a large vocabulary.
+        logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
         for i, row in zip(batch, torch.log_softmax(logits, -1).cpu(), strict=True):
             parts[i] = row
     return torch.stack([parts[i] for i in range(len(rows))])
@@ -170,6 +172,11 @@ class Selection:
         }
 
 
+def _unscored(layer: int, position: int, why: str) -> Score:
+    nan = float("nan")
+    return Score(layer, position, nan, nan, nan, kept=False, why=[why])
+
+
 def select(
     *,
     model,
@@ -185,9 +192,17 @@ def select(
     pad: int,
     max_kl: float,
     max_layer_frac: float,
+    top_k: int = 0,
+    prune_prompts: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> Selection:
-    """Score every candidate ``candidates[layer, position index]`` and choose one."""
+    """Score the candidates ``candidates[layer, position index]`` and choose one.
+
+    Candidates from too deep a layer, or with no difference between the means, are not
+    scored. With ``top_k`` > 0 and more eligible candidates than that, a quick bypass on the
+    first ``prune_prompts`` harmful prompts ranks them first, and only the best ``top_k`` get
+    the full scores (``top_k=0``: all of them, the paper's protocol).
+    """
     n_layers, n_pos, _ = candidates.shape
     n_harmful = len(harmful_rows)
     both = harmful_rows + harmless_rows  # one batched pass scores bypass and KL together
@@ -196,59 +211,79 @@ def select(
         "harmful_log_odds": float(log_odds(base[:n_harmful], token_ids).mean()),
         "harmless_log_odds": float(log_odds(base[n_harmful:], token_ids).mean()),
     }
-    scores = []
+
+    def plan_for(r: torch.Tensor):
+        direction = Direction(r.numpy(), Path("<candidate>"), "", "single")
+        return build_plan(
+            table=table,
+            checkpoint=checkpoint,
+            config=config,
+            direction=direction,
+            source=str(folder),
+        )
+
+    scores: dict[tuple[int, int], Score] = {}
+    eligible: list[tuple[int, int]] = []
     largest = float(candidates.double().norm(dim=-1).max())
     for layer in range(n_layers):
         for p in range(n_pos):
-            r = candidates[layer, p].double()
-            if float(r.norm()) <= 1e-6 * largest:  # e.g. the embedding of a fixed template token
-                scores.append(
-                    Score(
-                        layer,
-                        p - n_pos,
-                        float("nan"),
-                        float("nan"),
-                        float("nan"),
-                        kept=False,
-                        why=["no difference between the means"],
-                    )
-                )
-                if progress:
-                    progress(1)
-                continue
-            direction = Direction(r.numpy(), Path("<candidate>"), "", "single")
-            plan = build_plan(
-                table=table,
-                checkpoint=checkpoint,
-                config=config,
-                direction=direction,
-                source=str(folder),
-            )
-            with plan_hooks(model, plan, checkpoint):
-                ablated = first_token_logprobs(model, both, batch_size, pad)
-            with addition_hooks(model, table, layer, r.float()):
-                added = first_token_logprobs(model, harmless_rows, batch_size, pad)
-            score = Score(
-                layer=layer,
-                position=p - n_pos,
-                bypass=float(log_odds(ablated[:n_harmful], token_ids).mean()),
-                induce=float(log_odds(added, token_ids).mean()),
-                kl=mean_kl(base[n_harmful:], ablated[n_harmful:]),
-            )
-            if score.kl > max_kl:
-                score.why.append(f"KL {score.kl:.3g} > {max_kl}")
-            if score.induce <= 0:
-                score.why.append(f"induce {score.induce:.3g} <= 0")
-            if layer >= max_layer_frac * n_layers:
-                score.why.append(f"layer {layer} >= {max_layer_frac:.0%} of depth")
-            score.kept = not score.why
-            scores.append(score)
+            if float(candidates[layer, p].double().norm()) <= 1e-6 * largest:
+                # e.g. the embedding of a template token that every prompt shares
+                scores[layer, p] = _unscored(layer, p - n_pos, "no difference between the means")
+            elif layer >= max_layer_frac * n_layers:
+                why = f"layer {layer} >= {max_layer_frac:.0%} of depth (not scored)"
+                scores[layer, p] = _unscored(layer, p - n_pos, why)
+            else:
+                eligible.append((layer, p))
+    full = eligible
+    if top_k and len(eligible) > top_k:
+        quick_rows = harmful_rows[:prune_prompts]
+        quick = {}
+        for layer, p in eligible:
+            with plan_hooks(model, plan_for(candidates[layer, p].double()), checkpoint):
+                logprobs = first_token_logprobs(model, quick_rows, batch_size, pad)
+            quick[layer, p] = float(log_odds(logprobs, token_ids).mean())
             if progress:
                 progress(1)
-    kept = [s for s in scores if s.kept]
-    scored = [s for s in scores if s.bypass == s.bypass]  # not NaN
-    thresholds = {"max_kl": max_kl, "max_layer_frac": max_layer_frac, "min_induce": 0.0}
+        full = sorted(eligible, key=lambda c: quick[c])[:top_k]
+        for c in eligible:
+            if c not in full:
+                why = f"pruned: quick bypass {quick[c]:.2f} not among the best {top_k}"
+                scores[c] = _unscored(c[0], c[1] - n_pos, why)
+    for layer, p in full:
+        r = candidates[layer, p].double()
+        with plan_hooks(model, plan_for(r), checkpoint):
+            ablated = first_token_logprobs(model, both, batch_size, pad)
+        with addition_hooks(model, table, layer, r.float()):
+            added = first_token_logprobs(model, harmless_rows, batch_size, pad)
+        score = Score(
+            layer=layer,
+            position=p - n_pos,
+            bypass=float(log_odds(ablated[:n_harmful], token_ids).mean()),
+            induce=float(log_odds(added, token_ids).mean()),
+            kl=mean_kl(base[n_harmful:], ablated[n_harmful:]),
+        )
+        if score.kl > max_kl:
+            score.why.append(f"KL {score.kl:.3g} > {max_kl}")
+        if score.induce <= 0:
+            score.why.append(f"induce {score.induce:.3g} <= 0")
+        score.kept = not score.why
+        scores[layer, p] = score
+        if progress:
+            progress(1)
+    ordered = [scores[c] for c in sorted(scores)]
+    kept = [s for s in ordered if s.kept]
+    thresholds = {
+        "max_kl": max_kl,
+        "max_layer_frac": max_layer_frac,
+        "min_induce": 0.0,
+        "top_k": top_k,
+        "prune_prompts": prune_prompts,
+    }
     if not kept:
+        scored = [s for s in ordered if s.bypass == s.bypass]  # not NaN
+        if not scored:
+            raise CheckFailedError("no candidate could be scored (see --max-layer-frac).")
         best = min(scored, key=lambda s: s.bypass)
         raise CheckFailedError(
             f"no candidate passes the filters (lowest bypass: layer {best.layer}, position "
@@ -256,4 +291,4 @@ def select(
             "pick one with --layer/--position."
         )
     chosen = min(kept, key=lambda s: s.bypass)
-    return Selection(chosen, scores, baseline, token_ids, thresholds)
+    return Selection(chosen, ordered, baseline, token_ids, thresholds)
