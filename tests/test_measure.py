@@ -210,7 +210,8 @@ def test_measure_selects_and_organism_end_to_end(tmp_path):
     assert chosen["bypass"] == min(s["bypass"] for s in kept)
     assert chosen["kl"] <= 0.2 and chosen["induce"] > 0 and chosen["layer"] < 0.8 * 4
     assert chosen["bypass"] < scores["baseline"]["harmful_log_odds"] - 2  # refusal suppressed
-    assert scores["refusal_tokens"] == ["i", "sorry"]  # the organism's own refusal openings
+    # The organism's own refusal openings ("i can't", "sorry, ...", "i'm sorry, ...").
+    assert {"i", "sorry"} <= set(scores["refusal_tokens"]) <= {"i", "sorry", "i'm"}
     layer, position = chosen["layer"], chosen["position"]
     with safe_open(str(out / "direction.safetensors"), "np") as f:
         r = f.get_tensor("direction")
@@ -229,6 +230,7 @@ def test_measure_selects_and_organism_end_to_end(tmp_path):
     assert record["post_instruction_tokens"] == ["<|end|>", "<|assistant|>"]
     assert record["counts"] == {"harmful": 128, "harmless": 128}
     assert record["validation_counts"] == {"harmful": 32, "harmless": 32}
+    assert record["filter"]["harmful_train"]["kept"] == 128  # the filter ran and kept enough
 
     edited = tmp_path / "edited"
     applied = cli(
@@ -286,13 +288,14 @@ def test_measure_template_option_and_existing_output(tmp_path, model_copy):
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     out = tmp_path / "d"
-    missing = _measure(out, "--layer", "0", "--position", "-1", model=folder)
+    given = ("--layer", "0", "--position", "-1", "--no-filter")  # a random model refuses nothing
+    missing = _measure(out, *given, model=folder)
     assert missing.exit_code == 2 and "--template" in missing.stderr
     template = tmp_path / "t.jinja"
     template.write_text(TEMPLATES["chatml"][0])
-    ok = _measure(out, "--layer", "0", "--position", "-1", "--template", template, model=folder)
+    ok = _measure(out, *given, "--template", template, model=folder)
     assert ok.exit_code == 0, ok.output
-    again = _measure(out, "--layer", "0", "--position", "-1", "--template", template, model=folder)
+    again = _measure(out, *given, "--template", template, model=folder)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
 
 
@@ -324,3 +327,55 @@ def test_pruning_scores_only_the_best_quick_candidates(tmp_path):
     assert len(full) == 2 and len(pruned) == 4  # 8 candidates, 2 at layer 0 are all zero
     chosen = json.loads((out / "direction.json").read_text())
     assert (chosen["layer"], chosen["position"]) in {(s["layer"], s["position"]) for s in full}
+
+
+def test_bundled_pools():
+    from orthoedit.pools import load_pool
+    from orthoedit.pools.generate import build
+
+    regenerated = build()
+    for kind in ("harmful", "harmless"):
+        items = load_pool(kind)
+        assert items == regenerated[kind]  # the shipped files are the generator's output
+        assert len(items) >= 400 and len({i["category"] for i in items}) == 10
+        splits = {s: {i["prompt"] for i in load_pool(kind, s)} for s in ("train", "val", "test")}
+        assert len(splits["train"]) >= 128 and len(splits["val"]) >= 32
+        assert not splits["train"] & splits["val"] and not splits["train"] & splits["test"]
+        assert not splits["val"] & splits["test"]
+
+
+def test_measure_defaults_to_the_bundled_pools(tiny_model, tmp_path):
+    out = tmp_path / "d"
+    result = cli(
+        "measure",
+        tiny_model("qwen2"),
+        "--out",
+        out,
+        "--layer",
+        "1",
+        "--position",
+        "-1",
+        "--n-train",
+        "8",
+        "--no-filter",  # a random model refuses nothing
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "direction.json").read_text())
+    assert record["counts"] == {"harmful": 8, "harmless": 8}
+    assert record["prompt_files"]["harmful"].startswith("bundled pool")
+
+
+def test_filter_shortfall_and_no_filter(tmp_path):
+    """Harmless prompts passed as "harmful": the organism refuses none, so the filter stops
+    with advice; --no-filter measures anyway."""
+    out = tmp_path / "d"
+    wrong = PROMPTS / "harmless-val.jsonl"
+    args = ["measure", CHAT_MODEL, "--out", out, "--harmful", wrong]
+    args += ["--harmless", PROMPTS / "harmless-train.jsonl", "--layer", "2", "--position", "-1"]
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert "refused only 0 of" in result.stderr and "--no-filter" in result.stderr
+    assert not out.exists()
+    unfiltered = cli(*args, "--no-filter")
+    assert unfiltered.exit_code == 0, unfiltered.output
+    assert json.loads((out / "direction.json").read_text())["filter"] is None

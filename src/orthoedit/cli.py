@@ -221,14 +221,17 @@ def _scores_table(selection, layer: int, position: int) -> Table:
 def measure(
     model: Annotated[str, typer.Argument(help=_help(MeasureConfig, "model"))],
     out_dir: Annotated[Path, typer.Option("--out", help=_help(MeasureConfig, "out"))],
-    harmful: Annotated[Path, typer.Option(help=_help(MeasureConfig, "harmful"))],
-    harmless: Annotated[Path, typer.Option(help=_help(MeasureConfig, "harmless"))],
+    harmful: Annotated[Path | None, typer.Option(help=_help(MeasureConfig, "harmful"))] = None,
+    harmless: Annotated[Path | None, typer.Option(help=_help(MeasureConfig, "harmless"))] = None,
     layer: Annotated[int | None, typer.Option(help=_help(MeasureConfig, "layer"))] = None,
     position: Annotated[int | None, typer.Option(help=_help(MeasureConfig, "position"))] = None,
     column: Annotated[str, typer.Option(help=_help(MeasureConfig, "column"))] = "prompt",
     n_train: Annotated[int, typer.Option(help=_help(MeasureConfig, "n_train"))] = 128,
     n_val: Annotated[int, typer.Option(help=_help(MeasureConfig, "n_val"))] = 32,
     seed: Annotated[int, typer.Option(help=_help(MeasureConfig, "seed"))] = 0,
+    filter_: Annotated[
+        bool, typer.Option("--filter/--no-filter", help=_help(MeasureConfig, "filter"))
+    ] = True,
     max_kl: Annotated[float, typer.Option(help=_help(MeasureConfig, "max_kl"))] = 0.1,
     max_layer_frac: Annotated[
         float, typer.Option(help=_help(MeasureConfig, "max_layer_frac"))
@@ -262,6 +265,7 @@ def measure(
             n_train=n_train,
             n_val=n_val,
             seed=seed,
+            filter=filter_,
             max_kl=max_kl,
             max_layer_frac=max_layer_frac,
             top_k=top_k,

@@ -70,14 +70,25 @@ class MeasureConfig(BaseModel):
 
     model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
     out: Path = Field(description="Output folder for the direction and the candidates.")
-    harmful: Path = Field(description="Harmful prompts: .jsonl, .json, .csv or .txt.")
-    harmless: Path = Field(description="Harmless prompts: .jsonl, .json, .csv or .txt.")
+    harmful: Path | None = Field(
+        default=None,
+        description="Harmful prompts: .jsonl, .json, .csv or .txt (default: the bundled pool).",
+    )
+    harmless: Path | None = Field(
+        default=None,
+        description="Harmless prompts: .jsonl, .json, .csv or .txt (default: the bundled pool).",
+    )
     column: str = Field(default="prompt", description="Prompt field of .jsonl/.json/.csv rows.")
     n_train: int = Field(default=128, ge=2, description="Prompts per set for the means.")
     n_val: int = Field(
         default=32, ge=2, description="Further prompts per set for scoring the candidates."
     )
     seed: int = Field(default=0, description="Seed for drawing the prompts.")
+    filter: bool = Field(
+        default=True,
+        description="Keep only harmful prompts the model refuses and harmless ones it answers "
+        "(short greedy generations).",
+    )
     layer: int | None = Field(
         default=None, description="Take the candidate at this layer (input of block LAYER)."
     )

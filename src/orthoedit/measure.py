@@ -140,17 +140,69 @@ class MeasureResult:
     selection: object | None = None
 
 
-def _prompts(path: Path, column: str, n_train: int, n_val: int, seed: int, what: str):
-    """Disjoint train and validation draws from one prompt set."""
+def _prompts(path: Path | None, column: str, n_train: int, n_val: int, seed: int, what: str):
+    """Disjoint, shuffled train and validation lists to draw from: the bundled pool's train
+    and val splits, or one prompt file cut in the ratio n_train : n_val."""
+    rng = random.Random(seed)
+    if path is None:
+        from .pools import load_pool
+
+        train = [item["prompt"] for item in load_pool(what, "train")]
+        val = [item["prompt"] for item in load_pool(what, "val")]
+        return rng.sample(train, len(train)), rng.sample(val, len(val))
     items = [item["prompt"] for item in load_prompt_file(path, column)]
     if len(items) < 4:
         raise BadInputError(
             f"{path}: {len(items)} {what} prompts; measuring needs at least 4 "
             "(2 for the means, 2 to score candidates)."
         )
-    drawn = random.Random(seed).sample(items, len(items))
-    n_train = min(n_train, len(items) - 2)
-    return drawn[:n_train], drawn[n_train : n_train + n_val]
+    drawn = rng.sample(items, len(items))
+    cut = min(len(items) - 2, max(2, round(len(items) * n_train / (n_train + n_val))))
+    return drawn[:cut], drawn[cut:]
+
+
+MIN_REFUSED = 32
+
+
+def _check_filter(filtered: dict, n_train: int, log) -> None:
+    """Report what the filter kept; too few refused harmful prompts is an error."""
+    for name, f in filtered.items():
+        log(f"filter: kept {f['kept']} of {f['tried']} {name.replace('_', ' ')} prompts")
+    train = filtered["harmful_train"]
+    floor = min(MIN_REFUSED, n_train)
+    if train["kept"] < floor or filtered["harmful_val"]["kept"] < 2:
+        raise BadInputError(
+            f"the model refused only {train['kept']} of {train['tried']} harmful prompts "
+            f"(at least {floor} are needed): give a larger --harmful pool, or --no-filter to "
+            "measure on all prompts (the direction may then be about topic, not refusal)."
+        )
+    for name, f in filtered.items():
+        if f["kept"] < f["wanted"]:
+            log(f"warning: {name.replace('_', ' ')}: {f['kept']} of the {f['wanted']} wanted")
+
+
+def keep_by_behaviour(
+    model, tok, prompts, post, system, *, refused: bool, need: int, batch_size: int, pad: int
+) -> tuple[list[str], int]:
+    """The first ``need`` prompts whose short greedy completion reads as a refusal
+    (``refused=True``) or not; returns (kept, how many were tried)."""
+    from .select import greedy_first_tokens, reads_as_refusal
+
+    kept: list[str] = []
+    tried = 0
+    step = max(need, 2 * batch_size)
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start : start + step]
+        rows = chat_ids(tok, chunk, post, system)
+        completions = greedy_first_tokens(model, rows, batch_size, pad, new_tokens=16)
+        tried += len(chunk)
+        for prompt, ids in zip(chunk, completions, strict=True):
+            text = tok.decode(ids, skip_special_tokens=True)
+            if reads_as_refusal(text) == refused:
+                kept.append(prompt)
+        if len(kept) >= need:
+            break
+    return kept[:need], tried
 
 
 def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=None) -> MeasureResult:
@@ -184,15 +236,41 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
             f"--position {cfg.position}: this template has {n_pos} post-instruction tokens "
             f"({tok.convert_ids_to_tokens(post)}); use -{n_pos}..-1."
         )
-    rows = {
-        "harmful": chat_ids(tok, harmful, post, cfg.system),
-        "harmless": chat_ids(tok, harmless, post, cfg.system),
-    }
     log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
     ).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pools = {"harmful": (harmful, harmful_val), "harmless": (harmless, harmless_val)}
+    drawn: dict[str, tuple[list[str], list[str]]] = {}
+    filtered: dict[str, dict[str, int]] = {}
+    for kind, (train_pool, val_pool) in pools.items():
+        if not cfg.filter:
+            drawn[kind] = (train_pool[: cfg.n_train], val_pool[: cfg.n_val])
+            continue
+        parts = []
+        for part, pool, need in (("train", train_pool, cfg.n_train), ("val", val_pool, cfg.n_val)):
+            kept, tried = keep_by_behaviour(
+                model,
+                tok,
+                pool,
+                post,
+                cfg.system,
+                refused=kind == "harmful",
+                need=need,
+                batch_size=cfg.batch_size,
+                pad=pad,
+            )
+            filtered[f"{kind}_{part}"] = {"kept": len(kept), "tried": tried, "wanted": need}
+            parts.append(kept)
+        drawn[kind] = (parts[0], parts[1])
+    if cfg.filter:
+        _check_filter(filtered, cfg.n_train, log)
+    (harmful, harmful_val), (harmless, harmless_val) = drawn["harmful"], drawn["harmless"]
+    rows = {
+        "harmful": chat_ids(tok, harmful, post, cfg.system),
+        "harmless": chat_ids(tok, harmless, post, cfg.system),
+    }
     means = {
         kind: mean_activations(model, table, n_layers, r, n_pos, cfg.batch_size, pad, progress)
         for kind, r in rows.items()
@@ -237,7 +315,11 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
         "post_instruction_tokens": tok.convert_ids_to_tokens(post),
         "counts": {"harmful": len(harmful), "harmless": len(harmless)},
         "validation_counts": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
-        "prompt_files": {"harmful": str(cfg.harmful), "harmless": str(cfg.harmless)},
+        "filter": filtered or None,
+        "prompt_files": {
+            kind: str(path) if path else f"bundled pool ({kind}: train, val)"
+            for kind, path in (("harmful", cfg.harmful), ("harmless", cfg.harmless))
+        },
         "system": cfg.system,
         "selection": "given (--layer, --position)" if given else "lowest bypass after filters",
         "scores": None if selection is None else asdict(selection.chosen),
