@@ -280,21 +280,8 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
     if given:
         layer, position = cfg.layer, cfg.position
     else:
-        selection = _select(
-            cfg,
-            model,
-            tok,
-            table,
-            folder,
-            config,
-            candidates,
-            post,
-            pad,
-            log,
-            harmful_val,
-            harmless_val,
-            progress,
-        )
+        loaded = _Loaded(model, tok, table, folder, config, post, pad)
+        selection = _select(cfg, loaded, candidates, harmful_val, harmless_val, log, progress)
         layer, position = selection.chosen.layer, selection.chosen.position
     r = candidates[layer, n_pos + position]
     norm = float(r.norm())
@@ -349,45 +336,44 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
     return MeasureResult(target, layer, position, norm, n_pos, record["counts"], selection)
 
 
-def _select(
-    cfg,
-    model,
-    tok,
-    table,
-    folder,
-    config,
-    candidates,
-    post,
-    pad,
-    log,
-    harmful_val,
-    harmless_val,
-    progress,
-):
+@dataclass
+class _Loaded:
+    """The model and everything derived from it that scoring needs."""
+
+    model: object
+    tok: object
+    table: object
+    folder: Path
+    config: dict
+    post: list[int]
+    pad: int
+
+
+def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, progress):
     from .checkpoint import Checkpoint
     from .select import parse_refusal_tokens, refusal_tokens, select
 
-    harmful_rows = chat_ids(tok, harmful_val, post, cfg.system)
-    harmless_rows = chat_ids(tok, harmless_val, post, cfg.system)
+    harmful_rows = chat_ids(loaded.tok, harmful_val, loaded.post, cfg.system)
+    harmless_rows = chat_ids(loaded.tok, harmless_val, loaded.post, cfg.system)
     if cfg.refusal_tokens:
-        token_ids = parse_refusal_tokens(tok, cfg.refusal_tokens)
+        token_ids = parse_refusal_tokens(loaded.tok, cfg.refusal_tokens)
     else:
         token_ids = refusal_tokens(
-            model, tok, harmful_rows, harmless_rows, cfg.batch_size, pad, log
+            loaded.model, loaded.tok, harmful_rows, harmless_rows, cfg.batch_size, loaded.pad, log
         )
     log(f"scoring {candidates.shape[0] * candidates.shape[1]} candidates")
     return select(
-        model=model,
-        table=table,
-        checkpoint=Checkpoint.open(folder),
-        config=config,
-        folder=folder,
+        model=loaded.model,
+        table=loaded.table,
+        checkpoint=Checkpoint.open(loaded.folder),
+        config=loaded.config,
+        folder=loaded.folder,
         candidates=candidates,
         harmful_rows=harmful_rows,
         harmless_rows=harmless_rows,
         token_ids=token_ids,
         batch_size=cfg.batch_size,
-        pad=pad,
+        pad=loaded.pad,
         max_kl=cfg.max_kl,
         max_layer_frac=cfg.max_layer_frac,
         top_k=0 if cfg.thorough else cfg.top_k,
