@@ -186,7 +186,7 @@ def keep_by_behaviour(
 ) -> tuple[list[str], int]:
     """The first ``need`` prompts whose short greedy completion reads as a refusal
     (``refused=True``) or not; returns (kept, how many were tried)."""
-    from .select import greedy_first_tokens, reads_as_refusal
+    from .select import greedy_completions, reads_as_refusal
 
     kept: list[str] = []
     tried = 0
@@ -194,7 +194,7 @@ def keep_by_behaviour(
     for start in range(0, len(prompts), step):
         chunk = prompts[start : start + step]
         rows = chat_ids(tok, chunk, post, system)
-        completions = greedy_first_tokens(model, rows, batch_size, pad, new_tokens=16)
+        completions = greedy_completions(model, rows, batch_size, pad, new_tokens=16)
         tried += len(chunk)
         for prompt, ids in zip(chunk, completions, strict=True):
             text = tok.decode(ids, skip_special_tokens=True)

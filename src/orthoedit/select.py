@@ -86,8 +86,8 @@ def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def greedy_first_tokens(model, rows, batch_size: int, pad: int, new_tokens: int = 12):
-    """(first token id, decoded-later token ids) of short greedy completions."""
+def greedy_completions(model, rows, batch_size: int, pad: int, new_tokens: int = 12):
+    """Token ids of short greedy completions, one list per row."""
     device = next(model.parameters()).device
     result: dict[int, list[int]] = {}
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
@@ -103,8 +103,8 @@ def greedy_first_tokens(model, rows, batch_size: int, pad: int, new_tokens: int 
 
 def refusal_tokens(model, tok, harmful_rows, harmless_rows, batch_size: int, pad: int, log):
     """Token ids that open this model's refusals, derived from its own completions."""
-    harmful = greedy_first_tokens(model, harmful_rows, batch_size, pad)
-    harmless = greedy_first_tokens(model, harmless_rows, batch_size, pad)
+    harmful = greedy_completions(model, harmful_rows, batch_size, pad)
+    harmless = greedy_completions(model, harmless_rows, batch_size, pad)
     refusing = [c for c in harmful if c and reads_as_refusal(tok.decode(c))]
     if not refusing:
         raise BadInputError(
