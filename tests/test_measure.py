@@ -3,8 +3,11 @@ bad inputs, and the organism end to end through the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import folder_digest
 from orthoedit.architectures import table_for_config
 from orthoedit.errors import BadInputError
+from orthoedit.hooks import addition_hooks
 from orthoedit.measure import (
     chat_ids,
     left_padded,
@@ -23,7 +27,8 @@ from orthoedit.measure import (
 )
 from orthoedit.organism import CHAT_MODEL, PROMPTS, load_prompts
 from orthoedit.organism.evaluate import capability_score, refusal_rate
-from orthoedit.prompts import load_prompt_file
+from orthoedit.prompts import load_prompt_file, load_prompt_source
+from orthoedit.select import first_token_logprobs, shared_prefix
 from orthoedit.tiny import FAMILIES, build_tokenizer
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -136,6 +141,35 @@ def test_batched_means_equal_one_prompt_at_a_time(tiny_model, family):
     assert torch.allclose(single, reference / len(rows), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_token_logprobs_with_a_shared_prefix(tiny_model, family):
+    """The shared prefix runs once and the batches continue from its cache: the same log-probs
+    as each row alone, with and without an intervention (which must reach the prefix too)."""
+    folder = tiny_model(family)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    table = table_for_config(json.loads((folder / "config.json").read_text()))
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prefix = torch.randint(4, vocab, (12,), generator=gen).tolist()
+    rows = [prefix + torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (3, 9, 1, 5, 6)]
+    assert shared_prefix(model, rows) == 12
+    vector = 4 * torch.randn(model.config.hidden_size, generator=gen)
+    for hooked in (False, True):
+        with addition_hooks(model, table, 1, vector) if hooked else contextlib.nullcontext():
+            fast = first_token_logprobs(model, rows, 2, pad=0)
+            with torch.no_grad():
+                alone = torch.stack(
+                    [
+                        torch.log_softmax(model(input_ids=torch.tensor([r])).logits[0, -1], -1)
+                        for r in rows
+                    ]
+                )
+        assert torch.allclose(fast, alone, atol=1e-4), (family, hooked)
+    with torch.no_grad():
+        plain = torch.log_softmax(model(input_ids=torch.tensor([rows[0]])).logits[0, -1], -1)
+    assert not torch.allclose(plain, alone[0], atol=1e-2)  # the intervention did something
+
+
 def test_length_sorted_batches_and_padding():
     lengths = [5, 1, 9, 3, 3, 7]
     batches = length_sorted_batches(lengths, 2)
@@ -164,6 +198,48 @@ def test_prompt_formats(tmp_path):
         items = load_prompt_file(tmp_path / name, column)
         assert [i["prompt"] for i in items] == ["one", "two"], name
     assert load_prompt_file(tmp_path / "a.jsonl")[0]["category"] == "x"
+
+
+def _dataset_folder(root: Path) -> Path:
+    """A local dataset in the layout ``datasets`` reads like a Hub repository: one file a split."""
+    folder = root / "prompt-dataset"
+    (folder / "data").mkdir(parents=True)
+    for split, n in (("train", 6), ("test", 5)):
+        rows = [{"text": f"{split} prompt {i}", "category": f"c{i % 2}"} for i in range(n)]
+        rows.append({"text": "  ", "category": "blank"})  # dropped
+        lines = [json.dumps(row) for row in rows]
+        (folder / "data" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def offline(monkeypatch):
+    """No network: the Hub and datasets libraries fail at once instead of retrying."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def test_prompt_dataset(tmp_path, monkeypatch):
+    offline(monkeypatch)
+    folder = _dataset_folder(tmp_path)
+    items = load_prompt_source(str(folder), column="text", split="test")
+    assert [i["prompt"] for i in items] == [f"test prompt {i}" for i in range(5)]
+    assert [i["category"] for i in items[:2]] == ["c0", "c1"]
+    assert len(load_prompt_source(str(folder), column="text")) == 6  # split "train" by default
+    for split, column, needle in (
+        ("validation", "text", "validation"),  # datasets names the unknown split
+        ("test", "prompt", r"no column 'prompt' \(columns: text, category\)"),
+    ):
+        with pytest.raises(BadInputError, match=needle):
+            load_prompt_source(str(folder), column=column, split=split)
+    with pytest.raises(BadInputError, match="cannot load dataset 'no-such-owner/no-such-set'"):
+        load_prompt_source("no-such-owner/no-such-set")
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_prompt_source(
+            str(tmp_path / "missing.jsonl")
+        )  # a file name is never taken as a dataset
 
 
 @pytest.mark.parametrize(
@@ -210,6 +286,10 @@ def test_measure_selects_and_organism_end_to_end(tmp_path):
     assert chosen["bypass"] == min(s["bypass"] for s in kept)
     assert chosen["kl"] <= 0.2 and chosen["induce"] > 0 and chosen["layer"] < 0.8 * 4
     assert chosen["bypass"] < scores["baseline"]["harmful_log_odds"] - 2  # refusal suppressed
+    png = (out / "scores.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    image = matplotlib.image.imread(out / "scores.png")
+    assert image.shape[0] > 300 and image[..., :3].std() > 0.05  # drawn, not blank
     # The organism's own refusal openings ("i can't", "sorry, ...", "i'm sorry, ...").
     assert {"i", "sorry"} <= set(scores["refusal_tokens"]) <= {"i", "sorry", "i'm"}
     layer, position = chosen["layer"], chosen["position"]
@@ -259,7 +339,7 @@ def test_measure_given_candidate(tmp_path):
     record = json.loads((out / "direction.json").read_text())
     assert (record["layer"], record["position"]) == (2, -1)
     assert record["selection"].startswith("given") and record["scores"] is None
-    assert not (out / "scores.json").exists()
+    assert not (out / "scores.json").exists() and not (out / "scores.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -362,7 +442,7 @@ def test_measure_defaults_to_the_bundled_pools(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "direction.json").read_text())
     assert record["counts"] == {"harmful": 8, "harmless": 8}
-    assert record["prompt_files"]["harmful"].startswith("bundled pool")
+    assert record["prompt_sources"]["harmful"].startswith("bundled pool")
 
 
 def test_filter_shortfall_and_no_filter(tmp_path):

@@ -70,15 +70,20 @@ class MeasureConfig(BaseModel):
 
     model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
     out: Path = Field(description="Output folder for the direction and the candidates.")
-    harmful: Path | None = Field(
+    harmful: str | None = Field(
         default=None,
-        description="Harmful prompts: .jsonl, .json, .csv or .txt (default: the bundled pool).",
+        description="Harmful prompts: a .jsonl, .json, .csv or .txt file, or a dataset (Hub id "
+        "or local dataset folder) (default: the bundled pool).",
     )
-    harmless: Path | None = Field(
+    harmless: str | None = Field(
         default=None,
-        description="Harmless prompts: .jsonl, .json, .csv or .txt (default: the bundled pool).",
+        description="Harmless prompts: a .jsonl, .json, .csv or .txt file, or a dataset (Hub id "
+        "or local dataset folder) (default: the bundled pool).",
     )
-    column: str = Field(default="prompt", description="Prompt field of .jsonl/.json/.csv rows.")
+    column: str = Field(
+        default="prompt", description="Prompt field of .jsonl/.json/.csv rows and dataset rows."
+    )
+    split: str = Field(default="train", description="Dataset split to draw prompts from.")
     n_train: int = Field(default=128, ge=2, description="Prompts per set for the means.")
     n_val: int = Field(
         default=32, ge=2, description="Further prompts per set for scoring the candidates."

@@ -8,10 +8,11 @@ over harmful and harmless prompts; every (layer, position) difference of means i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from .direction import save_direction
 from .errors import BadInputError
 from .hooks import capture_block_inputs
 from .output import check_target, staged_output
-from .prompts import load_prompt_file
+from .prompts import is_prompt_file, load_prompt_source
 from .source import read_config, resolve_model
 
 SENTINEL = "Orthoedit sentinel message"
@@ -140,20 +141,22 @@ class MeasureResult:
     selection: object | None = None
 
 
-def _prompts(path: Path | None, column: str, n_train: int, n_val: int, seed: int, what: str):
+def _prompts(cfg: MeasureConfig, what: str) -> tuple[list[str], list[str]]:
     """Disjoint, shuffled train and validation lists to draw from: the bundled pool's train
-    and val splits, or one prompt file cut in the ratio n_train : n_val."""
-    rng = random.Random(seed)
-    if path is None:
+    and val splits, or one prompt file (or dataset split) cut in the ratio n_train : n_val."""
+    rng = random.Random(cfg.seed)
+    source = getattr(cfg, what)
+    if source is None:
         from .pools import load_pool
 
         train = [item["prompt"] for item in load_pool(what, "train")]
         val = [item["prompt"] for item in load_pool(what, "val")]
         return rng.sample(train, len(train)), rng.sample(val, len(val))
-    items = [item["prompt"] for item in load_prompt_file(path, column)]
+    items = [item["prompt"] for item in load_prompt_source(source, cfg.column, cfg.split)]
+    n_train, n_val = cfg.n_train, cfg.n_val
     if len(items) < 4:
         raise BadInputError(
-            f"{path}: {len(items)} {what} prompts; measuring needs at least 4 "
+            f"{source}: {len(items)} {what} prompts; measuring needs at least 4 "
             "(2 for the means, 2 to score candidates)."
         )
     drawn = rng.sample(items, len(items))
@@ -181,24 +184,44 @@ def _check_filter(filtered: dict, n_train: int, log) -> None:
             log(f"warning: {name.replace('_', ' ')}: {f['kept']} of the {f['wanted']} wanted")
 
 
+def completions_of(
+    loaded: _Loaded, prompts: list[str], system: str | None, batch_size: int
+) -> list[list[int]]:
+    """Short greedy completions (token ids), generated once per prompt: the filter's serve
+    again to derive the refusal tokens."""
+    from .select import greedy_completions
+
+    missing = [p for p in dict.fromkeys(prompts) if p not in loaded.completions]
+    if missing:
+        rows = chat_ids(loaded.tok, missing, loaded.post, system)
+        made = greedy_completions(loaded.model, rows, batch_size, loaded.pad)
+        loaded.completions.update(zip(missing, made, strict=True))
+    return [loaded.completions[p] for p in prompts]
+
+
 def keep_by_behaviour(
-    model, tok, prompts, post, system, *, refused: bool, need: int, batch_size: int, pad: int
+    loaded: _Loaded,
+    prompts: list[str],
+    system: str | None,
+    *,
+    refused: bool,
+    need: int,
+    batch_size: int,
 ) -> tuple[list[str], int]:
     """The first ``need`` prompts whose short greedy completion reads as a refusal
     (``refused=True``) or not; returns (kept, how many were tried)."""
-    from .select import greedy_completions, reads_as_refusal
+    from .select import reads_as_refusal
 
     kept: list[str] = []
     tried = 0
     step = max(need, 2 * batch_size)
     for start in range(0, len(prompts), step):
         chunk = prompts[start : start + step]
-        rows = chat_ids(tok, chunk, post, system)
-        completions = greedy_completions(model, rows, batch_size, pad, new_tokens=16)
         tried += len(chunk)
-        for prompt, ids in zip(chunk, completions, strict=True):
-            text = tok.decode(ids, skip_special_tokens=True)
-            if reads_as_refusal(text) == refused:
+        for prompt, ids in zip(
+            chunk, completions_of(loaded, chunk, system, batch_size), strict=True
+        ):
+            if reads_as_refusal(loaded.tok.decode(ids, skip_special_tokens=True)) == refused:
                 kept.append(prompt)
         if len(kept) >= need:
             break
@@ -219,12 +242,8 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
         raise BadInputError("--layer and --position go together (or leave both out to select).")
     if cfg.layer is not None and not 0 <= cfg.layer < n_layers:
         raise BadInputError(f"--layer {cfg.layer}: the model has layers 0..{n_layers - 1}.")
-    harmful, harmful_val = _prompts(
-        cfg.harmful, cfg.column, cfg.n_train, cfg.n_val, cfg.seed, "harmful"
-    )
-    harmless, harmless_val = _prompts(
-        cfg.harmless, cfg.column, cfg.n_train, cfg.n_val, cfg.seed, "harmless"
-    )
+    harmful, harmful_val = _prompts(cfg, "harmful")
+    harmless, harmless_val = _prompts(cfg, "harmless")
 
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
@@ -241,6 +260,7 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
         folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
     ).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    loaded = _Loaded(model, tok, table, folder, config, post, pad)
     pools = {"harmful": (harmful, harmful_val), "harmless": (harmless, harmless_val)}
     drawn: dict[str, tuple[list[str], list[str]]] = {}
     filtered: dict[str, dict[str, int]] = {}
@@ -251,15 +271,12 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
         parts = []
         for part, pool, need in (("train", train_pool, cfg.n_train), ("val", val_pool, cfg.n_val)):
             kept, tried = keep_by_behaviour(
-                model,
-                tok,
+                loaded,
                 pool,
-                post,
                 cfg.system,
                 refused=kind == "harmful",
                 need=need,
                 batch_size=cfg.batch_size,
-                pad=pad,
             )
             filtered[f"{kind}_{part}"] = {"kept": len(kept), "tried": tried, "wanted": need}
             parts.append(kept)
@@ -280,7 +297,6 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
     if given:
         layer, position = cfg.layer, cfg.position
     else:
-        loaded = _Loaded(model, tok, table, folder, config, post, pad)
         selection = _select(cfg, loaded, candidates, harmful_val, harmless_val, log, progress)
         layer, position = selection.chosen.layer, selection.chosen.position
     r = candidates[layer, n_pos + position]
@@ -303,10 +319,15 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
         "counts": {"harmful": len(harmful), "harmless": len(harmless)},
         "validation_counts": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
         "filter": filtered or None,
-        "prompt_files": {
-            kind: str(path) if path else f"bundled pool ({kind}: train, val)"
-            for kind, path in (("harmful", cfg.harmful), ("harmless", cfg.harmless))
+        "prompt_sources": {kind: _source_name(cfg, kind) for kind in ("harmful", "harmless")},
+        # sha256 of the prompts used, one per line in the order used: the set is reproducible
+        "prompt_hashes": {
+            "harmful_train": _digest(harmful),
+            "harmful_val": _digest(harmful_val),
+            "harmless_train": _digest(harmless),
+            "harmless_val": _digest(harmless_val),
         },
+        "seed": cfg.seed,
         "system": cfg.system,
         "selection": "given (--layer, --position)" if given else "lowest bypass after filters",
         "scores": None if selection is None else asdict(selection.chosen),
@@ -323,6 +344,10 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
             scores = selection.to_dict()
             scores["refusal_tokens"] = tok.convert_ids_to_tokens(selection.refusal_token_ids)
             (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+            from .plots import plot_scores
+
+            tokens = tok.convert_ids_to_tokens(post)
+            plot_scores(scores, n_layers, tokens, tmp / "scores.png", model_name)
         arrays = {
             "candidates": candidates,
             "harmful_mean": means["harmful"],
@@ -336,6 +361,19 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
     return MeasureResult(target, layer, position, norm, n_pos, record["counts"], selection)
 
 
+def _source_name(cfg: MeasureConfig, kind: str) -> str:
+    source = getattr(cfg, kind)
+    if source is None:
+        return f"bundled pool ({kind}: train, val)"
+    if is_prompt_file(source):
+        return str(source)
+    return f"dataset {source} (split {cfg.split}, column {cfg.column})"
+
+
+def _digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
 @dataclass
 class _Loaded:
     """The model and everything derived from it that scoring needs."""
@@ -347,6 +385,7 @@ class _Loaded:
     config: dict
     post: list[int]
     pad: int
+    completions: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, progress):
@@ -359,7 +398,10 @@ def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, pr
         token_ids = parse_refusal_tokens(loaded.tok, cfg.refusal_tokens)
     else:
         token_ids = refusal_tokens(
-            loaded.model, loaded.tok, harmful_rows, harmless_rows, cfg.batch_size, loaded.pad, log
+            loaded.tok,
+            completions_of(loaded, harmful_val, cfg.system, cfg.batch_size),
+            completions_of(loaded, harmless_val, cfg.system, cfg.batch_size),
+            log,
         )
     log(f"scoring {candidates.shape[0] * candidates.shape[1]} candidates")
     return select(

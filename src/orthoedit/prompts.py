@@ -1,7 +1,8 @@
-"""Prompt sets from files: ``.jsonl``, ``.json``, ``.csv`` or ``.txt`` (one prompt a line).
+"""Prompt sets from files (``.jsonl``, ``.json``, ``.csv``, ``.txt`` with one prompt a line) or
+from datasets (a Hub dataset id, or a local dataset folder, read with ``datasets``).
 
 Every loader returns ``[{"prompt": str, "category": str}, ...]`` and fails with one clear line
-on a missing file, a missing column, non-UTF-8 bytes or an empty set.
+on a missing file or dataset, a missing column or split, non-UTF-8 bytes or an empty set.
 """
 
 from __future__ import annotations
@@ -73,3 +74,53 @@ def load_prompt_file(path: str | Path, column: str = "prompt") -> list[dict]:
     if not items:
         raise BadInputError(f"{path} holds no prompts.")
     return items
+
+
+def load_prompt_dataset(name: str, split: str = "train", column: str = "prompt") -> list[dict]:
+    """One split of a dataset: a Hub id (``owner/name``) or a local dataset folder."""
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except ValueError as err:  # unknown split, among others
+        raise BadInputError(f"dataset {name!r}: {_first_line(err)}") from None
+    except Exception as err:  # not found, offline, gated
+        raise BadInputError(
+            f"cannot load dataset {name!r} (split {split!r}): {_first_line(err)}"
+        ) from None
+    if column not in data.column_names:
+        raise BadInputError(
+            f"dataset {name!r} (split {split!r}) has no column {column!r} (columns: "
+            f"{', '.join(data.column_names)}); pass --column NAME."
+        )
+    categories = data["category"] if "category" in data.column_names else None
+    items = [
+        {"prompt": str(text), "category": str(categories[i] or "") if categories else ""}
+        for i, text in enumerate(data[column])
+        if text is not None and str(text).strip()
+    ]
+    if not items:
+        raise BadInputError(f"dataset {name!r} (split {split!r}) holds no prompts.")
+    return items
+
+
+def load_prompt_source(
+    source: str | Path, column: str = "prompt", split: str = "train"
+) -> list[dict]:
+    """A prompt file when ``source`` names one (by its suffix or because it is a file), else a
+    dataset (Hub id or local dataset folder) read at ``split``."""
+    if is_prompt_file(source):
+        return load_prompt_file(source, column)
+    return load_prompt_dataset(str(source), split, column)
+
+
+def is_prompt_file(source: str | Path) -> bool:
+    """A prompt file, by its suffix or because it is a file; anything else names a dataset."""
+    path = Path(source)
+    return path.suffix.lower() in FORMATS or path.is_file()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
