@@ -384,6 +384,7 @@ def test_no_candidate_passes_is_a_failed_check(tmp_path):
     result = _measure(out, "--max-kl", "0.000001")
     assert result.exit_code == 1, result.output
     assert "no candidate passes the filters" in result.stderr
+    assert "scored candidates" in result.stdout and "KL " in result.stdout  # why, per candidate
     assert list(tmp_path.iterdir()) == []
 
 

@@ -199,12 +199,24 @@ def verify(
     out.print("[green]PASS[/green]")
 
 
-def _scores_table(selection, layer: int, position: int) -> Table:
-    table = Table(title="candidates (refusal log-odds; lower bypass is better)")
+def _scores_table(selection) -> Table:
+    """The fully scored candidates; the others (pruned, too deep) are counted in the caption."""
+    chosen = selection.chosen
+    table = Table(title="scored candidates (refusal log-odds; lower bypass is better)")
     for name in ("layer", "position", "bypass", "induce", "KL", "kept"):
         table.add_column(name, justify="right" if name != "kept" else "left")
-    for s in selection.scores:
-        mark = "[bold green]chosen[/]" if (s.layer, s.position) == (layer, position) else ""
+    scored = [s for s in selection.scores if s.bypass == s.bypass]  # not NaN
+    for s in scored:
+        mark = (
+            "[bold green]chosen[/]"
+            if chosen
+            and (s.layer, s.position)
+            == (
+                chosen.layer,
+                chosen.position,
+            )
+            else ""
+        )
         kept = mark or ("yes" if s.kept else escape("; ".join(s.why)))
         table.add_row(
             str(s.layer), str(s.position), f"{s.bypass:.2f}", f"{s.induce:.2f}", f"{s.kl:.3g}", kept
@@ -212,7 +224,9 @@ def _scores_table(selection, layer: int, position: int) -> Table:
     base = selection.baseline
     table.caption = (
         f"without intervention: harmful {base['harmful_log_odds']:.2f}, "
-        f"harmless {base['harmless_log_odds']:.2f}"
+        f"harmless {base['harmless_log_odds']:.2f}; "
+        f"{len(selection.scores) - len(scored)} more candidates not fully scored "
+        "(pruned, too deep or no difference: see scores.json)"
     )
     return table
 
@@ -252,7 +266,9 @@ def measure(
 ) -> None:
     """Measure difference-of-means candidates at every layer and post-instruction position,
     and save the chosen one as a direction file for `orthoedit apply`."""
+    from .measure import Progress as MeasureProgress
     from .measure import measure as run_measure
+    from .select import NoCandidateError
 
     cfg = _run(
         lambda: MeasureConfig(
@@ -283,16 +299,30 @@ def measure(
         )
     )
     with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("mean activations, then candidates", total=None)
-        result = _run(
-            lambda: run_measure(
-                cfg,
-                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
-                progress=lambda n: bar.advance(task, n),
-            )
-        )
+        task = bar.add_task("loading", total=None)
+
+        class Bar(MeasureProgress):
+            def start(self, name: str, total: int | None) -> None:
+                bar.update(task, description=name, total=total, completed=0)
+
+            def advance(self, n: int = 1) -> None:
+                bar.advance(task, n)
+
+        def run():
+            try:
+                return run_measure(
+                    cfg,
+                    log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                    progress=Bar(),
+                )
+            except NoCandidateError as e:  # show why, then fail
+                bar.stop()
+                out.print(_scores_table(e.selection))
+                raise
+
+        result = _run(run)
     if result.selection is not None:
-        out.print(_scores_table(result.selection, result.layer, result.position))
+        out.print(_scores_table(result.selection))
     out.print(
         f"wrote {escape(str(result.out))}: direction at layer {result.layer}, position "
         f"{result.position} (‖harmful − harmless‖ = {result.norm:.4g}; "

@@ -29,7 +29,17 @@ from .prompts import is_prompt_file, load_prompt_source
 from .source import read_config, resolve_model
 
 SENTINEL = "Orthoedit sentinel message"
-Progress = Callable[[int], None]
+
+
+class Progress:
+    """Where long loops report: a named stage with its size, then steps. Reports nothing; the
+    CLI passes one that drives a progress bar."""
+
+    def start(self, name: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
 
 
 def render(tok, prompt: str, system: str | None = None) -> str:
@@ -126,7 +136,7 @@ def mean_activations(
             summed = torch.stack(captured, dim=1).to(torch.float64).sum(0).cpu()
             total = summed if total is None else total + summed
             if progress:
-                progress(len(batch))
+                progress.advance(len(batch))
     return total / len(rows)
 
 
@@ -228,10 +238,15 @@ def keep_by_behaviour(
     return kept[:need], tried
 
 
-def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=None) -> MeasureResult:
+def measure(
+    cfg: MeasureConfig, log: Callable[[str], None] = print, progress: Progress | None = None
+) -> MeasureResult:
     """Compute every candidate and write the chosen one as a direction artifact."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()  # ours is the only bar
+    progress = progress or Progress()
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)
@@ -270,6 +285,7 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
             continue
         parts = []
         for part, pool, need in (("train", train_pool, cfg.n_train), ("val", val_pool, cfg.n_val)):
+            progress.start(f"filter: {kind} {part} prompts (greedy completions)", None)
             kept, tried = keep_by_behaviour(
                 loaded,
                 pool,
@@ -288,15 +304,18 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
         "harmful": chat_ids(tok, harmful, post, cfg.system),
         "harmless": chat_ids(tok, harmless, post, cfg.system),
     }
-    means = {
-        kind: mean_activations(model, table, n_layers, r, n_pos, cfg.batch_size, pad, progress)
-        for kind, r in rows.items()
-    }
+    means = {}
+    for kind, r in rows.items():
+        progress.start(f"mean activations: {kind}", len(r))
+        means[kind] = mean_activations(
+            model, table, n_layers, r, n_pos, cfg.batch_size, pad, progress
+        )
     candidates = means["harmful"] - means["harmless"]
     selection = None
     if given:
         layer, position = cfg.layer, cfg.position
     else:
+        progress.start("refusal tokens and baseline", None)
         selection = _select(cfg, loaded, candidates, harmful_val, harmless_val, log, progress)
         layer, position = selection.chosen.layer, selection.chosen.position
     r = candidates[layer, n_pos + position]
@@ -347,7 +366,8 @@ def measure(cfg: MeasureConfig, log: Callable[[str], None] = print, progress=Non
             from .plots import plot_scores
 
             tokens = tok.convert_ids_to_tokens(post)
-            plot_scores(scores, n_layers, tokens, tmp / "scores.png", model_name)
+            short = model_name if len(model_name) <= 60 else "..." + model_name[-57:]
+            plot_scores(scores, n_layers, tokens, tmp / "scores.png", short)
         arrays = {
             "candidates": candidates,
             "harmful_mean": means["harmful"],

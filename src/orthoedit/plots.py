@@ -43,7 +43,7 @@ def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, titl
         ),
         ("kl", f"first-token KL, harmless, ablated\n(budget {max_kl:g}; hatched: over)", "cividis"),
     )
-    width = min(30.0, 3.0 + 0.35 * n_layers)
+    width = min(30.0, max(8.0, 3.0 + 0.35 * n_layers))
     fig, axes = plt.subplots(3, 1, figsize=(width, 1.0 + 3 * (1.6 + 0.3 * n_pos)), squeeze=False)
     for ax, (name, label, cmap) in zip(axes[:, 0], panels, strict=True):
         grid = grids[name]
@@ -73,7 +73,7 @@ def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, titl
         ax.set_xticks(range(0, n_layers, step))
         ax.set_xlabel("layer (input of block)")
     fig.suptitle(
-        f"{title}: chosen layer {chosen['layer']}, position {chosen['position']} (red ring); "
+        f"{title}\nchosen: layer {chosen['layer']}, position {chosen['position']} (red ring); "
         "grey: not scored",
         fontsize=11,
     )

@@ -12,8 +12,8 @@ and the lowest bypass wins.
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 from .direction import Direction
 from .errors import BadInputError, CheckFailedError
 from .hooks import addition_hooks, plan_hooks
-from .measure import left_padded, length_sorted_batches
+from .measure import Progress, left_padded, length_sorted_batches
 from .plan import build_plan
 
 # Openings that read as refusals in English chat models (checked case-insensitively near the
@@ -195,20 +195,30 @@ class Score:
 
 @dataclass
 class Selection:
-    chosen: Score
+    chosen: Score | None  # None only in NoCandidateError.selection
     scores: list[Score]
     baseline: dict[str, float]
     refusal_token_ids: list[int]
     thresholds: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
-            "chosen": asdict(self.chosen),
+            "chosen": asdict(self.chosen) if self.chosen else None,
             "baseline": self.baseline,
             "refusal_token_ids": self.refusal_token_ids,
             "thresholds": self.thresholds,
+            "timings": self.timings,
             "scores": [asdict(s) for s in self.scores],
         }
+
+
+class NoCandidateError(CheckFailedError):
+    """Every candidate failed a filter; ``selection`` holds the scores (``chosen`` is None)."""
+
+    def __init__(self, message: str, selection: Selection):
+        super().__init__(message)
+        self.selection = selection
 
 
 def _unscored(layer: int, position: int, why: str) -> Score:
@@ -233,7 +243,7 @@ def select(
     max_layer_frac: float,
     top_k: int = 0,
     prune_prompts: int = 8,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Selection:
     """Score the candidates ``candidates[layer, position index]`` and choose one.
 
@@ -245,7 +255,9 @@ def select(
     n_layers, n_pos, _ = candidates.shape
     n_harmful = len(harmful_rows)
     both = harmful_rows + harmless_rows  # one batched pass scores bypass and KL together
+    clock = time.perf_counter()
     base = first_token_logprobs(model, both, batch_size, pad)
+    timings = {"validation_pass_s": time.perf_counter() - clock, "quick_s": 0.0, "n_quick": 0}
     baseline = {
         "harmful_log_odds": float(log_odds(base[:n_harmful], token_ids).mean()),
         "harmless_log_odds": float(log_odds(base[n_harmful:], token_ids).mean()),
@@ -278,17 +290,24 @@ def select(
     if top_k and len(eligible) > top_k:
         quick_rows = harmful_rows[:prune_prompts]
         quick = {}
+        if progress:
+            progress.start("quick bypass (pruning)", len(eligible))
+        clock = time.perf_counter()
         for layer, p in eligible:
             with plan_hooks(model, plan_for(candidates[layer, p].double()), checkpoint):
                 logprobs = first_token_logprobs(model, quick_rows, batch_size, pad)
             quick[layer, p] = float(log_odds(logprobs, token_ids).mean())
             if progress:
-                progress(1)
+                progress.advance()
+        timings.update(quick_s=time.perf_counter() - clock, n_quick=len(eligible))
         full = sorted(eligible, key=lambda c: quick[c])[:top_k]
         for c in eligible:
             if c not in full:
                 why = f"pruned: quick bypass {quick[c]:.2f} not among the best {top_k}"
                 scores[c] = _unscored(c[0], c[1] - n_pos, why)
+    clock = time.perf_counter()
+    if progress:
+        progress.start("scoring candidates", len(full))
     for layer, p in full:
         r = candidates[layer, p].double()
         with plan_hooks(model, plan_for(r), checkpoint):
@@ -309,7 +328,8 @@ def select(
         score.kept = not score.why
         scores[layer, p] = score
         if progress:
-            progress(1)
+            progress.advance()
+    timings.update(full_s=time.perf_counter() - clock, n_full=len(full))
     ordered = [scores[c] for c in sorted(scores)]
     kept = [s for s in ordered if s.kept]
     thresholds = {
@@ -324,10 +344,11 @@ def select(
         if not scored:
             raise CheckFailedError("no candidate could be scored (see --max-layer-frac).")
         best = min(scored, key=lambda s: s.bypass)
-        raise CheckFailedError(
+        raise NoCandidateError(
             f"no candidate passes the filters (lowest bypass: layer {best.layer}, position "
             f"{best.position}: {'; '.join(best.why)}); relax --max-kl or --max-layer-frac, or "
-            "pick one with --layer/--position."
+            "pick one with --layer/--position.",
+            Selection(None, ordered, baseline, token_ids, thresholds, timings),
         )
     chosen = min(kept, key=lambda s: s.bypass)
-    return Selection(chosen, ordered, baseline, token_ids, thresholds)
+    return Selection(chosen, ordered, baseline, token_ids, thresholds, timings)
