@@ -24,11 +24,12 @@ from orthoedit.measure import (
     mean_activations,
     post_instruction_ids,
     render,
+    shared_prefix,
 )
 from orthoedit.organism import CHAT_MODEL, PROMPTS, load_prompts
 from orthoedit.organism.evaluate import capability_score, refusal_rate
 from orthoedit.prompts import load_prompt_file, load_prompt_source
-from orthoedit.select import first_token_logprobs, shared_prefix
+from orthoedit.select import first_token_logprobs
 from orthoedit.tiny import FAMILIES, build_tokenizer
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -108,6 +109,17 @@ def test_template_that_rejects_a_system_prompt():
     assert render(tok, "hi").endswith("<start_of_turn>model\n")
 
 
+def test_template_that_opens_a_thinking_block_is_refused():
+    """An R1-style generation prompt ends inside <think>: the first token is reasoning."""
+    tok = _tokenizer("qwen3-no-thinking")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    with pytest.raises(BadInputError, match="opens a thinking block"):
+        post_instruction_ids(tok)
+
+
 def test_no_chat_template_is_an_error():
     tok = build_tokenizer()
     tok.chat_template = None
@@ -142,7 +154,7 @@ def test_batched_means_equal_one_prompt_at_a_time(tiny_model, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_first_token_logprobs_with_a_shared_prefix(tiny_model, family):
+def test_shared_prefix_runs_once_and_changes_nothing(tiny_model, family):
     """The shared prefix runs once and the batches continue from its cache: the same log-probs
     as each row alone, with and without an intervention (which must reach the prefix too)."""
     folder = tiny_model(family)
@@ -168,6 +180,17 @@ def test_first_token_logprobs_with_a_shared_prefix(tiny_model, family):
     with torch.no_grad():
         plain = torch.log_softmax(model(input_ids=torch.tensor([rows[0]])).logits[0, -1], -1)
     assert not torch.allclose(plain, alone[0], atol=1e-2)  # the intervention did something
+    # The capture pass takes the same path: its tails keep every post-instruction position.
+    n_layers, n_pos = model.config.num_hidden_layers, 3
+    rows = [prefix + torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (3, 9, 1, 5)]
+    assert shared_prefix(model, rows, keep=n_pos) == 10  # the shortest row keeps 3 of its own
+    means = mean_activations(model, table, n_layers, rows, n_pos, 3, pad=0)
+    reference = torch.zeros_like(means)
+    with torch.no_grad():
+        for row in rows:
+            hidden = model(input_ids=torch.tensor([row]), output_hidden_states=True).hidden_states
+            reference += torch.stack([h[0, -n_pos:] for h in hidden[:n_layers]]).double()
+    assert torch.allclose(means, reference / len(rows), atol=1e-5), family
 
 
 def test_length_sorted_batches_and_padding():

@@ -8,6 +8,7 @@ over harmful and harmless prompts; every (layer, position) difference of means i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -29,6 +30,7 @@ from .prompts import is_prompt_file, load_prompt_source
 from .source import read_config, resolve_model
 
 SENTINEL = "Orthoedit sentinel message"
+THINKING_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"))
 
 
 class Progress:
@@ -69,6 +71,15 @@ def post_instruction_ids(tok, system: str | None = None) -> list[int]:
     if at < 0:
         raise BadInputError("the chat template drops the user message; cannot find positions.")
     end = at + len(SENTINEL)
+    tail = text[end:]
+    for opening, closing in THINKING_TAGS:
+        if tail.rfind(opening) > tail.rfind(closing):
+            raise BadInputError(
+                f"the chat template opens a thinking block ({opening!r}) where the answer should "
+                "start, even with enable_thinking=False; first-token scores would measure the "
+                "reasoning, not the answer, so this template is not supported (pass --template "
+                "FILE with one that closes the block)."
+            )
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     pairs = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ids = [i for i, (start, _) in pairs if start >= end]
@@ -114,6 +125,55 @@ def left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tens
     }
 
 
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix(model, rows: list[list[int]], keep: int = 1) -> int:
+    """How many leading tokens all rows share (a chat template's system prompt and turn header)
+    and can run once, leaving every row at least ``keep`` tokens of its own; 0 when that is
+    too short to matter, or when a sliding attention window could be narrower than a row
+    (padding between prefix and tail widens the span in cache positions)."""
+    if len(rows) < 2:
+        return 0
+    limit = min(map(len, rows)) - keep
+    n = 0
+    while n < limit and all(row[n] == rows[0][n] for row in rows):
+        n += 1
+    window = getattr(model.config, "sliding_window", None)
+    if window and max(map(len, rows)) > window:
+        return 0
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+@torch.no_grad()
+def batched_forward(model, rows: list[list[int]], batch_size: int, pad: int, keep: int = 1, **kw):
+    """Yield ``(row indices, output)`` for length-sorted batches of ``rows``.
+
+    The prefix all rows share runs once (through whatever hooks are active), and every batch
+    continues from its key/value cache: the tails are left-padded after the prefix, masked,
+    with position ids that count real tokens only, so each row sees exactly what it would see
+    alone. Chat templates with a default system prompt make that prefix half of every row.
+    Outputs cover the tails only; each tail keeps at least ``keep`` tokens.
+    """
+    device = next(model.parameters()).device
+    n = shared_prefix(model, rows, keep)
+    prefix_cache = None
+    if n:
+        prefix = torch.tensor([rows[0][:n]], device=device)
+        prefix_cache = model(input_ids=prefix, use_cache=True, **kw).past_key_values
+    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
+        enc = left_padded([rows[i][n:] for i in batch], pad, device)
+        extra: dict = {"use_cache": False}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch))
+            seen = torch.ones((len(batch), n), dtype=torch.long, device=device)
+            enc["attention_mask"] = torch.cat([seen, enc["attention_mask"]], dim=1)
+            enc["position_ids"] = enc["position_ids"] + n
+            extra = {"use_cache": True, "past_key_values": cache}
+        yield batch, model(**enc, **extra, **kw)
+
+
 @torch.no_grad()
 def mean_activations(
     model,
@@ -127,13 +187,12 @@ def mean_activations(
 ) -> torch.Tensor:
     """``[n_layers, n_pos, d_model]`` float64 mean of every block's input at the last ``n_pos``
     positions (position index p = offset p - n_pos from the end)."""
-    device = next(model.parameters()).device
     total = None
     base = model.base_model  # no unembedding: the block inputs are all we need
     with capture_block_inputs(model, table, n_layers, n_pos) as captured:
-        for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-            base(**left_padded([rows[i] for i in batch], pad, device), use_cache=False)
-            summed = torch.stack(captured, dim=1).to(torch.float64).sum(0).cpu()
+        for batch, _ in batched_forward(base, rows, batch_size, pad, keep=n_pos):
+            # summed on each layer's own device (a device_map may spread them), then gathered
+            summed = torch.stack([c.to(torch.float64).sum(0).cpu() for c in captured])
             total = summed if total is None else total + summed
             if progress:
                 progress.advance(len(batch))

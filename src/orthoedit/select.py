@@ -11,7 +11,6 @@ and the lowest bypass wins.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ import torch
 from .direction import Direction
 from .errors import BadInputError, CheckFailedError
 from .hooks import addition_hooks, plan_hooks
-from .measure import Progress, left_padded, length_sorted_batches
+from .measure import Progress, batched_forward, left_padded, length_sorted_batches
 from .plan import build_plan
 
 # Openings that read as refusals in English chat models (checked case-insensitively near the
@@ -59,55 +58,15 @@ def reads_as_refusal(text: str) -> bool:
     return any(phrase in head for phrase in REFUSAL_PHRASES)
 
 
-MIN_SHARED_PREFIX = 8
-
-
-def shared_prefix(model, rows: list[list[int]]) -> int:
-    """How many leading tokens all rows share (a chat template's system prompt and turn header)
-    and can be computed once, leaving every row at least one token of its own; 0 when it is
-    too short to matter, or when padding between prefix and tail could move a token out of a
-    sliding attention window."""
-    if len(rows) < 2:
-        return 0
-    limit = min(map(len, rows)) - 1
-    n = 0
-    while n < limit and all(row[n] == rows[0][n] for row in rows):
-        n += 1
-    window = getattr(model.config, "sliding_window", None)
-    if window and max(map(len, rows)) > window:  # padding in the middle widens the span
-        return 0
-    return n if n >= MIN_SHARED_PREFIX else 0
-
-
 @torch.no_grad()
 def first_token_logprobs(model, rows: list[list[int]], batch_size: int, pad: int) -> torch.Tensor:
-    """``[len(rows), vocab]`` float32 log-probabilities of the first generated token.
-
-    The prefix all rows share runs once (through whatever hooks are active), and every batch
-    continues from its key/value cache: the tails are left-padded after the prefix, masked,
-    with position ids that count real tokens only, so each row sees exactly what it would see
-    alone. Chat templates with a default system prompt make that prefix half of every row.
-    """
-    device = next(model.parameters()).device
-    n = shared_prefix(model, rows)
-    prefix_cache = None
-    if n:
-        prefix = torch.tensor([rows[0][:n]], device=device)
-        prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    """``[len(rows), vocab]`` float32 log-probabilities of the first generated token (the
+    template prefix shared by all rows runs once: see ``measure.batched_forward``)."""
     parts: dict[int, torch.Tensor] = {}
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        enc = left_padded([rows[i][n:] for i in batch], pad, device)
-        extra = {"use_cache": False}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(batch))
-            seen = torch.ones((len(batch), n), dtype=torch.long, device=device)
-            enc["attention_mask"] = torch.cat([seen, enc["attention_mask"]], dim=1)
-            enc["position_ids"] = enc["position_ids"] + n
-            extra = {"use_cache": True, "past_key_values": cache}
-        # Only the last position's logits: the unembedding of every position is most of the
-        # cost of a small model with a large vocabulary.
-        logits = model(**enc, **extra, logits_to_keep=1).logits[:, -1].float()
+    # Only the last position's logits: the unembedding of every position is most of the cost
+    # of a small model with a large vocabulary.
+    for batch, output in batched_forward(model, rows, batch_size, pad, logits_to_keep=1):
+        logits = output.logits[:, -1].float()
         for i, row in zip(batch, torch.log_softmax(logits, -1).cpu(), strict=True):
             parts[i] = row
     return torch.stack([parts[i] for i in range(len(rows))])
