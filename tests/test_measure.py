@@ -469,6 +469,29 @@ def test_measure_defaults_to_the_bundled_pools(tiny_model, tmp_path):
     assert record["prompt_sources"]["harmful"].startswith("bundled pool")
 
 
+def test_measure_reads_a_dataset_split(tiny_model, tmp_path, monkeypatch):
+    """--harmful DATASET --split --column reach the loader; the record names the source and
+    hashes the prompts used, so a rerun with the same seed draws the same sets."""
+    offline(monkeypatch)
+    folder = _dataset_folder(tmp_path)
+    args = ["measure", tiny_model("qwen2"), "--harmful", folder, "--column", "text"]
+    args += ["--layer", "1", "--position", "-1", "--no-filter"]
+    records = []
+    for name in ("a", "b"):
+        result = cli(*args, "--split", "test", "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        records.append(json.loads((tmp_path / name / "direction.json").read_text()))
+    record = records[0]
+    assert record["prompt_sources"]["harmful"] == f"dataset {folder} (split test, column text)"
+    # the 5 test-split prompts: 3 for the means, 2 (the least there may be) to score
+    assert record["counts"]["harmful"] == 3 and record["validation_counts"]["harmful"] == 2
+    assert records[0]["prompt_hashes"] == records[1]["prompt_hashes"]
+    assert len(set(record["prompt_hashes"].values())) == 4
+    result = cli(*args, "--split", "nope", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "nope" in result.stderr
+    assert not (tmp_path / "c").exists()
+
+
 def test_filter_shortfall_and_no_filter(tmp_path):
     """Harmless prompts passed as "harmful": the organism refuses none, so the filter stops
     with advice; --no-filter measures anyway."""
