@@ -469,6 +469,24 @@ def test_measure_defaults_to_the_bundled_pools(tiny_model, tmp_path):
     assert record["prompt_sources"]["harmful"].startswith("bundled pool")
 
 
+def test_measure_dtype_device_and_system_prompt(tiny_model, tmp_path):
+    """--dtype bfloat16 --device cpu load the model that way; means stay float64-accumulated,
+    so the candidates agree with a float32 run to bf16 precision; --system is rendered."""
+    args = ["measure", tiny_model("qwen2"), "--layer", "1", "--position", "-1", "--no-filter"]
+    args += ["--n-train", "16", "--system", "Answer in one sentence."]
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        result = cli(*args, "--dtype", dtype, "--device", "cpu", "--out", tmp_path / dtype)
+        assert result.exit_code == 0, result.output
+        with safe_open(str(tmp_path / dtype / "candidates.safetensors"), "pt") as f:
+            runs[dtype] = f.get_tensor("harmful_mean")
+    record = json.loads((tmp_path / "bfloat16" / "direction.json").read_text())
+    assert record["system"] == "Answer in one sentence."
+    a, b = runs["float32"].double(), runs["bfloat16"].double()
+    assert not torch.equal(a, b)  # the bf16 model really ran in bf16
+    assert float((a - b).norm() / a.norm()) < 0.05
+
+
 def test_measure_reads_a_dataset_split(tiny_model, tmp_path, monkeypatch):
     """--harmful DATASET --split --column reach the loader; the record names the source and
     hashes the prompts used, so a rerun with the same seed draws the same sets."""
