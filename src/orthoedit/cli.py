@@ -21,7 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .architectures import Site, TiedPolicy
-from .config import ApplyConfig, MeasureConfig, VerifyConfig
+from .config import ApplyConfig, EvalBenchConfig, MeasureConfig, VerifyConfig
 from .errors import OrthoeditError
 
 app = typer.Typer(
@@ -31,6 +31,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+eval_app = typer.Typer(
+    help="Evaluate an edit: benchmark regression (lm-eval).",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
 out = Console()
 err = Console(stderr=True)
 
@@ -328,6 +333,113 @@ def measure(
         f"{result.position} (‖harmful − harmless‖ = {result.norm:.4g}; "
         f"{result.counts['harmful']} harmful, {result.counts['harmless']} harmless prompts)"
     )
+
+
+def _thresholds(items: list[str]) -> dict[str, float]:
+    parsed = {}
+    for item in items:
+        task, _, value = item.partition("=")
+        try:
+            parsed[task.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: expected TASK=VALUE, e.g. mmlu=0.03") from None
+        if not task.strip():
+            raise typer.BadParameter(f"{item!r}: expected TASK=VALUE, e.g. mmlu=0.03")
+    return parsed
+
+
+def _bench_table(result) -> Table:
+    table = Table(
+        title="benchmark regression (edited − base)",
+        caption="* beyond noise: |delta| > 2 × stderr (the two runs combined)",
+    )
+    for name in ("task", "metric", "base", "edited", "delta", "± stderr", "result"):
+        left = name in ("task", "metric", "result")
+        table.add_column(name, justify="left" if left else "right", overflow="fold")
+    for r in result.rows:
+        metric = r.metric if r.filter == "none" else f"{r.metric} ({r.filter})"
+        verdict = (
+            "[red]REGRESSION[/]" if r.regressed else ("ok" if r.threshold is not None else "–")
+        )
+        table.add_row(
+            r.task,
+            escape(metric),
+            f"{r.base:.4f}",
+            f"{r.edited:.4f}",
+            f"{r.delta:+.4f}" + (" *" if r.beyond_noise else ""),
+            "–" if r.stderr is None else f"{r.stderr:.4f}",
+            verdict,
+        )
+    return table
+
+
+@eval_app.command("bench")
+def eval_bench(
+    base: Annotated[str, typer.Argument(help=_help(EvalBenchConfig, "base"))],
+    edited: Annotated[str, typer.Argument(help=_help(EvalBenchConfig, "edited"))],
+    out_dir: Annotated[Path, typer.Option("--out", help=_help(EvalBenchConfig, "out"))],
+    tasks: Annotated[str | None, typer.Option(help=_help(EvalBenchConfig, "tasks"))] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help=_help(EvalBenchConfig, "num_fewshot"))
+    ] = None,
+    limit: Annotated[float | None, typer.Option(help=_help(EvalBenchConfig, "limit"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(EvalBenchConfig, "batch_size"))] = 16,
+    seed: Annotated[int, typer.Option(help=_help(EvalBenchConfig, "seed"))] = 0,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template", help=_help(EvalBenchConfig, "chat_template")
+        ),
+    ] = None,
+    max_drop: Annotated[float, typer.Option(help=_help(EvalBenchConfig, "max_drop"))] = 0.02,
+    max_drop_task: Annotated[
+        list[str] | None, typer.Option(help=_help(EvalBenchConfig, "max_drop_task"))
+    ] = None,
+    backend: Annotated[str, typer.Option(help=_help(EvalBenchConfig, "backend"))] = "hf",
+    dtype: Annotated[str, typer.Option(help=_help(EvalBenchConfig, "dtype"))] = "auto",
+    device: Annotated[str | None, typer.Option(help=_help(EvalBenchConfig, "device"))] = None,
+    tensor_parallel_size: Annotated[
+        int, typer.Option(help=_help(EvalBenchConfig, "tensor_parallel_size"))
+    ] = 1,
+    data_parallel_size: Annotated[
+        int, typer.Option(help=_help(EvalBenchConfig, "data_parallel_size"))
+    ] = 1,
+    offline: Annotated[bool, typer.Option(help=_help(EvalBenchConfig, "offline"))] = False,
+    overwrite: Annotated[bool, typer.Option(help=_help(EvalBenchConfig, "overwrite"))] = False,
+) -> None:
+    """Run lm-eval on BASE and EDITED with identical settings and write a regression report
+    (report.md, report.json, report.png, lm_eval/). Exit 1 when a drop exceeds its threshold."""
+    from .evalbench import eval_bench as run_bench
+
+    cfg = _run(
+        lambda: EvalBenchConfig(
+            base=base,
+            edited=edited,
+            out=out_dir,
+            tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            seed=seed,
+            chat_template=chat_template,
+            max_drop=max_drop,
+            max_drop_task=_thresholds(max_drop_task or []),
+            backend=backend,
+            dtype=dtype,
+            device=device,
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            offline=offline,
+            overwrite=overwrite,
+        )
+    )
+    result = _run(lambda: run_bench(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    out.print(_bench_table(result))
+    out.print(f"wrote {escape(str(result.out))} (report.md, report.json, report.png, lm_eval/)")
+    if result.regressions:
+        names = ", ".join(f"{r.task} {r.metric}" for r in result.regressions)
+        err.print(f"[red]FAIL:[/red] drop beyond the threshold: {escape(names)}", highlight=False)
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

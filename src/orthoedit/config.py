@@ -134,3 +134,55 @@ class MeasureConfig(BaseModel):
     )
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+
+
+class EvalBenchConfig(BaseModel):
+    """Options of ``orthoedit eval bench``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(description="The base model: local folder or Hugging Face Hub model id.")
+    edited: str = Field(description="The edited model: local folder or Hub model id.")
+    out: Path = Field(description="Output folder for the report and lm-eval's raw results.")
+    tasks: list[str] | None = Field(
+        default=None,
+        description="lm-eval tasks, comma-separated, e.g. mmlu,arc_challenge (default: the "
+        "shipped offline tasks).",
+    )
+    num_fewshot: int | None = Field(
+        default=None, ge=0, description="Few-shot examples (default: each task's own)."
+    )
+    limit: float | None = Field(
+        default=None, gt=0, description="Examples per task: a count, or a fraction if < 1."
+    )
+    batch_size: int = Field(default=16, ge=1, description="lm-eval batch size.")
+    seed: int = Field(default=0, description="Seed for lm-eval (python, numpy, torch, few-shot).")
+    chat_template: bool | None = Field(
+        default=None,
+        description="Apply the chat template (default: when the base tokenizer has one).",
+    )
+    max_drop: float = Field(
+        default=0.02, ge=0, description="Largest allowed drop of any metric (absolute)."
+    )
+    max_drop_task: dict[str, float] = Field(
+        default_factory=dict, description="Per-task drop thresholds, TASK=VALUE (repeatable)."
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf", description="lm-eval backend: hf, or vllm for GPUs."
+    )
+    dtype: str = Field(default="auto", description="Model dtype for lm-eval (auto, float32, ...).")
+    device: str | None = Field(
+        default=None, description="hf backend device (default: cuda if available, else cpu)."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: tensor parallel size.")
+    data_parallel_size: int = Field(default=1, ge=1, description="vllm: data parallel size.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vllm: share of GPU memory to use."
+    )
+    bootstrap_iters: int = Field(
+        default=1000, ge=0, description="lm-eval bootstrap iterations for stderrs."
+    )
+    offline: bool = Field(
+        default=False, description="Set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE for the run."
+    )
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")

@@ -1,0 +1,288 @@
+"""Benchmark regression: lm-eval on the base and the edited model with identical settings.
+
+Both models run through ``lm_eval.simple_evaluate`` with the same tasks, few-shot count,
+limit, batch size, seeds and chat-template setting. Every (task, metric) pair is compared:
+delta, the combined standard error of the two scores, whether the delta is beyond noise
+(more than twice that error) and whether a drop exceeds its threshold. The shipped offline
+tasks (``evals/``, installed as ``orthoedit.evals``) run when no task is named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .config import EvalBenchConfig
+from .errors import BadInputError
+from .output import check_target, staged_output
+
+NOISE_SIGMAS = 2.0
+
+
+def shipped_tasks() -> list[str]:
+    from .evals import TASKS_DIR
+
+    return sorted(yaml.safe_load(p.read_text())["task"] for p in TASKS_DIR.glob("*.yaml"))
+
+
+def prepare_shipped_tasks(folder: Path) -> Path:
+    """Copy the shipped task YAMLs into ``folder`` with absolute ``data_files`` (lm-eval reads
+    relative ones against the working directory, not the YAML's folder)."""
+    from .evals import TASKS_DIR
+
+    for path in sorted(TASKS_DIR.glob("*.yaml")):
+        task = yaml.safe_load(path.read_text())
+        files = task.get("dataset_kwargs", {}).get("data_files")
+        if isinstance(files, dict):
+            task["dataset_kwargs"]["data_files"] = {
+                split: str((TASKS_DIR / name).resolve()) for split, name in files.items()
+            }
+        (folder / path.name).write_text(yaml.safe_dump(task, sort_keys=False))
+    return folder
+
+
+def model_spec(cfg: EvalBenchConfig, model: str) -> tuple[str, dict]:
+    """lm-eval's model name and ``model_args`` for one of the two models."""
+    args: dict = {"pretrained": model, "dtype": cfg.dtype}
+    if cfg.backend == "vllm":
+        args |= {
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "data_parallel_size": cfg.data_parallel_size,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "seed": cfg.seed,
+        }
+        return "vllm", args
+    args["device"] = cfg.device or _default_device()
+    return "hf", args
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def offline_mode(enabled: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE for the run, in the environment and in the
+    libraries that read it at import time."""
+    if not enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub
+
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved_env = {k: os.environ.get(k) for k in names}
+    saved = (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    saved_ds = getattr(datasets.config, "HF_DATASETS_OFFLINE", None)
+    os.environ.update(dict.fromkeys(names, "1"))
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+        datasets.config.HF_DATASETS_OFFLINE = saved_ds
+
+
+def task_manager(include: Path, tasks: list[str]):
+    """lm-eval's task index with the shipped tasks added; unknown task names are bad input."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise BadInputError(
+            f"unknown lm-eval task(s): {', '.join(unknown)} (shipped offline tasks: "
+            f"{', '.join(shipped_tasks())}; `lm-eval ls tasks` lists the rest)."
+        )
+    return manager
+
+
+def run_lm_eval(cfg: EvalBenchConfig, model: str, tasks: list[str], manager) -> dict:
+    """One ``simple_evaluate`` call; returns its JSON-able results (no per-sample logs)."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    name, args = model_spec(cfg, model)
+    limit = cfg.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # a count; below 1 lm-eval reads a fraction
+    results = lm_eval.simple_evaluate(
+        model=name,
+        model_args=args,
+        tasks=tasks,
+        num_fewshot=cfg.num_fewshot,
+        limit=limit,
+        batch_size=cfg.batch_size,
+        apply_chat_template=cfg.chat_template,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=cfg.bootstrap_iters,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+    )
+    if results is None:  # not the main rank of a distributed run
+        raise BadInputError("lm-eval returned no results (not the main process?).")
+    return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    filter: str
+    base: float
+    edited: float
+    delta: float
+    stderr: float | None  # of the delta: the two runs' stderrs combined
+    stderr_base: float | None
+    stderr_edited: float | None
+    beyond_noise: bool
+    higher_is_better: bool | None
+    threshold: float | None
+    regressed: bool
+
+
+def compare(base: dict, edited: dict, max_drop: float, per_task: dict[str, float]) -> list[Row]:
+    """One row per (task, metric, filter) that both runs report."""
+    rows = []
+    for task in sorted(base["results"]):
+        b, e = base["results"][task], edited["results"].get(task, {})
+        better = {**base.get("higher_is_better", {}).get(task, {})}
+        for key, value in sorted(b.items()):
+            if "," not in key or "_stderr," in key or not isinstance(value, int | float):
+                continue
+            if key not in e or not isinstance(e[key], int | float):
+                continue
+            metric, filt = key.split(",", 1)
+            se_b, se_e = _stderr(b, metric, filt), _stderr(e, metric, filt)
+            stderr = math.hypot(se_b, se_e) if se_b is not None and se_e is not None else None
+            delta = float(e[key]) - float(value)
+            hib = better.get(metric)
+            threshold = per_task.get(task, max_drop) if hib is not None else None
+            drop = -delta if hib else delta
+            rows.append(
+                Row(
+                    task=task,
+                    metric=metric,
+                    filter=filt,
+                    base=float(value),
+                    edited=float(e[key]),
+                    delta=delta,
+                    stderr=stderr,
+                    stderr_base=se_b,
+                    stderr_edited=se_e,
+                    beyond_noise=stderr is not None and abs(delta) > NOISE_SIGMAS * stderr,
+                    higher_is_better=hib,
+                    threshold=threshold,
+                    regressed=threshold is not None and drop > threshold,
+                )
+            )
+    return rows
+
+
+def _stderr(results: dict, metric: str, filt: str) -> float | None:
+    value = results.get(f"{metric}_stderr,{filt}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):  # lm-eval writes "N/A" where it has none
+        return None
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    rows: list[Row]
+    settings: dict
+
+    @property
+    def regressions(self) -> list[Row]:
+        return [r for r in self.rows if r.regressed]
+
+
+def eval_bench(cfg: EvalBenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+    """Run lm-eval on both models, write the report, and return it (regressions included:
+    the caller decides the exit code)."""
+    import tempfile
+
+    target = check_target(cfg.out, None, cfg.overwrite)
+    for name, model in (("base", cfg.base), ("edited", cfg.edited)):
+        if _looks_local(model) and not (Path(model) / "config.json").is_file():
+            raise BadInputError(f"{name} model {model}: no config.json there.")
+    unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks()))
+    if unknown:
+        raise BadInputError(f"--max-drop-task names task(s) not run: {', '.join(unknown)}.")
+    tasks = list(cfg.tasks or shipped_tasks())
+    chat = cfg.chat_template
+    if chat is None:
+        chat = _has_chat_template(cfg.base)
+    cfg = cfg.model_copy(update={"chat_template": chat})
+    raw = {}
+    with tempfile.TemporaryDirectory() as tmp, offline_mode(cfg.offline):
+        manager = task_manager(prepare_shipped_tasks(Path(tmp)), tasks)
+        for name, model in (("base", cfg.base), ("edited", cfg.edited)):
+            log(f"lm-eval on the {name} model ({model}): {', '.join(tasks)}")
+            raw[name] = run_lm_eval(cfg, model, tasks, manager)
+    rows = compare(raw["base"], raw["edited"], cfg.max_drop, dict(cfg.max_drop_task))
+    settings = {
+        "base": cfg.base,
+        "edited": cfg.edited,
+        "tasks": tasks,
+        "num_fewshot": cfg.num_fewshot,
+        "limit": cfg.limit,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "chat_template": chat,
+        "backend": cfg.backend,
+        "dtype": cfg.dtype,
+        "max_drop": cfg.max_drop,
+        "max_drop_task": dict(cfg.max_drop_task),
+        "noise": f"|delta| > {NOISE_SIGMAS:g} x combined stderr",
+        "n_samples": raw["base"].get("n-samples"),
+        "lm_eval_version": raw["base"].get("lm_eval_version"),
+        "orthoedit_version": __version__,
+    }
+    from .report import bench_markdown, bench_png
+
+    with staged_output(target) as out:
+        (out / "lm_eval").mkdir()
+        for name, results in raw.items():
+            (out / "lm_eval" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        record = {"settings": settings, "rows": [asdict(r) for r in rows]}
+        record["regressions"] = [f"{r.task} {r.metric}" for r in rows if r.regressed]
+        (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / "report.md").write_text(bench_markdown(rows, settings))
+        bench_png(rows, out / "report.png", f"{cfg.base} vs {cfg.edited}")
+    return BenchResult(target, rows, settings)
+
+
+def _looks_local(model: str) -> bool:
+    return Path(model).exists() or model.startswith((".", "/", "~"))
+
+
+def _has_chat_template(model: str) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        return bool(getattr(AutoTokenizer.from_pretrained(model), "chat_template", None))
+    except Exception:  # lm-eval reports a model it cannot load better than we would here
+        return False
