@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from orthoedit.evals import TASKS_DIR
 from orthoedit.evals.generate import main as generate_evals
@@ -203,3 +204,44 @@ def test_organism_edit_passes_and_damage_fails(tmp_path, monkeypatch):
     assert report["rows"][0]["delta"] < -0.3 and report["rows"][0]["beyond_noise"]
     assert report["regressions"] == [f"{TASK} exact_match"]
     assert folder_digest(CHAT_MODEL) == before
+
+
+# --- eval kl ----------------------------------------------------------------------------------
+
+
+def test_cross_entropy_matches_each_row_alone(tiny_model):
+    """Batched, left-padded, shared prefix run once: the same per-token cross-entropy as
+    every row scored alone."""
+    from transformers import AutoModelForCausalLM
+
+    from orthoedit.damage import cross_entropy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(4, 200, (10,), generator=gen).tolist()
+    rows = [prefix + torch.randint(4, 200, (n,), generator=gen).tolist() for n in (2, 7, 4)]
+    answers = [torch.randint(4, 200, (n,), generator=gen).tolist() for n in (5, 1, 3)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row, answer in zip(rows, answers, strict=True):
+            logits = model(input_ids=torch.tensor([row + answer])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)[len(row) - 1 : -1]
+            total -= float(logp.gather(-1, torch.tensor(answer)[:, None]).sum())
+            count += len(answer)
+    assert cross_entropy(model, rows, answers, 2, pad=0) == pytest.approx(total / count, abs=1e-5)
+
+
+def test_eval_kl_identity_damage_and_mismatch(tmp_path, tiny_model):
+    same = cli("eval", "kl", CHAT_MODEL, CHAT_MODEL, "--n", "16", "--out", tmp_path / "same.json")
+    assert same.exit_code == 0, same.output
+    record = json.loads((tmp_path / "same.json").read_text())
+    assert record["first_token_kl"] == 0 and record["cross_entropy"]["delta"] == 0
+    assert record["prompts"] == 16 and record["answer_tokens"] > 16
+    damaged = cli(
+        "eval", "kl", CHAT_MODEL, _damaged(tmp_path), "--n", "16", "--out", tmp_path / "d.json"
+    )
+    assert damaged.exit_code == 0, damaged.output
+    record = json.loads((tmp_path / "d.json").read_text())
+    assert record["first_token_kl"] > 0.1 and record["cross_entropy"]["delta"] > 0.1
+    mismatch = cli("eval", "kl", CHAT_MODEL, tiny_model("llama"))
+    assert mismatch.exit_code == 2 and "tokenizers differ" in mismatch.stderr

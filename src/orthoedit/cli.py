@@ -21,7 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .architectures import Site, TiedPolicy
-from .config import ApplyConfig, EvalBenchConfig, MeasureConfig, VerifyConfig
+from .config import ApplyConfig, EvalBenchConfig, EvalKLConfig, MeasureConfig, VerifyConfig
 from .errors import OrthoeditError
 
 app = typer.Typer(
@@ -32,7 +32,7 @@ app = typer.Typer(
     add_completion=False,
 )
 eval_app = typer.Typer(
-    help="Evaluate an edit: benchmark regression (lm-eval).",
+    help="Evaluate an edit: benchmark regression (lm-eval) and damage metrics.",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -440,6 +440,65 @@ def eval_bench(
         names = ", ".join(f"{r.task} {r.metric}" for r in result.regressions)
         err.print(f"[red]FAIL:[/red] drop beyond the threshold: {escape(names)}", highlight=False)
         raise typer.Exit(1)
+
+
+@eval_app.command("kl")
+def eval_kl(
+    base: Annotated[str, typer.Argument(help=_help(EvalKLConfig, "base"))],
+    edited: Annotated[str, typer.Argument(help=_help(EvalKLConfig, "edited"))],
+    prompts: Annotated[str | None, typer.Option(help=_help(EvalKLConfig, "prompts"))] = None,
+    column: Annotated[str, typer.Option(help=_help(EvalKLConfig, "column"))] = "prompt",
+    split: Annotated[str, typer.Option(help=_help(EvalKLConfig, "split"))] = "train",
+    n: Annotated[int, typer.Option("--n", help=_help(EvalKLConfig, "n"))] = 64,
+    seed: Annotated[int, typer.Option(help=_help(EvalKLConfig, "seed"))] = 0,
+    new_tokens: Annotated[int, typer.Option(help=_help(EvalKLConfig, "new_tokens"))] = 32,
+    system: Annotated[str | None, typer.Option(help=_help(EvalKLConfig, "system"))] = None,
+    dtype: Annotated[str, typer.Option(help=_help(EvalKLConfig, "dtype"))] = "float32",
+    device: Annotated[str | None, typer.Option(help=_help(EvalKLConfig, "device"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(EvalKLConfig, "batch_size"))] = 16,
+    out_file: Annotated[Path | None, typer.Option("--out", help=_help(EvalKLConfig, "out"))] = None,
+) -> None:
+    """First-token KL and cross-entropy on harmless prompts, base vs edited: how much the edit
+    moves what the model says where it should not."""
+    from .damage import eval_kl as run_kl
+
+    cfg = _run(
+        lambda: EvalKLConfig(
+            base=base,
+            edited=edited,
+            prompts=prompts,
+            column=column,
+            split=split,
+            n=n,
+            seed=seed,
+            new_tokens=new_tokens,
+            system=system,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            out=out_file,
+        )
+    )
+    report = _run(lambda: run_kl(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    table = Table(title=f"damage on {report.prompts} harmless prompts")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("edited", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("first-token KL (base ‖ edited)", "", "", f"{report.first_token_kl:.4g}")
+    table.add_row(
+        f"cross-entropy on base answers ({report.answer_tokens} tokens), nats/token",
+        f"{report.cross_entropy_base:.4f}",
+        f"{report.cross_entropy_edited:.4f}",
+        f"{report.cross_entropy_delta:+.4f}",
+    )
+    out.print(table)
+    if cfg.out is not None:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cfg.out.with_name(f".{cfg.out.name}.tmp")
+        tmp.write_text(json.dumps({"base": base, "edited": edited, **report.to_dict()}, indent=2))
+        tmp.replace(cfg.out)
+        out.print(f"wrote {escape(str(cfg.out))}")
 
 
 if __name__ == "__main__":

@@ -186,3 +186,31 @@ class EvalBenchConfig(BaseModel):
         default=False, description="Set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE for the run."
     )
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+
+
+class EvalKLConfig(BaseModel):
+    """Options of ``orthoedit eval kl``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(description="The base model: local folder or Hugging Face Hub model id.")
+    edited: str = Field(description="The edited model: local folder or Hub model id.")
+    prompts: str | None = Field(
+        default=None,
+        description="Harmless prompts: a file or dataset, as for measure (default: the bundled "
+        "harmless test split).",
+    )
+    column: str = Field(default="prompt", description="Prompt field of rows.")
+    split: str = Field(default="train", description="Dataset split.")
+    n: int = Field(default=64, ge=1, description="How many prompts (drawn with --seed).")
+    seed: int = Field(default=0, description="Seed for drawing the prompts.")
+    new_tokens: int = Field(
+        default=32, ge=1, description="Length of the base model's greedy answers."
+    )
+    system: str | None = Field(default=None, description="System prompt for every conversation.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Dtype to run both models in."
+    )
+    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
+    batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
+    out: Path | None = Field(default=None, description="Also write the numbers as JSON here.")

@@ -1,0 +1,125 @@
+"""Cheap damage metrics, base vs edited, on harmless prompts: ``orthoedit eval kl``.
+
+* **First-token KL**: KL(base ‖ edited) of the first generated token's distribution, averaged
+  over prompts (the number ``measure`` filters candidates on).
+* **Cross-entropy**: each model's mean per-token cross-entropy on the *base* model's greedy
+  answers to the same prompts; the increase is how much less likely the edited model finds
+  what the base model would have said.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import EvalKLConfig
+from .errors import BadInputError
+from .measure import batched_forward, chat_ids, post_instruction_ids
+from .prompts import load_prompt_source
+from .source import resolve_model
+
+
+@dataclass
+class DamageReport:
+    prompts: int
+    first_token_kl: float
+    cross_entropy_base: float
+    cross_entropy_edited: float
+    answer_tokens: int
+
+    @property
+    def cross_entropy_delta(self) -> float:
+        return self.cross_entropy_edited - self.cross_entropy_base
+
+    def to_dict(self) -> dict:
+        return {
+            "prompts": self.prompts,
+            "first_token_kl": self.first_token_kl,
+            "cross_entropy": {
+                "base": self.cross_entropy_base,
+                "edited": self.cross_entropy_edited,
+                "delta": self.cross_entropy_delta,
+            },
+            "answer_tokens": self.answer_tokens,
+        }
+
+
+def _answers(completions: list[list[int]], stop: set[int]) -> list[list[int]]:
+    """Greedy completions cut after their first stop token (generate pads finished rows)."""
+    out = []
+    for ids in completions:
+        end = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
+        out.append(ids[:end] or ids[:1])
+    return out
+
+
+@torch.no_grad()
+def cross_entropy(model, rows, answers, batch_size: int, pad: int) -> float:
+    """Mean per-token cross-entropy (nats) of ``answers`` following ``rows``."""
+    full = [r + a for r, a in zip(rows, answers, strict=True)]
+    keep = max(map(len, answers)) + 1
+    total, count = 0.0, 0
+    for batch, output in batched_forward(model, full, batch_size, pad, keep=keep):
+        logp = torch.log_softmax(output.logits.double(), -1)
+        for j, i in enumerate(batch):
+            n = len(answers[i])
+            target = torch.tensor(answers[i], device=logp.device)
+            # logits at position t predict token t + 1: the last n + 1 positions, minus one
+            picked = logp[j, -n - 1 : -1].gather(-1, target[:, None])
+            total -= float(picked.sum())
+            count += n
+    return total / count
+
+
+def _prompts(cfg: EvalKLConfig) -> list[str]:
+    if cfg.prompts is None:
+        from .pools import load_pool
+
+        items = [item["prompt"] for item in load_pool("harmless", "test")]
+    else:
+        items = [item["prompt"] for item in load_prompt_source(cfg.prompts, cfg.column, cfg.split)]
+    return random.Random(cfg.seed).sample(items, min(cfg.n, len(items)))
+
+
+def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageReport:
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .select import first_token_logprobs, greedy_completions, mean_kl
+
+    transformers.utils.logging.disable_progress_bar()  # ours is the only output
+    folders = {
+        name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
+    }
+    tok = AutoTokenizer.from_pretrained(folders["base"])
+    if AutoTokenizer.from_pretrained(folders["edited"]).get_vocab() != tok.get_vocab():
+        raise BadInputError("the two models' tokenizers differ; KL needs the same vocabulary.")
+    post = post_instruction_ids(tok, cfg.system)
+    prompts = _prompts(cfg)
+    rows = chat_ids(tok, prompts, post, cfg.system)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    dtype = getattr(torch, cfg.dtype)
+    first, ce, answers = {}, {}, None
+    for name in ("base", "edited"):
+        log(f"{name}: {len(rows)} prompts")
+        model = AutoModelForCausalLM.from_pretrained(folders[name], dtype=dtype).eval()
+        if cfg.device:
+            model.to(cfg.device)
+        first[name] = first_token_logprobs(model, rows, cfg.batch_size, pad)
+        if answers is None:
+            made = greedy_completions(model, rows, cfg.batch_size, pad, cfg.new_tokens)
+            eos = model.generation_config.eos_token_id
+            stop = {eos} if isinstance(eos, int) else set(eos or [])
+            answers = _answers(made, stop | {tok.eos_token_id} - {None})
+        ce[name] = cross_entropy(model, rows, answers, cfg.batch_size, pad)
+        del model
+    return DamageReport(
+        prompts=len(rows),
+        first_token_kl=mean_kl(first["base"], first["edited"]),
+        cross_entropy_base=ce["base"],
+        cross_entropy_edited=ce["edited"],
+        answer_tokens=sum(map(len, answers)),
+    )
