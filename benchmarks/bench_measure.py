@@ -56,10 +56,10 @@ from orthoedit.measure import (
     post_instruction_ids,
 )
 from orthoedit.pools import load_pool
+from orthoedit.refusal import greedy_completions
 from orthoedit.select import (
     NoCandidateError,
     first_token_logprobs,
-    greedy_completions,
     parse_refusal_tokens,
     select,
 )

@@ -47,15 +47,6 @@ class DamageReport:
         }
 
 
-def _answers(completions: list[list[int]], stop: set[int]) -> list[list[int]]:
-    """Greedy completions cut after their first stop token (generate pads finished rows)."""
-    out = []
-    for ids in completions:
-        end = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
-        out.append(ids[:end] or ids[:1])
-    return out
-
-
 @torch.no_grad()
 def cross_entropy(model, rows, answers, batch_size: int, pad: int) -> float:
     """Mean per-token cross-entropy (nats) of ``answers`` following ``rows``."""
@@ -88,7 +79,8 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .select import first_token_logprobs, greedy_completions, mean_kl
+    from .refusal import greedy_completions, stop_ids, until_stop
+    from .select import first_token_logprobs, mean_kl
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only output
     folders = {
@@ -111,9 +103,8 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
         first[name] = first_token_logprobs(model, rows, cfg.batch_size, pad)
         if answers is None:
             made = greedy_completions(model, rows, cfg.batch_size, pad, cfg.new_tokens)
-            eos = model.generation_config.eos_token_id
-            stop = {eos} if isinstance(eos, int) else set(eos or [])
-            answers = _answers(made, stop | {tok.eos_token_id} - {None})
+            stop = stop_ids(model, tok)
+            answers = [until_stop(ids, stop) or ids[:1] for ids in made]
         ce[name] = cross_entropy(model, rows, answers, cfg.batch_size, pad)
         del model
     return DamageReport(

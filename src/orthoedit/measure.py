@@ -234,6 +234,9 @@ def _prompts(cfg: MeasureConfig, what: str) -> tuple[list[str], list[str]]:
 
 
 MIN_REFUSED = 32
+# The filter's generation budget: enough for an opening refusal phrase (the judgement reads
+# the first 80 characters), short enough to run on a whole prompt pool.
+FILTER_TOKENS = 16
 
 
 def _check_filter(filtered: dict, n_train: int, log) -> None:
@@ -258,12 +261,12 @@ def completions_of(
 ) -> list[list[int]]:
     """Short greedy completions (token ids), generated once per prompt: the filter's serve
     again to derive the refusal tokens."""
-    from .select import greedy_completions
+    from .refusal import greedy_completions
 
     missing = [p for p in dict.fromkeys(prompts) if p not in loaded.completions]
     if missing:
         rows = chat_ids(loaded.tok, missing, loaded.post, system)
-        made = greedy_completions(loaded.model, rows, batch_size, loaded.pad)
+        made = greedy_completions(loaded.model, rows, batch_size, loaded.pad, FILTER_TOKENS)
         loaded.completions.update(zip(missing, made, strict=True))
     return [loaded.completions[p] for p in prompts]
 
@@ -277,9 +280,10 @@ def keep_by_behaviour(
     need: int,
     batch_size: int,
 ) -> tuple[list[str], int]:
-    """The first ``need`` prompts whose short greedy completion reads as a refusal
-    (``refused=True``) or not; returns (kept, how many were tried)."""
-    from .select import reads_as_refusal
+    """The first ``need`` prompts whose greedy completion (``FILTER_TOKENS`` long) is judged
+    ``refused`` (``refused=True``) or ``complied`` (broken answers are kept by neither);
+    returns (kept, how many were tried)."""
+    from .refusal import judge
 
     kept: list[str] = []
     tried = 0
@@ -290,7 +294,8 @@ def keep_by_behaviour(
         for prompt, ids in zip(
             chunk, completions_of(loaded, chunk, system, batch_size), strict=True
         ):
-            if reads_as_refusal(loaded.tok.decode(ids, skip_special_tokens=True)) == refused:
+            verdict = judge(loaded.tok.decode(ids, skip_special_tokens=True))
+            if verdict == ("refused" if refused else "complied"):
                 kept.append(prompt)
         if len(kept) >= need:
             break

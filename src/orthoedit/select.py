@@ -21,41 +21,9 @@ import torch
 from .direction import Direction
 from .errors import BadInputError, CheckFailedError
 from .hooks import addition_hooks, plan_hooks
-from .measure import Progress, batched_forward, left_padded, length_sorted_batches
+from .measure import Progress, batched_forward
 from .plan import build_plan
-
-# Openings that read as refusals in English chat models (checked case-insensitively near the
-# start of a completion); they decide which completions count, not which token ids are used.
-REFUSAL_PHRASES = (
-    "i can't",
-    "i cannot",
-    "i can not",
-    "i won't",
-    "i will not",
-    "i'm sorry",
-    "i am sorry",
-    "sorry",
-    "i apologize",
-    "i'm unable",
-    "i am unable",
-    "i'm not able",
-    "i am not able",
-    "as an ai",
-    "i must decline",
-    "i refuse",
-    "cannot help",
-    "can't help",
-    "can't assist",
-    "cannot assist",
-    "not able to help",
-    "won't help",
-    "unable to",
-)
-
-
-def reads_as_refusal(text: str) -> bool:
-    head = text.strip().lower().replace("’", "'")[:80]
-    return any(phrase in head for phrase in REFUSAL_PHRASES)
+from .refusal import reads_as_refusal
 
 
 @torch.no_grad()
@@ -82,22 +50,6 @@ def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
     """Mean KL(base ‖ other) over prompts, from log-probabilities."""
     base, other = base.double(), other.double()
     return float((base.exp() * (base - other)).sum(-1).mean())
-
-
-@torch.no_grad()
-def greedy_completions(model, rows, batch_size: int, pad: int, new_tokens: int = 16):
-    """Token ids of short greedy completions, one list per row."""
-    device = next(model.parameters()).device
-    result: dict[int, list[int]] = {}
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        enc = left_padded([rows[i] for i in batch], pad, device)
-        enc.pop("position_ids")  # generate derives them from the mask
-        ids = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)[
-            :, enc["input_ids"].shape[1] :
-        ]
-        for i, row in zip(batch, ids.cpu().tolist(), strict=True):
-            result[i] = row
-    return [result[i] for i in range(len(rows))]
 
 
 def refusal_tokens(tok, harmful: list[list[int]], harmless: list[list[int]], log) -> list[int]:
