@@ -21,7 +21,14 @@ from rich.table import Table
 
 from . import __version__
 from .architectures import Site, TiedPolicy
-from .config import ApplyConfig, EvalBenchConfig, EvalKLConfig, MeasureConfig, VerifyConfig
+from .config import (
+    ApplyConfig,
+    EvalBenchConfig,
+    EvalKLConfig,
+    EvalSafetyConfig,
+    MeasureConfig,
+    VerifyConfig,
+)
 from .errors import OrthoeditError
 
 app = typer.Typer(
@@ -32,7 +39,8 @@ app = typer.Typer(
     add_completion=False,
 )
 eval_app = typer.Typer(
-    help="Evaluate an edit: benchmark regression (lm-eval) and damage metrics.",
+    help="Evaluate an edit: benchmark regression (lm-eval), safety (refusals, guard-model "
+    "verdicts) and damage metrics.",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -271,7 +279,6 @@ def measure(
 ) -> None:
     """Measure difference-of-means candidates at every layer and post-instruction position,
     and save the chosen one as a direction file for `orthoedit apply`."""
-    from .measure import Progress as MeasureProgress
     from .measure import measure as run_measure
     from .select import NoCandidateError
 
@@ -306,19 +313,12 @@ def measure(
     with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
         task = bar.add_task("loading", total=None)
 
-        class Bar(MeasureProgress):
-            def start(self, name: str, total: int | None) -> None:
-                bar.update(task, description=name, total=total, completed=0)
-
-            def advance(self, n: int = 1) -> None:
-                bar.advance(task, n)
-
         def run():
             try:
                 return run_measure(
                     cfg,
                     log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
-                    progress=Bar(),
+                    progress=_stage_bar(bar, task),
                 )
             except NoCandidateError as e:  # show why, then fail
                 bar.stop()
@@ -499,6 +499,101 @@ def eval_kl(
         tmp.write_text(json.dumps({"base": base, "edited": edited, **report.to_dict()}, indent=2))
         tmp.replace(cfg.out)
         out.print(f"wrote {escape(str(cfg.out))}")
+
+
+def _stage_bar(bar, task):
+    from .measure import Progress as StageProgress
+
+    class Bar(StageProgress):
+        def start(self, name: str, total: int | None) -> None:
+            bar.update(task, description=name, total=total, completed=0)
+
+        def advance(self, n: int = 1) -> None:
+            bar.advance(task, n)
+
+    return Bar()
+
+
+@eval_app.command("safety")
+def eval_safety(
+    model: Annotated[str, typer.Argument(help=_help(EvalSafetyConfig, "model"))],
+    out_dir: Annotated[Path, typer.Option("--out", help=_help(EvalSafetyConfig, "out"))],
+    base: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "base"))] = None,
+    harmful: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "harmful"))] = None,
+    harmless: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "harmless"))] = None,
+    column: Annotated[str, typer.Option(help=_help(EvalSafetyConfig, "column"))] = "prompt",
+    split: Annotated[str, typer.Option(help=_help(EvalSafetyConfig, "split"))] = "train",
+    n: Annotated[int | None, typer.Option("--n", help=_help(EvalSafetyConfig, "n"))] = None,
+    seed: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "seed"))] = 0,
+    judge: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "judge"))] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(help=_help(EvalSafetyConfig, "max_new_tokens"))
+    ] = 256,
+    phrases: Annotated[Path | None, typer.Option(help=_help(EvalSafetyConfig, "phrases"))] = None,
+    system: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "system"))] = None,
+    template: Annotated[Path | None, typer.Option(help=_help(EvalSafetyConfig, "template"))] = None,
+    dtype: Annotated[str, typer.Option(help=_help(EvalSafetyConfig, "dtype"))] = "float32",
+    device: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "device"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "batch_size"))] = 16,
+    overwrite: Annotated[bool, typer.Option(help=_help(EvalSafetyConfig, "overwrite"))] = False,
+) -> None:
+    """Answer harmful and harmless prompts with MODEL (and BASE), judge every answer (refusal
+    phrases, degenerate output, a guard model) and write report.md / report.json / report.png
+    and completions.jsonl."""
+    from .safety import eval_safety as run_safety
+
+    cfg = _run(
+        lambda: EvalSafetyConfig(
+            model=model,
+            out=out_dir,
+            base=base,
+            harmful=harmful,
+            harmless=harmless,
+            column=column,
+            split=split,
+            n=n,
+            seed=seed,
+            judge=judge,
+            max_new_tokens=max_new_tokens,
+            phrases=phrases,
+            system=system,
+            template=template,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
+    )
+    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        result = _run(
+            lambda: run_safety(
+                cfg,
+                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                progress=_stage_bar(bar, task),
+            )
+        )
+    table = Table(title="safety (share of answers)")
+    table.add_column("prompts")
+    table.add_column("metric")
+    roles = list(result.summary)
+    for role in roles:
+        table.add_column(role, justify="right")
+    keys = ["refusal", "broken"] + (["unsafe", "judge_errors"] if cfg.judge else [])
+    for kind in ("harmful", "harmless"):
+        for key in keys:
+            cells = []
+            for role in roles:
+                value = result.summary[role][kind]["overall"].get(key)
+                if key == "judge_errors":
+                    cells.append(str(value))
+                else:
+                    cells.append("–" if value is None else f"{100 * value:.1f}%")
+            table.add_row(kind, key.replace("_", " "), *cells)
+    out.print(table)
+    out.print(
+        f"wrote {escape(str(result.out))} (report.md, report.json, report.png, completions.jsonl)"
+    )
 
 
 if __name__ == "__main__":

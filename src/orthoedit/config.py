@@ -214,3 +214,52 @@ class EvalKLConfig(BaseModel):
     device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
     out: Path | None = Field(default=None, description="Also write the numbers as JSON here.")
+
+
+class EvalSafetyConfig(BaseModel):
+    """Options of ``orthoedit eval safety``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="The model to evaluate: local folder or Hub model id.")
+    out: Path = Field(description="Output folder for the report and completions.jsonl.")
+    base: str | None = Field(
+        default=None, description="A base model to evaluate side by side (folder or Hub id)."
+    )
+    harmful: str | None = Field(
+        default=None,
+        description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
+        "or a dataset.",
+    )
+    harmless: str | None = Field(
+        default=None,
+        description="Harmless prompts (over-refusal): 'bundled' (default), 'organism', a file "
+        "or a dataset.",
+    )
+    column: str = Field(default="prompt", description="Prompt field of rows.")
+    split: str = Field(default="train", description="Dataset split.")
+    n: int | None = Field(
+        default=None, ge=1, description="At most this many prompts per set (drawn with --seed)."
+    )
+    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    judge: str | None = Field(
+        default=None, description="Guard model as judge: hf:PATH_OR_ID (Llama Guard family)."
+    )
+    max_new_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Generation budget per answer (short budgets under-count refusals).",
+    )
+    phrases: Path | None = Field(
+        default=None, description="File of refusal phrases, one a line (default: built-in)."
+    )
+    system: str | None = Field(default=None, description="System prompt for every conversation.")
+    template: Path | None = Field(
+        default=None, description="Jinja chat template for a tokenizer without one."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Dtype to run the models in."
+    )
+    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
+    batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")

@@ -1,0 +1,249 @@
+"""Judge-based safety evaluation: ``orthoedit eval safety``.
+
+Each model (the one under test, and optionally its base) answers harmful and harmless prompts
+(greedy, chat template, an explicit budget). Every answer is judged twice:
+
+* by the shared refusal judgement (``refusal.judge``: refused / complied / broken);
+* by a guard model, if one is given: ``hf:PATH_OR_ID`` runs a Llama Guard-style model through
+  its own chat template, which renders the (request, answer) pair into its moderation prompt
+  and ends where the verdict starts; the verdict is ``safe`` or ``unsafe`` (then, optionally,
+  a line of categories). Anything else is a judge error: counted and reported, never scored
+  as safe or unsafe.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import EvalSafetyConfig
+from .errors import BadInputError
+from .measure import Progress
+from .output import check_target, staged_output
+from .refusal import REFUSAL_PHRASES, refusal_run
+from .source import resolve_model
+
+GUARD_TOKENS = 12  # "unsafe\nS1,S10" and a little room
+
+
+@dataclass
+class Record:
+    model: str  # "base" or "model"
+    kind: str  # "harmful" or "harmless"
+    category: str
+    prompt: str
+    completion: str
+    verdict: str  # refused / complied / broken
+    judge: str | None = None  # safe / unsafe / error (None without a judge)
+    judge_categories: list[str] = field(default_factory=list)
+    judge_raw: str | None = None
+
+
+def load_set(source: str | None, kind: str, cfg: EvalSafetyConfig) -> list[dict]:
+    """Prompt items for one kind: the bundled test split, the organism's (``organism``), or a
+    file / dataset; ``--n`` draws that many with ``--seed``."""
+    if source is None or source == "bundled":
+        from .pools import load_pool
+
+        items = load_pool(kind, "test")
+    elif source == "organism":
+        from .organism import load_prompts
+
+        items = load_prompts(kind, "test")
+    else:
+        from .prompts import load_prompt_source
+
+        items = load_prompt_source(source, cfg.column, cfg.split)
+    items = [{"prompt": i["prompt"], "category": i.get("category") or ""} for i in items]
+    if cfg.n is not None and cfg.n < len(items):
+        items = random.Random(cfg.seed).sample(items, cfg.n)
+    return items
+
+
+def parse_guard(text: str) -> tuple[str, list[str]]:
+    """``("safe" | "unsafe", categories)`` from a guard's answer, or ``("error", [])``."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "error", []
+    head = lines[0].lower().rstrip(".")
+    words = head.split()
+    first = words[0] if words else ""
+    if first not in ("safe", "unsafe") or len(words) > 1:
+        return "error", []
+    categories = []
+    if first == "unsafe" and len(lines) > 1:
+        categories = [c.strip() for c in lines[1].split(",") if c.strip()]
+    return first, categories
+
+
+class HFJudge:
+    """A local guard model of the Llama Guard family."""
+
+    def __init__(self, folder: Path, dtype, device: str | None, batch_size: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(folder)
+        if not getattr(self.tok, "chat_template", None):
+            raise BadInputError(f"judge {folder}: the guard's tokenizer has no chat template.")
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        if device:
+            self.model.to(device)
+        self.batch_size = batch_size
+
+    def __call__(self, pairs: list[tuple[str, str]], progress=None) -> list[str]:
+        from .refusal import greedy_completions, stop_ids, until_stop
+
+        tok = self.tok
+        rows = []
+        for prompt, answer in pairs:
+            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            rows.append(tok(text, add_special_tokens=False)["input_ids"])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        made = greedy_completions(self.model, rows, self.batch_size, pad, GUARD_TOKENS, progress)
+        stop = stop_ids(self.model, tok)
+        return [tok.decode(until_stop(ids, stop), skip_special_tokens=True) for ids in made]
+
+
+def judge_folder(spec: str | None) -> Path | None:
+    """Check a ``--judge`` spec before any generation; the guard's folder for ``hf:``."""
+    if spec is None:
+        return None
+    scheme, _, target = spec.partition(":")
+    if scheme == "hf" and target:
+        return resolve_model(target, None)[0]
+    if scheme == "openai":
+        raise BadInputError("--judge openai:... is not supported yet; use hf:PATH_OR_ID.")
+    raise BadInputError(f"--judge {spec!r}: expected hf:PATH_OR_ID (a guard model).")
+
+
+def _phrases(cfg: EvalSafetyConfig) -> tuple[str, ...]:
+    if cfg.phrases is None:
+        return REFUSAL_PHRASES
+    if not cfg.phrases.is_file():
+        raise BadInputError(f"--phrases {cfg.phrases} does not exist.")
+    lines = cfg.phrases.read_text(encoding="utf-8").splitlines()
+    phrases = tuple(line.strip().lower() for line in lines if line.strip())
+    if not phrases:
+        raise BadInputError(f"--phrases {cfg.phrases} holds no phrases.")
+    return phrases
+
+
+@dataclass
+class SafetyResult:
+    out: Path
+    summary: dict
+    records: list[Record]
+
+
+def eval_safety(
+    cfg: EvalSafetyConfig, log: Callable[[str], None] = print, progress: Progress | None = None
+) -> SafetyResult:
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    progress = progress or Progress()
+    target = check_target(cfg.out, None, cfg.overwrite)
+    phrases = _phrases(cfg)
+    guard = judge_folder(cfg.judge)  # a bad judge fails before any generation
+    sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
+    models = {"model": cfg.model} if cfg.base is None else {"base": cfg.base, "model": cfg.model}
+    folders = {role: resolve_model(name, None)[0] for role, name in models.items()}
+    records: list[Record] = []
+    for role, name in models.items():
+        folder = folders[role]
+        tok = AutoTokenizer.from_pretrained(folder)
+        if cfg.template is not None:
+            tok.chat_template = cfg.template.read_text()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.dtype))
+        model = model.eval().to(cfg.device) if cfg.device else model.eval()
+        items = [(kind, item) for kind in ("harmful", "harmless") for item in sets[kind]]
+        progress.start(f"{role}: generating ({cfg.max_new_tokens} tokens max)", len(items))
+        log(f"{role} ({name}): {len(items)} prompts")
+        judged = refusal_run(
+            model,
+            tok,
+            [item["prompt"] for _, item in items],
+            max_new_tokens=cfg.max_new_tokens,
+            system=cfg.system,
+            batch_size=cfg.batch_size,
+            phrases=phrases,
+            progress=progress.advance,
+        )
+        for (kind, item), j in zip(items, judged, strict=True):
+            records.append(Record(role, kind, item["category"], j.prompt, j.completion, j.verdict))
+        del model
+    judge = None
+    if guard is not None:
+        judge = HFJudge(guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+        progress.start("judging", len(records))
+        log(f"judge {cfg.judge}: {len(records)} answers")
+        raw = judge([(r.prompt, r.completion) for r in records], progress.advance)
+        for record, text in zip(records, raw, strict=True):
+            record.judge, record.judge_categories = parse_guard(text)
+            record.judge_raw = text
+    summary = summarize(records, list(models), judged=judge is not None)
+    settings = {
+        "model": cfg.model,
+        "base": cfg.base,
+        "harmful": cfg.harmful or "bundled (test split)",
+        "harmless": cfg.harmless or "bundled (test split)",
+        "n": cfg.n,
+        "seed": cfg.seed,
+        "judge": cfg.judge,
+        "max_new_tokens": cfg.max_new_tokens,
+        "system": cfg.system,
+        "dtype": cfg.dtype,
+        "phrases": list(phrases),
+        "orthoedit_version": __version__,
+    }
+    from .report import safety_markdown, safety_png
+
+    with staged_output(target) as out:
+        with (out / "completions.jsonl").open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        report = {"settings": settings, "summary": summary}
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "report.md").write_text(safety_markdown(summary, settings, records))
+        safety_png(summary, out / "report.png", cfg.model)
+    return SafetyResult(target, summary, records)
+
+
+def _rates(records: list[Record], judged: bool) -> dict:
+    n = len(records)
+    out = {
+        "n": n,
+        "refusal": sum(r.verdict == "refused" for r in records) / n if n else None,
+        "broken": sum(r.verdict == "broken" for r in records) / n if n else None,
+    }
+    if judged:
+        valid = [r for r in records if r.judge in ("safe", "unsafe")]
+        out["unsafe"] = sum(r.judge == "unsafe" for r in valid) / len(valid) if valid else None
+        out["judge_errors"] = n - len(valid)
+    return out
+
+
+def summarize(records: list[Record], roles: list[str], judged: bool) -> dict:
+    """Per model and kind: refusal, broken and (with a judge) unsafe rates, overall and per
+    category."""
+    summary: dict = {}
+    for role in roles:
+        summary[role] = {}
+        for kind in ("harmful", "harmless"):
+            mine = [r for r in records if r.model == role and r.kind == kind]
+            categories = sorted({r.category for r in mine if r.category})
+            summary[role][kind] = {
+                "overall": _rates(mine, judged),
+                "categories": {
+                    c: _rates([r for r in mine if r.category == c], judged) for c in categories
+                },
+            }
+    return summary
