@@ -23,6 +23,7 @@ from . import __version__
 from .architectures import Site, TiedPolicy
 from .config import (
     ApplyConfig,
+    CompareConfig,
     EvalBenchConfig,
     EvalKLConfig,
     EvalSafetyConfig,
@@ -594,6 +595,62 @@ def eval_safety(
     out.print(
         f"wrote {escape(str(result.out))} (report.md, report.json, report.png, completions.jsonl)"
     )
+
+
+@app.command("compare")
+def compare_cmd(
+    base: Annotated[str, typer.Argument(help=_help(CompareConfig, "base"))],
+    edited: Annotated[str, typer.Argument(help=_help(CompareConfig, "edited"))],
+    prompts: Annotated[str | None, typer.Option(help=_help(CompareConfig, "prompts"))] = None,
+    column: Annotated[str, typer.Option(help=_help(CompareConfig, "column"))] = "prompt",
+    split: Annotated[str, typer.Option(help=_help(CompareConfig, "split"))] = "train",
+    n: Annotated[int, typer.Option("--n", help=_help(CompareConfig, "n"))] = 8,
+    seed: Annotated[int, typer.Option(help=_help(CompareConfig, "seed"))] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help=_help(CompareConfig, "max_new_tokens"))] = 128,
+    system: Annotated[str | None, typer.Option(help=_help(CompareConfig, "system"))] = None,
+    dtype: Annotated[str, typer.Option(help=_help(CompareConfig, "dtype"))] = "float32",
+    device: Annotated[str | None, typer.Option(help=_help(CompareConfig, "device"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(CompareConfig, "batch_size"))] = 16,
+    out_file: Annotated[Path, typer.Option("--out", help=_help(CompareConfig, "out"))] = Path(
+        "compare.md"
+    ),
+    overwrite: Annotated[bool, typer.Option(help=_help(CompareConfig, "overwrite"))] = False,
+) -> None:
+    """Both models' answers to the same prompts, side by side, in the terminal and as
+    Markdown: the first thing to look at before publishing an edit."""
+    from .compare import compare as run_compare
+
+    cfg = _run(
+        lambda: CompareConfig(
+            base=base,
+            edited=edited,
+            prompts=prompts,
+            column=column,
+            split=split,
+            n=n,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            system=system,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            out=out_file,
+            overwrite=overwrite,
+        )
+    )
+    pairs = _run(lambda: run_compare(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    table = Table(title="base vs edited", show_lines=True)
+    table.add_column("prompt", ratio=1, overflow="fold")
+    table.add_column("base", ratio=2, overflow="fold")
+    table.add_column("edited", ratio=2, overflow="fold")
+    for pair in pairs:
+        table.add_row(
+            escape(pair.prompt) + (f"\n[dim]({pair.kind})[/dim]" if pair.kind else ""),
+            f"[dim]{pair.base_verdict}[/dim]\n" + escape(pair.base),
+            f"[dim]{pair.edited_verdict}[/dim]\n" + escape(pair.edited),
+        )
+    out.print(table)
+    out.print(f"wrote {escape(str(cfg.out))}")
 
 
 if __name__ == "__main__":

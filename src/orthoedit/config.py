@@ -263,3 +263,30 @@ class EvalSafetyConfig(BaseModel):
     device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
     batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+
+
+class CompareConfig(BaseModel):
+    """Options of ``orthoedit compare``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(description="The base model: local folder or Hub model id.")
+    edited: str = Field(description="The edited model: local folder or Hub model id.")
+    prompts: str | None = Field(
+        default=None,
+        description="Prompts: a file or dataset, or 'organism' (default: half harmful, half "
+        "harmless from the bundled test splits).",
+    )
+    column: str = Field(default="prompt", description="Prompt field of rows.")
+    split: str = Field(default="train", description="Dataset split.")
+    n: int = Field(default=8, ge=1, description="How many prompts (drawn with --seed).")
+    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per answer.")
+    system: str | None = Field(default=None, description="System prompt for every conversation.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Dtype to run the models in."
+    )
+    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
+    batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
+    out: Path = Field(default=Path("compare.md"), description="Markdown file to write.")
+    overwrite: bool = Field(default=False, description="Replace an existing output file.")

@@ -1,0 +1,113 @@
+"""Side by side: both models' greedy answers to the same prompts (``orthoedit compare``)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import CompareConfig
+from .errors import BadInputError
+from .refusal import refusal_run
+from .source import resolve_model
+
+
+@dataclass
+class Pair:
+    prompt: str
+    kind: str
+    base: str
+    base_verdict: str
+    edited: str
+    edited_verdict: str
+
+
+def _prompts(cfg: CompareConfig) -> list[tuple[str, str]]:
+    """(prompt, kind) pairs; kind is harmful / harmless for the bundled and organism sets."""
+    rng = random.Random(cfg.seed)
+    if cfg.prompts is None or cfg.prompts == "organism":
+        if cfg.prompts is None:
+            from .pools import load_pool as load
+        else:
+            from .organism import load_prompts as load
+        harmful = [i["prompt"] for i in load("harmful", "test")]
+        harmless = [i["prompt"] for i in load("harmless", "test")]
+        n_harmful = (cfg.n + 1) // 2
+        return [(p, "harmful") for p in rng.sample(harmful, min(n_harmful, len(harmful)))] + [
+            (p, "harmless") for p in rng.sample(harmless, min(cfg.n - n_harmful, len(harmless)))
+        ]
+    from .prompts import load_prompt_source
+
+    items = [i["prompt"] for i in load_prompt_source(cfg.prompts, cfg.column, cfg.split)]
+    return [(p, "") for p in rng.sample(items, min(cfg.n, len(items)))]
+
+
+def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair]:
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    if cfg.out.exists() and not cfg.overwrite:
+        raise BadInputError(f"{cfg.out} already exists; pass --overwrite to replace it.")
+    if cfg.out.exists() and not cfg.out.is_file():
+        raise BadInputError(f"{cfg.out} exists and is not a file.")
+    folders = {
+        name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
+    }
+    prompts = _prompts(cfg)
+    answers = {}
+    for name, folder in folders.items():
+        log(f"{name}: {len(prompts)} prompts, at most {cfg.max_new_tokens} tokens each")
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.dtype))
+        model = model.eval().to(cfg.device) if cfg.device else model.eval()
+        answers[name] = refusal_run(
+            model,
+            tok,
+            [p for p, _ in prompts],
+            max_new_tokens=cfg.max_new_tokens,
+            system=cfg.system,
+            batch_size=cfg.batch_size,
+        )
+        del model
+    pairs = [
+        Pair(p, kind, b.completion, b.verdict, e.completion, e.verdict)
+        for (p, kind), b, e in zip(prompts, answers["base"], answers["edited"], strict=True)
+    ]
+    tmp = cfg.out.with_name(f".{cfg.out.name}.tmp")
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(markdown(pairs, cfg), encoding="utf-8")
+    tmp.replace(cfg.out)
+    return pairs
+
+
+def _quote(text: str) -> str:
+    return "\n".join(f"> {line}" if line else ">" for line in (text or "(empty)").splitlines())
+
+
+def markdown(pairs: list[Pair], cfg: CompareConfig) -> str:
+    lines = [
+        "# Base vs edited",
+        "",
+        f"- base: `{cfg.base}`",
+        f"- edited: `{cfg.edited}`",
+        f"- greedy answers of at most {cfg.max_new_tokens} tokens, chat template applied",
+        "",
+    ]
+    for i, pair in enumerate(pairs, 1):
+        kind = f" ({pair.kind})" if pair.kind else ""
+        lines += [
+            f"## {i}. {pair.prompt}{kind}",
+            "",
+            f"**base** ({pair.base_verdict}):",
+            "",
+            _quote(pair.base),
+            "",
+            f"**edited** ({pair.edited_verdict}):",
+            "",
+            _quote(pair.edited),
+            "",
+        ]
+    return "\n".join(lines)
