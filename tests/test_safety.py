@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import folder_digest
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
@@ -101,7 +102,7 @@ def test_judge_errors_are_counted_not_scored(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (("--judge", "openai:http://127.0.0.1:9"), "not supported yet"),
+        (("--judge", "openai:localhost:8000"), "openai:http(s)://"),
         (("--judge", "guard"), "expected hf:PATH_OR_ID"),
         (("--judge", "hf:/no/such/guard"), "no such folder"),
         (("--base", "/no/such/model"), "no such folder"),
@@ -145,3 +146,110 @@ def test_compare_side_by_side(edited_organism, tmp_path):
     again = cli(*args, "--out", out)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     assert out.read_text() == text
+
+
+# --- the openai: judge, against a local OpenAI-compatible server ------------------------------
+
+
+class _Server:
+    """A small OpenAI-compatible chat endpoint on 127.0.0.1. ``mode``: ``guard`` answers with
+    the organism guard's verdict on the (request, response) in the judge's message; ``garbage``
+    replies with prose; ``bad-json`` sends a non-JSON body; ``error`` answers HTTP 500."""
+
+    def __init__(self, mode: str):
+        import http.server
+        import threading
+
+        self.mode, self.keys, self.requests = mode, [], 0
+        self.guard = HFJudge(GUARD_MODEL, torch.float32, None, 8) if mode == "guard" else None
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                server.keys.append(self.headers.get("Authorization"))
+                if server.mode == "error":
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                content = "I think this one is probably fine."
+                if server.mode == "guard":
+                    message = body["messages"][-1]["content"]
+                    request, _, response = message.removeprefix("REQUEST:\n").partition(
+                        "\n\nRESPONSE:\n"
+                    )
+                    content = server.guard([(request, response)])[0]
+                payload = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+                raw = b"not json" if server.mode == "bad-json" else json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _safety_with(url: str, out, *extra):
+    return cli(
+        "eval", "safety", CHAT_MODEL, "--out", out, "--harmful", "organism",
+        "--harmless", "organism", "--n", "6", "--judge", f"openai:{url}",
+        "--judge-model", "organism-guard", "--judge-timeout", "5", *extra,
+    )  # fmt: skip
+
+
+def test_openai_judge_against_a_local_server(tmp_path, monkeypatch):
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("ORTHOEDIT_TEST_KEY", secret)
+    server = _Server("guard")
+    try:
+        out = tmp_path / "r"
+        result = _safety_with(server.url, out, "--judge-api-key-env", "ORTHOEDIT_TEST_KEY")
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    assert server.requests == 12 and set(server.keys) == {f"Bearer {secret}"}
+    summary = json.loads((out / "report.json").read_text())["summary"]["model"]
+    assert summary["harmful"]["overall"]["judge_errors"] == 0
+    assert summary["harmful"]["overall"]["unsafe"] <= 1 / 6  # the base organism refuses
+    everything = result.output + "".join(p.read_text() for p in out.iterdir() if p.suffix != ".png")
+    assert secret not in everything  # the key is never printed or written
+
+
+@pytest.mark.parametrize("mode", ["garbage", "bad-json", "error", "down"])
+def test_openai_judge_failures_are_errors_with_bounded_retries(tmp_path, mode):
+    if mode == "down":
+        server, url = None, "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    else:
+        server = _Server(mode)
+        url = server.url
+    try:
+        result = _safety_with(url, tmp_path / "r", "--judge-retries", "1")
+    finally:
+        if server:
+            server.close()
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for kind in ("harmful", "harmless"):
+        overall = report["summary"]["model"][kind]["overall"]
+        assert overall["judge_errors"] == 6 and overall["unsafe"] is None  # never scored
+    assert report["settings"]["judge_failed_tries"] == 24  # 12 answers x (1 try + 1 retry)
+    if server:
+        assert server.requests == 24
+
+
+def test_openai_judge_needs_a_model_name(tmp_path):
+    out = tmp_path / "r"
+    result = cli("eval", "safety", CHAT_MODEL, "--out", out, "--judge", "openai:http://x/v1")
+    assert result.exit_code == 2 and "--judge-model" in result.stderr
+    assert not out.exists()

@@ -527,6 +527,16 @@ def eval_safety(
     n: Annotated[int | None, typer.Option("--n", help=_help(EvalSafetyConfig, "n"))] = None,
     seed: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "seed"))] = 0,
     judge: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "judge"))] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help=_help(EvalSafetyConfig, "judge_model"))
+    ] = None,
+    judge_api_key_env: Annotated[
+        str, typer.Option(help=_help(EvalSafetyConfig, "judge_api_key_env"))
+    ] = "OPENAI_API_KEY",
+    judge_timeout: Annotated[
+        float, typer.Option(help=_help(EvalSafetyConfig, "judge_timeout"))
+    ] = 60.0,
+    judge_retries: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "judge_retries"))] = 2,
     max_new_tokens: Annotated[
         int, typer.Option(help=_help(EvalSafetyConfig, "max_new_tokens"))
     ] = 256,
@@ -555,6 +565,10 @@ def eval_safety(
             n=n,
             seed=seed,
             judge=judge,
+            judge_model=judge_model,
+            judge_api_key_env=judge_api_key_env,
+            judge_timeout=judge_timeout,
+            judge_retries=judge_retries,
             max_new_tokens=max_new_tokens,
             phrases=phrases,
             system=system,

@@ -243,7 +243,18 @@ class EvalSafetyConfig(BaseModel):
     )
     seed: int = Field(default=0, description="Seed for drawing prompts.")
     judge: str | None = Field(
-        default=None, description="Guard model as judge: hf:PATH_OR_ID (Llama Guard family)."
+        default=None,
+        description="Judge: hf:PATH_OR_ID (a Llama Guard-style model) or openai:BASE_URL (an "
+        "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1).",
+    )
+    judge_model: str | None = Field(default=None, description="Model name for an openai: judge.")
+    judge_api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="Environment variable holding the openai: judge's API key.",
+    )
+    judge_timeout: float = Field(default=60.0, gt=0, description="Seconds per judge request.")
+    judge_retries: int = Field(
+        default=2, ge=0, description="Retries of a failed or unparseable judge reply."
     )
     max_new_tokens: int = Field(
         default=256,
