@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint format demo bench smollm organism clean
+.PHONY: test lint format demo bench bench-measure bench-generate smollm organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ organism: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_apply.py
+
+bench-measure: $(STAMP)
+	$(BIN)/python benchmarks/bench_measure.py
+
+bench-generate: $(STAMP)
+	$(BIN)/python benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/work models
