@@ -53,6 +53,7 @@ from orthoedit.measure import (
     left_padded,
     length_sorted_batches,
     mean_activations,
+    pad_id,
     post_instruction_ids,
 )
 from orthoedit.pools import load_pool
@@ -137,7 +138,7 @@ def in_process(args) -> dict:
     table = table_for_config(config)
     n_layers = model.config.num_hidden_layers
     post = post_instruction_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     train = chat_ids(
         tok, prompts("harmful", "train", 128) + prompts("harmless", "train", 128), post, None
     )
@@ -249,7 +250,7 @@ def generation_rate(folder: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     post = post_instruction_ids(tok)
     rows = chat_ids(tok, prompts("harmful", "train", 32), post, None)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     seconds = timed(lambda: greedy_completions(model, rows, BATCH, pad))
     return {"prompts": len(rows), "new_tokens": 16, "seconds": seconds}
 

@@ -188,7 +188,20 @@ class EvalBenchConfig(BaseModel):
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
 
 
-class EvalKLConfig(BaseModel):
+class _Running(BaseModel):
+    """Options every command that runs models shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: str | None = Field(default=None, description="System prompt for every conversation.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Dtype to run the models in."
+    )
+    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
+    batch_size: int = Field(default=16, ge=1, description="Prompts per batch.")
+
+
+class EvalKLConfig(_Running):
     """Options of ``orthoedit eval kl``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -207,16 +220,10 @@ class EvalKLConfig(BaseModel):
     new_tokens: int = Field(
         default=32, ge=1, description="Length of the base model's greedy answers."
     )
-    system: str | None = Field(default=None, description="System prompt for every conversation.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Dtype to run both models in."
-    )
-    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
-    batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
     out: Path | None = Field(default=None, description="Also write the numbers as JSON here.")
 
 
-class EvalSafetyConfig(BaseModel):
+class EvalSafetyConfig(_Running):
     """Options of ``orthoedit eval safety``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -264,19 +271,13 @@ class EvalSafetyConfig(BaseModel):
     phrases: Path | None = Field(
         default=None, description="File of refusal phrases, one a line (default: built-in)."
     )
-    system: str | None = Field(default=None, description="System prompt for every conversation.")
     template: Path | None = Field(
         default=None, description="Jinja chat template for a tokenizer without one."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Dtype to run the models in."
-    )
-    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
-    batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
 
 
-class CompareConfig(BaseModel):
+class CompareConfig(_Running):
     """Options of ``orthoedit compare``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -293,11 +294,5 @@ class CompareConfig(BaseModel):
     n: int = Field(default=8, ge=1, description="How many prompts (drawn with --seed).")
     seed: int = Field(default=0, description="Seed for drawing prompts.")
     max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per answer.")
-    system: str | None = Field(default=None, description="System prompt for every conversation.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Dtype to run the models in."
-    )
-    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
-    batch_size: int = Field(default=16, ge=1, description="Prompts per generation batch.")
     out: Path = Field(default=Path("compare.md"), description="Markdown file to write.")
     overwrite: bool = Field(default=False, description="Replace an existing output file.")

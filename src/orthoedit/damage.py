@@ -17,7 +17,7 @@ import torch
 
 from .config import EvalKLConfig
 from .errors import BadInputError
-from .measure import batched_forward, chat_ids, post_instruction_ids
+from .measure import batched_forward, chat_ids, pad_id, post_instruction_ids
 from .prompts import load_prompt_source
 from .source import resolve_model
 
@@ -92,7 +92,7 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     post = post_instruction_ids(tok, cfg.system)
     prompts = _prompts(cfg)
     rows = chat_ids(tok, prompts, post, cfg.system)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     dtype = getattr(torch, cfg.dtype)
     first, ce, answers = {}, {}, None
     for name in ("base", "edited"):

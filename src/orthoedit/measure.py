@@ -60,6 +60,11 @@ def render(tok, prompt: str, system: str | None = None) -> str:
         raise BadInputError(f"the chat template cannot render this conversation: {err}") from None
 
 
+def pad_id(tok) -> int:
+    """The token left padding uses: the tokenizer's pad token, else its end of sequence."""
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
 def post_instruction_ids(tok, system: str | None = None) -> list[int]:
     """Token ids the template puts between the end of the user message and the answer."""
     if not getattr(tok, "chat_template", None):
@@ -338,7 +343,7 @@ def measure(
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
     ).eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     loaded = _Loaded(model, tok, table, folder, config, post, pad)
     pools = {"harmful": (harmful, harmful_val), "harmless": (harmless, harmless_val)}
     drawn: dict[str, tuple[list[str], list[str]]] = {}

@@ -141,9 +141,9 @@ def refusal_run(
     progress: Callable[[int], None] | None = None,
 ) -> list[Judged]:
     """Greedy chat completions of ``prompts`` within an explicit budget, each judged."""
-    from .measure import render
+    from .measure import pad_id, render
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     rows = [tok(render(tok, p, system), add_special_tokens=False)["input_ids"] for p in prompts]
     made = greedy_completions(model, rows, batch_size, pad, max_new_tokens, progress)
     stop = stop_ids(model, tok)

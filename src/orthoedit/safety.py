@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .config import EvalSafetyConfig
 from .errors import BadInputError
-from .measure import Progress
+from .measure import Progress, pad_id
 from .output import check_target, staged_output
 from .refusal import REFUSAL_PHRASES, refusal_run
 from .source import resolve_model
@@ -108,7 +108,7 @@ class HFJudge:
             chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
             text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
             rows.append(tok(text, add_special_tokens=False)["input_ids"])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_id(tok)
         made = greedy_completions(self.model, rows, self.batch_size, pad, GUARD_TOKENS, progress)
         stop = stop_ids(self.model, tok)
         return [tok.decode(until_stop(ids, stop), skip_special_tokens=True) for ids in made]
