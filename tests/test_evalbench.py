@@ -245,3 +245,22 @@ def test_eval_kl_identity_damage_and_mismatch(tmp_path, tiny_model):
     assert record["first_token_kl"] > 0.1 and record["cross_entropy"]["delta"] > 0.1
     mismatch = cli("eval", "kl", CHAT_MODEL, tiny_model("llama"))
     assert mismatch.exit_code == 2 and "tokenizers differ" in mismatch.stderr
+
+
+def test_in_process_model_gives_the_same_results(tmp_path):
+    """A model already in memory goes through lm-eval's HF wrapper without a reload, and
+    scores exactly as the same model loaded from its folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orthoedit.evalbench import eval_bench
+
+    model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(CHAT_MODEL)
+    cfg = EvalBenchConfig(
+        base=str(CHAT_MODEL), edited="organism (in memory)", out=tmp_path / "r", tasks=[TASK],
+        limit=30, dtype="float32", offline=True,
+    )  # fmt: skip
+    result = eval_bench(cfg, log=lambda _: None, loaded={"edited": (model, tok)})
+    (row,) = result.rows
+    assert row.base == row.edited and row.base > 0.9
+    assert result.settings["edited"] == "organism (in memory)"

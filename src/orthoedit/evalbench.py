@@ -114,12 +114,24 @@ def task_manager(include: Path, tasks: list[str]):
     return manager
 
 
-def run_lm_eval(cfg: EvalBenchConfig, model: str, tasks: list[str], manager) -> dict:
-    """One ``simple_evaluate`` call; returns its JSON-able results (no per-sample logs)."""
+def run_lm_eval(cfg: EvalBenchConfig, model: str, tasks: list[str], manager, loaded=None) -> dict:
+    """One ``simple_evaluate`` call; returns its JSON-able results (no per-sample logs).
+
+    ``loaded``: an already loaded ``(model, tokenizer)`` to evaluate in process through
+    lm-eval's HF wrapper instead of loading ``model`` again (hf backend only).
+    """
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
     name, args = model_spec(cfg, model)
+    if loaded is not None:
+        from lm_eval.models.huggingface import HFLM
+
+        if cfg.backend != "hf":
+            raise BadInputError("in-process models need the hf backend.")
+        instance, tokenizer = loaded
+        name = HFLM(pretrained=instance, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        args = None
     limit = cfg.limit
     if limit is not None and limit >= 1:
         limit = int(limit)  # a count; below 1 lm-eval reads a fraction
@@ -219,13 +231,20 @@ class BenchResult:
         return [r for r in self.rows if r.regressed]
 
 
-def eval_bench(cfg: EvalBenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+def eval_bench(
+    cfg: EvalBenchConfig, log: Callable[[str], None] = print, loaded: dict | None = None
+) -> BenchResult:
     """Run lm-eval on both models, write the report, and return it (regressions included:
-    the caller decides the exit code)."""
+    the caller decides the exit code). ``loaded`` may map ``"base"`` / ``"edited"`` to a
+    ``(model, tokenizer)`` already in memory, which is evaluated in process (no reload);
+    ``cfg.base`` / ``cfg.edited`` then only name it in the report."""
+    loaded = loaded or {}
     import tempfile
 
     target = check_target(cfg.out, None, cfg.overwrite)
     for name, model in (("base", cfg.base), ("edited", cfg.edited)):
+        if name in loaded:
+            continue
         if _looks_local(model) and not (Path(model) / "config.json").is_file():
             raise BadInputError(f"{name} model {model}: no config.json there.")
     unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks()))
@@ -234,14 +253,17 @@ def eval_bench(cfg: EvalBenchConfig, log: Callable[[str], None] = print) -> Benc
     tasks = list(cfg.tasks or shipped_tasks())
     chat = cfg.chat_template
     if chat is None:
-        chat = _has_chat_template(cfg.base)
+        if "base" in loaded:
+            chat = bool(getattr(loaded["base"][1], "chat_template", None))
+        else:
+            chat = _has_chat_template(cfg.base)
     cfg = cfg.model_copy(update={"chat_template": chat})
     raw = {}
     with tempfile.TemporaryDirectory() as tmp, offline_mode(cfg.offline):
         manager = task_manager(prepare_shipped_tasks(Path(tmp)), tasks)
         for name, model in (("base", cfg.base), ("edited", cfg.edited)):
             log(f"lm-eval on the {name} model ({model}): {', '.join(tasks)}")
-            raw[name] = run_lm_eval(cfg, model, tasks, manager)
+            raw[name] = run_lm_eval(cfg, model, tasks, manager, loaded.get(name))
     rows = compare(raw["base"], raw["edited"], cfg.max_drop, dict(cfg.max_drop_task))
     settings = {
         "base": cfg.base,
