@@ -549,8 +549,7 @@ def eval_safety(
     overwrite: Annotated[bool, typer.Option(help=_help(EvalSafetyConfig, "overwrite"))] = False,
 ) -> None:
     """Answer harmful and harmless prompts with MODEL (and BASE), judge every answer (refusal
-    phrases, degenerate output, a guard model) and write report.md / report.json / report.png
-    and completions.jsonl."""
+    phrases, degenerate output, a guard model) and write a report and every answer."""
     from .safety import eval_safety as run_safety
 
     cfg = _run(

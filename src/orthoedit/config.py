@@ -13,7 +13,7 @@ from .architectures import Site, TiedPolicy
 class ApplyConfig(BaseModel):
     """Options of ``orthoedit apply``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
     direction: Path = Field(
@@ -51,7 +51,7 @@ class ApplyConfig(BaseModel):
 class VerifyConfig(BaseModel):
     """Options of ``orthoedit verify``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     source: str = Field(description="The source model (folder or Hub id) the edit was made from.")
     edited: Path = Field(description="The edited checkpoint folder written by apply.")
@@ -66,7 +66,7 @@ class VerifyConfig(BaseModel):
 class MeasureConfig(BaseModel):
     """Options of ``orthoedit measure``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
     out: Path = Field(description="Output folder for the direction and the candidates.")
@@ -139,7 +139,7 @@ class MeasureConfig(BaseModel):
 class EvalBenchConfig(BaseModel):
     """Options of ``orthoedit eval bench``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     base: str = Field(description="The base model: local folder or Hugging Face Hub model id.")
     edited: str = Field(description="The edited model: local folder or Hub model id.")
@@ -191,7 +191,7 @@ class EvalBenchConfig(BaseModel):
 class _Running(BaseModel):
     """Options every command that runs models shares."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     system: str | None = Field(default=None, description="System prompt for every conversation.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -204,7 +204,7 @@ class _Running(BaseModel):
 class EvalKLConfig(_Running):
     """Options of ``orthoedit eval kl``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     base: str = Field(description="The base model: local folder or Hugging Face Hub model id.")
     edited: str = Field(description="The edited model: local folder or Hub model id.")
@@ -226,7 +226,7 @@ class EvalKLConfig(_Running):
 class EvalSafetyConfig(_Running):
     """Options of ``orthoedit eval safety``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     model: str = Field(description="The model to evaluate: local folder or Hub model id.")
     out: Path = Field(description="Output folder for the report and completions.jsonl.")
@@ -280,7 +280,7 @@ class EvalSafetyConfig(_Running):
 class CompareConfig(_Running):
     """Options of ``orthoedit compare``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     base: str = Field(description="The base model: local folder or Hub model id.")
     edited: str = Field(description="The edited model: local folder or Hub model id.")
