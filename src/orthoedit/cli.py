@@ -666,5 +666,40 @@ def compare_cmd(
     out.print(f"wrote {escape(str(cfg.out))}")
 
 
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder of the run.")],
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="Rerun from this stage on: direction, model, verify, bench, safety."
+        ),
+    ] = None,
+    only: Annotated[str | None, typer.Option(help="Rerun only this stage.")] = None,
+) -> None:
+    """Run a recipe's stages in order (measure or a fixed direction, apply, verify, eval bench,
+    eval safety) into one folder, skipping stages that are up to date; rerunning after an
+    interruption resumes. Exit 1 when verify fails or the benchmark regresses."""
+    from .recipe import run as run_recipe
+
+    state = _run(
+        lambda: run_recipe(
+            recipe,
+            out_dir,
+            start=start,
+            only=only,
+            log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+        )
+    )
+    table = Table(title=f"run: {escape(str(out_dir))}")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("output sha256")
+    for name, stage in state["stages"].items():
+        table.add_row(name, f"{stage['seconds']:.1f}", (stage["outputs"] or "")[:16])
+    out.print(table)
+
+
 if __name__ == "__main__":
     app()

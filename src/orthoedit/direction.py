@@ -126,13 +126,33 @@ def load_direction(
     return Direction(vector, path, sha256_file(path), kind, row, metadata)
 
 
+def save_stable(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.numpy.save_file``, with the header's keys in sorted order: safetensors
+    writes metadata in hash-map order, which changes from one process to the next, and an
+    artifact that is hashed must not."""
+    import json
+
+    from safetensors.numpy import save
+
+    blob = save(tensors, metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    ordered = json.dumps(
+        dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    ordered = ordered.ljust(n)  # same length (same content); spaces are valid padding
+    if len(ordered) != n:
+        raise RuntimeError("safetensors header changed length when sorted")
+    Path(path).write_bytes(blob[:8] + ordered + blob[8 + n :])
+
+
 def save_direction(path: str | Path, vector, metadata: dict | None = None) -> Path:
     """Write a direction artifact (float32 tensor 'direction' + string metadata).
 
     ``vector``: a numpy array or a torch tensor, [d_model] or [n_layers, d_model].
     """
-    from safetensors.numpy import save_file
-
     if hasattr(vector, "detach"):  # a torch tensor
         vector = vector.detach().cpu().double().numpy()
     vector = np.asarray(vector)
@@ -140,5 +160,5 @@ def save_direction(path: str | Path, vector, metadata: dict | None = None) -> Pa
     path = Path(path)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta.setdefault("kind", "single" if vector.ndim == 1 else "per-layer")
-    save_file({"direction": np.ascontiguousarray(vector, dtype=np.float32)}, str(path), meta)
+    save_stable({"direction": np.ascontiguousarray(vector, dtype=np.float32)}, path, meta)
     return path

@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .architectures import table_for_config
 from .config import MeasureConfig
-from .direction import save_direction
+from .direction import save_direction, save_stable
 from .errors import BadInputError
 from .hooks import capture_block_inputs
 from .output import check_target, staged_output
@@ -423,8 +423,6 @@ def measure(
         "thresholds": None if selection is None else selection.thresholds,
         "orthoedit_version": __version__,
     }
-    from safetensors.numpy import save_file
-
     with staged_output(target) as tmp:
         save_direction(tmp / "direction.safetensors", (r / norm).numpy(), meta)
         (tmp / "direction.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -442,9 +440,9 @@ def measure(
             "harmful_mean": means["harmful"],
             "harmless_mean": means["harmless"],
         }
-        save_file(
+        save_stable(
             {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()},
-            str(tmp / "candidates.safetensors"),
+            tmp / "candidates.safetensors",
             {"layer_convention": "input of block i", "position_convention": "p - n_positions"},
         )
     return MeasureResult(target, layer, position, norm, n_pos, record["counts"], selection)

@@ -1,0 +1,305 @@
+"""Recipes and ``orthoedit run``: the stages of a full run, resumable, into one folder.
+
+A recipe is YAML. Its sections are the options of the commands it runs, validated by the
+same pydantic models as the CLI; the run fills in what connects the stages (model, paths):
+
+    model: ./my-model              # folder or Hub id (every stage uses it)
+    revision: null
+    direction: null                # a fixed direction file instead of measuring
+    measure: {n_train: 128}        # orthoedit measure options
+    edit: {sites: [attn, mlp]}     # orthoedit apply options
+    verify: {}                     # orthoedit verify options (null: skip)
+    bench: {tasks: [mmlu]}         # orthoedit eval bench options (null: skip)
+    safety: {judge: hf:...}        # orthoedit eval safety options (null: skip)
+
+Relative paths in a recipe are relative to the recipe's folder. Stages run in order into
+``OUT/direction``, ``OUT/model``, ``OUT/verify.json``, ``OUT/eval/bench``,
+``OUT/eval/safety``; ``OUT/run.json`` records each finished stage with the hash of its inputs
+(its options and the hashes of the outputs it reads) and of its outputs. A stage whose
+recorded inputs and outputs still match is skipped, so a run that was interrupted resumes
+where it stopped; each stage writes through a temporary folder, so an interrupted stage
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+from .config import (
+    ApplyConfig,
+    EvalBenchConfig,
+    EvalSafetyConfig,
+    MeasureConfig,
+    VerifyConfig,
+)
+from .errors import BadInputError, CheckFailedError
+
+STAGES = ("direction", "model", "verify", "bench", "safety")
+SECTIONS = {
+    "measure": (MeasureConfig, {"model", "out", "overwrite", "revision"}),
+    "edit": (ApplyConfig, {"model", "direction", "out", "overwrite", "dry_run", "revision"}),
+    "verify": (VerifyConfig, {"source", "edited", "revision", "report"}),
+    "bench": (EvalBenchConfig, {"base", "edited", "out", "overwrite"}),
+    "safety": (EvalSafetyConfig, {"model", "base", "out", "overwrite"}),
+}
+# Options that may name a file; a relative one is taken relative to the recipe.
+PATH_KEYS = {"harmful", "harmless", "scales", "template", "prompts", "phrases"}
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Folder or Hugging Face Hub model id.")
+    revision: str | None = None
+    direction: str | None = Field(default=None, description="A fixed direction file.")
+    measure: dict = Field(default_factory=dict)
+    edit: dict = Field(default_factory=dict)
+    verify: dict | None = Field(default_factory=dict)
+    bench: dict | None = None
+    safety: dict | None = None
+
+
+def _local(value, base: Path):
+    if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+        return str((base / value).resolve())
+    return value
+
+
+def load_recipe(path: Path) -> tuple[Recipe, Path]:
+    """The validated recipe and its folder; any problem is one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"recipe {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise BadInputError(
+            f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})."
+        ) from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"recipe {path}: expected a mapping of sections.")
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as err:
+        raise BadInputError(f"recipe {path}: {_explain(err, Recipe)}") from None
+    return recipe, path.parent.resolve()
+
+
+def _explain(err: ValidationError, model: type[BaseModel], section: str = "") -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in (section, *first["loc"]) if p != "")
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(model.model_fields))
+        return f"unknown key {where!r} (allowed: {allowed})."
+    return f"{where}: {first['msg']}."
+
+
+def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel | Path]:
+    """Every stage's options, validated now (before anything runs)."""
+    model = _local(recipe.model, base)
+    filled = {
+        "measure": {"model": model, "out": out / "direction", "revision": recipe.revision},
+        "edit": {
+            "model": model,
+            "direction": out / "direction" / "direction.safetensors",
+            "out": out / "model",
+            "revision": recipe.revision,
+        },
+        "verify": {
+            "source": model,
+            "edited": out / "model",
+            "revision": recipe.revision,
+            "report": out / "verify.json",
+        },
+        "bench": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "bench"},
+        "safety": {"model": str(out / "model"), "base": model, "out": out / "eval" / "safety"},
+    }
+    configs: dict[str, BaseModel | Path] = {}
+    for section, (cls, reserved) in SECTIONS.items():
+        options = getattr(recipe, section)
+        if options is None or (section == "measure" and recipe.direction is not None):
+            continue
+        clash = sorted(set(options) & reserved)
+        if clash:
+            raise BadInputError(
+                f"recipe: {section}.{clash[0]} is set by the run (from the recipe's model, "
+                "revision and the output folder); remove it."
+            )
+        local = {k: _local(v, base) if k in PATH_KEYS else v for k, v in options.items()}
+        judge = local.get("judge")
+        if isinstance(judge, str) and judge.startswith("hf:"):
+            local["judge"] = "hf:" + _local(judge[3:], base)
+        if "overwrite" in cls.model_fields:
+            local["overwrite"] = True  # a stage that runs replaces its old output
+        try:
+            cfg = cls(**local, **filled[section])
+        except ValidationError as err:
+            raise BadInputError(f"recipe: {_explain(err, cls, section)}") from None
+        configs[_stage_of(section)] = cfg
+    if recipe.direction is not None:
+        path = Path(_local(recipe.direction, base))
+        if not path.is_file():
+            raise BadInputError(f"recipe: direction file {path} does not exist.")
+        configs["direction"] = path
+    return configs
+
+
+def _stage_of(section: str) -> str:
+    return {"measure": "direction", "edit": "model"}.get(section, section)
+
+
+def _digest(path: Path) -> str | None:
+    """sha256 over a file, or over every file of a folder (relative names and bytes)."""
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with f.open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+OUTPUTS = {
+    "direction": "direction",
+    "model": "model",
+    "verify": "verify.json",
+    "bench": "eval/bench",
+    "safety": "eval/safety",
+}
+UPSTREAM = {"model": ["direction"], "verify": ["model"], "bench": ["model"], "safety": ["model"]}
+
+
+def _inputs_hash(cfg, upstream: dict[str, str | None]) -> str:
+    options = str(cfg) if isinstance(cfg, Path) else cfg.model_dump_json()
+    blob = json.dumps({"options": options, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _write_state(out: Path, state: dict) -> None:
+    tmp = out / ".run.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(out / "run.json")
+
+
+def run(
+    recipe_path: Path,
+    out: Path,
+    *,
+    start: str | None = None,
+    only: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or resume) a recipe; returns run.json's content. Raises CheckFailedError after
+    the last stage when verify failed or the benchmark regressed."""
+    recipe, base = load_recipe(recipe_path)
+    out = Path(out).expanduser().resolve()
+    configs = stage_configs(recipe, base, out)
+    order = [s for s in STAGES if s in configs]
+    for flag, name in (("--from", start), ("--only", only)):
+        if name is not None and name not in order:
+            raise BadInputError(f"{flag} {name}: this recipe's stages are {', '.join(order)}.")
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "run.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    import torch
+    import transformers
+
+    state.update(
+        recipe=str(Path(recipe_path).resolve()),
+        settings=recipe.model_dump(mode="json"),
+        versions={
+            "orthoedit": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    )
+    stages = state.setdefault("stages", {})
+    failures: list[str] = []
+    for name in order:
+        upstream = {u: stages.get(u, {}).get("outputs") for u in UPSTREAM.get(name, [])}
+        inputs = _inputs_hash(configs[name], upstream)
+        target = out / OUTPUTS[name]
+        if only is not None and name != only:
+            if stages.get(name, {}).get("outputs") is None:
+                raise BadInputError(f"--only {only}: stage {name} has not run yet.")
+            continue
+        forced = only == name or (start is not None and order.index(name) >= order.index(start))
+        done = stages.get(name)
+        if (
+            not forced
+            and done
+            and done.get("inputs") == inputs
+            and done.get("outputs") == _digest(target)
+        ):
+            log(f"{name}: up to date, skipped")
+            continue
+        log(f"{name}: running")
+        began = time.perf_counter()
+        result = _run_stage(name, configs[name], target, log)
+        stages[name] = {
+            "inputs": inputs,
+            "outputs": _digest(target),
+            "seconds": round(time.perf_counter() - began, 3),
+            **result,
+        }
+        _write_state(out, state)
+        if result.get("failed"):
+            failures.append(f"{name}: {result['failed']}")
+    _write_state(out, state)
+    if failures:
+        raise CheckFailedError("; ".join(failures) + f" (reports in {out})")
+    return state
+
+
+def _run_stage(name: str, cfg, target: Path, log) -> dict:
+    if name == "direction":
+        if isinstance(cfg, Path):
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            shutil.copyfile(cfg, tmp / "direction.safetensors")
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.replace(target)
+            return {"source": str(cfg)}
+        from .measure import measure
+
+        result = measure(cfg, log=log)
+        return {"layer": result.layer, "position": result.position}
+    if name == "model":
+        from .apply import apply
+
+        plan, _ = apply(cfg)
+        return {"tensors_edited": len(plan.ops)}
+    if name == "verify":
+        from .verify import verify
+
+        report = verify(cfg, log=log)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        tmp.replace(target)
+        return {"passed": report.passed, "failed": "; ".join(report.failures) or None}
+    if name == "bench":
+        from .evalbench import eval_bench
+
+        result = eval_bench(cfg, log=log)
+        names = [f"{r.task} {r.metric}" for r in result.regressions]
+        return {
+            "regressions": names,
+            "failed": ("regression: " + ", ".join(names)) if names else None,
+        }
+    from .safety import eval_safety
+
+    result = eval_safety(cfg, log=log)
+    return {"summary": result.summary}

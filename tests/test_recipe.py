@@ -1,0 +1,112 @@
+"""Recipes and `orthoedit run`: validation, stages, resume, and reproducible artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orthoedit.errors import BadInputError
+from orthoedit.recipe import load_recipe, stage_configs
+from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+ORGANISM = ROOT / "src" / "orthoedit" / "organism"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate(path, tmp_path):
+    recipe, base = load_recipe(path)
+    configs = stage_configs(recipe, base, tmp_path)
+    assert configs  # every section became a validated stage
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("model: m\nfoo: 1\n", "unknown key 'foo' (allowed: bench, direction, edit"),
+        ("model: m\nmeasure: {n_trian: 3}\n", "unknown key 'measure.n_trian' (allowed:"),
+        ("model: m\nmeasure: {n_train: -1}\n", "measure.n_train: Input should be greater"),
+        ("model: m\nedit: {out: x}\n", "edit.out is set by the run"),
+        ("model: m\nbench: {overwrite: true}\n", "bench.overwrite is set by the run"),
+        ("model: m\ndirection: nope.safetensors\n", "direction file"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("model: [unclosed\n", "not valid YAML"),
+        ("measure: {}\n", "model: Field required"),
+    ],
+)
+def test_bad_recipes(tmp_path, text, needle):
+    with pytest.raises(BadInputError, match=None) as info:
+        recipe, base = load_recipe(_write(tmp_path, text))
+        stage_configs(recipe, base, tmp_path / "out")
+    assert needle in str(info.value)
+
+
+def test_run_cli_bad_inputs(tmp_path):
+    missing = cli("run", tmp_path / "none.yaml", "--out", tmp_path / "o")
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    recipe = _write(tmp_path, f"model: {ORGANISM / 'chat'}\nverify: null\n")
+    bad_stage = cli("run", recipe, "--out", tmp_path / "o", "--from", "bench")
+    assert bad_stage.exit_code == 2 and "stages are direction, model" in bad_stage.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_organism_recipe_end_to_end_and_resume(tmp_path):
+    """The shipped offline recipe: every stage runs, the refusal drops as in the organism's
+    card, capability holds; a second run skips everything; --only reruns one stage."""
+    out = tmp_path / "run"
+    first = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out)
+    assert first.exit_code == 0, first.output
+    state = json.loads((out / "run.json").read_text())
+    assert list(state["stages"]) == ["direction", "model", "verify", "bench", "safety"]
+    assert state["stages"]["verify"]["passed"] is True
+    assert state["stages"]["bench"]["regressions"] == []
+    harmful = state["stages"]["safety"]["summary"]
+    assert harmful["base"]["harmful"]["overall"]["refusal"] >= 0.95
+    assert harmful["model"]["harmful"]["overall"]["refusal"] <= 0.05
+    for name in ("direction", "model", "verify.json", "eval/bench", "eval/safety"):
+        assert (out / name).exists(), name
+
+    again = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert again.stderr.count("up to date, skipped") == 5
+    assert json.loads((out / "run.json").read_text())["stages"] == state["stages"]
+
+    only = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out, "--only", "verify")
+    assert only.exit_code == 0, only.output
+    assert "verify: running" in only.stderr and "bench: running" not in only.stderr
+
+
+def test_interrupted_stage_reruns_alone_and_artifacts_are_reproducible(tmp_path):
+    """A stage whose output is gone (an interrupted run) runs again, alone; two runs of the
+    same recipe give byte-identical direction and model shards."""
+    text = (
+        f"model: {ORGANISM / 'chat'}\n"
+        f"measure: {{harmful: {ORGANISM / 'prompts/harmful-train.jsonl'}, "
+        f"harmless: {ORGANISM / 'prompts/harmless-train.jsonl'}, layer: 2, position: -1, "
+        "refusal_tokens: sorry, n_train: 64, n_val: 8}\n"
+        "verify: null\n"
+    )
+    recipe = _write(tmp_path, text)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        result = cli("run", recipe, "--out", out)
+        assert result.exit_code == 0, result.output
+    for name in ("direction/direction.safetensors", "model/model.safetensors"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    shutil.rmtree(runs[0] / "model")  # as if the run had stopped during apply
+    resumed = cli("run", recipe, "--out", runs[0])
+    assert resumed.exit_code == 0, resumed.output
+    assert "direction: up to date, skipped" in resumed.stderr
+    assert "model: running" in resumed.stderr
+    model = runs[0] / "model" / "model.safetensors"
+    assert model.read_bytes() == (runs[1] / "model" / "model.safetensors").read_bytes()
