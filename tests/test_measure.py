@@ -102,6 +102,19 @@ def test_post_instruction_tokens_from_real_templates(name):
         assert ids[-len(post) :] == post
 
 
+def test_dates_in_templates_are_pinned():
+    """Llama 3.x templates print today's date unless ``date_string`` is given; it is, so a
+    rendering (and what is hashed from it) does not change from day to day."""
+    tok = _tokenizer("chatml")
+    tok.chat_template = (  # the date logic of Llama 3.1's template
+        "{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+        "{% endif %}Today Date: {{ date_string }}\n"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    assert render(tok, "hi").startswith("Today Date: 26 Jul 2024\n")
+
+
 def test_template_that_rejects_a_system_prompt():
     tok = _tokenizer("gemma")
     with pytest.raises(BadInputError, match="System role not supported"):

@@ -9,6 +9,7 @@ over harmful and harmless prompts; every (layer, position) difference of means i
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import json
 import random
@@ -44,17 +45,35 @@ class Progress:
         pass
 
 
+# Templates that print today's date (Llama 3.x: "Today Date: ...") see this one instead, so
+# renderings, and everything hashed downstream of them, do not change from day to day. It is
+# the date Llama 3.1's own template falls back to.
+PINNED_DATE = datetime.date(2024, 7, 26)
+
+
+def template_kwargs() -> dict:
+    """Extra chat-template variables: the pinned date as Llama 3's ``date_string``. (A
+    template that calls ``strftime_now`` for itself still sees today: transformers turns
+    template variables into strings, so the function cannot be replaced.)"""
+    return {"date_string": PINNED_DATE.strftime("%d %b %Y")}
+
+
 def render(tok, prompt: str, system: str | None = None) -> str:
     """One user turn (after an optional system prompt) and the generation prompt, as text.
 
     Reasoning models are asked not to think (``enable_thinking=False``, ignored by templates
-    that do not know it), so the first generated token is the answer's.
+    that do not know it), so the first generated token is the answer's. Dates are pinned
+    (``PINNED_DATE``).
     """
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     try:
         return tok.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False
+            messages,
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=False,
+            **template_kwargs(),
         )
     except Exception as err:  # jinja raises for e.g. a system turn the template rejects
         raise BadInputError(f"the chat template cannot render this conversation: {err}") from None

@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .config import EvalSafetyConfig
 from .errors import BadInputError
-from .measure import Progress, pad_id
+from .measure import Progress, pad_id, template_kwargs
 from .output import check_target, staged_output
 from .refusal import REFUSAL_PHRASES, refusal_run
 from .source import resolve_model
@@ -106,7 +106,9 @@ class HFJudge:
         rows = []
         for prompt, answer in pairs:
             chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-            text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=True, **template_kwargs()
+            )
             rows.append(tok(text, add_special_tokens=False)["input_ids"])
         pad = pad_id(tok)
         made = greedy_completions(self.model, rows, self.batch_size, pad, GUARD_TOKENS, progress)

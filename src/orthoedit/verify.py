@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .config import VerifyConfig
 from .errors import BadInputError
 from .hooks import ablation_hooks, contribution_hooks, plan_hooks
+from .measure import render
 from .ortho import unit
 from .plan import Plan, unit_vector
 from .source import read_config, resolve_model
@@ -132,9 +133,7 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     encoded = []
     for text in prompts:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
+            text = render(tokenizer, text)
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         else:
             ids = tokenizer(text, return_tensors="pt")["input_ids"]
