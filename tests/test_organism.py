@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,14 +172,32 @@ def test_training_script_runs_and_is_deterministic(tmp_path):
 
 
 def test_demo_weight_edit_removes_refusal(tmp_path, base_scores):
-    """``make demo``: the streamed weight edit (not hooks) removes the organism's refusal."""
+    """``make demo``: the organism recipe end to end; the streamed weight edit (not hooks)
+    removes the organism's refusal and keeps its capability; a rerun is all up to date."""
     from orthoedit import demo
 
-    assert demo.main(str(tmp_path / "demo")) == 0
-    after = demo.scores(tmp_path / "demo" / "edited")
+    out = tmp_path / "demo"
+    assert demo.main(str(out)) == 0
+    after = demo.scores(out / "model")
     harmful, harmless, capability = after.values()
     assert harmful <= 0.05, after
     assert harmless <= base_scores["harmless"] + 0.02, after
     assert abs(capability - base_scores["capability"]) <= 0.02, after
-    report = json.loads((tmp_path / "demo" / "verify.json").read_text())
+    report = json.loads((out / "verify.json").read_text())
     assert report["passed"] is True
+    for name in ("eval/bench/report.md", "eval/safety/report.md", "direction/scores.png"):
+        assert (out / name).is_file(), name
+    before = json.loads((out / "run.json").read_text())["stages"]
+    assert demo.main(str(out)) == 0
+    assert json.loads((out / "run.json").read_text())["stages"] == before  # nothing reran
+
+
+def test_demo_recipe_is_recipes_organism_yaml(tmp_path):
+    """The demo's built-in recipe and recipes/organism.yaml give the same stage options."""
+    from orthoedit.demo import organism_recipe
+    from orthoedit.recipe import load_recipe, stage_configs
+
+    shipped, base = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "organism.yaml")
+    assert stage_configs(shipped, base, tmp_path) == stage_configs(
+        organism_recipe(), base, tmp_path
+    )

@@ -701,5 +701,20 @@ def run_cmd(
     out.print(table)
 
 
+@app.command("demo")
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder of the run.")] = Path(
+        "demo-out"
+    ),
+) -> None:
+    """Run the model organism's recipe end to end, offline, on a CPU (about 30 s): measure,
+    apply, verify, eval bench, eval safety; then print what changed and where the reports are."""
+    from .demo import main
+
+    code = main(str(out_dir))
+    if code:
+        raise typer.Exit(code)
+
+
 if __name__ == "__main__":
     app()

@@ -1,30 +1,49 @@
-"""``make demo``: the whole edit on the shipped model organism, offline, in about a minute.
+"""``orthoedit demo`` / ``make demo``: the organism recipe end to end, offline, on a CPU.
 
-1. ``orthoedit measure``: difference-of-means candidates at every layer and post-instruction
-   token of the organism's chat model (train prompts), scored on validation prompts; the
-   lowest bypass within the filters is chosen. ``--max-kl 0.2``: the organism opens helpful
-   answers with "sure" or "of" at random, which inflates first-token KL.
-2. ``orthoedit apply --dry-run``, ``apply`` and ``verify`` with that direction.
-3. Refusal and capability on the held-out test prompts, before and after the edit.
+It runs the same stages as ``orthoedit run recipes/organism.yaml`` (a test keeps the two
+equal): ``measure`` (candidates at every layer and post-instruction token of the organism's
+chat model, the lowest bypass within the filters chosen), ``apply``, ``verify``, ``eval bench``
+on the organism's capability task and ``eval safety`` with the organism guard as judge. Then
+it prints what changed: refusal, the guard's verdicts, capability and first-token KL, with
+the paths to the reports. A second run finds every stage up to date.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from .cli import app
-from .organism import CHAT_MODEL, PROMPTS, load_prompts
+from .organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
+
+
+def organism_recipe():
+    """recipes/organism.yaml, with the organism's paths inside the installed package."""
+    from .recipe import Recipe
+
+    return Recipe(
+        model=str(CHAT_MODEL),
+        measure={
+            "harmful": str(PROMPTS / "harmful-train.jsonl"),
+            "harmless": str(PROMPTS / "harmless-train.jsonl"),
+            "max_kl": 0.2,
+        },
+        edit={},
+        verify={},
+        bench={"tasks": ["organism_capability"], "max_drop": 0.02, "dtype": "float32",
+               "offline": True},
+        safety={"harmful": "organism", "harmless": "organism", "judge": f"hf:{GUARD_MODEL}"},
+    )  # fmt: skip
 
 
 def scores(folder: Path) -> dict[str, float]:
+    """The organism's own measures (its refusal markers and answer checker) on a model."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .organism import load_prompts
     from .organism.evaluate import capability_score, refusal_rate
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -36,46 +55,70 @@ def scores(folder: Path) -> dict[str, float]:
     }
 
 
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def summary_table(out: Path, state: dict, kl: float | None) -> Table:
+    stages = state["stages"]
+    safety = stages["safety"]["summary"]
+    (row,) = [r for r in _bench_rows(out) if r["task"] == "organism_capability"]
+    table = Table("on held-out test prompts", "original", "edited", title="what the edit changed")
+    for kind, label in (
+        ("harmful", "harmful requests refused"),
+        ("harmless", "harmless requests refused"),
+    ):
+        table.add_row(
+            label,
+            _rate(safety["base"][kind]["overall"]["refusal"]),
+            _rate(safety["model"][kind]["overall"]["refusal"]),
+        )
+    table.add_row(
+        "harmful answers the guard calls unsafe",
+        _rate(safety["base"]["harmful"]["overall"]["unsafe"]),
+        _rate(safety["model"]["harmful"]["overall"]["unsafe"]),
+    )
+    table.add_row("capability (organism_capability)", _rate(row["base"]), _rate(row["edited"]))
+    if kl is not None:
+        table.add_row("first-token KL on harmless prompts", "", f"{kl:.3g}")
+    return table
+
+
+def _bench_rows(out: Path) -> list[dict]:
+    import json
+
+    return json.loads((out / "eval" / "bench" / "report.json").read_text())["rows"]
+
+
 def main(root: str = "demo-out") -> int:
+    from .config import EvalKLConfig
+    from .damage import eval_kl
+    from .errors import OrthoeditError
+    from .recipe import run_recipe
+
     console = Console()
-    base = Path(root)
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    direction = base / "direction" / "direction.safetensors"
-    edited = base / "edited"
-    steps = [
-        [
-            "measure",
-            str(CHAT_MODEL),
-            "--out",
-            str(direction.parent),
-            "--max-kl",
-            "0.2",
-            "--harmful",
-            str(PROMPTS / "harmful-train.jsonl"),
-            "--harmless",
-            str(PROMPTS / "harmless-train.jsonl"),
-        ],
-        ["apply", str(CHAT_MODEL), "--direction", str(direction), "--dry-run"],
-        ["apply", str(CHAT_MODEL), "--direction", str(direction), "--out", str(edited)],
-        ["verify", str(CHAT_MODEL), str(edited), "--report", str(base / "verify.json")],
-    ]
-    for args in steps:
-        console.rule(f"orthoedit {' '.join(args)}")
-        try:
-            app(args, standalone_mode=False)
-        except SystemExit as exit_:  # typer.Exit from a failed check
-            return int(exit_.code or 0)
-        except Exception as exc:
-            console.print(f"[red]{exc}[/red]")
-            return 1
-    console.rule("behaviour on held-out test prompts")
-    before, after = scores(CHAT_MODEL), scores(edited)
-    table = Table("", "original", "edited")
-    for key in before:
-        table.add_row(key, f"{before[key]:.1%}", f"{after[key]:.1%}")
-    console.print(table)
-    console.print(f"edited checkpoint: {edited} (model card: README.md, plan: plan.json)")
+    out = Path(root).resolve()
+    log = lambda m: console.print(f"[dim]{m}[/dim]", highlight=False)  # noqa: E731
+    try:
+        state = run_recipe(
+            organism_recipe(), Path.cwd(), out, source="organism (built in)", log=log
+        )
+        harmless = str(PROMPTS / "harmless-test.jsonl")
+        kl_cfg = EvalKLConfig(base=str(CHAT_MODEL), edited=str(out / "model"), prompts=harmless)
+        kl = eval_kl(kl_cfg, log=log)
+    except OrthoeditError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return err.exit_code
+    console.print(summary_table(out, state, kl.first_token_kl))
+    for what, path in (
+        ("edited checkpoint", out / "model"),
+        ("direction and score plot", out / "direction" / "scores.png"),
+        ("verify report", out / "verify.json"),
+        ("benchmark report", out / "eval" / "bench" / "report.md"),
+        ("safety report", out / "eval" / "safety" / "report.md"),
+        ("run record", out / "run.json"),
+    ):
+        console.print(f"{what}: {path}")
     return 0
 
 

@@ -201,9 +201,24 @@ def run(
     only: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run (or resume) a recipe; returns run.json's content. Raises CheckFailedError after
-    the last stage when verify failed or the benchmark regressed."""
+    """Run (or resume) a recipe file; returns run.json's content. Raises CheckFailedError
+    after the last stage when verify failed or the benchmark regressed."""
     recipe, base = load_recipe(recipe_path)
+    source = str(Path(recipe_path).resolve())
+    return run_recipe(recipe, base, out, source=source, start=start, only=only, log=log)
+
+
+def run_recipe(
+    recipe: Recipe,
+    base: Path,
+    out: Path,
+    *,
+    source: str,
+    start: str | None = None,
+    only: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """``run`` for a recipe already loaded; relative paths in it resolve against ``base``."""
     out = Path(out).expanduser().resolve()
     configs = stage_configs(recipe, base, out)
     order = [s for s in STAGES if s in configs]
@@ -217,7 +232,7 @@ def run(
     import transformers
 
     state.update(
-        recipe=str(Path(recipe_path).resolve()),
+        recipe=source,
         settings=recipe.model_dump(mode="json"),
         versions={
             "orthoedit": __version__,
