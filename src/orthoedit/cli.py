@@ -683,15 +683,19 @@ def run_cmd(
     interruption resumes. Exit 1 when verify fails or the benchmark regresses."""
     from .recipe import run as run_recipe
 
-    state = _run(
-        lambda: run_recipe(
-            recipe,
-            out_dir,
-            start=start,
-            only=only,
-            log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+    try:
+        state = _run(
+            lambda: run_recipe(
+                recipe,
+                out_dir,
+                start=start,
+                only=only,
+                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+            )
         )
-    )
+    except KeyboardInterrupt:
+        err.print("interrupted: finished stages are kept; run the same command to resume.")
+        raise typer.Exit(130) from None
     table = Table(title=f"run: {escape(str(out_dir))}")
     table.add_column("stage")
     table.add_column("seconds", justify="right")

@@ -226,6 +226,12 @@ def run_recipe(
         if name is not None and name not in order:
             raise BadInputError(f"{flag} {name}: this recipe's stages are {', '.join(order)}.")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (*out.glob(".*.orthoedit-*"), *out.glob(".*.old-*"), *out.glob(".*.tmp")):
+        # left by a run that was killed mid-stage (an interrupt cleans up after itself)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     state_path = out / "run.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     import torch
