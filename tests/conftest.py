@@ -13,6 +13,7 @@ from orthoedit.direction import save_direction
 from orthoedit.tiny import build_tiny_model
 
 D_MODEL = 32
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +50,17 @@ def direction_file(tmp_path_factory) -> Path:
     gen = torch.Generator().manual_seed(1234)
     path = tmp_path_factory.mktemp("direction") / "direction.safetensors"
     return save_direction(path, torch.randn(D_MODEL, generator=gen), {"source": "test"})
+
+
+@pytest.fixture(scope="session")
+def organism_run(tmp_path_factory) -> Path:
+    """recipes/organism.yaml run once, all five stages (about 20 s); read-only for tests, and
+    reruns of it must leave every output as it was."""
+    from orthoedit.recipe import run
+
+    out = tmp_path_factory.mktemp("organism-run") / "run"
+    run(ROOT / "recipes" / "organism.yaml", out, log=lambda m: None)
+    return out
 
 
 def folder_digest(folder: Path) -> str:

@@ -23,7 +23,10 @@ from orthoedit.config import ApplyConfig
 from orthoedit.plan import Plan
 
 BASE = "someone/tiny-llama-chat"
-SOURCE_README = "---\nlicense: other\ntags: [source-only-tag]\n---\n# The source card SRC-MARKER\n"
+SOURCE_README = (
+    "---\nlicense: llama3.2\nlanguage: [en, de]\ntags: [source-only-tag]\n---\n"
+    "# The source card SRC-MARKER\n"
+)
 EXTRA_WEIGHTS = ("pytorch_model.bin", "model.gguf", "consolidated.00.pth")
 COPIED = (
     "tokenizer.json",
@@ -87,7 +90,32 @@ def test_card_front_matter(edited):
     assert meta["library_name"] == "transformers"
     assert "orthoedit" in meta["tags"]
     assert "source-only-tag" not in meta["tags"]
-    assert "license" not in meta or meta["license"] != "other"  # not the source card's header
+    assert meta["license"] == "llama3.2" and meta["language"] == ["en", "de"]  # carried over
+    assert meta["base_model_relation"] == "finetune"
+
+
+def test_card_license_duties(edited):
+    _, body = front_matter((edited / "README.md").read_text())
+    assert "**Built with Llama**" in body  # the display the Llama 3.2 license asks for
+    assert "Llama 3.2 Community License" in body
+    assert "Llama 3.2 is licensed under the Llama 3.2 Community License" in body  # notice
+    assert body.index("## Evaluation") < body.index("## License")
+    assert "orthoedit push --eval" in body  # placeholder until push fills it in
+
+
+def test_card_unknown_or_missing_license(decorated, direction_file, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(decorated, src)
+    (src / "README.md").write_text("---\nlicense: other\nlicense_name: acme-open\n---\nhi\n")
+    apply(ApplyConfig(model=str(src), direction=direction_file, out=tmp_path / "a"))
+    meta, body = front_matter((tmp_path / "a" / "README.md").read_text())
+    assert meta["license"] == "other" and meta["license_name"] == "acme-open"
+    assert "license: `acme-open`" in body and "Built with" not in body
+    (src / "README.md").unlink()
+    apply(ApplyConfig(model=str(src), direction=direction_file, out=tmp_path / "b"))
+    meta, body = front_matter((tmp_path / "b" / "README.md").read_text())
+    assert "license" not in meta
+    assert "not recorded in the source card" in body
 
 
 def test_card_body_records_the_edit(edited, direction_file):
@@ -139,14 +167,16 @@ def test_files_copied_and_skipped(decorated, edited):
         "config.json",
         "README.md",
         "plan.json",
-        "direction.safetensors",
+        "orthoedit",
         *COPIED,
     }
     assert names == expected
+    # the direction sits in a subfolder: no tool may take it for part of the weights
+    assert {p.name for p in (edited / "orthoedit").iterdir()} == {"direction.safetensors"}
 
 
 def test_direction_copy_and_plan(edited, direction_file):
-    assert sha256(edited / "direction.safetensors") == sha256(direction_file)
+    assert sha256(edited / "orthoedit" / "direction.safetensors") == sha256(direction_file)
     plan = Plan.load(edited)
     assert plan.direction_sha256 == sha256(direction_file)
     assert plan.base_model == BASE
@@ -165,9 +195,7 @@ def test_untied_config_and_index(decorated, edited):
     index = json.loads((edited / INDEX_NAME).read_text())
     weight_map = index["weight_map"]
     assert weight_map["lm_head.weight"] == "model-lm_head.safetensors"
-    assert set(weight_map.values()) == {p.name for p in edited.glob("*.safetensors")} - {
-        "direction.safetensors"
-    }
+    assert set(weight_map.values()) == {p.name for p in edited.glob("*.safetensors")}
     ckpt = Checkpoint.open(edited)  # the index agrees with the shards
     assert index["metadata"]["total_size"] == sum(f.size - f.data_start for f in ckpt.files)
     source = Checkpoint.open(decorated)

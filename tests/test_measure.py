@@ -354,6 +354,10 @@ def test_measure_selects_and_organism_end_to_end(tmp_path):
     )
     assert applied.exit_code == 0, applied.output
     assert folder_digest(CHAT_MODEL) == before
+    # measure's record travels with the direction into the checkpoint's orthoedit/ folder
+    assert (edited / "orthoedit" / "direction.json").read_bytes() == (
+        out / "direction.json"
+    ).read_bytes()
     tok = AutoTokenizer.from_pretrained(edited)
     results = {}
     for name, folder in (("base", CHAT_MODEL), ("edited", edited)):

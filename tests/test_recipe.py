@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from orthoedit.errors import BadInputError
+from orthoedit.licenses import name_problem
 from orthoedit.recipe import load_recipe, stage_configs
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -22,6 +24,21 @@ def test_shipped_recipes_validate(path, tmp_path):
     recipe, base = load_recipe(path)
     configs = stage_configs(recipe, base, tmp_path)
     assert configs  # every section became a validated stage
+    text = path.read_text()
+    if "# publish:" not in text:
+        return
+    # The commented-out publish section validates once uncommented, and its repo name keeps
+    # the source license's naming rule.
+    live = tmp_path / path.name
+    head, tail = text.split("# publish:")
+    live.write_text(head + "publish:" + re.sub(r"^# ", "", tail, flags=re.M))
+    recipe, base = load_recipe(live)
+    push = stage_configs(recipe, base, tmp_path)["publish"]
+    assert push.model_dir == tmp_path / "model" and push.eval == tmp_path
+    family = re.match(r"llama-(3\.\d)", path.stem)
+    if family:
+        assert name_problem(push.repo_id, {"license": f"llama{family[1]}"}) is None
+        assert name_problem("me/abliterated-model", {"license": f"llama{family[1]}"})
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -60,12 +77,10 @@ def test_run_cli_bad_inputs(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_organism_recipe_end_to_end_and_resume(tmp_path):
+def test_organism_recipe_end_to_end_and_resume(organism_run):
     """The shipped offline recipe: every stage runs, the refusal drops as in the organism's
     card, capability holds; a second run skips everything; --only reruns one stage."""
-    out = tmp_path / "run"
-    first = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out)
-    assert first.exit_code == 0, first.output
+    out = organism_run
     state = json.loads((out / "run.json").read_text())
     assert list(state["stages"]) == ["direction", "model", "verify", "bench", "safety"]
     assert state["stages"]["verify"]["passed"] is True

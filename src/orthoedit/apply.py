@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .architectures import table_for_config
-from .card import render_card
+from .card import render_card, source_metadata
 from .checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from .config import ApplyConfig
 from .direction import load_direction
@@ -17,6 +17,9 @@ from .plan import Plan, build_plan, load_scales
 from .source import read_config, resolve_model
 from .writer import Progress, stream_edit, total_bytes
 
+#: Where the direction artifact goes in the output: a subfolder, so that no tool takes a
+#: ``direction.safetensors`` at the top level for part of the weights.
+ARTIFACT_DIR = "orthoedit"
 #: Never copied from the source: weights of other formats, and the README the card replaces.
 SKIP_FILES = (*OTHER_WEIGHT_PATTERNS, "*.safetensors", "consolidated.*", "README.md", INDEX_NAME)
 
@@ -82,8 +85,15 @@ def execute(prepared: Prepared, out: Path, overwrite: bool, progress: Progress |
             prepared.folder, tmp, prepared.config, untie=plan.tied and plan.tied_policy == "untie"
         )
         plan.save(tmp)
-        render_card(plan, prepared.direction_path).save(tmp / "README.md")
-        shutil.copyfile(prepared.direction_path, tmp / f"direction{prepared.direction_path.suffix}")
+        meta = source_metadata(prepared.folder)
+        render_card(plan, prepared.direction_path, meta).save(tmp / "README.md")
+        artifacts = tmp / ARTIFACT_DIR
+        artifacts.mkdir()
+        direction = prepared.direction_path
+        shutil.copyfile(direction, artifacts / f"direction{direction.suffix}")
+        record = direction.with_name("direction.json")  # written by measure beside the tensor
+        if record.is_file():
+            shutil.copyfile(record, artifacts / "direction.json")
     return target
 
 

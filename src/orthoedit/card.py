@@ -6,9 +6,19 @@ import platform
 from pathlib import Path
 
 from . import __version__
+from .licenses import terms_for
 from .plan import Plan
 
 TAGS = ["orthoedit", "abliterated", "refusal-direction", "orthogonalized"]
+#: Metadata carried over from the source model's card.
+CARRIED = ("license", "license_name", "license_link", "language")
+#: The evaluation section sits between these; push replaces it with the results.
+EVAL_BEGIN = "<!-- orthoedit:evaluation -->"
+EVAL_END = "<!-- /orthoedit:evaluation -->"
+NOT_EVALUATED = (
+    "Not evaluated in this card yet. `orthoedit push --eval RUN_FOLDER` fills in the benchmark "
+    "and refusal results of `orthoedit eval bench` / `eval safety`."
+)
 
 
 def _site_summary(plan: Plan) -> str:
@@ -23,17 +33,57 @@ def _site_summary(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def render_card(plan: Plan, direction_path: Path):
+def source_metadata(folder: Path) -> dict:
+    """The YAML metadata of the source model's README (empty when it has none)."""
+    from huggingface_hub import metadata_load
+
+    path = folder / "README.md"
+    if not path.is_file():
+        return {}
+    try:
+        return metadata_load(path) or {}
+    except (ValueError, UnicodeDecodeError):  # a malformed header: carry nothing over
+        return {}
+
+
+def license_section(meta: dict) -> str:
+    """What the source license asks of this derivative, in plain words."""
+    terms = terms_for(meta)
+    key = meta.get("license_name") if meta.get("license") == "other" else meta.get("license")
+    if terms is None:
+        named = f"`{key}`" if key else "not recorded in the source card"
+        return (
+            f"The source model's license and terms apply to this checkpoint unchanged (license: "
+            f"{named}). Read them on the source model's page before you use or share it."
+        )
+    link = f" ({terms.link})" if terms.link else ""
+    lines = [
+        f"This checkpoint is a derivative of the source model and is distributed under the "
+        f"source's license, the **{terms.title}**{link}. Its redistribution terms include "
+        "(a summary; the license text binds):",
+        "",
+        *(f"- {d}" for d in terms.duties),
+    ]
+    if terms.notice:
+        lines += ["", "Notice:", "", f"> {terms.notice}"]
+    return "\n".join(lines)
+
+
+def render_card(plan: Plan, direction_path: Path, source_meta: dict | None = None):
     """The card as a huggingface_hub ModelCard (imported here: it is slow to import)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = plan.base_model
+    meta = source_meta or {}
     data = ModelCardData(
         base_model=base,
         base_model_relation="finetune" if base else None,
         library_name="transformers",
+        pipeline_tag="text-generation",
         tags=TAGS,
+        **{k: meta[k] for k in CARRIED if meta.get(k)},
     )
+    terms = terms_for(meta)
     tied = (
         f"tied embeddings, policy `{plan.tied_policy}`"
         + (" (lm_head.weight written as the original embedding)" if plan.write_lm_head else "")
@@ -41,16 +91,17 @@ def render_card(plan: Plan, direction_path: Path):
         else "untied embeddings (no policy needed)"
     )
     source = f"`{plan.source}`" + (f" at revision `{plan.revision}`" if plan.revision else "")
+    display = f"**{terms.display}**\n\n" if terms and terms.display else ""
     body = f"""
 # {Path(plan.source).name} (orthogonalized)
 
-This checkpoint is {source} with one direction removed from every tensor that writes into the
-residual stream, by orthoedit {__version__}. The
+{display}This checkpoint is {source} with one direction removed from every tensor that
+writes into the residual stream, by orthoedit {__version__}. The
 architecture, shapes and dtypes are unchanged; inference costs exactly what the source costs.
 
 **What changed:** no edited layer can write along the direction below, so behaviour that the
 direction mediates (typically refusal) is weakened or removed. Everything else the model does
-may change too; evaluate it before use. The source model's license and terms apply unchanged.
+may change too; evaluate it before use (see Evaluation below).
 
 ## Edit
 
@@ -70,7 +121,127 @@ may change too; evaluate it before use. The source model's license and terms app
 | direction row (per-layer file) | {plan.direction_row if plan.direction_row is not None else "-"} |
 | orthoedit | {__version__} |
 | python | {platform.python_version()} |
+
+## Evaluation
+
+{EVAL_BEGIN}
+{NOT_EVALUATED}
+{EVAL_END}
+
+## License
+
+{license_section(meta)}
 """
     if plan.warnings:
         body += "\n## Warnings at edit time\n\n" + "\n".join(f"- {w}" for w in plan.warnings) + "\n"
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def evaluation_markdown(
+    bench: dict | None, safety: dict | None, verify: dict | None, reports: dict[str, str]
+) -> str:
+    """The card's Evaluation section from the reports of eval bench, eval safety and verify
+    (their report.json / verify.json as written); ``reports`` maps a name to its repo path."""
+    parts = [
+        "The source model and this checkpoint were run on the same prompts and tasks by "
+        "orthoedit; the numbers below come from its reports."
+    ]
+    if safety is not None:
+        summary, settings = safety["summary"], safety["settings"]
+        roles = [r for r in ("base", "model") if r in summary]
+        heads = {"base": "source", "model": "this model"}
+        judged = settings.get("judge") is not None
+        rows = [
+            ("harmful requests refused", "harmful", "refusal"),
+            ("harmless requests refused (over-refusal)", "harmless", "refusal"),
+            ("harmful requests: broken answers", "harmful", "broken"),
+        ]
+        if judged:
+            rows.append(("harmful answers the judge calls unsafe", "harmful", "unsafe"))
+        n = {k: summary[roles[-1]][k]["overall"]["n"] for k in ("harmful", "harmless")}
+        lines = [
+            "### Refusal and safety (`orthoedit eval safety`)",
+            "",
+            "| | " + " | ".join(heads[r] for r in roles) + " |",
+            "|---|" + "---|" * len(roles),
+            *(
+                f"| {label} | "
+                + " | ".join(_pct(summary[r][kind]["overall"].get(key)) for r in roles)
+                + " |"
+                for label, kind, key in rows
+            ),
+            "",
+            f"{n['harmful']} harmful and {n['harmless']} harmless held-out prompts "
+            f"(harmful: {settings['harmful']}; harmless: {settings['harmless']}), greedy "
+            f"answers of at most {settings['max_new_tokens']} tokens with the chat template. "
+            "Refused = a refusal phrase at the start of the answer; broken = empty or "
+            "degenerate output."
+            + (f" Judge: `{settings['judge']}`." if judged else " No judge model was run."),
+        ]
+        parts.append("\n".join(lines))
+    if bench is not None:
+        settings = bench["settings"]
+        lines = [
+            "### Benchmarks (`orthoedit eval bench`, lm-eval)",
+            "",
+            "| task | metric | source | this model | change | ± (stderr) | |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in bench["rows"]:
+            flag = (
+                "**regressed**"
+                if row["regressed"]
+                else ("beyond noise" if row["beyond_noise"] else "within noise")
+            )
+            lines.append(
+                f"| {row['task']} | {row['metric']} | {_num(row['base'])} | "
+                f"{_num(row['edited'])} | {row['delta']:+.4g} | {_num(row['stderr'])} | {flag} |"
+            )
+        limit = settings.get("limit")
+        lines += [
+            "",
+            f"lm-eval {settings.get('lm_eval_version') or ''}, {settings['num_fewshot']}-shot"
+            if settings.get("num_fewshot") is not None
+            else f"lm-eval {settings.get('lm_eval_version') or ''}, default shots",
+        ]
+        lines[-1] += (
+            (f", first {limit} items per task" if limit else ", full tasks")
+            + f", dtype {settings.get('dtype')}, allowed drop {settings.get('max_drop')}"
+            + (", regressions: " + ", ".join(bench["regressions"]) if bench["regressions"]
+               else ", no regression")
+            + "."
+        )  # fmt: skip
+        parts.append("\n".join(lines))
+    if verify is not None:
+        verdict = "passed" if verify.get("passed") else "FAILED: " + "; ".join(verify["failures"])
+        parts.append(
+            "### Exactness (`orthoedit verify`)\n\n"
+            f"Against the source model with the edit applied by run-time hooks, on "
+            f"{verify['prompts']} prompts: max |Δlogit| {_num(verify['max_logit_diff'])}, mean "
+            f"KL {_num(verify['mean_kl'])}, largest remaining component along the direction "
+            f"{_num(verify['max_weight_residual'])} (relative); {verdict}."
+        )
+    if reports:
+        parts.append(
+            "Full reports in this repository: "
+            + ", ".join(f"[{name}]({path})" for name, path in reports.items())
+            + ". The answers themselves are not published."
+        )
+    return "\n\n".join(parts)
+
+
+def with_evaluation(card: str, section: str) -> str:
+    """The card text with its Evaluation section replaced (appended if its markers are gone)."""
+    begin, end = card.find(EVAL_BEGIN), card.find(EVAL_END)
+    block = f"{EVAL_BEGIN}\n{section}\n{EVAL_END}"
+    if begin == -1 or end < begin:
+        return card.rstrip("\n") + f"\n\n## Evaluation\n\n{block}\n"
+    return card[:begin] + block + card[end + len(EVAL_END) :]

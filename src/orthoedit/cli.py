@@ -28,6 +28,7 @@ from .config import (
     EvalKLConfig,
     EvalSafetyConfig,
     MeasureConfig,
+    PushConfig,
     VerifyConfig,
 )
 from .errors import OrthoeditError
@@ -673,14 +674,16 @@ def run_cmd(
     start: Annotated[
         str | None,
         typer.Option(
-            "--from", help="Rerun from this stage on: direction, model, verify, bench, safety."
+            "--from",
+            help="Rerun from this stage on: direction, model, verify, bench, safety, publish.",
         ),
     ] = None,
     only: Annotated[str | None, typer.Option(help="Rerun only this stage.")] = None,
 ) -> None:
     """Run a recipe's stages in order (measure or a fixed direction, apply, verify, eval bench,
-    eval safety) into one folder, skipping stages that are up to date; rerunning after an
-    interruption resumes. Exit 1 when verify fails or the benchmark regresses."""
+    eval safety, push) into one folder, skipping stages that are up to date; rerunning after an
+    interruption resumes. Exit 1 when verify fails or the benchmark regresses (nothing is
+    published then)."""
     from .recipe import run as run_recipe
 
     try:
@@ -703,6 +706,61 @@ def run_cmd(
     for name, stage in state["stages"].items():
         table.add_row(name, f"{stage['seconds']:.1f}", (stage["outputs"] or "")[:16])
     out.print(table)
+
+
+@app.command("push")
+def push_cmd(
+    model_dir: Annotated[Path, typer.Argument(help=_help(PushConfig, "model_dir"))],
+    repo_id: Annotated[str, typer.Argument(help=_help(PushConfig, "repo_id"))],
+    eval_dir: Annotated[Path | None, typer.Option("--eval", help=_help(PushConfig, "eval"))] = None,
+    private: Annotated[bool, typer.Option(help=_help(PushConfig, "private"))] = False,
+    revision: Annotated[str | None, typer.Option(help=_help(PushConfig, "revision"))] = None,
+    method: Annotated[str, typer.Option(help=_help(PushConfig, "method"))] = "auto",
+    message: Annotated[str | None, typer.Option(help=_help(PushConfig, "message"))] = None,
+    dry_run: Annotated[bool, typer.Option(help=_help(PushConfig, "dry_run"))] = False,
+    ignore_license_name: Annotated[
+        bool, typer.Option(help=_help(PushConfig, "ignore_license_name"))
+    ] = False,
+) -> None:
+    """Publish an edited checkpoint to the Hugging Face Hub: weights, config, tokenizer, the
+    card (with evaluation results from --eval) and the direction under orthoedit/. The token
+    comes from HF_TOKEN or `hf auth login`. Exit 1 when the upload breaks off (rerun to
+    resume), 2 for bad input."""
+    from .publish import push
+
+    cfg = _run(
+        lambda: PushConfig(
+            model_dir=model_dir,
+            repo_id=repo_id,
+            eval=eval_dir,
+            private=private,
+            revision=revision,
+            method=method,
+            message=message,
+            dry_run=dry_run,
+            ignore_license_name=ignore_license_name,
+        )
+    )
+    log = lambda m: err.print(f"[dim]{escape(m)}[/dim]", highlight=False)  # noqa: E731
+    result = _run(lambda: push(cfg, log=log))
+    plan = result.plan
+    if dry_run:
+        table = Table(title=f"{plan.repo_id} @ {plan.revision} ({plan.method}), not uploaded")
+        table.add_column("path in repo")
+        table.add_column("bytes", justify="right")
+        table.add_column("from")
+        for item in plan.items:
+            table.add_row(escape(item.path_in_repo), f"{item.size:,}", escape(item.origin))
+        out.print(table)
+        out.print(f"{len(plan.items)} files, {plan.total:,} bytes. The card (README.md):")
+        out.print(plan.card, markup=False, highlight=False, soft_wrap=True)
+        return
+    for path in result.deleted:
+        log(f"deleted stale {path}")
+    out.print(
+        f"pushed {len(plan.items)} files ({plan.total / 1e9:.2f} GB) to {escape(plan.repo_id)} "
+        f"@ {escape(plan.revision)}: {escape(result.url or '')}"
+    )
 
 
 @app.command("demo")

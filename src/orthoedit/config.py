@@ -296,3 +296,36 @@ class CompareConfig(_Running):
     max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per answer.")
     out: Path = Field(default=Path("compare.md"), description="Markdown file to write.")
     overwrite: bool = Field(default=False, description="Replace an existing output file.")
+
+
+class PushConfig(BaseModel):
+    """Options of ``orthoedit push``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    model_dir: Path = Field(description="The edited checkpoint folder written by apply.")
+    repo_id: str = Field(description="Hub model repo to publish to, e.g. you/My-Model-orthoedit.")
+    eval: Path | None = Field(
+        default=None,
+        description="A run folder (or its eval/ folder): the results of eval bench, eval "
+        "safety and verify go into the card, the reports into orthoedit/ in the repo.",
+    )
+    private: bool = Field(
+        default=False, description="Create the repo private (an existing repo keeps its own)."
+    )
+    revision: str | None = Field(
+        default=None, description="Branch to push to, created if missing (default: main)."
+    )
+    method: Literal["auto", "commit", "large"] = Field(
+        default="auto",
+        description="commit: one atomic commit (upload_folder style); large: resumable, in "
+        "several commits (upload_large_folder); auto: large above 10 GB.",
+    )
+    message: str | None = Field(default=None, description="Commit message.")
+    dry_run: bool = Field(
+        default=False, description="List the files and print the card; no network, no writes."
+    )
+    ignore_license_name: bool = Field(
+        default=False,
+        description="Push even though the repo name breaks the source license's naming rule.",
+    )

@@ -19,3 +19,9 @@ class CheckFailedError(OrthoeditError):
     """A check ran and its result is outside tolerance (verify, regression gates)."""
 
     exit_code = 1
+
+
+class RemoteError(OrthoeditError):
+    """The Hub (or the network) failed part-way; running the command again resumes."""
+
+    exit_code = 1

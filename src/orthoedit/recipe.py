@@ -11,14 +11,16 @@ same pydantic models as the CLI; the run fills in what connects the stages (mode
     verify: {}                     # orthoedit verify options (null: skip)
     bench: {tasks: [mmlu]}         # orthoedit eval bench options (null: skip)
     safety: {judge: hf:...}        # orthoedit eval safety options (null: skip)
+    publish: {repo_id: you/name}   # orthoedit push options (null: skip)
 
 Relative paths in a recipe are relative to the recipe's folder. Stages run in order into
 ``OUT/direction``, ``OUT/model``, ``OUT/verify.json``, ``OUT/eval/bench``,
-``OUT/eval/safety``; ``OUT/run.json`` records each finished stage with the hash of its inputs
-(its options and the hashes of the outputs it reads) and of its outputs. A stage whose
-recorded inputs and outputs still match is skipped, so a run that was interrupted resumes
-where it stopped; each stage writes through a temporary folder, so an interrupted stage
-leaves nothing half-written.
+``OUT/eval/safety``, ``OUT/publish.json``; ``OUT/run.json`` records each finished stage with
+the hash of its inputs (its options and the hashes of the outputs it reads) and of its
+outputs. A stage whose recorded inputs and outputs still match is skipped, so a run that was
+interrupted resumes where it stopped; each stage writes through a temporary folder, so an
+interrupted stage leaves nothing half-written. The publish stage runs only when verify
+passed and the benchmark did not regress.
 """
 
 from __future__ import annotations
@@ -39,17 +41,19 @@ from .config import (
     EvalBenchConfig,
     EvalSafetyConfig,
     MeasureConfig,
+    PushConfig,
     VerifyConfig,
 )
 from .errors import BadInputError, CheckFailedError
 
-STAGES = ("direction", "model", "verify", "bench", "safety")
+STAGES = ("direction", "model", "verify", "bench", "safety", "publish")
 SECTIONS = {
     "measure": (MeasureConfig, {"model", "out", "overwrite", "revision"}),
     "edit": (ApplyConfig, {"model", "direction", "out", "overwrite", "dry_run", "revision"}),
     "verify": (VerifyConfig, {"source", "edited", "revision", "report"}),
     "bench": (EvalBenchConfig, {"base", "edited", "out", "overwrite"}),
     "safety": (EvalSafetyConfig, {"model", "base", "out", "overwrite"}),
+    "publish": (PushConfig, {"model_dir", "eval"}),
 }
 # Options that may name a file; a relative one is taken relative to the recipe.
 PATH_KEYS = {"harmful", "harmless", "scales", "template", "prompts", "phrases"}
@@ -66,6 +70,7 @@ class Recipe(BaseModel):
     verify: dict | None = Field(default_factory=dict)
     bench: dict | None = None
     safety: dict | None = None
+    publish: dict | None = None
 
 
 def _local(value, base: Path):
@@ -122,6 +127,10 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
         },
         "bench": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "bench"},
         "safety": {"model": str(out / "model"), "base": model, "out": out / "eval" / "safety"},
+        "publish": {
+            "model_dir": out / "model",
+            "eval": out if any(getattr(recipe, s) is not None for s in EVALUATED) else None,
+        },
     }
     configs: dict[str, BaseModel | Path] = {}
     for section, (cls, reserved) in SECTIONS.items():
@@ -153,6 +162,9 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
     return configs
 
 
+EVALUATED = ("verify", "bench", "safety")
+
+
 def _stage_of(section: str) -> str:
     return {"measure": "direction", "edit": "model"}.get(section, section)
 
@@ -177,8 +189,15 @@ OUTPUTS = {
     "verify": "verify.json",
     "bench": "eval/bench",
     "safety": "eval/safety",
+    "publish": "publish.json",
 }
-UPSTREAM = {"model": ["direction"], "verify": ["model"], "bench": ["model"], "safety": ["model"]}
+UPSTREAM = {
+    "model": ["direction"],
+    "verify": ["model"],
+    "bench": ["model"],
+    "safety": ["model"],
+    "publish": ["model", *EVALUATED],
+}
 
 
 def _inputs_hash(cfg, upstream: dict[str, str | None]) -> str:
@@ -252,12 +271,14 @@ def run_recipe(
         upstream = {u: stages.get(u, {}).get("outputs") for u in UPSTREAM.get(name, [])}
         inputs = _inputs_hash(configs[name], upstream)
         target = out / OUTPUTS[name]
+        done = stages.get(name)
         if only is not None and name != only:
-            if stages.get(name, {}).get("outputs") is None:
+            if order.index(name) < order.index(only) and (done or {}).get("outputs") is None:
                 raise BadInputError(f"--only {only}: stage {name} has not run yet.")
+            if done and done.get("failed"):
+                failures.append(f"{name}: {done['failed']}")
             continue
         forced = only == name or (start is not None and order.index(name) >= order.index(start))
-        done = stages.get(name)
         if (
             not forced
             and done
@@ -265,6 +286,11 @@ def run_recipe(
             and done.get("outputs") == _digest(target)
         ):
             log(f"{name}: up to date, skipped")
+            if done.get("failed"):  # a failed check stays failed until its inputs change
+                failures.append(f"{name}: {done['failed']}")
+            continue
+        if name == "publish" and failures:
+            log("publish: not run, since " + "; ".join(failures))
             continue
         log(f"{name}: running")
         began = time.perf_counter()
@@ -320,7 +346,15 @@ def _run_stage(name: str, cfg, target: Path, log) -> dict:
             "regressions": names,
             "failed": ("regression: " + ", ".join(names)) if names else None,
         }
-    from .safety import eval_safety
+    if name == "safety":
+        from .safety import eval_safety
 
-    result = eval_safety(cfg, log=log)
-    return {"summary": result.summary}
+        result = eval_safety(cfg, log=log)
+        return {"summary": result.summary}
+    from .publish import push
+
+    pushed = push(cfg, log=log)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(pushed.record(), indent=2) + "\n")
+    tmp.replace(target)
+    return {"url": pushed.url, "dry_run": cfg.dry_run}
