@@ -1,10 +1,12 @@
 """Slow (``make test-slow``): interrupt ``orthoedit run`` at every stage, with SIGINT and with
 SIGKILL, then run it again. The second run redoes only what had not finished, and the final
-artifacts equal those of an uninterrupted run."""
+artifacts equal those of an uninterrupted run. The publish stage pushes to a local Hub
+stand-in (tests/hubstub.py) that the subprocesses reach through HF_ENDPOINT."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hubstub import FAKE_TOKEN, HubStub
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
 from orthoedit.recipe import STAGES
 
@@ -30,13 +33,36 @@ def _recipe(tmp_path: Path) -> Path:
         "verify: {}\n"
         "bench: {tasks: [organism_capability], limit: 40, dtype: float32, offline: true}\n"
         f"safety: {{harmful: organism, harmless: organism, n: 24, judge: 'hf:{GUARD_MODEL}'}}\n"
+        "publish: {repo_id: acme/organism-orthoedit}\n"
     )
     return path
 
 
+ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hub(tmp_path_factory):
+    """A Hub stand-in for the publish stage, reached by the subprocesses through the env."""
+    stub = HubStub(token=FAKE_TOKEN).start()
+    ENV.update(
+        os.environ,
+        HF_ENDPOINT=stub.endpoint,
+        HF_TOKEN=FAKE_TOKEN,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(tmp_path_factory.mktemp("hf_home")),
+    )
+    yield stub
+    stub.stop()
+
+
 def _run(recipe: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [ORTHOEDIT, "run", recipe, "--out", out], capture_output=True, text=True, timeout=600
+        [ORTHOEDIT, "run", recipe, "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
     )
 
 
@@ -51,13 +77,17 @@ def _artifacts(out: Path) -> dict:
         "verify": json.loads((out / "verify.json").read_text())["passed"],
         "bench": [(r["task"], r["metric"], r["base"], r["edited"]) for r in bench["rows"]],
         "safety": safety["summary"],
+        "published": {  # names, and sizes where no report records the run's own path
+            k: None if k.startswith(("orthoedit/eval/", "orthoedit/verify")) else v
+            for k, v in json.loads((out / "publish.json").read_text())["files"].items()
+        },
     }
 
 
 def _interrupt(recipe: Path, out: Path, stage: str, sig: int) -> set[str]:
     """Start a run, send ``sig`` once ``stage`` has started; the stages it had finished."""
     proc = subprocess.Popen(
-        [ORTHOEDIT, "run", recipe, "--out", out], stderr=subprocess.PIPE, text=True
+        [ORTHOEDIT, "run", recipe, "--out", out], stderr=subprocess.PIPE, text=True, env=ENV
     )
     for line in proc.stderr:
         if f"{stage}: running" in line:
