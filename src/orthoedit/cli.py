@@ -23,12 +23,14 @@ from . import __version__
 from .architectures import Site, TiedPolicy
 from .config import (
     ApplyConfig,
+    AttributeConfig,
     CompareConfig,
     EvalBenchConfig,
     EvalKLConfig,
     EvalSafetyConfig,
     MeasureConfig,
     PushConfig,
+    StudySitesConfig,
     VerifyConfig,
 )
 from .errors import OrthoeditError
@@ -776,6 +778,201 @@ def demo_cmd(
     code = main(str(out_dir))
     if code:
         raise typer.Exit(code)
+
+
+study_app = typer.Typer(help="Research: where refusal lives.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+def _sites_table(result) -> Table:
+    judged = any(o.unsafe is not None for o in result.outcomes)
+    table = Table(
+        title="removing the direction at each set of sites",
+        caption="log-odds: refusal, harmful prompts; share: of the full run-time effect; "
+        "KL: first token, harmless prompts. all = residual+attn+mlp at run time, "
+        "embed+attn+mlp as a weight edit",
+    )
+    heads = ["condition", "sites", "log-odds", "Δ", "share", "refusal"]
+    heads += ["unsafe"] if judged else []
+    for name in [*heads, "KL"]:
+        left = name in ("condition", "sites")
+        table.add_column(name, justify="left" if left else "right", no_wrap=left)
+    for o in result.outcomes:
+        sites = "–" if o.kind == "baseline" else o.name
+        if not o.applicable:
+            table.add_row(o.kind, sites, *["n/a"] * (len(heads) - 1))
+            continue
+        share = "–" if o.share is None else f"{100 * o.share:.0f}%"
+        cells = [f"{o.log_odds:.3f}", f"{o.delta:+.3f}", share, f"{100 * o.refusal:.1f}%"]
+        if judged:
+            cells.append("–" if o.unsafe is None else f"{100 * o.unsafe:.1f}%")
+        table.add_row(o.kind, sites, *cells, f"{o.kl:.4f}")
+    return table
+
+
+@study_app.command("sites")
+def study_sites(
+    model: Annotated[str, typer.Argument(help=_help(StudySitesConfig, "model"))],
+    direction: Annotated[Path, typer.Option(help=_help(StudySitesConfig, "direction"))],
+    out_dir: Annotated[Path, typer.Option("--out", help=_help(StudySitesConfig, "out"))],
+    direction_layer: Annotated[
+        int | None, typer.Option(help=_help(StudySitesConfig, "direction_layer"))
+    ] = None,
+    harmful: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "harmful"))] = None,
+    harmless: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "harmless"))] = None,
+    column: Annotated[str, typer.Option(help=_help(StudySitesConfig, "column"))] = "prompt",
+    split: Annotated[str, typer.Option(help=_help(StudySitesConfig, "split"))] = "train",
+    n: Annotated[int, typer.Option("--n", help=_help(StudySitesConfig, "n"))] = 64,
+    seed: Annotated[int, typer.Option(help=_help(StudySitesConfig, "seed"))] = 0,
+    refusal_tokens: Annotated[
+        str | None, typer.Option(help=_help(StudySitesConfig, "refusal_tokens"))
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(help=_help(StudySitesConfig, "max_new_tokens"))
+    ] = 64,
+    judge: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "judge"))] = None,
+    system: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "system"))] = None,
+    template: Annotated[Path | None, typer.Option(help=_help(StudySitesConfig, "template"))] = None,
+    revision: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "revision"))] = None,
+    dtype: Annotated[str, typer.Option(help=_help(StudySitesConfig, "dtype"))] = "float32",
+    device: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "device"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(StudySitesConfig, "batch_size"))] = 16,
+    overwrite: Annotated[bool, typer.Option(help=_help(StudySitesConfig, "overwrite"))] = False,
+) -> None:
+    """Which sites must lose the direction to remove refusal: baseline, run-time ablation at
+    the block inputs, attention outputs, MLP outputs or all three, and the weight edits
+    apply would make (embed, attn, mlp, all); refusal log-odds, refusal rate and KL of each."""
+    from .study import study_sites as run_study
+
+    cfg = _run(
+        lambda: StudySitesConfig(
+            model=model,
+            direction=direction,
+            out=out_dir,
+            direction_layer=direction_layer,
+            harmful=harmful,
+            harmless=harmless,
+            column=column,
+            split=split,
+            n=n,
+            seed=seed,
+            refusal_tokens=refusal_tokens,
+            max_new_tokens=max_new_tokens,
+            judge=judge,
+            system=system,
+            template=template,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
+    )
+    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        result = _run(
+            lambda: run_study(
+                cfg,
+                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                progress=_stage_bar(bar, task),
+            )
+        )
+    out.print(_sites_table(result))
+    out.print(escape(result.finding), soft_wrap=True)
+    folder = escape(str(result.out))
+    out.print(f"wrote {folder}/sites.json, {folder}/sites.md, {folder}/sites.png")
+
+
+@app.command("attribute")
+def attribute_cmd(
+    model: Annotated[str, typer.Argument(help=_help(AttributeConfig, "model"))],
+    direction: Annotated[Path, typer.Option(help=_help(AttributeConfig, "direction"))],
+    out_dir: Annotated[Path, typer.Option("--out", help=_help(AttributeConfig, "out"))],
+    direction_layer: Annotated[
+        int | None, typer.Option(help=_help(AttributeConfig, "direction_layer"))
+    ] = None,
+    harmful: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "harmful"))] = None,
+    harmless: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "harmless"))] = None,
+    column: Annotated[str, typer.Option(help=_help(AttributeConfig, "column"))] = "prompt",
+    split: Annotated[str, typer.Option(help=_help(AttributeConfig, "split"))] = "train",
+    n: Annotated[int, typer.Option("--n", help=_help(AttributeConfig, "n"))] = 64,
+    seed: Annotated[int, typer.Option(help=_help(AttributeConfig, "seed"))] = 0,
+    refusal_tokens: Annotated[
+        str | None, typer.Option(help=_help(AttributeConfig, "refusal_tokens"))
+    ] = None,
+    steps: Annotated[int, typer.Option(help=_help(AttributeConfig, "steps"))] = 4,
+    top: Annotated[int, typer.Option(help=_help(AttributeConfig, "top"))] = 10,
+    cumulative: Annotated[int, typer.Option(help=_help(AttributeConfig, "cumulative"))] = 30,
+    system: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "system"))] = None,
+    template: Annotated[Path | None, typer.Option(help=_help(AttributeConfig, "template"))] = None,
+    revision: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "revision"))] = None,
+    dtype: Annotated[str, typer.Option(help=_help(AttributeConfig, "dtype"))] = "float32",
+    device: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "device"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(AttributeConfig, "batch_size"))] = 16,
+    overwrite: Annotated[bool, typer.Option(help=_help(AttributeConfig, "overwrite"))] = False,
+) -> None:
+    """Which residual writers carry refusal: every embedding, attention head and MLP at the
+    last prompt token, ranked by the first-order change of the refusal log-odds when patched
+    from the harmful to the harmless mean, the top ones checked by real patching, with the
+    cumulative curve and a layer x head map."""
+    from .attribute import attribute
+
+    cfg = _run(
+        lambda: AttributeConfig(
+            model=model,
+            direction=direction,
+            out=out_dir,
+            direction_layer=direction_layer,
+            harmful=harmful,
+            harmless=harmless,
+            column=column,
+            split=split,
+            n=n,
+            seed=seed,
+            refusal_tokens=refusal_tokens,
+            steps=steps,
+            top=top,
+            cumulative=cumulative,
+            system=system,
+            template=template,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
+    )
+    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        result = _run(
+            lambda: attribute(
+                cfg,
+                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                progress=_stage_bar(bar, task),
+            )
+        )
+    table = Table(title="change of refusal log-odds when patched: largest estimates, checked")
+    columns = ("component", "integrated", "first order", "patched", "proj. harmful",
+               "proj. harmless")  # fmt: skip
+    for name in columns:
+        table.add_column(name, justify="left" if name == "component" else "right")
+    for c in sorted(result.components, key=lambda c: -abs(c.estimate))[: max(10, cfg.top)]:
+        patched = "–" if c.patched is None else f"{c.patched:+.3f}"
+        table.add_row(
+            c.name,
+            f"{c.estimate:+.3f}",
+            f"{c.first_order:+.3f}",
+            patched,
+            f"{c.harmful_proj:+.3f}",
+            f"{c.harmless_proj:+.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"harmful {result.baseline:.3f}, harmless {result.harmless:.3f}, direction ablated "
+        f"{result.ablated:.3f} (refusal log-odds)"
+    )
+    folder = escape(str(result.out))
+    out.print(f"wrote {folder}/attribution.md, attribution.json, cumulative.png, heads.png")
 
 
 if __name__ == "__main__":

@@ -329,3 +329,103 @@ class PushConfig(BaseModel):
         default=False,
         description="Push even though the repo name breaks the source license's naming rule.",
     )
+
+
+class AttributeConfig(_Running):
+    """Options of ``orthoedit attribute``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    direction: Path = Field(description="Direction file, as for apply.")
+    out: Path = Field(description="Output folder for attribution.md/.json and the plots.")
+    direction_layer: int | None = Field(
+        default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
+    )
+    harmful: str | None = Field(
+        default=None,
+        description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
+        "or a dataset.",
+    )
+    harmless: str | None = Field(
+        default=None,
+        description="Harmless prompts: 'bundled' (default), 'organism', a file or a dataset.",
+    )
+    column: str = Field(default="prompt", description="Prompt field of rows.")
+    split: str = Field(default="train", description="Dataset split.")
+    n: int | None = Field(
+        default=64, ge=2, description="At most this many prompts per set (drawn with --seed)."
+    )
+    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    refusal_tokens: str | None = Field(
+        default=None,
+        description="Comma-separated refusal tokens (default: measure's, from scores.json "
+        "beside the direction, else derived from the model's own refusals).",
+    )
+    steps: int = Field(
+        default=4,
+        ge=0,
+        description="Points of the harmful-to-harmless path where the gradient is averaged "
+        "(integrated gradients); 0 = the gradient at the harmful activations only.",
+    )
+    top: int = Field(
+        default=10, ge=0, description="Check this many top components by real patching."
+    )
+    cumulative: int = Field(
+        default=30, ge=1, description="Longest prefix of the ranking patched together."
+    )
+    template: Path | None = Field(
+        default=None, description="Jinja chat template to use instead of the tokenizer's."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+
+
+class StudySitesConfig(_Running):
+    """Options of ``orthoedit study sites``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    direction: Path = Field(
+        description="Direction file, as for apply: .safetensors (tensor 'direction'), .pt or "
+        ".npy; [d_model] or [n_layers, d_model]."
+    )
+    out: Path = Field(description="Output folder for sites.json, sites.md and sites.png.")
+    direction_layer: int | None = Field(
+        default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
+    )
+    harmful: str | None = Field(
+        default=None,
+        description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
+        "(e.g. measure's val-harmful.jsonl) or a dataset.",
+    )
+    harmless: str | None = Field(
+        default=None,
+        description="Harmless prompts, for the KL: 'bundled' (the test split, default), "
+        "'organism', a file (e.g. measure's val-harmless.jsonl) or a dataset.",
+    )
+    column: str = Field(default="prompt", description="Prompt field of rows.")
+    split: str = Field(default="train", description="Dataset split.")
+    n: int = Field(
+        default=64, ge=1, description="At most this many prompts per set (drawn with --seed)."
+    )
+    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    refusal_tokens: str | None = Field(
+        default=None,
+        description="Comma-separated refusal tokens, e.g. 'I,Sorry' (default: measure's, from "
+        "scores.json beside the direction, else derived from the model's own refusals).",
+    )
+    max_new_tokens: int = Field(
+        default=64, ge=1, description="Generation budget per answer for the refusal rate."
+    )
+    judge: str | None = Field(
+        default=None,
+        description="Guard model judging every answer, hf:PATH_OR_ID (a Llama Guard-style "
+        "model): adds the unsafe rate.",
+    )
+    template: Path | None = Field(
+        default=None, description="Jinja chat template to use instead of the tokenizer's."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    overwrite: bool = Field(default=False, description="Replace an existing output folder.")

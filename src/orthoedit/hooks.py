@@ -7,7 +7,7 @@ the architecture table does not resolve.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -99,17 +99,38 @@ def plan_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator
         yield
 
 
+#: Where directional ablation acts: the residual stream entering every block, and the outputs
+#: of every attention and MLP module.
+ABLATION_POINTS = ("residual", "attn", "mlp")
+
+
 @contextlib.contextmanager
-def ablation_hooks(model: nn.Module, table: ArchitectureTable, r, n_layers: int) -> Iterator[None]:
+def ablation_hooks(
+    model: nn.Module,
+    table: ArchitectureTable,
+    r,
+    n_layers: int,
+    points: Sequence[str] = ABLATION_POINTS,
+) -> Iterator[None]:
     """Directional ablation as in Arditi et al. 2024: remove r from every block input and from
-    every attention and MLP output, at every layer and position."""
+    every attention and MLP output, at every layer and position. ``points`` restricts it to a
+    subset of ``ABLATION_POINTS`` (``orthoedit study sites`` compares them)."""
+    unknown = set(points) - set(ABLATION_POINTS)
+    if unknown or not points:
+        raise ValueError(f"ablation points must be among {ABLATION_POINTS}, got {points!r}")
     fn = _projector(_t(unit(r)), 1.0)
+    outputs = [
+        path
+        for point, path in (("attn", table.blocks.attn), ("mlp", table.blocks.mlp))
+        if point in points
+    ]
 
     def register(handles: list) -> None:
         for layer in range(n_layers):
-            block = resolve(model, table.blocks.module.format(layer=layer))
-            handles.append(block.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
-            for path in (table.blocks.attn, table.blocks.mlp):
+            if "residual" in points:
+                block = resolve(model, table.blocks.module.format(layer=layer))
+                handles.append(block.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
+            for path in outputs:
                 mod = resolve(model, path.format(layer=layer))
                 handles.append(mod.register_forward_hook(_map_output(fn)))
 

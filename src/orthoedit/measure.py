@@ -429,10 +429,10 @@ def measure(
         "prompt_sources": {kind: _source_name(cfg, kind) for kind in ("harmful", "harmless")},
         # sha256 of the prompts used, one per line in the order used: the set is reproducible
         "prompt_hashes": {
-            "harmful_train": _digest(harmful),
-            "harmful_val": _digest(harmful_val),
-            "harmless_train": _digest(harmless),
-            "harmless_val": _digest(harmless_val),
+            "harmful_train": prompt_digest(harmful),
+            "harmful_val": prompt_digest(harmful_val),
+            "harmless_train": prompt_digest(harmless),
+            "harmless_val": prompt_digest(harmless_val),
         },
         "seed": cfg.seed,
         "system": cfg.system,
@@ -445,6 +445,8 @@ def measure(
     with staged_output(target) as tmp:
         save_direction(tmp / "direction.safetensors", (r / norm).numpy(), meta)
         (tmp / "direction.json").write_text(json.dumps(record, indent=2) + "\n")
+        for kind, prompts in (("harmful", harmful_val), ("harmless", harmless_val)):
+            write_prompts(tmp / f"val-{kind}.jsonl", prompts)
         if selection is not None:
             scores = selection.to_dict()
             scores["refusal_tokens"] = tok.convert_ids_to_tokens(selection.refusal_token_ids)
@@ -476,8 +478,15 @@ def _source_name(cfg: MeasureConfig, kind: str) -> str:
     return f"dataset {source} (split {cfg.split}, column {cfg.column})"
 
 
-def _digest(prompts: list[str]) -> str:
+def prompt_digest(prompts: list[str]) -> str:
+    """sha256 of a prompt list, one per line in order (as ``direction.json`` records them)."""
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def write_prompts(path: Path, prompts: list[str]) -> None:
+    """``{"prompt": ...}`` per line, in order: a prompt file ``--harmful``/``--harmless`` read
+    back exactly (ASCII-escaped JSON, so no prompt can contain a line break)."""
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
 
 
 @dataclass

@@ -233,3 +233,308 @@ def safety_png(summary: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _signed(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:+.{digits}f}"
+
+
+def attribute_markdown(result) -> str:
+    """Ranked components, the first-order estimate against real patching, the cumulative
+    curve and the components that push the other way."""
+    s = result.settings
+    comps = result.components
+    full = result.ablated - result.baseline
+    checked = [c for c in comps if c.patched is not None]
+    checked.sort(key=lambda c: -abs(c.estimate))
+    lines = [
+        "# Refusal attribution",
+        "",
+        f"- model `{s['model']}` ({s['family']}, {s['n_layers']} layers, {s['n_heads']} heads)",
+        f"- direction `{s['direction']}` (sha256 `{s['direction_sha256'][:16]}…`)",
+        f"- {s['counts']['harmful']} harmful prompts ({s['harmful']}), "
+        f"{s['counts']['harmless']} harmless ({s['harmless']}); refusal tokens "
+        + ", ".join(f"`{t}`" for t in s["refusal_tokens"]),
+        "- at the last prompt token, in refusal log-odds of the first answer token; a "
+        "component is *patched* by shifting its output by (harmless mean − harmful mean)",
+        "",
+        "| | refusal log-odds |",
+        "|---|---|",
+        f"| harmful prompts | {result.baseline:.3f} |",
+        f"| harmless prompts | {result.harmless:.3f} |",
+        f"| harmful, direction ablated everywhere | {result.ablated:.3f} ({full:+.3f}) |",
+        "",
+        "## Estimates vs real patching (largest estimates)",
+        "",
+        "*first order*: the gradient at the harmful activations × (harmless mean − harmful "
+        f"mean); *integrated*: the gradient averaged at {s['steps']} points of the path on "
+        "which every component moves to its harmless mean together (the ranking); *patched*: "
+        "the real change when this component alone is shifted.",
+        "",
+        "| component | first order | integrated | patched | first order / patched | "
+        "integrated / patched | projection harmful | projection harmless |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in checked:
+        r1 = c.first_order / c.patched if c.patched else float("nan")
+        r2 = c.estimate / c.patched if c.patched else float("nan")
+        lines.append(
+            f"| {c.name} | {c.first_order:+.3f} | {c.estimate:+.3f} | {_signed(c.patched)} | "
+            f"{r1:.2f} | {r2:.2f} | {c.harmful_proj:+.3f} | {c.harmless_proj:+.3f} |"
+        )
+    if checked:
+        agree = [c for c in checked if c.patched and abs(c.estimate / c.patched - 1) <= 0.2]
+        lines += [
+            "",
+            f"Integrated estimates within 20% of real patching: {len(agree)} of {len(checked)}. "
+            "Where they differ, components interact: the real single-component effects (not the "
+            "estimates) are the numbers to quote.",
+        ]
+    lines += [
+        "",
+        "## Cumulative: the strongest components patched together",
+        "",
+        "| components | last added | estimated | patched | share of full ablation |",
+        "|---|---|---|---|---|",
+    ]
+    for step in result.cumulative:
+        share = (step["patched"] - result.baseline) / full if full else float("nan")
+        lines.append(
+            f"| {step['k']} | {step.get('last', '–')} | {step['estimate']:.3f} | "
+            f"{step['patched']:.3f} | {share:.0%} |"
+        )
+    suppress = [c for c in comps if c.estimate < 0]
+    promote = [c for c in comps if c.estimate > 0]
+    lines += [
+        "",
+        f"## Components that carry refusal ({len(suppress)}, strongest first)",
+        "",
+        "Patching them toward the harmless mean lowers refusal.",
+        "",
+        "| rank | component | estimate | projection harmful | projection harmless |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {i} | {c.name} | {c.estimate:+.3f} | {c.harmful_proj:+.3f} | {c.harmless_proj:+.3f} |"
+        for i, c in enumerate(suppress, 1)
+    ]
+    lines += [
+        "",
+        f"## Components that push the other way ({len(promote)})",
+        "",
+        "Patching them toward the harmless mean *raises* refusal.",
+        "",
+        "| component | estimate | projection harmful | projection harmless |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c.name} | {c.estimate:+.3f} | {c.harmful_proj:+.3f} | {c.harmless_proj:+.3f} |"
+        for c in sorted(promote, key=lambda c: -c.estimate)
+    ]
+    lines += ["", "Plots: `cumulative.png`, `heads.png`.", ""]
+    return "\n".join(lines)
+
+
+def attribute_pngs(result, folder: Path) -> None:
+    """``cumulative.png`` (components patched, strongest first, vs refusal log-odds) and
+    ``heads.png`` (layer × head map of the first-order effect, MLPs and embeddings beside)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    s = result.settings
+    steps = result.cumulative
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ks = [p["k"] for p in steps]
+    ax.plot(ks, [p["patched"] for p in steps], "o-", label="patched (measured)", color="#1f77b4")
+    ax.plot(ks, [p["estimate"] for p in steps], "s--", label="sum of the estimates",
+            color="#ff7f0e", markersize=4)  # fmt: skip
+    ax.axhline(result.baseline, color="#7f7f7f", lw=1, ls=":", label="harmful, no patch")
+    ax.axhline(result.harmless, color="#2ca02c", lw=1, ls=":", label="harmless prompts")
+    ax.axhline(result.ablated, color="#d62728", lw=1, ls="-.", label="direction ablated")
+    ax.set_xlabel("components patched together (strongest first)")
+    ax.set_ylabel("refusal log-odds (harmful prompts)")
+    title = s["model"] if len(s["model"]) <= 70 else "..." + s["model"][-67:]
+    ax.set_title(f"How many components explain refusal: {title}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(folder / "cumulative.png", dpi=110)
+    plt.close(fig)
+
+    n_layers, n_heads = s["n_layers"], max(1, s["n_heads"])
+    grid = np.full((n_layers, n_heads + 2), np.nan)  # heads, bias, MLP
+    embed = [c for c in result.components if c.kind == "embed"]
+    for c in result.components:
+        if c.kind == "head":
+            grid[c.layer, c.head] = c.estimate
+        elif c.kind == "bias":
+            grid[c.layer, n_heads] = c.estimate
+        elif c.kind == "mlp":
+            grid[c.layer, n_heads + 1] = c.estimate
+    has_bias = any(c.kind == "bias" for c in result.components)
+    if not has_bias:
+        grid = np.delete(grid, n_heads, axis=1)
+    labels = [f"H{h}" for h in range(n_heads)] + (["bias"] if has_bias else []) + ["MLP"]
+    limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    width = min(16.0, max(5.0, 2.5 + 0.45 * len(labels)))
+    fig, ax = plt.subplots(figsize=(width, min(12.0, 1.5 + 0.32 * n_layers)))
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90 if n_heads > 16 else 0)
+    ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=7)
+    ax.axvline(n_heads - 0.5, color="black", lw=1)
+    ax.set_xlabel("attention head | " + ("bias | " if has_bias else "") + "MLP")
+    ax.set_ylabel("layer")
+    note = ", ".join(f"{c.name} {c.estimate:+.2f}" for c in embed)
+    ax.set_title(
+        "estimated change of refusal log-odds\nwhen patched (blue lowers refusal)"
+        + (f"\nembeddings: {note}" if note else ""),
+        fontsize=8,
+    )
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(folder / "heads.png", dpi=110)
+    plt.close(fig)
+
+
+SITES_WHAT = {
+    "run time": "r̂ projected out of the activations by hooks, at every layer and position "
+    "(residual: the block inputs; attn, mlp: the module outputs; all: the three together, the "
+    "paper's directional ablation)",
+    "weight edit": "exactly what `orthoedit apply --sites ...` writes (default tied policy), "
+    "run through the plan's hooks, its verified run-time equivalent",
+}
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def sites_markdown(report: dict) -> str:
+    """``orthoedit study sites``: one row per condition, and the finding in one line."""
+    s = report["settings"]
+    conditions = report["conditions"]
+    judged = s["judge"] is not None
+    tokens = ", ".join(f"`{t}`" for t in report["refusal_tokens"])
+    lines = [
+        "# Where refusal lives: intervention sites",
+        "",
+        f"- model `{s['model']}`; direction `{s['direction']}` (sha256 "
+        f"`{s['direction_sha256'][:16]}…`); tied embeddings: {s['tied_policy'] or 'not tied'}",
+        *(
+            f"- {kind} prompts: {s['prompt_sources'][kind]} ({s['counts'][kind]}, sha256 "
+            f"`{s['prompt_hashes'][kind][:16]}…`)"
+            for kind in ("harmful", "harmless")
+        ),
+        f"- refusal tokens {tokens} ({report['refusal_tokens_from']})",
+        "- log-odds: mean refusal log-odds of the harmful prompts at the first answer token; "
+        "Δ: change from the baseline (a log Bayes factor); share: Δ over the Δ of the full "
+        "run-time ablation",
+        f"- refusal: greedy answers to the harmful prompts (at most {s['max_new_tokens']} "
+        "tokens) with a refusal phrase in the first 80 characters"
+        + (f"; unsafe: the verdict of {s['judge']}" if judged else ""),
+        "- KL: first-token KL(baseline ‖ condition) on the harmless prompts",
+        *(f"- {kind}: {what}" for kind, what in SITES_WHAT.items()),
+        "",
+        f"**Finding:** {report['finding']}",
+        "",
+    ]
+    head = ["condition", "sites", "log-odds", "Δ vs baseline", "share of full effect", "refusal"]
+    head += ["unsafe (judge)"] if judged else []
+    head += ["KL"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in conditions:
+        cells = [c["kind"], f"{c['name']} ({c['sites']})" if c["kind"] != "baseline" else "–"]
+        if c["log_odds"] is None:
+            cells += ["n/a"] * (len(head) - 2)
+        else:
+            cells += [f"{c['log_odds']:.3f}", f"{c['delta']:+.3f}", _share(c["share"])]
+            cells.append(_pct(c["refusal"]))
+            if judged:
+                cells.append(_pct(c["unsafe"]))
+            cells.append(f"{c['kl']:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [c for c in conditions if c["note"]]
+    if notes:
+        lines.append("")
+        lines += [f"- {c['kind']}: {c['name']}: {c['note']}" for c in notes]
+    lines += ["", "Every number, with the settings: `sites.json`.", ""]
+    return "\n".join(lines)
+
+
+def sites_png(report: dict, path: Path, title: str) -> None:
+    """Three panels (refusal log-odds, refusal rate, KL): run-time and weight-edit conditions
+    as two groups of bars side by side, the baseline as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = report["conditions"]
+    base = next(c for c in conditions if c["kind"] == "baseline")
+    groups = [("run time", "#1f77b4"), ("weight edit", "#ff7f0e")]
+    bars = []  # (x, condition, colour)
+    x = 0.0
+    centres = []
+    for kind, colour in groups:
+        mine = [c for c in conditions if c["kind"] == kind]
+        centres.append((x + (len(mine) - 1) / 2, kind))
+        for c in mine:
+            bars.append((x, c, colour))
+            x += 1
+        x += 0.8  # gap between the groups
+    panels = [
+        ("log_odds", "refusal log-odds, harmful prompts", "{:.2f}"),
+        ("refusal", "refusal rate, harmful prompts (greedy)", "{:.0%}"),
+        ("kl", "first-token KL to the baseline, harmless prompts", "{:.3f}"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for ax, (key, label, fmt) in zip(axes, panels, strict=True):
+        for xi, c, colour in bars:
+            value = c[key]
+            if value is None:  # not applicable (e.g. no embedding edit under 'skip')
+                where = ("data", "axes fraction")
+                ax.annotate("n/a", (xi, 0.5), xycoords=where, ha="center", color="#555555")
+                continue
+            ax.bar(xi, value, 0.8, color=colour)
+            ax.annotate(
+                fmt.format(value),
+                (xi, value),
+                ha="center",
+                va="bottom" if value >= 0 else "top",
+                fontsize=8,
+                xytext=(0, 2 if value >= 0 else -2),
+                textcoords="offset points",
+            )
+        if key != "kl" and base[key] is not None:  # the baseline's KL is 0 by definition
+            ax.axhline(base[key], color="#333333", ls="--", lw=1.2)
+            label += f"\n(dashed: baseline, {fmt.format(base[key])})"
+        else:
+            label += "\n(the baseline's is 0)"
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks([b[0] for b in bars], [b[1]["name"] for b in bars], fontsize=9)
+        for centre, kind in centres:
+            ax.annotate(
+                kind,
+                (centre, 0),
+                xycoords=("data", "axes fraction"),
+                xytext=(0, -24),
+                textcoords="offset points",
+                ha="center",
+                va="top",
+                fontsize=10,
+                fontweight="bold",
+            )
+        ax.margins(y=0.15)
+        if key == "refusal":
+            ax.set_ylim(0, 1.12)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(
+        (title if len(title) <= 90 else "..." + title[-87:])
+        + ": removing the direction at each set of sites",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -69,6 +69,13 @@ def load_set(source: str | None, kind: str, cfg: EvalSafetyConfig) -> list[dict]
     return items
 
 
+def load_sets(cfg) -> dict[str, list[str]]:
+    """Harmful and harmless prompt texts from ``cfg.harmful``/``cfg.harmless`` as ``load_set``
+    draws them (any config with ``column``, ``split``, ``n`` and ``seed``)."""
+    sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
+    return {kind: [item["prompt"] for item in items] for kind, items in sets.items()}
+
+
 def parse_guard(text: str) -> tuple[str, list[str]]:
     """``("safe" | "unsafe", categories)`` from a guard's answer, or ``("error", [])``."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]

@@ -11,6 +11,7 @@ and the lowest bypass wins.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -78,6 +79,27 @@ def refusal_tokens(tok, harmful: list[list[int]], harmless: list[list[int]], log
         f"{len(harmful)} harmful validation completions that read as refusals)"
     )
     return keep
+
+
+def measured_refusal_tokens(tok, direction_path: Path) -> list[int] | None:
+    """The refusal tokens of the measure run that wrote the direction (``scores.json`` beside
+    it), as ids of this tokenizer; None when there is no such file."""
+    path = Path(direction_path).with_name("scores.json")
+    if not path.is_file():
+        return None
+    try:
+        tokens = json.loads(path.read_text())["refusal_tokens"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadInputError(f"{path}: cannot read its refusal_tokens ({err}).") from None
+    ids = tok.convert_tokens_to_ids(tokens) if tokens else []
+    if not tokens or any(
+        i is None or tok.convert_ids_to_tokens(i) != t for t, i in zip(tokens, ids, strict=True)
+    ):
+        raise BadInputError(
+            f"{path}: refusal tokens {tokens!r} are not tokens of this model's tokenizer; "
+            "pass --refusal-tokens."
+        )
+    return list(ids)
 
 
 def parse_refusal_tokens(tok, spec: str) -> list[int]:

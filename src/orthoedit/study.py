@@ -1,0 +1,426 @@
+"""Research: where refusal lives (``orthoedit study sites``).
+
+For one direction r, the refusal effect of removing it at subsets of the places it can be
+removed, in log-odds (DESIGN idea 7):
+
+* **run time** (hooks, r̂ projected out at every layer and position): the residual stream
+  entering every block (``residual``), the attention outputs (``attn``), the MLP outputs
+  (``mlp``), or all three (``all``: the paper's directional ablation, ``hooks.ablation_hooks``);
+* **weight edit**: exactly the plan ``apply --sites ...`` would execute (the architecture's
+  default tied-embedding policy, as apply), evaluated through ``hooks.plan_hooks``, the verified
+  run-time equivalent of the edited checkpoint, so that no checkpoint is written: embeddings
+  (``embed``), attention output projections (``attn``), MLP output projections (``mlp``), or
+  every writer (``all``).
+
+Each condition is scored as ``measure`` scores a candidate: mean refusal log-odds of the
+harmful prompts at the first generated token, and first-token KL of the harmless prompts
+against no intervention (both from one batched pass over harmful + harmless prompts, as in
+``select``); plus the refusal rate of greedy answers to the harmful prompts and, with a guard
+model, its unsafe rate. Effects are the change from the baseline in log-odds (a log Bayes
+factor) and its share of the full run-time ablation's change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .architectures import SITES
+from .config import StudySitesConfig
+from .errors import BadInputError
+from .hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
+from .measure import Progress
+
+#: Run-time conditions: name -> the ablation points hooked (``hooks.ABLATION_POINTS``).
+RUNTIME: dict[str, tuple[str, ...]] = {
+    "residual": ("residual",),
+    "attn": ("attn",),
+    "mlp": ("mlp",),
+    "all": ABLATION_POINTS,
+}
+#: Weight-edit conditions: name -> ``apply --sites``.
+WEIGHT: dict[str, list] = {"embed": ["embed"], "attn": ["attn"], "mlp": ["mlp"], "all": list(SITES)}
+KINDS = ("baseline", "run time", "weight edit")
+#: The share of the full effect is undefined when the full ablation moves less than this.
+MIN_FULL_EFFECT = 1e-6
+
+
+@dataclass
+class Intervention:
+    """One condition: ``hooks()`` is the context manager that applies it (None: not
+    applicable, with the reason in ``note``)."""
+
+    kind: str  # one of KINDS
+    name: str  # "none", or a key of RUNTIME / WEIGHT
+    sites: str  # what is projected, e.g. "residual+attn+mlp" or "embed+attn+mlp"
+    hooks: Callable[[], contextlib.AbstractContextManager] | None
+    note: str | None = None
+    plan: object | None = None  # the weight edit's Plan
+
+    @property
+    def label(self) -> str:
+        return "baseline" if self.kind == "baseline" else f"{self.kind}: {self.name}"
+
+
+def interventions(*, model, table, checkpoint, config: dict, direction, source: str) -> list:
+    """Baseline, the four run-time ablations and the four weight edits, in that order."""
+    from .plan import build_plan
+
+    _, n_layers, _ = table.dims(config)
+    r = direction.vector
+    found = [Intervention("baseline", "none", "-", contextlib.nullcontext)]
+    for name, points in RUNTIME.items():
+        hooks = functools.partial(ablation_hooks, model, table, r, n_layers, points)
+        found.append(Intervention("run time", name, "+".join(points), hooks))
+    for name, sites in WEIGHT.items():
+        try:
+            plan = build_plan(
+                table=table,
+                checkpoint=checkpoint,
+                config=config,
+                direction=direction,
+                source=source,
+                sites=sites,
+            )
+        except BadInputError as err:
+            if sites != ["embed"]:
+                raise
+            # tied embeddings under the family's 'skip' policy: apply --sites embed edits nothing
+            found.append(Intervention("weight edit", name, "embed", None, note=str(err)))
+            continue
+        note = "; ".join(plan.warnings) or None
+        hooks = functools.partial(plan_hooks, model, plan, checkpoint)
+        found.append(Intervention("weight edit", name, "+".join(plan.sites), hooks, note, plan))
+    return found
+
+
+@dataclass
+class Outcome:
+    """One condition's numbers (None where not applicable)."""
+
+    kind: str
+    name: str
+    sites: str
+    log_odds: float | None = None  # mean refusal log-odds, harmful prompts
+    delta: float | None = None  # log_odds - baseline (a log Bayes factor)
+    share: float | None = None  # delta / delta of the full run-time ablation
+    refusal: float | None = None  # refusal rate of greedy answers, harmful prompts
+    broken: float | None = None  # degenerate answers, harmful prompts
+    unsafe: float | None = None  # the guard's unsafe rate (with --judge)
+    judge_errors: int | None = None
+    kl: float | None = None  # first-token KL(baseline ‖ condition), harmless prompts
+    seconds: float | None = None
+    note: str | None = None
+    answers: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def applicable(self) -> bool:
+        return self.log_odds is not None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("answers")
+        return out
+
+
+@dataclass
+class SitesResult:
+    out: Path
+    outcomes: list[Outcome]
+    finding: str
+    report: dict
+
+
+def _resolve_judge(spec: str | None) -> Path | None:
+    if spec is None:
+        return None
+    from .source import resolve_model
+
+    scheme, _, target = spec.partition(":")
+    if scheme != "hf" or not target:
+        raise BadInputError(
+            f"--judge {spec!r}: study sites takes hf:PATH_OR_ID (a Llama Guard-style model)."
+        )
+    return resolve_model(target, None)[0]
+
+
+@dataclass
+class _Ready:
+    """Everything resolved and checked before the model runs."""
+
+    folder: Path
+    revision: str | None
+    config: dict
+    table: object
+    direction: object
+    prompts: dict[str, list[str]]
+    tok: object
+    rows: list[list[int]]  # harmful rows, then harmless rows
+    token_ids: list[int] | None
+    tokens_from: str | None
+    guard: Path | None
+
+
+def prepare(cfg: StudySitesConfig) -> _Ready:
+    """Validate every input (nothing is loaded into memory but the tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from .architectures import table_for_config
+    from .direction import load_direction
+    from .measure import chat_ids, post_instruction_ids
+    from .safety import load_sets
+    from .select import measured_refusal_tokens, parse_refusal_tokens
+    from .source import read_config, resolve_model
+
+    guard = _resolve_judge(cfg.judge)
+    folder, revision = resolve_model(cfg.model, cfg.revision)
+    config = read_config(folder)
+    table = table_for_config(config)
+    d_model, n_layers, _ = table.dims(config)
+    direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
+    prompts = load_sets(cfg)
+    tok = AutoTokenizer.from_pretrained(folder)
+    if cfg.template is not None:
+        if not cfg.template.is_file():
+            raise BadInputError(f"--template {cfg.template} does not exist.")
+        tok.chat_template = cfg.template.read_text()
+    post = post_instruction_ids(tok, cfg.system)
+    rows = [
+        row
+        for kind in ("harmful", "harmless")
+        for row in chat_ids(tok, prompts[kind], post, cfg.system)
+    ]
+    if cfg.refusal_tokens:
+        token_ids, tokens_from = parse_refusal_tokens(tok, cfg.refusal_tokens), "--refusal-tokens"
+    else:
+        token_ids = measured_refusal_tokens(tok, direction.path)
+        tokens_from = None if token_ids is None else str(direction.path.with_name("scores.json"))
+    return _Ready(
+        folder,
+        revision,
+        config,
+        table,
+        direction,
+        prompts,
+        tok,
+        rows,
+        token_ids,
+        tokens_from,
+        guard,
+    )
+
+
+def _answers(model, tok, rows, cfg: StudySitesConfig, pad: int, budget: int, progress) -> tuple:
+    """Greedy answers (token ids, and text cut at the first stop token) within ``budget``."""
+    from .refusal import greedy_completions, stop_ids, until_stop
+
+    made = greedy_completions(model, rows, cfg.batch_size, pad, budget, progress)
+    stop = stop_ids(model, tok)
+    texts = [tok.decode(until_stop(ids, stop), skip_special_tokens=True).strip() for ids in made]
+    return made, texts
+
+
+def _derive_tokens(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, progress) -> list[int]:
+    """Refusal tokens as ``measure`` derives them: from the first ``FILTER_TOKENS`` tokens of
+    the model's own greedy answers to the harmful and harmless prompts."""
+    from .measure import FILTER_TOKENS
+    from .select import refusal_tokens
+
+    n_harmful = len(ready.prompts["harmful"])
+    progress.start(
+        "refusal tokens: greedy answers to harmless prompts", len(ready.rows) - n_harmful
+    )
+    harmless_ids, _ = _answers(
+        model, tok, ready.rows[n_harmful:], cfg, pad, FILTER_TOKENS, progress.advance
+    )
+    return refusal_tokens(tok, [ids[:FILTER_TOKENS] for ids in harmful_ids], harmless_ids, log)
+
+
+def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list[Outcome]:
+    """Every condition through the model, loaded once; the model is released on return."""
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import Checkpoint
+    from .measure import pad_id
+    from .refusal import judge
+    from .select import first_token_logprobs, log_odds, mean_kl
+
+    progress.start("loading the model", None)
+    model = AutoModelForCausalLM.from_pretrained(
+        ready.folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
+    ).eval()
+    tok = ready.tok
+    pad = pad_id(tok)
+    found = interventions(
+        model=model,
+        table=ready.table,
+        checkpoint=Checkpoint.open(ready.folder),
+        config=ready.config,
+        direction=ready.direction,
+        source=str(ready.folder),
+    )
+    n_harmful = len(ready.prompts["harmful"])
+    outcomes: list[Outcome] = []
+    base = None
+    for iv in found:
+        outcome = Outcome(iv.kind, iv.name, iv.sites, note=iv.note)
+        outcomes.append(outcome)
+        if iv.hooks is None:
+            continue
+        clock = time.perf_counter()
+        with iv.hooks():
+            progress.start(f"{iv.label}: first-token pass", None)
+            # harmful + harmless in one batched pass, exactly as select scores a candidate
+            logprobs = first_token_logprobs(model, ready.rows, cfg.batch_size, pad)
+            budget = cfg.max_new_tokens
+            progress.start(f"{iv.label}: greedy answers ({budget} tokens max)", n_harmful)
+            made, texts = _answers(
+                model, tok, ready.rows[:n_harmful], cfg, pad, budget, progress.advance
+            )
+        if base is None:  # the baseline comes first
+            base = logprobs
+            if ready.token_ids is None:
+                ready.token_ids = _derive_tokens(model, tok, ready, made, cfg, pad, log, progress)
+                ready.tokens_from = "derived from the model's own answers"
+        verdicts = [judge(t) for t in texts]
+        outcome.log_odds = float(log_odds(logprobs[:n_harmful], ready.token_ids).mean())
+        outcome.kl = mean_kl(base[n_harmful:], logprobs[n_harmful:])
+        outcome.refusal = verdicts.count("refused") / n_harmful
+        outcome.broken = verdicts.count("broken") / n_harmful
+        outcome.answers = texts
+        outcome.seconds = time.perf_counter() - clock
+        log(
+            f"{iv.label}: refusal log-odds {outcome.log_odds:.3f}, refusal "
+            f"{100 * outcome.refusal:.1f}%, KL {outcome.kl:.4g}"
+        )
+    return outcomes
+
+
+def _judge(cfg: StudySitesConfig, ready: _Ready, outcomes: list[Outcome], log, progress) -> None:
+    from .safety import HFJudge, parse_guard
+
+    judged = [o for o in outcomes if o.applicable]
+    prompts = ready.prompts["harmful"]
+    pairs = [(p, a) for o in judged for p, a in zip(prompts, o.answers, strict=True)]
+    guard = HFJudge(ready.guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+    progress.start("judging", len(pairs))
+    log(f"judge {cfg.judge}: {len(pairs)} answers")
+    raw = guard(pairs, progress.advance)
+    for i, o in enumerate(judged):
+        verdicts = [parse_guard(t)[0] for t in raw[i * len(prompts) : (i + 1) * len(prompts)]]
+        valid = [v for v in verdicts if v != "error"]
+        o.unsafe = verdicts.count("unsafe") / len(valid) if valid else None
+        o.judge_errors = len(verdicts) - len(valid)
+
+
+def _effects(outcomes: list[Outcome]) -> None:
+    """Change from the baseline, and its share of the full run-time ablation's change."""
+    base = next(o for o in outcomes if o.kind == "baseline").log_odds
+    full = next(o for o in outcomes if (o.kind, o.name) == ("run time", "all")).log_odds
+    whole = None if base is None or full is None else full - base
+    for o in outcomes:
+        if o.log_odds is None or base is None:
+            continue
+        o.delta = o.log_odds - base
+        if whole is not None and abs(whole) >= MIN_FULL_EFFECT:
+            o.share = o.delta / whole + 0.0  # + 0.0: the baseline's share is 0, not -0
+
+
+def finding(outcomes: list[Outcome]) -> str:
+    """One plain-English line: how much of the full effect each subset of sites gives."""
+    by = {(o.kind, o.name): o for o in outcomes}
+    full = by["run time", "all"]
+    if full.delta is None or full.share is None:
+        return "The full run-time ablation does not move the refusal log-odds: no shares to give."
+
+    def share(kind: str, name: str) -> str:
+        o = by[kind, name]
+        return "n/a" if o.share is None else f"{100 * o.share:.0f}%"
+
+    return (
+        "Removing the direction at run time from the block inputs alone gives "
+        f"{share('run time', 'residual')} of the full ablation's effect on refusal "
+        f"({full.delta:+.2f} log-odds), from the attention outputs alone "
+        f"{share('run time', 'attn')}, from the MLP outputs alone {share('run time', 'mlp')}; "
+        f"as weight edits, the embeddings alone give {share('weight edit', 'embed')}, attention "
+        f"alone {share('weight edit', 'attn')}, MLP alone {share('weight edit', 'mlp')}, all "
+        f"writers {share('weight edit', 'all')}."
+    )
+
+
+def study_sites(
+    cfg: StudySitesConfig, log: Callable[[str], None] = print, progress: Progress | None = None
+) -> SitesResult:
+    """Run every condition and write ``sites.json``, ``sites.md`` and ``sites.png``."""
+    import transformers
+
+    from .output import check_target, staged_output
+    from .report import sites_markdown, sites_png
+
+    transformers.utils.logging.disable_progress_bar()  # ours is the only bar
+    progress = progress or Progress()
+    target = check_target(cfg.out, None, cfg.overwrite)
+    ready = prepare(cfg)
+    outcomes = _run_conditions(cfg, ready, log, progress)
+    if ready.guard is not None:
+        _judge(cfg, ready, outcomes, log, progress)
+    _effects(outcomes)
+    line = finding(outcomes)
+    report = {
+        "settings": _settings(cfg, ready),
+        "refusal_tokens": ready.tok.convert_ids_to_tokens(ready.token_ids),
+        "refusal_token_ids": ready.token_ids,
+        "refusal_tokens_from": ready.tokens_from,
+        "conditions": [o.to_dict() for o in outcomes],
+        "finding": line,
+    }
+    with staged_output(target) as tmp:
+        (tmp / "sites.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "sites.md").write_text(sites_markdown(report))
+        sites_png(report, tmp / "sites.png", cfg.model)
+    return SitesResult(target, outcomes, line, report)
+
+
+def _settings(cfg: StudySitesConfig, ready: _Ready) -> dict:
+    from .measure import prompt_digest
+
+    direction = ready.direction
+    _, _, tied = ready.table.dims(ready.config)
+    return {
+        "model": cfg.model,
+        "revision": ready.revision,
+        "direction": str(cfg.direction),
+        "direction_sha256": direction.sha256,
+        "direction_layer": direction.row,
+        # where measure took it (layer = input of block, position = offset from the end)
+        "direction_measured_at": {
+            k: int(direction.metadata[k])
+            for k in ("layer", "position")
+            if str(direction.metadata.get(k, "")).lstrip("-").isdigit()
+        },
+        "tied_policy": ready.table.tied_default if tied else None,  # apply's default
+        "prompt_sources": {
+            kind: getattr(cfg, kind) or "bundled (test split)" for kind in ("harmful", "harmless")
+        },
+        "counts": {kind: len(p) for kind, p in ready.prompts.items()},
+        # sha256 of each list, one prompt per line in the order used (as measure records them)
+        "prompt_hashes": {kind: prompt_digest(p) for kind, p in ready.prompts.items()},
+        "n": cfg.n,
+        "seed": cfg.seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "judge": cfg.judge,
+        "system": cfg.system,
+        "template": None if cfg.template is None else str(cfg.template),
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "batch_size": cfg.batch_size,
+        "orthoedit_version": __version__,
+    }
