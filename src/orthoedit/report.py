@@ -343,6 +343,7 @@ def attribute_pngs(result, folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     s = result.settings
     steps = result.cumulative
@@ -355,6 +356,7 @@ def attribute_pngs(result, folder: Path) -> None:
     ax.axhline(result.harmless, color="#2ca02c", lw=1, ls=":", label="harmless prompts")
     ax.axhline(result.ablated, color="#d62728", lw=1, ls="-.", label="direction ablated")
     ax.set_xlabel("components patched together (strongest first)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("refusal log-odds (harmful prompts)")
     title = s["model"] if len(s["model"]) <= 70 else "..." + s["model"][-67:]
     ax.set_title(f"How many components explain refusal: {title}", fontsize=9)
