@@ -47,6 +47,7 @@ def _outputs(model, writers, ids):
             lambda _m, _a, out, name=w.module: real.__setitem__(name, out[:, -1].detach())
         )
         for w in writers
+        if w.kind == "attn"
     ]
     try:
         with torch.no_grad(), _capture(model, writers, probes=False) as seen:

@@ -87,3 +87,30 @@ def test_eval_bench_runs_the_shipped_tasks_on_a_real_model(tmp_path):
     assert all(r.delta == 0 for r in result.rows) and not result.regressions
     facts = next(r for r in result.rows if r.task == "orthoedit_facts" and r.metric == "acc")
     assert facts.base > 0.25  # better than chance: the task reads as intended
+
+
+def test_attribute_runs_on_the_real_model(direction, tmp_path):
+    """GQA (9 query heads on 3 key-value heads), tied embeddings, a real template: heads add up
+    to o_proj's output, the report is complete, and the ablated log-odds are the plan's."""
+    from orthoedit.attribute import attribute
+    from orthoedit.config import AttributeConfig
+
+    result = attribute(
+        AttributeConfig(
+            model=str(SMOLLM),
+            direction=direction,
+            out=tmp_path / "attr",
+            n=6,
+            refusal_tokens="I",
+            steps=1,
+            top=3,
+            cumulative=3,
+        ),
+        log=lambda m: None,
+    )
+    heads = [c for c in result.components if c.kind == "head"]
+    assert len(heads) == 30 * 9 and len({c.layer for c in heads}) == 30
+    assert {c.kind for c in result.components} == {"embed", "head", "mlp"}
+    assert sum(c.patched is not None for c in result.components) == 3
+    record = json.loads((tmp_path / "attr" / "attribution.json").read_text())
+    assert record["settings"]["n_heads"] == 9 and len(record["cumulative"]) == 4

@@ -27,10 +27,13 @@ TiedPolicy = Literal["untie", "skip", "edit"]
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 
 
-def _check_template(value: str, *, layered: bool) -> str:
+def _check_template(value: str, *, layered: bool, expert: bool = False) -> str:
     names = set(_PLACEHOLDER.findall(value))
-    if names - {"layer"}:
-        raise ValueError(f"{value!r}: the only placeholder allowed is {{layer}}, got {names}")
+    allowed = {"layer", "expert"} if expert else {"layer"}
+    if names - allowed:
+        raise ValueError(f"{value!r}: placeholders allowed here are {sorted(allowed)}, got {names}")
+    if expert and "expert" not in names:
+        raise ValueError(f"{value!r}: a per-expert template must contain {{expert}}")
     if layered and "layer" not in names:
         raise ValueError(f"{value!r}: a per-layer template must contain {{layer}}")
     if not layered and names:
@@ -69,14 +72,30 @@ class Writer(_Strict):
     )
     module: str = Field(description="Module path whose output is this writer's contribution.")
     post_norm: PostNorm | None = None
+    experts: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Mixture of experts: the config keys that may hold the number of experts "
+        "(the first present is used; transformers renames some on save). The "
+        "tensor and bias templates then contain {expert}; the module is the one whose output "
+        "sums the routed experts' outputs.",
+    )
+    optional: bool = Field(
+        default=False,
+        description="Absent from some layers (dense layers between sparse ones); every layer "
+        "still needs one writer of each site.",
+    )
 
     @model_validator(mode="after")
     def _templates(self) -> Writer:
         layered = self.site != "embed"
-        _check_template(self.tensor, layered=layered)
+        expert = self.experts is not None
+        if expert and self.site != "mlp":
+            raise ValueError("only mlp writers can be experts")
+        _check_template(self.tensor, layered=layered, expert=expert)
         _check_template(self.module, layered=layered)
         if self.bias is not None:
-            _check_template(self.bias, layered=layered)
+            _check_template(self.bias, layered=layered, expert=expert)
         if self.post_norm is not None:
             if not layered:
                 raise ValueError("an embedding cannot have a post-norm")
@@ -145,6 +164,20 @@ class ArchitectureTable(_Strict):
     @property
     def post_norm(self) -> bool:
         return any(w.post_norm is not None for w in self.writers)
+
+    def experts(self, writer: Writer, config: dict) -> int:
+        """How many experts a per-expert writer has, from config.json."""
+        key = next((k for k in writer.experts if k in config), None)
+        try:
+            n = int(config[key])
+        except (KeyError, TypeError, ValueError):
+            raise UnsupportedModelError(
+                f"config.json lacks a valid {' or '.join(writer.experts)} (number of experts) "
+                f"for a {self.family} model."
+            ) from None
+        if n < 1:
+            raise UnsupportedModelError(f"config.json: {key} = {n} experts.")
+        return n
 
     def dims(self, config: dict) -> tuple[int, int, bool]:
         """(d_model, n_layers, tied) read from config.json."""

@@ -110,6 +110,9 @@ def writers_of(model, table, plan, checkpoint) -> list[Writer]:
 
     heads = n_attention_heads(model)
     writers: dict[str, Writer] = {}
+    mlp_modules: dict[int | None, int] = {}
+    for _module, layer in {(op.module, op.layer) for op in plan.ops if op.site == "mlp"}:
+        mlp_modules[layer] = mlp_modules.get(layer, 0) + 1
     for op in plan.ops:
         if op.module in writers or op.tensor.endswith(".bias"):
             continue
@@ -119,7 +122,11 @@ def writers_of(model, table, plan, checkpoint) -> list[Writer]:
         if op.site == "embed":
             w.components = [Component(op.module.rsplit(".", 1)[-1], "embed", None, None, op.module)]
         elif op.site == "mlp":
-            w.components = [Component(f"L{op.layer}.mlp", "mlp", op.layer, None, op.module)]
+            name = f"L{op.layer}.mlp"
+            if mlp_modules[op.layer] > 1:  # experts, a shared expert: named after the module
+                block = table.blocks.mlp.format(layer=op.layer)
+                name += op.module.removeprefix(block).removesuffix(".down_proj")
+            w.components = [Component(name, "mlp", op.layer, None, op.module)]
         else:
             weight = module.weight
             width = weight.shape[1 - op.axis]
@@ -140,11 +147,27 @@ def writers_of(model, table, plan, checkpoint) -> list[Writer]:
     return list(writers.values())
 
 
-def _last_outputs(writer: Writer, module, args, output) -> torch.Tensor:
+def _by_position(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[batch, seq, d]`` view of a module output; mixture-of-experts modules return their
+    tokens flattened to ``[batch * seq, d]``."""
+    return y if y.dim() == 3 else y.view(batch, -1, y.shape[-1])
+
+
+def _batch_size(model, state: dict):
+    """A pre-hook on the model recording the batch size of each forward in ``state``."""
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state["batch"] = ids.shape[0]
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _last_outputs(writer: Writer, module, args, output, batch: int) -> torch.Tensor:
     """The writer's components at the last position: ``[batch, n_components, d_model]``."""
     y = output[0] if isinstance(output, tuple) else output
     if writer.kind != "attn":
-        return y[:, -1:, :].float()
+        return _by_position(y, batch)[:, -1:, :].float()
     z = args[0][:, -1]
     heads = head_outputs(z.float(), module.weight.float(), writer.n_heads, writer.residual_axis)
     if writer.has_bias:
@@ -160,20 +183,22 @@ def _capture(model, writers: list[Writer], probes: bool) -> Iterator[dict]:
     from .hooks import resolve
 
     seen: dict[str, torch.Tensor] = {}
-    handles = []
+    state: dict = {}
+    handles = [_batch_size(model, state)]
 
     def hook_for(writer: Writer):
         def hook(module, args, output):
-            seen[writer.module] = _last_outputs(writer, module, args, output).detach()
+            batch = state["batch"]
+            seen[writer.module] = _last_outputs(writer, module, args, output, batch).detach()
             if not probes:
                 return None
             y = output[0] if isinstance(output, tuple) else output
-            probe = torch.zeros(y.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+            probe = torch.zeros(batch, y.shape[-1], dtype=y.dtype, device=y.device)
             probe.requires_grad_(True)
             seen[writer.module + "#probe"] = probe
-            shift = torch.zeros_like(y)
+            shift = torch.zeros_like(_by_position(y, batch))
             shift[:, -1] = probe
-            y = y + shift
+            y = y + shift.view(y.shape)
             return (y, *output[1:]) if isinstance(output, tuple) else y
 
         return hook
@@ -192,13 +217,15 @@ def shifted(model, shifts: dict[str, torch.Tensor]) -> Iterator[None]:
     """Add ``shifts[module]`` ([d_model]) to each module's output at the last position."""
     from .hooks import resolve
 
-    handles = []
+    state: dict = {}
+    handles = [_batch_size(model, state)]
 
     def hook_for(delta: torch.Tensor):
         def hook(_module, _args, output):
             y = output[0] if isinstance(output, tuple) else output
-            y = y.clone()
-            y[:, -1] += delta.to(device=y.device, dtype=y.dtype)
+            moved = _by_position(y, state["batch"]).clone()
+            moved[:, -1] += delta.to(device=y.device, dtype=y.dtype)
+            y = moved.view(y.shape)
             return (y, *output[1:]) if isinstance(output, tuple) else y
 
         return hook

@@ -195,8 +195,9 @@ class _Names:
                     ):
                         self.rename = (prefix, alias)
 
-    def __call__(self, template: str, layer: int | None = None) -> str:
-        name = template.format(layer=layer) if layer is not None else template
+    def __call__(self, template: str, layer: int | None = None, expert: int | None = None) -> str:
+        fields = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
+        name = template.format(**fields) if fields else template
         if self.rename and name.startswith(self.rename[0]):
             name = self.rename[1] + name[len(self.rename[0]) :]
         return name
@@ -230,8 +231,30 @@ def _writer_ops(
     names: _Names,
     table: ArchitectureTable,
     d_model: int,
+    config: dict,
 ) -> list[EditOp]:
-    weight = names(writer.tensor, layer)
+    """The ops of one writer in one layer: its weight and bias, for every expert if it has
+    experts; none for an optional writer this layer does not have."""
+    if writer.optional and names(writer.tensor, layer, 0) not in names.checkpoint.tensors:
+        return []
+    if writer.experts is None:
+        return _tensor_ops(writer, layer, None, scale, names, table, d_model)
+    ops = []
+    for expert in range(table.experts(writer, config)):
+        ops += _tensor_ops(writer, layer, expert, scale, names, table, d_model)
+    return ops
+
+
+def _tensor_ops(
+    writer: Writer,
+    layer: int | None,
+    expert: int | None,
+    scale: float,
+    names: _Names,
+    table: ArchitectureTable,
+    d_model: int,
+) -> list[EditOp]:
+    weight = names(writer.tensor, layer, expert)
     names.require(weight, table.family)
     _check_tensor(names.checkpoint, weight, writer.axis, d_model, ndim=2)
     common = {
@@ -249,7 +272,7 @@ def _writer_ops(
             "norm_module": writer.post_norm.module.format(layer=layer),
         }
     ops = [EditOp(tensor=weight, axis=writer.axis, **common)]
-    bias = names(writer.bias, layer) if writer.bias else None
+    bias = names(writer.bias, layer, expert) if writer.bias else None
     sibling = weight.removesuffix(".weight") + ".bias"
     if sibling in names.checkpoint.tensors and sibling != bias:
         raise UnsupportedModelError(
@@ -299,14 +322,21 @@ def build_plan(
                 continue
             scale = scales.get("embed", 1.0)
             if scale > 0:
-                ops += _writer_ops(writer, None, scale, names, table, d_model)
+                ops += _writer_ops(writer, None, scale, names, table, d_model, config)
                 used["embed"] = scale
             continue
         for layer in range(start, end):
             scale = scales.get(f"{writer.site}:{layer}", 1.0)
             if scale > 0:
-                ops += _writer_ops(writer, layer, scale, names, table, d_model)
+                ops += _writer_ops(writer, layer, scale, names, table, d_model, config)
                 used[f"{writer.site}:{layer}"] = scale
+    for key in used:  # optional writers: every edited layer still needs one of its site
+        site, _, layer = key.partition(":")
+        if layer and not any(op.site == site and op.layer == int(layer) for op in ops):
+            raise UnsupportedModelError(
+                f"no {site} writer of the {table.family} table exists in layer {layer} of the "
+                "checkpoint; is config.json's architecture right for these weights?"
+            )
     if not ops:
         raise BadInputError("the plan edits nothing: check --sites, --layers and --scales.")
     if tied and policy == "edit" and tied_embedding in {op.tensor for op in ops}:

@@ -373,8 +373,9 @@ def attribute_pngs(result, folder: Path) -> None:
             grid[c.layer, c.head] = c.estimate
         elif c.kind == "bias":
             grid[c.layer, n_heads] = c.estimate
-        elif c.kind == "mlp":
-            grid[c.layer, n_heads + 1] = c.estimate
+        elif c.kind == "mlp":  # a layer's experts and shared expert add up
+            cell = grid[c.layer, n_heads + 1]
+            grid[c.layer, n_heads + 1] = c.estimate + (0.0 if np.isnan(cell) else cell)
     has_bias = any(c.kind == "bias" for c in result.components)
     if not has_bias:
         grid = np.delete(grid, n_heads, axis=1)

@@ -33,6 +33,9 @@ FAMILIES: tuple[str, ...] = (
     "phi3",
     "gpt2",
     "olmo2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 )
 
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -158,6 +161,19 @@ def _config(
         return transformers.Phi3Config(**common, original_max_position_embeddings=512)
     if family == "olmo2":
         return transformers.Olmo2Config(**common)
+    if family == "mixtral":
+        return transformers.MixtralConfig(
+            **common, **explicit_head, num_local_experts=4, num_experts_per_tok=2
+        )
+    if family in ("qwen2_moe", "qwen3_moe"):
+        # Layer 1 is dense (mlp_only_layers), as some real checkpoints mix the two.
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": hidden // 2}
+        moe["mlp_only_layers"] = [1] if n_layers > 1 else []
+        if family == "qwen2_moe":
+            return transformers.Qwen2MoeConfig(
+                **common, **moe, shared_expert_intermediate_size=hidden
+            )
+        return transformers.Qwen3MoeConfig(**common, **explicit_head, **moe)
     if family == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab,
