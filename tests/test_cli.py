@@ -81,6 +81,8 @@ def _described(model, name: str) -> str:
                 "layers": "--layers",
                 "scales": "--scales",
                 "tied": "--tied",
+                "method": "--method",
+                "harmless_mean": "--harmless-mean",
                 "overwrite": "--overwrite",
                 "dry_run": "--dry-run",
                 "model": None,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .architectures import table_for_config
 from .card import render_card, source_metadata
 from .checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from .config import ApplyConfig
-from .direction import load_direction
+from .direction import biproject, harmless_mean, load_direction
+from .errors import BadInputError
 from .output import check_target, staged_output
 from .plan import Plan, build_plan, load_scales
 from .source import read_config, resolve_model
@@ -44,6 +45,14 @@ def prepare(cfg: ApplyConfig) -> Prepared:
     checkpoint = Checkpoint.open(folder)
     d_model, n_layers, _ = table.dims(config)
     direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
+    details: dict = {}
+    if cfg.harmless_mean is not None and cfg.method != "biprojected":
+        raise BadInputError("--harmless-mean is for --method biprojected.")
+    if cfg.method == "biprojected":
+        mean, where = harmless_mean(direction, cfg.harmless_mean, d_model, n_layers)
+        vector, cosine = biproject(direction.vector, mean)
+        direction = replace(direction, vector=vector)
+        details = {"harmless_mean": where, "cosine_with_harmless_mean": round(cosine, 6)}
     plan = build_plan(
         table=table,
         checkpoint=checkpoint,
@@ -56,6 +65,8 @@ def prepare(cfg: ApplyConfig) -> Prepared:
         layers=cfg.layers,
         scales=load_scales(cfg.scales, n_layers),
         tied_policy=cfg.tied,
+        method=cfg.method,
+        method_details=details,
     )
     return Prepared(plan, folder, checkpoint, config, Path(cfg.direction))
 

@@ -33,6 +33,23 @@ def _site_summary(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _method(plan: Plan) -> str:
+    if plan.method == "norm-preserving":
+        return (
+            "`norm-preserving`: each written vector was projected, then given its original "
+            "length back; the direction is still removed, but the model is not equal to "
+            "run-time ablation (verify compares it by KL)"
+        )
+    if plan.method == "biprojected":
+        d = plan.method_details
+        return (
+            "`biprojected`: the direction was first made orthogonal to the harmless mean "
+            f"({d.get('harmless_mean')}; cosine before {d.get('cosine_with_harmless_mean')}), "
+            "then projected out exactly"
+        )
+    return "`project`: exact projection, equal to run-time ablation of the direction"
+
+
 def source_metadata(folder: Path) -> dict:
     """The YAML metadata of the source model's README (empty when it has none)."""
     from huggingface_hub import metadata_load
@@ -108,6 +125,7 @@ may change too; evaluate it before use (see Evaluation below).
 - family: `{plan.family}` (d_model {plan.d_model}, {plan.n_layers} layers)
 {_site_summary(plan)}
 - embeddings: {tied}
+- method: {_method(plan)}
 - exact check: `orthoedit verify SOURCE THIS_FOLDER` compares this checkpoint with the source
   model under run-time ablation hooks; `plan.json` lists every edited tensor.
 

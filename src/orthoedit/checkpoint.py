@@ -160,24 +160,33 @@ class Checkpoint:
         Memory stays one block even for a 128k-vocabulary embedding, which would be GBs in
         float64 if read whole.
         """
+        along, sq = self.along_and_lengths(name, u, axis, block_bytes)
+        return along, float(sq.sum()) ** 0.5
+
+    def along_and_lengths(self, name: str, u: np.ndarray, axis: int, block_bytes: int = 64 << 20):
+        """Per vector along ``axis`` (a column of ``[d, in]``, a row of an embedding): its
+        component along u and its squared length, in float64, one row block at a time."""
         info = self.tensors[name]
         raw = self.shard(info).bytes(info)
         if len(info.shape) == 1:
             b = decode(raw, info.dtype, np.float64)
-            return np.asarray(b @ u), float(np.linalg.norm(b))
+            return np.asarray(b @ u), np.asarray(b @ b)
         rows, cols = info.shape
         matrix = raw.reshape(rows, cols * info.itemsize)
         step = max(1, block_bytes // (cols * 8))
-        parts, coeff, sq = [], np.zeros(cols), 0.0
+        parts, sq_rows, coeff, sq_cols = [], [], np.zeros(cols), np.zeros(cols)
         for i0 in range(0, rows, step):
             i1 = min(rows, i0 + step)
             block = decode(matrix[i0:i1], info.dtype, np.float64).reshape(i1 - i0, cols)
-            sq += float(np.einsum("ij,ij->", block, block))
             if axis == 1:
                 parts.append(block @ u)
+                sq_rows.append(np.einsum("ij,ij->i", block, block))
             else:
                 coeff += u[i0:i1] @ block
-        return (np.concatenate(parts) if axis == 1 else coeff), sq**0.5
+                sq_cols += np.einsum("ij,ij->j", block, block)
+        if axis == 1:
+            return np.concatenate(parts), np.concatenate(sq_rows)
+        return coeff, sq_cols
 
 
 def stored(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -112,6 +112,10 @@ def apply(
     layers: Annotated[str | None, typer.Option(help=_help(ApplyConfig, "layers"))] = None,
     scales: Annotated[Path | None, typer.Option(help=_help(ApplyConfig, "scales"))] = None,
     tied: Annotated[TiedPolicy | None, typer.Option(help=_help(ApplyConfig, "tied"))] = None,
+    method: Annotated[str, typer.Option(help=_help(ApplyConfig, "method"))] = "project",
+    harmless_mean: Annotated[
+        Path | None, typer.Option(help=_help(ApplyConfig, "harmless_mean"))
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help=_help(ApplyConfig, "overwrite"))] = False,
     dry_run: Annotated[bool, typer.Option(help=_help(ApplyConfig, "dry_run"))] = False,
 ) -> None:
@@ -134,6 +138,8 @@ def apply(
             layers=layers,
             scales=scales,
             tied=tied,
+            method=method,
+            harmless_mean=harmless_mean,
             overwrite=overwrite,
             dry_run=dry_run,
         )
@@ -204,6 +210,13 @@ def verify(
         )
     if result.contribution_kl is not None:
         rows.append(("KL vs contribution projection (post-norm)", f"{result.contribution_kl:.3g}"))
+    if result.max_norm_change is not None:
+        rows.append(("max change of a written vector's length", f"{result.max_norm_change:.3g}"))
+    if result.method == "norm-preserving":
+        table.caption = (
+            "method norm-preserving: not equal to run-time ablation by design, so the logits "
+            "and KL against the hooks are reported, not judged"
+        )
     for row in rows:
         table.add_row(*row)
     out.print(table)

@@ -44,6 +44,17 @@ class ApplyConfig(BaseModel):
         default=None,
         description="Tied embeddings: untie, skip or edit (default: the architecture's policy).",
     )
+    method: Literal["project", "norm-preserving", "biprojected"] = Field(
+        default="project",
+        description="project: exact ablation; norm-preserving: project, then give each "
+        "written vector its length back (not exact; verify compares it by KL); biprojected: "
+        "the direction made orthogonal to the harmless mean first, then projected exactly.",
+    )
+    harmless_mean: Path | None = Field(
+        default=None,
+        description="For biprojected: the harmless mean [d_model] (default: measure's "
+        "candidates.safetensors beside the direction, at its layer and position).",
+    )
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
     dry_run: bool = Field(default=False, description="Print the plan and write nothing.")
 

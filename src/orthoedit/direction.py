@@ -162,3 +162,41 @@ def save_direction(path: str | Path, vector, metadata: dict | None = None) -> Pa
     meta.setdefault("kind", "single" if vector.ndim == 1 else "per-layer")
     save_stable({"direction": np.ascontiguousarray(vector, dtype=np.float32)}, path, meta)
     return path
+
+
+def harmless_mean(direction: Direction, path: Path | None, d_model: int, n_layers: int):
+    """The harmless mean activation for ``--method biprojected``, and where it came from: the
+    file given (any format ``--direction`` takes), else measure's ``candidates.safetensors``
+    beside the direction, at the direction's layer and position."""
+    if path is not None:
+        mean = load_direction(path, d_model, n_layers)
+        return mean.vector, f"{Path(path).name} (sha256 {mean.sha256[:16]})"
+    candidates = direction.path.with_name("candidates.safetensors")
+    layer, position = direction.metadata.get("layer"), direction.metadata.get("position")
+    if not candidates.is_file() or layer is None or position is None:
+        raise BadInputError(
+            "--method biprojected needs the harmless mean: pass --harmless-mean FILE, or use a "
+            "direction written by orthoedit measure (its candidates.safetensors beside it)."
+        )
+    try:
+        with safe_open(str(candidates), "np") as f:
+            means = f.get_tensor("harmless_mean")
+    except (SafetensorError, OSError, KeyError) as err:
+        raise BadInputError(f"{candidates}: cannot read harmless_mean ({err}).") from None
+    layer, position = int(layer), int(position)
+    if means.ndim != 3 or means.shape[2] != d_model or not -means.shape[1] <= position < 0:
+        raise BadInputError(f"{candidates}: harmless_mean {means.shape} does not fit the model.")
+    vector = means[layer, means.shape[1] + position].astype(np.float64)
+    if not np.isfinite(vector).all() or not np.any(vector):
+        raise BadInputError(f"{candidates}: the harmless mean is zero or not finite.")
+    return vector, f"{candidates.name} (layer {layer}, position {position})"
+
+
+def biproject(r: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, float]:
+    """r with its component along the harmless mean removed, and the cosine it had."""
+    m = mean / np.linalg.norm(mean)
+    along = float(r @ m)
+    out = r - along * m
+    if not np.linalg.norm(out) > 1e-9 * np.linalg.norm(r):
+        raise BadInputError("the direction is parallel to the harmless mean; nothing is left.")
+    return out, along / float(np.linalg.norm(r))

@@ -35,24 +35,45 @@ def post_norm_unit(r: np.ndarray, norm_weight: np.ndarray, offset: float) -> np.
     return unit(gain * np.asarray(r, dtype=np.float64))
 
 
-def orthogonalize(weight: np.ndarray, u: np.ndarray, axis: int, scale: float = 1.0) -> np.ndarray:
+def orthogonalize(
+    weight: np.ndarray, u: np.ndarray, axis: int, scale: float = 1.0, preserve_norm: bool = False
+) -> np.ndarray:
     """Return a float64 copy of ``weight`` with ``scale`` of its component along u removed.
 
-    weight: any shape with ``weight.shape[axis] == u.size``; u: [d_model], unit norm.
-    The in-memory reference for the streaming writer.
+    weight: any shape with ``weight.shape[axis] == u.size``; u: [d_model], unit norm. With
+    ``preserve_norm`` every vector along the residual axis (a column of ``[d_model, in]``, a
+    row of an embedding) is then scaled back to its original length (``--method
+    norm-preserving``). The in-memory reference for the streaming writer.
     """
     w = np.moveaxis(np.asarray(weight, dtype=np.float64), axis, -1)  # [..., d_model]
     uu = np.asarray(u, dtype=np.float64)
-    w = w - scale * (w @ uu)[..., None] * uu
-    return np.moveaxis(w, -1, axis)
+    along = w @ uu
+    out = w - scale * along[..., None] * uu
+    if preserve_norm:
+        out *= norm_factors(np.einsum("...i,...i->...", w, w), along, scale)[..., None]
+    return np.moveaxis(out, -1, axis)
 
 
-def remove_rows_(chunk: np.ndarray, u: np.ndarray, scale: float) -> None:
+def norm_factors(sq: np.ndarray, along: np.ndarray, scale: float) -> np.ndarray:
+    """Per vector, original length / length after the projection, from its squared length
+    ``sq`` and its component ``along`` u: ``‖w − s(uᵀw)u‖² = ‖w‖² − (2s − s²)(uᵀw)²``. A
+    vector that was (almost) all along u stays as projected (factor 1)."""
+    after = np.maximum(sq - (2 * scale - scale * scale) * along * along, 0.0)
+    ok = after > 1e-12 * sq
+    return np.where(ok, np.sqrt(sq / np.where(ok, after, 1.0)), 1.0).astype(along.dtype)
+
+
+def remove_rows_(chunk: np.ndarray, u: np.ndarray, scale: float, preserve_norm: bool = False):
     """In place, for rows that are independent writers (embedding rows, Conv1D rows).
 
-    chunk: [rows, d_model]; each row loses ``scale`` of its component along u.
+    chunk: [rows, d_model]; each row loses ``scale`` of its component along u (and is scaled
+    back to its length with ``preserve_norm``).
     """
-    chunk -= np.multiply.outer((chunk @ u) * scale, u)
+    along = chunk @ u
+    sq = np.einsum("ij,ij->i", chunk, chunk) if preserve_norm else None
+    chunk -= np.multiply.outer(along * scale, u)
+    if preserve_norm:
+        chunk *= norm_factors(sq, along, scale)[:, None]
 
 
 def column_coefficients(chunk: np.ndarray, u_rows: np.ndarray) -> np.ndarray:
@@ -63,6 +84,15 @@ def column_coefficients(chunk: np.ndarray, u_rows: np.ndarray) -> np.ndarray:
     return u_rows @ chunk
 
 
-def remove_columns_(chunk: np.ndarray, u_rows: np.ndarray, coeff: np.ndarray, scale: float):
-    """Second pass: ``W[i0:i1] -= scale · u[i0:i1] ⊗ (uᵀW)``, in place."""
+def remove_columns_(
+    chunk: np.ndarray,
+    u_rows: np.ndarray,
+    coeff: np.ndarray,
+    scale: float,
+    factors: np.ndarray | None = None,
+):
+    """Second pass: ``W[i0:i1] -= scale · u[i0:i1] ⊗ (uᵀW)``, in place, then each column
+    times ``factors`` (from ``norm_factors`` over the whole columns) when given."""
     chunk -= np.multiply.outer(u_rows * scale, coeff)
+    if factors is not None:
+        chunk *= factors

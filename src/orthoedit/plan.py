@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,9 @@ from .errors import BadInputError, UnsupportedModelError
 from .ortho import post_norm_unit, unit
 
 PLAN_NAME = "plan.json"
+
+
+Method = Literal["project", "norm-preserving", "biprojected"]
 
 
 class EditOp(BaseModel):
@@ -67,6 +71,17 @@ class Plan(BaseModel):
     tied_embedding: str = Field(description="Embedding tensor the unembedding is tied to.")
     ops: list[EditOp]
     warnings: list[str] = Field(default_factory=list)
+    method: Method = Field(
+        default="project", description="project, norm-preserving or biprojected."
+    )
+    method_details: dict = Field(
+        default_factory=dict, description="e.g. the harmless mean a biprojection used."
+    )
+
+    @property
+    def exact(self) -> bool:
+        """Equal to run-time ablation by construction (norm-preserving rescales writers)."""
+        return self.method != "norm-preserving"
 
     @property
     def r(self) -> np.ndarray:
@@ -298,6 +313,8 @@ def build_plan(
     layers: str | None = None,
     scales: dict[str, float] | None = None,
     tied_policy: TiedPolicy | None = None,
+    method: Method = "project",
+    method_details: dict | None = None,
 ) -> Plan:
     """Turn a table, a checkpoint and options into the list of tensors to project."""
     d_model, n_layers, tied = table.dims(config)
@@ -367,4 +384,6 @@ def build_plan(
         tied_embedding=tied_embedding,
         ops=ops,
         warnings=warnings,
+        method=method,
+        method_details=method_details or {},
     )

@@ -31,7 +31,7 @@ from .checkpoint import (
     encode,
     stored,
 )
-from .ortho import MATH_DTYPE, column_coefficients, remove_columns_, remove_rows_
+from .ortho import MATH_DTYPE, column_coefficients, norm_factors, remove_columns_, remove_rows_
 from .plan import EditOp, Plan, unit_vector
 
 Progress = Callable[[int], None]
@@ -103,6 +103,7 @@ def edit_tensor(
     u: np.ndarray,
     dst: int,
     work: Workspace | None = None,
+    preserve_norm: bool = False,
 ) -> None:
     """Write the projected tensor at its offset in ``dst``.
 
@@ -117,7 +118,11 @@ def edit_tensor(
     values = stored(shard.bytes(info), info.dtype)
     if len(info.shape) == 1:
         b = values.astype(math)
-        b -= op.scale * (b @ u) * u
+        along = b @ u
+        sq = b @ b
+        b -= op.scale * along * u
+        if preserve_norm:
+            b *= norm_factors(np.asarray(sq), np.asarray(along), op.scale)
         _write_all(dst, encode(b, info.dtype), info.start)
         return
     rows, cols = info.shape
@@ -131,18 +136,25 @@ def edit_tensor(
         np.copyto(block, values[i0:i1])
         return block
 
+    factors = None
     if op.axis == 0:
         coeff = np.zeros(cols, dtype=math)
+        sq = np.zeros(cols, dtype=math) if preserve_norm else None
         for i0, i1 in _blocks(rows, tile):
-            coeff += column_coefficients(load(i0, i1), u[i0:i1])
+            block = load(i0, i1)
+            coeff += column_coefficients(block, u[i0:i1])
+            if preserve_norm:
+                sq += np.einsum("ij,ij->j", block, block)
+        if preserve_norm:
+            factors = norm_factors(sq, coeff, op.scale)
     for o0, o1 in _blocks(rows, out_rows):
         out = work.get("out", (o1 - o0, cols), values.dtype)
         for i0, i1 in _blocks(o1 - o0, tile):
             block = load(o0 + i0, o0 + i1)
             if op.axis == 1:
-                remove_rows_(block, u, op.scale)
+                remove_rows_(block, u, op.scale, preserve_norm)
             else:
-                remove_columns_(block, u[o0 + i0 : o0 + i1], coeff, op.scale)
+                remove_columns_(block, u[o0 + i0 : o0 + i1], coeff, op.scale, factors)
             np.copyto(out[i0:i1], block, casting="same_kind")  # rounds to nearest even
         _write_all(dst, out, info.start + o0 * row_bytes)
 
@@ -162,6 +174,7 @@ def stream_shards(
     ops: dict[str, EditOp],
     vectors: dict[str, np.ndarray],
     progress: Progress | None = None,
+    preserve_norm: bool = False,
 ) -> None:
     """Write each ``(source shard, output path)``: header and unedited bytes copied, planned
     tensors projected in place. Every write lands at its own offset, so order does not matter.
@@ -179,7 +192,9 @@ def stream_shards(
         def job(work: Workspace) -> None:
             fd = os.open(dst, os.O_WRONLY)
             try:
-                edit_tensor(shard, info, ops[info.name], vectors[info.name], fd, work)
+                edit_tensor(
+                    shard, info, ops[info.name], vectors[info.name], fd, work, preserve_norm
+                )
             finally:
                 os.close(fd)
             if progress:
@@ -268,7 +283,7 @@ def stream_edit(
         name = rename.get(shard.path.name, shard.path.name)
         jobs.append((shard, out / name))
         weight_map.update({t: name for t in shard.tensors})
-    stream_shards(jobs, ops, vectors, progress)
+    stream_shards(jobs, ops, vectors, progress, plan.method == "norm-preserving")
     if checkpoint.index is not None and not plan.write_lm_head:
         shutil.copyfile(checkpoint.folder / INDEX_NAME, out / INDEX_NAME)
     elif plan.write_lm_head:
