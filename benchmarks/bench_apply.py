@@ -85,23 +85,64 @@ def llama_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return names
 
 
+# Mixtral-like mixture of experts (--arch mixtral): 8 experts of intermediate 1408 per layer,
+# stored one tensor per expert as the Hub's checkpoints are; every expert's w2 is edited.
+EXPERTS, EXPERT_INTERMEDIATE = 8, 1408
+
+
+def mixtral_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    kv = KV_HEADS * HEAD_DIM
+    names = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        names += [
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+            (p + "block_sparse_moe.gate.weight", (EXPERTS, HIDDEN)),
+        ]
+        for e in range(EXPERTS):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            names += [
+                (q + "w1.weight", (EXPERT_INTERMEDIATE, HIDDEN)),
+                (q + "w2.weight", (HIDDEN, EXPERT_INTERMEDIATE)),
+                (q + "w3.weight", (EXPERT_INTERMEDIATE, HIDDEN)),
+            ]
+    names += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    return names
+
+
+TENSORS = {"llama": llama_tensors, "mixtral": mixtral_tensors}
+
+
 def nbytes(shape: tuple[int, ...]) -> int:
     return math.prod(shape) * 2  # bf16
 
 
-def layers_for(size_gib: float) -> int:
+def layers_for(size_gib: float, arch: str = "llama") -> int:
     """Smallest layer count whose checkpoint holds at least ``size_gib`` GiB."""
-    fixed = sum(nbytes(s) for _, s in llama_tensors(0))
-    per_layer = sum(nbytes(s) for _, s in llama_tensors(1)) - fixed
+    fixed = sum(nbytes(s) for _, s in TENSORS[arch](0))
+    per_layer = sum(nbytes(s) for _, s in TENSORS[arch](1)) - fixed
     return max(1, math.ceil((size_gib * GIB - fixed) / per_layer))
 
 
-def config_json(n_layers: int) -> dict:
+def config_json(n_layers: int, arch: str = "llama") -> dict:
+    moe = {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": EXPERTS,
+        "num_experts_per_tok": 2,
+        "intermediate_size": EXPERT_INTERMEDIATE,
+    }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": HIDDEN,
         "intermediate_size": INTERMEDIATE,
+        **(moe if arch == "mixtral" else {}),
         "num_hidden_layers": n_layers,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
@@ -133,13 +174,15 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...]]], shard_mib: int) -> l
     return shards
 
 
-def build_checkpoint(folder: Path, n_layers: int, shard_mib: int, seed: int = 0) -> None:
+def build_checkpoint(
+    folder: Path, n_layers: int, shard_mib: int, seed: int = 0, arch: str = "llama"
+) -> None:
     """Random bf16 weights (std 0.02, norms 1), one shard in memory at a time."""
     tmp = folder.with_name(folder.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
-    shards = plan_shards(llama_tensors(n_layers), shard_mib)
+    shards = plan_shards(TENSORS[arch](n_layers), shard_mib)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -158,7 +201,7 @@ def build_checkpoint(folder: Path, n_layers: int, shard_mib: int, seed: int = 0)
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(config_json(n_layers), indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config_json(n_layers, arch), indent=2) + "\n")
     (tmp / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n"
     )
@@ -166,17 +209,17 @@ def build_checkpoint(folder: Path, n_layers: int, shard_mib: int, seed: int = 0)
     tmp.rename(folder)
 
 
-def ensure_checkpoint(work: Path, size_gib: float, shard_mib: int) -> Path:
-    n_layers = layers_for(size_gib)
-    folder = work / f"llama-{n_layers}L-bf16"
+def ensure_checkpoint(work: Path, size_gib: float, shard_mib: int, arch: str = "llama") -> Path:
+    n_layers = layers_for(size_gib, arch)
+    folder = work / f"{arch}-{n_layers}L-bf16"
     try:
-        ok = json.loads((folder / "config.json").read_text()) == config_json(n_layers)
+        ok = json.loads((folder / "config.json").read_text()) == config_json(n_layers, arch)
     except (OSError, ValueError):
         ok = False
     if not ok:
         t = time.perf_counter()
         print(f"building {folder.name} ({n_layers} layers) ...", file=sys.stderr, flush=True)
-        build_checkpoint(folder, n_layers, shard_mib)
+        build_checkpoint(folder, n_layers, shard_mib, arch=arch)
         print(f"  built in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     return folder
 
@@ -365,7 +408,7 @@ def ready(src: Path, args: argparse.Namespace, total: int) -> None:
 
 def bench_size(args, size: float, direction: Path, u: torch.Tensor) -> dict:
     """Build (or reuse) the checkpoint of ``size`` GiB, time every kind of run, summarize."""
-    src = ensure_checkpoint(args.work, size, args.shard_mib)
+    src = ensure_checkpoint(args.work, size, args.shard_mib, args.arch)
     n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     total = folder_bytes(src)
     warm(src)
@@ -534,6 +577,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--shard-mib", type=int, default=512, help="largest shard (>= 3 shards)")
     ap.add_argument("--order", default="copy,apply,full", help="which runs, in which order")
+    ap.add_argument(
+        "--arch",
+        choices=("llama", "mixtral"),
+        default="llama",
+        help="dense Llama or Mixtral-like mixture of experts (use --order copy,apply)",
+    )
     ap.add_argument("--results", type=Path, default=HERE / "results.json")
     ap.add_argument("--clean", action="store_true", help="also delete the source checkpoints")
     args = ap.parse_args(argv)
