@@ -84,3 +84,27 @@ def test_layer_without_any_mlp_writer_is_refused(tiny_model, direction_file, tmp
         _plan(src, direction_file)
     # editing only layer 0 does not need layer 1's writers
     assert _plan(src, direction_file, layers="0:1").layers == (0, 1)
+
+
+def test_gpt_oss_fused_experts(tiny_model, direction_file, tmp_path):
+    """Experts fused on disk: one [experts, in, d_model] tensor and one [experts, d_model]
+    bias per layer, each vector of d_model projected (rows), checked against the math."""
+    import numpy as np
+
+    from orthoedit.checkpoint import Checkpoint
+    from orthoedit.ortho import orthogonalize
+    from orthoedit.plan import unit_vector
+
+    src = tiny_model("gpt_oss")
+    plan, _ = apply(ApplyConfig(model=str(src), direction=direction_file, out=tmp_path / "o"))
+    mlp = [op for op in plan.ops if op.site == "mlp" and op.layer == 0]
+    assert [(op.tensor, op.axis) for op in mlp] == [
+        ("model.layers.0.mlp.experts.down_proj", 2),
+        ("model.layers.0.mlp.experts.down_proj_bias", 1),
+    ]
+    source, edited = Checkpoint.open(src), Checkpoint.open(tmp_path / "o")
+    for op in mlp:
+        before = source.read(op.tensor)
+        expect = orthogonalize(before, unit_vector(op, plan.r, source), op.axis)
+        np.testing.assert_allclose(edited.read(op.tensor), expect, atol=1e-6)
+        assert before.ndim == op.axis + 1

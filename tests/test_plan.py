@@ -28,7 +28,7 @@ def _plan(model, direction, **kwargs):
 def test_default_plan_covers_every_writer(tiny_model, direction_file, family):
     plan = _plan(tiny_model(family), direction_file)
     by_site = {s: [op for op in plan.ops if op.site == s] for s in ("embed", "attn", "mlp")}
-    per_layer = 2 if family == "gpt2" else 1  # GPT-2 Conv1D writers carry biases
+    per_layer = 2 if family in ("gpt2", "gpt_oss") else 1  # writers with biases
     assert len(by_site["attn"]) == 2 * per_layer
     # mixtures of experts (tests/test_moe.py): 4 experts, Qwen2-MoE's shared expert, and the
     # Qwen MoE tiny models' dense layer 1

@@ -66,7 +66,12 @@ class Writer(_Strict):
     tensor: str = Field(
         description="Name template on disk, e.g. model.layers.{layer}.mlp.down_proj.weight"
     )
-    axis: int = Field(ge=0, le=1, description="Axis of the tensor along which d_model lies.")
+    axis: int = Field(
+        ge=0,
+        le=2,
+        description="Axis of the tensor along which d_model lies; 2 for experts fused in one "
+        "3-D tensor [experts, in, d_model] (its bias is then [experts, d_model]).",
+    )
     bias: str | None = Field(
         default=None, description="Bias template; edited when present on disk."
     )
@@ -92,6 +97,8 @@ class Writer(_Strict):
         expert = self.experts is not None
         if expert and self.site != "mlp":
             raise ValueError("only mlp writers can be experts")
+        if self.axis == 2 and (self.site != "mlp" or expert):
+            raise ValueError("axis 2 is for mlp experts fused in one 3-D tensor (no {expert})")
         _check_template(self.tensor, layered=layered, expert=expert)
         _check_template(self.module, layered=layered)
         if self.bias is not None:

@@ -171,7 +171,9 @@ class Checkpoint:
         if len(info.shape) == 1:
             b = decode(raw, info.dtype, np.float64)
             return np.asarray(b @ u), np.asarray(b @ b)
-        rows, cols = info.shape
+        rows, cols = info.shape[0], info.shape[-1]
+        if len(info.shape) == 3:  # fused experts [experts, in, d_model]: rows of d_model
+            rows, axis = info.shape[0] * info.shape[1], 1
         matrix = raw.reshape(rows, cols * info.itemsize)
         step = max(1, block_bytes // (cols * 8))
         parts, sq_rows, coeff, sq_cols = [], [], np.zeros(cols), np.zeros(cols)

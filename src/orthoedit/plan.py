@@ -271,7 +271,8 @@ def _tensor_ops(
 ) -> list[EditOp]:
     weight = names(writer.tensor, layer, expert)
     names.require(weight, table.family)
-    _check_tensor(names.checkpoint, weight, writer.axis, d_model, ndim=2)
+    fused = writer.axis == 2  # [experts, in, d_model], bias [experts, d_model]
+    _check_tensor(names.checkpoint, weight, writer.axis, d_model, ndim=3 if fused else 2)
     common = {
         "site": writer.site,
         "layer": layer,
@@ -295,8 +296,9 @@ def _tensor_ops(
             "list it; refusing to leave it unedited."
         )
     if bias is not None and bias in names.checkpoint.tensors:
-        _check_tensor(names.checkpoint, bias, 0, d_model, ndim=1)
-        ops.append(EditOp(tensor=bias, axis=0, **common))
+        axis = 1 if fused else 0
+        _check_tensor(names.checkpoint, bias, axis, d_model, ndim=axis + 1)
+        ops.append(EditOp(tensor=bias, axis=axis, **common))
     return ops
 
 

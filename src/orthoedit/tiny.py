@@ -36,6 +36,7 @@ FAMILIES: tuple[str, ...] = (
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "gpt_oss",
 )
 
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -174,6 +175,20 @@ def _config(
                 **common, **moe, shared_expert_intermediate_size=hidden
             )
         return transformers.Qwen3MoeConfig(**common, **explicit_head, **moe)
+    if family == "gpt_oss":
+        layer_types = ["sliding_attention", "full_attention"] * n_layers
+        return transformers.GptOssConfig(
+            **common,
+            **explicit_head,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=64,
+            layer_types=layer_types[:n_layers],
+            # YaRN's factor must match max positions / original positions (512 / 16)
+            rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 16, "rope_theta": 150000.0},
+        )  # fmt: skip
     if family == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab,

@@ -125,7 +125,10 @@ def edit_tensor(
             b *= norm_factors(np.asarray(sq), np.asarray(along), op.scale)
         _write_all(dst, encode(b, info.dtype), info.start)
         return
-    rows, cols = info.shape
+    rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
+    axis = op.axis
+    if len(info.shape) == 3:  # fused experts [experts, in, d_model]: rows of d_model
+        rows, cols, axis = info.shape[0] * info.shape[1], info.shape[2], 1
     values = values.reshape(rows, cols)
     row_bytes = cols * info.itemsize
     tile = max(1, TILE_BYTES // (cols * np.dtype(math).itemsize))
@@ -137,7 +140,7 @@ def edit_tensor(
         return block
 
     factors = None
-    if op.axis == 0:
+    if axis == 0:
         coeff = np.zeros(cols, dtype=math)
         sq = np.zeros(cols, dtype=math) if preserve_norm else None
         for i0, i1 in _blocks(rows, tile):
@@ -151,7 +154,7 @@ def edit_tensor(
         out = work.get("out", (o1 - o0, cols), values.dtype)
         for i0, i1 in _blocks(o1 - o0, tile):
             block = load(o0 + i0, o0 + i1)
-            if op.axis == 1:
+            if axis == 1:
                 remove_rows_(block, u, op.scale, preserve_norm)
             else:
                 remove_columns_(block, u[o0 + i0 : o0 + i1], coeff, op.scale, factors)
