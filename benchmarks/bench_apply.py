@@ -64,19 +64,26 @@ TARGETS = {
 # --------------------------------------------------------------------------- checkpoint
 
 
+def attention_tensors(p: str) -> list[tuple[str, tuple[int, ...]]]:
+    """A decoder block's norms and attention (layer prefix ``p``)."""
+    kv = KV_HEADS * HEAD_DIM
+    return [
+        (p + "input_layernorm.weight", (HIDDEN,)),
+        (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+        (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
+        (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
+        (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+        (p + "post_attention_layernorm.weight", (HIDDEN,)),
+    ]
+
+
 def llama_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of a LlamaForCausalLM with untied embeddings, in order."""
-    kv = KV_HEADS * HEAD_DIM
     names = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(n_layers):
         p = f"model.layers.{i}."
+        names += attention_tensors(p)
         names += [
-            (p + "input_layernorm.weight", (HIDDEN,)),
-            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
-            (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
-            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "post_attention_layernorm.weight", (HIDDEN,)),
             (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)),
             (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
             (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)),
@@ -91,19 +98,10 @@ EXPERTS, EXPERT_INTERMEDIATE = 8, 1408
 
 
 def mixtral_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    kv = KV_HEADS * HEAD_DIM
     names = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        names += [
-            (p + "input_layernorm.weight", (HIDDEN,)),
-            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
-            (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
-            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "post_attention_layernorm.weight", (HIDDEN,)),
-            (p + "block_sparse_moe.gate.weight", (EXPERTS, HIDDEN)),
-        ]
+        names += [*attention_tensors(p), (p + "block_sparse_moe.gate.weight", (EXPERTS, HIDDEN))]
         for e in range(EXPERTS):
             q = f"{p}block_sparse_moe.experts.{e}."
             names += [

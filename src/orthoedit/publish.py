@@ -170,7 +170,7 @@ def _load(path: Path | None) -> dict | None:
         raise BadInputError(f"{path}: cannot read the report ({err}).") from None
 
 
-def _evaluated_other_model(reports: dict, bench: dict | None, safety: dict | None, folder: Path):
+def _evaluated_other_model(bench: dict | None, safety: dict | None, folder: Path):
     """A warning when the reports name a different edited model than the one pushed."""
     named = []
     if bench is not None:
@@ -206,7 +206,7 @@ def plan_push(cfg: PushConfig) -> PushPlan:
         }
         card = with_evaluation(card, evaluation_markdown(bench, safety, verify, links))
         items += [Item(repo, local=local) for repo, local in sorted(reports.items())]
-        other = _evaluated_other_model(reports, bench, safety, folder)
+        other = _evaluated_other_model(bench, safety, folder)
         if other:
             warnings.append(other)
     items.append(Item("README.md", data=card.encode("utf-8")))
