@@ -9,12 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from orthoedit.architectures import table_for_config
-from orthoedit.attribute import _capture, mean_log_odds, writers_of
-from orthoedit.checkpoint import Checkpoint
-from orthoedit.direction import load_direction
-from orthoedit.plan import build_plan
-from orthoedit.source import read_config
+from orthoedit.attribute import _capture, every_writer, mean_log_odds, writers_of
 from orthoedit.tiny import FAMILIES
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -22,19 +17,7 @@ CASES = [(f, {}) for f in FAMILIES] + [("llama", {"bias": True})]
 
 
 def _setup(folder, direction_file):
-    config = read_config(folder)
-    table = table_for_config(config)
-    d_model, n_layers, _ = table.dims(config)
-    checkpoint = Checkpoint.open(folder)
-    direction = load_direction(direction_file, d_model, n_layers, None)
-    plan = build_plan(
-        table=table,
-        checkpoint=checkpoint,
-        config=config,
-        direction=direction,
-        source=str(folder),
-        tied_policy="edit",
-    )
+    _, table, checkpoint, _, plan = every_writer(folder, direction_file)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return model, writers_of(model, table, plan, checkpoint)
 

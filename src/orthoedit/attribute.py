@@ -295,6 +295,31 @@ def _shifts_for(components: list[Component], deltas: dict[str, torch.Tensor]) ->
     return shifts
 
 
+def every_writer(folder: Path, direction_path: Path, direction_layer: int | None = None):
+    """(config, table, checkpoint, direction, plan) for a local model folder, the plan
+    covering every residual writer (the tied embedding too: ``tied_policy="edit"``)."""
+    from .architectures import table_for_config
+    from .checkpoint import Checkpoint
+    from .direction import load_direction
+    from .plan import build_plan
+    from .source import read_config
+
+    config = read_config(folder)
+    table = table_for_config(config)
+    d_model, n_layers, _ = table.dims(config)
+    direction = load_direction(direction_path, d_model, n_layers, direction_layer)
+    checkpoint = Checkpoint.open(folder)
+    plan = build_plan(
+        table=table,
+        checkpoint=checkpoint,
+        config=config,
+        direction=direction,
+        source=str(folder),
+        tied_policy="edit",
+    )
+    return config, table, checkpoint, direction, plan
+
+
 def refusal_token_ids(tok, direction_path: Path, spec: str | None, completions) -> list[int]:
     """``--refusal-tokens``, else measure's (``scores.json`` beside the direction), else
     derived from the model's own completions (``completions()`` -> harmful, harmless ids)."""
@@ -318,38 +343,26 @@ def attribute(
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .architectures import table_for_config
-    from .checkpoint import Checkpoint
-    from .direction import load_direction
     from .hooks import plan_hooks
     from .measure import Progress, chat_ids, pad_id, post_instruction_ids, prompt_digest
     from .output import check_target, staged_output
     from .plan import build_plan
     from .refusal import greedy_completions
     from .safety import load_sets
-    from .source import read_config, resolve_model
+    from .source import resolve_model
 
     transformers.utils.logging.disable_progress_bar()
     progress = progress or Progress()
     folder, revision = resolve_model(cfg.model, cfg.revision)
-    config = read_config(folder)
-    table = table_for_config(config)
-    d_model, n_layers, _ = table.dims(config)
-    direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
+    config, table, checkpoint, direction, plan = every_writer(
+        folder, cfg.direction, cfg.direction_layer
+    )
+    n_layers = plan.n_layers
     target = check_target(cfg.out, folder, cfg.overwrite)
     prompts = load_sets(cfg)
     for kind, items in prompts.items():
         if len(items) < 2:
             raise BadInputError(f"--{kind}: {len(items)} prompts; attribution needs at least 2.")
-    checkpoint = Checkpoint.open(folder)
-    plan = build_plan(
-        table=table,
-        checkpoint=checkpoint,
-        config=config,
-        direction=direction,
-        source=str(folder),
-        tied_policy="edit",  # every writer, the embedding included
-    )
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
         tok.chat_template = cfg.template.read_text()
