@@ -581,6 +581,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="llama",
         help="dense Llama or Mixtral-like mixture of experts (use --order copy,apply)",
     )
+    ap.add_argument(
+        "--span",
+        type=int,
+        default=1,
+        help="project out a span of this many directions (a [k, d] file; use --order copy,apply)",
+    )
     ap.add_argument("--results", type=Path, default=HERE / "results.json")
     ap.add_argument("--clean", action="store_true", help="also delete the source checkpoints")
     args = ap.parse_args(argv)
@@ -588,6 +594,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.order = [k.strip() for k in args.order.split(",") if k.strip()]
     if set(args.order) - {"copy", "apply", "full"}:
         ap.error("--order takes copy, apply and full")
+    if args.span < 1 or (args.span > 1 and "full" in args.order):
+        ap.error("--span takes k >= 1; the full-load baseline projects one direction only")
     return args
 
 
@@ -595,9 +603,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
-    direction = save_direction(args.work / "direction.safetensors", r, {"source": "bench_apply"})
-    u = torch.from_numpy(unit(r.numpy()))
+    gen = torch.Generator().manual_seed(1)
+    if args.span == 1:
+        r = torch.randn(HIDDEN, generator=gen)
+        meta = {"source": "bench_apply"}
+    else:
+        r = torch.randn(args.span, HIDDEN, generator=gen)
+        meta = {"source": "bench_apply", "kind": "span"}
+    direction = save_direction(args.work / "direction.safetensors", r, meta)
+    u = torch.from_numpy(unit(r.numpy())) if args.span == 1 else None
     startup = {label: time_startup(code) for label, code in STARTUP.items()}
     sizes = []
     try:
@@ -608,6 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.clean:
             remove(args.work)
     result = {
+        "span": args.span,
         "machine": machine(),
         "startup_s": startup,
         "sample_interval_s": SAMPLE_S,

@@ -138,11 +138,13 @@ DIRECTIONS = {
         lambda p: save_direction(p.with_suffix(".safetensors"), torch.randn(2, D_MODEL)),
         ["one direction per layer", "--direction-layer"],
     ),
-    "span": (
+    "span-dependent": (
         lambda p: save_direction(
-            p.with_suffix(".safetensors"), torch.randn(3, D_MODEL), {"kind": "span"}
+            p.with_suffix(".safetensors"),
+            torch.stack([_vec(), 2 * _vec(), torch.randn(D_MODEL)]),
+            {"kind": "span"},
         ),
-        ["span", "not supported", "pass one direction"],
+        ["linearly dependent", "vector 2", "drop it"],
     ),
     "unknown-extension": (
         lambda p: (p.with_suffix(".txt").write_text("0.1 0.2\n"), p.with_suffix(".txt"))[1],
@@ -185,7 +187,7 @@ def test_error_text_with_brackets_is_printed_verbatim(tiny_model, tmp_path, outd
     path = save_direction(folder / "d.safetensors", torch.randn(2, 2, D_MODEL))
     with pytest.raises(BadInputError) as info:
         apply(ApplyConfig(model=str(tiny_model("llama")), direction=path, out=outdir))
-    assert "[d_model] or [n_layers, d_model]" in str(info.value)
+    assert "[k, d_model] or [n_layers, d_model]" in str(info.value)
     line = error_line(cli("apply", tiny_model("llama"), "--direction", path, "--out", outdir))
     assert line == f"error: {info.value}"
 

@@ -178,7 +178,7 @@ def test_files_copied_and_skipped(decorated, edited):
 def test_direction_copy_and_plan(edited, direction_file):
     assert sha256(edited / "orthoedit" / "direction.safetensors") == sha256(direction_file)
     plan = Plan.load(edited)
-    assert plan.direction_sha256 == sha256(direction_file)
+    assert plan.direction_files[0].sha256 == sha256(direction_file)
     assert plan.base_model == BASE
     assert plan.tied and plan.tied_policy == "untie" and plan.write_lm_head
     assert len(plan.ops) == 5
@@ -235,7 +235,7 @@ def test_single_file_tied_source_becomes_sharded(tiny_model, direction_file, tmp
     assert head.data_ptr() != embed.data_ptr()
     original = torch.from_numpy(source.read("model.embed_tokens.weight"))
     assert torch.equal(head.detach().double(), original)
-    r = torch.tensor(plan.direction, dtype=torch.float64)
+    r = torch.tensor(plan.directions[0], dtype=torch.float64)
     r = r / r.norm()
     residual = (embed.detach().double() @ r).norm() / embed.detach().double().norm()
     assert residual < 1e-6  # the loaded embedding is orthogonal to r; the head is not

@@ -75,6 +75,7 @@ def _described(model, name: str) -> str:
                 "direction": "--direction",
                 "out": "--out",
                 "direction_layer": "--direction-layer",
+                "per_layer": "--per-layer",
                 "revision": "--revision",
                 "base_model": "--base-model",
                 "sites": "--sites",
@@ -121,7 +122,7 @@ def test_apply_help_lists_tied_policies():
 
 def test_help_keeps_square_brackets():
     text = flat(cli("apply", "--help").output)
-    assert "[d_model] or [n_layers, d_model]" in text
+    assert "[d_model], a [k, d_model] span" in text and "or [n_layers, d_model]" in text
 
 
 def test_version():

@@ -22,7 +22,7 @@ from orthoedit.checkpoint import Checkpoint
 from orthoedit.config import ApplyConfig, VerifyConfig
 from orthoedit.hooks import ablation_hooks, plan_hooks
 from orthoedit.ortho import orthogonalize
-from orthoedit.plan import unit_vector
+from orthoedit.plan import op_basis, unit_vector
 from orthoedit.tiny import FAMILIES
 from orthoedit.verify import encode_prompts, verify
 
@@ -59,14 +59,15 @@ def check_edit(src, out, plan, *, expect_paper: bool):
     """Every invariant of an applied plan; returns the edited-vs-hooks max |Δlogit|."""
     source = Checkpoint.open(src)
     before, after = _tensors(src), _tensors(out)
-    r = plan.r
     for op in plan.ops:
-        u = torch.from_numpy(unit_vector(op, r, source))
+        u = torch.from_numpy(op_basis(op, plan, source))  # [k, d]: u alone for one direction
+        if plan.single:
+            assert torch.equal(u[0], torch.from_numpy(unit_vector(op, plan.r, source)))
         w_before, w_after = before[op.tensor].double(), after[op.tensor].double()
         expect = torch.from_numpy(orthogonalize(w_before.numpy(), u.numpy(), op.axis, op.scale))
         assert torch.allclose(w_after, expect, atol=1e-6), op.tensor  # in-memory edit
-        along = w_after.movedim(op.axis, -1) @ u
-        base = w_before.movedim(op.axis, -1) @ u
+        along = w_after.movedim(op.axis, -1) @ u.T
+        base = w_before.movedim(op.axis, -1) @ u.T
         residual = float((along - (1 - op.scale) * base).norm())
         assert residual <= 1e-6 * float(w_before.norm()), op.tensor
     for name, tensor in before.items():
@@ -82,6 +83,7 @@ def check_edit(src, out, plan, *, expect_paper: bool):
         hooked = _logits(model, inputs)
     paper = None
     if expect_paper:
+        r = plan.vectors(None)  # [k, d]: the span of every direction
         with ablation_hooks(model, load_tables()[plan.family], r, plan.n_layers):
             paper = _logits(model, inputs)
     edited_model = _load(out)

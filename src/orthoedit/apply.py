@@ -7,11 +7,13 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from .architectures import table_for_config
-from .card import render_card, source_metadata
+from .card import artifact_names, render_card, source_metadata
 from .checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from .config import ApplyConfig
-from .direction import biproject, harmless_mean, load_direction
+from .direction import DirectionSet, biproject, harmless_mean, load_directions
 from .errors import BadInputError
 from .output import check_target, staged_output
 from .plan import Plan, build_plan, load_scales
@@ -31,7 +33,7 @@ class Prepared:
     folder: Path
     checkpoint: Checkpoint
     config: dict
-    direction_path: Path
+    direction_paths: list[Path]
 
 
 def prepare(cfg: ApplyConfig) -> Prepared:
@@ -44,15 +46,14 @@ def prepare(cfg: ApplyConfig) -> Prepared:
     table = table_for_config(config)
     checkpoint = Checkpoint.open(folder)
     d_model, n_layers, _ = table.dims(config)
-    direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
+    direction = load_directions(
+        cfg.direction, d_model, n_layers, cfg.direction_layer, cfg.per_layer
+    )
     details: dict = {}
     if cfg.harmless_mean is not None and cfg.method != "biprojected":
         raise BadInputError("--harmless-mean is for --method biprojected.")
     if cfg.method == "biprojected":
-        mean, where = harmless_mean(direction, cfg.harmless_mean, d_model, n_layers)
-        vector, cosine = biproject(direction.vector, mean)
-        direction = replace(direction, vector=vector)
-        details = {"harmless_mean": where, "cosine_with_harmless_mean": round(cosine, 6)}
+        direction, details = _biprojected(direction, cfg, d_model, n_layers)
     plan = build_plan(
         table=table,
         checkpoint=checkpoint,
@@ -68,7 +69,25 @@ def prepare(cfg: ApplyConfig) -> Prepared:
         method=cfg.method,
         method_details=details,
     )
-    return Prepared(plan, folder, checkpoint, config, Path(cfg.direction))
+    return Prepared(plan, folder, checkpoint, config, list(cfg.direction))
+
+
+def _biprojected(found: DirectionSet, cfg: ApplyConfig, d_model: int, n_layers: int):
+    """Every shared vector made orthogonal to the harmless mean (one mean: per-layer rows
+    would each need their own layer's mean, which is not measured per file)."""
+    if found.per_layer.shape[0]:
+        raise BadInputError(
+            "--method biprojected takes single or span directions, not --per-layer ones."
+        )
+    mean, where = harmless_mean(found.sources[0], cfg.harmless_mean, d_model, n_layers)
+    pairs = [biproject(v, mean) for v in found.shared]
+    cosines = [round(c, 6) for _, c in pairs]
+    shared = np.stack([v for v, _ in pairs])
+    details = {
+        "harmless_mean": where,
+        "cosine_with_harmless_mean": cosines[0] if len(cosines) == 1 else cosines,
+    }
+    return replace(found, shared=shared), details
 
 
 def copy_small_files(source: Path, out: Path, config: dict, untie: bool) -> None:
@@ -97,15 +116,20 @@ def execute(prepared: Prepared, out: Path, overwrite: bool, progress: Progress |
         )
         plan.save(tmp)
         meta = source_metadata(prepared.folder)
-        render_card(plan, prepared.direction_path, meta).save(tmp / "README.md")
-        artifacts = tmp / ARTIFACT_DIR
-        artifacts.mkdir()
-        direction = prepared.direction_path
-        shutil.copyfile(direction, artifacts / f"direction{direction.suffix}")
-        record = direction.with_name("direction.json")  # written by measure beside the tensor
-        if record.is_file():
-            shutil.copyfile(record, artifacts / "direction.json")
+        render_card(plan, meta).save(tmp / "README.md")
+        copy_directions(prepared.direction_paths, tmp / ARTIFACT_DIR)
     return target
+
+
+def copy_directions(paths: list[Path], folder: Path) -> None:
+    """Each direction file, and measure's ``direction.json`` record beside it when there is
+    one, under the artifact folder."""
+    folder.mkdir()
+    for path, name in zip(paths, artifact_names(paths), strict=True):
+        shutil.copyfile(path, folder / name)
+        record = path.with_name("direction.json")  # written by measure beside the tensor
+        if record.is_file():
+            shutil.copyfile(record, folder / (name.rsplit(".", 1)[0] + ".json"))
 
 
 def apply(cfg: ApplyConfig, progress: Progress | None = None) -> tuple[Plan, Path | None]:

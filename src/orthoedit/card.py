@@ -86,7 +86,33 @@ def license_section(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def render_card(plan: Plan, direction_path: Path, source_meta: dict | None = None):
+def artifact_names(paths: list[Path]) -> list[str]:
+    """Where apply copies the direction files under ``orthoedit/``: ``direction.<ext>`` for
+    the first, ``direction-2.<ext>``... after it."""
+    return [f"direction{'' if i == 0 else f'-{i + 1}'}{p.suffix}" for i, p in enumerate(paths)]
+
+
+def _directions(plan: Plan) -> str:
+    """Provenance rows: every direction file, its hash, and what was taken from it."""
+    names = artifact_names([Path(f.file) for f in plan.direction_files])
+    rows = []
+    for f, name in zip(plan.direction_files, names, strict=True):
+        what = f"row {f.row} of a per-layer file" if f.row is not None else f.kind
+        rows.append(f"| direction `{f.file}` (`orthoedit/{name}`) | {what}, SHA-256 `{f.sha256}` |")
+    return "\n".join(rows)
+
+
+def _span(plan: Plan) -> str:
+    k = len(plan.directions) + len(plan.per_layer_directions)
+    if plan.per_layer_directions:
+        return (
+            f"{k} direction{'s' if k > 1 else ''} per layer (block i uses row i of each "
+            "per-layer file, the embedding row 0)"
+        )
+    return "one direction" if k == 1 else f"the span of {k} directions (orthonormalized)"
+
+
+def render_card(plan: Plan, source_meta: dict | None = None):
     """The card as a huggingface_hub ModelCard (imported here: it is slow to import)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -112,11 +138,11 @@ def render_card(plan: Plan, direction_path: Path, source_meta: dict | None = Non
     body = f"""
 # {Path(plan.source).name} (orthogonalized)
 
-{display}This checkpoint is {source} with one direction removed from every tensor that
+{display}This checkpoint is {source} with {_span(plan)} removed from every tensor that
 writes into the residual stream, by orthoedit {__version__}. The
 architecture, shapes and dtypes are unchanged; inference costs exactly what the source costs.
 
-**What changed:** no edited layer can write along the direction below, so behaviour that the
+**What changed:** no edited layer can write along the direction(s) below, so behaviour that the
 direction mediates (typically refusal) is weakened or removed. Everything else the model does
 may change too; evaluate it before use (see Evaluation below).
 
@@ -134,9 +160,7 @@ may change too; evaluate it before use (see Evaluation below).
 | | |
 |---|---|
 | source model | {source} |
-| direction file | `{direction_path.name}` |
-| direction SHA-256 | `{plan.direction_sha256}` |
-| direction row (per-layer file) | {plan.direction_row if plan.direction_row is not None else "-"} |
+{_directions(plan)}
 | orthoedit | {__version__} |
 | python | {platform.python_version()} |
 

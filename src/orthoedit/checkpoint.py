@@ -163,31 +163,37 @@ class Checkpoint:
         along, sq = self.along_and_lengths(name, u, axis, block_bytes)
         return along, float(sq.sum()) ** 0.5
 
-    def along_and_lengths(self, name: str, u: np.ndarray, axis: int, block_bytes: int = 64 << 20):
+    def along_and_lengths(
+        self, name: str, basis: np.ndarray, axis: int, block_bytes: int = 64 << 20
+    ):
         """Per vector along ``axis`` (a column of ``[d, in]``, a row of an embedding): its
-        component along u and its squared length, in float64, one row block at a time."""
+        components in the orthonormal ``basis`` ``[k, d]`` (``[k, vectors]``; a unit vector
+        ``[d]`` gives ``[vectors]``) and its squared length, in float64, one row block at a
+        time."""
+        q = np.asarray(basis, dtype=np.float64)
         info = self.tensors[name]
         raw = self.shard(info).bytes(info)
         if len(info.shape) == 1:
             b = decode(raw, info.dtype, np.float64)
-            return np.asarray(b @ u), np.asarray(b @ b)
+            return np.asarray(q @ b), np.asarray(b @ b)
         rows, cols = info.shape[0], info.shape[-1]
         if len(info.shape) == 3:  # fused experts [experts, in, d_model]: rows of d_model
             rows, axis = info.shape[0] * info.shape[1], 1
         matrix = raw.reshape(rows, cols * info.itemsize)
         step = max(1, block_bytes // (cols * 8))
-        parts, sq_rows, coeff, sq_cols = [], [], np.zeros(cols), np.zeros(cols)
+        parts, sq_rows = [], []
+        coeff, sq_cols = np.zeros((*q.shape[:-1], cols)), np.zeros(cols)
         for i0 in range(0, rows, step):
             i1 = min(rows, i0 + step)
             block = decode(matrix[i0:i1], info.dtype, np.float64).reshape(i1 - i0, cols)
             if axis == 1:
-                parts.append(block @ u)
+                parts.append(q @ block.T)
                 sq_rows.append(np.einsum("ij,ij->i", block, block))
             else:
-                coeff += u[i0:i1] @ block
+                coeff += q[..., i0:i1] @ block
                 sq_cols += np.einsum("ij,ij->j", block, block)
         if axis == 1:
-            return np.concatenate(parts), np.concatenate(sq_rows)
+            return np.concatenate(parts, axis=-1), np.concatenate(sq_rows)
         return coeff, sq_cols
 
 

@@ -87,23 +87,28 @@ def main(
 
 
 def _plan_table(plan) -> Table:
-    table = Table(title=f"plan: {len(plan.ops)} tensors ({plan.family}, d_model {plan.d_model})")
+    k = len(plan.directions) + len(plan.per_layer_directions)
+    span = "" if plan.single else f", span of {k} directions" + (" per layer" * (not plan.shared))
+    title = f"plan: {len(plan.ops)} tensors ({plan.family}, d_model {plan.d_model}{span})"
+    table = Table(title=title)
     for col in ("tensor", "site", "layer", "axis", "scale", "vector"):
         table.add_column(col, overflow="fold")  # full names: the plan must stay greppable
     for op in plan.ops:
         layer = "-" if op.layer is None else str(op.layer)
-        table.add_row(op.tensor, op.site, layer, str(op.axis), f"{op.scale:g}", op.vector_label)
+        label = op.vector_label if plan.single else op.vector_label.replace("r", "U", 1)
+        table.add_row(op.tensor, op.site, layer, str(op.axis), f"{op.scale:g}", label)
     return table
 
 
 @app.command()
 def apply(
     model: Annotated[str, typer.Argument(help=_help(ApplyConfig, "model"))],
-    direction: Annotated[Path, typer.Option(help=_help(ApplyConfig, "direction"))],
+    direction: Annotated[list[Path], typer.Option(help=_help(ApplyConfig, "direction"))],
     out_dir: Annotated[Path | None, typer.Option("--out", help=_help(ApplyConfig, "out"))] = None,
     direction_layer: Annotated[
         int | None, typer.Option(help=_help(ApplyConfig, "direction_layer"))
     ] = None,
+    per_layer: Annotated[bool, typer.Option(help=_help(ApplyConfig, "per_layer"))] = False,
     revision: Annotated[str | None, typer.Option(help=_help(ApplyConfig, "revision"))] = None,
     base_model: Annotated[str | None, typer.Option(help=_help(ApplyConfig, "base_model"))] = None,
     sites: Annotated[
@@ -119,7 +124,8 @@ def apply(
     overwrite: Annotated[bool, typer.Option(help=_help(ApplyConfig, "overwrite"))] = False,
     dry_run: Annotated[bool, typer.Option(help=_help(ApplyConfig, "dry_run"))] = False,
 ) -> None:
-    """Orthogonalize every residual-stream writer of MODEL against a direction."""
+    """Orthogonalize every residual-stream writer of MODEL against a direction (or the span of
+    several)."""
     from . import apply as stage
 
     if out_dir is None and not dry_run:
@@ -132,6 +138,7 @@ def apply(
             direction=direction,
             out=out_dir or Path("."),
             direction_layer=direction_layer,
+            per_layer=per_layer,
             revision=revision,
             base_model=base_model,
             sites=site_list,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .architectures import Site, TiedPolicy
 
@@ -16,13 +16,20 @@ class ApplyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
-    direction: Path = Field(
+    direction: list[Path] = Field(
+        min_length=1,
         description="Direction file: .safetensors (tensor 'direction'), .pt or .npy; "
-        "[d_model] or [n_layers, d_model]."
+        "[d_model], a [k, d_model] span (kind 'span') or [n_layers, d_model]. Give it more "
+        "than once to project out the span of all of them (orthonormalized in order).",
     )
     out: Path = Field(description="Output folder for the edited checkpoint.")
     direction_layer: int | None = Field(
         default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
+    )
+    per_layer: bool = Field(
+        default=False,
+        description="Use every row of a per-layer [n_layers, d_model] direction: block i's "
+        "writers are projected against row i, the embedding against row 0.",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
     base_model: str | None = Field(
@@ -57,6 +64,11 @@ class ApplyConfig(BaseModel):
     )
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
     dry_run: bool = Field(default=False, description="Print the plan and write nothing.")
+
+    @field_validator("direction", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        return [value] if isinstance(value, str | Path) else value
 
 
 class VerifyConfig(BaseModel):

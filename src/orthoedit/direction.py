@@ -2,8 +2,10 @@
 
 Formats: ``.safetensors`` with a float32 tensor named ``direction`` (string metadata in the
 header, optional ``direction.json`` beside it), ``.pt`` (``weights_only=True``) and ``.npy``.
-A 2-D ``[n_layers, d_model]`` tensor is a per-layer stack (row i = input of block i) from which
-one row is picked; the header's ``kind`` says what a 2-D tensor means.
+The header's ``kind`` says what a 2-D tensor means: ``per-layer`` (the default for 2-D), a
+``[n_layers, d_model]`` stack (row i = input of block i) from which one row is picked, or whose
+rows apply each to its own layer (``apply --per-layer``); ``span``, ``[k, d_model]`` vectors
+whose whole span ``apply`` projects out.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ KINDS = ("single", "per-layer", "span")
 
 @dataclass(frozen=True)
 class Direction:
-    vector: np.ndarray  # [d_model], float64, not normalized
+    vector: np.ndarray  # [d_model] (or [k, d_model] / [n_layers, d_model]), float64, raw
     path: Path
     sha256: str
     kind: str
@@ -69,11 +71,8 @@ def _read(path: Path) -> tuple[np.ndarray, dict]:
     raise BadInputError(f"{path}: unknown direction format; use .safetensors, .pt or .npy.")
 
 
-def load_direction(
-    path: str | Path, d_model: int, n_layers: int, layer: int | None = None
-) -> Direction:
-    """Load, pick a row if needed, and validate against the model's width."""
-    path = Path(path)
+def _read_checked(path: Path) -> tuple[np.ndarray, dict, str]:
+    """The tensor, its metadata (``direction.json`` beside it merged in) and its kind."""
     if not path.is_file():
         raise BadInputError(f"direction file {path} does not exist.")
     tensor, metadata = _read(path)
@@ -88,42 +87,165 @@ def load_direction(
     kind = str(metadata.get("kind", "single" if tensor.ndim == 1 else "per-layer"))
     if kind not in KINDS:
         raise BadInputError(f"{path}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}.")
+    if tensor.ndim not in (1, 2):
+        raise BadInputError(
+            f"{path}: direction must be [d_model], [k, d_model] or [n_layers, d_model], "
+            f"got {tuple(tensor.shape)}."
+        )
+    return tensor, metadata, kind
+
+
+def _checked_vectors(path: Path, tensor: np.ndarray, d_model: int) -> np.ndarray:
+    if tensor.shape[-1] != d_model:
+        raise BadInputError(
+            f"{path}: direction has size {tensor.shape[-1]}, the model's hidden size is {d_model}."
+        )
+    vector = tensor.astype(np.float64)
+    if not np.isfinite(vector).all():
+        raise BadInputError(f"{path}: direction contains NaN or Inf values.")
+    if not np.all(np.any(vector, axis=-1)):
+        raise BadInputError(f"{path}: direction has zero norm.")
+    return vector
+
+
+def load_direction(
+    path: str | Path,
+    d_model: int,
+    n_layers: int,
+    layer: int | None = None,
+    *,
+    per_layer: bool = False,
+    span: bool = False,
+) -> Direction:
+    """Load, pick a row if needed, and validate against the model's width.
+
+    By default the result is one vector ``[d_model]``. ``span=True`` also accepts a
+    ``[k, d_model]`` span file (vector ``[k, d_model]``); ``per_layer=True`` keeps a whole
+    per-layer stack (vector ``[n_layers, d_model]``) instead of picking one row.
+    """
+    path = Path(path)
+    tensor, metadata, kind = _read_checked(path)
     row = None
-    if tensor.ndim == 2:
-        if kind == "span":
+    if tensor.ndim == 1:
+        if layer is not None:
+            raise BadInputError(f"--direction-layer given but {path} holds a single direction.")
+        if per_layer:
+            raise BadInputError(f"--per-layer given but {path} holds a single direction.")
+        kind = "single"
+    elif kind == "span":
+        if not span:
             raise BadInputError(
-                f"{path}: 'span' directions (several directions at once) are not supported yet; "
-                "pass one direction."
+                f"{path}: holds a span of {tensor.shape[0]} directions; this command takes one "
+                "direction (orthoedit apply takes spans)."
             )
+        if layer is not None or per_layer:
+            raise BadInputError(
+                f"{path}: a span is used whole at every layer; drop --direction-layer/--per-layer."
+            )
+    else:
         if tensor.shape[0] != n_layers:
             raise BadInputError(
                 f"{path}: per-layer direction has {tensor.shape[0]} rows, the model has "
                 f"{n_layers} layers."
             )
-        if layer is None:
+        if layer is not None and per_layer:
+            raise BadInputError("--direction-layer and --per-layer exclude each other.")
+        if layer is None and not per_layer:
             raise BadInputError(
-                f"{path}: holds one direction per layer; choose one with --direction-layer N."
+                f"{path}: holds one direction per layer; choose one with --direction-layer N"
+                + (", or use each layer's own with --per-layer." if span else ".")
             )
-        if not 0 <= layer < n_layers:
-            raise BadInputError(f"--direction-layer {layer} is outside 0..{n_layers - 1}.")
-        tensor, row = tensor[layer], layer
-    elif tensor.ndim != 1:
-        raise BadInputError(
-            f"{path}: direction must be [d_model] or [n_layers, d_model], "
-            f"got {tuple(tensor.shape)}."
-        )
-    elif layer is not None:
-        raise BadInputError(f"--direction-layer given but {path} holds a single direction.")
-    if tensor.shape[0] != d_model:
-        raise BadInputError(
-            f"{path}: direction has size {tensor.shape[0]}, the model's hidden size is {d_model}."
-        )
-    vector = tensor.astype(np.float64)
-    if not np.isfinite(vector).all():
-        raise BadInputError(f"{path}: direction contains NaN or Inf values.")
-    if not np.any(vector):
-        raise BadInputError(f"{path}: direction has zero norm.")
+        if layer is not None:
+            if not 0 <= layer < n_layers:
+                raise BadInputError(f"--direction-layer {layer} is outside 0..{n_layers - 1}.")
+            tensor, row, kind = tensor[layer], layer, "single"
+    vector = _checked_vectors(path, tensor, d_model)
     return Direction(vector, path, sha256_file(path), kind, row, metadata)
+
+
+def orthonormal(vectors: np.ndarray, what: str = "the directions") -> np.ndarray:
+    """An orthonormal basis ``[k, d]`` of the rows of ``vectors`` (Gram-Schmidt, twice, in
+    float64, in row order: one vector gives exactly ``v / ‖v‖``). Rows that are (numerically)
+    in the span of the rows before them are an error, not silently dropped."""
+    rows = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    basis: list[np.ndarray] = []
+    for i, v in enumerate(rows):
+        w = v.copy()
+        if basis:
+            q = np.stack(basis)
+            for _ in range(2):  # the second pass removes what rounding left of the first
+                w -= (q @ w) @ q
+        norm = float(np.linalg.norm(w))
+        if not norm > 1e-6 * float(np.linalg.norm(v)):
+            raise BadInputError(
+                f"{what} are linearly dependent: vector {i + 1} lies in the span of the ones "
+                "before it; drop it."
+            )
+        basis.append(w / norm)
+    return np.stack(basis)
+
+
+@dataclass(frozen=True)
+class DirectionSet:
+    """What an edit projects out, per layer: the span of every shared vector (single and span
+    files: every layer and the embedding) and, from each per-layer file, that layer's own row
+    (block i uses row i, the embedding row 0)."""
+
+    shared: np.ndarray  # [k, d_model], float64, as loaded (not normalized)
+    per_layer: np.ndarray  # [m, n_layers, d_model]
+    sources: tuple[Direction, ...]
+
+    @classmethod
+    def of(cls, *directions: Direction) -> DirectionSet:
+        shared = [
+            d.vector.reshape(-1, d.vector.shape[-1]) for d in directions if d.kind != "per-layer"
+        ]
+        stacks = [d.vector for d in directions if d.kind == "per-layer"]
+        d_model = directions[0].vector.shape[-1]
+        n_layers = stacks[0].shape[0] if stacks else 0
+        return cls(
+            np.concatenate(shared) if shared else np.zeros((0, d_model)),
+            np.stack(stacks) if stacks else np.zeros((0, n_layers, d_model)),
+            tuple(directions),
+        )
+
+    def vectors(self, layer: int | None) -> np.ndarray:
+        """The vectors projected out of writers of block ``layer`` (None: the embedding)."""
+        if not self.per_layer.shape[0]:
+            return self.shared
+        return np.concatenate([self.shared, self.per_layer[:, 0 if layer is None else layer]])
+
+
+def load_directions(
+    paths: list[Path], d_model: int, n_layers: int, layer: int | None, per_layer: bool
+) -> DirectionSet:
+    """Every ``--direction`` of apply, checked together: their span is projected out
+    (orthonormalized; linearly dependent vectors are an error)."""
+    if not paths:
+        raise BadInputError("give at least one --direction.")
+    if layer is not None and per_layer:
+        raise BadInputError("--direction-layer and --per-layer exclude each other.")
+    directions = []
+    for path in paths:
+        if _is_per_layer(Path(path)):
+            found = load_direction(path, d_model, n_layers, layer, per_layer=per_layer, span=True)
+        else:
+            found = load_direction(path, d_model, n_layers, span=True)
+        directions.append(found)
+    if per_layer and not any(d.kind == "per-layer" for d in directions):
+        raise BadInputError("--per-layer given but no --direction holds one direction per layer.")
+    if layer is not None and not any(d.row is not None for d in directions):
+        raise BadInputError("--direction-layer given but no --direction holds one per layer.")
+    found_set = DirectionSet.of(*directions)
+    for i in range(n_layers if found_set.per_layer.shape[0] else 1):
+        orthonormal(found_set.vectors(i), f"the vectors of {', '.join(str(p) for p in paths)}")
+    return found_set
+
+
+def _is_per_layer(path: Path) -> bool:
+    """A 2-D file that is not a span (its kind says, or the per-layer default for 2-D)."""
+    tensor, _, kind = _read_checked(path)
+    return tensor.ndim == 2 and kind != "span"
 
 
 def save_stable(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str]) -> None:

@@ -14,18 +14,23 @@ from torch import nn
 
 from .architectures import ArchitectureTable
 from .checkpoint import Checkpoint
-from .ortho import unit
-from .plan import Plan, unit_vector
+from .direction import orthonormal
+from .plan import Plan, op_basis
 
 
 def project_out(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Activations ``x: [..., d_model]`` minus ``scale`` of their component along u."""
+    """Activations ``x: [..., d_model]`` minus ``scale`` of their component along the unit
+    vector u ``[d_model]``, or in the span of the orthonormal rows of u ``[k, d_model]``."""
     uu = u.to(device=x.device, dtype=x.dtype)
-    return x - scale * (x @ uu).unsqueeze(-1) * uu
+    if uu.ndim == 1:
+        return x - scale * (x @ uu).unsqueeze(-1) * uu
+    return x - scale * (x @ uu.T) @ uu
 
 
-def _t(vector) -> torch.Tensor:
-    return torch.from_numpy(vector)
+def _basis(vectors) -> torch.Tensor:
+    """A float64 numpy basis ``[k, d]`` as a tensor; one vector as ``[d]`` (the fast path)."""
+    q = torch.from_numpy(vectors)
+    return q[0] if q.ndim == 2 and q.shape[0] == 1 else q
 
 
 def resolve(model: nn.Module, path: str) -> nn.Module:
@@ -74,16 +79,17 @@ def _projector(u: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.
 
 @contextlib.contextmanager
 def plan_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator[None]:
-    """The plan at run time: each planned writer's linear output loses ``scale`` of its u.
+    """The plan at run time: each planned writer's linear output loses ``scale`` of its
+    component in its basis (its u, for one direction).
 
     With ``--tied edit`` the unembedding reads the edited embedding, which equals projecting
-    the final hidden state along r̂ before ``lm_head``: that hook is added too.
+    the final hidden state out of the embedding's basis before ``lm_head``: that hook is added
+    too.
     """
-    r = plan.r
     per_module: dict[str, tuple[torch.Tensor, float]] = {}
     for op in plan.ops:
-        spec = (_t(unit_vector(op, r, checkpoint)), op.scale)
-        per_module.setdefault(op.module, spec)
+        if op.module not in per_module:
+            per_module[op.module] = (_basis(op_basis(op, plan, checkpoint)), op.scale)
 
     def register(handles: list) -> None:
         for path, (u, scale) in per_module.items():
@@ -92,7 +98,7 @@ def plan_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator
         if plan.unembed_projected:
             embed_op = next(op for op in plan.ops if op.tensor == plan.tied_embedding)
             head = resolve(model, plan.unembed_module)
-            fn = _projector(_t(unit(r)), embed_op.scale)
+            fn = _projector(_basis(op_basis(embed_op, plan, checkpoint)), embed_op.scale)
             handles.append(head.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
 
     with _registered(register):
@@ -114,11 +120,12 @@ def ablation_hooks(
 ) -> Iterator[None]:
     """Directional ablation as in Arditi et al. 2024: remove r from every block input and from
     every attention and MLP output, at every layer and position. ``points`` restricts it to a
-    subset of ``ABLATION_POINTS`` (``orthoedit study sites`` compares them)."""
+    subset of ``ABLATION_POINTS`` (``orthoedit study sites`` compares them). ``r``: one
+    direction ``[d_model]`` or several ``[k, d_model]`` (their span is removed)."""
     unknown = set(points) - set(ABLATION_POINTS)
     if unknown or not points:
         raise ValueError(f"ablation points must be among {ABLATION_POINTS}, got {points!r}")
-    fn = _projector(_t(unit(r)), 1.0)
+    fn = _projector(_basis(orthonormal(r)), 1.0)
     outputs = [
         path
         for point, path in (("attn", table.blocks.attn), ("mlp", table.blocks.mlp))
@@ -140,19 +147,18 @@ def ablation_hooks(
 
 @contextlib.contextmanager
 def contribution_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> Iterator[None]:
-    """Post-norm reference: project each planned writer's *normed contribution* along r̂.
+    """Post-norm reference: project each planned writer's *normed contribution* along r̂ (out
+    of the span of the layer's directions).
 
     For post-norm writers this differs from the plan (which projects the linear output along
     its own u, before the norm rescales it); verify reports the KL between the two.
     """
-    r = plan.r
-    r_hat = _t(unit(r))
     per_module: dict[str, tuple[torch.Tensor, float]] = {}
     for op in plan.ops:
-        if op.norm_module is not None:
-            per_module.setdefault(op.norm_module, (r_hat, op.scale))
-        else:
-            per_module.setdefault(op.module, (_t(unit_vector(op, r, checkpoint)), op.scale))
+        if op.norm_module is not None and op.norm_module not in per_module:
+            per_module[op.norm_module] = (_basis(plan.basis(op.layer)), op.scale)
+        elif op.norm_module is None and op.module not in per_module:
+            per_module[op.module] = (_basis(op_basis(op, plan, checkpoint)), op.scale)
 
     def register(handles: list) -> None:
         for path, (u, scale) in per_module.items():

@@ -2,7 +2,9 @@
 
 A writer W adds ``W x`` (or a row of W, for embeddings) into the residual stream; its residual
 axis is the axis of length d_model. Orthogonalizing against a unit vector u with scale s is
-``W' = W - s u (uᵀ W)`` along that axis, so every output ``y' = y - s u (uᵀ y)``.
+``W' = W - s u (uᵀ W)`` along that axis, so every output ``y' = y - s u (uᵀ y)``; against
+several directions, an orthonormal basis U ``[k, d_model]`` of their span takes u's place:
+``W' = W - s Uᵀ (U W)``.
 Run-time projection of activations (torch) lives with the hooks.
 """
 
@@ -36,63 +38,72 @@ def post_norm_unit(r: np.ndarray, norm_weight: np.ndarray, offset: float) -> np.
 
 
 def orthogonalize(
-    weight: np.ndarray, u: np.ndarray, axis: int, scale: float = 1.0, preserve_norm: bool = False
+    weight: np.ndarray,
+    basis: np.ndarray,
+    axis: int,
+    scale: float = 1.0,
+    preserve_norm: bool = False,
 ) -> np.ndarray:
-    """Return a float64 copy of ``weight`` with ``scale`` of its component along u removed.
+    """Return a float64 copy of ``weight`` with ``scale`` of its component in span(U) removed.
 
-    weight: any shape with ``weight.shape[axis] == u.size``; u: [d_model], unit norm. With
-    ``preserve_norm`` every vector along the residual axis (a column of ``[d_model, in]``, a
-    row of an embedding) is then scaled back to its original length (``--method
-    norm-preserving``). The in-memory reference for the streaming writer.
+    weight: any shape with ``weight.shape[axis] == d_model``; basis U: ``[k, d_model]`` with
+    orthonormal rows (or one unit vector ``[d_model]``): ``W' = W − s Uᵀ(U W)`` along the
+    axis. With ``preserve_norm`` every vector along the residual axis (a column of
+    ``[d_model, in]``, a row of an embedding) is then scaled back to its original length
+    (``--method norm-preserving``). The in-memory reference for the streaming writer.
     """
     w = np.moveaxis(np.asarray(weight, dtype=np.float64), axis, -1)  # [..., d_model]
-    uu = np.asarray(u, dtype=np.float64)
-    along = w @ uu
-    out = w - scale * along[..., None] * uu
+    q = np.atleast_2d(np.asarray(basis, dtype=np.float64))  # [k, d_model]
+    along = w @ q.T  # [..., k]
+    out = w - scale * along @ q
     if preserve_norm:
-        out *= norm_factors(np.einsum("...i,...i->...", w, w), along, scale)[..., None]
+        sq = np.einsum("...i,...i->...", w, w)
+        out *= norm_factors(sq, np.einsum("...k,...k->...", along, along), scale)[..., None]
     return np.moveaxis(out, -1, axis)
 
 
-def norm_factors(sq: np.ndarray, along: np.ndarray, scale: float) -> np.ndarray:
+def norm_factors(sq: np.ndarray, along_sq: np.ndarray, scale: float) -> np.ndarray:
     """Per vector, original length / length after the projection, from its squared length
-    ``sq`` and its component ``along`` u: ``‖w − s(uᵀw)u‖² = ‖w‖² − (2s − s²)(uᵀw)²``. A
-    vector that was (almost) all along u stays as projected (factor 1)."""
-    after = np.maximum(sq - (2 * scale - scale * scale) * along * along, 0.0)
+    ``sq`` and the squared length ``along_sq`` of its component in the span:
+    ``‖w − sPw‖² = ‖w‖² − (2s − s²)‖Pw‖²``. A vector that was (almost) all in the span stays
+    as projected (factor 1)."""
+    after = np.maximum(sq - (2 * scale - scale * scale) * along_sq, 0.0)
     ok = after > 1e-12 * sq
-    return np.where(ok, np.sqrt(sq / np.where(ok, after, 1.0)), 1.0).astype(along.dtype)
+    return np.where(ok, np.sqrt(sq / np.where(ok, after, 1.0)), 1.0).astype(along_sq.dtype)
 
 
-def remove_rows_(chunk: np.ndarray, u: np.ndarray, scale: float, preserve_norm: bool = False):
+def remove_rows_(chunk: np.ndarray, basis: np.ndarray, scale: float, preserve_norm: bool = False):
     """In place, for rows that are independent writers (embedding rows, Conv1D rows).
 
-    chunk: [rows, d_model]; each row loses ``scale`` of its component along u (and is scaled
-    back to its length with ``preserve_norm``).
+    chunk: [rows, d_model], basis: [k, d_model]; each row loses ``scale`` of its component in
+    the span (and is scaled back to its length with ``preserve_norm``).
     """
-    along = chunk @ u
+    basis = np.atleast_2d(basis)
+    along = chunk @ basis.T  # [rows, k]
     sq = np.einsum("ij,ij->i", chunk, chunk) if preserve_norm else None
-    chunk -= np.multiply.outer(along * scale, u)
+    chunk -= (along * scale) @ basis
     if preserve_norm:
-        chunk *= norm_factors(sq, along, scale)[:, None]
+        chunk *= norm_factors(sq, np.einsum("ik,ik->i", along, along), scale)[:, None]
 
 
-def column_coefficients(chunk: np.ndarray, u_rows: np.ndarray) -> np.ndarray:
-    """First pass over a row-major ``[d_model, in]`` weight: this chunk's share of ``uᵀW``.
+def column_coefficients(chunk: np.ndarray, basis_rows: np.ndarray) -> np.ndarray:
+    """First pass over a row-major ``[d_model, in]`` weight: this chunk's share of ``U W``.
 
-    chunk: [rows, in] (rows i0:i1 of W), u_rows: [rows] (u[i0:i1]); returns [in].
+    chunk: [rows, in] (rows i0:i1 of W), basis_rows: [k, rows] (``U[:, i0:i1]``); returns
+    [k, in].
     """
-    return u_rows @ chunk
+    return basis_rows @ chunk
 
 
 def remove_columns_(
     chunk: np.ndarray,
-    u_rows: np.ndarray,
+    basis_rows: np.ndarray,
     coeff: np.ndarray,
     scale: float,
     factors: np.ndarray | None = None,
 ):
-    """Second pass: ``W[i0:i1] -= scale · u[i0:i1] ⊗ (uᵀW)``, in place, then each column
+    """Second pass: ``W[i0:i1] -= scale · U[:, i0:i1]ᵀ (U W)``, in place, then each column
     times ``factors`` (from ``norm_factors`` over the whole columns) when given."""
-    chunk -= np.multiply.outer(u_rows * scale, coeff)
+    chunk -= (np.atleast_2d(basis_rows).T * scale) @ np.atleast_2d(coeff)
     if factors is not None:
         chunk *= factors

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import __version__
 from .architectures import SITES, ArchitectureTable, Site, TiedPolicy, Writer
 from .checkpoint import DTYPES, Checkpoint
-from .direction import Direction
+from .direction import Direction, DirectionSet, orthonormal
 from .errors import BadInputError, UnsupportedModelError
 from .ortho import post_norm_unit, unit
 
@@ -46,6 +46,19 @@ class EditOp(BaseModel):
         return "r" if self.norm is None else f"u({self.norm})"
 
 
+class DirectionFile(BaseModel):
+    """One ``--direction`` the plan was built from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(description="File name as given.")
+    sha256: str
+    kind: Literal["single", "per-layer", "span"] = Field(
+        description="single: one vector; per-layer: one row per block; span: k vectors."
+    )
+    row: int | None = Field(default=None, description="The row picked from a per-layer file.")
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -56,10 +69,16 @@ class Plan(BaseModel):
     family: str
     d_model: int
     n_layers: int
-    direction: list[float] = Field(description="r, as loaded (not normalized).")
-    direction_file: str
-    direction_sha256: str
-    direction_row: int | None = None
+    directions: list[list[float]] = Field(
+        description="[k, d_model] vectors as loaded (not normalized), projected out of every "
+        "edited writer: their span, orthonormalized in order."
+    )
+    per_layer_directions: list[list[list[float]]] = Field(
+        default_factory=list,
+        description="[m, n_layers, d_model]: row i joins the span for block i's writers, row 0 "
+        "for the embedding (apply --per-layer).",
+    )
+    direction_files: list[DirectionFile]
     sites: list[Site]
     layers: tuple[int, int] = Field(description="Half-open range of decoder blocks edited.")
     scales: dict[str, float] = Field(description="'site' or 'site:layer' -> scale actually used.")
@@ -78,14 +97,57 @@ class Plan(BaseModel):
         default_factory=dict, description="e.g. the harmless mean a biprojection used."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_direction(cls, data):
+        """Plans written before several directions: one ``direction`` and its file fields."""
+        if isinstance(data, dict) and "direction" in data and "directions" not in data:
+            data = dict(data)
+            data["directions"] = [data.pop("direction")]
+            data["direction_files"] = [
+                {
+                    "file": data.pop("direction_file"),
+                    "sha256": data.pop("direction_sha256"),
+                    "kind": "single",
+                    "row": data.pop("direction_row", None),
+                }
+            ]
+        return data
+
     @property
     def exact(self) -> bool:
         """Equal to run-time ablation by construction (norm-preserving rescales writers)."""
         return self.method != "norm-preserving"
 
     @property
+    def single(self) -> bool:
+        """One direction at every layer (no span, no per-layer rows)."""
+        return len(self.directions) == 1 and not self.per_layer_directions
+
+    @property
+    def shared(self) -> bool:
+        """The same span at every layer (no per-layer rows)."""
+        return not self.per_layer_directions
+
+    @property
     def r(self) -> np.ndarray:
-        return np.asarray(self.direction, dtype=np.float64)
+        """The direction of a single-direction plan."""
+        if not self.single:
+            raise ValueError("this plan projects out several directions; use plan.basis(layer)")
+        return np.asarray(self.directions[0], dtype=np.float64)
+
+    def vectors(self, layer: int | None) -> np.ndarray:
+        """``[k, d_model]`` raw vectors projected out of block ``layer``'s writers (None: the
+        embedding)."""
+        rows = np.asarray(self.directions, dtype=np.float64).reshape(-1, self.d_model)
+        if self.per_layer_directions:
+            stacks = np.asarray(self.per_layer_directions, dtype=np.float64)
+            rows = np.concatenate([rows, stacks[:, 0 if layer is None else layer]])
+        return rows
+
+    def basis(self, layer: int | None) -> np.ndarray:
+        """Orthonormal ``[k, d_model]`` basis of ``vectors(layer)`` (r̂ for one direction)."""
+        return orthonormal(self.vectors(layer))
 
     @property
     def edited(self) -> set[str]:
@@ -124,10 +186,25 @@ class Plan(BaseModel):
 
 
 def unit_vector(op: EditOp, r: np.ndarray, checkpoint: Checkpoint) -> np.ndarray:
-    """The unit vector an op projects against, in float64 (r̂, or norm-adjusted u)."""
+    """The unit vector an op projects against for one direction r, in float64 (r̂, or the
+    norm-adjusted u)."""
     if op.norm is None:
         return unit(r)
     return post_norm_unit(r, checkpoint.read(op.norm), op.norm_offset)
+
+
+def op_basis(op: EditOp, plan: Plan, checkpoint: Checkpoint) -> np.ndarray:
+    """The orthonormal ``[k, d_model]`` basis an op projects against, in float64.
+
+    Pre-norm writers: the span of the layer's directions. Post-norm writers (DESIGN idea 2):
+    the span of ``g ⊙ rⱼ``, since the contribution's component along rⱼ is
+    ``(g ⊙ rⱼ)ᵀ y / rms(y)``; with one direction this is ``unit_vector``.
+    """
+    vectors = plan.vectors(op.layer)
+    if op.norm is not None:
+        gain = np.asarray(checkpoint.read(op.norm), dtype=np.float64) + op.norm_offset
+        vectors = gain * vectors
+    return orthonormal(vectors, f"the directions seen through {op.norm or op.tensor}")
 
 
 def parse_layers(spec: str | None, n_layers: int) -> tuple[int, int]:
@@ -307,7 +384,7 @@ def build_plan(
     table: ArchitectureTable,
     checkpoint: Checkpoint,
     config: dict,
-    direction: Direction,
+    direction: Direction | DirectionSet,
     source: str,
     revision: str | None = None,
     base_model: str | None = None,
@@ -319,6 +396,7 @@ def build_plan(
     method_details: dict | None = None,
 ) -> Plan:
     """Turn a table, a checkpoint and options into the list of tensors to project."""
+    found = direction if isinstance(direction, DirectionSet) else DirectionSet.of(direction)
     d_model, n_layers, tied = table.dims(config)
     sites = list(dict.fromkeys(sites or SITES))
     start, end = parse_layers(layers, n_layers)
@@ -371,10 +449,12 @@ def build_plan(
         family=table.family,
         d_model=d_model,
         n_layers=n_layers,
-        direction=direction.vector.tolist(),
-        direction_file=direction.path.name,
-        direction_sha256=direction.sha256,
-        direction_row=direction.row,
+        directions=found.shared.tolist(),
+        per_layer_directions=found.per_layer.tolist(),
+        direction_files=[
+            DirectionFile(file=d.path.name, sha256=d.sha256, kind=d.kind, row=d.row)
+            for d in found.sources
+        ],
         sites=sites,
         layers=(start, end),
         scales=used,

@@ -1,8 +1,9 @@
 """``orthoedit verify``: the edited checkpoint against the plan applied at run time (DESIGN idea 6).
 
 A number beats a look: max |Δlogit| and KL against plan hooks, ``‖uᵀW‖/‖W‖`` for every edited
-tensor, the largest ``|r̂ᵀx|/‖x‖`` in the residual stream, and byte identity of everything the
-plan did not touch. Tolerances depend on the storage dtype; above them verify exits 1.
+tensor (``‖U W‖/‖W‖`` over the whole span for several directions), the largest ``|r̂ᵀx|/‖x‖``
+in the residual stream, and byte identity of everything the plan did not touch. Tolerances
+depend on the storage dtype; above them verify exits 1.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from .config import VerifyConfig
 from .errors import BadInputError
 from .hooks import ablation_hooks, contribution_hooks, plan_hooks
 from .measure import render
-from .ortho import norm_factors, unit
-from .plan import Plan, unit_vector
+from .ortho import norm_factors
+from .plan import Plan, op_basis
 from .source import read_config, resolve_model
 
 DEFAULT_PROMPTS = [
@@ -120,16 +121,16 @@ def check_bytes(plan: Plan, source: Checkpoint, edited: Checkpoint, report: Veri
 
 
 def check_weights(plan: Plan, source: Checkpoint, edited: Checkpoint, report: VerifyReport) -> None:
-    """‖uᵀW' − (1−s) uᵀW‖ / ‖W‖ for every edited tensor (‖uᵀW'‖/‖W‖ for full projections)."""
-    r = plan.r
+    """‖U W' − (1−s) U W‖ / ‖W‖ for every edited tensor, over its whole basis U (‖uᵀW'‖/‖W‖
+    for a full projection against one direction)."""
     preserve = plan.method == "norm-preserving"
     for op in plan.ops:
-        u = unit_vector(op, r, source)
-        before, sq = source.along_and_lengths(op.tensor, u, op.axis)
-        after, sq_after = edited.along_and_lengths(op.tensor, u, op.axis)
+        basis = op_basis(op, plan, source)
+        before, sq = source.along_and_lengths(op.tensor, basis, op.axis)
+        after, sq_after = edited.along_and_lengths(op.tensor, basis, op.axis)
         expect = (1.0 - op.scale) * before
         if preserve:  # each vector was scaled back to its length after the projection
-            expect = expect * norm_factors(sq, before, op.scale)
+            expect = expect * norm_factors(sq, (before * before).sum(0), op.scale)
             change = np.abs(np.sqrt(sq_after) - np.sqrt(sq)) / np.maximum(np.sqrt(sq), 1e-30)
             worst = float(change.max()) if change.size else 0.0
             report.max_norm_change = max(report.max_norm_change or 0.0, worst)
@@ -170,14 +171,17 @@ def _compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, f
 
 
 @torch.no_grad()
-def _leak(model, inputs: list[torch.Tensor], r: np.ndarray, n_layers: int) -> float:
-    r_hat = torch.from_numpy(unit(r))
+def _leak(model, inputs: list[torch.Tensor], basis: np.ndarray, n_layers: int) -> float:
+    """Largest ``‖U x‖ / ‖x‖`` over every residual state x entering a block (``|r̂ᵀx|/‖x‖``
+    for one direction)."""
+    q = torch.from_numpy(basis)  # [k, d]
     worst = 0.0
     for ids in inputs:
         states = model(input_ids=ids, output_hidden_states=True).hidden_states[:n_layers]
         for x in states:
             x = x[0].to(torch.float64)
-            worst = max(worst, float(((x @ r_hat).abs() / x.norm(dim=-1).clamp_min(1e-30)).max()))
+            along = (x @ q.T).norm(dim=-1)
+            worst = max(worst, float((along / x.norm(dim=-1).clamp_min(1e-30)).max()))
     return worst
 
 
@@ -200,7 +204,10 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
         raise BadInputError(
             f"{cfg.source} is a {table.family} model; the plan is for {plan.family}."
         )
-    if int(plan.d_model) != len(plan.direction):
+    sizes = {len(v) for v in plan.directions} | {
+        len(row) for stack in plan.per_layer_directions for row in stack
+    }
+    if sizes != {int(plan.d_model)}:
         raise BadInputError(f"{cfg.edited}/plan.json is inconsistent (direction size).")
     dtype = storage_dtype(plan, edited)
     tol = TOLERANCES[dtype]
@@ -219,8 +226,9 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     with plan_hooks(src_model, plan, source):
         ref = _logits(src_model, inputs)
     paper = contrib = None
-    if plan.full and not table.post_norm:
-        with ablation_hooks(src_model, table, plan.r, plan.n_layers):
+    residual_checked = plan.full and plan.shared  # per-layer rows: no one span to remove
+    if residual_checked and not table.post_norm:
+        with ablation_hooks(src_model, table, plan.vectors(None), plan.n_layers):
             paper = _logits(src_model, inputs)
     if table.post_norm:
         with contribution_hooks(src_model, plan, source):
@@ -236,8 +244,8 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
         report.paper_ablation_max_logit_diff, report.paper_ablation_kl = _compare(paper, out)
     if contrib is not None:
         report.contribution_kl = _compare(contrib, out)[1]
-    report.residual_leak = _leak(new_model, inputs, plan.r, plan.n_layers)
-    report.leak_checked = plan.full
+    report.residual_leak = _leak(new_model, inputs, plan.basis(None), plan.n_layers)
+    report.leak_checked = residual_checked
     _judge(report, tol, exact=plan.exact)
     return report
 

@@ -32,7 +32,7 @@ from .checkpoint import (
     stored,
 )
 from .ortho import MATH_DTYPE, column_coefficients, norm_factors, remove_columns_, remove_rows_
-from .plan import EditOp, Plan, unit_vector
+from .plan import EditOp, Plan, op_basis
 
 Progress = Callable[[int], None]
 TILE_BYTES = 512 * 1024  # math-dtype rows decoded, projected and encoded while in cache
@@ -100,7 +100,7 @@ def edit_tensor(
     shard: SafetensorsFile,
     info: TensorInfo,
     op: EditOp,
-    u: np.ndarray,
+    basis: np.ndarray,
     dst: int,
     work: Workspace | None = None,
     preserve_norm: bool = False,
@@ -110,19 +110,20 @@ def edit_tensor(
     Tiles of ``TILE_BYTES`` (math dtype, cache-sized) are decoded, projected and encoded into
     an output block of ``OUT_BYTES``, which is written with one ``pwrite``. Rows of an embedding
     (or a Conv1D ``[in, d_model]``) are independent writers; a row-major ``[d_model, in]``
-    weight first needs ``uᵀW`` from every row: a first pass over the tiles.
+    weight first needs ``U W`` from every row: a first pass over the tiles. ``basis``:
+    ``[k, d_model]`` orthonormal rows (the op's u when k = 1).
     """
     work = work or Workspace()
     math = MATH_DTYPE[info.dtype]
-    u = u.astype(math)
+    q = np.atleast_2d(basis).astype(math)  # [k, d_model]
     values = stored(shard.bytes(info), info.dtype)
     if len(info.shape) == 1:
         b = values.astype(math)
-        along = b @ u
+        along = q @ b
         sq = b @ b
-        b -= op.scale * along * u
+        b -= (op.scale * along) @ q
         if preserve_norm:
-            b *= norm_factors(np.asarray(sq), np.asarray(along), op.scale)
+            b *= norm_factors(np.asarray(sq), np.asarray(along @ along), op.scale)
         _write_all(dst, encode(b, info.dtype), info.start)
         return
     rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
@@ -141,23 +142,23 @@ def edit_tensor(
 
     factors = None
     if axis == 0:
-        coeff = np.zeros(cols, dtype=math)
+        coeff = np.zeros((q.shape[0], cols), dtype=math)
         sq = np.zeros(cols, dtype=math) if preserve_norm else None
         for i0, i1 in _blocks(rows, tile):
             block = load(i0, i1)
-            coeff += column_coefficients(block, u[i0:i1])
+            coeff += column_coefficients(block, q[:, i0:i1])
             if preserve_norm:
                 sq += np.einsum("ij,ij->j", block, block)
         if preserve_norm:
-            factors = norm_factors(sq, coeff, op.scale)
+            factors = norm_factors(sq, np.einsum("kj,kj->j", coeff, coeff), op.scale)
     for o0, o1 in _blocks(rows, out_rows):
         out = work.get("out", (o1 - o0, cols), values.dtype)
         for i0, i1 in _blocks(o1 - o0, tile):
             block = load(o0 + i0, o0 + i1)
             if axis == 1:
-                remove_rows_(block, u, op.scale, preserve_norm)
+                remove_rows_(block, q, op.scale, preserve_norm)
             else:
-                remove_columns_(block, u[o0 + i0 : o0 + i1], coeff, op.scale, factors)
+                remove_columns_(block, q[:, o0 + i0 : o0 + i1], coeff, op.scale, factors)
             np.copyto(out[i0:i1], block, casting="same_kind")  # rounds to nearest even
         _write_all(dst, out, info.start + o0 * row_bytes)
 
@@ -175,7 +176,7 @@ def _unedited_spans(shard: SafetensorsFile, edited: list[TensorInfo]) -> list[tu
 def stream_shards(
     jobs: list[tuple[SafetensorsFile, Path]],
     ops: dict[str, EditOp],
-    vectors: dict[str, np.ndarray],
+    bases: dict[str, np.ndarray],
     progress: Progress | None = None,
     preserve_norm: bool = False,
 ) -> None:
@@ -195,9 +196,7 @@ def stream_shards(
         def job(work: Workspace) -> None:
             fd = os.open(dst, os.O_WRONLY)
             try:
-                edit_tensor(
-                    shard, info, ops[info.name], vectors[info.name], fd, work, preserve_norm
-                )
+                edit_tensor(shard, info, ops[info.name], bases[info.name], fd, work, preserve_norm)
             finally:
                 os.close(fd)
             if progress:
@@ -273,8 +272,7 @@ def stream_edit(
     Returns the output weight map (tensor -> shard file name).
     """
     ops = {op.tensor: op for op in plan.ops}
-    r = plan.r
-    vectors = {name: unit_vector(op, r, checkpoint) for name, op in ops.items()}
+    bases = {name: op_basis(op, plan, checkpoint) for name, op in ops.items()}
     rename = {}
     if plan.write_lm_head and checkpoint.index is None:
         # transformers prefers model.safetensors over an index, so a single file must become
@@ -286,7 +284,7 @@ def stream_edit(
         name = rename.get(shard.path.name, shard.path.name)
         jobs.append((shard, out / name))
         weight_map.update({t: name for t in shard.tensors})
-    stream_shards(jobs, ops, vectors, progress, plan.method == "norm-preserving")
+    stream_shards(jobs, ops, bases, progress, plan.method == "norm-preserving")
     if checkpoint.index is not None and not plan.write_lm_head:
         shutil.copyfile(checkpoint.folder / INDEX_NAME, out / INDEX_NAME)
     elif plan.write_lm_head:
