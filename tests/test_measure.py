@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -541,3 +542,57 @@ def test_filter_shortfall_and_no_filter(tmp_path):
     unfiltered = cli(*args, "--no-filter")
     assert unfiltered.exit_code == 0, unfiltered.output
     assert json.loads((out / "direction.json").read_text())["filter"] is None
+
+
+def test_measure_with_disk_offload_equals_in_memory(tiny_model, tmp_path):
+    """--device auto with a --max-memory too small for the model: accelerate puts part of a
+    mixture of experts on the CPU and the rest on disk (--offload-folder), and the whole
+    measurement (means, every candidate's bypass, induce and KL) equals the in-memory run."""
+    from orthoedit.config import MeasureConfig
+    from orthoedit.measure import measure
+    from orthoedit.select import NoCandidateError
+
+    src = tiny_model("mixtral", n_layers=3)
+    common = {"model": str(src), "n_train": 8, "n_val": 4, "filter": False, "top_k": 3}
+    common["refusal_tokens"] = "I,the"
+    offload = {"device": "auto", "max_memory": "cpu=450KB", "offload_folder": tmp_path / "off"}
+    scores = {}
+    for name, extra in (("plain", {}), ("offloaded", offload)):
+        given = MeasureConfig(out=tmp_path / name, layer=1, position=-1, **common, **extra)
+        measure(given, log=lambda _: None)
+        # A random model induces nothing, so no candidate passes: the scores are still there.
+        with pytest.raises(NoCandidateError) as info:
+            measure(MeasureConfig(out=tmp_path / f"{name}-sel", **common, **extra), log=str)
+        scores[name] = [
+            (s.layer, s.position, s.bypass, s.induce, s.kl)
+            for s in info.value.selection.scores
+            if s.why != ["not scored"]
+        ]
+    a, b = (
+        json.loads((tmp_path / k / "direction.json").read_text()) for k in ("plain", "offloaded")
+    )
+    assert a["placement"] == {"cpu": 1}
+    assert set(b["placement"]) == {"cpu", "disk"}, b["placement"]
+    for name in ("harmful_mean", "harmless_mean"):
+        with (
+            safe_open(str(tmp_path / "plain" / "candidates.safetensors"), "pt") as f,
+            safe_open(str(tmp_path / "offloaded" / "candidates.safetensors"), "pt") as g,
+        ):
+            assert torch.allclose(f.get_tensor(name), g.get_tensor(name), atol=1e-6), name
+    scored = [s for s in scores["plain"] if s[2] == s[2]]  # NaN: not scored
+    assert len(scored) >= 3
+    assert np.allclose(scores["plain"], scores["offloaded"], atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--max-memory", "cpu=1GiB"], "need --device auto"),
+        (["--device", "auto", "--max-memory", "cpu"], "DEVICE=SIZE"),
+    ],
+)
+def test_measure_memory_options_bad_input(tiny_model, tmp_path, args, needle):
+    result = cli("measure", tiny_model("llama"), *args, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert needle in result.output
+    assert not (tmp_path / "out").exists()

@@ -171,11 +171,16 @@ class Checkpoint:
         ``[d]`` gives ``[vectors]``) and its squared length, in float64, one row block at a
         time."""
         q = np.asarray(basis, dtype=np.float64)
+        rows_of = np.atleast_2d(q)  # one matrix-vector product per basis vector (see ortho)
+
+        def fold(parts: list[np.ndarray]) -> np.ndarray:
+            return parts[0] if q.ndim == 1 else np.stack(parts)
+
         info = self.tensors[name]
         raw = self.shard(info).bytes(info)
         if len(info.shape) == 1:
             b = decode(raw, info.dtype, np.float64)
-            return np.asarray(q @ b), np.asarray(b @ b)
+            return fold([np.asarray(u @ b) for u in rows_of]), np.asarray(b @ b)
         rows, cols = info.shape[0], info.shape[-1]
         if len(info.shape) == 3:  # fused experts [experts, in, d_model]: rows of d_model
             rows, axis = info.shape[0] * info.shape[1], 1
@@ -187,10 +192,10 @@ class Checkpoint:
             i1 = min(rows, i0 + step)
             block = decode(matrix[i0:i1], info.dtype, np.float64).reshape(i1 - i0, cols)
             if axis == 1:
-                parts.append(q @ block.T)
+                parts.append(fold([block @ u for u in rows_of]))
                 sq_rows.append(np.einsum("ij,ij->i", block, block))
             else:
-                coeff += q[..., i0:i1] @ block
+                coeff += fold([u[i0:i1] @ block for u in rows_of])
                 sq_cols += np.einsum("ij,ij->j", block, block)
         if axis == 1:
             return np.concatenate(parts, axis=-1), np.concatenate(sq_rows)

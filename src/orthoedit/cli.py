@@ -298,6 +298,10 @@ def measure(
     revision: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "revision"))] = None,
     dtype: Annotated[str, typer.Option(help=_help(MeasureConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "device"))] = None,
+    max_memory: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "max_memory"))] = None,
+    offload_folder: Annotated[
+        Path | None, typer.Option(help=_help(MeasureConfig, "offload_folder"))
+    ] = None,
     batch_size: Annotated[int, typer.Option(help=_help(MeasureConfig, "batch_size"))] = 16,
     overwrite: Annotated[bool, typer.Option(help=_help(MeasureConfig, "overwrite"))] = False,
 ) -> None:
@@ -330,6 +334,8 @@ def measure(
             revision=revision,
             dtype=dtype,
             device=device,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
             batch_size=batch_size,
             overwrite=overwrite,
         )

@@ -155,6 +155,16 @@ class MeasureConfig(BaseModel):
     device: str | None = Field(
         default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
     )
+    max_memory: str | None = Field(
+        default=None,
+        description='With --device auto: memory per device, e.g. "0=70GiB,cpu=120GiB" '
+        "(accelerate's max_memory); what does not fit is offloaded to --offload-folder.",
+    )
+    offload_folder: Path | None = Field(
+        default=None,
+        description="With --device auto: folder for the weights that fit on no device (disk "
+        "offload; slow, but a model larger than GPU + CPU memory can be measured).",
+    )
     batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
 

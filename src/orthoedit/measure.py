@@ -132,6 +132,55 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def input_device(model) -> torch.device:
+    """Where token ids go in: the input embedding's device. With a ``device_map`` that
+    offloads to disk, weights sit on the meta device until accelerate's hooks load them, and
+    those hooks move inputs to the execution device: such a model takes its ids on the CPU."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def placement(model) -> dict[str, int]:
+    """Modules per device of a ``device_map`` (``{"cpu": n}`` when the model was not
+    dispatched): the record says where the measurement ran, offload included."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return {str(input_device(model)): 1}
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def max_memory(spec: str | None) -> dict | None:
+    """``--max-memory "0=70GiB,cpu=120GiB"`` -> accelerate's ``{0: "70GiB", "cpu": "120GiB"}``."""
+    if spec is None:
+        return None
+    limits: dict = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise BadInputError(
+                f"--max-memory {spec!r}: expected DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=120GiB."
+            )
+        limits[int(key) if key.isdigit() else key] = value
+    return limits
+
+
+def load_kwargs(cfg) -> dict:
+    """``from_pretrained`` arguments for a command's dtype, device and memory options."""
+    kwargs: dict = {"dtype": getattr(torch, cfg.dtype), "device_map": cfg.device}
+    offload = getattr(cfg, "max_memory", None) or getattr(cfg, "offload_folder", None)
+    if offload and cfg.device != "auto":
+        raise BadInputError("--max-memory and --offload-folder need --device auto.")
+    if getattr(cfg, "max_memory", None):
+        kwargs["max_memory"] = max_memory(cfg.max_memory)
+    if getattr(cfg, "offload_folder", None):
+        kwargs["offload_folder"] = str(cfg.offload_folder)
+    return kwargs
+
+
 def left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
     """Left padding keeps the post-instruction tokens at the same offsets from the end; position
     ids count real tokens only, so a padded prompt sees the positions it would see alone."""
@@ -179,7 +228,7 @@ def batched_forward(model, rows: list[list[int]], batch_size: int, pad: int, kee
     alone. Chat templates with a default system prompt make that prefix half of every row.
     Outputs cover the tails only; each tail keeps at least ``keep`` tokens.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     n = shared_prefix(model, rows, keep)
     prefix_cache = None
     if n:
@@ -359,9 +408,7 @@ def measure(
             f"({tok.convert_ids_to_tokens(post)}); use -{n_pos}..-1."
         )
     log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
-    ).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs(cfg)).eval()
     pad = pad_id(tok)
     loaded = _Loaded(model, tok, table, folder, config, post, pad)
     pools = {"harmful": (harmful, harmful_val), "harmless": (harmless, harmless_val)}
@@ -436,6 +483,8 @@ def measure(
         },
         "seed": cfg.seed,
         "system": cfg.system,
+        "dtype": cfg.dtype,
+        "placement": placement(loaded.model),
         "selection": "given (--layer, --position)" if given else "lowest bypass after filters",
         "scores": None if selection is None else asdict(selection.chosen),
         "baseline": None if selection is None else selection.baseline,

@@ -75,24 +75,30 @@ def norm_factors(sq: np.ndarray, along_sq: np.ndarray, scale: float) -> np.ndarr
 def remove_rows_(chunk: np.ndarray, basis: np.ndarray, scale: float, preserve_norm: bool = False):
     """In place, for rows that are independent writers (embedding rows, Conv1D rows).
 
-    chunk: [rows, d_model], basis: [k, d_model]; each row loses ``scale`` of its component in
-    the span (and is scaled back to its length with ``preserve_norm``).
+    chunk: [rows, d_model], basis: [k, d_model] orthonormal (or one unit vector); each row
+    loses ``scale`` of its component in the span (and is scaled back to its length with
+    ``preserve_norm``). One matrix-vector and one outer product per basis vector, every
+    component taken from the rows before any is removed: skinny matrix products (k of a few)
+    run far slower than that in BLAS.
     """
     basis = np.atleast_2d(basis)
-    along = chunk @ basis.T  # [rows, k]
+    alongs = [chunk @ u for u in basis]  # each [rows]
     sq = np.einsum("ij,ij->i", chunk, chunk) if preserve_norm else None
-    chunk -= (along * scale) @ basis
+    for u, along in zip(basis, alongs, strict=True):
+        chunk -= np.multiply.outer(along * scale, u)
     if preserve_norm:
-        chunk *= norm_factors(sq, np.einsum("ik,ik->i", along, along), scale)[:, None]
+        chunk *= norm_factors(sq, sum(a * a for a in alongs), scale)[:, None]
 
 
 def column_coefficients(chunk: np.ndarray, basis_rows: np.ndarray) -> np.ndarray:
     """First pass over a row-major ``[d_model, in]`` weight: this chunk's share of ``U W``.
 
-    chunk: [rows, in] (rows i0:i1 of W), basis_rows: [k, rows] (``U[:, i0:i1]``); returns
-    [k, in].
+    chunk: [rows, in] (rows i0:i1 of W), basis_rows: [k, rows] (``U[:, i0:i1]``; or [rows]
+    for one vector); returns [k, in] ([in]).
     """
-    return basis_rows @ chunk
+    if np.ndim(basis_rows) == 1:
+        return basis_rows @ chunk
+    return np.stack([u @ chunk for u in basis_rows])
 
 
 def remove_columns_(
@@ -102,8 +108,10 @@ def remove_columns_(
     scale: float,
     factors: np.ndarray | None = None,
 ):
-    """Second pass: ``W[i0:i1] -= scale · U[:, i0:i1]ᵀ (U W)``, in place, then each column
-    times ``factors`` (from ``norm_factors`` over the whole columns) when given."""
-    chunk -= (np.atleast_2d(basis_rows).T * scale) @ np.atleast_2d(coeff)
+    """Second pass: ``W[i0:i1] -= scale · U[:, i0:i1]ᵀ (U W)``, in place (an outer product per
+    basis vector), then each column times ``factors`` (from ``norm_factors`` over the whole
+    columns) when given."""
+    for u, c in zip(np.atleast_2d(basis_rows), np.atleast_2d(coeff), strict=True):
+        chunk -= np.multiply.outer(u * scale, c)
     if factors is not None:
         chunk *= factors

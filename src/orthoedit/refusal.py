@@ -95,9 +95,9 @@ def greedy_completions(
     """Token ids of greedy completions (at most ``new_tokens``), one list per row, generated
     in length-sorted left-padded batches. Rows that finish early are padded by ``generate``;
     see ``until_stop``."""
-    from .measure import left_padded, length_sorted_batches
+    from .measure import input_device, left_padded, length_sorted_batches
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     result: dict[int, list[int]] = {}
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
         enc = left_padded([rows[i] for i in batch], pad, device)

@@ -119,9 +119,10 @@ def edit_tensor(
     values = stored(shard.bytes(info), info.dtype)
     if len(info.shape) == 1:
         b = values.astype(math)
-        along = q @ b
+        along = np.array([u @ b for u in q])
         sq = b @ b
-        b -= (op.scale * along) @ q
+        for u, a in zip(q, along, strict=True):
+            b -= op.scale * a * u
         if preserve_norm:
             b *= norm_factors(np.asarray(sq), np.asarray(along @ along), op.scale)
         _write_all(dst, encode(b, info.dtype), info.start)
