@@ -633,11 +633,11 @@ class SearchResult:
     report: dict
 
 
-def _baselines(study, judge: Judge, model, ready: _Ready, log) -> dict:
+def _baselines(study, judge: Judge, model, ready: _Ready, log) -> None:
     """The unedited model and measure's own selection, judged like a trial (stored in the study,
     so a resumed search does not judge them again)."""
     if "baselines" in study.user_attrs:
-        return study.user_attrs["baselines"]
+        return
     found = {
         "no edit": judge(contextlib.nullcontext).to_dict(),
         "measure": judge(measure_hooks(model, ready)).to_dict(),
@@ -645,7 +645,6 @@ def _baselines(study, judge: Judge, model, ready: _Ready, log) -> dict:
     for name, o in found.items():
         log(f"{name}: failure {o['refused'] + o['broken']}/{judge_n(o)}, KL {o['kl']:.4g}")
     study.set_user_attr("baselines", found)
-    return found
 
 
 def judge_n(o: dict) -> int:
@@ -693,12 +692,30 @@ def evaluate_trial(judge: Judge, hooks) -> Outcome:
     return judge(hooks)
 
 
+def _load(cfg: SearchConfig, ready: _Ready, progress: Progress):
+    from transformers import AutoModelForCausalLM
+
+    progress.start("loading the model", None)
+    return AutoModelForCausalLM.from_pretrained(
+        ready.folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
+    ).eval()
+
+
+def _clear(out: Path) -> None:
+    """--overwrite: remove what a search wrote (and nothing else)."""
+    for name in (STUDY_FILE, *OUTPUTS):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def search(
     cfg: SearchConfig, log: Callable[[str], None] = print, progress: Progress | None = None
 ) -> SearchResult:
     """Run (or resume) the search, then write the Pareto front and the chosen edit."""
     import transformers
-    from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
     progress = progress or Progress()
@@ -706,7 +723,7 @@ def search(
     out = _check_out(cfg)
     ready = prepare(cfg)
     if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+        _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         study = open_study(out, ready.settings)
@@ -714,17 +731,16 @@ def search(
         requeued = requeue_interrupted(study)
         if requeued:
             log(f"resuming: trials {requeued} were interrupted and run again")
-        progress.start("loading the model", None)
-        model = AutoModelForCausalLM.from_pretrained(
-            ready.folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
-        ).eval()
-        progress.start("baselines: the unedited model and measure's selection", None)
-        judge = Judge(
-            model, ready.tok, ready.harmful_rows, ready.harmless_rows, cfg.batch_size,
-            cfg.max_new_tokens,
-        )  # fmt: skip
-        baselines = _baselines(study, judge, model, ready, log)
-        ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
+        ran, stopped = 0, False
+        if len(completed(study)) < cfg.trials or "baselines" not in study.user_attrs:
+            model = _load(cfg, ready, progress)
+            judge = Judge(
+                model, ready.tok, ready.harmful_rows, ready.harmless_rows, cfg.batch_size,
+                cfg.max_new_tokens,
+            )  # fmt: skip
+            _baselines(study, judge, model, ready, log)
+            ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
+        baselines = study.user_attrs["baselines"]
         trials = sorted(completed(study), key=lambda t: t.number)
         chosen = choose(trials, cfg.max_kl)
         front = pareto(trials)
@@ -845,9 +861,10 @@ def write_chosen(folder: Path, cfg: SearchConfig, ready: _Ready, report: dict, c
         meta["layer"] = source["layers"][0]
     save_direction(folder / "direction.safetensors", vector, meta)
     (folder / "scales.json").write_text(json.dumps(params.scales(ready.n_layers), indent=1) + "\n")
-    command = ["orthoedit", "apply", *entry["apply_args"], "--out", "edited"]
-    (folder / "apply.txt").write_text(shlex.join(command) + "\n")
     sites, _ = params.plan_scales(ready.n_layers)
+    command = ["orthoedit", "apply", *entry["apply_args"], "--out", "edited"]
+    note = "" if sites else "# the chosen trial edits nothing: there is nothing to apply\n"
+    (folder / "apply.txt").write_text(note + shlex.join(command) + "\n")
     fragment = (
         f"# orthoedit search: trial {chosen.number}, failure {entry['refused']}+{entry['broken']}"
         f"/{entry['refused'] + entry['complied'] + entry['broken']} (refused+broken), KL "
