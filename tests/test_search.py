@@ -367,3 +367,23 @@ def test_study_name_depends_on_settings():
     a = {"seed": 0, "model": "m"}
     assert study_name(a) == study_name(dict(reversed(a.items())))
     assert study_name(a) != study_name({**a, "seed": 1})
+
+
+def test_help_comes_from_the_config():
+    result = cli("search", "--help")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for name in ("--candidates", "--trials", "--max-kl", "--time-budget", "--seed"):
+        assert name in text
+    assert "Completed trials wanted in all" in text
+
+
+def test_own_prompt_files_make_another_study(measured, tmp_path):
+    harmful = tmp_path / "harmful.jsonl"
+    lines = (measured / "val-harmful.jsonl").read_text().splitlines()
+    harmful.write_text("\n".join(reversed(lines)) + "\n")
+    mine = prepare(_cfg(measured, tmp_path / "s", harmful=harmful))
+    default = prepare(_cfg(measured, tmp_path / "s"))
+    assert mine.settings["prompt_hashes"]["harmful"] != default.settings["prompt_hashes"]["harmful"]
+    assert study_name(mine.settings) != study_name(default.settings)
+    assert mine.harmful_rows[0] != default.harmful_rows[0]

@@ -1029,6 +1029,8 @@ def search_cmd(
     time_budget: Annotated[
         float | None, typer.Option(help=_help(SearchConfig, "time_budget"))
     ] = None,
+    harmful: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "harmful"))] = None,
+    harmless: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "harmless"))] = None,
     n: Annotated[int | None, typer.Option("--n", help=_help(SearchConfig, "n"))] = None,
     max_new_tokens: Annotated[int, typer.Option(help=_help(SearchConfig, "max_new_tokens"))] = 64,
     system: Annotated[str | None, typer.Option(help=_help(SearchConfig, "system"))] = None,
@@ -1055,6 +1057,8 @@ def search_cmd(
             seed=seed,
             startup_trials=startup_trials,
             time_budget=time_budget,
+            harmful=harmful,
+            harmless=harmless,
             n=n,
             max_new_tokens=max_new_tokens,
             system=system,

@@ -470,10 +470,20 @@ class SearchConfig(_Running):
     time_budget: float | None = Field(
         default=None, gt=0, description="Seconds after which no new trial is started."
     )
+    harmful: Path | None = Field(
+        default=None,
+        description="Harmful prompts the failure rate is measured on: a .jsonl, .json, .csv "
+        "or .txt file (default: measure's val-harmful.jsonl).",
+    )
+    harmless: Path | None = Field(
+        default=None,
+        description="Harmless prompts the KL is measured on: a prompt file (default: "
+        "measure's val-harmless.jsonl).",
+    )
     n: int | None = Field(
         default=None,
         ge=1,
-        description="Use at most the first N validation prompts of each set (default: all).",
+        description="Use at most the first N prompts of each set (default: all).",
     )
     max_new_tokens: int = Field(
         default=64, ge=1, description="Generation budget per answer for the refusal rate."

@@ -630,7 +630,7 @@ def search_png(report: dict, path: Path, title: str) -> None:
 
     trials = report["trials"]
     by_number = {t["number"]: t for t in trials}
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
     ax.scatter(
         [t["kl"] for t in trials],
         [t["failure"] for t in trials],
@@ -661,12 +661,14 @@ def search_png(report: dict, path: Path, title: str) -> None:
         ax.scatter([chosen["kl"]], [chosen["failure"]], marker="*", s=220, color="#d62728",
                    label=f"chosen (trial {chosen['number']})", zorder=4)  # fmt: skip
     ax.axvline(report["max_kl"], color="#555555", ls="--", lw=1, label="KL budget")
-    ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("first-token KL, harmless validation prompts")
+    ax.set_xscale("symlog", linthresh=1e-3)  # linear near 0 (the unedited model), log beyond
+    ax.set_xlim(left=0)
+    ax.set_xlabel("first-token KL, harmless validation prompts (linear below 1e-3)")
     ax.set_ylabel("failure rate, harmful validation prompts\n(refused or broken)")
     ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"edit search: {title}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    short = title if len(title) <= 60 else "..." + title[-57:]
+    ax.set_title(f"edit search: {short} ({len(trials)} trials)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

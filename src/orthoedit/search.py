@@ -252,11 +252,13 @@ def _read_candidates(path: Path, d_model: int, n_layers: int) -> np.ndarray:
     return candidates
 
 
-def _prompts(folder: Path, kind: str, n: int | None) -> list[str]:
+def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
+    """The prompt file given for ``kind``, else measure's validation prompts, in order."""
     from .prompts import load_prompt_file
 
-    items = [item["prompt"] for item in load_prompt_file(folder / f"val-{kind}.jsonl")]
-    return items[:n] if n else items
+    path = getattr(cfg, kind) or Path(cfg.candidates) / f"val-{kind}.jsonl"
+    items = [item["prompt"] for item in load_prompt_file(path)]
+    return items[: cfg.n] if cfg.n else items
 
 
 def prepare(cfg: SearchConfig) -> _Ready:
@@ -303,7 +305,7 @@ def prepare(cfg: SearchConfig) -> _Ready:
             f"{folder_in}: candidates at {n_pos} positions, but this model's template has "
             f"{len(post)} post-instruction tokens; measure it with the same template."
         )
-    prompts = {kind: _prompts(folder_in, kind, cfg.n) for kind in ("harmful", "harmless")}
+    prompts = {kind: _prompts(cfg, kind) for kind in ("harmful", "harmless")}
     rows = {kind: chat_ids(tok, p, post, system) for kind, p in prompts.items()}
     settings = {
         "space_version": SPACE_VERSION,
@@ -555,8 +557,8 @@ def requeue_interrupted(study) -> list[int]:
     retry = _retry_callback()
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
+        failed = study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, failed)
     return [t.number for t in stale]
 
 
