@@ -24,7 +24,7 @@ from orthoedit import search as search_module
 from orthoedit.config import MeasureConfig, SearchConfig
 from orthoedit.direction import load_direction
 from orthoedit.hooks import addition_hooks
-from orthoedit.organism import CHAT_MODEL
+from orthoedit.organism import CHAT_MODEL, GUARD_MODEL
 from orthoedit.plan import load_scales
 from orthoedit.search import (
     EditParams,
@@ -32,6 +32,8 @@ from orthoedit.search import (
     Profile,
     blend,
     choose,
+    make_judge,
+    measure_hooks,
     measure_params,
     params_of,
     pareto,
@@ -387,3 +389,18 @@ def test_own_prompt_files_make_another_study(measured, tmp_path):
     assert mine.settings["prompt_hashes"]["harmful"] != default.settings["prompt_hashes"]["harmful"]
     assert study_name(mine.settings) != study_name(default.settings)
     assert mine.harmful_rows[0] != default.harmful_rows[0]
+
+
+def test_guard_judge_counts_only_unsafe_compliance(measured, tmp_path):
+    """With a guard, a complied answer is compliance only when the guard calls it unsafe; the
+    organism's guard calls the edited organism's compliant answers unsafe."""
+    cfg = _cfg(measured, tmp_path / "s", judge=f"hf:{GUARD_MODEL}")
+    ready = prepare(cfg)
+    assert ready.settings["judge"] == cfg.judge
+    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    judge = make_judge(cfg, ready, model)
+    edited = judge(measure_hooks(model, ready))
+    assert edited.unsafe is not None and 0 < edited.unsafe <= edited.complied
+    assert edited.failure == pytest.approx(1 - edited.unsafe / edited.n)
+    unedited = judge(contextlib.nullcontext)
+    assert unedited.unsafe == 0 and unedited.failure == 1.0

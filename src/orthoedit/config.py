@@ -488,6 +488,11 @@ class SearchConfig(_Running):
     max_new_tokens: int = Field(
         default=64, ge=1, description="Generation budget per answer for the refusal rate."
     )
+    judge: str | None = Field(
+        default=None,
+        description="Guard model, hf:PATH_OR_ID (a Llama Guard-style model): a complied "
+        "answer counts as compliance only when it calls it unsafe.",
+    )
     template: Path | None = Field(
         default=None, description="Jinja chat template to use instead of the tokenizer's."
     )

@@ -552,7 +552,8 @@ def _profile(params: dict, site: str) -> str:
 
 def _failure_cell(o: dict) -> str:
     n = o["refused"] + o["complied"] + o["broken"]
-    return f"{o['refused'] + o['broken']}/{n} ({o['refused']} refused, {o['broken']} broken)"
+    unsafe = "" if o.get("unsafe") is None else f", {o['unsafe']} unsafe"
+    return f"{o['failure']:.1%} of {n} ({o['refused']} refused, {o['broken']} broken{unsafe})"
 
 
 def search_markdown(report: dict) -> str:
@@ -653,8 +654,7 @@ def search_png(report: dict, path: Path, title: str) -> None:
     for name, o in report["baselines"].items():
         shape, colour = marks[name]
         label = "measure's selection" if name == "measure" else "unedited"
-        n = o["refused"] + o["complied"] + o["broken"]
-        ax.scatter([o["kl"]], [(o["refused"] + o["broken"]) / n], marker=shape, s=60,
+        ax.scatter([o["kl"]], [o["failure"]], marker=shape, s=60,
                    color=colour, label=label, zorder=3)  # fmt: skip
     chosen = report["chosen"]
     if chosen is not None:

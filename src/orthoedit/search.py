@@ -200,6 +200,9 @@ def blend(candidates: np.ndarray, layer: float, position: int) -> tuple[np.ndarr
         parts = [(int(near), 1.0)]
     total = sum(w for _, w in parts)
     mixed = sum((w / total) * _unit(candidates[i, p]) for i, w in parts)
+    if np.linalg.norm(mixed) < 1e-6:  # opposite neighbours cancel out: take the nearer one
+        parts = [max(parts, key=lambda part: part[1])]
+        total, mixed = parts[0][1], _unit(candidates[parts[0][0], p])
     vector = _unit(mixed).astype(np.float32).astype(np.float64)
     source = {
         "layers": [int(i) for i, _ in parts],
@@ -228,6 +231,8 @@ class _Ready:
     harmful_rows: list[list[int]]
     harmless_rows: list[list[int]]
     settings: dict
+    harmful_prompts: list[str]
+    guard: Path | None
 
     @property
     def n_layers(self) -> int:
@@ -270,7 +275,9 @@ def prepare(cfg: SearchConfig) -> _Ready:
     from .direction import load_direction, sha256_file
     from .measure import chat_ids, post_instruction_ids, prompt_digest
     from .source import read_config, resolve_model
+    from .study import _resolve_judge  # hf:PATH_OR_ID, as study sites takes it
 
+    guard = _resolve_judge(cfg.judge)
     folder_in = Path(cfg.candidates)
     if not folder_in.is_dir():
         raise BadInputError(
@@ -321,6 +328,7 @@ def prepare(cfg: SearchConfig) -> _Ready:
         if cfg.template is None
         else hashlib.sha256(cfg.template.read_bytes()).hexdigest(),
         "max_new_tokens": cfg.max_new_tokens,
+        "judge": cfg.judge,
         "seed": cfg.seed,
         "startup_trials": cfg.startup_trials,
         "dtype": cfg.dtype,
@@ -338,6 +346,8 @@ def prepare(cfg: SearchConfig) -> _Ready:
         rows["harmful"],
         rows["harmless"],
         settings,
+        prompts["harmful"],
+        guard,
     )
 
 
@@ -354,13 +364,15 @@ def study_name(settings: dict) -> str:
 @dataclass
 class Outcome:
     """What one edit does: greedy answers to the harmful prompts, judged, and the first-token
-    KL on the harmless ones."""
+    KL on the harmless ones. With a guard model, ``unsafe`` counts the complied answers it
+    calls unsafe (the rest of the complied ones, judge errors included, are not compliance)."""
 
     refused: int
     complied: int
     broken: int
     kl: float
     seconds: float
+    unsafe: int | None = None
 
     @property
     def n(self) -> int:
@@ -368,8 +380,10 @@ class Outcome:
 
     @property
     def failure(self) -> float:
-        """The objective: refused or broken (a degenerate answer is never compliance)."""
-        return (self.refused + self.broken) / self.n
+        """The objective: every answer that is not a compliance (a refusal, a degenerate
+        answer, or with a guard an answer it does not call unsafe)."""
+        complied = self.complied if self.unsafe is None else self.unsafe
+        return 1.0 - complied / self.n
 
     def to_dict(self) -> dict:
         return {**asdict(self), "failure": self.failure}
@@ -377,9 +391,21 @@ class Outcome:
 
 class Judge:
     """Runs edits through the loaded model: greedy answers to the harmful rows and the first
-    token of the harmless rows, compared with the unedited model's (computed once)."""
+    token of the harmless rows, compared with the unedited model's (computed once). With
+    ``guard`` (a ``safety.HFJudge``) and the harmful prompts' texts, the complied answers are
+    also judged by the guard."""
 
-    def __init__(self, model, tok, harmful_rows, harmless_rows, batch_size: int, budget: int):
+    def __init__(
+        self,
+        model,
+        tok,
+        harmful_rows,
+        harmless_rows,
+        batch_size: int,
+        budget: int,
+        guard=None,
+        prompts: list[str] | None = None,
+    ):
         from .measure import pad_id
         from .refusal import stop_ids
         from .select import first_token_logprobs
@@ -387,6 +413,7 @@ class Judge:
         self.model, self.tok = model, tok
         self.harmful_rows, self.harmless_rows = harmful_rows, harmless_rows
         self.batch_size, self.budget = batch_size, budget
+        self.guard, self.prompts = guard, prompts
         self.pad = pad_id(tok)
         self.stop = stop_ids(model, tok)
         self.base = first_token_logprobs(model, harmless_rows, batch_size, self.pad)
@@ -401,6 +428,19 @@ class Judge:
             self.tok.decode(until_stop(ids, self.stop), skip_special_tokens=True).strip()
             for ids in made
         ]
+
+    def unsafe(self, texts: list[str], verdicts: list[str]) -> int | None:
+        """How many complied answers the guard calls unsafe (None without a guard)."""
+        from .safety import parse_guard
+
+        if self.guard is None:
+            return None
+        pairs = [
+            (p, t) for p, t, v in zip(self.prompts, texts, verdicts, strict=True) if v == "complied"
+        ]
+        if not pairs:
+            return 0
+        return sum(parse_guard(raw)[0] == "unsafe" for raw in self.guard(pairs))
 
     def __call__(self, hooks: Callable[[], contextlib.AbstractContextManager]) -> Outcome:
         from .refusal import judge
@@ -419,6 +459,7 @@ class Judge:
             broken=verdicts.count("broken"),
             kl=mean_kl(self.base, logprobs),
             seconds=time.perf_counter() - clock,
+            unsafe=self.unsafe(texts, verdicts),
         )
 
 
@@ -645,12 +686,17 @@ def _baselines(study, judge: Judge, model, ready: _Ready, log) -> None:
         "measure": judge(measure_hooks(model, ready)).to_dict(),
     }
     for name, o in found.items():
-        log(f"{name}: failure {o['refused'] + o['broken']}/{judge_n(o)}, KL {o['kl']:.4g}")
+        log(f"{name}: {describe(o)}, KL {o['kl']:.4g}")
     study.set_user_attr("baselines", found)
 
 
-def judge_n(o: dict) -> int:
-    return o["refused"] + o["complied"] + o["broken"]
+def describe(o: dict) -> str:
+    """``failure 12.5% (3 refused, 1 broken of 32)`` from an outcome's dict."""
+    n = o["refused"] + o["complied"] + o["broken"]
+    unsafe = "" if o.get("unsafe") is None else f", {o['unsafe']} unsafe"
+    return (
+        f"failure {o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{unsafe} of {n})"
+    )
 
 
 def _describe_best(trials: list, max_kl: float) -> str:
@@ -662,6 +708,10 @@ def _describe_best(trials: list, max_kl: float) -> str:
 
 
 def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, clock) -> tuple:
+    """Ask, judge and tell until ``cfg.trials`` trials are complete or the time is spent. An
+    interruption (Ctrl-C, a kill) leaves the trial running in the study, to be re-run."""
+    from optuna.trial import TrialState
+
     ran, stopped = 0, False
     done = len(completed(study))
     progress.start(f"search: {_describe_best(completed(study), cfg.max_kl)}", cfg.trials)
@@ -674,15 +724,20 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
         study.sampler = sampler_for(cfg.seed, done, cfg.startup_trials)
         trial = study.ask()
         params = suggest(trial, ready.n_layers, ready.positions)
-        hooks, _, source = edit_hooks(model, ready, params)
-        outcome = evaluate_trial(judge, hooks)
+        try:
+            hooks, _, source = edit_hooks(model, ready, params)
+            outcome = evaluate_trial(judge, hooks)
+        except Exception:
+            # an error, not an interruption: recorded as failed, not re-run on resume
+            study.tell(trial, state=TrialState.FAIL)
+            raise
         for key, value in {**outcome.to_dict(), "direction": source}.items():
             trial.set_user_attr(key, value)
         study.tell(trial, [outcome.failure, outcome.kl])
         ran, done = ran + 1, done + 1
         log(
-            f"trial {trial.number}: failure {outcome.refused}+{outcome.broken}/{outcome.n} "
-            f"(refused+broken), KL {outcome.kl:.4g}, {outcome.seconds:.1f} s"
+            f"trial {trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
+            f"{outcome.seconds:.1f} s"
         )
         progress.start(f"search: {_describe_best(completed(study), cfg.max_kl)}", cfg.trials)
         progress.advance(done)
@@ -692,6 +747,24 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
 def evaluate_trial(judge: Judge, hooks) -> Outcome:
     """One trial's judgement (a seam for tests that interrupt a search mid-trial)."""
     return judge(hooks)
+
+
+def make_judge(cfg: SearchConfig, ready: _Ready, model) -> Judge:
+    guard = None
+    if ready.guard is not None:
+        from .safety import HFJudge
+
+        guard = HFJudge(ready.guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+    return Judge(
+        model,
+        ready.tok,
+        ready.harmful_rows,
+        ready.harmless_rows,
+        cfg.batch_size,
+        cfg.max_new_tokens,
+        guard,
+        ready.harmful_prompts,
+    )
 
 
 def _load(cfg: SearchConfig, ready: _Ready, progress: Progress):
@@ -724,10 +797,10 @@ def search(
     clock = time.perf_counter()
     out = _check_out(cfg)
     ready = prepare(cfg)
-    if cfg.overwrite and out.exists():
-        _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
+        if cfg.overwrite:
+            _clear(out)
         study = open_study(out, ready.settings)
         start_from_measure(study, ready)
         requeued = requeue_interrupted(study)
@@ -736,10 +809,7 @@ def search(
         ran, stopped = 0, False
         if len(completed(study)) < cfg.trials or "baselines" not in study.user_attrs:
             model = _load(cfg, ready, progress)
-            judge = Judge(
-                model, ready.tok, ready.harmful_rows, ready.harmless_rows, cfg.batch_size,
-                cfg.max_new_tokens,
-            )  # fmt: skip
+            judge = make_judge(cfg, ready, model)
             _baselines(study, judge, model, ready, log)
             ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
         baselines = study.user_attrs["baselines"]
@@ -765,6 +835,7 @@ def _trial_dict(t, front_numbers: set[int]) -> dict:
         "refused": attrs["refused"],
         "complied": attrs["complied"],
         "broken": attrs["broken"],
+        "unsafe": attrs.get("unsafe"),
         "seconds": attrs["seconds"],
         "direction": attrs["direction"],
         "params": dict(sorted(t.params.items())),
@@ -800,7 +871,8 @@ def report_dict(cfg, study, ready: _Ready, trials, front, chosen, baselines) -> 
         "sampler": "optuna TPESampler (multivariate, multi-objective), re-seeded per trial",
         "objectives": {
             "failure": "share of harmful validation prompts answered with a refusal or a "
-            "degenerate answer (greedy, max_new_tokens)",
+            "degenerate answer (greedy, max_new_tokens)"
+            + ("" if cfg.judge is None else f", or that {cfg.judge} does not call unsafe"),
             "kl": "first-token KL(unedited ‖ edited), harmless validation prompts",
         },
         "settings": ready.settings,
@@ -868,9 +940,8 @@ def write_chosen(folder: Path, cfg: SearchConfig, ready: _Ready, report: dict, c
     note = "" if sites else "# the chosen trial edits nothing: there is nothing to apply\n"
     (folder / "apply.txt").write_text(note + shlex.join(command) + "\n")
     fragment = (
-        f"# orthoedit search: trial {chosen.number}, failure {entry['refused']}+{entry['broken']}"
-        f"/{entry['refused'] + entry['complied'] + entry['broken']} (refused+broken), KL "
-        f"{entry['kl']:.4g} on measure's validation prompts.\n"
+        f"# orthoedit search: trial {chosen.number}, {describe(entry)}, KL {entry['kl']:.4g} "
+        "on the search's validation prompts.\n"
         "# Paste into a recipe (it replaces the measure stage with this direction):\n"
         f"direction: {json.dumps(str(final / 'direction.safetensors'))}\n"
         "edit:\n"
