@@ -74,7 +74,7 @@ def run_measure(model: Path, out: Path, **kw) -> Path:
     return measure(cfg, log=lambda m: None).out
 
 
-def one_pass(cfg: SearchConfig) -> dict:
+def one_pass(cfg: SearchConfig, repeats: int = 3) -> dict:
     """What a trial does, without the search around it: one batched generation + one
     first-token pass, unedited (whose refusals are short, so generation stops early) and with
     measure's edit through the plan's hooks (answers run to the budget, as most trials')."""
@@ -89,12 +89,12 @@ def one_pass(cfg: SearchConfig) -> dict:
         cfg.max_new_tokens,
     )
     judge(contextlib.nullcontext)  # warm up
-    generation = statistics.median(timed(judge.answers)[0] for _ in range(3))
-    full = statistics.median(judge(contextlib.nullcontext).seconds for _ in range(3))
+    generation = statistics.median(timed(judge.answers)[0] for _ in range(repeats))
+    full = statistics.median(judge(contextlib.nullcontext).seconds for _ in range(repeats))
     edit = measure_hooks(model, ready)
     with edit():
-        edited_generation = statistics.median(timed(judge.answers)[0] for _ in range(3))
-    edited = statistics.median(judge(edit).seconds for _ in range(3))
+        edited_generation = statistics.median(timed(judge.answers)[0] for _ in range(repeats))
+    edited = statistics.median(judge(edit).seconds for _ in range(repeats))
     return {
         "generation_s": generation,
         "generation_and_kl_s": full,
@@ -194,7 +194,10 @@ def smollm(args) -> dict | None:
     if not SMOLLM.is_dir():
         return None
     work = args.work / "smollm"
-    folder = run_measure(SMOLLM, work / "direction", filter=False)
+    # A fixed candidate: here the search is timed, not measure's selection. (With --no-filter
+    # and the default --max-kl 0.1, measure's selection on SmolLM2 finds no candidate that
+    # passes its filters: the lowest bypass, layer 11 position -6, has a KL of 7.9.)
+    folder = run_measure(SMOLLM, work / "direction", filter=False, layer=15, position=-1)
     cfg = SearchConfig(
         model=str(SMOLLM),
         candidates=folder,
@@ -204,7 +207,7 @@ def smollm(args) -> dict | None:
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
     )
-    single = one_pass(cfg)
+    single = one_pass(cfg, repeats=1)
     wall, result = run_search(cfg)
     return timings(wall, result, single)
 
@@ -263,6 +266,7 @@ def main(argv=None) -> dict:
     results["organism"] = organism(args, folder, "search")
     val = {kind: prompts / f"{kind}-val.jsonl" for kind in ("harmful", "harmless")}
     results["organism, val split"] = organism(args, folder, "search-val", **val)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")  # kept if SmolLM2 fails
     results["smollm2-135m"] = smollm(args)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))

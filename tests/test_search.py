@@ -8,6 +8,7 @@ import contextlib
 import functools
 import itertools
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -372,12 +373,15 @@ def test_study_name_depends_on_settings():
 
 
 def test_help_comes_from_the_config():
+    """Every SearchConfig field is an option (or the MODEL argument), described as the config
+    describes it."""
     result = cli("search", "--help")
     assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
-    for name in ("--candidates", "--trials", "--max-kl", "--time-budget", "--seed"):
-        assert name in text
-    assert "Completed trials wanted in all" in text
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    for name, field in SearchConfig.model_fields.items():
+        if name != "model":
+            assert "--" + name.replace("_", "-") in text, name
+        assert field.description.split("[")[0].strip() in text, name
 
 
 def test_own_prompt_files_make_another_study(measured, tmp_path):
