@@ -468,7 +468,9 @@ class SearchConfig(_Running):
         default=10, ge=1, description="Random trials before the TPE sampler models the results."
     )
     time_budget: float | None = Field(
-        default=None, gt=0, description="Seconds after which no new trial is started."
+        default=None,
+        gt=0,
+        description="Seconds (from the start of the command) after which no new trial is started.",
     )
     harmful: Path | None = Field(
         default=None,
