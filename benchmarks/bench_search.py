@@ -155,7 +155,7 @@ def acceptance(test: dict) -> dict:
         "chosen_test_failure": chosen["failure"],
         "measure_test_failure": base["failure"],
         "kl_cut_vs_measure": cut,
-        "refusal_ok": chosen["failure"] <= MAX_TEST_REFUSAL,
+        "refusal_ok": chosen["refused"] / n <= MAX_TEST_REFUSAL,
         "kl_ok": cut is not None and cut >= MIN_KL_CUT and chosen["failure"] <= base["failure"],
         "measure_kl_near_zero": base["kl"] < 1e-3,
     }
