@@ -408,3 +408,43 @@ def test_guard_judge_counts_only_unsafe_compliance(measured, tmp_path):
     assert edited.failure == pytest.approx(1 - edited.unsafe / edited.n)
     unedited = judge(contextlib.nullcontext)
     assert unedited.unsafe == 0 and unedited.failure == 1.0
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_with_the_same_trials(first_search, measured, tmp_path):
+    """Slow (``make test-slow``): a search process killed with SIGKILL part-way resumes from
+    its study and ends with the trials and the choice of an uninterrupted search."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "orthoedit.cli", *map(str, _args(measured, out))]
+    args += ["--trials", str(TRIALS + 4)]
+    env = {**os.environ, "PYTHONPATH": str(Path(search_module.__file__).parents[1])}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    db = out / "study.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill it once two trials are complete
+        if db.exists():
+            try:
+                study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
+                if sum(t.state.name == "COMPLETE" for t in study.trials) >= 2:
+                    break
+            except Exception:  # the study is being created
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
+    assert 2 <= sum(t.state.name == "COMPLETE" for t in study.trials) < TRIALS + 4
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    report = json.loads((out / "pareto.json").read_text())
+    uninterrupted = search(
+        _cfg(measured, tmp_path / "whole", trials=TRIALS + 4), log=lambda m: None
+    )
+    assert [t["params"] for t in report["trials"]] == _params(uninterrupted)
+    assert report["chosen"]["params"] == dict(sorted(uninterrupted.chosen.params.items()))
