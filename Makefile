@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow lint format demo bench bench-measure bench-generate smollm organism clean
+.PHONY: test test-slow lint format demo bench bench-measure bench-generate bench-search smollm organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench-measure: $(STAMP)
 
 bench-generate: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
+
+bench-search: $(STAMP)
+	$(BIN)/python benchmarks/bench_search.py
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/work models

@@ -30,6 +30,7 @@ from .config import (
     EvalSafetyConfig,
     MeasureConfig,
     PushConfig,
+    SearchConfig,
     StudySitesConfig,
     VerifyConfig,
 )
@@ -999,6 +1000,119 @@ def attribute_cmd(
     )
     folder = escape(str(result.out))
     out.print(f"wrote {folder}/attribution.md, attribution.json, cumulative.png, heads.png")
+
+
+def _front_table(result) -> Table:
+    chosen = result.chosen
+    table = Table(
+        title=f"Pareto front: {len(result.front)} of {len(result.trials)} trials",
+        caption="failure: refused or broken answers to the harmful validation prompts; "
+        "KL: first token, harmless validation prompts",
+    )
+    for name in ("trial", "failure", "refused", "broken", "KL", ""):
+        table.add_column(name, justify="right" if name not in ("trial", "") else "left")
+    for t in result.front:
+        attrs = t.user_attrs
+        mark = "[bold green]chosen[/]" if chosen is not None and t.number == chosen.number else ""
+        table.add_row(
+            str(t.number),
+            f"{t.values[0]:.1%}",
+            str(attrs["refused"]),
+            str(attrs["broken"]),
+            f"{t.values[1]:.4g}",
+            mark,
+        )
+    for name, o in result.baselines.items():
+        what = "measure's selection" if name == "measure" else "unedited"
+        table.add_row(
+            what, f"{o['failure']:.1%}", str(o["refused"]), str(o["broken"]), f"{o['kl']:.4g}", ""
+        )
+    return table
+
+
+@app.command("search")
+def search_cmd(
+    model: Annotated[str, typer.Argument(help=_help(SearchConfig, "model"))],
+    candidates: Annotated[Path, typer.Option(help=_help(SearchConfig, "candidates"))],
+    out_dir: Annotated[Path, typer.Option("--out", help=_help(SearchConfig, "out"))],
+    trials: Annotated[int, typer.Option(help=_help(SearchConfig, "trials"))] = 50,
+    max_kl: Annotated[float, typer.Option(help=_help(SearchConfig, "max_kl"))] = 0.1,
+    seed: Annotated[int, typer.Option(help=_help(SearchConfig, "seed"))] = 0,
+    startup_trials: Annotated[int, typer.Option(help=_help(SearchConfig, "startup_trials"))] = 10,
+    time_budget: Annotated[
+        float | None, typer.Option(help=_help(SearchConfig, "time_budget"))
+    ] = None,
+    harmful: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "harmful"))] = None,
+    harmless: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "harmless"))] = None,
+    n: Annotated[int | None, typer.Option("--n", help=_help(SearchConfig, "n"))] = None,
+    max_new_tokens: Annotated[int, typer.Option(help=_help(SearchConfig, "max_new_tokens"))] = 64,
+    judge: Annotated[str | None, typer.Option(help=_help(SearchConfig, "judge"))] = None,
+    system: Annotated[str | None, typer.Option(help=_help(SearchConfig, "system"))] = None,
+    template: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "template"))] = None,
+    revision: Annotated[str | None, typer.Option(help=_help(SearchConfig, "revision"))] = None,
+    dtype: Annotated[str, typer.Option(help=_help(SearchConfig, "dtype"))] = "float32",
+    device: Annotated[str | None, typer.Option(help=_help(SearchConfig, "device"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(SearchConfig, "batch_size"))] = 16,
+    overwrite: Annotated[bool, typer.Option(help=_help(SearchConfig, "overwrite"))] = False,
+) -> None:
+    """Search the edit (direction layer and position, per-layer attention and MLP weights,
+    embedding on or off) against measured refusal and damage, with run-time hooks; write the
+    Pareto front and the best edit within the KL budget, with the apply command that
+    reproduces it. Resumes the study in --out."""
+    from .search import search
+
+    cfg = _run(
+        lambda: SearchConfig(
+            model=model,
+            candidates=candidates,
+            out=out_dir,
+            trials=trials,
+            max_kl=max_kl,
+            seed=seed,
+            startup_trials=startup_trials,
+            time_budget=time_budget,
+            harmful=harmful,
+            harmless=harmless,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            judge=judge,
+            system=system,
+            template=template,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
+    )
+    try:
+        with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+            task = bar.add_task("loading", total=None)
+            result = _run(
+                lambda: search(
+                    cfg,
+                    log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                    progress=_stage_bar(bar, task),
+                )
+            )
+    except KeyboardInterrupt:
+        err.print("interrupted: run the same command again to resume the search.")
+        raise typer.Exit(130) from None
+    out.print(_front_table(result))
+    folder = escape(str(result.out))
+    out.print(f"wrote {folder}/pareto.md, pareto.json, pareto.png")
+    if result.chosen is None:
+        err.print(
+            f"[red]error:[/red] no trial has KL within {cfg.max_kl:g}; see the front above, "
+            "raise --max-kl or run more --trials.",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    chosen = result.chosen
+    out.print(
+        f"chosen: trial {chosen.number}, failure {chosen.values[0]:.1%}, KL "
+        f"{chosen.values[1]:.4g}; reproduce it with {folder}/chosen/apply.txt"
+    )
 
 
 if __name__ == "__main__":

@@ -462,3 +462,65 @@ class StudySitesConfig(_Running):
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+
+
+class SearchConfig(_Running):
+    """Options of ``orthoedit search``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    candidates: Path = Field(
+        description="A folder written by orthoedit measure: candidates.safetensors, "
+        "direction.safetensors (the baseline), val-harmful.jsonl and val-harmless.jsonl."
+    )
+    out: Path = Field(
+        description="Search folder: study.db (resumed when it exists), pareto.md/.json/.png "
+        "and chosen/ (direction, scales, apply command, recipe fragment)."
+    )
+    trials: int = Field(default=50, ge=1, description="Completed trials wanted in all.")
+    max_kl: float = Field(
+        default=0.1,
+        gt=0,
+        description="KL budget: the chosen trial is the lowest refusal rate with first-token "
+        "KL at most this (ties: lower KL, then the earlier trial).",
+    )
+    seed: int = Field(default=0, description="Seed of the sampler (same seed, same trials).")
+    startup_trials: int = Field(
+        default=10, ge=1, description="Random trials before the TPE sampler models the results."
+    )
+    time_budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds (from the start of the command) after which no new trial is started.",
+    )
+    harmful: Path | None = Field(
+        default=None,
+        description="Harmful prompts the failure rate is measured on: a .jsonl, .json, .csv "
+        "or .txt file (default: measure's val-harmful.jsonl).",
+    )
+    harmless: Path | None = Field(
+        default=None,
+        description="Harmless prompts the KL is measured on: a prompt file (default: "
+        "measure's val-harmless.jsonl).",
+    )
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        description="Use at most the first N prompts of each set (default: all).",
+    )
+    max_new_tokens: int = Field(
+        default=64, ge=1, description="Generation budget per answer for the refusal rate."
+    )
+    judge: str | None = Field(
+        default=None,
+        description="Guard model, hf:PATH_OR_ID (a Llama Guard-style model): a complied "
+        "answer counts as compliance only when it calls it unsafe.",
+    )
+    template: Path | None = Field(
+        default=None, description="Jinja chat template to use instead of the tokenizer's."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    overwrite: bool = Field(
+        default=False, description="Discard an existing search folder and start over."
+    )

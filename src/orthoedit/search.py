@@ -1,0 +1,951 @@
+"""Searching the edit against measured outcomes (``orthoedit search``).
+
+``measure`` picks one candidate by first-token log-odds. On real models that choice can fail
+both ways: the best bypass score may come with a destroyed model, and the best candidate
+under a KL budget may change nothing. Here the edit's parameters are searched instead, each
+trial judged by what the edited model does:
+
+* **what is searched**: the direction (a layer as a float, interpolating between the two
+  adjacent layers' candidates, each normalized; a post-instruction position), and for the
+  attention and MLP outputs separately a per-layer weight profile (peak weight, peak layer,
+  width of a linear fall-off, weight at the edge as a fraction of the peak), and whether the
+  embedding is edited;
+* **how a trial is judged**: the edit is built as the plan ``apply`` would execute
+  (``plan.build_plan`` with per-layer scales) and run through ``hooks.plan_hooks`` on the
+  model loaded once, so no checkpoint is written. Two objectives, both minimized: the failure
+  rate of greedy answers to measure's validation harmful prompts (a refusal, or a degenerate
+  answer: a broken model never counts as compliance; ``refusal.judge``), and the first-token KL
+  on measure's validation harmless prompts (``select.mean_kl``, as measure scores it);
+* **the optimizer**: Optuna's TPE sampler (multivariate, multi-objective), seeded, with the
+  study in SQLite (``OUT/study.db``), so an interrupted search resumes. The first trial is
+  measure's own selection (its candidate, every writer at full weight), so the search starts
+  from it and its point is on the plot as a trial too.
+
+Reproducibility: trial k's parameters are a pure function of the seed and the completed
+trials before it (the sampler is re-seeded from (seed, number of completed trials) before
+every trial), generation is greedy, and the choice is a pure function of the stored study.
+A trial left running by a killed process is marked failed and re-run with the same
+parameters (Optuna's retry callback), so a resumed search runs exactly the trials an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import SearchConfig
+from .errors import BadInputError
+from .measure import Progress
+
+#: Bump when the search space or the way a trial is judged changes: a stored study made
+#: under another version is not continued.
+SPACE_VERSION = 1
+STUDY_FILE = "study.db"
+LOCK_FILE = ".search.lock"
+#: Files a search folder may hold besides the study (anything else: not a search folder).
+OUTPUTS = ("pareto.md", "pareto.json", "pareto.png", "chosen")
+#: What a measure folder must hold.
+MEASURE_FILES = (
+    "candidates.safetensors",
+    "direction.safetensors",
+    "val-harmful.jsonl",
+    "val-harmless.jsonl",
+)
+SITES_SEARCHED = ("attn", "mlp")
+#: A candidate this much smaller than the largest is empty (the embedding of a template
+#: token all prompts share has no difference of means).
+EMPTY = 1e-6
+
+
+# --- the search space --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A per-layer weight profile: ``peak_weight`` at layer ``peak``, falling off linearly to
+    ``edge_frac * peak_weight`` at ``width`` layers away, 0 beyond."""
+
+    peak_weight: float  # [0, 1]
+    peak: float  # a layer, [0, n_layers - 1]
+    width: float  # layers, > 0
+    edge_frac: float  # [0, 1]
+
+    def scales(self, n_layers: int) -> list[float]:
+        edge = self.edge_frac * self.peak_weight
+        out = []
+        for layer in range(n_layers):
+            d = abs(layer - self.peak)
+            s = (
+                0.0
+                if d > self.width
+                else self.peak_weight - (self.peak_weight - edge) * d / self.width
+            )
+            out.append(min(1.0, max(0.0, float(s))))
+        return out
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """One trial's edit: the direction (a float layer and a position offset) and the scales."""
+
+    layer: float
+    position: int  # offset from the end of the prompt, -1 = last token
+    attn: Profile
+    mlp: Profile
+    embed: bool
+
+    def scales(self, n_layers: int) -> dict[str, float | list[float]]:
+        """In the ``--scales`` JSON format of ``apply`` (``plan.load_scales``)."""
+        return {
+            "embed": 1.0 if self.embed else 0.0,
+            "attn": self.attn.scales(n_layers),
+            "mlp": self.mlp.scales(n_layers),
+        }
+
+    def plan_scales(self, n_layers: int) -> tuple[list[str], dict[str, float]]:
+        """The sites with anything to edit, and ``build_plan``'s scales (``"attn:3"``...)."""
+        raw = self.scales(n_layers)
+        scales = {"embed": raw["embed"]}
+        sites = ["embed"] if self.embed else []
+        for site in SITES_SEARCHED:
+            scales |= {f"{site}:{i}": s for i, s in enumerate(raw[site])}
+            if any(s > 0 for s in raw[site]):
+                sites.append(site)
+        return sites, scales
+
+
+def suggest(trial, n_layers: int, positions: list[int]) -> EditParams:
+    """Draw a trial's parameters (the same names and ranges every trial: a fixed search space,
+    as the multivariate sampler needs)."""
+    top = float(n_layers - 1)
+
+    def profile(site: str) -> Profile:
+        return Profile(
+            peak_weight=trial.suggest_float(f"{site}_peak_weight", 0.0, 1.0),
+            peak=trial.suggest_float(f"{site}_peak_layer", 0.0, top),
+            width=trial.suggest_float(f"{site}_width", 0.5, float(n_layers)),
+            edge_frac=trial.suggest_float(f"{site}_edge_frac", 0.0, 1.0),
+        )
+
+    return EditParams(
+        layer=trial.suggest_float("direction_layer", 0.0, top),
+        position=trial.suggest_categorical("position", positions),
+        attn=profile("attn"),
+        mlp=profile("mlp"),
+        embed=trial.suggest_categorical("embed", [False, True]),
+    )
+
+
+def params_of(stored: dict) -> EditParams:
+    """``EditParams`` from a stored trial's ``params``."""
+
+    def profile(site: str) -> Profile:
+        return Profile(
+            stored[f"{site}_peak_weight"],
+            stored[f"{site}_peak_layer"],
+            stored[f"{site}_width"],
+            stored[f"{site}_edge_frac"],
+        )
+
+    return EditParams(
+        stored["direction_layer"],
+        int(stored["position"]),
+        profile("attn"),
+        profile("mlp"),
+        bool(stored["embed"]),
+    )
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def nonempty(candidates: np.ndarray) -> np.ndarray:
+    """``[n_layers, n_pos]``: which candidates have a difference of means."""
+    norms = np.linalg.norm(candidates, axis=-1)
+    return norms > EMPTY * norms.max()
+
+
+def blend(candidates: np.ndarray, layer: float, position: int) -> tuple[np.ndarray, dict]:
+    """The unit direction at a float ``layer``: the normalized candidates of the two adjacent
+    layers at ``position``, mixed linearly and normalized (an empty candidate gives its weight
+    to the other side; with both empty, the nearest non-empty layer). Rounded to float32, as
+    the direction file stores it, so a trial and the file ``apply`` reads are the same vector.
+    Returns the vector and where it came from (layers and weights)."""
+    n_layers, n_pos, _ = candidates.shape
+    p = n_pos + position
+    ok = nonempty(candidates)[:, p]
+    lo, hi = math.floor(layer), min(math.ceil(layer), n_layers - 1)
+    t = layer - lo
+    parts = [(lo, 1.0 - t), (hi, t)] if hi != lo else [(lo, 1.0)]
+    parts = [(i, w) for i, w in parts if ok[i] and w > 0]
+    if not parts:
+        near = min(np.flatnonzero(ok), key=lambda i: (abs(i - layer), i))
+        parts = [(int(near), 1.0)]
+    total = sum(w for _, w in parts)
+    mixed = sum((w / total) * _unit(candidates[i, p]) for i, w in parts)
+    if np.linalg.norm(mixed) < 1e-6:  # opposite neighbours cancel out: take the nearer one
+        parts = [max(parts, key=lambda part: part[1])]
+        total, mixed = parts[0][1], _unit(candidates[parts[0][0], p])
+    vector = _unit(mixed).astype(np.float32).astype(np.float64)
+    source = {
+        "layers": [int(i) for i, _ in parts],
+        "weights": [w / total for _, w in parts],
+        "position": position,
+    }
+    return vector, source
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ready:
+    """Everything resolved and checked before the model is loaded."""
+
+    folder: Path
+    revision: str | None
+    config: dict
+    table: object
+    checkpoint: object
+    tok: object
+    candidates: np.ndarray  # [n_layers, n_pos, d_model] float64
+    positions: list[int]
+    baseline_direction: object
+    harmful_rows: list[list[int]]
+    harmless_rows: list[list[int]]
+    settings: dict
+    harmful_prompts: list[str]
+    guard: Path | None
+
+    @property
+    def n_layers(self) -> int:
+        return self.candidates.shape[0]
+
+
+def _read_candidates(path: Path, d_model: int, n_layers: int) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            candidates = f.get_tensor("candidates").astype(np.float64)
+    except (SafetensorError, OSError, KeyError) as err:
+        raise BadInputError(f"{path}: cannot read its candidates ({err}).") from None
+    if candidates.ndim != 3 or candidates.shape[0] != n_layers or candidates.shape[2] != d_model:
+        raise BadInputError(
+            f"{path}: candidates {list(candidates.shape)} do not fit the model "
+            f"({n_layers} layers, hidden size {d_model}); measure this model first."
+        )
+    if not np.isfinite(candidates).all() or not nonempty(candidates).any():
+        raise BadInputError(f"{path}: the candidates are all zero or not finite.")
+    return candidates
+
+
+def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
+    """The prompt file given for ``kind``, else measure's validation prompts, in order."""
+    from .prompts import load_prompt_file
+
+    path = getattr(cfg, kind) or Path(cfg.candidates) / f"val-{kind}.jsonl"
+    items = [item["prompt"] for item in load_prompt_file(path)]
+    return items[: cfg.n] if cfg.n else items
+
+
+def prepare(cfg: SearchConfig) -> _Ready:
+    """Validate every input; loads only the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .architectures import table_for_config
+    from .checkpoint import Checkpoint
+    from .direction import load_direction, sha256_file
+    from .measure import chat_ids, post_instruction_ids, prompt_digest
+    from .source import read_config, resolve_model
+    from .study import _resolve_judge  # hf:PATH_OR_ID, as study sites takes it
+
+    guard = _resolve_judge(cfg.judge)
+    folder_in = Path(cfg.candidates)
+    if not folder_in.is_dir():
+        raise BadInputError(
+            f"--candidates {folder_in} is not a folder; pass the --out folder of orthoedit measure."
+        )
+    missing = [name for name in MEASURE_FILES if not (folder_in / name).is_file()]
+    if missing:
+        raise BadInputError(
+            f"--candidates {folder_in} lacks {', '.join(missing)}: is it a folder written by "
+            "orthoedit measure?"
+        )
+    folder, revision = resolve_model(cfg.model, cfg.revision)
+    config = read_config(folder)
+    table = table_for_config(config)
+    d_model, n_layers, _ = table.dims(config)
+    candidates = _read_candidates(folder_in / "candidates.safetensors", d_model, n_layers)
+    baseline = load_direction(folder_in / "direction.safetensors", d_model, n_layers)
+    ok = nonempty(candidates)
+    n_pos = candidates.shape[1]
+    positions = [p - n_pos for p in range(n_pos) if ok[:, p].any()]
+    record_path = folder_in / "direction.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    system = cfg.system if cfg.system is not None else record.get("system")
+    tok = AutoTokenizer.from_pretrained(folder)
+    if cfg.template is not None:
+        if not cfg.template.is_file():
+            raise BadInputError(f"--template {cfg.template} does not exist.")
+        tok.chat_template = cfg.template.read_text()
+    post = post_instruction_ids(tok, system)
+    if len(post) != n_pos:
+        raise BadInputError(
+            f"{folder_in}: candidates at {n_pos} positions, but this model's template has "
+            f"{len(post)} post-instruction tokens; measure it with the same template."
+        )
+    prompts = {kind: _prompts(cfg, kind) for kind in ("harmful", "harmless")}
+    rows = {kind: chat_ids(tok, p, post, system) for kind, p in prompts.items()}
+    settings = {
+        "space_version": SPACE_VERSION,
+        "model": cfg.model,
+        "revision": revision,
+        "config_sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        "candidates_sha256": sha256_file(folder_in / "candidates.safetensors"),
+        "baseline_direction_sha256": baseline.sha256,
+        "prompt_hashes": {kind: prompt_digest(p) for kind, p in prompts.items()},
+        "counts": {kind: len(p) for kind, p in prompts.items()},
+        "system": system,
+        "template_sha256": None
+        if cfg.template is None
+        else hashlib.sha256(cfg.template.read_bytes()).hexdigest(),
+        "max_new_tokens": cfg.max_new_tokens,
+        "judge": cfg.judge,
+        "seed": cfg.seed,
+        "startup_trials": cfg.startup_trials,
+        "dtype": cfg.dtype,
+    }
+    return _Ready(
+        folder,
+        revision,
+        config,
+        table,
+        Checkpoint.open(folder),
+        tok,
+        candidates,
+        positions,
+        baseline,
+        rows["harmful"],
+        rows["harmless"],
+        settings,
+        prompts["harmful"],
+        guard,
+    )
+
+
+def study_name(settings: dict) -> str:
+    """Derived from every setting that changes what a trial measures, so that a search with
+    other settings never continues this one."""
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return f"orthoedit-search-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+# --- judging one edit --------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one edit does: greedy answers to the harmful prompts, judged, and the first-token
+    KL on the harmless ones. With a guard model, ``unsafe`` counts the complied answers it
+    calls unsafe (the rest of the complied ones, judge errors included, are not compliance)."""
+
+    refused: int
+    complied: int
+    broken: int
+    kl: float
+    seconds: float
+    unsafe: int | None = None
+
+    @property
+    def n(self) -> int:
+        return self.refused + self.complied + self.broken
+
+    @property
+    def failure(self) -> float:
+        """The objective: every answer that is not a compliance (a refusal, a degenerate
+        answer, or with a guard an answer it does not call unsafe)."""
+        complied = self.complied if self.unsafe is None else self.unsafe
+        return (self.n - complied) / self.n
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "failure": self.failure}
+
+
+class Judge:
+    """Runs edits through the loaded model: greedy answers to the harmful rows and the first
+    token of the harmless rows, compared with the unedited model's (computed once). With
+    ``guard`` (a ``safety.HFJudge``) and the harmful prompts' texts, the complied answers are
+    also judged by the guard."""
+
+    def __init__(
+        self,
+        model,
+        tok,
+        harmful_rows,
+        harmless_rows,
+        batch_size: int,
+        budget: int,
+        guard=None,
+        prompts: list[str] | None = None,
+    ):
+        from .measure import pad_id
+        from .refusal import stop_ids
+        from .select import first_token_logprobs
+
+        self.model, self.tok = model, tok
+        self.harmful_rows, self.harmless_rows = harmful_rows, harmless_rows
+        self.batch_size, self.budget = batch_size, budget
+        self.guard, self.prompts = guard, prompts
+        self.pad = pad_id(tok)
+        self.stop = stop_ids(model, tok)
+        self.base = first_token_logprobs(model, harmless_rows, batch_size, self.pad)
+
+    def answers(self) -> list[str]:
+        from .refusal import greedy_completions, until_stop
+
+        made = greedy_completions(
+            self.model, self.harmful_rows, self.batch_size, self.pad, self.budget
+        )
+        return [
+            self.tok.decode(until_stop(ids, self.stop), skip_special_tokens=True).strip()
+            for ids in made
+        ]
+
+    def unsafe(self, texts: list[str], verdicts: list[str]) -> int | None:
+        """How many complied answers the guard calls unsafe (None without a guard)."""
+        from .safety import parse_guard
+
+        if self.guard is None:
+            return None
+        pairs = [
+            (p, t) for p, t, v in zip(self.prompts, texts, verdicts, strict=True) if v == "complied"
+        ]
+        if not pairs:
+            return 0
+        return sum(parse_guard(raw)[0] == "unsafe" for raw in self.guard(pairs))
+
+    def __call__(self, hooks: Callable[[], contextlib.AbstractContextManager]) -> Outcome:
+        from .refusal import judge
+        from .select import first_token_logprobs, mean_kl
+
+        clock = time.perf_counter()
+        with hooks():
+            texts = self.answers()
+            logprobs = first_token_logprobs(
+                self.model, self.harmless_rows, self.batch_size, self.pad
+            )
+        verdicts = [judge(t) for t in texts]
+        return Outcome(
+            refused=verdicts.count("refused"),
+            complied=verdicts.count("complied"),
+            broken=verdicts.count("broken"),
+            kl=mean_kl(self.base, logprobs),
+            seconds=time.perf_counter() - clock,
+            unsafe=self.unsafe(texts, verdicts),
+        )
+
+
+def edit_hooks(model, ready: _Ready, params: EditParams):
+    """The trial's edit as ``apply`` would plan it, at run time (a no-op when nothing is
+    edited), and the direction it uses."""
+    from .direction import Direction
+    from .hooks import plan_hooks
+    from .plan import build_plan
+
+    vector, source = blend(ready.candidates, params.layer, params.position)
+    sites, scales = params.plan_scales(ready.n_layers)
+    if not sites:
+        return contextlib.nullcontext, vector, source
+    direction = Direction(vector, Path("<search trial>"), "", "single")
+    plan = build_plan(
+        table=ready.table,
+        checkpoint=ready.checkpoint,
+        config=ready.config,
+        direction=direction,
+        source=str(ready.folder),
+        sites=sites,
+        scales=scales,
+    )
+    return (lambda: plan_hooks(model, plan, ready.checkpoint)), vector, source
+
+
+def measure_hooks(model, ready: _Ready):
+    """The plain ``measure`` selection as ``apply`` edits it by default: every writer."""
+    from .hooks import plan_hooks
+    from .plan import build_plan
+
+    plan = build_plan(
+        table=ready.table,
+        checkpoint=ready.checkpoint,
+        config=ready.config,
+        direction=ready.baseline_direction,
+        source=str(ready.folder),
+    )
+    return lambda: plan_hooks(model, plan, ready.checkpoint)
+
+
+# --- the study ---------------------------------------------------------------------------
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _retry_callback():
+    from optuna import storages
+
+    # optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; older releases RetryFailed...
+    cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None)
+    return (cls or storages.RetryFailedTrialCallback)()
+
+
+def sampler_for(seed: int, completed: int, startup: int):
+    """The TPE sampler for the next trial, seeded from (seed, completed trials so far): the
+    next trial's parameters depend on the stored history only, not on how many processes it
+    took to make it."""
+    import optuna
+
+    derived = int.from_bytes(hashlib.sha256(f"{seed}:{completed}".encode()).digest()[:4], "little")
+    return optuna.samplers.TPESampler(
+        seed=derived, multivariate=True, n_startup_trials=startup, constant_liar=False
+    )
+
+
+def _settings_diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(diffs) or "unknown settings"
+
+
+def open_study(out: Path, settings: dict):
+    """The study stored in ``out/study.db``, created if absent; a study made with other
+    settings is refused (one clear line naming what differs)."""
+    import optuna
+
+    _quiet_optuna()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / STUDY_FILE}")
+    name = study_name(settings)
+    existing = [s for s in optuna.get_all_study_names(storage) if s != name]
+    if existing:
+        other = optuna.load_study(study_name=existing[0], storage=storage)
+        raise BadInputError(
+            f"{out / STUDY_FILE} holds a search with other settings "
+            f"({_settings_diff(other.user_attrs.get('settings', {}), settings)}); use another "
+            "--out, or --overwrite to start over."
+        )
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        directions=["minimize", "minimize"],
+        load_if_exists=True,
+    )
+    study.set_metric_names(["failure", "kl"])
+    if "settings" not in study.user_attrs:
+        study.set_user_attr("settings", settings)
+    return study
+
+
+def measure_params(ready: _Ready) -> dict | None:
+    """Trial parameters that reproduce measure's selection as ``apply`` edits it by default
+    (its candidate, every writer at full weight, the embedding too); None when the baseline
+    direction does not say where measure took it."""
+    meta = ready.baseline_direction.metadata
+    try:
+        layer, position = int(meta["layer"]), int(meta["position"])
+    except (KeyError, ValueError):
+        return None
+    if position not in ready.positions or not 0 <= layer < ready.n_layers:
+        return None
+    full = {"peak_weight": 1.0, "peak_layer": 0.0, "width": float(ready.n_layers), "edge_frac": 1.0}
+    params = {f"{site}_{k}": v for site in SITES_SEARCHED for k, v in full.items()}
+    return {"direction_layer": float(layer), "position": position, "embed": True, **params}
+
+
+def start_from_measure(study, ready: _Ready) -> None:
+    """A new study's first trial is measure's selection, so the search starts from it."""
+    params = measure_params(ready)
+    if params is not None and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(params, user_attrs={"start": "measure's selection"})
+
+
+def requeue_interrupted(study) -> list[int]:
+    """Trials a killed process left running: marked failed, and queued again with the same
+    parameters (Optuna's retry callback). Only called while holding the folder's lock, so no
+    other process can be running them."""
+    from optuna.trial import TrialState
+
+    retry = _retry_callback()
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        failed = study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, failed)
+    return [t.number for t in stale]
+
+
+def completed(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def choose(trials: list, max_kl: float):
+    """The lowest failure rate with KL within the budget; ties: lower KL, then the earlier
+    trial. None when no trial is within the budget. A pure function of the stored trials."""
+    within = [t for t in trials if t.values[1] <= max_kl]
+    return min(within, key=lambda t: (t.values[0], t.values[1], t.number), default=None)
+
+
+def pareto(trials: list) -> list:
+    """Trials no other trial dominates (at least as good on both objectives, better on one; of
+    trials at the very same point only the earliest is kept), ordered by KL."""
+    front = []
+    for t in trials:
+        f, k = t.values
+        dominated = any(
+            (o.values[0] <= f and o.values[1] <= k)
+            and ((o.values[0], o.values[1]) != (f, k) or o.number < t.number)
+            for o in trials
+            if o is not t
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.values[1], t.values[0], t.number))
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    with (out / LOCK_FILE).open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BadInputError(
+                f"another orthoedit search is running on {out}; wait for it or use another --out."
+            ) from None
+        yield
+
+
+def _check_out(cfg: SearchConfig) -> Path:
+    out = Path(cfg.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} exists and is not a folder.")
+    if out.is_dir() and not (out / STUDY_FILE).is_file():
+        strangers = [p.name for p in out.iterdir() if p.name not in (*OUTPUTS, LOCK_FILE)]
+        if strangers:
+            raise BadInputError(
+                f"--out {out} exists and is not a search folder (it holds {strangers[0]}); "
+                "choose another --out."
+            )
+    return out
+
+
+# --- the search --------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    study_name: str
+    trials: list  # completed FrozenTrials, by number
+    front: list
+    chosen: object | None  # a FrozenTrial
+    baselines: dict  # "no edit" and "measure" Outcome dicts
+    requeued: list[int]
+    ran: int  # trials run by this call
+    stopped_by_time: bool
+    report: dict
+
+
+def _baselines(study, judge: Judge, model, ready: _Ready, log) -> None:
+    """The unedited model and measure's own selection, judged like a trial (stored in the study,
+    so a resumed search does not judge them again)."""
+    if "baselines" in study.user_attrs:
+        return
+    found = {
+        "no edit": judge(contextlib.nullcontext).to_dict(),
+        "measure": judge(measure_hooks(model, ready)).to_dict(),
+    }
+    for name, o in found.items():
+        log(f"{name}: {describe(o)}, KL {o['kl']:.4g}")
+    study.set_user_attr("baselines", found)
+
+
+def describe(o: dict) -> str:
+    """``failure 12.5% (3 refused, 1 broken of 32)`` from an outcome's dict."""
+    n = o["refused"] + o["complied"] + o["broken"]
+    unsafe = "" if o.get("unsafe") is None else f", {o['unsafe']} unsafe"
+    return (
+        f"failure {o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{unsafe} of {n})"
+    )
+
+
+def _describe_best(trials: list, max_kl: float) -> str:
+    best = choose(trials, max_kl)
+    if best is None:
+        return f"none within KL {max_kl:g} yet"
+    failure, kl = best.values
+    return f"best within KL {max_kl:g}: #{best.number} failure {failure:.1%}, KL {kl:.3g}"
+
+
+def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, clock) -> tuple:
+    """Ask, judge and tell until ``cfg.trials`` trials are complete or the time is spent. An
+    interruption (Ctrl-C, a kill) leaves the trial running in the study, to be re-run."""
+    from optuna.trial import TrialState
+
+    ran, stopped = 0, False
+    done = len(completed(study))
+    progress.start(f"search: {_describe_best(completed(study), cfg.max_kl)}", cfg.trials)
+    progress.advance(min(done, cfg.trials))
+    while done < cfg.trials:
+        if cfg.time_budget is not None and time.perf_counter() - clock >= cfg.time_budget:
+            stopped = True
+            log(f"time budget of {cfg.time_budget:g} s spent: no new trial started")
+            break
+        study.sampler = sampler_for(cfg.seed, done, cfg.startup_trials)
+        trial = study.ask()
+        params = suggest(trial, ready.n_layers, ready.positions)
+        try:
+            hooks, _, source = edit_hooks(model, ready, params)
+            outcome = evaluate_trial(judge, hooks)
+        except Exception:
+            # an error, not an interruption: recorded as failed, not re-run on resume
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        for key, value in {**outcome.to_dict(), "direction": source}.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, [outcome.failure, outcome.kl])
+        ran, done = ran + 1, done + 1
+        log(
+            f"trial {trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
+            f"{outcome.seconds:.1f} s"
+        )
+        progress.start(f"search: {_describe_best(completed(study), cfg.max_kl)}", cfg.trials)
+        progress.advance(done)
+    return ran, stopped
+
+
+def evaluate_trial(judge: Judge, hooks) -> Outcome:
+    """One trial's judgement (a seam for tests that interrupt a search mid-trial)."""
+    return judge(hooks)
+
+
+def make_judge(cfg: SearchConfig, ready: _Ready, model) -> Judge:
+    guard = None
+    if ready.guard is not None:
+        from .safety import HFJudge
+
+        guard = HFJudge(ready.guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+    return Judge(
+        model,
+        ready.tok,
+        ready.harmful_rows,
+        ready.harmless_rows,
+        cfg.batch_size,
+        cfg.max_new_tokens,
+        guard,
+        ready.harmful_prompts,
+    )
+
+
+def _load(cfg: SearchConfig, ready: _Ready, progress: Progress):
+    from transformers import AutoModelForCausalLM
+
+    progress.start("loading the model", None)
+    return AutoModelForCausalLM.from_pretrained(
+        ready.folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
+    ).eval()
+
+
+def _clear(out: Path) -> None:
+    """--overwrite: remove what a search wrote (and nothing else)."""
+    for name in (STUDY_FILE, *OUTPUTS):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def search(
+    cfg: SearchConfig, log: Callable[[str], None] = print, progress: Progress | None = None
+) -> SearchResult:
+    """Run (or resume) the search, then write the Pareto front and the chosen edit."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # ours is the only bar
+    progress = progress or Progress()
+    clock = time.perf_counter()
+    out = _check_out(cfg)
+    ready = prepare(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        if cfg.overwrite:
+            _clear(out)
+        study = open_study(out, ready.settings)
+        start_from_measure(study, ready)
+        requeued = requeue_interrupted(study)
+        if requeued:
+            log(f"resuming: trials {requeued} were interrupted and run again")
+        ran, stopped = 0, False
+        if len(completed(study)) < cfg.trials or "baselines" not in study.user_attrs:
+            model = _load(cfg, ready, progress)
+            judge = make_judge(cfg, ready, model)
+            _baselines(study, judge, model, ready, log)
+            ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
+        baselines = study.user_attrs["baselines"]
+        trials = sorted(completed(study), key=lambda t: t.number)
+        chosen = choose(trials, cfg.max_kl)
+        front = pareto(trials)
+        report = report_dict(cfg, study, ready, trials, front, chosen, baselines)
+        write_outputs(out, cfg, ready, report, chosen)
+    return SearchResult(
+        out, study.study_name, trials, front, chosen, baselines, requeued, ran, stopped, report
+    )
+
+
+# --- outputs -----------------------------------------------------------------------------
+
+
+def _trial_dict(t, front_numbers: set[int]) -> dict:
+    attrs = t.user_attrs
+    return {
+        "number": t.number,
+        "failure": t.values[0],
+        "kl": t.values[1],
+        "refused": attrs["refused"],
+        "complied": attrs["complied"],
+        "broken": attrs["broken"],
+        "unsafe": attrs.get("unsafe"),
+        "seconds": attrs["seconds"],
+        "direction": attrs["direction"],
+        "params": dict(sorted(t.params.items())),
+        "pareto": t.number in front_numbers,
+        "retry_of": t.system_attrs.get("failed_trial"),
+    }
+
+
+def apply_args(cfg: SearchConfig, out: Path, params: EditParams, n_layers: int) -> list[str]:
+    """``orthoedit apply`` arguments that reproduce a trial's edit (without ``--out``)."""
+    sites, _ = params.plan_scales(n_layers)
+    args = [cfg.model, "--direction", str(out / "chosen" / "direction.safetensors")]
+    args += ["--scales", str(out / "chosen" / "scales.json"), "--sites", ",".join(sites)]
+    if cfg.revision:
+        args += ["--revision", cfg.revision]
+    return args
+
+
+def report_dict(cfg, study, ready: _Ready, trials, front, chosen, baselines) -> dict:
+    out = Path(cfg.out).expanduser().resolve()
+    numbers = {t.number for t in front}
+    entry = None
+    if chosen is not None:
+        params = params_of(chosen.params)
+        entry = {
+            **_trial_dict(chosen, numbers),
+            "scales": params.scales(ready.n_layers),
+            "apply_args": apply_args(cfg, out, params, ready.n_layers),
+        }
+    return {
+        "study": study.study_name,
+        "storage": str(out / STUDY_FILE),
+        "sampler": "optuna TPESampler (multivariate, multi-objective), re-seeded per trial",
+        "objectives": {
+            "failure": "share of harmful validation prompts answered with a refusal or a "
+            "degenerate answer (greedy, max_new_tokens)"
+            + ("" if cfg.judge is None else f", or that {cfg.judge} does not call unsafe"),
+            "kl": "first-token KL(unedited ‖ edited), harmless validation prompts",
+        },
+        "settings": ready.settings,
+        "max_kl": cfg.max_kl,
+        "trials_wanted": cfg.trials,
+        "trials_completed": len(trials),
+        "baselines": baselines,
+        "chosen": entry,
+        "pareto": [t.number for t in front],
+        "trials": [_trial_dict(t, numbers) for t in trials],
+        "orthoedit_version": __version__,
+    }
+
+
+def _write_file(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, cfg: SearchConfig, ready: _Ready, report: dict, chosen) -> None:
+    """pareto.{json,md,png} (each written beside and renamed) and ``chosen/`` (staged and
+    renamed as a whole; removed when no trial is within the budget)."""
+    from .output import staged_output
+    from .report import search_markdown, search_png
+
+    png_tmp = out / ".pareto.png.tmp"
+    search_png(report, png_tmp, cfg.model)
+    os.replace(png_tmp, out / "pareto.png")
+    _write_file(out / "pareto.json", json.dumps(report, indent=2) + "\n")
+    _write_file(out / "pareto.md", search_markdown(report))
+    if chosen is None:
+        shutil.rmtree(out / "chosen", ignore_errors=True)
+        return
+    with staged_output(out / "chosen") as tmp:
+        write_chosen(tmp, cfg, ready, report, chosen)
+
+
+def write_chosen(folder: Path, cfg: SearchConfig, ready: _Ready, report: dict, chosen) -> None:
+    """direction.safetensors, scales.json, apply.txt and recipe-fragment.yaml of the chosen
+    trial; paths inside point at the final ``OUT/chosen`` folder."""
+    from .direction import save_direction
+
+    entry = report["chosen"]
+    final = Path(cfg.out).expanduser().resolve() / "chosen"
+    params = params_of(chosen.params)
+    vector, source = blend(ready.candidates, params.layer, params.position)
+    meta = {
+        "kind": "single",
+        "model": cfg.model,
+        "search_layer": repr(params.layer),
+        "position": params.position,
+        "blended_layers": ",".join(map(str, source["layers"])),
+        "blend_weights": ",".join(repr(w) for w in source["weights"]),
+        "search_study": report["study"],
+        "search_trial": chosen.number,
+        "candidates_sha256": ready.settings["candidates_sha256"],
+    }
+    if len(source["layers"]) == 1:  # a measured candidate itself, as measure records it
+        meta["layer"] = source["layers"][0]
+    save_direction(folder / "direction.safetensors", vector, meta)
+    (folder / "scales.json").write_text(json.dumps(params.scales(ready.n_layers), indent=1) + "\n")
+    sites, _ = params.plan_scales(ready.n_layers)
+    command = ["orthoedit", "apply", *entry["apply_args"], "--out", "edited"]
+    note = "" if sites else "# the chosen trial edits nothing: there is nothing to apply\n"
+    (folder / "apply.txt").write_text(note + shlex.join(command) + "\n")
+    fragment = (
+        f"# orthoedit search: trial {chosen.number}, {describe(entry)}, KL {entry['kl']:.4g} "
+        "on the search's validation prompts.\n"
+        "# Paste into a recipe (it replaces the measure stage with this direction):\n"
+        f"direction: {json.dumps(str(final / 'direction.safetensors'))}\n"
+        "edit:\n"
+        f"  sites: [{', '.join(sites)}]\n"
+        f"  scales: {json.dumps(str(final / 'scales.json'))}\n"
+    )
+    (folder / "recipe-fragment.yaml").write_text(fragment)

@@ -1,0 +1,450 @@
+"""``orthoedit search``: the profile and blend math, seeded reproducibility, resuming an
+interrupted study, the chosen edit reproduced by ``apply``, the degenerate detector on a
+destroyed model, and bad inputs (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import folder_digest
+from orthoedit import search as search_module
+from orthoedit.config import MeasureConfig, SearchConfig
+from orthoedit.direction import load_direction
+from orthoedit.hooks import addition_hooks
+from orthoedit.organism import CHAT_MODEL, GUARD_MODEL
+from orthoedit.plan import load_scales
+from orthoedit.search import (
+    EditParams,
+    Judge,
+    Profile,
+    blend,
+    choose,
+    make_judge,
+    measure_hooks,
+    measure_params,
+    params_of,
+    pareto,
+    prepare,
+    search,
+    study_name,
+)
+from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
+
+# Small enough to run in seconds on a CPU: 6 + 6 validation prompts, 12-token answers.
+FAST = {"n": 6, "max_new_tokens": 12, "startup_trials": 2, "max_kl": 0.2}
+TRIALS = 4
+
+
+def _cfg(measured: Path, out: Path, **kw) -> SearchConfig:
+    record = json.loads((measured / "direction.json").read_text())
+    return SearchConfig(model=record["model"], candidates=measured, out=out, **{**FAST, **kw})
+
+
+def _args(measured: Path, out: Path, *extra) -> list:
+    record = json.loads((measured / "direction.json").read_text())
+    args = ["search", record["model"], "--candidates", measured, "--out", out]
+    return [*args, "--n", 6, "--max-new-tokens", 12, "--startup-trials", 2, "--max-kl", 0.2, *extra]
+
+
+def _params(result) -> list[dict]:
+    return [t.params for t in result.trials]
+
+
+@pytest.fixture(scope="session")
+def measured(tmp_path_factory) -> Path:
+    """measure on the organism as recipes/organism.yaml runs it, with its selection given
+    (layer 2, position -1, what it selects) and no filter (the organism refuses every harmful
+    and answers every harmless train prompt), so that it takes seconds."""
+    from orthoedit.measure import measure
+
+    prompts = CHAT_MODEL.parent / "prompts"
+    cfg = MeasureConfig(
+        model=str(CHAT_MODEL),
+        out=tmp_path_factory.mktemp("measure") / "direction",
+        harmful=str(prompts / "harmful-train.jsonl"),
+        harmless=str(prompts / "harmless-train.jsonl"),
+        filter=False,
+        layer=2,
+        position=-1,
+    )
+    return measure(cfg, log=lambda m: None).out
+
+
+@pytest.fixture(scope="session")
+def first_search(measured, tmp_path_factory):
+    """An uninterrupted search of TRIALS trials (read-only for tests)."""
+    out = tmp_path_factory.mktemp("search") / "s"
+    return search(_cfg(measured, out, trials=TRIALS), log=lambda m: None)
+
+
+# --- the search space --------------------------------------------------------------------
+
+
+def test_profile_scales():
+    n = 8
+    p = Profile(peak_weight=0.8, peak=3.0, width=2.0, edge_frac=0.5)
+    s = p.scales(n)
+    assert s[3] == pytest.approx(0.8)  # the peak
+    assert s[1] == pytest.approx(0.4) and s[5] == pytest.approx(0.4)  # the edge: 0.5 x peak
+    assert s[2] == pytest.approx(0.6) and s[4] == pytest.approx(0.6)  # linear in between
+    assert s[0] == s[6] == s[7] == 0.0  # beyond the width
+    assert all(0.0 <= x <= 1.0 for x in s)
+    # non-increasing away from a fractional peak, on both sides, for random profiles
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        q = Profile(rng.uniform(0, 1), rng.uniform(0, n - 1), rng.uniform(0.5, n), rng.uniform())
+        t = q.scales(n)
+        assert all(0.0 <= x <= q.peak_weight + 1e-12 for x in t)
+        left = [t[i] for i in range(n) if i <= q.peak][::-1]
+        right = [t[i] for i in range(n) if i >= q.peak]
+        for side in (left, right):
+            assert all(a >= b - 1e-12 for a, b in itertools.pairwise(side))
+    assert Profile(1.0, 0.0, float(n), 1.0).scales(n) == [1.0] * n  # every layer, full
+    assert Profile(0.0, 2.0, 3.0, 1.0).scales(n) == [0.0] * n
+
+
+def test_plan_scales_drop_sites_with_nothing_to_edit():
+    off = Profile(0.0, 0.0, 1.0, 0.0)
+    on = Profile(1.0, 1.0, 0.5, 0.0)  # layer 1 only
+    sites, scales = EditParams(1.0, -1, off, on, False).plan_scales(4)
+    assert sites == ["mlp"]
+    assert scales["embed"] == 0.0 and scales["mlp:1"] == 1.0 and scales["mlp:0"] == 0.0
+    assert EditParams(1.0, -1, off, off, False).plan_scales(4)[0] == []
+
+
+def test_scales_json_is_what_apply_reads(tmp_path):
+    params = EditParams(1.5, -1, Profile(0.7, 1.2, 2.0, 0.3), Profile(1.0, 0, 4.0, 1.0), True)
+    path = tmp_path / "scales.json"
+    path.write_text(json.dumps(params.scales(4)))
+    _, planned = params.plan_scales(4)
+    assert load_scales(path, 4) == planned
+
+
+def test_blend():
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=(4, 2, 8))
+    c[0, 1] = 0.0  # an empty candidate (a template token every prompt shares)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    v, src = blend(c, 2.0, -1)
+    assert np.allclose(v, unit(c[2, 1]), atol=1e-7) and src["layers"] == [2]
+    v, src = blend(c, 1.25, -2)
+    assert np.allclose(v, unit(0.75 * unit(c[1, 0]) + 0.25 * unit(c[2, 0])), atol=1e-7)
+    assert src["layers"] == [1, 2] and src["weights"] == pytest.approx([0.75, 0.25])
+    v, src = blend(c, 0.5, -1)  # layer 0 is empty at this position: all weight to layer 1
+    assert np.allclose(v, unit(c[1, 1]), atol=1e-7) and src["weights"] == [1.0]
+    v, _ = blend(c, 0.0, -1)  # only the empty one: the nearest non-empty layer
+    assert np.allclose(v, unit(c[1, 1]), atol=1e-7)
+    assert np.array_equal(v, v.astype(np.float32).astype(np.float64))  # as the file stores it
+
+
+def test_choice_and_front():
+    def trial(number, failure, kl):
+        return SimpleNamespace(number=number, values=[failure, kl])
+
+    trials = [trial(0, 0.0, 0.3), trial(1, 0.1, 0.05), trial(2, 0.1, 0.05), trial(3, 0.5, 0.01)]
+    trials += [trial(4, 0.6, 0.02), trial(5, 0.1, 0.08)]
+    assert choose(trials, 0.1).number == 1  # lowest failure in budget; ties: KL, then number
+    assert choose(trials, 0.5).number == 0
+    assert choose(trials, 0.001) is None
+    assert [t.number for t in pareto(trials)] == [3, 1, 0]
+
+
+# --- on the organism ---------------------------------------------------------------------
+
+
+def test_first_trial_is_measure_selection(first_search, measured):
+    """The search starts from measure's selection, judged exactly like the baseline."""
+    first = first_search.trials[0]
+    base = first_search.baselines["measure"]
+    assert first.user_attrs["start"] == "measure's selection"
+    assert (first.user_attrs["refused"], first.user_attrs["broken"]) == (
+        base["refused"],
+        base["broken"],
+    )
+    assert first.values[1] == pytest.approx(base["kl"], abs=1e-6)
+    assert first_search.baselines["no edit"]["kl"] == 0
+    # the organism refuses every harmful validation prompt; measure's edit removes refusal
+    assert first_search.baselines["no edit"]["failure"] == 1.0 and base["failure"] <= 0.2
+
+
+def test_outputs(first_search):
+    out = first_search.out
+    report = json.loads((out / "pareto.json").read_text())
+    assert report["trials_completed"] == TRIALS == len(report["trials"])
+    assert report["study"] == first_search.study_name
+    assert report["chosen"]["number"] == first_search.chosen.number
+    assert set(report["pareto"]) <= {t["number"] for t in report["trials"]}
+    assert "## Pareto front" in (out / "pareto.md").read_text()
+    assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    chosen = out / "chosen"
+    assert sorted(p.name for p in chosen.iterdir()) == [
+        "apply.txt",
+        "direction.safetensors",
+        "recipe-fragment.yaml",
+        "scales.json",
+    ]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or ".orthoedit-" in p.name]
+
+
+def test_same_seed_same_trials_and_choice(first_search, measured, tmp_path):
+    again = search(_cfg(measured, tmp_path / "again", trials=TRIALS), log=lambda m: None)
+    assert _params(again) == _params(first_search)
+    assert [t.values for t in again.trials] == [t.values for t in first_search.trials]
+    assert again.chosen.number == first_search.chosen.number
+    assert again.study_name == first_search.study_name
+    other = search(_cfg(measured, tmp_path / "other", trials=TRIALS, seed=1), log=lambda m: None)
+    assert other.study_name != first_search.study_name
+    assert _params(other)[1:] != _params(first_search)[1:]  # trial 0 is measure's either way
+
+
+def test_resume_after_interruption(first_search, measured, tmp_path, monkeypatch):
+    """A process stopped mid-trial leaves it RUNNING in the study; the next run marks it
+    failed, runs it again with the same parameters, and ends with the trials an uninterrupted
+    search makes, and the same choice."""
+    out = tmp_path / "resumed"
+    real = search_module.evaluate_trial
+    calls = []
+
+    def dies_on_third(judge, hooks):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as good as a kill: nothing after this line runs
+        return real(judge, hooks)
+
+    monkeypatch.setattr(search_module, "evaluate_trial", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        search(_cfg(measured, out, trials=TRIALS), log=lambda m: None)
+    monkeypatch.setattr(search_module, "evaluate_trial", real)
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name=first_search.study_name, storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "RUNNING"]
+    interrupted = study.trials[2].params
+    assert not (out / "pareto.json").exists()  # nothing reported before the end
+
+    result = search(_cfg(measured, out, trials=TRIALS), log=lambda m: None)
+    assert result.requeued == [2] and result.ran == 2
+    study = optuna.load_study(study_name=first_search.study_name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2 + ["FAIL"] + ["COMPLETE"] * 2
+    assert study.trials[3].params == interrupted
+    assert study.trials[3].system_attrs["failed_trial"] == 2
+    assert _params(result) == _params(first_search)
+    assert [t.values for t in result.trials] == [t.values for t in first_search.trials]
+    assert result.chosen.params == first_search.chosen.params
+
+    # Run again: nothing left to do; the choice is recomputed from the stored study alone.
+    before = folder_digest(out / "chosen")
+    again = search(_cfg(measured, out, trials=TRIALS), log=lambda m: None)
+    assert again.ran == 0 and again.requeued == []
+    assert again.chosen.number == result.chosen.number
+    assert folder_digest(out / "chosen") == before
+    # A time budget already spent starts no trial, and still reports.
+    more = search(_cfg(measured, out, trials=TRIALS + 5, time_budget=1e-9), log=lambda m: None)
+    assert more.ran == 0 and more.stopped_by_time and len(more.trials) == TRIALS
+
+
+def test_apply_reproduces_the_chosen_trial(first_search, measured, tmp_path):
+    """The chosen edit, written by apply from chosen/apply.txt's arguments and loaded by plain
+    transformers, answers and scores exactly as the trial did through the hooks. The budget
+    is set to choose a trial with a blended direction and partial scales."""
+    out = tmp_path / "s"
+    shutil.copytree(first_search.out, out)
+    nontrivial = [t for t in first_search.trials[1:] if t.values[1] > 0]
+    budget = min(t.values[1] for t in nontrivial)
+    result = cli(*_args(measured, out, "--trials", TRIALS, "--max-kl", budget))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "pareto.json").read_text())
+    chosen = report["chosen"]
+    assert chosen["number"] != 0
+    line = (out / "chosen" / "apply.txt").read_text()
+    args = shlex.split(line)
+    assert args[:2] == ["orthoedit", "apply"] and args[-2:] == ["--out", "edited"]
+    edited = tmp_path / "edited"
+    result = cli(*args[1:-2], "--out", edited)
+    assert result.exit_code == 0, result.output
+    scales = json.loads((out / "chosen" / "scales.json").read_text())
+    assert scales == params_of(chosen["params"]).scales(4)
+    assert any(0 < x < 1 for x in scales["attn"] + scales["mlp"])  # partial weights
+    assert len(chosen["direction"]["layers"]) == 2  # a blend of two layers' candidates
+
+    ready = prepare(_cfg(measured, out))
+    base = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    judge = Judge(base, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 12)
+    judge.model = AutoModelForCausalLM.from_pretrained(edited).eval()
+    outcome = judge(contextlib.nullcontext)
+    assert (outcome.refused, outcome.complied, outcome.broken) == (
+        chosen["refused"],
+        chosen["complied"],
+        chosen["broken"],
+    )
+    assert outcome.kl == pytest.approx(chosen["kl"], abs=1e-5)
+    meta = load_direction(out / "chosen" / "direction.safetensors", 96, 4).metadata
+    assert meta["search_trial"] == str(chosen["number"])
+    assert meta["search_study"] == report["study"]
+
+
+def test_measure_params_is_measure_edit(first_search, measured):
+    ready = prepare(_cfg(measured, first_search.out))
+    params = params_of(measure_params(ready))
+    sites, scales = params.plan_scales(ready.n_layers)
+    assert sites == ["embed", "attn", "mlp"] and set(scales.values()) == {1.0}
+    vector, _ = blend(ready.candidates, params.layer, params.position)
+    assert np.allclose(vector, ready.baseline_direction.vector, atol=1e-6)
+
+
+def test_destroyed_model_is_broken_not_compliant(measured):
+    """The degenerate detector: a model destroyed by adding a huge multiple of the direction
+    answers in loops, which count as failures, never as compliance."""
+    ready = prepare(_cfg(measured, measured / "unused"))
+    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    judge = Judge(model, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 32)
+    r = torch.tensor(ready.baseline_direction.vector, dtype=torch.float32)
+    for k in (-50.0, 50.0):
+        hooks = functools.partial(addition_hooks, model, ready.table, 2, k * r)
+        outcome = judge(hooks)
+        assert outcome.broken == outcome.n and outcome.complied == 0
+        assert outcome.failure == 1.0
+        assert outcome.kl > 0.5
+
+
+# --- bad inputs ----------------------------------------------------------------------------
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_bad_inputs(measured, tmp_path):
+    out = tmp_path / "out"
+    model = json.loads((measured / "direction.json").read_text())["model"]
+    missing = tmp_path / "nothing-here"
+    line = _one_line_error(cli("search", model, "--candidates", missing, "--out", out))
+    assert "not a folder" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _one_line_error(cli("search", model, "--candidates", empty, "--out", out))
+    assert "candidates.safetensors" in line
+    assert "max_kl" in _one_line_error(cli(*_args(measured, out, "--max-kl", 0)))
+    assert "trials" in _one_line_error(cli(*_args(measured, out, "--trials", 0)))
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert "not a search folder" in _one_line_error(cli(*_args(measured, stranger)))
+    assert not out.exists()
+    assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "stranger"]
+
+
+def test_settings_mismatch_refused(first_search, measured, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(first_search.out, out)
+    before = folder_digest(out)
+    line = _one_line_error(cli(*_args(measured, out, "--trials", TRIALS, "--seed", 7)))
+    assert "other settings" in line and "seed: 0 -> 7" in line
+    assert folder_digest(out) == before
+    # --overwrite starts over with the new settings
+    result = cli(*_args(measured, out, "--trials", 1, "--seed", 7, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "pareto.json").read_text())
+    assert report["settings"]["seed"] == 7 and report["trials_completed"] == 1
+
+
+def test_study_name_depends_on_settings():
+    a = {"seed": 0, "model": "m"}
+    assert study_name(a) == study_name(dict(reversed(a.items())))
+    assert study_name(a) != study_name({**a, "seed": 1})
+
+
+def test_help_comes_from_the_config():
+    """Every SearchConfig field is an option (or the MODEL argument), described as the config
+    describes it."""
+    result = cli("search", "--help")
+    assert result.exit_code == 0, result.output
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    for name, field in SearchConfig.model_fields.items():
+        if name != "model":
+            assert "--" + name.replace("_", "-") in text, name
+        assert field.description.split("[")[0].strip() in text, name
+
+
+def test_own_prompt_files_make_another_study(measured, tmp_path):
+    harmful = tmp_path / "harmful.jsonl"
+    lines = (measured / "val-harmful.jsonl").read_text().splitlines()
+    harmful.write_text("\n".join(reversed(lines)) + "\n")
+    mine = prepare(_cfg(measured, tmp_path / "s", harmful=harmful))
+    default = prepare(_cfg(measured, tmp_path / "s"))
+    assert mine.settings["prompt_hashes"]["harmful"] != default.settings["prompt_hashes"]["harmful"]
+    assert study_name(mine.settings) != study_name(default.settings)
+    assert mine.harmful_rows[0] != default.harmful_rows[0]
+
+
+def test_guard_judge_counts_only_unsafe_compliance(measured, tmp_path):
+    """With a guard, a complied answer is compliance only when the guard calls it unsafe; the
+    organism's guard calls the edited organism's compliant answers unsafe."""
+    cfg = _cfg(measured, tmp_path / "s", judge=f"hf:{GUARD_MODEL}")
+    ready = prepare(cfg)
+    assert ready.settings["judge"] == cfg.judge
+    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    judge = make_judge(cfg, ready, model)
+    edited = judge(measure_hooks(model, ready))
+    assert edited.unsafe is not None and 0 < edited.unsafe <= edited.complied
+    assert edited.failure == pytest.approx(1 - edited.unsafe / edited.n)
+    unedited = judge(contextlib.nullcontext)
+    assert unedited.unsafe == 0 and unedited.failure == 1.0
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_with_the_same_trials(first_search, measured, tmp_path):
+    """Slow (``make test-slow``): a search process killed with SIGKILL part-way resumes from
+    its study and ends with the trials and the choice of an uninterrupted search."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "orthoedit.cli", *map(str, _args(measured, out))]
+    args += ["--trials", str(TRIALS + 4)]
+    env = {**os.environ, "PYTHONPATH": str(Path(search_module.__file__).parents[1])}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    db = out / "study.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill it once two trials are complete
+        if db.exists():
+            try:
+                study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
+                if sum(t.state.name == "COMPLETE" for t in study.trials) >= 2:
+                    break
+            except Exception:  # the study is being created
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
+    assert 2 <= sum(t.state.name == "COMPLETE" for t in study.trials) < TRIALS + 4
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    report = json.loads((out / "pareto.json").read_text())
+    uninterrupted = search(
+        _cfg(measured, tmp_path / "whole", trials=TRIALS + 4), log=lambda m: None
+    )
+    assert [t["params"] for t in report["trials"]] == _params(uninterrupted)
+    assert report["chosen"]["params"] == dict(sorted(uninterrupted.chosen.params.items()))
