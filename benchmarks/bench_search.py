@@ -40,7 +40,15 @@ from transformers import AutoModelForCausalLM
 from orthoedit.config import MeasureConfig, SearchConfig
 from orthoedit.measure import chat_ids, measure, post_instruction_ids
 from orthoedit.organism import CHAT_MODEL, load_prompts
-from orthoedit.search import Judge, edit_hooks, measure_hooks, params_of, prepare, search
+from orthoedit.search import (
+    Judge,
+    edit_hooks,
+    make_judge,
+    measure_hooks,
+    params_of,
+    prepare,
+    search,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -80,14 +88,7 @@ def one_pass(cfg: SearchConfig, repeats: int = 3) -> dict:
     measure's edit through the plan's hooks (answers run to the budget, as most trials')."""
     ready = prepare(cfg)
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = Judge(
-        model,
-        ready.tok,
-        ready.harmful_rows,
-        ready.harmless_rows,
-        cfg.batch_size,
-        cfg.max_new_tokens,
-    )
+    judge = make_judge(cfg, ready, model)
     judge(contextlib.nullcontext)  # warm up
     generation = statistics.median(timed(judge.answers)[0] for _ in range(repeats))
     full = statistics.median(judge(contextlib.nullcontext).seconds for _ in range(repeats))

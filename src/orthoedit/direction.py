@@ -125,6 +125,21 @@ def load_direction(
     """
     path = Path(path)
     tensor, metadata, kind = _read_checked(path)
+    return _direction(path, tensor, metadata, kind, d_model, n_layers, layer, per_layer, span)
+
+
+def _direction(
+    path: Path,
+    tensor: np.ndarray,
+    metadata: dict,
+    kind: str,
+    d_model: int,
+    n_layers: int,
+    layer: int | None,
+    per_layer: bool,
+    span: bool,
+) -> Direction:
+    """``load_direction`` on a tensor already read (see there)."""
     row = None
     if tensor.ndim == 1:
         if layer is not None:
@@ -226,12 +241,22 @@ def load_directions(
     if layer is not None and per_layer:
         raise BadInputError("--direction-layer and --per-layer exclude each other.")
     directions = []
-    for path in paths:
-        if _is_per_layer(Path(path)):
-            found = load_direction(path, d_model, n_layers, layer, per_layer=per_layer, span=True)
-        else:
-            found = load_direction(path, d_model, n_layers, span=True)
-        directions.append(found)
+    for path in map(Path, paths):
+        tensor, metadata, kind = _read_checked(path)
+        stack = tensor.ndim == 2 and kind != "span"  # a per-layer file: row or --per-layer
+        directions.append(
+            _direction(
+                path,
+                tensor,
+                metadata,
+                kind,
+                d_model,
+                n_layers,
+                layer if stack else None,
+                per_layer and stack,
+                span=True,
+            )
+        )
     if per_layer and not any(d.kind == "per-layer" for d in directions):
         raise BadInputError("--per-layer given but no --direction holds one direction per layer.")
     if layer is not None and not any(d.row is not None for d in directions):
@@ -240,12 +265,6 @@ def load_directions(
     for i in range(n_layers if found_set.per_layer.shape[0] else 1):
         orthonormal(found_set.vectors(i), f"the vectors of {', '.join(str(p) for p in paths)}")
     return found_set
-
-
-def _is_per_layer(path: Path) -> bool:
-    """A 2-D file that is not a span (its kind says, or the per-layer default for 2-D)."""
-    tensor, _, kind = _read_checked(path)
-    return tensor.ndim == 2 and kind != "span"
 
 
 def save_stable(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str]) -> None:
