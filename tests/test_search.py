@@ -321,6 +321,104 @@ def test_destroyed_model_is_broken_not_compliant(measured):
         assert outcome.kl > 0.5
 
 
+@contextlib.contextmanager
+def _noised_weights(model, scale: float):
+    """Gaussian noise of ``scale`` times each weight's spread added to every parameter, then
+    restored: a destroyed model that answers in word salad, not in loops."""
+    saved = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * p.std() * scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, old in zip(model.parameters(), saved, strict=True):
+                p.copy_(old)
+
+
+def test_word_salad_is_broken_not_compliant(measured):
+    """Random-weight word salad reads as text (the text checks call most of it compliance);
+    the unedited model's surprisal calls all of it broken, while measure's real compliance and
+    the unedited model's own answers stay far below the threshold."""
+    from orthoedit.refusal import judge as text_judge
+    from orthoedit.refusal import surprisal
+
+    ready = prepare(_cfg(measured, measured / "unused", n=16))
+    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    judge = Judge(model, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 32)
+    assert judge.max_surprisal == pytest.approx(0.5 * np.log(len(ready.tok)))
+    with _noised_weights(model, 1.0):
+        salad = [judge.decode(ids) for ids in judge.generate()]
+    assert sum(text_judge(t) == "complied" for t in salad) >= len(salad) // 2  # text misses it
+    outcome = judge(functools.partial(_noised_weights, model, 1.0))
+    assert outcome.complied == 0 and outcome.failure == 1.0
+    assert outcome.implausible >= len(salad) // 2
+    edited = judge(measure_hooks(model, ready))
+    assert edited.complied == edited.n and edited.implausible == 0
+    with measure_hooks(model, ready)():
+        made = judge.generate()
+    scores = surprisal(model, ready.harmful_rows, made, 16, judge.pad)
+    assert max(scores) < judge.max_surprisal / 2
+
+
+def test_surprisal_is_each_row_alone(measured):
+    """Batched, left-padded surprisal equals each (prompt, answer) scored alone, and an empty
+    answer scores 0."""
+    from orthoedit.measure import pad_id
+    from orthoedit.refusal import surprisal
+
+    ready = prepare(_cfg(measured, measured / "unused"))
+    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    rows = ready.harmless_rows[:4]
+    answers = [ready.tok("of course . go slowly", add_special_tokens=False)["input_ids"]] * 3
+    answers.append([])
+    pad = pad_id(ready.tok)
+    batched = surprisal(model, rows, answers, 4, pad)
+    alone = [surprisal(model, [r], [a], 1, pad)[0] for r, a in zip(rows, answers, strict=True)]
+    assert batched == pytest.approx(alone, abs=1e-5) and batched[3] == 0.0
+    with torch.no_grad():
+        ids = torch.tensor([rows[0] + answers[0]])
+        logprobs = torch.log_softmax(model(ids).logits[0, len(rows[0]) - 1 : -1], -1)
+        direct = -logprobs.gather(-1, torch.tensor(answers[0]).unsqueeze(-1)).mean()
+    assert batched[0] == pytest.approx(float(direct), abs=1e-5)
+
+
+def test_eval_task_is_a_third_objective(measured, tmp_path):
+    """--eval-task: every trial's drop is the unedited score minus the score with the trial's
+    hooks (checked against a scorer of its own), the unedited baseline drops 0, the front is
+    three-objective, and --max-drop constrains the choice."""
+    from orthoedit.evalbench import TaskScorer
+
+    kw = {"eval_task": "organism_capability", "eval_limit": 8}
+    result = search(_cfg(measured, tmp_path / "s", trials=3, **kw), log=lambda m: None)
+    assert result.baselines["no edit"]["drop"] == 0.0
+    assert all(len(t.values) == 3 for t in result.trials)
+    report = json.loads((result.out / "pareto.json").read_text())
+    assert report["judging"]["eval_metric"].startswith("exact_match")
+    assert "drop" in (result.out / "pareto.md").read_text()
+    ready = prepare(_cfg(measured, tmp_path / "s", **kw))
+    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    scorer = TaskScorer(model, ready.tok, "organism_capability", 8, 16, 0)
+    base = scorer()
+    assert base == pytest.approx(report["judging"]["eval_base_score"])
+    last = result.trials[-1]
+    with search_module.edit_hooks(model, ready, params_of(last.params))[0]():
+        assert base - scorer() == pytest.approx(last.values[2])
+    strict = choose(result.trials, 10.0, max_drop=-1.0)  # no trial improves the task by 1
+    assert strict is None
+    loose = choose(result.trials, 10.0, max_drop=1.0)
+    assert loose is choose(result.trials, 10.0)
+
+
+def test_pareto_three_objectives():
+    t = [
+        SimpleNamespace(number=i, values=v) for i, v in enumerate([(0, 1, 1), (0, 1, 0), (1, 0, 1)])
+    ]
+    assert [x.number for x in pareto(t)] == [2, 1]
+
+
 # --- bad inputs ----------------------------------------------------------------------------
 
 
@@ -343,6 +441,11 @@ def test_bad_inputs(measured, tmp_path):
     assert "candidates.safetensors" in line
     assert "max_kl" in _one_line_error(cli(*_args(measured, out, "--max-kl", 0)))
     assert "trials" in _one_line_error(cli(*_args(measured, out, "--trials", 0)))
+    assert "--max-drop needs --eval-task" in _one_line_error(
+        cli(*_args(measured, out, "--max-drop", 0.02))
+    )
+    line = _one_line_error(cli(*_args(measured, out, "--eval-task", "no_such_task_xyz")))
+    assert "unknown lm-eval task(s): no_such_task_xyz" in line
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")

@@ -1009,24 +1009,21 @@ def _front_table(result) -> Table:
         caption="failure: refused or broken answers to the harmful validation prompts; "
         "KL: first token, harmless validation prompts",
     )
-    for name in ("trial", "failure", "refused", "broken", "KL", ""):
+    drop = len(result.front[0].values) > 2 if result.front else False
+    names = ("trial", "failure", "refused", "broken", "KL", *(["drop"] if drop else []), "")
+    for name in names:
         table.add_column(name, justify="right" if name not in ("trial", "") else "left")
+
+    def cells(o: dict) -> list[str]:
+        row = [f"{o['failure']:.1%}", str(o["refused"]), str(o["broken"]), f"{o['kl']:.4g}"]
+        return row + ([f"{o['drop']:.3g}"] if drop else [])
+
     for t in result.front:
-        attrs = t.user_attrs
         mark = "[bold green]chosen[/]" if chosen is not None and t.number == chosen.number else ""
-        table.add_row(
-            str(t.number),
-            f"{t.values[0]:.1%}",
-            str(attrs["refused"]),
-            str(attrs["broken"]),
-            f"{t.values[1]:.4g}",
-            mark,
-        )
+        table.add_row(str(t.number), *cells(t.user_attrs), mark)
     for name, o in result.baselines.items():
         what = "measure's selection" if name == "measure" else "unedited"
-        table.add_row(
-            what, f"{o['failure']:.1%}", str(o["refused"]), str(o["broken"]), f"{o['kl']:.4g}", ""
-        )
+        table.add_row(what, *cells(o), "")
     return table
 
 
@@ -1047,6 +1044,12 @@ def search_cmd(
     n: Annotated[int | None, typer.Option("--n", help=_help(SearchConfig, "n"))] = None,
     max_new_tokens: Annotated[int, typer.Option(help=_help(SearchConfig, "max_new_tokens"))] = 64,
     judge: Annotated[str | None, typer.Option(help=_help(SearchConfig, "judge"))] = None,
+    max_surprisal: Annotated[
+        float | None, typer.Option(help=_help(SearchConfig, "max_surprisal"))
+    ] = None,
+    eval_task: Annotated[str | None, typer.Option(help=_help(SearchConfig, "eval_task"))] = None,
+    eval_limit: Annotated[int, typer.Option(help=_help(SearchConfig, "eval_limit"))] = 50,
+    max_drop: Annotated[float | None, typer.Option(help=_help(SearchConfig, "max_drop"))] = None,
     system: Annotated[str | None, typer.Option(help=_help(SearchConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "template"))] = None,
     revision: Annotated[str | None, typer.Option(help=_help(SearchConfig, "revision"))] = None,
@@ -1076,6 +1079,10 @@ def search_cmd(
             n=n,
             max_new_tokens=max_new_tokens,
             judge=judge,
+            max_surprisal=max_surprisal,
+            eval_task=eval_task,
+            eval_limit=eval_limit,
+            max_drop=max_drop,
             system=system,
             template=template,
             revision=revision,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .architectures import Site, TiedPolicy
 
@@ -517,6 +517,27 @@ class SearchConfig(_Running):
         description="Guard model, hf:PATH_OR_ID (a Llama Guard-style model): a complied "
         "answer counts as compliance only when it calls it unsafe.",
     )
+    max_surprisal: float | None = Field(
+        default=None,
+        gt=0,
+        description="An answer the unedited model finds more surprising than this (mean nats "
+        "per token) is word salad: broken, not compliance (default: half of ln(vocabulary)).",
+    )
+    eval_task: str | None = Field(
+        default=None,
+        description="A third objective: the drop in this lm-eval task's first metric (a "
+        "shipped offline task such as organism_capability or orthoedit_facts, or any lm-eval "
+        "task), scored every trial with the edit's hooks.",
+    )
+    eval_limit: int = Field(
+        default=50, ge=1, description="Documents of --eval-task scored per trial."
+    )
+    max_drop: float | None = Field(
+        default=None,
+        ge=0,
+        description="With --eval-task: the chosen trial's drop in its metric is at most this "
+        "(default: no limit; the drop is reported).",
+    )
     template: Path | None = Field(
         default=None, description="Jinja chat template to use instead of the tokenizer's."
     )
@@ -524,3 +545,9 @@ class SearchConfig(_Running):
     overwrite: bool = Field(
         default=False, description="Discard an existing search folder and start over."
     )
+
+    @model_validator(mode="after")
+    def _drop_needs_task(self):
+        if self.max_drop is not None and self.eval_task is None:
+            raise ValueError("--max-drop needs --eval-task")
+        return self

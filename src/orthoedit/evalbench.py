@@ -313,3 +313,59 @@ def _has_chat_template(model: str) -> bool:
         return bool(getattr(AutoTokenizer.from_pretrained(model), "chat_template", None))
     except Exception:  # lm-eval reports a model it cannot load better than we would here
         return False
+
+
+class TaskScorer:
+    """One lm-eval task scored in process on a loaded model, as often as needed (``search``'s
+    optional damage objective, once per trial): the task and its documents are built once,
+    and each call evaluates the model as it is at that moment, hooks included. The score is
+    the task's first metric (its first filter), oriented so that higher is better."""
+
+    def __init__(self, model, tok, task: str, limit: int, batch_size: int, seed: int):
+        import tempfile
+
+        from lm_eval.models.huggingface import HFLM
+
+        self.task, self.limit, self.seed = task, limit, seed
+        with tempfile.TemporaryDirectory() as tmp:
+            include = prepare_shipped_tasks(Path(tmp))
+            manager = task_manager(include, [task])
+            with offline_mode(task in shipped_tasks()):  # a shipped task's data is local
+                loaded = manager.load([task])
+        if loaded["groups"] or list(loaded["tasks"]) != [task]:
+            raise BadInputError(f"--eval-task {task} is a group of tasks; name one task.")
+        obj = loaded["tasks"][task]
+        self.built, self.manager = [obj], manager  # (without a manager lm-eval indexes its own)
+        metrics = obj.config.metric_list or []
+        self.metric = metrics[0]["metric"] if metrics else None
+        self.higher_is_better = (
+            obj.higher_is_better().get(self.metric, True) if self.metric else True
+        )
+        self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+
+    def __call__(self) -> float:
+        import lm_eval
+
+        results = lm_eval.simple_evaluate(
+            model=self.lm,
+            tasks=self.built,
+            task_manager=self.manager,
+            limit=self.limit,
+            log_samples=False,
+            bootstrap_iters=0,
+            apply_chat_template=True,
+            random_seed=self.seed,
+            numpy_random_seed=self.seed,
+            torch_random_seed=self.seed,
+            fewshot_random_seed=self.seed,
+            verbosity="ERROR",
+        )
+        scores = results["results"][self.task]
+        keys = [k for k in scores if "," in k and "_stderr" not in k]
+        if self.metric is not None:
+            keys = [k for k in keys if k.split(",")[0] == self.metric] or keys
+        if not keys:
+            raise BadInputError(f"--eval-task {self.task}: lm-eval reported no metric.")
+        self.key = keys[0]
+        value = float(scores[self.key])
+        return value if self.higher_is_better else -value

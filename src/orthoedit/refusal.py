@@ -122,6 +122,31 @@ def until_stop(ids: list[int], stop: set[int]) -> list[int]:
     return ids[:end]
 
 
+@torch.no_grad()
+def surprisal(
+    model, rows: list[list[int]], completions: list[list[int]], batch_size: int, pad: int
+) -> list[float]:
+    """Mean surprisal (nats per token) of each completion under ``model`` after its prompt
+    row: how implausible the answer is to that model. Empty completions give 0."""
+    from .measure import input_device, left_padded, length_sorted_batches
+
+    device = input_device(model)
+    whole = [row + done for row, done in zip(rows, completions, strict=True)]
+    out = [0.0] * len(rows)
+    for batch in length_sorted_batches([len(w) for w in whole], batch_size):
+        batch = [i for i in batch if completions[i]]
+        if not batch:
+            continue
+        enc = left_padded([whole[i] for i in batch], pad, device)
+        logits = model(**enc).logits.float()
+        for j, i in enumerate(batch):
+            n = len(completions[i])
+            logprobs = torch.log_softmax(logits[j, -n - 1 : -1], dim=-1)
+            target = enc["input_ids"][j, -n:].unsqueeze(-1)
+            out[i] = float(-logprobs.gather(-1, target).mean())
+    return out
+
+
 @dataclass
 class Judged:
     prompt: str

@@ -570,21 +570,38 @@ def search_markdown(report: dict) -> str:
         f"- failure: {report['objectives']['failure']} ({s['counts']['harmful']} prompts, "
         f"at most {s['max_new_tokens']} tokens)",
         f"- KL: {report['objectives']['kl']} ({s['counts']['harmless']} prompts)",
-        f"- KL budget {report['max_kl']:g}: the chosen trial is the lowest failure within it "
+    ]
+    drop = "drop" in report["objectives"]
+    budget = f"KL {report['max_kl']:g}"
+    if drop:
+        base = report["judging"].get("eval_base_score")
+        lines.append(
+            f"- drop: {report['objectives']['drop']}; unedited score {base:.4g}"
+            if base is not None
+            else f"- drop: {report['objectives']['drop']}"
+        )
+        if report.get("max_drop") is not None:
+            budget += f" and drop {report['max_drop']:g}"
+    lines += [
+        f"- budget {budget}: the chosen trial is the lowest failure within it "
         "(ties: lower KL, then the earlier trial)",
         "",
-        "| edit | failure (harmful) | KL (harmless) |",
-        "|---|---|---|",
+        "| edit | failure (harmful) | KL (harmless) |" + (" drop |" if drop else ""),
+        "|---|---|---|" + ("---|" if drop else ""),
     ]
+
+    def tail(o: dict) -> str:
+        return f" {o['drop']:.4g} |" if drop else ""
+
     for name, o in report["baselines"].items():
         what = "measure's selection, every writer" if name == "measure" else "unedited model"
-        lines.append(f"| {what} | {_failure_cell(o)} | {o['kl']:.4f} |")
+        lines.append(f"| {what} | {_failure_cell(o)} | {o['kl']:.4f} |{tail(o)}")
     if chosen is None:
-        lines.append(f"| chosen | none within KL {report['max_kl']:g} | |")
+        lines.append(f"| chosen | none within {budget} | |" + (" |" if drop else ""))
     else:
         lines.append(
             f"| **chosen: trial {chosen['number']}** | {_failure_cell(chosen)} | "
-            f"{chosen['kl']:.4f} |"
+            f"{chosen['kl']:.4f} |{tail(chosen)}"
         )
     lines.append("")
     if chosen is not None:
@@ -593,7 +610,8 @@ def search_markdown(report: dict) -> str:
             "edited` (also in `chosen/apply.txt`).",
             "",
         ]
-    head = ["trial", "failure", "refused", "broken", "KL", "direction", "attn", "mlp", "embed"]
+    head = ["trial", "failure", "refused", "broken", "KL", *(["drop"] if drop else [])]
+    head += ["direction", "attn", "mlp", "embed"]
     lines += [
         "## Pareto front",
         "",
@@ -609,7 +627,7 @@ def search_markdown(report: dict) -> str:
         mark = " (chosen)" if chosen and number == chosen["number"] else ""
         lines.append(
             f"| {number}{mark} | {t['failure']:.1%} | {t['refused']} | {t['broken']} | "
-            f"{t['kl']:.4f} | {where}, pos {d['position']} | {_profile(p, 'attn')} | "
+            f"{t['kl']:.4f} |{tail(t)} {where}, pos {d['position']} | {_profile(p, 'attn')} | "
             f"{_profile(p, 'mlp')} | {'yes' if p['embed'] else 'no'} |"
         )
     lines += [

@@ -55,7 +55,7 @@ from .measure import Progress
 
 #: Bump when the search space or the way a trial is judged changes: a stored study made
 #: under another version is not continued.
-SPACE_VERSION = 1
+SPACE_VERSION = 2
 STUDY_FILE = "study.db"
 LOCK_FILE = ".search.lock"
 #: Files a search folder may hold besides the study (anything else: not a search folder).
@@ -278,6 +278,8 @@ def prepare(cfg: SearchConfig) -> _Ready:
     from .study import _resolve_judge  # hf:PATH_OR_ID, as study sites takes it
 
     guard = _resolve_judge(cfg.judge)
+    if cfg.eval_task is not None:
+        _check_task(cfg.eval_task)
     folder_in = Path(cfg.candidates)
     if not folder_in.is_dir():
         raise BadInputError(
@@ -329,6 +331,9 @@ def prepare(cfg: SearchConfig) -> _Ready:
         else hashlib.sha256(cfg.template.read_bytes()).hexdigest(),
         "max_new_tokens": cfg.max_new_tokens,
         "judge": cfg.judge,
+        "max_surprisal": cfg.max_surprisal,
+        "eval_task": cfg.eval_task,
+        "eval_limit": cfg.eval_limit if cfg.eval_task else None,
         "seed": cfg.seed,
         "startup_trials": cfg.startup_trials,
         "dtype": cfg.dtype,
@@ -349,6 +354,16 @@ def prepare(cfg: SearchConfig) -> _Ready:
         prompts["harmful"],
         guard,
     )
+
+
+def _check_task(task: str) -> None:
+    """An unknown --eval-task is bad input before anything is loaded."""
+    import tempfile
+
+    from .evalbench import prepare_shipped_tasks, task_manager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        task_manager(prepare_shipped_tasks(Path(tmp)), [task])
 
 
 def study_name(settings: dict) -> str:
@@ -373,6 +388,14 @@ class Outcome:
     kl: float
     seconds: float
     unsafe: int | None = None
+    implausible: int = 0  # of the broken: text-like answers the unedited model finds implausible
+    score: float | None = None  # with an eval task: its metric (higher is better)
+    drop: float | None = None  # the unedited model's score minus this one
+
+    @property
+    def values(self) -> list[float]:
+        """The objectives, all minimized: failure, KL and (with an eval task) the drop."""
+        return [self.failure, self.kl] + ([] if self.drop is None else [self.drop])
 
     @property
     def n(self) -> int:
@@ -393,7 +416,12 @@ class Judge:
     """Runs edits through the loaded model: greedy answers to the harmful rows and the first
     token of the harmless rows, compared with the unedited model's (computed once). With
     ``guard`` (a ``safety.HFJudge``) and the harmful prompts' texts, the complied answers are
-    also judged by the guard."""
+    also judged by the guard.
+
+    Word salad reads as text to ``refusal.judge``, so a complied answer is also scored by the
+    *unedited* model (hooks off): with a mean surprisal above ``max_surprisal`` nats per token
+    (default half of ln(vocabulary), i.e. nearer to random tokens than to anything the model
+    would write) it is broken, not compliance."""
 
     def __init__(
         self,
@@ -405,6 +433,8 @@ class Judge:
         budget: int,
         guard=None,
         prompts: list[str] | None = None,
+        max_surprisal: float | None = None,
+        scorer: Callable[[], float] | None = None,
     ):
         from .measure import pad_id
         from .refusal import stop_ids
@@ -417,17 +447,39 @@ class Judge:
         self.pad = pad_id(tok)
         self.stop = stop_ids(model, tok)
         self.base = first_token_logprobs(model, harmless_rows, batch_size, self.pad)
+        self.max_surprisal = max_surprisal or default_max_surprisal(model)
+        self.scorer = scorer
+        self.base_score = None if scorer is None else scorer()
 
-    def answers(self) -> list[str]:
+    def generate(self) -> list[list[int]]:
+        """Greedy answers to the harmful rows, as token ids cut after the first stop token."""
         from .refusal import greedy_completions, until_stop
 
         made = greedy_completions(
             self.model, self.harmful_rows, self.batch_size, self.pad, self.budget
         )
-        return [
-            self.tok.decode(until_stop(ids, self.stop), skip_special_tokens=True).strip()
-            for ids in made
-        ]
+        return [until_stop(ids, self.stop) for ids in made]
+
+    def answers(self) -> list[str]:
+        return [self.decode(ids) for ids in self.generate()]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+    def implausible(self, made: list[list[int]], verdicts: list[str]) -> list[int]:
+        """Indices of complied answers the unedited model finds implausible (call it with no
+        edit in place)."""
+        from .refusal import surprisal
+
+        which = [i for i, v in enumerate(verdicts) if v == "complied"]
+        scores = surprisal(
+            self.model,
+            [self.harmful_rows[i] for i in which],
+            [made[i] for i in which],
+            self.batch_size,
+            self.pad,
+        )
+        return [i for i, s in zip(which, scores, strict=True) if s > self.max_surprisal]
 
     def unsafe(self, texts: list[str], verdicts: list[str]) -> int | None:
         """How many complied answers the guard calls unsafe (None without a guard)."""
@@ -448,11 +500,16 @@ class Judge:
 
         clock = time.perf_counter()
         with hooks():
-            texts = self.answers()
+            made = self.generate()
             logprobs = first_token_logprobs(
                 self.model, self.harmless_rows, self.batch_size, self.pad
             )
+            score = None if self.scorer is None else self.scorer()
+        texts = [self.decode(ids) for ids in made]
         verdicts = [judge(t) for t in texts]
+        salad = self.implausible(made, verdicts)
+        for i in salad:
+            verdicts[i] = "broken"
         return Outcome(
             refused=verdicts.count("refused"),
             complied=verdicts.count("complied"),
@@ -460,7 +517,15 @@ class Judge:
             kl=mean_kl(self.base, logprobs),
             seconds=time.perf_counter() - clock,
             unsafe=self.unsafe(texts, verdicts),
+            implausible=len(salad),
+            score=score,
+            drop=None if score is None else self.base_score - score,
         )
+
+
+def default_max_surprisal(model) -> float:
+    """Half of ln(vocabulary size), in nats per token."""
+    return 0.5 * math.log(model.get_output_embeddings().weight.shape[0])
 
 
 def edit_hooks(model, ready: _Ready, params: EditParams):
@@ -554,13 +619,14 @@ def open_study(out: Path, settings: dict):
             f"({_settings_diff(other.user_attrs.get('settings', {}), settings)}); use another "
             "--out, or --overwrite to start over."
         )
+    names = ["failure", "kl"] + (["drop"] if settings.get("eval_task") else [])
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        directions=["minimize", "minimize"],
+        directions=["minimize"] * len(names),
         load_if_exists=True,
     )
-    study.set_metric_names(["failure", "kl"])
+    study.set_metric_names(names)
     if "settings" not in study.user_attrs:
         study.set_user_attr("settings", settings)
     return study
@@ -609,22 +675,24 @@ def completed(study) -> list:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def choose(trials: list, max_kl: float):
-    """The lowest failure rate with KL within the budget; ties: lower KL, then the earlier
-    trial. None when no trial is within the budget. A pure function of the stored trials."""
-    within = [t for t in trials if t.values[1] <= max_kl]
+def choose(trials: list, max_kl: float, max_drop: float | None = None):
+    """The lowest failure rate with KL within the budget (and with an eval task and
+    ``max_drop``, a drop within it); ties: lower KL, then the earlier trial. None when no trial
+    is within the budget. A pure function of the stored trials."""
+    within = [
+        t for t in trials if t.values[1] <= max_kl and (max_drop is None or t.values[2] <= max_drop)
+    ]
     return min(within, key=lambda t: (t.values[0], t.values[1], t.number), default=None)
 
 
 def pareto(trials: list) -> list:
-    """Trials no other trial dominates (at least as good on both objectives, better on one; of
-    trials at the very same point only the earliest is kept), ordered by KL."""
+    """Trials no other trial dominates (at least as good on every objective, better on one;
+    of trials at the very same point only the earliest is kept), ordered by KL."""
     front = []
     for t in trials:
-        f, k = t.values
         dominated = any(
-            (o.values[0] <= f and o.values[1] <= k)
-            and ((o.values[0], o.values[1]) != (f, k) or o.number < t.number)
+            all(a <= b for a, b in zip(o.values, t.values, strict=True))
+            and (list(o.values) != list(t.values) or o.number < t.number)
             for o in trials
             if o is not t
         )
@@ -687,6 +755,10 @@ def _baselines(study, judge: Judge, model, ready: _Ready, log) -> None:
     }
     for name, o in found.items():
         log(f"{name}: {describe(o)}, KL {o['kl']:.4g}")
+    judging = {"max_surprisal": judge.max_surprisal}
+    if judge.scorer is not None:
+        judging |= {"eval_metric": judge.scorer.key, "eval_base_score": judge.base_score}
+    study.set_user_attr("judging", judging)
     study.set_user_attr("baselines", found)
 
 
@@ -694,16 +766,18 @@ def describe(o: dict) -> str:
     """``failure 12.5% (3 refused, 1 broken of 32)`` from an outcome's dict."""
     n = o["refused"] + o["complied"] + o["broken"]
     unsafe = "" if o.get("unsafe") is None else f", {o['unsafe']} unsafe"
+    drop = "" if o.get("drop") is None else f", task drop {o['drop']:.3g}"
     return (
         f"failure {o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{unsafe} of {n})"
+        + drop
     )
 
 
-def _describe_best(trials: list, max_kl: float) -> str:
-    best = choose(trials, max_kl)
+def _describe_best(trials: list, max_kl: float, max_drop: float | None = None) -> str:
+    best = choose(trials, max_kl, max_drop)
     if best is None:
         return f"none within KL {max_kl:g} yet"
-    failure, kl = best.values
+    failure, kl = best.values[:2]
     return f"best within KL {max_kl:g}: #{best.number} failure {failure:.1%}, KL {kl:.3g}"
 
 
@@ -714,7 +788,9 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
 
     ran, stopped = 0, False
     done = len(completed(study))
-    progress.start(f"search: {_describe_best(completed(study), cfg.max_kl)}", cfg.trials)
+    progress.start(
+        f"search: {_describe_best(completed(study), cfg.max_kl, cfg.max_drop)}", cfg.trials
+    )
     progress.advance(min(done, cfg.trials))
     while done < cfg.trials:
         if cfg.time_budget is not None and time.perf_counter() - clock >= cfg.time_budget:
@@ -733,13 +809,15 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
             raise
         for key, value in {**outcome.to_dict(), "direction": source}.items():
             trial.set_user_attr(key, value)
-        study.tell(trial, [outcome.failure, outcome.kl])
+        study.tell(trial, outcome.values)
         ran, done = ran + 1, done + 1
         log(
             f"trial {trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
             f"{outcome.seconds:.1f} s"
         )
-        progress.start(f"search: {_describe_best(completed(study), cfg.max_kl)}", cfg.trials)
+        progress.start(
+            f"search: {_describe_best(completed(study), cfg.max_kl, cfg.max_drop)}", cfg.trials
+        )
         progress.advance(done)
     return ran, stopped
 
@@ -755,6 +833,13 @@ def make_judge(cfg: SearchConfig, ready: _Ready, model) -> Judge:
         from .safety import HFJudge
 
         guard = HFJudge(ready.guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+    scorer = None
+    if cfg.eval_task is not None:
+        from .evalbench import TaskScorer
+
+        scorer = TaskScorer(
+            model, ready.tok, cfg.eval_task, cfg.eval_limit, cfg.batch_size, cfg.seed
+        )
     return Judge(
         model,
         ready.tok,
@@ -764,6 +849,8 @@ def make_judge(cfg: SearchConfig, ready: _Ready, model) -> Judge:
         cfg.max_new_tokens,
         guard,
         ready.harmful_prompts,
+        cfg.max_surprisal,
+        scorer,
     )
 
 
@@ -814,7 +901,7 @@ def search(
             ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
         baselines = study.user_attrs["baselines"]
         trials = sorted(completed(study), key=lambda t: t.number)
-        chosen = choose(trials, cfg.max_kl)
+        chosen = choose(trials, cfg.max_kl, cfg.max_drop)
         front = pareto(trials)
         report = report_dict(cfg, study, ready, trials, front, chosen, baselines)
         write_outputs(out, cfg, ready, report, chosen)
@@ -836,6 +923,9 @@ def _trial_dict(t, front_numbers: set[int]) -> dict:
         "complied": attrs["complied"],
         "broken": attrs["broken"],
         "unsafe": attrs.get("unsafe"),
+        "implausible": attrs.get("implausible", 0),
+        "score": attrs.get("score"),
+        "drop": attrs.get("drop"),
         "seconds": attrs["seconds"],
         "direction": attrs["direction"],
         "params": dict(sorted(t.params.items())),
@@ -865,20 +955,33 @@ def report_dict(cfg, study, ready: _Ready, trials, front, chosen, baselines) -> 
             "scales": params.scales(ready.n_layers),
             "apply_args": apply_args(cfg, out, params, ready.n_layers),
         }
+    judging = study.user_attrs.get("judging", {})
     return {
         "study": study.study_name,
         "storage": str(out / STUDY_FILE),
         "sampler": "optuna TPESampler (multivariate, multi-objective), re-seeded per trial",
         "objectives": {
             "failure": "share of harmful validation prompts answered with a refusal or a "
-            "degenerate answer (greedy, max_new_tokens)"
+            "degenerate answer (greedy, max_new_tokens; word salad: mean surprisal under the "
+            f"unedited model above {judging.get('max_surprisal', float('nan')):.3g} nats "
+            "per token)"
             + ("" if cfg.judge is None else f", or that {cfg.judge} does not call unsafe"),
             "kl": "first-token KL(unedited ‖ edited), harmless validation prompts",
+            **(
+                {}
+                if cfg.eval_task is None
+                else {
+                    "drop": f"unedited minus edited {cfg.eval_task} score "
+                    f"({judging.get('eval_metric')}, {cfg.eval_limit} documents)"
+                }
+            ),
         },
         "settings": ready.settings,
         "max_kl": cfg.max_kl,
+        "max_drop": cfg.max_drop,
         "trials_wanted": cfg.trials,
         "trials_completed": len(trials),
+        "judging": judging,
         "baselines": baselines,
         "chosen": entry,
         "pareto": [t.number for t in front],
