@@ -59,6 +59,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("- a\n- b\n", "expected a mapping"),
         ("model: [unclosed\n", "not valid YAML"),
         ("measure: {}\n", "model: Field required"),
+        ("model: m\nsearch: {trials: 0}\n", "search.trials: Input should be greater"),
+        ("model: m\nsearch: {candidates: x}\n", "search.candidates is set by the run"),
+        ("model: m\nsearch: {}\nedit: {sites: [mlp]}\n", "edit.sites is set by the search"),
+        ("model: m\nsearch: {}\nedit: {scales: s.json}\n", "edit.scales is set by the search"),
     ],
 )
 def test_bad_recipes(tmp_path, text, needle):
@@ -125,3 +129,51 @@ def test_interrupted_stage_reruns_alone_and_artifacts_are_reproducible(tmp_path)
     assert "model: running" in resumed.stderr
     model = runs[0] / "model" / "model.safetensors"
     assert model.read_bytes() == (runs[1] / "model" / "model.safetensors").read_bytes()
+
+
+def test_search_stage_edits_with_the_chosen_trial(tmp_path):
+    """A recipe with a search stage: the edit is the chosen trial's (the same shards as
+    ``orthoedit apply`` with ``chosen/apply.txt``'s arguments), a rerun is all up to date, a
+    changed search setting reruns the search (starting over) and the edit after it; a fixed
+    direction with a search is refused."""
+    import shlex
+
+    text = (
+        f"model: {ORGANISM / 'chat'}\n"
+        f"measure: {{harmful: {ORGANISM / 'prompts/harmful-train.jsonl'}, "
+        f"harmless: {ORGANISM / 'prompts/harmless-train.jsonl'}, layer: 2, position: -1, "
+        "refusal_tokens: sorry, n_train: 64, n_val: 6, filter: false}\n"
+        "search: {trials: 3, max_new_tokens: 12, startup_trials: 2, max_kl: 0.5}\n"
+        "verify: {}\n"
+    )
+    recipe = _write(tmp_path, text)
+    out = tmp_path / "run"
+    result = cli("run", recipe, "--out", out)
+    assert result.exit_code == 0, result.output
+    state = json.loads((out / "run.json").read_text())
+    assert list(state["stages"]) == ["direction", "search", "model", "verify"]
+    assert state["stages"]["verify"]["passed"] is True
+    report = json.loads((out / "search" / "pareto.json").read_text())
+    assert state["stages"]["search"]["trial"] == report["chosen"]["number"]
+    args = shlex.split((out / "search" / "chosen" / "apply.txt").read_text().splitlines()[-1])
+    own = tmp_path / "own"
+    applied = cli(*args[1 : args.index("--out")], "--out", own)
+    assert applied.exit_code == 0, applied.output
+    shards = sorted(p.name for p in (out / "model").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in own.glob("*.safetensors"))
+    for name in shards:
+        assert (out / "model" / name).read_bytes() == (own / name).read_bytes(), name
+
+    again = cli("run", recipe, "--out", out)
+    assert again.exit_code == 0 and again.stderr.count("up to date, skipped") == 4
+
+    recipe.write_text(text.replace("trials: 3", "trials: 3, seed: 1"))
+    changed = cli("run", recipe, "--out", out)
+    assert changed.exit_code == 0, changed.output
+    assert "search: running" in changed.stderr and "direction: up to date" in changed.stderr
+    assert json.loads((out / "search" / "pareto.json").read_text())["settings"]["seed"] == 1
+
+    fixed = _write(tmp_path, f"model: m\ndirection: {out / 'direction/direction.safetensors'}\n")
+    fixed.write_text(fixed.read_text() + "search: {}\n")
+    with pytest.raises(BadInputError, match="search needs measure's candidates"):
+        stage_configs(*load_recipe(fixed), tmp_path / "o")

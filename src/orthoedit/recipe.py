@@ -7,6 +7,8 @@ same pydantic models as the CLI; the run fills in what connects the stages (mode
     revision: null
     direction: null                # a fixed direction file instead of measuring
     measure: {n_train: 128}        # orthoedit measure options
+    search: {trials: 100}          # orthoedit search options (null: skip; the edit then uses
+                                   # the chosen trial's direction, scales and sites)
     edit: {sites: [attn, mlp]}     # orthoedit apply options
     verify: {}                     # orthoedit verify options (null: skip)
     bench: {tasks: [mmlu]}         # orthoedit eval bench options (null: skip)
@@ -14,7 +16,7 @@ same pydantic models as the CLI; the run fills in what connects the stages (mode
     publish: {repo_id: you/name}   # orthoedit push options (null: skip)
 
 Relative paths in a recipe are relative to the recipe's folder. Stages run in order into
-``OUT/direction``, ``OUT/model``, ``OUT/verify.json``, ``OUT/eval/bench``,
+``OUT/direction``, ``OUT/search``, ``OUT/model``, ``OUT/verify.json``, ``OUT/eval/bench``,
 ``OUT/eval/safety``, ``OUT/publish.json``; ``OUT/run.json`` records each finished stage with
 the hash of its inputs (its options and the hashes of the outputs it reads) and of its
 outputs. A stage whose recorded inputs and outputs still match is skipped, so a run that was
@@ -42,13 +44,15 @@ from .config import (
     EvalSafetyConfig,
     MeasureConfig,
     PushConfig,
+    SearchConfig,
     VerifyConfig,
 )
 from .errors import BadInputError, CheckFailedError
 
-STAGES = ("direction", "model", "verify", "bench", "safety", "publish")
+STAGES = ("direction", "search", "model", "verify", "bench", "safety", "publish")
 SECTIONS = {
     "measure": (MeasureConfig, {"model", "out", "overwrite", "revision"}),
+    "search": (SearchConfig, {"model", "candidates", "out", "overwrite", "revision"}),
     "edit": (ApplyConfig, {"model", "direction", "out", "overwrite", "dry_run", "revision"}),
     "verify": (VerifyConfig, {"source", "edited", "revision", "report"}),
     "bench": (EvalBenchConfig, {"base", "edited", "out", "overwrite"}),
@@ -66,6 +70,7 @@ class Recipe(BaseModel):
     revision: str | None = None
     direction: str | None = Field(default=None, description="A fixed direction file.")
     measure: dict = Field(default_factory=dict)
+    search: dict | None = None
     edit: dict = Field(default_factory=dict)
     verify: dict | None = Field(default_factory=dict)
     bench: dict | None = None
@@ -113,6 +118,12 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
     model = _local(recipe.model, base)
     filled = {
         "measure": {"model": model, "out": out / "direction", "revision": recipe.revision},
+        "search": {
+            "model": model,
+            "candidates": out / "direction",
+            "out": out / "search",
+            "revision": recipe.revision,
+        },
         "edit": {
             "model": model,
             "direction": out / "direction" / "direction.safetensors",
@@ -132,6 +143,22 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
             "eval": out if any(getattr(recipe, s) is not None for s in EVALUATED) else None,
         },
     }
+    if recipe.search is not None:
+        if recipe.direction is not None:
+            raise BadInputError(
+                "recipe: search needs measure's candidates; remove direction (or search)."
+            )
+        clash = sorted(set(recipe.edit) & set(SEARCHED))
+        if clash:
+            raise BadInputError(
+                f"recipe: edit.{clash[0]} is set by the search stage (its chosen trial); "
+                "remove it, or remove search."
+            )
+        chosen = out / "search" / "chosen"
+        filled["edit"] |= {
+            "direction": chosen / "direction.safetensors",
+            "scales": chosen / "scales.json",
+        }
     configs: dict[str, BaseModel | Path] = {}
     for section, (cls, reserved) in SECTIONS.items():
         options = getattr(recipe, section)
@@ -147,8 +174,9 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
         judge = local.get("judge")
         if isinstance(judge, str) and judge.startswith("hf:"):
             local["judge"] = "hf:" + _local(judge[3:], base)
-        if "overwrite" in cls.model_fields:
-            local["overwrite"] = True  # a stage that runs replaces its old output
+        if "overwrite" in cls.model_fields and section != "search":
+            # a stage that runs replaces its old output (a search resumes its own study)
+            local["overwrite"] = True
         try:
             cfg = cls(**local, **filled[section])
         except ValidationError as err:
@@ -163,6 +191,8 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
 
 
 EVALUATED = ("verify", "bench", "safety")
+#: Options of the edit that a search stage decides.
+SEARCHED = ("direction_layer", "per_layer", "sites", "scales")
 
 
 def _stage_of(section: str) -> str:
@@ -185,6 +215,7 @@ def _digest(path: Path) -> str | None:
 
 OUTPUTS = {
     "direction": "direction",
+    "search": "search",
     "model": "model",
     "verify": "verify.json",
     "bench": "eval/bench",
@@ -192,7 +223,8 @@ OUTPUTS = {
     "publish": "publish.json",
 }
 UPSTREAM = {
-    "model": ["direction"],
+    "search": ["direction"],
+    "model": ["direction", "search"],
     "verify": ["model"],
     "bench": ["model"],
     "safety": ["model"],
@@ -268,7 +300,9 @@ def run_recipe(
     stages = state.setdefault("stages", {})
     failures: list[str] = []
     for name in order:
-        upstream = {u: stages.get(u, {}).get("outputs") for u in UPSTREAM.get(name, [])}
+        upstream = {
+            u: stages.get(u, {}).get("outputs") for u in UPSTREAM.get(name, []) if u in order
+        }
         inputs = _inputs_hash(configs[name], upstream)
         target = out / OUTPUTS[name]
         done = stages.get(name)
@@ -294,7 +328,7 @@ def run_recipe(
             continue
         log(f"{name}: running")
         began = time.perf_counter()
-        result = _run_stage(name, configs[name], target, log)
+        result = _run_stage(name, configs[name], target, log, searched="search" in configs)
         stages[name] = {
             "inputs": inputs,
             "outputs": _digest(target),
@@ -310,7 +344,7 @@ def run_recipe(
     return state
 
 
-def _run_stage(name: str, cfg, target: Path, log) -> dict:
+def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dict:
     if name == "direction":
         if isinstance(cfg, Path):
             tmp = target.with_name(f".{target.name}.tmp")
@@ -324,9 +358,31 @@ def _run_stage(name: str, cfg, target: Path, log) -> dict:
 
         result = measure(cfg, log=log)
         return {"layer": result.layer, "position": result.position}
+    if name == "search":
+        from .search import search
+
+        result = search(cfg, log=log, replace_other=True)
+        if result.chosen is None:
+            raise CheckFailedError(
+                f"search: no trial within the budget (KL {cfg.max_kl:g}) after "
+                f"{len(result.trials)} trials; see {target}/pareto.md, then raise search.max_kl "
+                "or search.trials and run again (the study resumes)."
+            )
+        from .search import chosen_sites
+
+        if not chosen_sites(target / "chosen" / "scales.json"):
+            raise CheckFailedError(
+                f"search: the best trial within the budget (#{result.chosen.number}) edits "
+                f"nothing; see {target}/pareto.md, then raise search.max_kl or search.trials."
+            )
+        return {"trial": result.chosen.number, "values": list(result.chosen.values)}
     if name == "model":
         from .apply import apply
 
+        if searched:  # the chosen trial's sites: those its scales edit at all
+            from .search import chosen_sites
+
+            cfg = cfg.model_copy(update={"sites": chosen_sites(cfg.scales)})
         plan, _ = apply(cfg)
         return {"tensors_edited": len(plan.ops)}
     if name == "verify":

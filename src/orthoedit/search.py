@@ -603,15 +603,20 @@ def _settings_diff(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "unknown settings"
 
 
-def open_study(out: Path, settings: dict):
+def open_study(out: Path, settings: dict, replace_other: bool = False):
     """The study stored in ``out/study.db``, created if absent; a study made with other
-    settings is refused (one clear line naming what differs)."""
+    settings is refused (one clear line naming what differs), or with ``replace_other``
+    discarded."""
     import optuna
 
     _quiet_optuna()
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / STUDY_FILE}")
     name = study_name(settings)
     existing = [s for s in optuna.get_all_study_names(storage) if s != name]
+    if existing and replace_other:
+        for other in existing:
+            optuna.delete_study(study_name=other, storage=storage)
+        existing = []
     if existing:
         other = optuna.load_study(study_name=existing[0], storage=storage)
         raise BadInputError(
@@ -874,9 +879,14 @@ def _clear(out: Path) -> None:
 
 
 def search(
-    cfg: SearchConfig, log: Callable[[str], None] = print, progress: Progress | None = None
+    cfg: SearchConfig,
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+    replace_other: bool = False,
 ) -> SearchResult:
-    """Run (or resume) the search, then write the Pareto front and the chosen edit."""
+    """Run (or resume) the search, then write the Pareto front and the chosen edit.
+    ``replace_other``: a stored study with other settings is discarded, not refused (a recipe
+    stage whose inputs changed)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
@@ -888,7 +898,7 @@ def search(
     with _locked(out):
         if cfg.overwrite:
             _clear(out)
-        study = open_study(out, ready.settings)
+        study = open_study(out, ready.settings, replace_other)
         start_from_measure(study, ready)
         requeued = requeue_interrupted(study)
         if requeued:
@@ -1012,6 +1022,14 @@ def write_outputs(out: Path, cfg: SearchConfig, ready: _Ready, report: dict, cho
         return
     with staged_output(out / "chosen") as tmp:
         write_chosen(tmp, cfg, ready, report, chosen)
+
+
+def chosen_sites(scales_path: Path) -> list[str]:
+    """The sites a ``chosen/scales.json`` edits at all (what ``apply.txt`` passes as
+    ``--sites``)."""
+    raw = json.loads(Path(scales_path).read_text())
+    sites = ["embed"] if raw.get("embed", 0) > 0 else []
+    return sites + [site for site in SITES_SEARCHED if any(s > 0 for s in raw.get(site, []))]
 
 
 def write_chosen(folder: Path, cfg: SearchConfig, ready: _Ready, report: dict, chosen) -> None:
