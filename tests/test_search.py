@@ -161,6 +161,26 @@ def test_choice_and_front():
     assert choose(trials, 0.5).number == 0
     assert choose(trials, 0.001) is None
     assert [t.number for t in pareto(trials)] == [3, 1, 0]
+    # --max-failure: the lowest KL with failure within it (KL budget not used); ties: failure
+    assert choose(trials, 0.001, max_failure=0.1).number == 1
+    assert choose(trials, 0.001, max_failure=0.0).number == 0
+    assert choose(trials, 0.001, max_failure=0.55).number == 3
+    trials.append(trial(6, 0.05, 0.05))
+    assert choose(trials, 0.001, max_failure=0.1).number == 6
+
+
+def test_max_failure_rechooses_from_the_stored_study(first_search, measured, tmp_path):
+    """--max-failure is not a setting of the study: the stored trials are chosen from again,
+    none is run, and the report says which rule chose."""
+    out = tmp_path / "s"
+    shutil.copytree(first_search.out, out)
+    result = cli(*_args(measured, out, "--trials", TRIALS, "--max-failure", 1.0))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "pareto.json").read_text())
+    assert report["trials_completed"] == TRIALS and "failure ≤ 100.0%" in report["budget"]
+    lowest = min(first_search.trials, key=lambda t: (t.values[1], t.values[0], t.number))
+    assert report["chosen"]["number"] == lowest.number
+    assert "the lowest KL within it" in (out / "pareto.md").read_text()
 
 
 # --- on the organism ---------------------------------------------------------------------

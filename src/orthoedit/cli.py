@@ -1034,6 +1034,9 @@ def search_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help=_help(SearchConfig, "out"))],
     trials: Annotated[int, typer.Option(help=_help(SearchConfig, "trials"))] = 50,
     max_kl: Annotated[float, typer.Option(help=_help(SearchConfig, "max_kl"))] = 0.1,
+    max_failure: Annotated[
+        float | None, typer.Option(help=_help(SearchConfig, "max_failure"))
+    ] = None,
     seed: Annotated[int, typer.Option(help=_help(SearchConfig, "seed"))] = 0,
     startup_trials: Annotated[int, typer.Option(help=_help(SearchConfig, "startup_trials"))] = 10,
     time_budget: Annotated[
@@ -1062,7 +1065,7 @@ def search_cmd(
     embedding on or off) against measured refusal and damage, with run-time hooks; write the
     Pareto front and the best edit within the KL budget, with the apply command that
     reproduces it. Resumes the study in --out."""
-    from .search import search
+    from .search import budget, search
 
     cfg = _run(
         lambda: SearchConfig(
@@ -1071,6 +1074,7 @@ def search_cmd(
             out=out_dir,
             trials=trials,
             max_kl=max_kl,
+            max_failure=max_failure,
             seed=seed,
             startup_trials=startup_trials,
             time_budget=time_budget,
@@ -1110,8 +1114,8 @@ def search_cmd(
     out.print(f"wrote {folder}/pareto.md, pareto.json, pareto.png")
     if result.chosen is None:
         err.print(
-            f"[red]error:[/red] no trial has KL within {cfg.max_kl:g}; see the front above, "
-            "raise --max-kl or run more --trials.",
+            f"[red]error:[/red] no trial has {budget(cfg)}; see the front above, "
+            "loosen the budget or run more --trials.",
             highlight=False,
         )
         raise typer.Exit(1)

@@ -485,6 +485,14 @@ class SearchConfig(_Running):
         description="KL budget: the chosen trial is the lowest refusal rate with first-token "
         "KL at most this (ties: lower KL, then the earlier trial).",
     )
+    max_failure: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Choose for damage instead: the lowest KL among trials with a failure "
+        "rate at most this (--max-kl is then not used; ties: lower failure, then the earlier "
+        "trial).",
+    )
     seed: int = Field(default=0, description="Seed of the sampler (same seed, same trials).")
     startup_trials: int = Field(
         default=10, ge=1, description="Random trials before the TPE sampler models the results."

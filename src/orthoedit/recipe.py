@@ -359,21 +359,21 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
         result = measure(cfg, log=log)
         return {"layer": result.layer, "position": result.position}
     if name == "search":
-        from .search import search
+        from .search import budget, search
 
         result = search(cfg, log=log, replace_other=True)
         if result.chosen is None:
             raise CheckFailedError(
-                f"search: no trial within the budget (KL {cfg.max_kl:g}) after "
-                f"{len(result.trials)} trials; see {target}/pareto.md, then raise search.max_kl "
-                "or search.trials and run again (the study resumes)."
+                f"search: no trial with {budget(cfg)} after {len(result.trials)} trials; see "
+                f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
+                "again (the study resumes)."
             )
         from .search import chosen_sites
 
         if not chosen_sites(target / "chosen" / "scales.json"):
             raise CheckFailedError(
                 f"search: the best trial within the budget (#{result.chosen.number}) edits "
-                f"nothing; see {target}/pareto.md, then raise search.max_kl or search.trials."
+                f"nothing; see {target}/pareto.md, then loosen the budget or raise search.trials."
             )
         return {"trial": result.chosen.number, "values": list(result.chosen.values)}
     if name == "model":

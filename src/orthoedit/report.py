@@ -572,7 +572,7 @@ def search_markdown(report: dict) -> str:
         f"- KL: {report['objectives']['kl']} ({s['counts']['harmless']} prompts)",
     ]
     drop = "drop" in report["objectives"]
-    budget = f"KL {report['max_kl']:g}"
+    budget = report.get("budget") or f"KL ≤ {report['max_kl']:g}"
     if drop:
         base = report["judging"].get("eval_base_score")
         lines.append(
@@ -580,11 +580,14 @@ def search_markdown(report: dict) -> str:
             if base is not None
             else f"- drop: {report['objectives']['drop']}"
         )
-        if report.get("max_drop") is not None:
-            budget += f" and drop {report['max_drop']:g}"
     lines += [
-        f"- budget {budget}: the chosen trial is the lowest failure within it "
-        "(ties: lower KL, then the earlier trial)",
+        (
+            f"- budget {budget}: the chosen trial is the lowest KL within it (ties: lower "
+            "failure, then the earlier trial)"
+            if report.get("max_failure") is not None
+            else f"- budget {budget}: the chosen trial is the lowest failure within it "
+            "(ties: lower KL, then the earlier trial)"
+        ),
         "",
         "| edit | failure (harmful) | KL (harmless) |" + (" drop |" if drop else ""),
         "|---|---|---|" + ("---|" if drop else ""),
@@ -678,7 +681,10 @@ def search_png(report: dict, path: Path, title: str) -> None:
     if chosen is not None:
         ax.scatter([chosen["kl"]], [chosen["failure"]], marker="*", s=220, color="#d62728",
                    label=f"chosen (trial {chosen['number']})", zorder=4)  # fmt: skip
-    ax.axvline(report["max_kl"], color="#555555", ls="--", lw=1, label="KL budget")
+    if report.get("max_failure") is not None:
+        ax.axhline(report["max_failure"], color="#555555", ls="--", lw=1, label="failure budget")
+    else:
+        ax.axvline(report["max_kl"], color="#555555", ls="--", lw=1, label="KL budget")
     ax.set_xscale("symlog", linthresh=1e-3)  # linear near 0 (the unedited model), log beyond
     ax.set_xlim(left=0)
     ax.set_xlabel("first-token KL, harmless validation prompts (linear below 1e-3)")

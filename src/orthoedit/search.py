@@ -680,14 +680,34 @@ def completed(study) -> list:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def choose(trials: list, max_kl: float, max_drop: float | None = None):
-    """The lowest failure rate with KL within the budget (and with an eval task and
-    ``max_drop``, a drop within it); ties: lower KL, then the earlier trial. None when no trial
-    is within the budget. A pure function of the stored trials."""
-    within = [
-        t for t in trials if t.values[1] <= max_kl and (max_drop is None or t.values[2] <= max_drop)
-    ]
-    return min(within, key=lambda t: (t.values[0], t.values[1], t.number), default=None)
+def choose(
+    trials: list,
+    max_kl: float,
+    max_drop: float | None = None,
+    max_failure: float | None = None,
+):
+    """The lowest failure rate with KL within the budget; ties: lower KL, then the earlier
+    trial. With ``max_failure`` instead: the lowest KL with a failure rate at most that; ties:
+    lower failure, then the earlier trial. With an eval task and ``max_drop``, only trials
+    whose drop is within it. None when no trial qualifies. A pure function of the stored
+    trials."""
+    ok = [t for t in trials if max_drop is None or t.values[2] <= max_drop]
+    if max_failure is not None:
+        ok = [t for t in ok if t.values[0] <= max_failure]
+        return min(ok, key=lambda t: (t.values[1], t.values[0], t.number), default=None)
+    ok = [t for t in ok if t.values[1] <= max_kl]
+    return min(ok, key=lambda t: (t.values[0], t.values[1], t.number), default=None)
+
+
+def choose_for(trials: list, cfg: SearchConfig):
+    return choose(trials, cfg.max_kl, cfg.max_drop, cfg.max_failure)
+
+
+def budget(cfg: SearchConfig) -> str:
+    """The choice rule's limits in words: ``KL ≤ 0.1`` or ``failure ≤ 0%``, and the drop."""
+    text = f"failure ≤ {cfg.max_failure:.1%}" if cfg.max_failure is not None else ""
+    text = text or f"KL ≤ {cfg.max_kl:g}"
+    return text + ("" if cfg.max_drop is None else f", task drop ≤ {cfg.max_drop:g}")
 
 
 def pareto(trials: list) -> list:
@@ -778,12 +798,12 @@ def describe(o: dict) -> str:
     )
 
 
-def _describe_best(trials: list, max_kl: float, max_drop: float | None = None) -> str:
-    best = choose(trials, max_kl, max_drop)
+def _describe_best(trials: list, cfg: SearchConfig) -> str:
+    best = choose_for(trials, cfg)
     if best is None:
-        return f"none within KL {max_kl:g} yet"
+        return f"none with {budget(cfg)} yet"
     failure, kl = best.values[:2]
-    return f"best within KL {max_kl:g}: #{best.number} failure {failure:.1%}, KL {kl:.3g}"
+    return f"best with {budget(cfg)}: #{best.number} failure {failure:.1%}, KL {kl:.3g}"
 
 
 def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, clock) -> tuple:
@@ -793,9 +813,7 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
 
     ran, stopped = 0, False
     done = len(completed(study))
-    progress.start(
-        f"search: {_describe_best(completed(study), cfg.max_kl, cfg.max_drop)}", cfg.trials
-    )
+    progress.start(f"search: {_describe_best(completed(study), cfg)}", cfg.trials)
     progress.advance(min(done, cfg.trials))
     while done < cfg.trials:
         if cfg.time_budget is not None and time.perf_counter() - clock >= cfg.time_budget:
@@ -820,9 +838,7 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
             f"trial {trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
             f"{outcome.seconds:.1f} s"
         )
-        progress.start(
-            f"search: {_describe_best(completed(study), cfg.max_kl, cfg.max_drop)}", cfg.trials
-        )
+        progress.start(f"search: {_describe_best(completed(study), cfg)}", cfg.trials)
         progress.advance(done)
     return ran, stopped
 
@@ -911,7 +927,7 @@ def search(
             ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
         baselines = study.user_attrs["baselines"]
         trials = sorted(completed(study), key=lambda t: t.number)
-        chosen = choose(trials, cfg.max_kl, cfg.max_drop)
+        chosen = choose_for(trials, cfg)
         front = pareto(trials)
         report = report_dict(cfg, study, ready, trials, front, chosen, baselines)
         write_outputs(out, cfg, ready, report, chosen)
@@ -988,6 +1004,8 @@ def report_dict(cfg, study, ready: _Ready, trials, front, chosen, baselines) -> 
         },
         "settings": ready.settings,
         "max_kl": cfg.max_kl,
+        "max_failure": cfg.max_failure,
+        "budget": budget(cfg),
         "max_drop": cfg.max_drop,
         "trials_wanted": cfg.trials,
         "trials_completed": len(trials),
