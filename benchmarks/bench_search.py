@@ -162,16 +162,18 @@ def acceptance(test: dict) -> dict:
     }
 
 
-def organism(args, folder: Path, name: str, **prompts) -> dict:
+def organism(args, folder: Path, name: str, test: bool = True, **options) -> dict:
     cfg = SearchConfig(
         model=str(CHAT_MODEL),
         candidates=folder,
         out=args.work / "organism" / name,
-        trials=args.trials,
-        max_kl=args.max_kl,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        **prompts,
+        **{
+            "trials": args.trials,
+            "max_kl": args.max_kl,
+            "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens,
+            **options,
+        },
     )
     single = one_pass(cfg)
     wall, result = run_search(cfg)
@@ -185,7 +187,7 @@ def organism(args, folder: Path, name: str, **prompts) -> dict:
             if t["pareto"]
         ],
     }
-    if result.chosen is not None:
+    if test and result.chosen is not None:
         out["test"] = test_split(cfg, result)
         out["acceptance"] = acceptance(out["test"])
     return out
@@ -219,7 +221,9 @@ def markdown(results: dict) -> str:
         "one pass, measure's edit | ratio |"
     ]
     lines.append("|---|---|---|---|---|---|---|---|")
-    for name in ("organism", "organism, val split", "smollm2-135m"):
+    for name in results:
+        if name in ("machine", "settings"):
+            continue
         r = results.get(name)
         if not r:
             continue
@@ -230,7 +234,7 @@ def markdown(results: dict) -> str:
             f"{r['one_pass']['edited_generation_and_kl_s']:.2f} s | "
             f"{r['trial_over_edited_pass']:.2f}× |"
         )
-    for run in ("organism", "organism, val split"):
+    for run in [k for k in results if k.startswith("organism")]:
         test = results[run].get("test")
         if not test:
             continue
@@ -267,6 +271,26 @@ def main(argv=None) -> dict:
     results["organism"] = organism(args, folder, "search")
     val = {kind: prompts / f"{kind}-val.jsonl" for kind in ("harmful", "harmless")}
     results["organism, val split"] = organism(args, folder, "search-val", **val)
+    # Refusals gone, least damage (--max-failure 0), with the KL on many more harmless prompts
+    # (first-token passes are cheap): the val split's 120 plus the train file from line 600
+    # on, 1120 in all (measure draws its 128 + 32 from the whole train file, so a few of these
+    # may be among them; none is a test prompt).
+    wide = args.work / "organism" / "harmless-wide.jsonl"
+    train = (prompts / "harmless-train.jsonl").read_text().splitlines()
+    wide.write_text((prompts / "harmless-val.jsonl").read_text() + "\n".join(train[600:]) + "\n")
+    results["organism, val split, wide KL, max-failure 0"] = organism(
+        args, folder, "search-wide", harmful=val["harmful"], harmless=wide, max_failure=0.0
+    )
+    # The cost of the optional lm-eval objective: 50 organism_capability documents per trial.
+    results["organism, with --eval-task"] = organism(
+        args,
+        folder,
+        "search-eval",
+        test=False,
+        trials=min(args.trials, 20),
+        eval_task="organism_capability",
+        eval_limit=50,
+    )
     args.results.write_text(json.dumps(results, indent=2) + "\n")  # kept if SmolLM2 fails
     results["smollm2-135m"] = smollm(args)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
