@@ -61,6 +61,7 @@ MIN_KL_CUT = 0.20
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--wide-trials", type=int, default=150)
     p.add_argument("--smollm-trials", type=int, default=10)
     p.add_argument("--max-kl", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -271,15 +272,20 @@ def main(argv=None) -> dict:
     results["organism"] = organism(args, folder, "search")
     val = {kind: prompts / f"{kind}-val.jsonl" for kind in ("harmful", "harmless")}
     results["organism, val split"] = organism(args, folder, "search-val", **val)
-    # Refusals gone, least damage (--max-failure 0), with the KL on many more harmless prompts
-    # (first-token passes are cheap): the val split's 120 plus the train file from line 600
-    # on, 1120 in all (measure draws its 128 + 32 from the whole train file, so a few of these
-    # may be among them; none is a test prompt).
-    wide = args.work / "organism" / "harmless-wide.jsonl"
-    train = (prompts / "harmless-train.jsonl").read_text().splitlines()
-    wide.write_text((prompts / "harmless-val.jsonl").read_text() + "\n".join(train[600:]) + "\n")
-    results["organism, val split, wide KL, max-failure 0"] = organism(
-        args, folder, "search-wide", harmful=val["harmful"], harmless=wide, max_failure=0.0
+    # Refusals gone, least damage (--max-failure 0), on prompts from both the val and the
+    # train templates (the organism's splits use disjoint request templates, and the test
+    # split's are unseen): harmful, the val split's 120 plus train lines 600-839 (360);
+    # harmless, for the cheap first-token KL, the val split's 120 plus train lines 600 on
+    # (1120). measure draws its 128 + 32 from the whole train files, so a few of these may be
+    # among them; none is a test prompt.
+    wide = {}
+    for kind, stop in (("harmful", 840), ("harmless", None)):
+        train = (prompts / f"{kind}-train.jsonl").read_text().splitlines()
+        wide[kind] = args.work / "organism" / f"{kind}-wide.jsonl"
+        head = (prompts / f"{kind}-val.jsonl").read_text()
+        wide[kind].write_text(head + "\n".join(train[600:stop]) + "\n")
+    results["organism, val + train templates, --max-failure 0"] = organism(
+        args, folder, "search-wide", trials=args.wide_trials, max_failure=0.0, **wide
     )
     # The cost of the optional lm-eval objective: 50 organism_capability documents per trial.
     results["organism, with --eval-task"] = organism(

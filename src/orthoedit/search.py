@@ -14,8 +14,12 @@ trial judged by what the edited model does:
   (``plan.build_plan`` with per-layer scales) and run through ``hooks.plan_hooks`` on the
   model loaded once, so no checkpoint is written. Two objectives, both minimized: the failure
   rate of greedy answers to measure's validation harmful prompts (a refusal, or a degenerate
-  answer: a broken model never counts as compliance; ``refusal.judge``), and the first-token KL
-  on measure's validation harmless prompts (``select.mean_kl``, as measure scores it);
+  answer: a broken model never counts as compliance; ``refusal.judge``, plus word salad that
+  the unedited model finds implausible), and the first-token KL on measure's validation
+  harmless prompts (``select.mean_kl``, as measure scores it); optionally a third, the drop
+  in an lm-eval task's score (``evalbench.TaskScorer``);
+* **the choice**: the lowest failure within a KL budget, or (``--max-failure``) the lowest KL
+  within a failure budget;
 * **the optimizer**: Optuna's TPE sampler (multivariate, multi-objective), seeded, with the
   study in SQLite (``OUT/study.db``), so an interrupted search resumes. The first trial is
   measure's own selection (its candidate, every writer at full weight), so the search starts
