@@ -163,7 +163,12 @@ def acceptance(test: dict) -> dict:
     }
 
 
-def organism(args, folder: Path, name: str, test: bool = True, **options) -> dict:
+def organism(
+    args, folder: Path, name: str, test: bool = True, as_measure: bool = False, **options
+) -> dict:
+    """One search on the organism. ``as_measure``: then choose again from the stored study
+    (no trial is run) with ``--max-failure`` set to measure's own failure rate on the same
+    prompts: the lowest KL at equal or lower failure than measure's edit."""
     cfg = SearchConfig(
         model=str(CHAT_MODEL),
         candidates=folder,
@@ -178,6 +183,9 @@ def organism(args, folder: Path, name: str, test: bool = True, **options) -> dic
     )
     single = one_pass(cfg)
     wall, result = run_search(cfg)
+    if as_measure:
+        cfg = cfg.model_copy(update={"max_failure": result.baselines["measure"]["failure"]})
+        result = search(cfg, log=lambda m: None)
     report = json.loads((cfg.out / "pareto.json").read_text())
     out = {
         **timings(wall, result, single),
@@ -272,9 +280,9 @@ def main(argv=None) -> dict:
     results["organism"] = organism(args, folder, "search")
     val = {kind: prompts / f"{kind}-val.jsonl" for kind in ("harmful", "harmless")}
     results["organism, val split"] = organism(args, folder, "search-val", **val)
-    # Refusals gone, least damage (--max-failure 0), on prompts from both the val and the
-    # train templates (the organism's splits use disjoint request templates, and the test
-    # split's are unseen): harmful, the val split's 120 plus train lines 600-839 (360);
+    # Refusals as low as measure's edit, least damage (--max-failure), on prompts from both
+    # the val and the train templates (the organism's splits use disjoint request templates,
+    # and the test split's are unseen): harmful, the val split's 120 plus train lines 600-839 (360);
     # harmless, for the cheap first-token KL, the val split's 120 plus train lines 600 on
     # (1120). measure draws its 128 + 32 from the whole train files, so a few of these may be
     # among them; none is a test prompt.
@@ -284,8 +292,8 @@ def main(argv=None) -> dict:
         wide[kind] = args.work / "organism" / f"{kind}-wide.jsonl"
         head = (prompts / f"{kind}-val.jsonl").read_text()
         wide[kind].write_text(head + "\n".join(train[600:stop]) + "\n")
-    results["organism, val + train templates, --max-failure 0"] = organism(
-        args, folder, "search-wide", trials=args.wide_trials, max_failure=0.0, **wide
+    results["organism, val + train templates, failure ≤ measure's"] = organism(
+        args, folder, "search-wide", trials=args.wide_trials, as_measure=True, **wide
     )
     # The cost of the optional lm-eval objective: 50 organism_capability documents per trial.
     results["organism, with --eval-task"] = organism(
