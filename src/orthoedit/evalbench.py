@@ -315,32 +315,47 @@ def _has_chat_template(model: str) -> bool:
         return False
 
 
+@dataclass
+class LoadedTask:
+    """One lm-eval task, built (documents loaded) and with the task manager that indexed it
+    (without a manager lm-eval indexes its own ~14,000 tasks on every call)."""
+
+    name: str
+    task: object
+    manager: object
+    metric: str | None  # the task's first metric
+    higher_is_better: bool
+
+
+def load_task(name: str) -> LoadedTask:
+    """Build one lm-eval task (a shipped offline one, or any lm-eval task); an unknown name
+    or a group is bad input."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = task_manager(prepare_shipped_tasks(Path(tmp)), [name])
+        with offline_mode(name in shipped_tasks()):  # a shipped task's data is local
+            loaded = manager.load([name])
+    if loaded["groups"] or list(loaded["tasks"]) != [name]:
+        raise BadInputError(f"--eval-task {name} is a group of tasks; name one task.")
+    task = loaded["tasks"][name]
+    metrics = task.config.metric_list or []
+    metric = metrics[0]["metric"] if metrics else None
+    better = task.higher_is_better().get(metric, True) if metric else True
+    return LoadedTask(name, task, manager, metric, better)
+
+
 class TaskScorer:
     """One lm-eval task scored in process on a loaded model, as often as needed (``search``'s
-    optional damage objective, once per trial): the task and its documents are built once,
-    and each call evaluates the model as it is at that moment, hooks included. The score is
-    the task's first metric (its first filter), oriented so that higher is better."""
+    optional damage objective, once per trial): the task is built once (``load_task``), and
+    each call evaluates the model as it is at that moment, hooks included. The score is the
+    task's first metric (its first filter), oriented so that higher is better."""
 
-    def __init__(self, model, tok, task: str, limit: int, batch_size: int, seed: int):
-        import tempfile
-
+    def __init__(self, model, tok, task: LoadedTask | str, limit: int, batch_size: int, seed: int):
         from lm_eval.models.huggingface import HFLM
 
-        self.task, self.limit, self.seed = task, limit, seed
-        with tempfile.TemporaryDirectory() as tmp:
-            include = prepare_shipped_tasks(Path(tmp))
-            manager = task_manager(include, [task])
-            with offline_mode(task in shipped_tasks()):  # a shipped task's data is local
-                loaded = manager.load([task])
-        if loaded["groups"] or list(loaded["tasks"]) != [task]:
-            raise BadInputError(f"--eval-task {task} is a group of tasks; name one task.")
-        obj = loaded["tasks"][task]
-        self.built, self.manager = [obj], manager  # (without a manager lm-eval indexes its own)
-        metrics = obj.config.metric_list or []
-        self.metric = metrics[0]["metric"] if metrics else None
-        self.higher_is_better = (
-            obj.higher_is_better().get(self.metric, True) if self.metric else True
-        )
+        self.loaded = load_task(task) if isinstance(task, str) else task
+        self.task, self.limit, self.seed = self.loaded.name, limit, seed
         self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
 
     def __call__(self) -> float:
@@ -348,8 +363,8 @@ class TaskScorer:
 
         results = lm_eval.simple_evaluate(
             model=self.lm,
-            tasks=self.built,
-            task_manager=self.manager,
+            tasks=[self.loaded.task],
+            task_manager=self.loaded.manager,
             limit=self.limit,
             log_samples=False,
             bootstrap_iters=0,
@@ -362,10 +377,11 @@ class TaskScorer:
         )
         scores = results["results"][self.task]
         keys = [k for k in scores if "," in k and "_stderr" not in k]
-        if self.metric is not None:
-            keys = [k for k in keys if k.split(",")[0] == self.metric] or keys
+        metric = self.loaded.metric
+        if metric is not None:
+            keys = [k for k in keys if k.split(",")[0] == metric] or keys
         if not keys:
             raise BadInputError(f"--eval-task {self.task}: lm-eval reported no metric.")
         self.key = keys[0]
         value = float(scores[self.key])
-        return value if self.higher_is_better else -value
+        return value if self.loaded.higher_is_better else -value

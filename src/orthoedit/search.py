@@ -237,6 +237,7 @@ class _Ready:
     settings: dict
     harmful_prompts: list[str]
     guard: Path | None
+    eval_task: object = None  # an evalbench.LoadedTask with --eval-task
 
     @property
     def n_layers(self) -> int:
@@ -282,8 +283,11 @@ def prepare(cfg: SearchConfig) -> _Ready:
     from .study import _resolve_judge  # hf:PATH_OR_ID, as study sites takes it
 
     guard = _resolve_judge(cfg.judge)
-    if cfg.eval_task is not None:
-        _check_task(cfg.eval_task)
+    eval_task = None
+    if cfg.eval_task is not None:  # built now: an unknown task is bad input before any loading
+        from .evalbench import load_task
+
+        eval_task = load_task(cfg.eval_task)
     folder_in = Path(cfg.candidates)
     if not folder_in.is_dir():
         raise BadInputError(
@@ -357,17 +361,8 @@ def prepare(cfg: SearchConfig) -> _Ready:
         settings,
         prompts["harmful"],
         guard,
+        eval_task,
     )
-
-
-def _check_task(task: str) -> None:
-    """An unknown --eval-task is bad input before anything is loaded."""
-    import tempfile
-
-    from .evalbench import prepare_shipped_tasks, task_manager
-
-    with tempfile.TemporaryDirectory() as tmp:
-        task_manager(prepare_shipped_tasks(Path(tmp)), [task])
 
 
 def study_name(settings: dict) -> str:
@@ -859,11 +854,11 @@ def make_judge(cfg: SearchConfig, ready: _Ready, model) -> Judge:
 
         guard = HFJudge(ready.guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
     scorer = None
-    if cfg.eval_task is not None:
+    if ready.eval_task is not None:
         from .evalbench import TaskScorer
 
         scorer = TaskScorer(
-            model, ready.tok, cfg.eval_task, cfg.eval_limit, cfg.batch_size, cfg.seed
+            model, ready.tok, ready.eval_task, cfg.eval_limit, cfg.batch_size, cfg.seed
         )
     return Judge(
         model,
