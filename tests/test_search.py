@@ -405,10 +405,11 @@ def test_surprisal_is_each_row_alone(measured):
     assert batched[0] == pytest.approx(float(direct), abs=1e-5)
 
 
-def test_eval_task_is_a_third_objective(measured, tmp_path):
+def test_eval_task_is_a_third_objective(measured, tmp_path, capfd):
     """--eval-task: every trial's drop is the unedited score minus the score with the trial's
     hooks (checked against a scorer of its own), the unedited baseline drops 0, the front is
-    three-objective, and --max-drop constrains the choice."""
+    three-objective, and --max-drop constrains the choice. Scoring prints no lm-eval
+    progress bars (a search scores once per trial, under its own bar)."""
     from orthoedit.evalbench import TaskScorer
 
     kw = {"eval_task": "organism_capability", "eval_limit": 8}
@@ -421,7 +422,10 @@ def test_eval_task_is_a_third_objective(measured, tmp_path):
     ready = prepare(_cfg(measured, tmp_path / "s", **kw))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
     scorer = TaskScorer(model, ready.tok, "organism_capability", 8, 16, 0)
+    capfd.readouterr()
     base = scorer()
+    printed = capfd.readouterr()
+    assert "it/s" not in printed.err + printed.out and "requests" not in printed.err
     assert base == pytest.approx(report["judging"]["eval_base_score"])
     last = result.trials[-1]
     with search_module.edit_hooks(model, ready, params_of(last.params))[0]():

@@ -10,6 +10,7 @@ tasks (``evals/``, installed as ``orthoedit.evals``) run when no task is named.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -354,9 +355,31 @@ class TaskScorer:
     def __init__(self, model, tok, task: LoadedTask | str, limit: int, batch_size: int, seed: int):
         from lm_eval.models.huggingface import HFLM
 
+        class QuietHFLM(HFLM):
+            """Without lm-eval's per-request progress bars: a search scores once per trial,
+            under its own bar."""
+
+            def loglikelihood(self, requests, disable_tqdm=False):
+                return super().loglikelihood(requests, disable_tqdm=True)
+
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+            def generate_until(self, requests, disable_tqdm=False):
+                return super().generate_until(requests, disable_tqdm=True)
+
         self.loaded = load_task(task) if isinstance(task, str) else task
         self.task, self.limit, self.seed = self.loaded.name, limit, seed
-        self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+        self.lm = QuietHFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+        task = self.loaded.task
+        if not getattr(task, "_orthoedit_quiet", False):  # its request building's bar has
+            build = task.build_all_requests  # no switch: what it prints goes nowhere
+
+            def quiet_build(*args, **kwargs):
+                with contextlib.redirect_stderr(io.StringIO()):
+                    return build(*args, **kwargs)
+
+            task.build_all_requests, task._orthoedit_quiet = quiet_build, True
 
     def __call__(self) -> float:
         import lm_eval
