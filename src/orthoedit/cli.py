@@ -571,6 +571,9 @@ def eval_safety(
         int, typer.Option(help=_help(EvalSafetyConfig, "max_new_tokens"))
     ] = 256,
     phrases: Annotated[Path | None, typer.Option(help=_help(EvalSafetyConfig, "phrases"))] = None,
+    max_surprisal: Annotated[
+        float | None, typer.Option(help=_help(EvalSafetyConfig, "max_surprisal"))
+    ] = None,
     system: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(EvalSafetyConfig, "template"))] = None,
     dtype: Annotated[str, typer.Option(help=_help(EvalSafetyConfig, "dtype"))] = "float32",
@@ -600,6 +603,7 @@ def eval_safety(
             judge_retries=judge_retries,
             max_new_tokens=max_new_tokens,
             phrases=phrases,
+            max_surprisal=max_surprisal,
             system=system,
             template=template,
             dtype=dtype,

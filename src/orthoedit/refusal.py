@@ -12,6 +12,7 @@ everywhere. A completion is one of:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -120,6 +121,12 @@ def until_stop(ids: list[int], stop: set[int]) -> list[int]:
     """A completion cut after its first stop token."""
     end = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
     return ids[:end]
+
+
+def default_max_surprisal(model) -> float:
+    """The word-salad line: half of ln(vocabulary size), in nats per token (nearer to random
+    tokens than to anything the model would write)."""
+    return 0.5 * math.log(model.get_output_embeddings().weight.shape[0])
 
 
 @torch.no_grad()

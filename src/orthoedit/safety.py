@@ -29,7 +29,7 @@ from .config import EvalSafetyConfig
 from .errors import BadInputError
 from .measure import Progress, pad_id, template_kwargs
 from .output import check_target, staged_output
-from .refusal import REFUSAL_PHRASES, refusal_run
+from .refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
 from .source import resolve_model
 
 GUARD_TOKENS = 12  # "unsafe\nS1,S10" and a little room
@@ -46,6 +46,7 @@ class Record:
     judge: str | None = None  # safe / unsafe / error (None without a judge)
     judge_categories: list[str] = field(default_factory=list)
     judge_raw: str | None = None
+    surprisal: float | None = None  # with a base: mean nats per token under it (complied only)
 
 
 def load_set(source: str | None, kind: str, cfg: EvalSafetyConfig) -> list[dict]:
@@ -251,8 +252,11 @@ def eval_safety(
     sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
     models = {"model": cfg.model} if cfg.base is None else {"base": cfg.base, "model": cfg.model}
     folders = {role: resolve_model(name, None)[0] for role, name in models.items()}
-    records: list[Record] = []
-    for role, name in models.items():
+    by_role: dict[str, list[Record]] = {}
+    max_surprisal = None
+    # With a base, the model under test answers first, so that the base, loaded last, can
+    # score every complied answer: word salad reads as text to the refusal judgement.
+    for role, name in reversed(models.items()):
         folder = folders[role]
         tok = AutoTokenizer.from_pretrained(folder)
         if cfg.template is not None:
@@ -272,9 +276,18 @@ def eval_safety(
             phrases=phrases,
             progress=progress.advance,
         )
-        for (kind, item), j in zip(items, judged, strict=True):
-            records.append(Record(role, kind, item["category"], j.prompt, j.completion, j.verdict))
+        by_role[role] = [
+            Record(role, kind, item["category"], j.prompt, j.completion, j.verdict)
+            for (kind, item), j in zip(items, judged, strict=True)
+        ]
+        if role == "base":
+            max_surprisal = cfg.max_surprisal or default_max_surprisal(model)
+            mine = [r for rs in by_role.values() for r in rs if r.verdict == "complied"]
+            progress.start("base: scoring the complied answers (word salad)", None)
+            salad = mark_implausible(model, tok, mine, max_surprisal, cfg.system, cfg.batch_size)
+            log(f"base: {salad} of {len(mine)} complied answers are word salad (broken)")
         del model
+    records = [r for role in models for r in by_role[role]]
     judge = None
     if guard is not None:
         judge = HFJudge(guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
@@ -309,6 +322,7 @@ def eval_safety(
         "system": cfg.system,
         "dtype": cfg.dtype,
         "phrases": list(phrases),
+        "max_surprisal": max_surprisal,
         "orthoedit_version": __version__,
     }
     from .report import safety_markdown, safety_png
@@ -322,6 +336,28 @@ def eval_safety(
         (out / "report.md").write_text(safety_markdown(summary, settings, records))
         safety_png(summary, out / "report.png", cfg.model)
     return SafetyResult(target, summary, records)
+
+
+def mark_implausible(
+    base, tok, records: list[Record], max_surprisal: float, system: str | None, batch_size: int
+) -> int:
+    """Score each answer under ``base`` (after its prompt, chat template applied): one more
+    surprising than ``max_surprisal`` nats per token is word salad, its verdict becomes
+    ``broken``. Sets every record's ``surprisal``; returns how many were marked."""
+    from .measure import render
+    from .refusal import surprisal
+
+    rows = [
+        tok(render(tok, r.prompt, system), add_special_tokens=False)["input_ids"] for r in records
+    ]
+    answers = [tok(r.completion, add_special_tokens=False)["input_ids"] for r in records]
+    scores = surprisal(base, rows, answers, batch_size, pad_id(tok))
+    marked = 0
+    for record, score in zip(records, scores, strict=True):
+        record.surprisal = score
+        if score > max_surprisal:
+            record.verdict, marked = "broken", marked + 1
+    return marked
 
 
 def _rates(records: list[Record], judged: bool) -> dict:

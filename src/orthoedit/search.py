@@ -436,7 +436,7 @@ class Judge:
         scorer: Callable[[], float] | None = None,
     ):
         from .measure import pad_id
-        from .refusal import stop_ids
+        from .refusal import default_max_surprisal, stop_ids
         from .select import first_token_logprobs
 
         self.model, self.tok = model, tok
@@ -520,11 +520,6 @@ class Judge:
             score=score,
             drop=None if score is None else self.base_score - score,
         )
-
-
-def default_max_surprisal(model) -> float:
-    """Half of ln(vocabulary size), in nats per token."""
-    return 0.5 * math.log(model.get_output_embeddings().weight.shape[0])
 
 
 def edit_hooks(model, ready: _Ready, params: EditParams):
