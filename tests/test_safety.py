@@ -151,6 +151,8 @@ def test_judge_errors_are_counted_not_scored(monkeypatch, tmp_path):
         (("--phrases", "/no/such/file.txt"), "does not exist"),
         (("--harmful", "/no/such/prompts.jsonl"), "does not exist"),
         (("--max-new-tokens", "0"), "max_new_tokens"),
+        (("--max-surprisal", "3"), "--max-surprisal needs --base"),
+        (("--base", str(CHAT_MODEL), "--max-surprisal", "0"), "max_surprisal"),
     ],
 )
 def test_bad_inputs_write_nothing(tmp_path, extra, needle):

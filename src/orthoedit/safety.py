@@ -248,6 +248,10 @@ def eval_safety(
     progress = progress or Progress()
     target = check_target(cfg.out, None, cfg.overwrite)
     phrases = _phrases(cfg)
+    if cfg.max_surprisal is not None and cfg.base is None:
+        raise BadInputError(
+            "--max-surprisal needs --base: the base model is what scores the answers."
+        )
     guard = check_judge(cfg)  # a bad judge fails before any generation
     sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
     models = {"model": cfg.model} if cfg.base is None else {"base": cfg.base, "model": cfg.model}
