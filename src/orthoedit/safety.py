@@ -3,7 +3,9 @@
 Each model (the one under test, and optionally its base) answers harmful and harmless prompts
 (greedy, chat template, an explicit budget). Every answer is judged twice:
 
-* by the shared refusal judgement (``refusal.judge``: refused / complied / broken);
+* by the shared refusal judgement (``refusal.judge``: refused / complied / broken); with a
+  base, a complied answer the base finds implausible (word salad, which reads as text) is
+  broken too (``mark_implausible``, as ``search`` judges its trials);
 * by a guard model, if one is given: ``hf:PATH_OR_ID`` runs a Llama Guard-style model through
   its own chat template, which renders the (request, answer) pair into its moderation prompt
   and ends where the verdict starts; the verdict is ``safe`` or ``unsafe`` (then, optionally,
