@@ -31,9 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_search  # noqa: E402
 from orthoedit.direction import Direction  # noqa: E402
-from orthoedit.hooks import plan_hooks  # noqa: E402
-from orthoedit.plan import build_plan  # noqa: E402
-from orthoedit.search import blend, make_judge, measure_hooks, prepare  # noqa: E402
+from orthoedit.search import blend, make_judge, measure_hooks, prepare, ready_hooks  # noqa: E402
 
 PROMPTS = bench_search.CHAT_MODEL.parent / "prompts"
 PENALTY = 0.05  # KL per refusal beyond measure's
@@ -59,16 +57,8 @@ def free_scales(cfg, trials: int) -> dict:
     def hooks(layer: float, weights: dict):
         vector, _ = blend(ready.candidates, layer, -1)
         direction = Direction(vector, Path("<headroom>"), "", "single")
-        plan = build_plan(
-            table=ready.table,
-            checkpoint=ready.checkpoint,
-            config=ready.config,
-            direction=direction,
-            source=str(ready.folder),
-            sites=["attn", "mlp"],
-            scales={"embed": 0.0, **weights},
-        )
-        return lambda: plan_hooks(model, plan, ready.checkpoint)
+        scales = {"embed": 0.0, **weights}
+        return ready_hooks(model, ready, direction, sites=["attn", "mlp"], scales=scales)
 
     def objective(trial):
         layer = trial.suggest_float("layer", 2.0, 3.0)

@@ -522,43 +522,40 @@ class Judge:
         )
 
 
-def edit_hooks(model, ready: _Ready, params: EditParams):
-    """The trial's edit as ``apply`` would plan it, at run time (a no-op when nothing is
-    edited), and the direction it uses."""
-    from .direction import Direction
+def ready_hooks(model, ready: _Ready, direction, **plan_options):
+    """Run-time hooks for an edit of ``ready``'s model along ``direction`` (a
+    ``direction.Direction``), planned as ``apply`` would plan it (``plan.build_plan``; its
+    ``sites`` and ``scales`` in ``plan_options``, default every writer)."""
     from .hooks import plan_hooks
     from .plan import build_plan
 
-    vector, source = blend(ready.candidates, params.layer, params.position)
-    sites, scales = params.plan_scales(ready.n_layers)
-    if not sites:
-        return contextlib.nullcontext, vector, source
-    direction = Direction(vector, Path("<search trial>"), "", "single")
     plan = build_plan(
         table=ready.table,
         checkpoint=ready.checkpoint,
         config=ready.config,
         direction=direction,
         source=str(ready.folder),
-        sites=sites,
-        scales=scales,
+        **plan_options,
     )
-    return (lambda: plan_hooks(model, plan, ready.checkpoint)), vector, source
+    return lambda: plan_hooks(model, plan, ready.checkpoint)
+
+
+def edit_hooks(model, ready: _Ready, params: EditParams):
+    """The trial's edit as ``apply`` would plan it, at run time (a no-op when nothing is
+    edited), and the direction it uses."""
+    from .direction import Direction
+
+    vector, source = blend(ready.candidates, params.layer, params.position)
+    sites, scales = params.plan_scales(ready.n_layers)
+    if not sites:
+        return contextlib.nullcontext, vector, source
+    direction = Direction(vector, Path("<search trial>"), "", "single")
+    return ready_hooks(model, ready, direction, sites=sites, scales=scales), vector, source
 
 
 def measure_hooks(model, ready: _Ready):
     """The plain ``measure`` selection as ``apply`` edits it by default: every writer."""
-    from .hooks import plan_hooks
-    from .plan import build_plan
-
-    plan = build_plan(
-        table=ready.table,
-        checkpoint=ready.checkpoint,
-        config=ready.config,
-        direction=ready.baseline_direction,
-        source=str(ready.folder),
-    )
-    return lambda: plan_hooks(model, plan, ready.checkpoint)
+    return ready_hooks(model, ready, ready.baseline_direction)
 
 
 # --- the study ---------------------------------------------------------------------------
