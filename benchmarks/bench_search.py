@@ -295,6 +295,26 @@ def main(argv=None) -> dict:
     results["organism, val + train templates, failure ≤ measure's"] = organism(
         args, folder, "search-wide", trials=args.wide_trials, as_measure=True, **wide
     )
+    # The same prompts, a space narrowed to where measure's selection works and an objective
+    # aimed at its failure rate: free per-layer weights, the direction between measure's
+    # layer and the next at its position, no embedding edit (on these prompts measure's
+    # edit without it refuses as often at a lower KL), one objective (KL plus 0.05 per
+    # prompt failed beyond measure's rate), chosen at measure's rate.
+    record = json.loads((folder / "direction.json").read_text())
+    layer, position = int(record["layer"]), int(record["position"])
+    results["organism, val + train templates, narrowed, aimed at measure's failure"] = organism(
+        args,
+        folder,
+        "search-wide-narrow",
+        trials=args.wide_trials,
+        profile="free",
+        direction_layers=(float(layer), float(min(layer + 1, 3))),
+        positions=[position],
+        embed="off",
+        objective="budget",
+        max_failure="measure",
+        **wide,
+    )
     # The cost of the optional lm-eval objective: 50 organism_capability documents per trial.
     results["organism, with --eval-task"] = organism(
         args,

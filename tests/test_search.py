@@ -153,7 +153,7 @@ def test_blend():
 
 def test_choice_and_front():
     def trial(number, failure, kl):
-        return SimpleNamespace(number=number, values=[failure, kl])
+        return SimpleNamespace(number=number, user_attrs={"failure": failure, "kl": kl})
 
     trials = [trial(0, 0.0, 0.3), trial(1, 0.1, 0.05), trial(2, 0.1, 0.05), trial(3, 0.5, 0.01)]
     trials += [trial(4, 0.6, 0.02), trial(5, 0.1, 0.08)]
@@ -326,6 +326,93 @@ def test_measure_params_is_measure_edit(first_search, measured):
     assert np.allclose(vector, ready.baseline_direction.vector, atol=1e-6)
 
 
+#: A narrowed space with its own objective: free per-layer weights, the direction between
+#: layers 2 and 3 at the last position, no embedding edit, aimed at measure's failure rate.
+NARROW = {
+    "profile": "free",
+    "direction_layers": (2.0, 3.0),
+    "positions": [-1],
+    "embed": "off",
+    "objective": "budget",
+    "max_failure": "measure",
+}
+
+
+def test_narrowed_space_and_budget_objective(measured, tmp_path):
+    """Every trial stays in the space asked for; the sampler's one value is KL plus the cost
+    of each prompt failed beyond measure's own failure rate; the choice is the lowest KL at
+    or below that rate; the same seed gives the same trials."""
+    result = search(_cfg(measured, tmp_path / "s", trials=TRIALS, **NARROW), log=lambda m: None)
+    assert len(result.trials) == TRIALS
+    for t in result.trials:
+        p = t.params
+        assert 2.0 <= p["direction_layer"] <= 3.0 and p["position"] == -1 and p["embed"] is False
+        weights = sorted(k for k in p if "_weight_" in k)
+        assert weights == sorted(f"{s}_weight_{i}" for s in ("attn", "mlp") for i in range(4))
+        assert not [k for k in p if "peak" in k or "edge" in k or "width" in k]
+    first = result.trials[0]
+    assert first.user_attrs["start"] == "measure's selection, as near as the space allows"
+    assert first.params["direction_layer"] == 2.0
+    assert {v for k, v in first.params.items() if "_weight_" in k} == {1.0}
+
+    target = result.baselines["measure"]["failure"]
+    for t in result.trials:
+        a = t.user_attrs
+        n = a["refused"] + a["complied"] + a["broken"]
+        beyond = round((a["failure"] - target) * n)
+        assert t.values == [pytest.approx(a["kl"] + 0.05 * max(0, beyond), abs=1e-12)]
+    ok = [t for t in result.trials if t.user_attrs["failure"] <= target]
+    best = min(ok, key=lambda t: (t.user_attrs["kl"], t.user_attrs["failure"], t.number))
+    assert result.chosen.number == best.number
+
+    report = json.loads((result.out / "pareto.json").read_text())
+    assert report["max_failure_rate"] == target
+    assert report["budget"] == f"failure ≤ measure's ({target:.1%})"
+    assert report["sampler"].startswith("optuna TPESampler (multivariate, one objective)")
+    markdown = (result.out / "pareto.md").read_text()
+    assert "free profiles" in markdown and "embedding edited: never" in markdown
+    assert "Profiles: one weight per layer" in markdown
+
+    again = search(_cfg(measured, tmp_path / "again", trials=TRIALS, **NARROW), log=lambda m: None)
+    assert _params(again) == _params(result)
+    assert [t.values for t in again.trials] == [t.values for t in result.trials]
+    assert again.chosen.number == result.chosen.number
+    front = search(_cfg(measured, tmp_path / "front", trials=1), log=lambda m: None)
+    assert front.study_name != result.study_name
+
+
+def test_apply_reproduces_a_free_profile_trial(measured, tmp_path):
+    """A free-profile trial chosen from the CLI (the budget objective with every failure rate
+    allowed minimizes KL alone, so a trial with partial weights wins), written by apply from
+    chosen/apply.txt, scores exactly as the trial did through the hooks."""
+    out = tmp_path / "s"
+    narrow = ["--profile", "free", "--direction-layers", "2:3", "--positions", "-1"]
+    narrow += ["--embed", "off", "--objective", "budget", "--max-failure", 1.0]
+    result = cli(*_args(measured, out, "--trials", TRIALS, *narrow))
+    assert result.exit_code == 0, result.output
+    chosen = json.loads((out / "pareto.json").read_text())["chosen"]
+    assert chosen["number"] != 0
+    scales = json.loads((out / "chosen" / "scales.json").read_text())
+    assert scales == params_of(chosen["params"]).scales(4)
+    assert scales["embed"] == 0.0 and any(0 < x < 1 for x in scales["attn"] + scales["mlp"])
+    args = shlex.split((out / "chosen" / "apply.txt").read_text())
+    assert "embed" not in args[args.index("--sites") + 1].split(",")
+    edited = tmp_path / "edited"
+    result = cli(*args[1:-2], "--out", edited)
+    assert result.exit_code == 0, result.output
+    ready = prepare(_cfg(measured, out))
+    base = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    judge = Judge(base, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 12)
+    judge.model = AutoModelForCausalLM.from_pretrained(edited).eval()
+    outcome = judge(contextlib.nullcontext)
+    assert (outcome.refused, outcome.complied, outcome.broken) == (
+        chosen["refused"],
+        chosen["complied"],
+        chosen["broken"],
+    )
+    assert outcome.kl == pytest.approx(chosen["kl"], abs=1e-5)
+
+
 def test_destroyed_model_is_broken_not_compliant(measured):
     """The degenerate detector: a model destroyed by adding a huge multiple of the direction
     answers in loops, which count as failures, never as compliance."""
@@ -437,8 +524,10 @@ def test_eval_task_is_a_third_objective(measured, tmp_path, capfd):
 
 
 def test_pareto_three_objectives():
+    points = [(0, 1, 1), (0, 1, 0), (1, 0, 1)]
     t = [
-        SimpleNamespace(number=i, values=v) for i, v in enumerate([(0, 1, 1), (0, 1, 0), (1, 0, 1)])
+        SimpleNamespace(number=i, user_attrs={"failure": f, "kl": k, "drop": d})
+        for i, (f, k, d) in enumerate(points)
     ]
     assert [x.number for x in pareto(t)] == [2, 1]
 
@@ -470,6 +559,26 @@ def test_bad_inputs(measured, tmp_path):
     )
     line = _one_line_error(cli(*_args(measured, out, "--eval-task", "no_such_task_xyz")))
     assert "unknown lm-eval task(s): no_such_task_xyz" in line
+    narrow = {
+        ("--objective", "budget"): "aims at --max-failure",
+        ("--max-failure", 1.5): "a fraction in [0, 1] or 'measure'",
+        ("--max-failure", "most"): "max_failure",
+        ("--direction-layers", "2:9"): "goes past the last layer (3)",
+        ("--direction-layers", "3:2"): "LO <= HI",
+        ("--positions", "-7"): "--positions -7: no measured candidate there (measured: -2, -1)",
+        ("--positions", "0"): "offsets from the end",
+    }
+    for args, words in narrow.items():
+        assert words in _one_line_error(cli(*_args(measured, out, *args))), args
+    for option in ("--embed", "--profile", "--objective"):  # choices: click's usage error
+        result = cli(*_args(measured, out, option, "maybe"))
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    line = _one_line_error(
+        cli(
+            *_args(measured, out, "--objective", "budget", "--max-failure", 0.1, "--eval-task", "x")
+        )
+    )
+    assert "--objective budget has one objective" in line
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")

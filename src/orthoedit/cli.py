@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -1013,7 +1013,7 @@ def _front_table(result) -> Table:
         caption="failure: refused or broken answers to the harmful validation prompts; "
         "KL: first token, harmless validation prompts",
     )
-    drop = len(result.front[0].values) > 2 if result.front else False
+    drop = result.front and result.front[0].user_attrs.get("drop") is not None
     names = ("trial", "failure", "refused", "broken", "KL", *(["drop"] if drop else []), "")
     for name in names:
         table.add_column(name, justify="right" if name not in ("trial", "") else "left")
@@ -1031,6 +1031,18 @@ def _front_table(result) -> Table:
     return table
 
 
+def _span(text: str | None) -> list[str] | None:
+    """``LO:HI`` (or one number) as the two ends pydantic validates."""
+    if text is None:
+        return None
+    ends = text.split(":", 1)
+    return ends * 2 if len(ends) == 1 else ends
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @app.command("search")
 def search_cmd(
     model: Annotated[str, typer.Argument(help=_help(SearchConfig, "model"))],
@@ -1039,8 +1051,26 @@ def search_cmd(
     trials: Annotated[int, typer.Option(help=_help(SearchConfig, "trials"))] = 50,
     max_kl: Annotated[float, typer.Option(help=_help(SearchConfig, "max_kl"))] = 0.1,
     max_failure: Annotated[
-        float | None, typer.Option(help=_help(SearchConfig, "max_failure"))
+        str | None, typer.Option(help=_help(SearchConfig, "max_failure"))
     ] = None,
+    objective: Annotated[
+        Literal["front", "budget"], typer.Option(help=_help(SearchConfig, "objective"))
+    ] = "front",
+    failure_cost: Annotated[float, typer.Option(help=_help(SearchConfig, "failure_cost"))] = 0.05,
+    profile: Annotated[
+        Literal["shape", "free"], typer.Option(help=_help(SearchConfig, "profile"))
+    ] = "shape",
+    direction_layers: Annotated[
+        str | None,
+        typer.Option(metavar="LO:HI", help=_help(SearchConfig, "direction_layers")),
+    ] = None,
+    positions: Annotated[
+        str | None,
+        typer.Option(help=_help(SearchConfig, "positions") + " Comma-separated."),
+    ] = None,
+    embed: Annotated[
+        Literal["search", "on", "off"], typer.Option(help=_help(SearchConfig, "embed"))
+    ] = "search",
     seed: Annotated[int, typer.Option(help=_help(SearchConfig, "seed"))] = 0,
     startup_trials: Annotated[int, typer.Option(help=_help(SearchConfig, "startup_trials"))] = 10,
     time_budget: Annotated[
@@ -1079,6 +1109,12 @@ def search_cmd(
             trials=trials,
             max_kl=max_kl,
             max_failure=max_failure,
+            objective=objective,
+            failure_cost=failure_cost,
+            profile=profile,
+            direction_layers=_span(direction_layers),
+            positions=None if positions is None else _items(positions),
+            embed=embed,
             seed=seed,
             startup_trials=startup_trials,
             time_budget=time_budget,
@@ -1118,15 +1154,15 @@ def search_cmd(
     out.print(f"wrote {folder}/pareto.md, pareto.json, pareto.png")
     if result.chosen is None:
         err.print(
-            f"[red]error:[/red] no trial has {budget(cfg)}; see the front above, "
+            f"[red]error:[/red] no trial has {budget(cfg, result.baselines)}; see the front above, "
             "loosen the budget or run more --trials.",
             highlight=False,
         )
         raise typer.Exit(1)
     chosen = result.chosen
     out.print(
-        f"chosen: trial {chosen.number}, failure {chosen.values[0]:.1%}, KL "
-        f"{chosen.values[1]:.4g}; reproduce it with {folder}/chosen/apply.txt"
+        f"chosen: trial {chosen.number}, failure {chosen.user_attrs['failure']:.1%}, KL "
+        f"{chosen.user_attrs['kl']:.4g}; reproduce it with {folder}/chosen/apply.txt"
     )
 
 

@@ -492,13 +492,44 @@ class SearchConfig(_Running):
         description="KL budget: the chosen trial is the lowest refusal rate with first-token "
         "KL at most this (ties: lower KL, then the earlier trial).",
     )
-    max_failure: float | None = Field(
+    max_failure: float | Literal["measure"] | None = Field(
         default=None,
-        ge=0,
-        le=1,
         description="Choose for damage instead: the lowest KL among trials with a failure "
-        "rate at most this (--max-kl is then not used; ties: lower failure, then the earlier "
-        "trial).",
+        "rate at most this, a fraction, or 'measure': measure's own selection's failure rate "
+        "on the same prompts (--max-kl is then not used; ties: lower failure, then the "
+        "earlier trial).",
+    )
+    objective: Literal["front", "budget"] = Field(
+        default="front",
+        description="What the sampler minimizes: 'front', failure and KL as two objectives "
+        "(the whole Pareto front); 'budget', one objective aimed at --max-failure: KL plus "
+        "--failure-cost for every prompt that fails beyond it.",
+    )
+    failure_cost: float = Field(
+        default=0.05,
+        gt=0,
+        description="With --objective budget: KL added per harmful prompt failed beyond "
+        "--max-failure.",
+    )
+    profile: Literal["shape", "free"] = Field(
+        default="shape",
+        description="Per-layer weights of the attention and MLP outputs: 'shape', a "
+        "profile of four parameters per site (peak weight, peak layer, width, edge weight); "
+        "'free', one weight per layer per site (for models with few layers).",
+    )
+    direction_layers: tuple[float, float] | None = Field(
+        default=None,
+        description="Search the direction's layer within LO:HI only (a float, blending "
+        "adjacent layers' candidates; default: every layer).",
+    )
+    positions: list[int] | None = Field(
+        default=None,
+        description="Search only these post-instruction positions (-1: the last token; "
+        "default: every measured one).",
+    )
+    embed: Literal["search", "on", "off"] = Field(
+        default="search",
+        description="Whether the embedding is edited: searched, always, or never.",
     )
     seed: int = Field(default=0, description="Seed of the sampler (same seed, same trials).")
     startup_trials: int = Field(
@@ -561,8 +592,35 @@ class SearchConfig(_Running):
         default=False, description="Discard an existing search folder and start over."
     )
 
+    @field_validator("max_failure")
+    @classmethod
+    def _failure_rate(cls, value):
+        if isinstance(value, float) and not 0 <= value <= 1:
+            raise ValueError("--max-failure is a fraction in [0, 1] or 'measure'")
+        return value
+
+    @field_validator("direction_layers")
+    @classmethod
+    def _layer_range(cls, value):
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError("--direction-layers LO:HI needs 0 <= LO <= HI")
+        return value
+
+    @field_validator("positions")
+    @classmethod
+    def _negative_positions(cls, value):
+        if value is not None and (not value or any(p >= 0 for p in value)):
+            raise ValueError("--positions are offsets from the end of the prompt: -1, -2, ...")
+        return None if value is None else sorted(set(value), reverse=True)
+
     @model_validator(mode="after")
     def _drop_needs_task(self):
         if self.max_drop is not None and self.eval_task is None:
             raise ValueError("--max-drop needs --eval-task")
+        if self.objective == "budget" and self.max_failure is None:
+            raise ValueError("--objective budget aims at --max-failure; give one")
+        if self.objective == "budget" and self.eval_task is not None:
+            raise ValueError(
+                "--objective budget has one objective; use --objective front with --eval-task"
+            )
         return self

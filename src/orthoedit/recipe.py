@@ -359,12 +359,13 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
         result = measure(cfg, log=log)
         return {"layer": result.layer, "position": result.position}
     if name == "search":
-        from .search import budget, search
+        from .search import budget, objectives, search
 
         result = search(cfg, log=log, replace_other=True)
         if result.chosen is None:
             raise CheckFailedError(
-                f"search: no trial with {budget(cfg)} after {len(result.trials)} trials; see "
+                f"search: no trial with {budget(cfg, result.baselines)} after "
+                f"{len(result.trials)} trials; see "
                 f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
                 "again (the study resumes)."
             )
@@ -375,7 +376,7 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
                 f"search: the best trial within the budget (#{result.chosen.number}) edits "
                 f"nothing; see {target}/pareto.md, then loosen the budget or raise search.trials."
             )
-        return {"trial": result.chosen.number, "values": list(result.chosen.values)}
+        return {"trial": result.chosen.number, "values": objectives(result.chosen)}
     if name == "model":
         from .apply import apply
 

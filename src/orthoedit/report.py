@@ -551,6 +551,10 @@ def sites_png(report: dict, path: Path, title: str) -> None:
 
 
 def _profile(params: dict, site: str) -> str:
+    """A shape profile in one cell, or a free profile's weights, layer by layer."""
+    if f"{site}_weight_0" in params:
+        n = sum(1 for k in params if k.startswith(f"{site}_weight_"))
+        return " ".join(f"{params[f'{site}_weight_{i}']:.2f}" for i in range(n))
     return (
         f"{params[f'{site}_peak_weight']:.2f} @ L{params[f'{site}_peak_layer']:.1f} "
         f"±{params[f'{site}_width']:.1f} (edge ×{params[f'{site}_edge_frac']:.2f})"
@@ -578,6 +582,16 @@ def search_markdown(report: dict) -> str:
         f"at most {s['max_new_tokens']} tokens)",
         f"- KL: {report['objectives']['kl']} ({s['counts']['harmless']} prompts)",
     ]
+    if "minimized" in report:
+        space = report["space"]
+        embed = {(False, True): "searched", (True,): "always", (False,): "never"}
+        lo, hi = space["layers"]
+        lines += [
+            f"- minimized: {report['minimized']}",
+            f"- space: direction layer {lo:g}–{hi:g}, positions "
+            f"{', '.join(map(str, space['positions']))}; {space['profile']} profiles for attn "
+            f"and mlp; embedding edited: {embed[tuple(space['embed'])]}",
+        ]
     drop = "drop" in report["objectives"]
     budget = report.get("budget") or f"KL ≤ {report['max_kl']:g}"
     if drop:
@@ -642,8 +656,13 @@ def search_markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "Profiles: peak weight @ peak layer ± width, falling off linearly to the edge weight "
-        "(a fraction of the peak), 0 beyond. Every trial, with its parameters: `pareto.json`.",
+        (
+            "Profiles: one weight per layer, from layer 0."
+            if report.get("space", {}).get("profile") == "free"
+            else "Profiles: peak weight @ peak layer ± width, falling off linearly to the edge "
+            "weight (a fraction of the peak), 0 beyond."
+        )
+        + " Every trial, with its parameters: `pareto.json`.",
         "",
     ]
     return "\n".join(lines)
@@ -689,7 +708,8 @@ def search_png(report: dict, path: Path, title: str) -> None:
         ax.scatter([chosen["kl"]], [chosen["failure"]], marker="*", s=220, color="#d62728",
                    label=f"chosen (trial {chosen['number']})", zorder=4)  # fmt: skip
     if report.get("max_failure") is not None:
-        ax.axhline(report["max_failure"], color="#555555", ls="--", lw=1, label="failure budget")
+        rate = report.get("max_failure_rate", report["max_failure"])
+        ax.axhline(rate, color="#555555", ls="--", lw=1, label="failure budget")
     else:
         ax.axvline(report["max_kl"], color="#555555", ls="--", lw=1, label="KL budget")
     ax.set_xscale("symlog", linthresh=1e-3)  # linear near 0 (the unedited model), log beyond

@@ -8,8 +8,9 @@ trial judged by what the edited model does:
 * **what is searched**: the direction (a layer as a float, interpolating between the two
   adjacent layers' candidates, each normalized; a post-instruction position), and for the
   attention and MLP outputs separately a per-layer weight profile (peak weight, peak layer,
-  width of a linear fall-off, weight at the edge as a fraction of the peak), and whether the
-  embedding is edited;
+  width of a linear fall-off, weight at the edge as a fraction of the peak; or with
+  ``--profile free`` one weight per layer), and whether the embedding is edited; the space
+  can be narrowed (``--direction-layers``, ``--positions``, ``--embed on|off``);
 * **how a trial is judged**: the edit is built as the plan ``apply`` would execute
   (``plan.build_plan`` with per-layer scales) and run through ``hooks.plan_hooks`` on the
   model loaded once, so no checkpoint is written. Two objectives, both minimized: the failure
@@ -18,9 +19,12 @@ trial judged by what the edited model does:
   the unedited model finds implausible), and the first-token KL on measure's validation
   harmless prompts (``select.mean_kl``, as measure scores it); optionally a third, the drop
   in an lm-eval task's score (``evalbench.TaskScorer``);
-* **the choice**: the lowest failure within a KL budget, or (``--max-failure``) the lowest KL
-  within a failure budget;
-* **the optimizer**: Optuna's TPE sampler (multivariate, multi-objective), seeded, with the
+* **the choice**: the lowest failure within a KL budget, or (``--max-failure``, a rate or
+  ``measure``: measure's own selection's rate on the same prompts) the lowest KL within a
+  failure budget;
+* **the optimizer**: Optuna's TPE sampler (multivariate, multi-objective; or with
+  ``--objective budget`` one objective aimed at the failure budget: KL plus
+  ``--failure-cost`` per prompt failed beyond it), seeded, with the
   study in SQLite (``OUT/study.db``), so an interrupted search resumes. The first trial is
   measure's own selection (its candidate, every writer at full weight), so the search starts
   from it and its point is on the plot as a trial too.
@@ -105,13 +109,23 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class Weights:
+    """A free per-layer weight profile (``--profile free``): one weight in [0, 1] per layer."""
+
+    weights: tuple[float, ...]
+
+    def scales(self, n_layers: int) -> list[float]:
+        return [float(w) for w in self.weights[:n_layers]]
+
+
+@dataclass(frozen=True)
 class EditParams:
     """One trial's edit: the direction (a float layer and a position offset) and the scales."""
 
     layer: float
     position: int  # offset from the end of the prompt, -1 = last token
-    attn: Profile
-    mlp: Profile
+    attn: Profile | Weights
+    mlp: Profile | Weights
     embed: bool
 
     def scales(self, n_layers: int) -> dict[str, float | list[float]]:
@@ -134,12 +148,29 @@ class EditParams:
         return sites, scales
 
 
-def suggest(trial, n_layers: int, positions: list[int]) -> EditParams:
+@dataclass(frozen=True)
+class Space:
+    """What a search may vary (from ``SearchConfig``; checked against the model by
+    ``prepare``): the direction's layer range and positions, the profile kind and the
+    embedding choices. Fixed choices are still drawn (a range of one value, one category), so
+    every stored trial names all its parameters."""
+
+    layers: tuple[float, float]
+    positions: list[int]
+    profile: str  # "shape" or "free"
+    embed: list[bool]
+
+
+def suggest(trial, n_layers: int, space: Space) -> EditParams:
     """Draw a trial's parameters (the same names and ranges every trial: a fixed search space,
     as the multivariate sampler needs)."""
     top = float(n_layers - 1)
 
-    def profile(site: str) -> Profile:
+    def profile(site: str) -> Profile | Weights:
+        if space.profile == "free":
+            return Weights(
+                tuple(trial.suggest_float(f"{site}_weight_{i}", 0.0, 1.0) for i in range(n_layers))
+            )
         return Profile(
             peak_weight=trial.suggest_float(f"{site}_peak_weight", 0.0, 1.0),
             peak=trial.suggest_float(f"{site}_peak_layer", 0.0, top),
@@ -148,18 +179,21 @@ def suggest(trial, n_layers: int, positions: list[int]) -> EditParams:
         )
 
     return EditParams(
-        layer=trial.suggest_float("direction_layer", 0.0, top),
-        position=trial.suggest_categorical("position", positions),
+        layer=trial.suggest_float("direction_layer", *space.layers),
+        position=trial.suggest_categorical("position", space.positions),
         attn=profile("attn"),
         mlp=profile("mlp"),
-        embed=trial.suggest_categorical("embed", [False, True]),
+        embed=trial.suggest_categorical("embed", space.embed),
     )
 
 
 def params_of(stored: dict) -> EditParams:
     """``EditParams`` from a stored trial's ``params``."""
 
-    def profile(site: str) -> Profile:
+    def profile(site: str) -> Profile | Weights:
+        if f"{site}_weight_0" in stored:
+            n = sum(1 for k in stored if k.startswith(f"{site}_weight_"))
+            return Weights(tuple(stored[f"{site}_weight_{i}"] for i in range(n)))
         return Profile(
             stored[f"{site}_peak_weight"],
             stored[f"{site}_peak_layer"],
@@ -230,7 +264,7 @@ class _Ready:
     checkpoint: object
     tok: object
     candidates: np.ndarray  # [n_layers, n_pos, d_model] float64
-    positions: list[int]
+    space: Space
     baseline_direction: object
     harmful_rows: list[list[int]]
     harmless_rows: list[list[int]]
@@ -308,6 +342,7 @@ def prepare(cfg: SearchConfig) -> _Ready:
     ok = nonempty(candidates)
     n_pos = candidates.shape[1]
     positions = [p - n_pos for p in range(n_pos) if ok[:, p].any()]
+    space = _space(cfg, n_layers, positions)
     record_path = folder_in / "direction.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     system = cfg.system if cfg.system is not None else record.get("system")
@@ -345,6 +380,14 @@ def prepare(cfg: SearchConfig) -> _Ready:
         "seed": cfg.seed,
         "startup_trials": cfg.startup_trials,
         "dtype": cfg.dtype,
+        "space": asdict(space),
+        "objective": cfg.objective,
+        # what a budget objective's value depends on (in a front search, only the choice)
+        **(
+            {"max_failure": cfg.max_failure, "failure_cost": cfg.failure_cost}
+            if cfg.objective == "budget"
+            else {}
+        ),
     }
     return _Ready(
         folder,
@@ -354,7 +397,7 @@ def prepare(cfg: SearchConfig) -> _Ready:
         Checkpoint.open(folder),
         tok,
         candidates,
-        positions,
+        space,
         baseline,
         rows["harmful"],
         rows["harmless"],
@@ -363,6 +406,28 @@ def prepare(cfg: SearchConfig) -> _Ready:
         guard,
         eval_task,
     )
+
+
+def _space(cfg: SearchConfig, n_layers: int, measured: list[int]) -> Space:
+    """The search space ``cfg`` asks for, checked against the model and the candidates."""
+    top = float(n_layers - 1)
+    layers = cfg.direction_layers or (0.0, top)
+    if layers[1] > top:
+        raise BadInputError(
+            f"--direction-layers {layers[0]:g}:{layers[1]:g} goes past the last layer "
+            f"({top:g}); the model has {n_layers} layers, numbered from 0."
+        )
+    positions = measured
+    if cfg.positions is not None:
+        unknown = [p for p in cfg.positions if p not in measured]
+        if unknown:
+            raise BadInputError(
+                f"--positions {unknown[0]}: no measured candidate there (measured: "
+                f"{', '.join(map(str, measured))})."
+            )
+        positions = list(cfg.positions)
+    embed = {"search": [False, True], "on": [True], "off": [False]}[cfg.embed]
+    return Space((float(layers[0]), float(layers[1])), positions, cfg.profile, embed)
 
 
 def study_name(settings: dict) -> str:
@@ -615,7 +680,10 @@ def open_study(out: Path, settings: dict, replace_other: bool = False):
             f"({_settings_diff(other.user_attrs.get('settings', {}), settings)}); use another "
             "--out, or --overwrite to start over."
         )
-    names = ["failure", "kl"] + (["drop"] if settings.get("eval_task") else [])
+    if settings.get("objective") == "budget":
+        names = ["kl_plus_failure_cost"]
+    else:
+        names = ["failure", "kl"] + (["drop"] if settings.get("eval_task") else [])
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -630,25 +698,44 @@ def open_study(out: Path, settings: dict, replace_other: bool = False):
 
 def measure_params(ready: _Ready) -> dict | None:
     """Trial parameters that reproduce measure's selection as ``apply`` edits it by default
-    (its candidate, every writer at full weight, the embedding too); None when the baseline
-    direction does not say where measure took it."""
+    (its candidate, every writer at full weight, the embedding too), or come as near it as
+    the search space allows (the layer clamped into ``--direction-layers``, the embedding as
+    ``--embed`` says); None when the baseline direction does not say where measure took it,
+    or its position is not searched."""
     meta = ready.baseline_direction.metadata
+    space = ready.space
     try:
         layer, position = int(meta["layer"]), int(meta["position"])
     except (KeyError, ValueError):
         return None
-    if position not in ready.positions or not 0 <= layer < ready.n_layers:
+    if position not in space.positions or not 0 <= layer < ready.n_layers:
         return None
-    full = {"peak_weight": 1.0, "peak_layer": 0.0, "width": float(ready.n_layers), "edge_frac": 1.0}
+    if space.profile == "free":
+        full = {f"weight_{i}": 1.0 for i in range(ready.n_layers)}
+    else:
+        full = {"peak_weight": 1.0, "peak_layer": 0.0, "width": float(ready.n_layers)}
+        full["edge_frac"] = 1.0
     params = {f"{site}_{k}": v for site in SITES_SEARCHED for k, v in full.items()}
-    return {"direction_layer": float(layer), "position": position, "embed": True, **params}
+    lo, hi = space.layers
+    return {
+        "direction_layer": min(hi, max(lo, float(layer))),
+        "position": position,
+        "embed": True in space.embed,
+        **params,
+    }
 
 
 def start_from_measure(study, ready: _Ready) -> None:
-    """A new study's first trial is measure's selection, so the search starts from it."""
+    """A new study's first trial is measure's selection (or as near it as the space allows),
+    so the search starts from it."""
     params = measure_params(ready)
     if params is not None and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(params, user_attrs={"start": "measure's selection"})
+        meta = ready.baseline_direction.metadata
+        exact = params["embed"] and params["direction_layer"] == float(meta["layer"])
+        what = (
+            "measure's selection" if exact else "measure's selection, as near as the space allows"
+        )
+        study.enqueue_trial(params, user_attrs={"start": what})
 
 
 def requeue_interrupted(study) -> list[int]:
@@ -682,39 +769,69 @@ def choose(
     lower failure, then the earlier trial. With an eval task and ``max_drop``, only trials
     whose drop is within it. None when no trial qualifies. A pure function of the stored
     trials."""
-    ok = [t for t in trials if max_drop is None or t.values[2] <= max_drop]
+    scored = [(objectives(t), t) for t in trials]
+    ok = [(v, t) for v, t in scored if max_drop is None or v[2] <= max_drop]
     if max_failure is not None:
-        ok = [t for t in ok if t.values[0] <= max_failure]
-        return min(ok, key=lambda t: (t.values[1], t.values[0], t.number), default=None)
-    ok = [t for t in ok if t.values[1] <= max_kl]
-    return min(ok, key=lambda t: (t.values[0], t.values[1], t.number), default=None)
+        ok = [(v, t) for v, t in ok if v[0] <= max_failure + 1e-12]
+        best = min(ok, key=lambda vt: (vt[0][1], vt[0][0], vt[1].number), default=None)
+    else:
+        ok = [(v, t) for v, t in ok if v[1] <= max_kl]
+        best = min(ok, key=lambda vt: (vt[0][0], vt[0][1], vt[1].number), default=None)
+    return None if best is None else best[1]
 
 
-def choose_for(trials: list, cfg: SearchConfig):
-    return choose(trials, cfg.max_kl, cfg.max_drop, cfg.max_failure)
+def objectives(t) -> list[float]:
+    """A trial's failure rate, KL and (with an eval task) drop, whatever its sampler
+    minimized (``--objective budget`` stores one value)."""
+    a = t.user_attrs
+    return [a["failure"], a["kl"]] + ([] if a.get("drop") is None else [a["drop"]])
 
 
-def budget(cfg: SearchConfig) -> str:
+def target_failure(max_failure, baselines: dict | None) -> float | None:
+    """``--max-failure`` as a rate: 'measure' is measure's own selection's failure rate on
+    the search's prompts (judged before the first trial)."""
+    if max_failure == "measure":
+        return None if baselines is None else baselines["measure"]["failure"]
+    return max_failure
+
+
+def choose_for(trials: list, cfg: SearchConfig, baselines: dict | None):
+    failure = target_failure(cfg.max_failure, baselines)
+    return choose(trials, cfg.max_kl, cfg.max_drop, failure)
+
+
+def budget(cfg: SearchConfig, baselines: dict | None = None) -> str:
     """The choice rule's limits in words: ``KL ≤ 0.1`` or ``failure ≤ 0%``, and the drop."""
-    text = f"failure ≤ {cfg.max_failure:.1%}" if cfg.max_failure is not None else ""
+    failure = target_failure(cfg.max_failure, baselines)
+    text = f"failure ≤ {failure:.1%}" if failure is not None else ""
+    if cfg.max_failure == "measure":
+        text = "failure ≤ measure's" + ("" if failure is None else f" ({failure:.1%})")
     text = text or f"KL ≤ {cfg.max_kl:g}"
     return text + ("" if cfg.max_drop is None else f", task drop ≤ {cfg.max_drop:g}")
+
+
+def budget_value(outcome: Outcome, target: float, cost: float) -> float:
+    """``--objective budget``: KL plus ``cost`` per prompt failed beyond the target rate."""
+    beyond = max(0.0, (outcome.failure - target) * outcome.n)
+    return outcome.kl + cost * (0.0 if beyond < 1e-9 else beyond)
 
 
 def pareto(trials: list) -> list:
     """Trials no other trial dominates (at least as good on every objective, better on one;
     of trials at the very same point only the earliest is kept), ordered by KL."""
     front = []
+    values = {t.number: objectives(t) for t in trials}
     for t in trials:
+        mine = values[t.number]
         dominated = any(
-            all(a <= b for a, b in zip(o.values, t.values, strict=True))
-            and (list(o.values) != list(t.values) or o.number < t.number)
+            all(a <= b for a, b in zip(values[o.number], mine, strict=True))
+            and (values[o.number] != mine or o.number < t.number)
             for o in trials
             if o is not t
         )
         if not dominated:
             front.append(t)
-    return sorted(front, key=lambda t: (t.values[1], t.values[0], t.number))
+    return sorted(front, key=lambda t: (values[t.number][1], values[t.number][0], t.number))
 
 
 @contextlib.contextmanager
@@ -789,12 +906,12 @@ def describe(o: dict) -> str:
     )
 
 
-def _describe_best(trials: list, cfg: SearchConfig) -> str:
-    best = choose_for(trials, cfg)
+def _describe_best(trials: list, cfg: SearchConfig, baselines: dict | None) -> str:
+    best = choose_for(trials, cfg, baselines)
     if best is None:
-        return f"none with {budget(cfg)} yet"
-    failure, kl = best.values[:2]
-    return f"best with {budget(cfg)}: #{best.number} failure {failure:.1%}, KL {kl:.3g}"
+        return f"none with {budget(cfg, baselines)} yet"
+    failure, kl = objectives(best)[:2]
+    return f"best with {budget(cfg, baselines)}: #{best.number} failure {failure:.1%}, KL {kl:.3g}"
 
 
 def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, clock) -> tuple:
@@ -804,7 +921,9 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
 
     ran, stopped = 0, False
     done = len(completed(study))
-    progress.start(f"search: {_describe_best(completed(study), cfg)}", cfg.trials)
+    baselines = study.user_attrs["baselines"]
+    target = target_failure(cfg.max_failure, baselines)
+    progress.start(f"search: {_describe_best(completed(study), cfg, baselines)}", cfg.trials)
     progress.advance(min(done, cfg.trials))
     while done < cfg.trials:
         if cfg.time_budget is not None and time.perf_counter() - clock >= cfg.time_budget:
@@ -813,7 +932,7 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
             break
         study.sampler = sampler_for(cfg.seed, done, cfg.startup_trials)
         trial = study.ask()
-        params = suggest(trial, ready.n_layers, ready.positions)
+        params = suggest(trial, ready.n_layers, ready.space)
         try:
             hooks, _, source = edit_hooks(model, ready, params)
             outcome = evaluate_trial(judge, hooks)
@@ -823,13 +942,16 @@ def _run_trials(cfg, study, judge: Judge, model, ready: _Ready, log, progress, c
             raise
         for key, value in {**outcome.to_dict(), "direction": source}.items():
             trial.set_user_attr(key, value)
-        study.tell(trial, outcome.values)
+        if cfg.objective == "budget":
+            study.tell(trial, budget_value(outcome, target, cfg.failure_cost))
+        else:
+            study.tell(trial, outcome.values)
         ran, done = ran + 1, done + 1
         log(
             f"trial {trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
             f"{outcome.seconds:.1f} s"
         )
-        progress.start(f"search: {_describe_best(completed(study), cfg)}", cfg.trials)
+        progress.start(f"search: {_describe_best(completed(study), cfg, baselines)}", cfg.trials)
         progress.advance(done)
     return ran, stopped
 
@@ -918,7 +1040,7 @@ def search(
             ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
         baselines = study.user_attrs["baselines"]
         trials = sorted(completed(study), key=lambda t: t.number)
-        chosen = choose_for(trials, cfg)
+        chosen = choose_for(trials, cfg, baselines)
         front = pareto(trials)
         report = report_dict(cfg, study, ready, trials, front, chosen, baselines)
         write_outputs(out, cfg, ready, report, chosen)
@@ -934,8 +1056,8 @@ def _trial_dict(t, front_numbers: set[int]) -> dict:
     attrs = t.user_attrs
     return {
         "number": t.number,
-        "failure": t.values[0],
-        "kl": t.values[1],
+        "failure": attrs["failure"],
+        "kl": attrs["kl"],
         "refused": attrs["refused"],
         "complied": attrs["complied"],
         "broken": attrs["broken"],
@@ -976,7 +1098,17 @@ def report_dict(cfg, study, ready: _Ready, trials, front, chosen, baselines) -> 
     return {
         "study": study.study_name,
         "storage": str(out / STUDY_FILE),
-        "sampler": "optuna TPESampler (multivariate, multi-objective), re-seeded per trial",
+        "sampler": "optuna TPESampler (multivariate, "
+        + ("one objective" if cfg.objective == "budget" else "multi-objective")
+        + "), re-seeded per trial",
+        "minimized": (
+            f"KL + {cfg.failure_cost:g} per harmful prompt failed beyond {budget(cfg, baselines)}"
+            if cfg.objective == "budget"
+            else "failure and KL"
+            + ("" if cfg.eval_task is None else " and drop")
+            + " (the Pareto front)"
+        ),
+        "space": asdict(ready.space),
         "objectives": {
             "failure": "share of harmful validation prompts answered with a refusal or a "
             "degenerate answer (greedy, max_new_tokens; word salad: mean surprisal under the "
@@ -996,7 +1128,8 @@ def report_dict(cfg, study, ready: _Ready, trials, front, chosen, baselines) -> 
         "settings": ready.settings,
         "max_kl": cfg.max_kl,
         "max_failure": cfg.max_failure,
-        "budget": budget(cfg),
+        "max_failure_rate": target_failure(cfg.max_failure, baselines),
+        "budget": budget(cfg, baselines),
         "max_drop": cfg.max_drop,
         "trials_wanted": cfg.trials,
         "trials_completed": len(trials),
