@@ -277,6 +277,22 @@ def test_resume_after_interruption(first_search, measured, tmp_path, monkeypatch
     assert more.ran == 0 and more.stopped_by_time and len(more.trials) == TRIALS
 
 
+def _judged_as_the_trial(measured: Path, out: Path, edited: Path, chosen: dict) -> None:
+    """The checkpoint ``apply`` wrote answers and scores as the chosen trial did through the
+    hooks (judged against the unedited model on the search's prompts)."""
+    ready = prepare(_cfg(measured, out))
+    base = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    judge = Judge(base, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 12)
+    judge.model = AutoModelForCausalLM.from_pretrained(edited).eval()
+    outcome = judge(contextlib.nullcontext)
+    assert (outcome.refused, outcome.complied, outcome.broken) == (
+        chosen["refused"],
+        chosen["complied"],
+        chosen["broken"],
+    )
+    assert outcome.kl == pytest.approx(chosen["kl"], abs=1e-5)
+
+
 def test_apply_reproduces_the_chosen_trial(first_search, measured, tmp_path):
     """The chosen edit, written by apply from chosen/apply.txt's arguments and loaded by plain
     transformers, answers and scores exactly as the trial did through the hooks. The budget
@@ -301,17 +317,7 @@ def test_apply_reproduces_the_chosen_trial(first_search, measured, tmp_path):
     assert any(0 < x < 1 for x in scales["attn"] + scales["mlp"])  # partial weights
     assert len(chosen["direction"]["layers"]) == 2  # a blend of two layers' candidates
 
-    ready = prepare(_cfg(measured, out))
-    base = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = Judge(base, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 12)
-    judge.model = AutoModelForCausalLM.from_pretrained(edited).eval()
-    outcome = judge(contextlib.nullcontext)
-    assert (outcome.refused, outcome.complied, outcome.broken) == (
-        chosen["refused"],
-        chosen["complied"],
-        chosen["broken"],
-    )
-    assert outcome.kl == pytest.approx(chosen["kl"], abs=1e-5)
+    _judged_as_the_trial(measured, out, edited, chosen)
     meta = load_direction(out / "chosen" / "direction.safetensors", 96, 4).metadata
     assert meta["search_trial"] == str(chosen["number"])
     assert meta["search_study"] == report["study"]
@@ -400,17 +406,7 @@ def test_apply_reproduces_a_free_profile_trial(measured, tmp_path):
     edited = tmp_path / "edited"
     result = cli(*args[1:-2], "--out", edited)
     assert result.exit_code == 0, result.output
-    ready = prepare(_cfg(measured, out))
-    base = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = Judge(base, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 12)
-    judge.model = AutoModelForCausalLM.from_pretrained(edited).eval()
-    outcome = judge(contextlib.nullcontext)
-    assert (outcome.refused, outcome.complied, outcome.broken) == (
-        chosen["refused"],
-        chosen["complied"],
-        chosen["broken"],
-    )
-    assert outcome.kl == pytest.approx(chosen["kl"], abs=1e-5)
+    _judged_as_the_trial(measured, out, edited, chosen)
 
 
 def test_destroyed_model_is_broken_not_compliant(measured):

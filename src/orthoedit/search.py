@@ -1102,7 +1102,8 @@ def report_dict(cfg, study, ready: _Ready, trials, front, chosen, baselines) -> 
         + ("one objective" if cfg.objective == "budget" else "multi-objective")
         + "), re-seeded per trial",
         "minimized": (
-            f"KL + {cfg.failure_cost:g} per harmful prompt failed beyond {budget(cfg, baselines)}"
+            f"KL + {cfg.failure_cost:g} per harmful prompt failed beyond the budget "
+            f"({budget(cfg, baselines)})"
             if cfg.objective == "budget"
             else "failure and KL"
             + ("" if cfg.eval_task is None else " and drop")
