@@ -552,9 +552,11 @@ def sites_png(report: dict, path: Path, title: str) -> None:
 
 def _profile(params: dict, site: str) -> str:
     """A shape profile in one cell, or a free profile's weights, layer by layer."""
-    if f"{site}_weight_0" in params:
-        n = sum(1 for k in params if k.startswith(f"{site}_weight_"))
-        return " ".join(f"{params[f'{site}_weight_{i}']:.2f}" for i in range(n))
+    from .search import free_weights
+
+    free = free_weights(params, site)
+    if free is not None:
+        return " ".join(f"{w:.2f}" for w in free)
     return (
         f"{params[f'{site}_peak_weight']:.2f} @ L{params[f'{site}_peak_layer']:.1f} "
         f"±{params[f'{site}_width']:.1f} (edge ×{params[f'{site}_edge_frac']:.2f})"

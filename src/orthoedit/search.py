@@ -187,13 +187,20 @@ def suggest(trial, n_layers: int, space: Space) -> EditParams:
     )
 
 
+def free_weights(stored: dict, site: str) -> tuple[float, ...] | None:
+    """A free profile's weights from a trial's params (``attn_weight_0``, ...), layer by
+    layer; None for a shape profile."""
+    n = sum(1 for k in stored if k.startswith(f"{site}_weight_"))
+    return tuple(stored[f"{site}_weight_{i}"] for i in range(n)) if n else None
+
+
 def params_of(stored: dict) -> EditParams:
     """``EditParams`` from a stored trial's ``params``."""
 
     def profile(site: str) -> Profile | Weights:
-        if f"{site}_weight_0" in stored:
-            n = sum(1 for k in stored if k.startswith(f"{site}_weight_"))
-            return Weights(tuple(stored[f"{site}_weight_{i}"] for i in range(n)))
+        free = free_weights(stored, site)
+        if free is not None:
+            return Weights(free)
         return Profile(
             stored[f"{site}_peak_weight"],
             stored[f"{site}_peak_layer"],
@@ -710,11 +717,10 @@ def measure_params(ready: _Ready) -> dict | None:
         return None
     if position not in space.positions or not 0 <= layer < ready.n_layers:
         return None
+    n = ready.n_layers
+    full = {"peak_weight": 1.0, "peak_layer": 0.0, "width": float(n), "edge_frac": 1.0}
     if space.profile == "free":
-        full = {f"weight_{i}": 1.0 for i in range(ready.n_layers)}
-    else:
-        full = {"peak_weight": 1.0, "peak_layer": 0.0, "width": float(ready.n_layers)}
-        full["edge_frac"] = 1.0
+        full = {f"weight_{i}": 1.0 for i in range(n)}
     params = {f"{site}_{k}": v for site in SITES_SEARCHED for k, v in full.items()}
     lo, hi = space.layers
     return {
@@ -769,15 +775,13 @@ def choose(
     lower failure, then the earlier trial. With an eval task and ``max_drop``, only trials
     whose drop is within it. None when no trial qualifies. A pure function of the stored
     trials."""
-    scored = [(objectives(t), t) for t in trials]
-    ok = [(v, t) for v, t in scored if max_drop is None or v[2] <= max_drop]
+    v = {t.number: objectives(t) for t in trials}
+    ok = [t for t in trials if max_drop is None or v[t.number][2] <= max_drop]
     if max_failure is not None:
-        ok = [(v, t) for v, t in ok if v[0] <= max_failure + 1e-12]
-        best = min(ok, key=lambda vt: (vt[0][1], vt[0][0], vt[1].number), default=None)
-    else:
-        ok = [(v, t) for v, t in ok if v[1] <= max_kl]
-        best = min(ok, key=lambda vt: (vt[0][0], vt[0][1], vt[1].number), default=None)
-    return None if best is None else best[1]
+        ok = [t for t in ok if v[t.number][0] <= max_failure]
+        return min(ok, key=lambda t: (v[t.number][1], v[t.number][0], t.number), default=None)
+    ok = [t for t in ok if v[t.number][1] <= max_kl]
+    return min(ok, key=lambda t: (v[t.number][0], v[t.number][1], t.number), default=None)
 
 
 def objectives(t) -> list[float]:
@@ -803,17 +807,16 @@ def choose_for(trials: list, cfg: SearchConfig, baselines: dict | None):
 def budget(cfg: SearchConfig, baselines: dict | None = None) -> str:
     """The choice rule's limits in words: ``KL ≤ 0.1`` or ``failure ≤ 0%``, and the drop."""
     failure = target_failure(cfg.max_failure, baselines)
-    text = f"failure ≤ {failure:.1%}" if failure is not None else ""
     if cfg.max_failure == "measure":
         text = "failure ≤ measure's" + ("" if failure is None else f" ({failure:.1%})")
-    text = text or f"KL ≤ {cfg.max_kl:g}"
+    else:
+        text = f"KL ≤ {cfg.max_kl:g}" if failure is None else f"failure ≤ {failure:.1%}"
     return text + ("" if cfg.max_drop is None else f", task drop ≤ {cfg.max_drop:g}")
 
 
 def budget_value(outcome: Outcome, target: float, cost: float) -> float:
     """``--objective budget``: KL plus ``cost`` per prompt failed beyond the target rate."""
-    beyond = max(0.0, (outcome.failure - target) * outcome.n)
-    return outcome.kl + cost * (0.0 if beyond < 1e-9 else beyond)
+    return outcome.kl + cost * max(0.0, (outcome.failure - target) * outcome.n)
 
 
 def pareto(trials: list) -> list:
