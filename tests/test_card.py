@@ -168,6 +168,7 @@ def test_files_copied_and_skipped(decorated, edited):
         "README.md",
         "plan.json",
         "orthoedit",
+        ".orthoedit-output.json",  # the marker that lets --overwrite replace it
         *COPIED,
     }
     assert names == expected

@@ -97,6 +97,7 @@ def _described(model, name: str) -> str:
                 "prompts": "--prompts",
                 "max_prompts": "--max-prompts",
                 "report": "--report",
+                "overwrite": "--overwrite",
                 "source": None,
                 "edited": None,
             },

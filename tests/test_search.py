@@ -212,6 +212,7 @@ def test_outputs(first_search):
     assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
     chosen = out / "chosen"
     assert sorted(p.name for p in chosen.iterdir()) == [
+        ".orthoedit-output.json",
         "apply.txt",
         "direction.safetensors",
         "recipe-fragment.yaml",

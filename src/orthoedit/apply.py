@@ -15,7 +15,7 @@ from .checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from .config import ApplyConfig
 from .direction import DirectionSet, biproject, harmless_mean, load_directions
 from .errors import BadInputError
-from .output import check_target, staged_output
+from .output import check_target, inputs_of, staged_output
 from .plan import Plan, build_plan, load_scales
 from .source import read_config, resolve_model
 from .writer import Progress, stream_edit, total_bytes
@@ -34,13 +34,14 @@ class Prepared:
     checkpoint: Checkpoint
     config: dict
     direction_paths: list[Path]
+    reads: list[Path]  # every local input: no output may be, hold or lie inside one
 
 
 def prepare(cfg: ApplyConfig) -> Prepared:
     """Resolve the model, validate every input and build the plan; writes nothing."""
     is_local = Path(cfg.model).expanduser().exists()
     if not cfg.dry_run:  # before any download: a bad --out must not cost a model fetch
-        check_target(cfg.out, Path(cfg.model).expanduser() if is_local else None, cfg.overwrite)
+        check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)
@@ -69,7 +70,9 @@ def prepare(cfg: ApplyConfig) -> Prepared:
         method=cfg.method,
         method_details=details,
     )
-    return Prepared(plan, folder, checkpoint, config, list(cfg.direction))
+    return Prepared(
+        plan, folder, checkpoint, config, list(cfg.direction), [folder, *inputs_of(cfg)]
+    )
 
 
 def _biprojected(found: DirectionSet, cfg: ApplyConfig, d_model: int, n_layers: int):
@@ -107,7 +110,7 @@ def copy_small_files(source: Path, out: Path, config: dict, untie: bool) -> None
 
 def execute(prepared: Prepared, out: Path, overwrite: bool, progress: Progress | None = None):
     """Write the edited checkpoint to ``out`` atomically. Returns the output folder."""
-    target = check_target(out, prepared.folder, overwrite)
+    target = check_target(out, prepared.reads, overwrite)
     plan = prepared.plan
     with staged_output(target) as tmp:
         stream_edit(plan, prepared.checkpoint, tmp, progress)

@@ -345,7 +345,7 @@ def attribute(
 
     from .hooks import plan_hooks
     from .measure import Progress, chat_ids, pad_id, post_instruction_ids, prompt_digest
-    from .output import check_target, staged_output
+    from .output import check_target, inputs_of, staged_output
     from .plan import build_plan
     from .refusal import greedy_completions
     from .safety import load_sets
@@ -358,7 +358,7 @@ def attribute(
         folder, cfg.direction, cfg.direction_layer
     )
     n_layers = plan.n_layers
-    target = check_target(cfg.out, folder, cfg.overwrite)
+    target = check_target(cfg.out, [folder, *inputs_of(cfg)], cfg.overwrite)
     prompts = load_sets(cfg)
     for kind, items in prompts.items():
         if len(items) < 2:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import signal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,7 +34,7 @@ from .config import (
     StudySitesConfig,
     VerifyConfig,
 )
-from .errors import OrthoeditError
+from .errors import OrthoeditError, Terminated
 
 app = typer.Typer(
     name="orthoedit",
@@ -58,10 +58,16 @@ def _help(model: type[BaseModel], name: str) -> str:
     return escape(model.model_fields[name].description or "")
 
 
-def _run(fn):
-    """Run a library call; user errors become one red line and their exit code."""
+def _run(fn, target: Path | None = None, interrupted: str | None = None):
+    """Run a library call; user errors become one red line and their exit code. An interrupt
+    (Ctrl-C, or SIGTERM through ``entry``) says what became of the output: ``interrupted``,
+    or that nothing was written to ``target``."""
     try:
         return fn()
+    except KeyboardInterrupt as e:
+        where = f" to {target}" if target is not None else ""
+        err.print(interrupted or f"interrupted; nothing was written{where}.", soft_wrap=True)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     except OrthoeditError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
@@ -170,7 +176,8 @@ def apply(
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("editing shards", total=stage.edit_size(prepared))
         target = _run(
-            lambda: stage.execute(prepared, cfg.out, cfg.overwrite, lambda n: bar.advance(task, n))
+            lambda: stage.execute(prepared, cfg.out, cfg.overwrite, lambda n: bar.advance(task, n)),
+            cfg.out,
         )
     out.print(f"wrote {escape(str(target))} ({len(prepared.plan.ops)} tensors edited)")
 
@@ -183,6 +190,7 @@ def verify(
     prompts: Annotated[Path | None, typer.Option(help=_help(VerifyConfig, "prompts"))] = None,
     max_prompts: Annotated[int, typer.Option(help=_help(VerifyConfig, "max_prompts"))] = 8,
     report: Annotated[Path | None, typer.Option(help=_help(VerifyConfig, "report"))] = None,
+    overwrite: Annotated[bool, typer.Option(help=_help(VerifyConfig, "overwrite"))] = False,
 ) -> None:
     """Check an edited checkpoint against the source model with the plan applied by hooks."""
     from .verify import verify as run_verify
@@ -195,9 +203,12 @@ def verify(
             prompts=prompts,
             max_prompts=max_prompts,
             report=report,
+            overwrite=overwrite,
         )
     )
-    result = _run(lambda: run_verify(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    result = _run(
+        lambda: run_verify(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.report
+    )
     table = Table(title=f"verify {escape(str(edited))} ({result.storage_dtype})")
     table.add_column("check")
     table.add_column("value", justify="right")
@@ -228,8 +239,6 @@ def verify(
     for row in rows:
         table.add_row(*row)
     out.print(table)
-    if report:
-        report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if not result.passed:
         for failure in result.failures:
             err.print(f"[red]FAIL:[/red] {escape(failure)}", highlight=False, soft_wrap=True)
@@ -356,7 +365,7 @@ def measure(
                 out.print(_scores_table(e.selection))
                 raise
 
-        result = _run(run)
+        result = _run(run, cfg.out)
     if result.selection is not None:
         out.print(_scores_table(result.selection))
     out.print(
@@ -464,7 +473,9 @@ def eval_bench(
             overwrite=overwrite,
         )
     )
-    result = _run(lambda: run_bench(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    result = _run(
+        lambda: run_bench(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.out
+    )
     out.print(_bench_table(result))
     out.print(f"wrote {escape(str(result.out))} (report.md, report.json, report.png, lm_eval/)")
     if result.regressions:
@@ -488,6 +499,7 @@ def eval_kl(
     device: Annotated[str | None, typer.Option(help=_help(EvalKLConfig, "device"))] = None,
     batch_size: Annotated[int, typer.Option(help=_help(EvalKLConfig, "batch_size"))] = 16,
     out_file: Annotated[Path | None, typer.Option("--out", help=_help(EvalKLConfig, "out"))] = None,
+    overwrite: Annotated[bool, typer.Option(help=_help(EvalKLConfig, "overwrite"))] = False,
 ) -> None:
     """First-token KL and cross-entropy on harmless prompts, base vs edited: how much the edit
     moves what the model says where it should not."""
@@ -508,9 +520,10 @@ def eval_kl(
             device=device,
             batch_size=batch_size,
             out=out_file,
+            overwrite=overwrite,
         )
     )
-    report = _run(lambda: run_kl(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    report = _run(lambda: run_kl(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.out)
     table = Table(title=f"damage on {report.prompts} harmless prompts")
     table.add_column("metric")
     table.add_column("base", justify="right")
@@ -525,10 +538,6 @@ def eval_kl(
     )
     out.print(table)
     if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cfg.out.with_name(f".{cfg.out.name}.tmp")
-        tmp.write_text(json.dumps({"base": base, "edited": edited, **report.to_dict()}, indent=2))
-        tmp.replace(cfg.out)
         out.print(f"wrote {escape(str(cfg.out))}")
 
 
@@ -619,7 +628,8 @@ def eval_safety(
                 cfg,
                 log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
                 progress=_stage_bar(bar, task),
-            )
+            ),
+            cfg.out,
         )
     table = Table(title="safety (share of answers)")
     table.add_column("prompts")
@@ -685,7 +695,9 @@ def compare_cmd(
             overwrite=overwrite,
         )
     )
-    pairs = _run(lambda: run_compare(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")))
+    pairs = _run(
+        lambda: run_compare(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.out
+    )
     table = Table(title="base vs edited", show_lines=True)
     table.add_column("prompt", ratio=1, overflow="fold")
     table.add_column("base", ratio=2, overflow="fold")
@@ -719,19 +731,16 @@ def run_cmd(
     published then)."""
     from .recipe import run as run_recipe
 
-    try:
-        state = _run(
-            lambda: run_recipe(
-                recipe,
-                out_dir,
-                start=start,
-                only=only,
-                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
-            )
-        )
-    except KeyboardInterrupt:
-        err.print("interrupted: finished stages are kept; run the same command to resume.")
-        raise typer.Exit(130) from None
+    state = _run(
+        lambda: run_recipe(
+            recipe,
+            out_dir,
+            start=start,
+            only=only,
+            log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+        ),
+        interrupted="interrupted: finished stages are kept; run the same command to resume.",
+    )
     table = Table(title=f"run: {escape(str(out_dir))}")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
@@ -775,7 +784,10 @@ def push_cmd(
         )
     )
     log = lambda m: err.print(f"[dim]{escape(m)}[/dim]", highlight=False)  # noqa: E731
-    result = _run(lambda: push(cfg, log=log))
+    result = _run(
+        lambda: push(cfg, log=log),
+        interrupted="interrupted: run the same command again to resume the upload.",
+    )
     plan = result.plan
     if dry_run:
         table = Table(title=f"{plan.repo_id} @ {plan.revision} ({plan.method}), not uploaded")
@@ -906,7 +918,8 @@ def study_sites(
                 cfg,
                 log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
                 progress=_stage_bar(bar, task),
-            )
+            ),
+            cfg.out,
         )
     out.print(_sites_table(result))
     out.print(escape(result.finding), soft_wrap=True)
@@ -980,7 +993,8 @@ def attribute_cmd(
                 cfg,
                 log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
                 progress=_stage_bar(bar, task),
-            )
+            ),
+            cfg.out,
         )
     table = Table(title="change of refusal log-odds when patched: largest estimates, checked")
     columns = ("component", "integrated", "first order", "patched", "proj. harmful",
@@ -1136,19 +1150,16 @@ def search_cmd(
             overwrite=overwrite,
         )
     )
-    try:
-        with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-            task = bar.add_task("loading", total=None)
-            result = _run(
-                lambda: search(
-                    cfg,
-                    log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
-                    progress=_stage_bar(bar, task),
-                )
-            )
-    except KeyboardInterrupt:
-        err.print("interrupted: run the same command again to resume the search.")
-        raise typer.Exit(130) from None
+    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        result = _run(
+            lambda: search(
+                cfg,
+                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                progress=_stage_bar(bar, task),
+            ),
+            interrupted="interrupted: run the same command again to resume the search.",
+        )
     out.print(_front_table(result))
     folder = escape(str(result.out))
     out.print(f"wrote {folder}/pareto.md, pareto.json, pareto.png")
@@ -1166,5 +1177,16 @@ def search_cmd(
     )
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``orthoedit`` executable: SIGTERM (a CI timeout, ``docker stop``) interrupts like
+    Ctrl-C, so staged outputs are removed and nothing is left half-written."""
+    signal.signal(signal.SIGTERM, _terminate)
     app()
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+if __name__ == "__main__":
+    entry()

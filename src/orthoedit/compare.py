@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CompareConfig
-from .errors import BadInputError
+from .output import check_file_target, inputs_of, write_file
 from .refusal import refusal_run
 from .source import resolve_model
 
@@ -49,10 +49,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    if cfg.out.exists() and not cfg.overwrite:
-        raise BadInputError(f"{cfg.out} already exists; pass --overwrite to replace it.")
-    if cfg.out.exists() and not cfg.out.is_file():
-        raise BadInputError(f"{cfg.out} exists and is not a file.")
+    check_file_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
     }
@@ -76,10 +73,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
         Pair(p, kind, b.completion, b.verdict, e.completion, e.verdict)
         for (p, kind), b, e in zip(prompts, answers["base"], answers["edited"], strict=True)
     ]
-    tmp = cfg.out.with_name(f".{cfg.out.name}.tmp")
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(markdown(pairs, cfg), encoding="utf-8")
-    tmp.replace(cfg.out)
+    write_file(cfg.out, markdown(pairs, cfg))
     return pairs
 
 

@@ -84,6 +84,7 @@ class VerifyConfig(BaseModel):
     )
     max_prompts: int = Field(default=8, ge=1, description="How many prompts to run.")
     report: Path | None = Field(default=None, description="Also write the report as JSON here.")
+    overwrite: bool = Field(default=False, description="Replace an existing --report file.")
 
 
 class MeasureConfig(BaseModel):
@@ -254,6 +255,7 @@ class EvalKLConfig(_Running):
         default=32, ge=1, description="Length of the base model's greedy answers."
     )
     out: Path | None = Field(default=None, description="Also write the numbers as JSON here.")
+    overwrite: bool = Field(default=False, description="Replace an existing --out file.")
 
 
 class EvalSafetyConfig(_Running):

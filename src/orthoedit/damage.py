@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from .config import EvalKLConfig
 from .errors import BadInputError
 from .measure import batched_forward, chat_ids, pad_id, post_instruction_ids
+from .output import check_file_target, inputs_of, write_file
 from .prompts import load_prompt_source
 from .source import resolve_model
 
@@ -83,6 +85,8 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     from .select import first_token_logprobs, mean_kl
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only output
+    if cfg.out is not None:
+        check_file_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
     }
@@ -107,10 +111,14 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
             answers = [until_stop(ids, stop) or ids[:1] for ids in made]
         ce[name] = cross_entropy(model, rows, answers, cfg.batch_size, pad)
         del model
-    return DamageReport(
+    report = DamageReport(
         prompts=len(rows),
         first_token_kl=mean_kl(first["base"], first["edited"]),
         cross_entropy_base=ce["base"],
         cross_entropy_edited=ce["edited"],
         answer_tokens=sum(map(len, answers)),
     )
+    if cfg.out is not None:
+        record = {"base": cfg.base, "edited": cfg.edited, **report.to_dict()}
+        write_file(cfg.out, json.dumps(record, indent=2) + "\n")
+    return report

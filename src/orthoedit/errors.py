@@ -25,3 +25,7 @@ class RemoteError(OrthoeditError):
     """The Hub (or the network) failed part-way; running the command again resumes."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every output cleans up as on Ctrl-C."""

@@ -23,7 +23,7 @@ import yaml
 from . import __version__
 from .config import EvalBenchConfig
 from .errors import BadInputError
-from .output import check_target, staged_output
+from .output import check_target, inputs_of, staged_output
 
 NOISE_SIGMAS = 2.0
 
@@ -247,7 +247,7 @@ def eval_bench(
     loaded = loaded or {}
     import tempfile
 
-    target = check_target(cfg.out, None, cfg.overwrite)
+    target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     for name, model in (("base", cfg.base), ("edited", cfg.edited)):
         if name in loaded:
             continue

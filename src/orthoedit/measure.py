@@ -26,7 +26,7 @@ from .config import MeasureConfig
 from .direction import save_direction, save_stable
 from .errors import BadInputError
 from .hooks import capture_block_inputs
-from .output import check_target, staged_output
+from .output import check_target, inputs_of, staged_output
 from .prompts import is_prompt_file, load_prompt_source
 from .source import read_config, resolve_model
 
@@ -388,7 +388,7 @@ def measure(
     config = read_config(folder)
     table = table_for_config(config)
     _, n_layers, _ = table.dims(config)
-    target = check_target(cfg.out, folder, cfg.overwrite)
+    target = check_target(cfg.out, [folder, *inputs_of(cfg)], cfg.overwrite)
     given = cfg.layer is not None or cfg.position is not None
     if given and (cfg.layer is None or cfg.position is None):
         raise BadInputError("--layer and --position go together (or leave both out to select).")

