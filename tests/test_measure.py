@@ -426,7 +426,8 @@ def test_no_candidate_passes_is_a_failed_check(tmp_path):
     assert result.exit_code == 1, result.output
     assert "no candidate passes the filters" in result.stderr
     assert "scored candidates" in result.stdout and "KL " in result.stdout  # why, per candidate
-    assert list(tmp_path.iterdir()) == []
+    # written all the same, for search to start from (see the random-model test below)
+    assert json.loads((out / "direction.json").read_text())["passed_filters"] is False
 
 
 def test_tiny_prompt_set_is_refused(tmp_path):
@@ -596,3 +597,42 @@ def test_measure_memory_options_bad_input(tiny_model, tmp_path, args, needle):
     assert result.exit_code == 2
     assert needle in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_no_candidate_passing_still_writes_everything_and_search_starts(tiny_model, tmp_path):
+    """A random model induces nothing, so every candidate fails a filter: measure still writes
+    what it computed (scores with the reason per candidate, the plot, the candidates, the
+    lowest-bypass candidate as the direction), exits 1 saying what to do next, and search can
+    start from that folder."""
+    from orthoedit.config import SearchConfig
+    from orthoedit.search import prepare
+
+    src = tiny_model("llama")
+    out = tmp_path / "d"
+    args = ["--n-train", "8", "--n-val", "4", "--no-filter", "--refusal-tokens", "I,the"]
+    result = cli("measure", src, "--out", out, *args)
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.stderr.split())
+    assert "no candidate passes the filters" in said
+    assert f"orthoedit search {src} --candidates {out}" in said
+    for name in ("candidates.safetensors", "direction.safetensors", "scores.json", "scores.png"):
+        assert (out / name).is_file(), name
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["chosen"] is None
+    scored = [s for s in scores["scores"] if s["bypass"] == s["bypass"]]
+    assert all(s["why"] and not s["kept"] for s in scores["scores"])
+    nearest = min(scored, key=lambda s: s["bypass"])
+    assert (scores["nearest"]["layer"], scores["nearest"]["position"]) == (
+        nearest["layer"],
+        nearest["position"],
+    )
+    record = json.loads((out / "direction.json").read_text())
+    assert record["passed_filters"] is False
+    assert (record["layer"], record["position"]) == (nearest["layer"], nearest["position"])
+    with safe_open(str(out / "candidates.safetensors"), "pt") as f:
+        r = f.get_tensor("candidates")[nearest["layer"], nearest["position"]].double()
+    with safe_open(str(out / "direction.safetensors"), "pt") as f:
+        written = f.get_tensor("direction").double()
+    assert torch.allclose(written, r / r.norm(), atol=1e-6)
+    ready = prepare(SearchConfig(model=str(src), candidates=out, out=tmp_path / "s"))
+    assert ready.baseline_direction.metadata["layer"] == str(nearest["layer"])

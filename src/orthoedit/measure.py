@@ -446,13 +446,19 @@ def measure(
             model, table, n_layers, r, n_pos, cfg.batch_size, pad, progress
         )
     candidates = means["harmful"] - means["harmless"]
-    selection = None
+    selection = failed = None
     if given:
         layer, position = cfg.layer, cfg.position
     else:
+        from .select import NoCandidateError
+
         progress.start("refusal tokens and baseline", None)
-        selection = _select(cfg, loaded, candidates, harmful_val, harmless_val, log, progress)
-        layer, position = selection.chosen.layer, selection.chosen.position
+        try:
+            selection = _select(cfg, loaded, candidates, harmful_val, harmless_val, log, progress)
+        except NoCandidateError as err:  # still write everything, so that search can start
+            failed, selection = err, err.selection
+        pick = selection.chosen or selection.nearest
+        layer, position = pick.layer, pick.position
     r = candidates[layer, n_pos + position]
     norm = float(r.norm())
     model_name = cfg.model if revision is None else f"{cfg.model}@{revision}"
@@ -463,6 +469,8 @@ def measure(
         "norm": f"{norm:.6g}",
         "model": model_name,
     }
+    if failed is not None:
+        meta["selection"] = "lowest bypass; no candidate passed the filters"
     record = {
         "model": cfg.model,
         "revision": revision,
@@ -485,8 +493,15 @@ def measure(
         "system": cfg.system,
         "dtype": cfg.dtype,
         "placement": placement(loaded.model),
-        "selection": "given (--layer, --position)" if given else "lowest bypass after filters",
-        "scores": None if selection is None else asdict(selection.chosen),
+        "passed_filters": None if selection is None else failed is None,
+        "selection": (
+            "given (--layer, --position)"
+            if given
+            else "lowest bypass after filters"
+            if failed is None
+            else "none passed the filters: the lowest bypass, as a starting point for search"
+        ),
+        "scores": None if selection is None else asdict(selection.chosen or selection.nearest),
         "baseline": None if selection is None else selection.baseline,
         "thresholds": None if selection is None else selection.thresholds,
         "orthoedit_version": __version__,
@@ -514,6 +529,14 @@ def measure(
             {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()},
             tmp / "candidates.safetensors",
             {"layer_convention": "input of block i", "position_convention": "p - n_positions"},
+        )
+    if failed is not None:
+        raise type(failed)(
+            f"{failed}. {target} holds every score and the reason for each rejected candidate "
+            "(scores.json, scores.png) and the lowest-bypass candidate as direction.safetensors. "
+            f"Next: orthoedit search {cfg.model} --candidates {target} --out SEARCH_FOLDER; or "
+            "relax --max-kl or --max-layer-frac; or pick a candidate with --layer/--position.",
+            selection,
         )
     return MeasureResult(target, layer, position, norm, n_pos, record["counts"], selection)
 

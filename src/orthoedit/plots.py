@@ -25,7 +25,8 @@ def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, titl
     for s in scores["scores"]:
         for name, grid in grids.items():
             grid[s["position"] + n_pos, s["layer"]] = s[name]
-    chosen = scores["chosen"]
+    chosen = scores["chosen"] or scores["nearest"]
+    ringed = "chosen" if scores["chosen"] else "no candidate passed; lowest bypass"
     base = scores["baseline"]
     max_kl = scores["thresholds"]["max_kl"]
     panels = (
@@ -73,7 +74,7 @@ def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, titl
         ax.set_xticks(range(0, n_layers, step))
         ax.set_xlabel("layer (input of block)")
     fig.suptitle(
-        f"{title}\nchosen: layer {chosen['layer']}, position {chosen['position']} (red ring); "
+        f"{title}\n{ringed}: layer {chosen['layer']}, position {chosen['position']} (red ring); "
         "grey: not scored",
         fontsize=11,
     )

@@ -134,10 +134,12 @@ class Selection:
     refusal_token_ids: list[int]
     thresholds: dict[str, float]
     timings: dict[str, float] = field(default_factory=dict)
+    nearest: Score | None = None  # when none passed: the lowest bypass, as a starting point
 
     def to_dict(self) -> dict:
         return {
             "chosen": asdict(self.chosen) if self.chosen else None,
+            "nearest": asdict(self.nearest) if self.nearest else None,
             "baseline": self.baseline,
             "refusal_token_ids": self.refusal_token_ids,
             "thresholds": self.thresholds,
@@ -147,7 +149,8 @@ class Selection:
 
 
 class NoCandidateError(CheckFailedError):
-    """Every candidate failed a filter; ``selection`` holds the scores (``chosen`` is None)."""
+    """Every candidate failed a filter; ``selection`` holds the scores (``chosen`` is None,
+    ``nearest`` the lowest bypass)."""
 
     def __init__(self, message: str, selection: Selection):
         super().__init__(message)
@@ -279,9 +282,8 @@ def select(
         best = min(scored, key=lambda s: s.bypass)
         raise NoCandidateError(
             f"no candidate passes the filters (lowest bypass: layer {best.layer}, position "
-            f"{best.position}: {'; '.join(best.why)}); relax --max-kl or --max-layer-frac, or "
-            "pick one with --layer/--position.",
-            Selection(None, ordered, baseline, token_ids, thresholds, timings),
+            f"{best.position}: {'; '.join(best.why)})",
+            Selection(None, ordered, baseline, token_ids, thresholds, timings, nearest=best),
         )
     chosen = min(kept, key=lambda s: s.bypass)
     return Selection(chosen, ordered, baseline, token_ids, thresholds, timings)
