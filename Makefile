@@ -19,6 +19,10 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
+# The development model end to end (tests/test_qwen.py; make qwen first; about 10 minutes).
+test-real: $(STAMP)
+	$(BIN)/python -m pytest -m real
+
 # Interrupting orthoedit run with SIGINT and SIGKILL at every stage, then resuming (minutes).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

@@ -7,9 +7,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orthoedit.attribute import _capture, every_writer, mean_log_odds, writers_of
+from orthoedit.hooks import plan_hooks
+from orthoedit.measure import chat_ids, pad_id, post_instruction_ids
+from orthoedit.organism import CHAT_MODEL
+from orthoedit.prompts import load_prompt_file
+from orthoedit.select import first_token_logprobs, log_odds
 from orthoedit.tiny import FAMILIES
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -104,7 +109,6 @@ def organism_attribution(organism_run, tmp_path_factory):
     """attribute on the organism through the CLI, on the very prompts and refusal tokens
     measure scored; the shifts and the loaded model are kept for the finite-difference test."""
     from orthoedit import attribute as A
-    from orthoedit.organism import CHAT_MODEL
 
     direction = organism_run / "direction"
     out = tmp_path_factory.mktemp("attribute") / "attr"
@@ -139,16 +143,27 @@ def organism_attribution(organism_run, tmp_path_factory):
     return out, json.loads((direction / "scores.json").read_text()), captured
 
 
-def test_organism_agrees_with_measure(organism_attribution):
+def test_organism_agrees_with_measure(organism_attribution, organism_run):
     out, scores, _ = organism_attribution
     record = json.loads((out / "attribution.json").read_text())
     chosen = scores["chosen"]
-    # same prompts, same tokens: the unpatched and the fully ablated log-odds are measure's
+    # same prompts, same first tokens of measure's refusal openings: the unpatched and the
+    # fully ablated log-odds are the first-token log-odds of those tokens, with and without
+    # the edit measure scored (its bypass reads whole openings, so it is lower than these)
     assert record["settings"]["refusal_tokens"] == scores["refusal_tokens"]
-    assert record["baseline_log_odds"] == pytest.approx(
-        scores["baseline"]["harmful_log_odds"], abs=1e-4
-    )
-    assert record["ablated_log_odds"] == pytest.approx(chosen["bypass"], abs=1e-4)
+    folder = organism_run / "direction"
+    _, _, checkpoint, _, plan = every_writer(CHAT_MODEL, folder / "direction.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(CHAT_MODEL)
+    prompts = [i["prompt"] for i in load_prompt_file(folder / "val-harmful.jsonl")]
+    rows = chat_ids(tok, prompts, post_instruction_ids(tok), None)
+    ids = tok.convert_tokens_to_ids(scores["refusal_tokens"])
+    base = log_odds(first_token_logprobs(model, rows, 8, pad_id(tok)), ids).mean()
+    with plan_hooks(model, plan, checkpoint):
+        ablated = log_odds(first_token_logprobs(model, rows, 8, pad_id(tok)), ids).mean()
+    assert record["baseline_log_odds"] == pytest.approx(float(base), abs=1e-4)
+    assert record["ablated_log_odds"] == pytest.approx(float(ablated), abs=1e-4)
+    assert chosen["bypass"] <= float(ablated) + 1e-4
     for name in ("attribution.md", "cumulative.png", "heads.png"):
         assert (out / name).stat().st_size > 1000, name
     md = (out / "attribution.md").read_text()
@@ -220,7 +235,6 @@ def test_gradient_matches_finite_differences(organism_attribution):
 
 
 def test_bad_inputs(tmp_path, tiny_model, direction_file):
-    from orthoedit.organism import CHAT_MODEL
 
     wrong = cli("attribute", CHAT_MODEL, "--direction", direction_file, "--out", tmp_path / "o")
     assert wrong.exit_code == 2 and "direction" in wrong.stderr

@@ -321,7 +321,12 @@ def test_measure_selects_and_organism_end_to_end(tmp_path):
     kept = [s for s in scores["scores"] if s["kept"]]
     chosen = scores["chosen"]
     assert chosen["bypass"] == min(s["bypass"] for s in kept)
-    assert chosen["kl"] <= 0.2 and chosen["induce"] > 0 and chosen["layer"] < 0.8 * 4
+    assert chosen["kl"] <= 0.2 and chosen["layer"] < 0.8 * 4
+    baseline = scores["baseline"]
+    assert scores["thresholds"]["min_induce"] == pytest.approx(
+        (baseline["harmful_log_odds"] + baseline["harmless_log_odds"]) / 2
+    )
+    assert chosen["induce"] >= scores["thresholds"]["min_induce"]
     assert chosen["bypass"] < scores["baseline"]["harmful_log_odds"] - 2  # refusal suppressed
     png = (out / "scores.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -556,12 +561,13 @@ def test_measure_with_disk_offload_equals_in_memory(tiny_model, tmp_path):
     src = tiny_model("mixtral", n_layers=3)
     common = {"model": str(src), "n_train": 8, "n_val": 4, "filter": False, "top_k": 3}
     common["refusal_tokens"] = "I,the"
+    common["max_kl"] = 0.0  # every edit moves a random model a little: no candidate passes
     offload = {"device": "auto", "max_memory": "cpu=450KB", "offload_folder": tmp_path / "off"}
     scores = {}
     for name, extra in (("plain", {}), ("offloaded", offload)):
         given = MeasureConfig(out=tmp_path / name, layer=1, position=-1, **common, **extra)
         measure(given, log=lambda _: None)
-        # A random model induces nothing, so no candidate passes: the scores are still there.
+        # No candidate passes --max-kl 0: the scores are still there.
         with pytest.raises(NoCandidateError) as info:
             measure(MeasureConfig(out=tmp_path / f"{name}-sel", **common, **extra), log=str)
         scores[name] = [
@@ -600,7 +606,7 @@ def test_measure_memory_options_bad_input(tiny_model, tmp_path, args, needle):
 
 
 def test_no_candidate_passing_still_writes_everything_and_search_starts(tiny_model, tmp_path):
-    """A random model induces nothing, so every candidate fails a filter: measure still writes
+    """With --max-kl 0 every candidate fails a filter: measure still writes
     what it computed (scores with the reason per candidate, the plot, the candidates, the
     lowest-bypass candidate as the direction), exits 1 saying what to do next, and search can
     start from that folder."""
@@ -610,7 +616,7 @@ def test_no_candidate_passing_still_writes_everything_and_search_starts(tiny_mod
     src = tiny_model("llama")
     out = tmp_path / "d"
     args = ["--n-train", "8", "--n-val", "4", "--no-filter", "--refusal-tokens", "I,the"]
-    result = cli("measure", src, "--out", out, *args)
+    result = cli("measure", src, "--out", out, *args, "--max-kl", "0")
     assert result.exit_code == 1, result.output
     said = " ".join(result.stderr.split())
     assert "no candidate passes the filters" in said

@@ -58,8 +58,7 @@ def test_organism_sites_reproduce_measure(organism_run, tmp_path):
     result = cli(*args, "--n", n, "--judge", f"hf:{GUARD_MODEL}", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "sites.json").read_text())
-    assert report["refusal_tokens"] == scores["refusal_tokens"]
-    assert report["refusal_token_ids"] == scores["refusal_token_ids"]
+    assert report["refusal_openings"] == scores["refusal_openings"]
     assert report["settings"]["prompt_hashes"] == {
         kind: record["prompt_hashes"][f"{kind}_val"] for kind in ("harmful", "harmless")
     }

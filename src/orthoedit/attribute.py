@@ -323,13 +323,18 @@ def every_writer(folder: Path, direction_path: Path, direction_layer: int | None
 def refusal_token_ids(tok, direction_path: Path, spec: str | None, completions) -> list[int]:
     """``--refusal-tokens``, else measure's (``scores.json`` beside the direction), else
     derived from the model's own completions (``completions()`` -> harmful, harmless ids)."""
-    from .select import measured_refusal_tokens, parse_refusal_tokens, refusal_tokens
+    from .select import (
+        first_tokens,
+        measured_refusal_openings,
+        parse_refusal_tokens,
+        refusal_tokens,
+    )
 
     if spec:
         return parse_refusal_tokens(tok, spec)
-    measured = measured_refusal_tokens(tok, direction_path)
+    measured = measured_refusal_openings(tok, direction_path)
     if measured is not None:
-        return measured
+        return first_tokens(measured)
     harmful, harmless = completions()
     return refusal_tokens(tok, harmful, harmless, lambda m: None)
 

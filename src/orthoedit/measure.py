@@ -513,7 +513,11 @@ def measure(
             write_prompts(tmp / f"val-{kind}.jsonl", prompts)
         if selection is not None:
             scores = selection.to_dict()
-            scores["refusal_tokens"] = tok.convert_ids_to_tokens(selection.refusal_token_ids)
+            from .select import first_tokens
+
+            openings = selection.openings
+            scores["refusal_openings"] = [tok.convert_ids_to_tokens(list(o)) for o in openings]
+            scores["refusal_tokens"] = tok.convert_ids_to_tokens(first_tokens(openings))
             (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
             from .plots import plot_scores
 
@@ -577,14 +581,14 @@ class _Loaded:
 
 def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, progress):
     from .checkpoint import Checkpoint
-    from .select import parse_refusal_tokens, refusal_tokens, select
+    from .select import parse_refusal_tokens, refusal_openings, select
 
     harmful_rows = chat_ids(loaded.tok, harmful_val, loaded.post, cfg.system)
     harmless_rows = chat_ids(loaded.tok, harmless_val, loaded.post, cfg.system)
     if cfg.refusal_tokens:
-        token_ids = parse_refusal_tokens(loaded.tok, cfg.refusal_tokens)
+        openings = [(t,) for t in parse_refusal_tokens(loaded.tok, cfg.refusal_tokens)]
     else:
-        token_ids = refusal_tokens(
+        openings = refusal_openings(
             loaded.tok,
             completions_of(loaded, harmful_val, cfg.system, cfg.batch_size),
             completions_of(loaded, harmless_val, cfg.system, cfg.batch_size),
@@ -600,7 +604,7 @@ def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, pr
         candidates=candidates,
         harmful_rows=harmful_rows,
         harmless_rows=harmless_rows,
-        token_ids=token_ids,
+        openings=openings,
         batch_size=cfg.batch_size,
         pad=loaded.pad,
         max_kl=cfg.max_kl,

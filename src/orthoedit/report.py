@@ -426,7 +426,7 @@ def sites_markdown(report: dict) -> str:
     s = report["settings"]
     conditions = report["conditions"]
     judged = s["judge"] is not None
-    tokens = ", ".join(f"`{t}`" for t in report["refusal_tokens"])
+    tokens = ", ".join(f"`{''.join(o)}`" for o in report["refusal_openings"])
     lines = [
         "# Where refusal lives: intervention sites",
         "",
@@ -437,8 +437,9 @@ def sites_markdown(report: dict) -> str:
             f"`{s['prompt_hashes'][kind][:16]}…`)"
             for kind in ("harmful", "harmless")
         ),
-        f"- refusal tokens {tokens} ({report['refusal_tokens_from']})",
-        "- log-odds: mean refusal log-odds of the harmful prompts at the first answer token; "
+        f"- refusal openings {tokens} ({report['refusal_tokens_from']})",
+        "- log-odds: mean log-odds that an answer to a harmful prompt opens with a refusal "
+        "opening (teacher-forced); "
         "Δ: change from the baseline (a log Bayes factor); share: Δ over the Δ of the full "
         "run-time ablation",
         f"- refusal: greedy answers to the harmful prompts (at most {s['max_new_tokens']} "

@@ -1,12 +1,12 @@
 """Choosing among candidate directions (DESIGN idea 7: everything in log-odds).
 
-Refusal is the probability mass on refusal tokens at the first generated position, as
-log-odds. Refusal tokens come from the model's own refusals: the first tokens of its greedy
-completions of harmful prompts that read as refusals. Each candidate is scored on validation
-prompts: **bypass** (harmful prompts, candidate ablated exactly as ``apply`` would edit it),
-**induce** (harmless prompts, candidate added at its layer) and **KL** (first-token KL on
-harmless prompts under the ablation). Candidates are filtered (KL budget, induce > 0, depth)
-and the lowest bypass wins.
+Refusal is scored as the log-odds that an answer opens with one of the model's own refusal
+openings (``refusal_openings``: the shortest prefixes of its greedy refusals that read as
+refusals, e.g. "I'm sorry" or "As an AI"), teacher-forced (``refusal_score``). Each candidate is
+scored on validation prompts: **bypass** (harmful prompts, candidate ablated exactly as
+``apply`` would edit it), **induce** (harmless prompts, candidate added at its layer) and **KL**
+(first-token KL on harmless prompts under the ablation). Candidates are filtered (KL budget,
+induce, depth) and the lowest bypass wins.
 """
 
 from __future__ import annotations
@@ -53,53 +53,127 @@ def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
     return float((base.exp() * (base - other)).sum(-1).mean())
 
 
-def refusal_tokens(tok, harmful: list[list[int]], harmless: list[list[int]], log) -> list[int]:
-    """Token ids that open this model's refusals, derived from its own greedy completions
-    (token ids) of harmful and harmless validation prompts."""
+# The longest refusal opening looked for: enough for "I'm sorry, but I can't" in any tokenizer.
+MAX_OPENING = 8
+
+
+def refusal_openings(
+    tok, harmful: list[list[int]], harmless: list[list[int]], log
+) -> list[tuple[int, ...]]:
+    """The token sequences that open this model's refusals, from its own greedy completions
+    (token ids) of harmful and harmless validation prompts.
+
+    A completion's opening is its shortest prefix (at most ``MAX_OPENING`` tokens) that reads
+    as a refusal, e.g. ``I'm sorry`` or ``As an AI``. No opening is a prefix of another, so
+    their teacher-forced probabilities add up to the probability that an answer opens as a
+    refusal (``refusal_score``). Kept: openings of at least 5% of the refusals that open
+    fewer than 20% of the harmless answers.
+    """
     refusing = [c for c in harmful if c and reads_as_refusal(tok.decode(c))]
     if not refusing:
         raise BadInputError(
-            "the model refused none of the harmful validation prompts, so its refusal tokens "
+            "the model refused none of the harmful validation prompts, so its refusal openings "
             "cannot be derived; pass --refusal-tokens (e.g. 'I,Sorry') or other prompts."
         )
-    starts = Counter(c[0] for c in refusing)
-    benign = Counter(c[0] for c in harmless if c)
+    found = Counter()
+    for c in refusing:
+        k = next(
+            (
+                k
+                for k in range(1, min(len(c), MAX_OPENING) + 1)
+                if reads_as_refusal(tok.decode(c[:k]))
+            ),
+            None,
+        )
+        if k is not None:
+            found[tuple(c[:k])] += 1
+
+    def opens(o: tuple[int, ...]) -> int:
+        return sum(tuple(c[: len(o)]) == o for c in harmless)
+
     keep = [
-        t
-        for t, n in starts.most_common()
-        if n >= max(1, 0.05 * len(refusing)) and benign[t] < 0.2 * max(1, len(harmless))
+        o
+        for o, n in found.most_common()
+        if n >= max(1, 0.05 * len(refusing)) and opens(o) < 0.2 * max(1, len(harmless))
     ]
     if not keep:
         raise BadInputError(
-            "the model's refusals open with the same tokens as its answers to harmless prompts; "
-            "pass --refusal-tokens explicitly."
+            "the model's refusals have no common opening that its harmless answers lack; pass "
+            "--refusal-tokens explicitly."
         )
+    covered = sum(found[o] for o in keep)
     log(
-        f"refusal tokens {tok.convert_ids_to_tokens(keep)} (from {len(refusing)} of "
-        f"{len(harmful)} harmful validation completions that read as refusals)"
+        f"refusal openings {[tok.decode(o) for o in keep]} (open {covered} of the "
+        f"{len(refusing)} refusals among {len(harmful)} harmful validation completions)"
     )
     return keep
 
 
-def measured_refusal_tokens(tok, direction_path: Path) -> list[int] | None:
-    """The refusal tokens of the measure run that wrote the direction (``scores.json`` beside
-    it), as ids of this tokenizer; None when there is no such file."""
+def refusal_tokens(tok, harmful: list[list[int]], harmless: list[list[int]], log) -> list[int]:
+    """Token ids that open this model's refusals: the first tokens of ``refusal_openings``, for
+    scores that read the first generated token only."""
+    return first_tokens(refusal_openings(tok, harmful, harmless, log))
+
+
+@torch.no_grad()
+def refusal_score(
+    model,
+    rows: list[list[int]],
+    openings: list[tuple[int, ...]],
+    batch_size: int,
+    pad: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, log_odds)``: first-token log-probabilities ``[len(rows), vocab]`` and, per
+    row, the log-odds that the answer opens with one of ``openings``, teacher-forced (each
+    row runs once per opening, with the opening but its last token appended)."""
+    longest = max(len(o) for o in openings)
+    wide = [row + list(o[:-1]) for row in rows for o in openings]
+    logp = torch.empty(len(wide), dtype=torch.float64)
+    first: dict[int, torch.Tensor] = {}
+    for batch, output in batched_forward(
+        model, wide, batch_size, pad, keep=longest, logits_to_keep=longest
+    ):
+        logits = torch.log_softmax(output.logits.float(), -1).cpu()
+        for j, i in enumerate(batch):
+            o = openings[i % len(openings)]
+            steps = logits[j, longest - len(o) :]
+            logp[i] = steps.gather(1, torch.tensor(o)[:, None]).double().sum()
+            if i % len(openings) == 0:
+                first[i // len(openings)] = steps[0]
+    p = logp.view(len(rows), len(openings)).logsumexp(-1).exp().clamp(1e-12, 1 - 1e-12)
+    odds = torch.log(p) - torch.log1p(-p)
+    return torch.stack([first[i] for i in range(len(rows))]), odds
+
+
+def measured_refusal_openings(tok, direction_path: Path) -> list[tuple[int, ...]] | None:
+    """The refusal openings of the measure run that wrote the direction (``scores.json`` beside
+    it; its ``refusal_tokens`` as one-token openings where it has no ``refusal_openings``), as
+    ids of this tokenizer; None when there is no such file."""
     path = Path(direction_path).with_name("scores.json")
     if not path.is_file():
         return None
     try:
-        tokens = json.loads(path.read_text())["refusal_tokens"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise BadInputError(f"{path}: cannot read its refusal_tokens ({err}).") from None
-    ids = tok.convert_tokens_to_ids(tokens) if tokens else []
-    if not tokens or any(
-        i is None or tok.convert_ids_to_tokens(i) != t for t, i in zip(tokens, ids, strict=True)
+        scores = json.loads(path.read_text())
+        written = scores.get("refusal_openings") or [[t] for t in scores["refusal_tokens"]]
+        openings = [[str(t) for t in o] for o in written]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BadInputError(f"{path}: cannot read its refusal openings ({err}).") from None
+    ids = [tok.convert_tokens_to_ids(o) if o else [] for o in openings]
+    if not openings or any(
+        not o
+        or any(i is None or tok.convert_ids_to_tokens(i) != t for t, i in zip(o, io, strict=True))
+        for o, io in zip(openings, ids, strict=True)
     ):
         raise BadInputError(
-            f"{path}: refusal tokens {tokens!r} are not tokens of this model's tokenizer; "
+            f"{path}: refusal openings {openings!r} are not tokens of this model's tokenizer; "
             "pass --refusal-tokens."
         )
-    return list(ids)
+    return [tuple(o) for o in ids]
+
+
+def first_tokens(openings: list[tuple[int, ...]]) -> list[int]:
+    """The distinct first tokens of ``openings``, for scores that read the first token only."""
+    return list(dict.fromkeys(o[0] for o in openings))
 
 
 def parse_refusal_tokens(tok, spec: str) -> list[int]:
@@ -131,7 +205,7 @@ class Selection:
     chosen: Score | None  # None only in NoCandidateError.selection
     scores: list[Score]
     baseline: dict[str, float]
-    refusal_token_ids: list[int]
+    openings: list[tuple[int, ...]]  # token ids of the refusal openings scored
     thresholds: dict[str, float]
     timings: dict[str, float] = field(default_factory=dict)
     nearest: Score | None = None  # when none passed: the lowest bypass, as a starting point
@@ -141,7 +215,7 @@ class Selection:
             "chosen": asdict(self.chosen) if self.chosen else None,
             "nearest": asdict(self.nearest) if self.nearest else None,
             "baseline": self.baseline,
-            "refusal_token_ids": self.refusal_token_ids,
+            "refusal_openings_ids": [list(o) for o in self.openings],
             "thresholds": self.thresholds,
             "timings": self.timings,
             "scores": [asdict(s) for s in self.scores],
@@ -172,7 +246,7 @@ def select(
     candidates: torch.Tensor,
     harmful_rows: list[list[int]],
     harmless_rows: list[list[int]],
-    token_ids: list[int],
+    openings: list[tuple[int, ...]],
     batch_size: int,
     pad: int,
     max_kl: float,
@@ -192,11 +266,11 @@ def select(
     n_harmful = len(harmful_rows)
     both = harmful_rows + harmless_rows  # one batched pass scores bypass and KL together
     clock = time.perf_counter()
-    base = first_token_logprobs(model, both, batch_size, pad)
+    base, base_odds = refusal_score(model, both, openings, batch_size, pad)
     timings = {"validation_pass_s": time.perf_counter() - clock, "quick_s": 0.0, "n_quick": 0}
     baseline = {
-        "harmful_log_odds": float(log_odds(base[:n_harmful], token_ids).mean()),
-        "harmless_log_odds": float(log_odds(base[n_harmful:], token_ids).mean()),
+        "harmful_log_odds": float(base_odds[:n_harmful].mean()),
+        "harmless_log_odds": float(base_odds[n_harmful:].mean()),
     }
 
     def plan_for(r: torch.Tensor):
@@ -209,6 +283,11 @@ def select(
             source=str(folder),
         )
 
+    # The paper keeps candidates whose addition makes harmless prompts refuse (log-odds > 0),
+    # which presumes a model that refuses harmful prompts with odds above even; a model that
+    # refuses some of them never gets there. Relative to this model's own baselines instead:
+    # the addition must move harmless prompts at least halfway to the harmful ones.
+    min_induce = (baseline["harmful_log_odds"] + baseline["harmless_log_odds"]) / 2
     scores: dict[tuple[int, int], Score] = {}
     eligible: list[tuple[int, int]] = []
     largest = float(candidates.double().norm(dim=-1).max())
@@ -231,8 +310,8 @@ def select(
         clock = time.perf_counter()
         for layer, p in eligible:
             with plan_hooks(model, plan_for(candidates[layer, p].double()), checkpoint):
-                logprobs = first_token_logprobs(model, quick_rows, batch_size, pad)
-            quick[layer, p] = float(log_odds(logprobs, token_ids).mean())
+                _, odds = refusal_score(model, quick_rows, openings, batch_size, pad)
+            quick[layer, p] = float(odds.mean())
             if progress:
                 progress.advance()
         timings.update(quick_s=time.perf_counter() - clock, n_quick=len(eligible))
@@ -247,20 +326,20 @@ def select(
     for layer, p in full:
         r = candidates[layer, p].double()
         with plan_hooks(model, plan_for(r), checkpoint):
-            ablated = first_token_logprobs(model, both, batch_size, pad)
+            ablated, ablated_odds = refusal_score(model, both, openings, batch_size, pad)
         with addition_hooks(model, table, layer, r.float()):
-            added = first_token_logprobs(model, harmless_rows, batch_size, pad)
+            _, added_odds = refusal_score(model, harmless_rows, openings, batch_size, pad)
         score = Score(
             layer=layer,
             position=p - n_pos,
-            bypass=float(log_odds(ablated[:n_harmful], token_ids).mean()),
-            induce=float(log_odds(added, token_ids).mean()),
+            bypass=float(ablated_odds[:n_harmful].mean()),
+            induce=float(added_odds.mean()),
             kl=mean_kl(base[n_harmful:], ablated[n_harmful:]),
         )
         if score.kl > max_kl:
             score.why.append(f"KL {score.kl:.3g} > {max_kl}")
-        if score.induce <= 0:
-            score.why.append(f"induce {score.induce:.3g} <= 0")
+        if score.induce < min_induce:
+            score.why.append(f"induce {score.induce:.3g} < {min_induce:.3g}")
         score.kept = not score.why
         scores[layer, p] = score
         if progress:
@@ -271,7 +350,7 @@ def select(
     thresholds = {
         "max_kl": max_kl,
         "max_layer_frac": max_layer_frac,
-        "min_induce": 0.0,
+        "min_induce": min_induce,
         "top_k": top_k,
         "prune_prompts": prune_prompts,
     }
@@ -283,7 +362,7 @@ def select(
         raise NoCandidateError(
             f"no candidate passes the filters (lowest bypass: layer {best.layer}, position "
             f"{best.position}: {'; '.join(best.why)})",
-            Selection(None, ordered, baseline, token_ids, thresholds, timings, nearest=best),
+            Selection(None, ordered, baseline, openings, thresholds, timings, nearest=best),
         )
     chosen = min(kept, key=lambda s: s.bypass)
-    return Selection(chosen, ordered, baseline, token_ids, thresholds, timings)
+    return Selection(chosen, ordered, baseline, openings, thresholds, timings)

@@ -12,8 +12,9 @@ removed, in log-odds (DESIGN idea 7):
   (``embed``), attention output projections (``attn``), MLP output projections (``mlp``), or
   every writer (``all``).
 
-Each condition is scored as ``measure`` scores a candidate: mean refusal log-odds of the
-harmful prompts at the first generated token, and first-token KL of the harmless prompts
+Each condition is scored as ``measure`` scores a candidate: mean log-odds that an answer to a
+harmful prompt opens with one of the model's refusal openings (``select.refusal_score``), and
+first-token KL of the harmless prompts
 against no intervention (both from one batched pass over harmful + harmless prompts, as in
 ``select``); plus the refusal rate of greedy answers to the harmful prompts and, with a guard
 model, its unsafe rate. Effects are the change from the baseline in log-odds (a log Bayes
@@ -164,7 +165,7 @@ class _Ready:
     prompts: dict[str, list[str]]
     tok: object
     rows: list[list[int]]  # harmful rows, then harmless rows
-    token_ids: list[int] | None
+    openings: list[tuple[int, ...]] | None
     tokens_from: str | None
     guard: Path | None
 
@@ -177,7 +178,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     from .direction import load_direction
     from .measure import chat_ids, post_instruction_ids
     from .safety import load_sets
-    from .select import measured_refusal_tokens, parse_refusal_tokens
+    from .select import measured_refusal_openings, parse_refusal_tokens
     from .source import read_config, resolve_model
 
     guard = _resolve_judge(cfg.judge)
@@ -199,10 +200,11 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
         for row in chat_ids(tok, prompts[kind], post, cfg.system)
     ]
     if cfg.refusal_tokens:
-        token_ids, tokens_from = parse_refusal_tokens(tok, cfg.refusal_tokens), "--refusal-tokens"
+        openings = [(t,) for t in parse_refusal_tokens(tok, cfg.refusal_tokens)]
+        tokens_from = "--refusal-tokens"
     else:
-        token_ids = measured_refusal_tokens(tok, direction.path)
-        tokens_from = None if token_ids is None else str(direction.path.with_name("scores.json"))
+        openings = measured_refusal_openings(tok, direction.path)
+        tokens_from = None if openings is None else str(direction.path.with_name("scores.json"))
     return _Ready(
         folder,
         revision,
@@ -212,7 +214,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
         prompts,
         tok,
         rows,
-        token_ids,
+        openings,
         tokens_from,
         guard,
     )
@@ -228,11 +230,11 @@ def _answers(model, tok, rows, cfg: StudySitesConfig, pad: int, budget: int, pro
     return made, texts
 
 
-def _derive_tokens(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, progress) -> list[int]:
-    """Refusal tokens as ``measure`` derives them: from the first ``FILTER_TOKENS`` tokens of
+def _derive_openings(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, progress) -> list:
+    """Refusal openings as ``measure`` derives them: from the first ``FILTER_TOKENS`` tokens of
     the model's own greedy answers to the harmful and harmless prompts."""
     from .measure import FILTER_TOKENS
-    from .select import refusal_tokens
+    from .select import refusal_openings
 
     n_harmful = len(ready.prompts["harmful"])
     progress.start(
@@ -241,7 +243,7 @@ def _derive_tokens(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, progre
     harmless_ids, _ = _answers(
         model, tok, ready.rows[n_harmful:], cfg, pad, FILTER_TOKENS, progress.advance
     )
-    return refusal_tokens(tok, [ids[:FILTER_TOKENS] for ids in harmful_ids], harmless_ids, log)
+    return refusal_openings(tok, [ids[:FILTER_TOKENS] for ids in harmful_ids], harmless_ids, log)
 
 
 def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list[Outcome]:
@@ -251,7 +253,7 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
     from .checkpoint import Checkpoint
     from .measure import pad_id
     from .refusal import judge
-    from .select import first_token_logprobs, log_odds, mean_kl
+    from .select import mean_kl, refusal_score
 
     progress.start("loading the model", None)
     model = AutoModelForCausalLM.from_pretrained(
@@ -277,21 +279,21 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
             continue
         clock = time.perf_counter()
         with iv.hooks():
-            progress.start(f"{iv.label}: first-token pass", None)
-            # harmful + harmless in one batched pass, exactly as select scores a candidate
-            logprobs = first_token_logprobs(model, ready.rows, cfg.batch_size, pad)
             budget = cfg.max_new_tokens
             progress.start(f"{iv.label}: greedy answers ({budget} tokens max)", n_harmful)
             made, texts = _answers(
                 model, tok, ready.rows[:n_harmful], cfg, pad, budget, progress.advance
             )
-        if base is None:  # the baseline comes first
-            base = logprobs
-            if ready.token_ids is None:
-                ready.token_ids = _derive_tokens(model, tok, ready, made, cfg, pad, log, progress)
+            if ready.openings is None:  # the baseline comes first
+                ready.openings = _derive_openings(model, tok, ready, made, cfg, pad, log, progress)
                 ready.tokens_from = "derived from the model's own answers"
+            progress.start(f"{iv.label}: refusal score", None)
+            # harmful + harmless in one batched pass, exactly as select scores a candidate
+            logprobs, odds = refusal_score(model, ready.rows, ready.openings, cfg.batch_size, pad)
+        if base is None:
+            base = logprobs
         verdicts = [judge(t) for t in texts]
-        outcome.log_odds = float(log_odds(logprobs[:n_harmful], ready.token_ids).mean())
+        outcome.log_odds = float(odds[:n_harmful].mean())
         outcome.kl = mean_kl(base[n_harmful:], logprobs[n_harmful:])
         outcome.refusal = verdicts.count("refused") / n_harmful
         outcome.broken = verdicts.count("broken") / n_harmful
@@ -376,8 +378,7 @@ def study_sites(
     line = finding(outcomes)
     report = {
         "settings": _settings(cfg, ready),
-        "refusal_tokens": ready.tok.convert_ids_to_tokens(ready.token_ids),
-        "refusal_token_ids": ready.token_ids,
+        "refusal_openings": [ready.tok.convert_ids_to_tokens(list(o)) for o in ready.openings],
         "refusal_tokens_from": ready.tokens_from,
         "conditions": [o.to_dict() for o in outcomes],
         "finding": line,

@@ -1,0 +1,76 @@
+"""Opt-in (``make test-real``, ``pytest -m real``): the development model,
+Qwen2.5-Coder-0.5B-Instruct, a real chat model that refuses about half of plainly harmful
+requests (untied embeddings, a default system prompt in its template).
+
+Skipped unless the converted checkpoint exists: ``make qwen`` writes it to
+``models/qwen2.5-coder-0.5b-instruct`` (or set ORTHOEDIT_QWEN to a folder). About 10 minutes on
+2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import folder_digest
+from orthoedit.apply import apply
+from orthoedit.config import ApplyConfig, MeasureConfig, VerifyConfig
+from orthoedit.measure import measure
+from orthoedit.refusal import reads_as_refusal
+from orthoedit.select import NoCandidateError
+from orthoedit.verify import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN = Path(os.environ.get("ORTHOEDIT_QWEN", ROOT / "models" / "qwen2.5-coder-0.5b-instruct"))
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(
+        not (QWEN / "config.json").is_file(), reason=f"no Qwen2.5-Coder at {QWEN} (make qwen)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> Path:
+    """A small measure run with the default method (filter, refusal openings, selection):
+    whether or not a candidate passes, the folder holds every score."""
+    out = tmp_path_factory.mktemp("qwen") / "direction"
+    cfg = MeasureConfig(model=str(QWEN), out=out, n_train=32, n_val=8, top_k=4)
+    try:
+        measure(cfg, log=print)
+    except NoCandidateError as err:
+        print(err)
+    return out
+
+
+def test_refusal_openings_read_as_refusals_and_score_the_gap(measured):
+    from transformers import AutoTokenizer
+
+    scores = json.loads((measured / "scores.json").read_text())
+    tok = AutoTokenizer.from_pretrained(QWEN)
+    openings = [tok.convert_tokens_to_string(o) for o in scores["refusal_openings"]]
+    assert openings and all(reads_as_refusal(o) for o in openings), openings
+    # shortest refusing prefixes: none is a prefix of another, so their probabilities add up
+    ids = [tuple(tok.convert_tokens_to_ids(o)) for o in scores["refusal_openings"]]
+    assert not any(a != b and b[: len(a)] == a for a in ids for b in ids)
+    base = scores["baseline"]
+    assert base["harmful_log_odds"] > base["harmless_log_odds"] + 1  # refused vs answered
+    kept = [s for s in scores["scores"] if s["kept"]]
+    for s in kept:
+        assert s["induce"] >= scores["thresholds"]["min_induce"] and s["kl"] <= 0.1
+
+
+def test_measured_direction_applies_exactly(measured, tmp_path):
+    before = folder_digest(QWEN)
+    out = tmp_path / "edited"
+    apply(ApplyConfig(model=str(QWEN), direction=measured / "direction.safetensors", out=out))
+    report = verify(VerifyConfig(source=str(QWEN), edited=out, max_prompts=3), log=print)
+    assert report.passed, report.failures
+    assert report.residual_leak < 1e-4
+    assert folder_digest(QWEN) == before
+    # the GGUF ships its own output matrix, so the converted checkpoint is untied
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
