@@ -181,6 +181,23 @@ def test_per_layer_row_out_of_range(tiny_model, tmp_path, outdir):
     )
 
 
+def test_empty_sites_is_an_error_not_every_site(tiny_model, direction_file, outdir):
+    expect_bad(tiny_model("llama"), direction_file, outdir, ["--sites"], args=("--sites", ""))
+
+
+@pytest.mark.parametrize("spec", ["1:99", "-9:", ":5"])
+def test_layers_outside_the_model_are_refused_not_clipped(tiny_model, direction_file, outdir, spec):
+    n_layers = 2  # the tiny models' depth: 1:99 used to edit 1:2 without a word
+    expect_bad(
+        tiny_model("llama"),
+        direction_file,
+        outdir,
+        [f"--layers {spec!r}", f"{n_layers}-layer model"],
+        args=("--layers", spec),
+        library={"layers": spec},
+    )
+
+
 def test_error_text_with_brackets_is_printed_verbatim(tiny_model, tmp_path, outdir):
     folder = tmp_path / "[run]"
     folder.mkdir()
@@ -606,3 +623,46 @@ def test_verify_folder_without_plan(tiny_model):
 def test_verify_missing_edited_folder(tiny_model, tmp_path):
     line = error_line(cli("verify", tiny_model("llama"), tmp_path / "nothing"))
     assert "plan.json" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["measure", "M", "--n-train", "1"], "error: --n-train must be >= 2"),
+        (["measure", "M", "--max-kl", "-1"], "error: --max-kl must be >= 0"),
+        (["apply", "M", "--direction", "d", "--sites", "embed,foo"], "error: --sites: must be"),
+        (["search", "M", "--candidates", "c", "--trials", "0"], "error: --trials must be >= 1"),
+    ],
+)
+def test_option_errors_name_the_option_not_the_field(args, line, tmp_path):
+    said = error_line(cli(*args, "--out", tmp_path / "o"))
+    assert said.startswith(line), said
+    assert "Input should" not in said and "_" not in said.split()[1]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["measure", "eval safety"])
+@pytest.mark.parametrize("kind", ["missing", "binary"])
+def test_template_that_cannot_be_read_is_one_line(command, kind, tiny_model, tmp_path):
+    template = tmp_path / "t.jinja"
+    if kind == "binary":
+        template.write_bytes(b"\xff\xfe\x00garbage")
+    said = error_line(
+        cli(*command.split(), tiny_model("llama"), "--template", template, "--out", tmp_path / "o")
+    )
+    assert "--template" in said and str(template) in said
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["measure", "eval safety", "eval bench", "study sites"])
+@pytest.mark.parametrize("device", ["bogus", "cuda:7"])
+def test_device_that_is_not_there_is_one_line_before_loading(command, device, tmp_path):
+    """Checked when the options are read: no model is loaded (M does not even exist)."""
+    args = [*command.split(), "M", "--device", device, "--out", tmp_path / "o"]
+    if command == "eval bench":
+        args.insert(3, "E")
+    if command == "study sites":
+        args += ["--direction", "d.safetensors"]
+    said = error_line(cli(*args))
+    assert f"--device {device}" in said or f"--device '{device}'" in said
+    assert not (tmp_path / "o").exists()

@@ -343,3 +343,24 @@ def test_verify_rejects_a_plan_for_another_family(applied, tiny_model):
     result = cli("verify", tiny_model("llama"), out)
     assert result.exit_code == 2
     assert "the plan is for gemma2" in result.stderr
+
+
+def test_verify_reads_prompt_files_as_every_command_does(applied, tmp_path, monkeypatch):
+    """A .jsonl of objects gives its prompt fields (not each JSON line as a prompt); a binary
+    file is one clean error line."""
+    from orthoedit import verify as V
+
+    src, out = applied
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "Name a color."}\n{"prompt": "Count to three."}\n')
+    seen = []
+    real = V.encode_prompts
+    monkeypatch.setattr(V, "encode_prompts", lambda tok, p: seen.extend(p) or real(tok, p))
+    result = cli("verify", src, out, "--prompts", rows, "--max-prompts", "2")
+    assert result.exit_code == 0, result.output
+    assert seen == ["Name a color.", "Count to three."]
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x01garbage")
+    result = cli("verify", src, out, "--prompts", binary)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "not UTF-8" in result.stderr

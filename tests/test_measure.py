@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -543,7 +544,12 @@ def test_filter_shortfall_and_no_filter(tmp_path):
     args += ["--harmless", PROMPTS / "harmless-train.jsonl", "--layer", "2", "--position", "-1"]
     result = cli(*args)
     assert result.exit_code == 2, result.output
-    assert "refused only 0 of" in result.stderr and "--no-filter" in result.stderr
+    said = " ".join(result.stderr.split())
+    assert "the model refused 0 of the" in said and "--no-filter" in said
+    # both parts of what was given are counted, so the numbers add up to the file's prompts
+    n = len(load_prompt_file(wrong))
+    counts = re.search(r"of the (\d+) harmful prompts tried .* of the (\d+) for scoring", said)
+    assert int(counts.group(1)) + int(counts.group(2)) == n, said
     assert not out.exists()
     unfiltered = cli(*args, "--no-filter")
     assert unfiltered.exit_code == 0, unfiltered.output

@@ -154,7 +154,7 @@ def test_parse_layers(spec, expect):
     assert parse_layers(spec, 8) == expect
 
 
-@pytest.mark.parametrize("spec", ["5:2", "3", "a:b", "9:"])
+@pytest.mark.parametrize("spec", ["5:2", "3", "a:b", "9:", "2:99", "-9:", ":9"])
 def test_parse_layers_rejects(spec):
     with pytest.raises(BadInputError):
         parse_layers(spec, 8)

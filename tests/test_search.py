@@ -169,6 +169,27 @@ def test_choice_and_front():
     assert choose(trials, 0.001, max_failure=0.1).number == 6
 
 
+def test_a_no_op_is_never_the_choice():
+    """Within the KL budget only trials that fail as often as the unedited model: nothing is
+    chosen, and the message says so, with the nearest trials and measure's selection."""
+    from orthoedit.config import SearchConfig
+    from orthoedit.search import nothing_chosen
+
+    def trial(number, failure, kl):
+        return SimpleNamespace(number=number, user_attrs={"failure": failure, "kl": kl})
+
+    trials = [trial(0, 1.0, 0.0), trial(1, 1.0, 0.04), trial(2, 0.0, 0.125)]
+    assert choose(trials, 0.1).number == 0  # without the unedited rate: the no-op wins
+    assert choose(trials, 0.1, unedited=1.0) is None
+    assert choose(trials, 0.2, unedited=1.0).number == 2
+    assert choose(trials, 0.1, max_failure=1.0, unedited=1.0).number == 2  # no KL budget there
+    baselines = {"no edit": {"failure": 1.0}, "measure": {"failure": 0.0, "kl": 0.125}}
+    result = SimpleNamespace(trials=trials, baselines=baselines)
+    said = nothing_chosen(SearchConfig(model="m", candidates="c", out="o"), result)
+    assert "fails less often than the unedited model (100.0%)" in said
+    assert "#0 failure 100.0% at KL 0" in said and "failure 0.0% at KL 0.125" in said
+
+
 def test_max_failure_rechooses_from_the_stored_study(first_search, measured, tmp_path):
     """--max-failure is not a setting of the study: the stored trials are chosen from again,
     none is run, and the report says which rule chose."""

@@ -370,7 +370,9 @@ def attribute(
             raise BadInputError(f"--{kind}: {len(items)} prompts; attribution needs at least 2.")
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
-        tok.chat_template = cfg.template.read_text()
+        from .measure import read_template
+
+        tok.chat_template = read_template(cfg.template)
     post = post_instruction_ids(tok, cfg.system)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device

@@ -72,10 +72,30 @@ def _run(fn, target: Path | None = None, interrupted: str | None = None):
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        err.print(f"[red]error:[/red] {escape(where)}: {escape(first['msg'])}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(option_error(e))}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def option_error(e: ValidationError) -> str:
+    """A config's validation error in the CLI's words: ``--n-train must be >= 2``, naming the
+    option (a list's item too: ``--sites``), not the pydantic field."""
+    first = e.errors()[0]
+    option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "input"
+    msg = first["msg"].removeprefix("Value error, ")
+    if msg.startswith(option):
+        return msg
+    ctx = first.get("ctx") or {}
+    words = {
+        "greater_than_equal": ">=",
+        "greater_than": ">",
+        "less_than_equal": "<=",
+        "less_than": "<",
+    }
+    for kind, sign in words.items():
+        if first["type"] == kind:
+            bound = next(iter(ctx.values()), "")
+            return f"{option} must be {sign} {bound}"
+    return f"{option}: {msg.replace('Input should be', 'must be')}"
 
 
 def _version(value: bool) -> None:
@@ -139,6 +159,9 @@ def apply(
         err.print("[red]error:[/red] --out is required (or use --dry-run).")
         raise typer.Exit(2)
     site_list: list[Site] = [s.strip() for s in sites.split(",") if s.strip()]  # type: ignore[misc]
+    if not site_list:
+        err.print("[red]error:[/red] --sites: give at least one of embed, attn, mlp.")
+        raise typer.Exit(2)
     cfg = _run(
         lambda: ApplyConfig(
             model=model,
@@ -1113,7 +1136,7 @@ def search_cmd(
     embedding on or off) against measured refusal and damage, with run-time hooks; write the
     Pareto front and the best edit within the KL budget, with the apply command that
     reproduces it. Resumes the study in --out."""
-    from .search import budget, search
+    from .search import nothing_chosen, search
 
     cfg = _run(
         lambda: SearchConfig(
@@ -1164,11 +1187,7 @@ def search_cmd(
     folder = escape(str(result.out))
     out.print(f"wrote {folder}/pareto.md, pareto.json, pareto.png")
     if result.chosen is None:
-        err.print(
-            f"[red]error:[/red] no trial has {budget(cfg, result.baselines)}; see the front above, "
-            "loosen the budget or run more --trials.",
-            highlight=False,
-        )
+        err.print(f"[red]error:[/red] {escape(nothing_chosen(cfg, result))}", highlight=False)
         raise typer.Exit(1)
     chosen = result.chosen
     out.print(

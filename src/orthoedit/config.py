@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .architectures import Site, TiedPolicy
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device(value: str | None) -> str | None:
+    """A device torch knows (and this machine has), or a device_map strategy."""
+    if value is None or value in DEVICE_MAPS:
+        return value
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {value!r} is not a device; use e.g. cpu, cuda, cuda:1, mps or auto"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {value}: this machine has no CUDA device; leave it out for CPU")
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise ValueError(f"--device {value}: this machine has {torch.cuda.device_count()} GPUs")
+    return value
+
+
+Device = Annotated[str | None, AfterValidator(_device)]
 
 
 class ApplyConfig(BaseModel):
@@ -37,6 +65,7 @@ class ApplyConfig(BaseModel):
     )
     sites: list[Site] = Field(
         default=["embed", "attn", "mlp"],
+        min_length=1,
         description="Residual writers to edit: embed, attn, mlp (default: all three).",
     )
     layers: str | None = Field(
@@ -153,7 +182,7 @@ class MeasureConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Dtype the model runs in."
     )
-    device: str | None = Field(
+    device: Device = Field(
         default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
     )
     max_memory: str | None = Field(
@@ -205,7 +234,7 @@ class EvalBenchConfig(BaseModel):
         default="hf", description="lm-eval backend: hf, or vllm for GPUs."
     )
     dtype: str = Field(default="auto", description="Model dtype for lm-eval (auto, float32, ...).")
-    device: str | None = Field(
+    device: Device = Field(
         default=None, description="hf backend device (default: cuda if available, else cpu)."
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: tensor parallel size.")
@@ -231,7 +260,7 @@ class _Running(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Dtype to run the models in."
     )
-    device: str | None = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
+    device: Device = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
     batch_size: int = Field(default=16, ge=1, description="Prompts per batch.")
 
 

@@ -58,6 +58,16 @@ def template_kwargs() -> dict:
     return {"date_string": PINNED_DATE.strftime("%d %b %Y")}
 
 
+def read_template(path: Path) -> str:
+    """A ``--template`` file's text (a Jinja chat template), or a clear error."""
+    if not Path(path).is_file():
+        raise BadInputError(f"--template {path} does not exist.")
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"--template {path}: cannot read it as UTF-8 text ({err}).") from None
+
+
 def render(tok, prompt: str, system: str | None = None) -> str:
     """One user turn (after an optional system prompt) and the generation prompt, as text.
 
@@ -316,12 +326,13 @@ def _check_filter(filtered: dict, n_train: int, log) -> None:
     """Report what the filter kept; too few refused harmful prompts is an error."""
     for name, f in filtered.items():
         log(f"filter: kept {f['kept']} of {f['tried']} {name.replace('_', ' ')} prompts")
-    train = filtered["harmful_train"]
+    train, val = filtered["harmful_train"], filtered["harmful_val"]
     floor = min(MIN_REFUSED, n_train)
-    if train["kept"] < floor or filtered["harmful_val"]["kept"] < 2:
+    if train["kept"] < floor or val["kept"] < 2:
         raise BadInputError(
-            f"the model refused only {train['kept']} of {train['tried']} harmful prompts "
-            f"(at least {floor} are needed): give a larger --harmful pool, or --no-filter to "
+            f"the model refused {train['kept']} of the {train['tried']} harmful prompts tried "
+            f"for the means and {val['kept']} of the {val['tried']} for scoring (at least "
+            f"{floor} and 2 are needed): give a larger --harmful pool, or --no-filter to "
             "measure on all prompts (the direction may then be about topic, not refusal)."
         )
     for name, f in filtered.items():
@@ -399,7 +410,7 @@ def measure(
 
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
-        tok.chat_template = cfg.template.read_text()
+        tok.chat_template = read_template(cfg.template)
     post = post_instruction_ids(tok, cfg.system)
     n_pos = len(post)
     if cfg.position is not None and not -n_pos <= cfg.position <= -1:

@@ -219,6 +219,12 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, int]:
         end = int(parts[1]) if parts[1].strip() else None
     except ValueError:
         raise BadInputError(f"--layers {spec!r}: expected START:END, e.g. 4:20 or 10:.") from None
+    outside = [i for i in (start, end) if i is not None and not -n_layers <= i <= n_layers]
+    if outside:  # Python would clip them silently: a typo would edit other layers than meant
+        raise BadInputError(
+            f"--layers {spec!r}: {outside[0]} is outside this {n_layers}-layer model; "
+            f"use START:END within -{n_layers}..{n_layers}, e.g. {min(2, n_layers - 1)}:."
+        )
     start, end, _ = slice(start, end).indices(n_layers)
     if start >= end:
         raise BadInputError(f"--layers {spec!r} selects no layer of a {n_layers}-layer model.")

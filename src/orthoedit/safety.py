@@ -266,7 +266,9 @@ def eval_safety(
         folder = folders[role]
         tok = AutoTokenizer.from_pretrained(folder)
         if cfg.template is not None:
-            tok.chat_template = cfg.template.read_text()
+            from .measure import read_template
+
+            tok.chat_template = read_template(cfg.template)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.dtype))
         model = model.eval().to(cfg.device) if cfg.device else model.eval()
         items = [(kind, item) for kind in ("harmful", "harmless") for item in sets[kind]]

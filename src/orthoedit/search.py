@@ -355,9 +355,9 @@ def prepare(cfg: SearchConfig) -> _Ready:
     system = cfg.system if cfg.system is not None else record.get("system")
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
-        if not cfg.template.is_file():
-            raise BadInputError(f"--template {cfg.template} does not exist.")
-        tok.chat_template = cfg.template.read_text()
+        from .measure import read_template
+
+        tok.chat_template = read_template(cfg.template)
     post = post_instruction_ids(tok, system)
     if len(post) != n_pos:
         raise BadInputError(
@@ -769,14 +769,17 @@ def choose(
     max_kl: float,
     max_drop: float | None = None,
     max_failure: float | None = None,
+    unedited: float | None = None,
 ):
     """The lowest failure rate with KL within the budget; ties: lower KL, then the earlier
     trial. With ``max_failure`` instead: the lowest KL with a failure rate at most that; ties:
     lower failure, then the earlier trial. With an eval task and ``max_drop``, only trials
-    whose drop is within it. None when no trial qualifies. A pure function of the stored
-    trials."""
+    whose drop is within it; with ``unedited`` (the unedited model's failure rate), only
+    trials that fail less often, so that a no-op is never the choice. None when no trial
+    qualifies. A pure function of the stored trials."""
     v = {t.number: objectives(t) for t in trials}
     ok = [t for t in trials if max_drop is None or v[t.number][2] <= max_drop]
+    ok = [t for t in ok if unedited is None or v[t.number][0] < unedited]
     if max_failure is not None:
         ok = [t for t in ok if v[t.number][0] <= max_failure]
         return min(ok, key=lambda t: (v[t.number][1], v[t.number][0], t.number), default=None)
@@ -801,7 +804,25 @@ def target_failure(max_failure, baselines: dict | None) -> float | None:
 
 def choose_for(trials: list, cfg: SearchConfig, baselines: dict | None):
     failure = target_failure(cfg.max_failure, baselines)
-    return choose(trials, cfg.max_kl, cfg.max_drop, failure)
+    unedited = None if baselines is None else baselines["no edit"]["failure"]
+    return choose(trials, cfg.max_kl, cfg.max_drop, failure, unedited)
+
+
+def nothing_chosen(cfg: SearchConfig, result) -> str:
+    """Why no trial was chosen, with the nearest trials and measure's own selection."""
+    base = result.baselines
+    unedited = base["no edit"]["failure"]
+    nearest = sorted(result.trials, key=lambda t: objectives(t)[1])[:3]
+    near = "; ".join(
+        f"#{t.number} failure {objectives(t)[0]:.1%} at KL {objectives(t)[1]:.3g}" for t in nearest
+    )
+    m = base["measure"]
+    return (
+        f"no trial with {budget(cfg, base)} fails less often than the unedited model "
+        f"({unedited:.1%}) after {len(result.trials)} trials. Lowest KL: {near or 'none'}; "
+        f"measure's selection: failure {m['failure']:.1%} at KL {m['kl']:.3g}. Loosen the budget "
+        "(--max-kl) or run more --trials (the study resumes)."
+    )
 
 
 def budget(cfg: SearchConfig, baselines: dict | None = None) -> str:

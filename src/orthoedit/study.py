@@ -190,9 +190,9 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     prompts = load_sets(cfg)
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
-        if not cfg.template.is_file():
-            raise BadInputError(f"--template {cfg.template} does not exist.")
-        tok.chat_template = cfg.template.read_text()
+        from .measure import read_template
+
+        tok.chat_template = read_template(cfg.template)
     post = post_instruction_ids(tok, cfg.system)
     rows = [
         row

@@ -306,12 +306,12 @@ def _judge(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:
 
 
 def _read_prompts(path: Path | None) -> list[str]:
+    """The built-in prompts, or a prompt file read as every command reads one (.jsonl rows are
+    objects with a ``prompt`` field, .txt is a prompt a line)."""
+    from .prompts import load_prompt_file
+
     if path is None:
         return list(DEFAULT_PROMPTS)
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except OSError as err:
-        raise BadInputError(f"--prompts {path}: cannot read ({err.strerror}).") from err
-    if not lines:
-        raise BadInputError(f"--prompts {path} has no prompts.")
-    return lines
+    if not Path(path).is_file():
+        raise BadInputError(f"--prompts {path} does not exist.")
+    return [item["prompt"] for item in load_prompt_file(path)]
