@@ -243,7 +243,11 @@ def batched_forward(model, rows: list[list[int]], batch_size: int, pad: int, kee
     prefix_cache = None
     if n:
         prefix = torch.tensor([rows[0][:n]], device=device)
-        prefix_cache = model(input_ids=prefix, use_cache=True, **kw).past_key_values
+        ran = model(input_ids=prefix, use_cache=True, **kw)
+        # transformers 5.x names the key/value cache ``cache`` (``past_key_values`` goes away in
+        # 5.40); older versions only know ``past_key_values``. Whichever the output has.
+        cache_name = "cache" if "cache" in ran else "past_key_values"
+        prefix_cache = ran[cache_name]
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
         enc = left_padded([rows[i][n:] for i in batch], pad, device)
         extra: dict = {"use_cache": False}
@@ -253,7 +257,7 @@ def batched_forward(model, rows: list[list[int]], batch_size: int, pad: int, kee
             seen = torch.ones((len(batch), n), dtype=torch.long, device=device)
             enc["attention_mask"] = torch.cat([seen, enc["attention_mask"]], dim=1)
             enc["position_ids"] = enc["position_ids"] + n
-            extra = {"use_cache": True, "past_key_values": cache}
+            extra = {"use_cache": True, cache_name: cache}
         yield batch, model(**enc, **extra, **kw)
 
 
