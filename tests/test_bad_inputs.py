@@ -655,7 +655,7 @@ def test_template_that_cannot_be_read_is_one_line(command, kind, tiny_model, tmp
 
 
 @pytest.mark.parametrize("command", ["measure", "eval safety", "eval bench", "study sites"])
-@pytest.mark.parametrize("device", ["bogus", "cuda:7"])
+@pytest.mark.parametrize("device", ["bogus", "cuda:x"])
 def test_device_that_is_not_there_is_one_line_before_loading(command, device, tmp_path):
     """Checked when the options are read: no model is loaded (M does not even exist)."""
     args = [*command.split(), "M", "--device", device, "--out", tmp_path / "o"]

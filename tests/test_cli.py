@@ -195,12 +195,13 @@ def test_layers_are_half_open_and_accept_negatives(tiny_model, direction_file):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--layers", "5:9"), "selects no layer"),
+        (("--layers", "1:1"), "selects no layer"),
+        (("--layers", "5:9"), "outside this 2-layer model"),
         (("--layers", "one:two"), "START:END"),
         (("--sites", "attn,foo"), "sites"),
         (("--direction-layer", "0"), "--direction-layer"),
     ],
-    ids=["empty-layers", "bad-layers", "bad-site", "row-of-single-direction"],
+    ids=["empty-layers", "outside-layers", "bad-layers", "bad-site", "row-of-single-direction"],
 )
 def test_bad_options_exit_2(args, needle, tiny_model, direction_file, tmp_path):
     out = tmp_path / "edited"

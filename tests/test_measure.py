@@ -396,7 +396,7 @@ def test_measure_given_candidate(tmp_path):
         (("--layer", "4", "--position", "-1"), "layers 0..3"),
         (("--refusal-tokens", "i can't"), "give single tokens"),
         (("--layer", "2", "--position", "-3"), "use -2..-1"),
-        (("--layer", "2", "--position", "-1", "--n-train", "1"), "n_train"),
+        (("--layer", "2", "--position", "-1", "--n-train", "1"), "--n-train must be >= 2"),
         (("--layer", "2", "--position", "-1", "--column", "text"), "--column NAME"),
     ],
 )

@@ -150,9 +150,9 @@ def test_judge_errors_are_counted_not_scored(monkeypatch, tmp_path):
         (("--base", "/no/such/model"), "no such folder"),
         (("--phrases", "/no/such/file.txt"), "does not exist"),
         (("--harmful", "/no/such/prompts.jsonl"), "does not exist"),
-        (("--max-new-tokens", "0"), "max_new_tokens"),
+        (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
         (("--max-surprisal", "3"), "--max-surprisal needs --base"),
-        (("--base", str(CHAT_MODEL), "--max-surprisal", "0"), "max_surprisal"),
+        (("--base", str(CHAT_MODEL), "--max-surprisal", "0"), "--max-surprisal must be > 0"),
     ],
 )
 def test_bad_inputs_write_nothing(tmp_path, extra, needle):

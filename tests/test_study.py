@@ -169,7 +169,7 @@ def _bad_direction(tmp_path: Path, name: str, values) -> Path:
         ("jsonl", "invalid JSON"),
         ("judge", "hf:PATH_OR_ID"),
         ("tokens", "give single tokens"),
-        ("n", "greater than or equal to 1"),
+        ("n", "--n must be >= 1"),
     ],
 )
 def test_bad_inputs_write_nothing(tiny_model, direction_file, tmp_path, case, needle):

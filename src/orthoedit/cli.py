@@ -1136,7 +1136,7 @@ def search_cmd(
     embedding on or off) against measured refusal and damage, with run-time hooks; write the
     Pareto front and the best edit within the KL budget, with the apply command that
     reproduces it. Resumes the study in --out."""
-    from .search import nothing_chosen, search
+    from .search import budget, search
 
     cfg = _run(
         lambda: SearchConfig(
@@ -1187,7 +1187,11 @@ def search_cmd(
     folder = escape(str(result.out))
     out.print(f"wrote {folder}/pareto.md, pareto.json, pareto.png")
     if result.chosen is None:
-        err.print(f"[red]error:[/red] {escape(nothing_chosen(cfg, result))}", highlight=False)
+        err.print(
+            f"[red]error:[/red] no trial has {budget(cfg, result.baselines)}; see the front above, "
+            "loosen the budget or run more --trials.",
+            highlight=False,
+        )
         raise typer.Exit(1)
     chosen = result.chosen
     out.print(

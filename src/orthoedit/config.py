@@ -13,25 +13,16 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _device(value: str | None) -> str | None:
-    """A device torch knows (and this machine has), or a device_map strategy."""
+    """A device torch can name, or a device_map strategy. (Whether this machine has it is
+    checked where the model loads: a recipe may be validated on another machine.)"""
     if value is None or value in DEVICE_MAPS:
         return value
     import torch
 
     try:
-        device = torch.device(value)
+        torch.device(value)
     except (RuntimeError, ValueError):
-        raise ValueError(
-            f"--device {value!r} is not a device; use e.g. cpu, cuda, cuda:1, mps or auto"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {value}: this machine has no CUDA device; leave it out for CPU")
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise ValueError(f"--device {value}: this machine has {torch.cuda.device_count()} GPUs")
+        raise ValueError(f"--device {value!r} is not a device (e.g. cpu, cuda:1, auto)") from None
     return value
 
 

@@ -373,11 +373,16 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
         result = measure(cfg, log=log)
         return {"layer": result.layer, "position": result.position}
     if name == "search":
-        from .search import nothing_chosen, objectives, search
+        from .search import budget, objectives, search
 
         result = search(cfg, log=log, replace_other=True)
         if result.chosen is None:
-            raise CheckFailedError(f"search: {nothing_chosen(cfg, result)} See {target}/pareto.md.")
+            raise CheckFailedError(
+                f"search: no trial with {budget(cfg, result.baselines)} after "
+                f"{len(result.trials)} trials; see "
+                f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
+                "again (the study resumes)."
+            )
         from .search import chosen_sites
 
         if not chosen_sites(target / "chosen" / "scales.json"):

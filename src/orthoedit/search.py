@@ -804,25 +804,7 @@ def target_failure(max_failure, baselines: dict | None) -> float | None:
 
 def choose_for(trials: list, cfg: SearchConfig, baselines: dict | None):
     failure = target_failure(cfg.max_failure, baselines)
-    unedited = None if baselines is None else baselines["no edit"]["failure"]
-    return choose(trials, cfg.max_kl, cfg.max_drop, failure, unedited)
-
-
-def nothing_chosen(cfg: SearchConfig, result) -> str:
-    """Why no trial was chosen, with the nearest trials and measure's own selection."""
-    base = result.baselines
-    unedited = base["no edit"]["failure"]
-    nearest = sorted(result.trials, key=lambda t: objectives(t)[1])[:3]
-    near = "; ".join(
-        f"#{t.number} failure {objectives(t)[0]:.1%} at KL {objectives(t)[1]:.3g}" for t in nearest
-    )
-    m = base["measure"]
-    return (
-        f"no trial with {budget(cfg, base)} fails less often than the unedited model "
-        f"({unedited:.1%}) after {len(result.trials)} trials. Lowest KL: {near or 'none'}; "
-        f"measure's selection: failure {m['failure']:.1%} at KL {m['kl']:.3g}. Loosen the budget "
-        "(--max-kl) or run more --trials (the study resumes)."
-    )
+    return choose(trials, cfg.max_kl, cfg.max_drop, failure)
 
 
 def budget(cfg: SearchConfig, baselines: dict | None = None) -> str:
