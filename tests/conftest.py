@@ -54,7 +54,7 @@ def direction_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def organism_run(tmp_path_factory) -> Path:
-    """recipes/organism.yaml run once, all five stages (about 20 s); read-only for tests, and
+    """recipes/organism.yaml run once, all six stages (about 25 s); read-only for tests, and
     reruns of it must leave every output as it was."""
     from orthoedit.recipe import run
 

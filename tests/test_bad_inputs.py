@@ -666,3 +666,38 @@ def test_device_that_is_not_there_is_one_line_before_loading(command, device, tm
     said = error_line(cli(*args))
     assert f"--device {device}" in said or f"--device '{device}'" in said
     assert not (tmp_path / "o").exists()
+
+
+COMMANDS_WITH_DEVICE = [
+    "measure",
+    "eval safety",
+    "eval kl",
+    "compare",
+    "eval bench",
+    "study sites",
+    "attribute",
+    "search",
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_DEVICE)
+def test_device_this_machine_lacks_is_one_line_before_loading(command, tiny_model, tmp_path):
+    """A device torch can name but this machine does not have: one line, exit 2, nothing
+    written, from every command that runs a model (library calls and recipes check it too)."""
+    import torch
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    model = tiny_model("llama")
+    args = [*command.split(), model]
+    if command in ("eval kl", "compare", "eval bench"):
+        args.append(model)
+    if command in ("study sites", "attribute"):
+        args += ["--direction", tmp_path / "d.safetensors"]
+    if command == "search":
+        args += ["--candidates", tmp_path / "c"]
+    out = tmp_path / ("o.json" if command in ("eval kl", "compare") else "o")
+    result = cli(*args, "--device", "cuda:7", "--out", out)
+    said = error_line(result)
+    assert result.exit_code == 2 and said.startswith("error: --device cuda:7: this machine has")
+    assert not out.exists()

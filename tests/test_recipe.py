@@ -86,18 +86,21 @@ def test_organism_recipe_end_to_end_and_resume(organism_run):
     card, capability holds; a second run skips everything; --only reruns one stage."""
     out = organism_run
     state = json.loads((out / "run.json").read_text())
-    assert list(state["stages"]) == ["direction", "model", "verify", "bench", "safety"]
+    assert list(state["stages"]) == ["direction", "model", "verify", "bench", "safety", "kl"]
     assert state["stages"]["verify"]["passed"] is True
+    kl = json.loads((out / "eval" / "kl.json").read_text())
+    assert kl["edited"] == str(out / "model") and kl["prompts"] == 64
+    assert 0 < kl["first_token_kl"] == state["stages"]["kl"]["first_token_kl"]
     assert state["stages"]["bench"]["regressions"] == []
     harmful = state["stages"]["safety"]["summary"]
     assert harmful["base"]["harmful"]["overall"]["refusal"] >= 0.95
     assert harmful["model"]["harmful"]["overall"]["refusal"] <= 0.05
-    for name in ("direction", "model", "verify.json", "eval/bench", "eval/safety"):
+    for name in ("direction", "model", "verify.json", "eval/bench", "eval/safety", "eval/kl.json"):
         assert (out / name).exists(), name
 
     again = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out)
     assert again.exit_code == 0, again.output
-    assert again.stderr.count("up to date, skipped") == 5
+    assert again.stderr.count("up to date, skipped") == 6
     assert json.loads((out / "run.json").read_text())["stages"] == state["stages"]
 
     only = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out, "--only", "verify")

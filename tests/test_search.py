@@ -181,16 +181,44 @@ def test_choose_can_exclude_trials_no_better_than_unedited():
 
 def test_max_failure_rechooses_from_the_stored_study(first_search, measured, tmp_path):
     """--max-failure is not a setting of the study: the stored trials are chosen from again,
-    none is run, and the report says which rule chose."""
+    none is run, and the report says which rule chose. A trial that fails as often as the
+    unedited model is a no-op and never the choice, even when the rule allows its rate."""
     out = tmp_path / "s"
     shutil.copytree(first_search.out, out)
     result = cli(*_args(measured, out, "--trials", TRIALS, "--max-failure", 1.0))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "pareto.json").read_text())
     assert report["trials_completed"] == TRIALS and "failure ≤ 100.0%" in report["budget"]
-    lowest = min(first_search.trials, key=lambda t: (t.values[1], t.values[0], t.number))
+    unedited = first_search.baselines["no edit"]["failure"]
+    edits = [t for t in first_search.trials if t.values[0] < unedited]
+    assert len(edits) < len(first_search.trials)  # some trials are no-ops at this budget
+    lowest = min(edits, key=lambda t: (t.values[1], t.values[0], t.number))
     assert report["chosen"]["number"] == lowest.number
     assert "the lowest KL within it" in (out / "pareto.md").read_text()
+
+
+def test_no_feasible_trial_says_so_and_exits_1(first_search, measured, tmp_path):
+    """A budget only a no-op meets (KL about 0): nothing is chosen, the error names the rule, the
+    nearest trials that edit and measure's selection, exits 1, and the front is still written
+    without a chosen edit."""
+    out = tmp_path / "s"
+    shutil.copytree(first_search.out, out)
+    assert (out / "chosen").is_dir()  # the earlier choice, which must not stay behind
+    result = cli(*_args(measured, out, "--trials", TRIALS, "--max-kl", 1e-9))
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.stderr.split())
+    assert "no trial has KL ≤ 1e-09 and fails less often than the unedited model (100.0%" in message
+    unedited = first_search.baselines["no edit"]["failure"]
+    nearest = min(
+        (t for t in first_search.trials if t.values[0] < unedited),
+        key=lambda t: (t.values[1], t.values[0], t.number),
+    )
+    assert f"Nearest: #{nearest.number} failure" in message
+    assert f"Measure's selection: failure {first_search.baselines['measure']['failure']:.1%}" in (
+        message
+    )
+    report = json.loads((out / "pareto.json").read_text())
+    assert report["chosen"] is None and not (out / "chosen").exists()
 
 
 # --- on the organism ---------------------------------------------------------------------
@@ -304,19 +332,41 @@ def _judged_as_the_trial(measured: Path, out: Path, edited: Path, chosen: dict) 
     assert outcome.kl == pytest.approx(chosen["kl"], abs=1e-5)
 
 
+def _enqueue_partial(out: Path, weight: float) -> None:
+    """Queue, in the search stored in ``out``, measure's selection with its direction blended
+    a quarter of the way to a neighbouring layer and every searched writer at ``weight``: a
+    trial near measure's edit, so it edits (random trials on the organism often fail as often
+    as the unedited model, and a no-op is never chosen)."""
+    storage = f"sqlite:///{out / search_module.STUDY_FILE}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    first = min(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    params = dict(first.params)
+    space = first.distributions["direction_layer"]
+    layer = params["direction_layer"]
+    params["direction_layer"] = layer + 0.25 if layer + 0.25 <= space.high else layer - 0.25
+    for key in params:
+        if key.endswith(("_peak_weight",)) or "_weight_" in key:
+            params[key] = weight
+    study.enqueue_trial(params)
+
+
 def test_apply_reproduces_the_chosen_trial(first_search, measured, tmp_path):
     """The chosen edit, written by apply from chosen/apply.txt's arguments and loaded by plain
     transformers, answers and scores exactly as the trial did through the hooks. The budget
     is set to choose a trial with a blended direction and partial scales."""
     out = tmp_path / "s"
     shutil.copytree(first_search.out, out)
-    nontrivial = [t for t in first_search.trials[1:] if t.values[1] > 0]
-    budget = min(t.values[1] for t in nontrivial)
-    result = cli(*_args(measured, out, "--trials", TRIALS, "--max-kl", budget))
+    _enqueue_partial(out, 0.8)
+    result = cli(*_args(measured, out, "--trials", TRIALS + 1))
+    assert result.exit_code == 0, result.output
+    queued = json.loads((out / "pareto.json").read_text())["trials"][-1]
+    assert queued["failure"] < first_search.baselines["no edit"]["failure"]  # it edits
+    result = cli(*_args(measured, out, "--trials", TRIALS + 1, "--max-kl", queued["kl"]))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "pareto.json").read_text())
     chosen = report["chosen"]
-    assert chosen["number"] != 0
+    assert chosen["number"] == queued["number"]
     line = (out / "chosen" / "apply.txt").read_text()
     args = shlex.split(line)
     assert args[:2] == ["orthoedit", "apply"] and args[-2:] == ["--out", "edited"]
@@ -400,12 +450,16 @@ def test_narrowed_space_and_budget_objective(measured, tmp_path):
 
 def test_apply_reproduces_a_free_profile_trial(measured, tmp_path):
     """A free-profile trial chosen from the CLI (the budget objective with every failure rate
-    allowed minimizes KL alone, so a trial with partial weights wins), written by apply from
-    chosen/apply.txt, scores exactly as the trial did through the hooks."""
+    allowed minimizes KL alone among the trials that edit, so a trial with partial weights
+    wins), written by apply from chosen/apply.txt, scores exactly as the trial did through the
+    hooks."""
     out = tmp_path / "s"
     narrow = ["--profile", "free", "--direction-layers", "2:3", "--positions", "-1"]
     narrow += ["--embed", "off", "--objective", "budget", "--max-failure", 1.0]
     result = cli(*_args(measured, out, "--trials", TRIALS, *narrow))
+    assert result.exit_code == 0, result.output
+    _enqueue_partial(out, 0.8)
+    result = cli(*_args(measured, out, "--trials", TRIALS + 1, *narrow))
     assert result.exit_code == 0, result.output
     chosen = json.loads((out / "pareto.json").read_text())["chosen"]
     assert chosen["number"] != 0

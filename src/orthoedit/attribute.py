@@ -349,7 +349,14 @@ def attribute(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hooks import plan_hooks
-    from .measure import Progress, chat_ids, pad_id, post_instruction_ids, prompt_digest
+    from .measure import (
+        Progress,
+        chat_ids,
+        check_device,
+        pad_id,
+        post_instruction_ids,
+        prompt_digest,
+    )
     from .output import check_target, inputs_of, staged_output
     from .plan import build_plan
     from .refusal import greedy_completions
@@ -358,6 +365,7 @@ def attribute(
 
     transformers.utils.logging.disable_progress_bar()
     progress = progress or Progress()
+    check_device(cfg.device)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config, table, checkpoint, direction, plan = every_writer(
         folder, cfg.direction, cfg.direction_layer

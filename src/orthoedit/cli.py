@@ -1136,7 +1136,7 @@ def search_cmd(
     embedding on or off) against measured refusal and damage, with run-time hooks; write the
     Pareto front and the best edit within the KL budget, with the apply command that
     reproduces it. Resumes the study in --out."""
-    from .search import budget, search
+    from .search import none_chosen, search
 
     cfg = _run(
         lambda: SearchConfig(
@@ -1188,8 +1188,8 @@ def search_cmd(
     out.print(f"wrote {folder}/pareto.md, pareto.json, pareto.png")
     if result.chosen is None:
         err.print(
-            f"[red]error:[/red] no trial has {budget(cfg, result.baselines)}; see the front above, "
-            "loosen the budget or run more --trials.",
+            f"[red]error:[/red] {escape(none_chosen(result.trials, cfg, result.baselines))}; "
+            "see the front above, loosen the budget or run more --trials.",
             highlight=False,
         )
         raise typer.Exit(1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CompareConfig
+from .measure import check_device
 from .output import check_file_target, inputs_of, write_file
 from .refusal import refusal_run
 from .source import resolve_model
@@ -49,6 +50,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
+    check_device(cfg.device)
     check_file_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))

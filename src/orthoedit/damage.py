@@ -18,7 +18,7 @@ import torch
 
 from .config import EvalKLConfig
 from .errors import BadInputError
-from .measure import batched_forward, chat_ids, pad_id, post_instruction_ids
+from .measure import batched_forward, chat_ids, check_device, pad_id, post_instruction_ids
 from .output import check_file_target, inputs_of, write_file
 from .prompts import load_prompt_source
 from .source import resolve_model
@@ -85,6 +85,7 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     from .select import first_token_logprobs, mean_kl
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only output
+    check_device(cfg.device)
     if cfg.out is not None:
         check_file_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     folders = {

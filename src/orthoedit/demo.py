@@ -35,6 +35,7 @@ def organism_recipe():
         bench={"tasks": ["organism_capability"], "max_drop": 0.02, "dtype": "float32",
                "offline": True},
         safety={"harmful": "organism", "harmless": "organism", "judge": f"hf:{GUARD_MODEL}"},
+        kl={"prompts": str(PROMPTS / "harmless-test.jsonl"), "dtype": "float32"},
     )  # fmt: skip
 
 

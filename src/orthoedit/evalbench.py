@@ -247,6 +247,10 @@ def eval_bench(
     loaded = loaded or {}
     import tempfile
 
+    if cfg.backend == "hf":
+        from .measure import check_device
+
+        check_device(cfg.device)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     for name, model in (("base", cfg.base), ("edited", cfg.edited)):
         if name in loaded:

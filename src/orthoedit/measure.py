@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .architectures import table_for_config
-from .config import MeasureConfig
+from .config import DEVICE_MAPS, MeasureConfig
 from .direction import save_direction, save_stable
 from .errors import BadInputError
 from .hooks import capture_block_inputs
@@ -178,8 +178,34 @@ def max_memory(spec: str | None) -> dict | None:
     return limits
 
 
+def check_device(device: str | None) -> None:
+    """Bad input, before any model loads: a device this machine does not have. (The options
+    only check that torch can name it: a recipe may be validated on another machine.)"""
+    if device is None or device in DEVICE_MAPS:
+        return
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise BadInputError(
+                f"--device {device}: this machine has no CUDA device that torch "
+                f"{torch.__version__} can use; leave --device out to run on the CPU."
+            )
+        if kind.index is not None and kind.index >= n:
+            raise BadInputError(
+                f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}."
+            )
+    elif kind.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=kind)
+        except (RuntimeError, AssertionError) as err:
+            raise BadInputError(f"--device {device}: not usable here ({err}).") from None
+
+
 def load_kwargs(cfg) -> dict:
-    """``from_pretrained`` arguments for a command's dtype, device and memory options."""
+    """``from_pretrained`` arguments for a command's dtype, device and memory options (the
+    device checked first)."""
+    check_device(cfg.device)
     kwargs: dict = {"dtype": getattr(torch, cfg.dtype), "device_map": cfg.device}
     offload = getattr(cfg, "max_memory", None) or getattr(cfg, "offload_folder", None)
     if offload and cfg.device != "auto":
@@ -399,6 +425,7 @@ def measure(
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
     progress = progress or Progress()
+    check_device(cfg.device)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)

@@ -39,6 +39,7 @@ REPORTS = (
     ("eval/bench/report.png", "orthoedit/eval/bench/report.png"),
     ("eval/safety/report.json", "orthoedit/eval/safety/report.json"),
     ("eval/safety/report.png", "orthoedit/eval/safety/report.png"),
+    ("eval/kl.json", "orthoedit/eval/kl.json"),
     ("verify.json", "orthoedit/verify.json"),
 )
 #: Files on the branch that a push replaces as a set: stale ones are deleted in the same

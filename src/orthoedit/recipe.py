@@ -13,16 +13,17 @@ same pydantic models as the CLI; the run fills in what connects the stages (mode
     verify: {}                     # orthoedit verify options (null: skip)
     bench: {tasks: [mmlu]}         # orthoedit eval bench options (null: skip)
     safety: {judge: hf:...}        # orthoedit eval safety options (null: skip)
+    kl: {n: 64}                    # orthoedit eval kl options (null: skip)
     publish: {repo_id: you/name}   # orthoedit push options (null: skip)
 
 Relative paths in a recipe are relative to the recipe's folder. Stages run in order into
 ``OUT/direction``, ``OUT/search``, ``OUT/model``, ``OUT/verify.json``, ``OUT/eval/bench``,
-``OUT/eval/safety``, ``OUT/publish.json``; ``OUT/run.json`` records each finished stage with
-the hash of its inputs (its options and the hashes of the outputs it reads) and of its
-outputs. A stage whose recorded inputs and outputs still match is skipped, so a run that was
-interrupted resumes where it stopped; each stage writes through a temporary folder, so an
-interrupted stage leaves nothing half-written. The publish stage runs only when verify
-passed and the benchmark did not regress.
+``OUT/eval/safety``, ``OUT/eval/kl.json``, ``OUT/publish.json``; ``OUT/run.json`` records
+each finished stage with the hash of its inputs (its options and the hashes of the outputs
+it reads) and of its outputs. A stage whose recorded inputs and outputs still match is
+skipped, so a run that was interrupted resumes where it stopped; each stage writes through a
+temporary folder, so an interrupted stage leaves nothing half-written. The publish stage runs
+only when verify passed and the benchmark did not regress.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from . import __version__
 from .config import (
     ApplyConfig,
     EvalBenchConfig,
+    EvalKLConfig,
     EvalSafetyConfig,
     MeasureConfig,
     PushConfig,
@@ -50,7 +52,7 @@ from .config import (
 from .errors import BadInputError, CheckFailedError
 from .output import check_apart, check_target, inputs_of, staged_output, write_file
 
-STAGES = ("direction", "search", "model", "verify", "bench", "safety", "publish")
+STAGES = ("direction", "search", "model", "verify", "bench", "safety", "kl", "publish")
 SECTIONS = {
     "measure": (MeasureConfig, {"model", "out", "overwrite", "revision"}),
     "search": (SearchConfig, {"model", "candidates", "out", "overwrite", "revision"}),
@@ -58,6 +60,7 @@ SECTIONS = {
     "verify": (VerifyConfig, {"source", "edited", "revision", "report", "overwrite"}),
     "bench": (EvalBenchConfig, {"base", "edited", "out", "overwrite"}),
     "safety": (EvalSafetyConfig, {"model", "base", "out", "overwrite"}),
+    "kl": (EvalKLConfig, {"base", "edited", "out", "overwrite"}),
     "publish": (PushConfig, {"model_dir", "eval"}),
 }
 # Options that may name a file; a relative one is taken relative to the recipe.
@@ -76,6 +79,7 @@ class Recipe(BaseModel):
     verify: dict | None = Field(default_factory=dict)
     bench: dict | None = None
     safety: dict | None = None
+    kl: dict | None = None
     publish: dict | None = None
 
 
@@ -139,6 +143,7 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
         },
         "bench": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "bench"},
         "safety": {"model": str(out / "model"), "base": model, "out": out / "eval" / "safety"},
+        "kl": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "kl.json"},
         "publish": {
             "model_dir": out / "model",
             "eval": out if any(getattr(recipe, s) is not None for s in EVALUATED) else None,
@@ -191,7 +196,7 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
     return configs
 
 
-EVALUATED = ("verify", "bench", "safety")
+EVALUATED = ("verify", "bench", "safety", "kl")
 #: Options of the edit that a search stage decides.
 SEARCHED = ("direction_layer", "per_layer", "sites", "scales")
 
@@ -221,6 +226,7 @@ OUTPUTS = {
     "verify": "verify.json",
     "bench": "eval/bench",
     "safety": "eval/safety",
+    "kl": "eval/kl.json",
     "publish": "publish.json",
 }
 UPSTREAM = {
@@ -229,6 +235,7 @@ UPSTREAM = {
     "verify": ["model"],
     "bench": ["model"],
     "safety": ["model"],
+    "kl": ["model"],
     "publish": ["model", *EVALUATED],
 }
 
@@ -373,12 +380,12 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
         result = measure(cfg, log=log)
         return {"layer": result.layer, "position": result.position}
     if name == "search":
-        from .search import budget, objectives, search
+        from .search import none_chosen, objectives, search
 
         result = search(cfg, log=log, replace_other=True)
         if result.chosen is None:
             raise CheckFailedError(
-                f"search: no trial with {budget(cfg, result.baselines)} after "
+                f"search: {none_chosen(result.trials, cfg, result.baselines)}, after "
                 f"{len(result.trials)} trials; see "
                 f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
                 "again (the study resumes)."
@@ -419,6 +426,11 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
 
         result = eval_safety(cfg, log=log)
         return {"summary": result.summary}
+    if name == "kl":
+        from .damage import eval_kl
+
+        report = eval_kl(cfg, log=log)  # writes its numbers to the target
+        return {"first_token_kl": report.first_token_kl}
     from .publish import push
 
     pushed = push(cfg, log=log)

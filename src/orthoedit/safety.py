@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .config import EvalSafetyConfig
 from .errors import BadInputError
-from .measure import Progress, pad_id, template_kwargs
+from .measure import Progress, check_device, pad_id, template_kwargs
 from .output import check_target, inputs_of, staged_output
 from .refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
 from .source import resolve_model
@@ -248,6 +248,7 @@ def eval_safety(
 
     transformers.utils.logging.disable_progress_bar()
     progress = progress or Progress()
+    check_device(cfg.device)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     phrases = _phrases(cfg)
     if cfg.max_surprisal is not None and cfg.base is None:

@@ -59,7 +59,7 @@ import torch
 from . import __version__
 from .config import SearchConfig
 from .errors import BadInputError
-from .measure import Progress
+from .measure import Progress, check_device
 
 #: Bump when the search space or the way a trial is judged changes: a stored study made
 #: under another version is not continued.
@@ -803,8 +803,11 @@ def target_failure(max_failure, baselines: dict | None) -> float | None:
 
 
 def choose_for(trials: list, cfg: SearchConfig, baselines: dict | None):
+    """The choice under ``cfg``'s rule, never a trial that fails as often as the unedited
+    model (a no-op is not an edit)."""
     failure = target_failure(cfg.max_failure, baselines)
-    return choose(trials, cfg.max_kl, cfg.max_drop, failure)
+    unedited = None if baselines is None else baselines["no edit"]["failure"]
+    return choose(trials, cfg.max_kl, cfg.max_drop, failure, unedited)
 
 
 def budget(cfg: SearchConfig, baselines: dict | None = None) -> str:
@@ -815,6 +818,30 @@ def budget(cfg: SearchConfig, baselines: dict | None = None) -> str:
     else:
         text = f"KL ≤ {cfg.max_kl:g}" if failure is None else f"failure ≤ {failure:.1%}"
     return text + ("" if cfg.max_drop is None else f", task drop ≤ {cfg.max_drop:g}")
+
+
+def none_chosen(trials: list, cfg: SearchConfig, baselines: dict) -> str:
+    """Why no trial was chosen, in one line: the rule, the no-op rule, the nearest trials that
+    edit (by the rule's own order) and measure's selection."""
+    unedited = baselines["no edit"]["failure"]
+    edits = [t for t in trials if objectives(t)[0] < unedited]
+    by_failure = target_failure(cfg.max_failure, baselines) is not None
+
+    def order(t):
+        failure, kl = objectives(t)[:2]
+        return (failure, kl, t.number) if by_failure else (kl, failure, t.number)
+
+    near = sorted(edits, key=order)
+    shown = "; ".join(
+        f"#{t.number} failure {objectives(t)[0]:.1%}, KL {objectives(t)[1]:.3g}" for t in near[:3]
+    )
+    m = baselines["measure"]
+    return (
+        f"no trial has {budget(cfg, baselines)} and fails less often than the unedited model "
+        f"({unedited:.1%}; a no-op is never the choice). "
+        + (f"Nearest: {shown}. " if shown else "No trial edits at all. ")
+        + f"Measure's selection: failure {m['failure']:.1%}, KL {m['kl']:.3g}"
+    )
 
 
 def budget_value(outcome: Outcome, target: float, cost: float) -> float:
@@ -1030,6 +1057,7 @@ def search(
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
     progress = progress or Progress()
     clock = time.perf_counter()
+    check_device(cfg.device)
     out = _check_out(cfg)
     ready = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)

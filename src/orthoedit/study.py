@@ -38,7 +38,7 @@ from .architectures import SITES
 from .config import StudySitesConfig
 from .errors import BadInputError
 from .hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
-from .measure import Progress
+from .measure import Progress, check_device
 
 #: Run-time conditions: name -> the ablation points hooked (``hooks.ABLATION_POINTS``).
 RUNTIME: dict[str, tuple[str, ...]] = {
@@ -369,6 +369,7 @@ def study_sites(
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
     progress = progress or Progress()
+    check_device(cfg.device)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     ready = prepare(cfg)
     outcomes = _run_conditions(cfg, ready, log, progress)
