@@ -21,7 +21,7 @@ from orthoedit.config import ApplyConfig, MeasureConfig, VerifyConfig
 from orthoedit.measure import measure
 from orthoedit.refusal import reads_as_refusal
 from orthoedit.select import NoCandidateError
-from orthoedit.verify import verify
+from orthoedit.verify import TOLERANCES, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN = Path(os.environ.get("ORTHOEDIT_QWEN", ROOT / "models" / "qwen2.5-coder-0.5b-instruct"))
@@ -70,7 +70,10 @@ def test_measured_direction_applies_exactly(measured, tmp_path):
     apply(ApplyConfig(model=str(QWEN), direction=measured / "direction.safetensors", out=out))
     report = verify(VerifyConfig(source=str(QWEN), edited=out, max_prompts=3), log=print)
     assert report.passed, report.failures
-    assert report.residual_leak < 1e-4
+    # the checkpoint is bfloat16: rounding the edited weights leaves a small component along
+    # the direction, checked against verify's own bound for the storage dtype
+    assert report.storage_dtype == "BF16"
+    assert report.residual_leak <= TOLERANCES["BF16"].residual_leak
     assert folder_digest(QWEN) == before
     # the GGUF ships its own output matrix, so the converted checkpoint is untied
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
