@@ -204,8 +204,7 @@ def check_device(device: str | None) -> None:
 
 def load_kwargs(cfg) -> dict:
     """``from_pretrained`` arguments for a command's dtype, device and memory options (the
-    device checked first)."""
-    check_device(cfg.device)
+    device is checked by ``check_device`` where the command starts)."""
     kwargs: dict = {"dtype": getattr(torch, cfg.dtype), "device_map": cfg.device}
     offload = getattr(cfg, "max_memory", None) or getattr(cfg, "offload_folder", None)
     if offload and cfg.device != "auto":
