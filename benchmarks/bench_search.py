@@ -18,9 +18,16 @@ On the organism (float32, CPU):
 With ``models/smollm2-135m-instruct`` present (``make smollm``), the same timings on
 SmolLM2-135M-Instruct (measure with ``--no-filter``, ``--smollm-trials`` trials).
 
-Results: printed as Markdown and written to ``benchmarks/results-search.json``.
+With ``models/qwen2.5-coder-0.5b-instruct`` present (``make qwen``), the same timings on the
+development model as its recipe searches it (bfloat16, ``--qwen-trials`` trials, 8 of them
+random), from ``--qwen-candidates`` (a measure folder, e.g. a recipe run's ``direction/``) or
+from a default measure run in bfloat16 (about 15 minutes on 2 cores).
 
-Usage: ``.venv/bin/python benchmarks/bench_search.py [--trials 100] [--smollm-trials 10]``.
+Results: printed as Markdown and written to ``benchmarks/results-search.json``; ``--only``
+runs some of the models and keeps the others' stored results.
+
+Usage: ``.venv/bin/python benchmarks/bench_search.py [--trials 100] [--smollm-trials 10]
+[--only qwen --qwen-candidates RUN/direction]``.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ from orthoedit.search import (
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SMOLLM = ROOT / "models" / "smollm2-135m-instruct"
+QWEN = ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
+MODELS = ("organism", "smollm", "qwen")
 TEST_TOKENS = 64
 MAX_TEST_REFUSAL = 0.05
 MIN_KL_CUT = 0.20
@@ -63,6 +72,9 @@ def parse_args(argv):
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--wide-trials", type=int, default=150)
     p.add_argument("--smollm-trials", type=int, default=10)
+    p.add_argument("--qwen-trials", type=int, default=16)
+    p.add_argument("--qwen-candidates", type=Path, default=None)
+    p.add_argument("--only", choices=MODELS, action="append", default=None)
     p.add_argument("--max-kl", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -88,8 +100,8 @@ def one_pass(cfg: SearchConfig, repeats: int = 3) -> dict:
     first-token pass, unedited (whose refusals are short, so generation stops early) and with
     measure's edit through the plan's hooks (answers run to the budget, as most trials')."""
     ready = prepare(cfg)
-    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = make_judge(cfg, ready, model)
+    model = AutoModelForCausalLM.from_pretrained(ready.folder, dtype=getattr(torch, cfg.dtype))
+    judge = make_judge(cfg, ready, model.eval())
     judge(contextlib.nullcontext)  # warm up
     generation = statistics.median(timed(judge.answers)[0] for _ in range(repeats))
     full = statistics.median(judge(contextlib.nullcontext).seconds for _ in range(repeats))
@@ -118,6 +130,7 @@ def timings(wall: float, result, single: dict) -> dict:
         "search_wall_s": wall,
         "trials_per_minute": 60 * n / wall,
         "trial_s_median": statistics.median(per_trial),
+        "trial_s_max": max(per_trial),
         "trial_s_total": sum(per_trial),
         "one_pass": single,
         "trial_over_one_pass": statistics.median(per_trial) / single["generation_and_kl_s"],
@@ -224,12 +237,39 @@ def smollm(args) -> dict | None:
     return timings(wall, result, single)
 
 
+def qwen(args) -> dict | None:
+    if not QWEN.is_dir():
+        return None
+    work = args.work / "qwen"
+    folder = args.qwen_candidates
+    if folder is None:
+        folder = run_measure(QWEN, work / "direction", dtype="bfloat16")
+    cfg = SearchConfig(
+        model=str(QWEN),
+        candidates=folder,
+        out=work / "search",
+        trials=args.qwen_trials,
+        startup_trials=min(8, args.qwen_trials),
+        max_kl=args.max_kl,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        dtype="bfloat16",
+    )
+    single = one_pass(cfg, repeats=1)
+    wall, result = run_search(cfg)
+    return {**timings(wall, result, single), "batch_size": cfg.batch_size}
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def markdown(results: dict) -> str:
     lines = [
-        "| model | trials | trials/min | s/trial (median) | one pass, unedited | ratio | "
-        "one pass, measure's edit | ratio |"
+        "| model | trials | trials/min | s/trial (median) | s/trial (max) | one pass, unedited | "
+        "ratio | one pass, measure's edit | ratio |"
     ]
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for name in results:
         if name in ("machine", "settings"):
             continue
@@ -238,7 +278,8 @@ def markdown(results: dict) -> str:
             continue
         lines.append(
             f"| {name} | {r['trials']} | {r['trials_per_minute']:.1f} | "
-            f"{r['trial_s_median']:.2f} | {r['one_pass']['generation_and_kl_s']:.2f} s | "
+            f"{r['trial_s_median']:.2f} | {_seconds(r.get('trial_s_max'))} | "
+            f"{r['one_pass']['generation_and_kl_s']:.2f} s | "
             f"{r['trial_over_one_pass']:.2f}× | "
             f"{r['one_pass']['edited_generation_and_kl_s']:.2f} s | "
             f"{r['trial_over_edited_pass']:.2f}× |"
@@ -257,16 +298,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    results = {
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
-        "settings": {k: str(v) for k, v in vars(args).items()},
-    }
+def organisms(args) -> dict:
+    """The organism searches: measure's validation prompts, the larger val split, the wide
+    prompts at measure's failure rate (plain and narrowed), and the --eval-task cost."""
+    results = {}
     prompts = CHAT_MODEL.parent / "prompts"
     folder = run_measure(
         CHAT_MODEL,
@@ -325,9 +360,35 @@ def main(argv=None) -> dict:
         eval_task="organism_capability",
         eval_limit=50,
     )
-    args.results.write_text(json.dumps(results, indent=2) + "\n")  # kept if SmolLM2 fails
-    results["smollm2-135m"] = smollm(args)
-    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    only = set(args.only or MODELS)
+    stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results = {
+        **{k: v for k, v in stored.items() if k not in ("machine", "settings")},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }
+
+    def save():  # after each model: what ran is kept if a later one fails
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
+
+    if "organism" in only:
+        results.update(organisms(args))
+        save()
+    if "smollm" in only:
+        results["smollm2-135m"] = smollm(args)
+        save()
+    if "qwen" in only:
+        results["qwen2.5-coder-0.5b (bfloat16)"] = qwen(args)
+        save()
     print(markdown(results))
     return results
 

@@ -696,8 +696,9 @@ def test_device_this_machine_lacks_is_one_line_before_loading(command, tiny_mode
         args += ["--direction", tmp_path / "d.safetensors"]
     if command == "search":
         args += ["--candidates", tmp_path / "c"]
-    out = tmp_path / ("o.json" if command in ("eval kl", "compare") else "o")
-    result = cli(*args, "--device", "cuda:7", "--out", out)
+    file_output = command in ("eval kl", "compare")  # one file: --report, not --out
+    out = tmp_path / ("o.json" if file_output else "o")
+    result = cli(*args, "--device", "cuda:7", "--report" if file_output else "--out", out)
     said = error_line(result)
     assert result.exit_code == 2 and said.startswith("error: --device cuda:7: this machine has")
     assert not out.exists()

@@ -95,6 +95,8 @@ def _described(model, name: str) -> str:
             {
                 "revision": "--revision",
                 "prompts": "--prompts",
+                "column": "--column",
+                "split": "--split",
                 "max_prompts": "--max-prompts",
                 "report": "--report",
                 "overwrite": "--overwrite",
@@ -365,3 +367,26 @@ def test_verify_reads_prompt_files_as_every_command_does(applied, tmp_path, monk
     result = cli("verify", src, out, "--prompts", binary)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "not UTF-8" in result.stderr
+
+
+def test_an_unforeseen_exception_is_one_line_with_its_log(monkeypatch, tmp_path):
+    """A bug (an exception orthoedit did not foresee) is one line, exit 1, with the traceback
+    in a log file it names; never a Python traceback on the terminal."""
+    import re
+
+    import orthoedit.verify
+
+    def broken(cfg, log):
+        raise RuntimeError("something deep went wrong\nsecond line")
+
+    monkeypatch.setattr(orthoedit.verify, "verify", broken)
+    result = cli("verify", "some/model", tmp_path)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unexpected RuntimeError: something deep went wrong" in lines[0]
+    log = Path(re.search(r"traceback is in (\S+\.log)", lines[0]).group(1))
+    try:
+        assert "Traceback" in log.read_text() and "second line" in log.read_text()
+    finally:
+        log.unlink()

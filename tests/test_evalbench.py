@@ -238,13 +238,15 @@ def test_cross_entropy_matches_each_row_alone(tiny_model):
 
 
 def test_eval_kl_identity_damage_and_mismatch(tmp_path, tiny_model):
-    same = cli("eval", "kl", CHAT_MODEL, CHAT_MODEL, "--n", "16", "--out", tmp_path / "same.json")
+    same = cli(
+        "eval", "kl", CHAT_MODEL, CHAT_MODEL, "--n", "16", "--report", tmp_path / "same.json"
+    )
     assert same.exit_code == 0, same.output
     record = json.loads((tmp_path / "same.json").read_text())
     assert record["first_token_kl"] == 0 and record["cross_entropy"]["delta"] == 0
     assert record["prompts"] == 16 and record["answer_tokens"] > 16
     damaged = cli(
-        "eval", "kl", CHAT_MODEL, _damaged(tmp_path), "--n", "16", "--out", tmp_path / "d.json"
+        "eval", "kl", CHAT_MODEL, _damaged(tmp_path), "--n", "16", "--report", tmp_path / "d.json"
     )
     assert damaged.exit_code == 0, damaged.output
     record = json.loads((tmp_path / "d.json").read_text())

@@ -147,8 +147,8 @@ def test_no_command_writes_over_or_into_a_model_it_reads(victim, direction_file,
         ["attribute", victim, "--direction", direction_file, "--out", victim / "a", "--overwrite"],
         ["measure", victim, "--out", victim / "d", "--overwrite"],
         ["apply", victim, "--direction", direction_file, "--out", victim, "--overwrite"],
-        ["compare", victim, CHAT_MODEL, "--out", victim / "compare.md", "--overwrite"],
-        ["eval", "kl", CHAT_MODEL, victim, "--out", victim / "config.json", "--overwrite"],
+        ["compare", victim, CHAT_MODEL, "--report", victim / "compare.md", "--overwrite"],
+        ["eval", "kl", CHAT_MODEL, victim, "--report", victim / "config.json", "--overwrite"],
         ["verify", victim, victim, "--report", victim / "verify.json", "--overwrite"],
         ["search", victim, "--candidates", tmp_path / "c", "--out", victim / "s", "--overwrite"],
     ]
@@ -183,7 +183,7 @@ def test_no_output_over_a_direction_it_reads(model, tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [["compare", "{m}", "{m}", "--out", "{f}"], ["eval", "kl", "{m}", "{m}", "--out", "{f}"]],
+    [["compare", "{m}", "{m}", "--report", "{f}"], ["eval", "kl", "{m}", "{m}", "--report", "{f}"]],
     ids=["compare", "eval kl"],
 )
 def test_file_outputs_need_overwrite(args, model, tmp_path):

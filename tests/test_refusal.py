@@ -61,3 +61,61 @@ def test_refusal_run_on_the_organism():
     assert sum(j.verdict == "broken" for j in answered) == 0
     short = refusal_run(model, tok, harmful[:8], max_new_tokens=1, batch_size=8)
     assert all(len(tok(j.completion, add_special_tokens=False)["input_ids"]) <= 1 for j in short)
+
+
+def test_surprisal_with_a_shared_prefix_is_each_row_alone():
+    """Rows sharing a long prefix (a chat template's system prompt) run it once and continue
+    from its cache; answers of different lengths are unembedded at their own positions only.
+    Each score equals a plain forward pass of that (prompt, answer) alone."""
+    from orthoedit.measure import MIN_SHARED_PREFIX, shared_prefix
+    from orthoedit.refusal import surprisal
+
+    model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL).eval()
+    prefix = [5 + i % 7 for i in range(MIN_SHARED_PREFIX + 3)]
+    rows = [prefix + [20 + i] * (1 + i) for i in range(5)]
+    answers = [[30 + j for j in range(n)] for n in (4, 1, 7, 0, 2)]
+    whole = [r + a for r, a in zip(rows, answers, strict=True)]
+    assert shared_prefix(model, whole) == len(prefix)
+    batched = surprisal(model, rows, answers, 3, 0)
+    with torch.no_grad():
+        for row, answer, got in zip(rows, answers, batched, strict=True):
+            if not answer:
+                assert got == 0.0
+                continue
+            logits = model(torch.tensor([row + answer])).logits[0, len(row) - 1 : -1]
+            target = torch.tensor(answer).unsqueeze(-1)
+            alone = -torch.log_softmax(logits, -1).gather(-1, target).mean()
+            assert got == pytest.approx(float(alone), abs=1e-5)
+
+
+def test_greedy_completions_with_a_shared_prefix_are_each_row_alone():
+    """The shared prefix runs once and each left-padded batch continues from a copy of its
+    cache; every completion equals that row's greedy completion generated alone (one row has
+    no shared prefix). Under hooks, the prefix runs through them too."""
+    from orthoedit.measure import MIN_SHARED_PREFIX, shared_prefix
+    from orthoedit.refusal import greedy_completions, until_stop
+
+    model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL).eval()
+    prefix = [5 + i % 7 for i in range(MIN_SHARED_PREFIX + 3)]
+    rows = [prefix + [20 + 3 * i] * (1 + i % 3) for i in range(5)]
+    assert shared_prefix(model, rows) == len(prefix)
+    eos = {model.generation_config.eos_token_id}
+
+    def greedy(some, batch_size):  # cut at the end of turn: a batch pads finished rows
+        return [until_stop(c, eos) for c in greedy_completions(model, some, batch_size, 0, 10)]
+
+    batched = greedy(rows, 3)
+    alone = [greedy([row], 1)[0] for row in rows]
+    assert batched == alone
+    assert len({tuple(c) for c in batched}) > 1  # the tails matter
+
+    def shift(_module, _args, output):
+        return output + 0.5
+
+    handle = model.get_input_embeddings().register_forward_hook(shift)
+    try:
+        hooked = greedy(rows, 3)
+        hooked_alone = [greedy([row], 1)[0] for row in rows]
+    finally:
+        handle.remove()
+    assert hooked == hooked_alone and hooked != batched

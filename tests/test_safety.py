@@ -181,13 +181,13 @@ def test_phrases_override(tmp_path):
 def test_compare_side_by_side(edited_organism, tmp_path):
     out = tmp_path / "compare.md"
     args = ["compare", CHAT_MODEL, edited_organism, "--prompts", "organism", "--n", "6"]
-    result = cli(*args, "--out", out)
+    result = cli(*args, "--report", out)
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert text.count("## ") == 6 and text.count("(harmful)") == 3
     assert text.count("**base** (refused)") >= 3  # the base refuses the harmful three
     assert "**edited** (refused)" not in text  # the edit refuses none of them
-    again = cli(*args, "--out", out)
+    again = cli(*args, "--report", out)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     assert out.read_text() == text
 

@@ -532,7 +532,8 @@ def test_word_salad_is_broken_not_compliant(measured):
 
 
 def test_surprisal_is_each_row_alone(measured):
-    """Batched, left-padded surprisal equals each (prompt, answer) scored alone, and an empty
+    """Batched, left-padded surprisal (answers of different lengths, the shared prefix run
+    once) equals each (prompt, answer) scored alone and a plain forward pass, and an empty
     answer scores 0."""
     from orthoedit.measure import pad_id
     from orthoedit.refusal import surprisal
@@ -540,7 +541,8 @@ def test_surprisal_is_each_row_alone(measured):
     ready = prepare(_cfg(measured, measured / "unused"))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
     rows = ready.harmless_rows[:4]
-    answers = [ready.tok("of course . go slowly", add_special_tokens=False)["input_ids"]] * 3
+    texts = ["of course . go slowly", "yes", "of course"]  # lengths differ within a batch
+    answers = [ready.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     answers.append([])
     pad = pad_id(ready.tok)
     batched = surprisal(model, rows, answers, 4, pad)

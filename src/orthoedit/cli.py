@@ -24,19 +24,28 @@ from .architectures import Site, TiedPolicy
 from .config import (
     ApplyConfig,
     AttributeConfig,
+    Backend,
     CompareConfig,
+    DType,
+    EditMethod,
     EvalBenchConfig,
     EvalKLConfig,
     EvalSafetyConfig,
     MeasureConfig,
     PushConfig,
+    PushMethod,
     SearchConfig,
     StudySitesConfig,
     VerifyConfig,
 )
 from .errors import OrthoeditError, Terminated
+from .helptext import Group
+from .recipe import STAGES
+
+Stage = Literal[STAGES]
 
 app = typer.Typer(
+    cls=Group,
     name="orthoedit",
     help="Find a chat model's refusal direction and orthogonalize its weights against it.",
     no_args_is_help=True,
@@ -44,6 +53,7 @@ app = typer.Typer(
     add_completion=False,
 )
 eval_app = typer.Typer(
+    cls=Group,
     help="Evaluate an edit: benchmark regression (lm-eval), safety (refusals, guard-model "
     "verdicts) and damage metrics.",
     no_args_is_help=True,
@@ -74,6 +84,30 @@ def _run(fn, target: Path | None = None, interrupted: str | None = None):
     except ValidationError as e:
         err.print(f"[red]error:[/red] {escape(option_error(e))}", highlight=False)
         raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, typer.BadParameter):
+        raise
+    except Exception as e:  # not foreseen: a bug, reported in one line with its traceback
+        _bug(e)
+
+
+def _bug(e: Exception) -> None:
+    """An exception orthoedit did not foresee: one line naming it and the log file that holds
+    the traceback, exit 1 (bad input is checked before anything runs and exits 2)."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="orthoedit-error-", suffix=".log")
+    with open(fd, "w") as log:
+        log.write(f"orthoedit {__version__}\n")
+        log.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    err.print(
+        f"[red]error:[/red] unexpected {type(e).__name__}: {escape(first)}. This is a bug in "
+        f"orthoedit; the traceback is in {escape(path)} (please attach it to a report).",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(1) from None
 
 
 def option_error(e: ValidationError) -> str:
@@ -144,7 +178,7 @@ def apply(
     layers: Annotated[str | None, typer.Option(help=_help(ApplyConfig, "layers"))] = None,
     scales: Annotated[Path | None, typer.Option(help=_help(ApplyConfig, "scales"))] = None,
     tied: Annotated[TiedPolicy | None, typer.Option(help=_help(ApplyConfig, "tied"))] = None,
-    method: Annotated[str, typer.Option(help=_help(ApplyConfig, "method"))] = "project",
+    method: Annotated[EditMethod, typer.Option(help=_help(ApplyConfig, "method"))] = "project",
     harmless_mean: Annotated[
         Path | None, typer.Option(help=_help(ApplyConfig, "harmless_mean"))
     ] = None,
@@ -210,7 +244,9 @@ def verify(
     source: Annotated[str, typer.Argument(help=_help(VerifyConfig, "source"))],
     edited: Annotated[Path, typer.Argument(help=_help(VerifyConfig, "edited"))],
     revision: Annotated[str | None, typer.Option(help=_help(VerifyConfig, "revision"))] = None,
-    prompts: Annotated[Path | None, typer.Option(help=_help(VerifyConfig, "prompts"))] = None,
+    prompts: Annotated[str | None, typer.Option(help=_help(VerifyConfig, "prompts"))] = None,
+    column: Annotated[str, typer.Option(help=_help(VerifyConfig, "column"))] = "prompt",
+    split: Annotated[str, typer.Option(help=_help(VerifyConfig, "split"))] = "train",
     max_prompts: Annotated[int, typer.Option(help=_help(VerifyConfig, "max_prompts"))] = 8,
     report: Annotated[Path | None, typer.Option(help=_help(VerifyConfig, "report"))] = None,
     overwrite: Annotated[bool, typer.Option(help=_help(VerifyConfig, "overwrite"))] = False,
@@ -224,6 +260,8 @@ def verify(
             edited=edited,
             revision=revision,
             prompts=prompts,
+            column=column,
+            split=split,
             max_prompts=max_prompts,
             report=report,
             overwrite=overwrite,
@@ -329,13 +367,13 @@ def measure(
     system: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(MeasureConfig, "template"))] = None,
     revision: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "revision"))] = None,
-    dtype: Annotated[str, typer.Option(help=_help(MeasureConfig, "dtype"))] = "float32",
+    dtype: Annotated[DType, typer.Option(help=_help(MeasureConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "device"))] = None,
     max_memory: Annotated[str | None, typer.Option(help=_help(MeasureConfig, "max_memory"))] = None,
     offload_folder: Annotated[
         Path | None, typer.Option(help=_help(MeasureConfig, "offload_folder"))
     ] = None,
-    batch_size: Annotated[int, typer.Option(help=_help(MeasureConfig, "batch_size"))] = 16,
+    batch_size: Annotated[int, typer.Option(help=_help(MeasureConfig, "batch_size"))] = 32,
     overwrite: Annotated[bool, typer.Option(help=_help(MeasureConfig, "overwrite"))] = False,
 ) -> None:
     """Measure difference-of-means candidates at every layer and post-instruction position,
@@ -458,7 +496,7 @@ def eval_bench(
     max_drop_task: Annotated[
         list[str] | None, typer.Option(help=_help(EvalBenchConfig, "max_drop_task"))
     ] = None,
-    backend: Annotated[str, typer.Option(help=_help(EvalBenchConfig, "backend"))] = "hf",
+    backend: Annotated[Backend, typer.Option(help=_help(EvalBenchConfig, "backend"))] = "hf",
     dtype: Annotated[str, typer.Option(help=_help(EvalBenchConfig, "dtype"))] = "auto",
     device: Annotated[str | None, typer.Option(help=_help(EvalBenchConfig, "device"))] = None,
     tensor_parallel_size: Annotated[
@@ -516,12 +554,12 @@ def eval_kl(
     split: Annotated[str, typer.Option(help=_help(EvalKLConfig, "split"))] = "train",
     n: Annotated[int, typer.Option("--n", help=_help(EvalKLConfig, "n"))] = 64,
     seed: Annotated[int, typer.Option(help=_help(EvalKLConfig, "seed"))] = 0,
-    new_tokens: Annotated[int, typer.Option(help=_help(EvalKLConfig, "new_tokens"))] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help=_help(EvalKLConfig, "max_new_tokens"))] = 32,
     system: Annotated[str | None, typer.Option(help=_help(EvalKLConfig, "system"))] = None,
-    dtype: Annotated[str, typer.Option(help=_help(EvalKLConfig, "dtype"))] = "float32",
+    dtype: Annotated[DType, typer.Option(help=_help(EvalKLConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(EvalKLConfig, "device"))] = None,
-    batch_size: Annotated[int, typer.Option(help=_help(EvalKLConfig, "batch_size"))] = 16,
-    out_file: Annotated[Path | None, typer.Option("--out", help=_help(EvalKLConfig, "out"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_help(EvalKLConfig, "batch_size"))] = 32,
+    report: Annotated[Path | None, typer.Option(help=_help(EvalKLConfig, "report"))] = None,
     overwrite: Annotated[bool, typer.Option(help=_help(EvalKLConfig, "overwrite"))] = False,
 ) -> None:
     """First-token KL and cross-entropy on harmless prompts, base vs edited: how much the edit
@@ -537,16 +575,18 @@ def eval_kl(
             split=split,
             n=n,
             seed=seed,
-            new_tokens=new_tokens,
+            max_new_tokens=max_new_tokens,
             system=system,
             dtype=dtype,
             device=device,
             batch_size=batch_size,
-            out=out_file,
+            report=report,
             overwrite=overwrite,
         )
     )
-    report = _run(lambda: run_kl(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.out)
+    report = _run(
+        lambda: run_kl(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.report
+    )
     table = Table(title=f"damage on {report.prompts} harmless prompts")
     table.add_column("metric")
     table.add_column("base", justify="right")
@@ -560,8 +600,8 @@ def eval_kl(
         f"{report.cross_entropy_delta:+.4f}",
     )
     out.print(table)
-    if cfg.out is not None:
-        out.print(f"wrote {escape(str(cfg.out))}")
+    if cfg.report is not None:
+        out.print(f"wrote {escape(str(cfg.report))}")
 
 
 def _stage_bar(bar, task):
@@ -608,9 +648,9 @@ def eval_safety(
     ] = None,
     system: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(EvalSafetyConfig, "template"))] = None,
-    dtype: Annotated[str, typer.Option(help=_help(EvalSafetyConfig, "dtype"))] = "float32",
+    dtype: Annotated[DType, typer.Option(help=_help(EvalSafetyConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "device"))] = None,
-    batch_size: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "batch_size"))] = 16,
+    batch_size: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "batch_size"))] = 32,
     overwrite: Annotated[bool, typer.Option(help=_help(EvalSafetyConfig, "overwrite"))] = False,
 ) -> None:
     """Answer harmful and harmless prompts with MODEL (and BASE), judge every answer (refusal
@@ -688,12 +728,10 @@ def compare_cmd(
     seed: Annotated[int, typer.Option(help=_help(CompareConfig, "seed"))] = 0,
     max_new_tokens: Annotated[int, typer.Option(help=_help(CompareConfig, "max_new_tokens"))] = 128,
     system: Annotated[str | None, typer.Option(help=_help(CompareConfig, "system"))] = None,
-    dtype: Annotated[str, typer.Option(help=_help(CompareConfig, "dtype"))] = "float32",
+    dtype: Annotated[DType, typer.Option(help=_help(CompareConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(CompareConfig, "device"))] = None,
-    batch_size: Annotated[int, typer.Option(help=_help(CompareConfig, "batch_size"))] = 16,
-    out_file: Annotated[Path, typer.Option("--out", help=_help(CompareConfig, "out"))] = Path(
-        "compare.md"
-    ),
+    batch_size: Annotated[int, typer.Option(help=_help(CompareConfig, "batch_size"))] = 32,
+    report: Annotated[Path, typer.Option(help=_help(CompareConfig, "report"))] = Path("compare.md"),
     overwrite: Annotated[bool, typer.Option(help=_help(CompareConfig, "overwrite"))] = False,
 ) -> None:
     """Both models' answers to the same prompts, side by side, in the terminal and as
@@ -714,12 +752,12 @@ def compare_cmd(
             dtype=dtype,
             device=device,
             batch_size=batch_size,
-            out=out_file,
+            report=report,
             overwrite=overwrite,
         )
     )
     pairs = _run(
-        lambda: run_compare(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.out
+        lambda: run_compare(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.report
     )
     table = Table(title="base vs edited", show_lines=True)
     table.add_column("prompt", ratio=1, overflow="fold")
@@ -732,7 +770,7 @@ def compare_cmd(
             f"[dim]{pair.edited_verdict}[/dim]\n" + escape(pair.edited),
         )
     out.print(table)
-    out.print(f"wrote {escape(str(cfg.out))}")
+    out.print(f"wrote {escape(str(cfg.report))}")
 
 
 @app.command("run")
@@ -740,13 +778,11 @@ def run_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder of the run.")],
     start: Annotated[
-        str | None,
-        typer.Option(
-            "--from",
-            help="Rerun from this stage on: direction, model, verify, bench, safety, publish.",
-        ),
+        Stage | None, typer.Option("--from", metavar="STAGE", help="Rerun from this stage on.")
     ] = None,
-    only: Annotated[str | None, typer.Option(help="Rerun only this stage.")] = None,
+    only: Annotated[
+        Stage | None, typer.Option(metavar="STAGE", help="Rerun only this stage.")
+    ] = None,
 ) -> None:
     """Run a recipe's stages in order (measure or a fixed direction, apply, verify, eval bench,
     eval safety, push) into one folder, skipping stages that are up to date; rerunning after an
@@ -780,7 +816,7 @@ def push_cmd(
     eval_dir: Annotated[Path | None, typer.Option("--eval", help=_help(PushConfig, "eval"))] = None,
     private: Annotated[bool, typer.Option(help=_help(PushConfig, "private"))] = False,
     revision: Annotated[str | None, typer.Option(help=_help(PushConfig, "revision"))] = None,
-    method: Annotated[str, typer.Option(help=_help(PushConfig, "method"))] = "auto",
+    method: Annotated[PushMethod, typer.Option(help=_help(PushConfig, "method"))] = "auto",
     message: Annotated[str | None, typer.Option(help=_help(PushConfig, "message"))] = None,
     dry_run: Annotated[bool, typer.Option(help=_help(PushConfig, "dry_run"))] = False,
     ignore_license_name: Annotated[
@@ -846,7 +882,7 @@ def demo_cmd(
         raise typer.Exit(code)
 
 
-study_app = typer.Typer(help="Research: where refusal lives.", no_args_is_help=True)
+study_app = typer.Typer(cls=Group, help="Research: where refusal lives.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 
 
@@ -900,9 +936,9 @@ def study_sites(
     system: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(StudySitesConfig, "template"))] = None,
     revision: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "revision"))] = None,
-    dtype: Annotated[str, typer.Option(help=_help(StudySitesConfig, "dtype"))] = "float32",
+    dtype: Annotated[DType, typer.Option(help=_help(StudySitesConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "device"))] = None,
-    batch_size: Annotated[int, typer.Option(help=_help(StudySitesConfig, "batch_size"))] = 16,
+    batch_size: Annotated[int, typer.Option(help=_help(StudySitesConfig, "batch_size"))] = 32,
     overwrite: Annotated[bool, typer.Option(help=_help(StudySitesConfig, "overwrite"))] = False,
 ) -> None:
     """Which sites must lose the direction to remove refusal: baseline, run-time ablation at
@@ -973,9 +1009,9 @@ def attribute_cmd(
     system: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(AttributeConfig, "template"))] = None,
     revision: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "revision"))] = None,
-    dtype: Annotated[str, typer.Option(help=_help(AttributeConfig, "dtype"))] = "float32",
+    dtype: Annotated[DType, typer.Option(help=_help(AttributeConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(AttributeConfig, "device"))] = None,
-    batch_size: Annotated[int, typer.Option(help=_help(AttributeConfig, "batch_size"))] = 16,
+    batch_size: Annotated[int, typer.Option(help=_help(AttributeConfig, "batch_size"))] = 32,
     overwrite: Annotated[bool, typer.Option(help=_help(AttributeConfig, "overwrite"))] = False,
 ) -> None:
     """Which residual writers carry refusal: every embedding, attention head and MLP at the
@@ -1113,8 +1149,10 @@ def search_cmd(
     time_budget: Annotated[
         float | None, typer.Option(help=_help(SearchConfig, "time_budget"))
     ] = None,
-    harmful: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "harmful"))] = None,
-    harmless: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "harmless"))] = None,
+    harmful: Annotated[str | None, typer.Option(help=_help(SearchConfig, "harmful"))] = None,
+    harmless: Annotated[str | None, typer.Option(help=_help(SearchConfig, "harmless"))] = None,
+    column: Annotated[str, typer.Option(help=_help(SearchConfig, "column"))] = "prompt",
+    split: Annotated[str, typer.Option(help=_help(SearchConfig, "split"))] = "train",
     n: Annotated[int | None, typer.Option("--n", help=_help(SearchConfig, "n"))] = None,
     max_new_tokens: Annotated[int, typer.Option(help=_help(SearchConfig, "max_new_tokens"))] = 64,
     judge: Annotated[str | None, typer.Option(help=_help(SearchConfig, "judge"))] = None,
@@ -1127,9 +1165,9 @@ def search_cmd(
     system: Annotated[str | None, typer.Option(help=_help(SearchConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(SearchConfig, "template"))] = None,
     revision: Annotated[str | None, typer.Option(help=_help(SearchConfig, "revision"))] = None,
-    dtype: Annotated[str, typer.Option(help=_help(SearchConfig, "dtype"))] = "float32",
+    dtype: Annotated[DType, typer.Option(help=_help(SearchConfig, "dtype"))] = "float32",
     device: Annotated[str | None, typer.Option(help=_help(SearchConfig, "device"))] = None,
-    batch_size: Annotated[int, typer.Option(help=_help(SearchConfig, "batch_size"))] = 16,
+    batch_size: Annotated[int, typer.Option(help=_help(SearchConfig, "batch_size"))] = 32,
     overwrite: Annotated[bool, typer.Option(help=_help(SearchConfig, "overwrite"))] = False,
 ) -> None:
     """Search the edit (direction layer and position, per-layer attention and MLP weights,
@@ -1157,6 +1195,8 @@ def search_cmd(
             time_budget=time_budget,
             harmful=harmful,
             harmless=harmless,
+            column=column,
+            split=split,
             n=n,
             max_new_tokens=max_new_tokens,
             judge=judge,
@@ -1204,7 +1244,13 @@ def entry() -> None:
     """The ``orthoedit`` executable: SIGTERM (a CI timeout, ``docker stop``) interrupts like
     Ctrl-C, so staged outputs are removed and nothing is left half-written."""
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except Exception as e:  # outside a command's _run: still one line, not a traceback
+        try:
+            _bug(e)
+        except typer.Exit as done:
+            raise SystemExit(done.exit_code) from None
 
 
 def _terminate(signum, frame) -> None:

@@ -27,21 +27,17 @@ class Pair:
 
 def _prompts(cfg: CompareConfig) -> list[tuple[str, str]]:
     """(prompt, kind) pairs; kind is harmful / harmless for the bundled and organism sets."""
+    from .prompts import BUNDLED, ORGANISM, prompt_texts
+
     rng = random.Random(cfg.seed)
-    if cfg.prompts is None or cfg.prompts == "organism":
-        if cfg.prompts is None:
-            from .pools import load_pool as load
-        else:
-            from .organism import load_prompts as load
-        harmful = [i["prompt"] for i in load("harmful", "test")]
-        harmless = [i["prompt"] for i in load("harmless", "test")]
+    if cfg.prompts in (None, BUNDLED, ORGANISM):
+        harmful = prompt_texts(cfg.prompts, "harmful", "test")
+        harmless = prompt_texts(cfg.prompts, "harmless", "test")
         n_harmful = (cfg.n + 1) // 2
         return [(p, "harmful") for p in rng.sample(harmful, min(n_harmful, len(harmful)))] + [
             (p, "harmless") for p in rng.sample(harmless, min(cfg.n - n_harmful, len(harmless)))
         ]
-    from .prompts import load_prompt_source
-
-    items = [i["prompt"] for i in load_prompt_source(cfg.prompts, cfg.column, cfg.split)]
+    items = prompt_texts(cfg.prompts, column=cfg.column, split=cfg.split)
     return [(p, "") for p in rng.sample(items, min(cfg.n, len(items)))]
 
 
@@ -51,7 +47,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
 
     transformers.utils.logging.disable_progress_bar()
     check_device(cfg.device)
-    check_file_target(cfg.out, inputs_of(cfg), cfg.overwrite)
+    check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite)
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
     }
@@ -75,7 +71,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
         Pair(p, kind, b.completion, b.verdict, e.completion, e.verdict)
         for (p, kind), b, e in zip(prompts, answers["base"], answers["edited"], strict=True)
     ]
-    write_file(cfg.out, markdown(pairs, cfg))
+    write_file(cfg.report, markdown(pairs, cfg))
     return pairs
 
 

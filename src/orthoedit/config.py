@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from .architectures import Site, TiedPolicy
 
@@ -27,6 +35,16 @@ def _device(value: str | None) -> str | None:
 
 
 Device = Annotated[str | None, AfterValidator(_device)]
+#: The dtypes a model runs in; the methods of an edit and of an upload; lm-eval's backends.
+DType = Literal["float32", "bfloat16", "float16"]
+EditMethod = Literal["project", "norm-preserving", "biprojected"]
+PushMethod = Literal["auto", "commit", "large"]
+Backend = Literal["hf", "vllm"]
+#: A prompt source (orthoedit.prompts.load_prompts): a name, a file or a dataset; a Path is
+#: taken as its string.
+PromptSource = Annotated[
+    str | None, BeforeValidator(lambda v: str(v) if isinstance(v, Path) else v)
+]
 
 
 class ApplyConfig(BaseModel):
@@ -71,7 +89,7 @@ class ApplyConfig(BaseModel):
         default=None,
         description="Tied embeddings: untie, skip or edit (default: the architecture's policy).",
     )
-    method: Literal["project", "norm-preserving", "biprojected"] = Field(
+    method: EditMethod = Field(
         default="project",
         description="project: exact ablation; norm-preserving: project, then give each "
         "written vector its length back (not exact; verify compares it by KL); biprojected: "
@@ -99,9 +117,13 @@ class VerifyConfig(BaseModel):
     source: str = Field(description="The source model (folder or Hub id) the edit was made from.")
     edited: Path = Field(description="The edited checkpoint folder written by apply.")
     revision: str | None = Field(default=None, description="Hub revision of the source.")
-    prompts: Path | None = Field(
-        default=None, description="Text file with one prompt per line (default: built-in)."
+    prompts: PromptSource = Field(
+        default=None,
+        description="Prompts: a file or dataset, 'bundled' or 'organism' (their harmful and "
+        "harmless test prompts; default: a built-in set of everyday prompts).",
     )
+    column: str = Field(default="prompt", description="Prompt field of rows.")
+    split: str = Field(default="train", description="Dataset split.")
     max_prompts: int = Field(default=8, ge=1, description="How many prompts to run.")
     report: Path | None = Field(default=None, description="Also write the report as JSON here.")
     overwrite: bool = Field(default=False, description="Replace an existing --report file.")
@@ -114,15 +136,16 @@ class MeasureConfig(BaseModel):
 
     model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
     out: Path = Field(description="Output folder for the direction and the candidates.")
-    harmful: str | None = Field(
+    harmful: PromptSource = Field(
         default=None,
-        description="Harmful prompts: a .jsonl, .json, .csv or .txt file, or a dataset (Hub id "
-        "or local dataset folder) (default: the bundled pool).",
+        description="Harmful prompts: 'bundled' (the bundled pool's train and val splits, "
+        "default), 'organism', a .jsonl, .json, .csv or .txt file, or a dataset (Hub id or local "
+        "dataset folder).",
     )
-    harmless: str | None = Field(
+    harmless: PromptSource = Field(
         default=None,
-        description="Harmless prompts: a .jsonl, .json, .csv or .txt file, or a dataset (Hub id "
-        "or local dataset folder) (default: the bundled pool).",
+        description="Harmless prompts: 'bundled' (default), 'organism', a file or a dataset, "
+        "as --harmful.",
     )
     column: str = Field(
         default="prompt", description="Prompt field of .jsonl/.json/.csv rows and dataset rows."
@@ -170,9 +193,7 @@ class MeasureConfig(BaseModel):
         default=None, description="Jinja chat template to use instead of the tokenizer's."
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Dtype the model runs in."
-    )
+    dtype: DType = Field(default="float32", description="Dtype the model runs in.")
     device: Device = Field(
         default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
     )
@@ -186,7 +207,7 @@ class MeasureConfig(BaseModel):
         description="With --device auto: folder for the weights that fit on no device (disk "
         "offload; slow, but a model larger than GPU + CPU memory can be measured).",
     )
-    batch_size: int = Field(default=16, ge=1, description="Prompts per forward pass.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per forward pass.")
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
 
 
@@ -221,9 +242,7 @@ class EvalBenchConfig(BaseModel):
     max_drop_task: dict[str, float] = Field(
         default_factory=dict, description="Per-task drop thresholds, TASK=VALUE (repeatable)."
     )
-    backend: Literal["hf", "vllm"] = Field(
-        default="hf", description="lm-eval backend: hf, or vllm for GPUs."
-    )
+    backend: Backend = Field(default="hf", description="lm-eval backend: hf, or vllm for GPUs.")
     dtype: str = Field(default="auto", description="Model dtype for lm-eval (auto, float32, ...).")
     device: Device = Field(
         default=None, description="hf backend device (default: cuda if available, else cpu)."
@@ -248,11 +267,9 @@ class _Running(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     system: str | None = Field(default=None, description="System prompt for every conversation.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Dtype to run the models in."
-    )
+    dtype: DType = Field(default="float32", description="Dtype to run the models in.")
     device: Device = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
-    batch_size: int = Field(default=16, ge=1, description="Prompts per batch.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per batch.")
 
 
 class EvalKLConfig(_Running):
@@ -262,20 +279,20 @@ class EvalKLConfig(_Running):
 
     base: str = Field(description="The base model: local folder or Hugging Face Hub model id.")
     edited: str = Field(description="The edited model: local folder or Hub model id.")
-    prompts: str | None = Field(
+    prompts: PromptSource = Field(
         default=None,
-        description="Harmless prompts: a file or dataset, as for measure (default: the bundled "
-        "harmless test split).",
+        description="Harmless prompts: 'bundled' (the bundled harmless test split, default), "
+        "'organism', a file or a dataset.",
     )
     column: str = Field(default="prompt", description="Prompt field of rows.")
     split: str = Field(default="train", description="Dataset split.")
     n: int = Field(default=64, ge=1, description="How many prompts (drawn with --seed).")
     seed: int = Field(default=0, description="Seed for drawing the prompts.")
-    new_tokens: int = Field(
+    max_new_tokens: int = Field(
         default=32, ge=1, description="Length of the base model's greedy answers."
     )
-    out: Path | None = Field(default=None, description="Also write the numbers as JSON here.")
-    overwrite: bool = Field(default=False, description="Replace an existing --out file.")
+    report: Path | None = Field(default=None, description="Also write the numbers as JSON here.")
+    overwrite: bool = Field(default=False, description="Replace an existing --report file.")
 
 
 class EvalSafetyConfig(_Running):
@@ -288,12 +305,12 @@ class EvalSafetyConfig(_Running):
     base: str | None = Field(
         default=None, description="A base model to evaluate side by side (folder or Hub id)."
     )
-    harmful: str | None = Field(
+    harmful: PromptSource = Field(
         default=None,
         description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
         "or a dataset.",
     )
-    harmless: str | None = Field(
+    harmless: PromptSource = Field(
         default=None,
         description="Harmless prompts (over-refusal): 'bundled' (default), 'organism', a file "
         "or a dataset.",
@@ -346,18 +363,18 @@ class CompareConfig(_Running):
 
     base: str = Field(description="The base model: local folder or Hub model id.")
     edited: str = Field(description="The edited model: local folder or Hub model id.")
-    prompts: str | None = Field(
+    prompts: PromptSource = Field(
         default=None,
-        description="Prompts: a file or dataset, or 'organism' (default: half harmful, half "
-        "harmless from the bundled test splits).",
+        description="Prompts: 'bundled' (half harmful, half harmless from the bundled test "
+        "splits, default), 'organism' (likewise), a file or a dataset.",
     )
     column: str = Field(default="prompt", description="Prompt field of rows.")
     split: str = Field(default="train", description="Dataset split.")
     n: int = Field(default=8, ge=1, description="How many prompts (drawn with --seed).")
     seed: int = Field(default=0, description="Seed for drawing prompts.")
     max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per answer.")
-    out: Path = Field(default=Path("compare.md"), description="Markdown file to write.")
-    overwrite: bool = Field(default=False, description="Replace an existing output file.")
+    report: Path = Field(default=Path("compare.md"), description="Markdown file to write.")
+    overwrite: bool = Field(default=False, description="Replace an existing --report file.")
 
 
 class PushConfig(BaseModel):
@@ -378,7 +395,7 @@ class PushConfig(BaseModel):
     revision: str | None = Field(
         default=None, description="Branch to push to, created if missing (default: main)."
     )
-    method: Literal["auto", "commit", "large"] = Field(
+    method: PushMethod = Field(
         default="auto",
         description="commit: one atomic commit (upload_folder style); large: resumable, in "
         "several commits (upload_large_folder); auto: large above 10 GB.",
@@ -404,12 +421,12 @@ class AttributeConfig(_Running):
     direction_layer: int | None = Field(
         default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
     )
-    harmful: str | None = Field(
+    harmful: PromptSource = Field(
         default=None,
         description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
         "or a dataset.",
     )
-    harmless: str | None = Field(
+    harmless: PromptSource = Field(
         default=None,
         description="Harmless prompts: 'bundled' (default), 'organism', a file or a dataset.",
     )
@@ -457,12 +474,12 @@ class StudySitesConfig(_Running):
     direction_layer: int | None = Field(
         default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
     )
-    harmful: str | None = Field(
+    harmful: PromptSource = Field(
         default=None,
         description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
         "(e.g. measure's val-harmful.jsonl) or a dataset.",
     )
-    harmless: str | None = Field(
+    harmless: PromptSource = Field(
         default=None,
         description="Harmless prompts, for the KL: 'bundled' (the test split, default), "
         "'organism', a file (e.g. measure's val-harmless.jsonl) or a dataset.",
@@ -562,16 +579,18 @@ class SearchConfig(_Running):
         gt=0,
         description="Seconds (from the start of the command) after which no new trial is started.",
     )
-    harmful: Path | None = Field(
+    harmful: PromptSource = Field(
         default=None,
-        description="Harmful prompts the failure rate is measured on: a .jsonl, .json, .csv "
-        "or .txt file (default: measure's val-harmful.jsonl).",
+        description="Harmful prompts the failure rate is measured on: a file or a dataset, or "
+        "'bundled' / 'organism' (their val split; default: measure's val-harmful.jsonl).",
     )
-    harmless: Path | None = Field(
+    harmless: PromptSource = Field(
         default=None,
-        description="Harmless prompts the KL is measured on: a prompt file (default: "
-        "measure's val-harmless.jsonl).",
+        description="Harmless prompts the KL is measured on, as --harmful (default: measure's "
+        "val-harmless.jsonl).",
     )
+    column: str = Field(default="prompt", description="Prompt field of rows.")
+    split: str = Field(default="train", description="Dataset split.")
     n: int | None = Field(
         default=None,
         ge=1,

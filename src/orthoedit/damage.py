@@ -20,7 +20,7 @@ from .config import EvalKLConfig
 from .errors import BadInputError
 from .measure import batched_forward, chat_ids, check_device, pad_id, post_instruction_ids
 from .output import check_file_target, inputs_of, write_file
-from .prompts import load_prompt_source
+from .prompts import prompt_texts
 from .source import resolve_model
 
 
@@ -68,12 +68,7 @@ def cross_entropy(model, rows, answers, batch_size: int, pad: int) -> float:
 
 
 def _prompts(cfg: EvalKLConfig) -> list[str]:
-    if cfg.prompts is None:
-        from .pools import load_pool
-
-        items = [item["prompt"] for item in load_pool("harmless", "test")]
-    else:
-        items = [item["prompt"] for item in load_prompt_source(cfg.prompts, cfg.column, cfg.split)]
+    items = prompt_texts(cfg.prompts, "harmless", "test", column=cfg.column, split=cfg.split)
     return random.Random(cfg.seed).sample(items, min(cfg.n, len(items)))
 
 
@@ -86,8 +81,8 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only output
     check_device(cfg.device)
-    if cfg.out is not None:
-        check_file_target(cfg.out, inputs_of(cfg), cfg.overwrite)
+    if cfg.report is not None:
+        check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite)
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
     }
@@ -107,7 +102,7 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
             model.to(cfg.device)
         first[name] = first_token_logprobs(model, rows, cfg.batch_size, pad)
         if answers is None:
-            made = greedy_completions(model, rows, cfg.batch_size, pad, cfg.new_tokens)
+            made = greedy_completions(model, rows, cfg.batch_size, pad, cfg.max_new_tokens)
             stop = stop_ids(model, tok)
             answers = [until_stop(ids, stop) or ids[:1] for ids in made]
         ce[name] = cross_entropy(model, rows, answers, cfg.batch_size, pad)
@@ -119,7 +114,7 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
         cross_entropy_edited=ce["edited"],
         answer_tokens=sum(map(len, answers)),
     )
-    if cfg.out is not None:
+    if cfg.report is not None:
         record = {"base": cfg.base, "edited": cfg.edited, **report.to_dict()}
-        write_file(cfg.out, json.dumps(record, indent=2) + "\n")
+        write_file(cfg.report, json.dumps(record, indent=2) + "\n")
     return report

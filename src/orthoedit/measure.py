@@ -27,7 +27,7 @@ from .direction import save_direction, save_stable
 from .errors import BadInputError
 from .hooks import capture_block_inputs
 from .output import check_target, inputs_of, staged_output
-from .prompts import is_prompt_file, load_prompt_source
+from .prompts import BUNDLED, ORGANISM, is_prompt_file, prompt_texts
 from .source import read_config, resolve_model
 
 SENTINEL = "Orthoedit sentinel message"
@@ -327,13 +327,11 @@ def _prompts(cfg: MeasureConfig, what: str) -> tuple[list[str], list[str]]:
     and val splits, or one prompt file (or dataset split) cut in the ratio n_train : n_val."""
     rng = random.Random(cfg.seed)
     source = getattr(cfg, what)
-    if source is None:
-        from .pools import load_pool
-
-        train = [item["prompt"] for item in load_pool(what, "train")]
-        val = [item["prompt"] for item in load_pool(what, "val")]
+    if source is None or source in (BUNDLED, ORGANISM):
+        train = prompt_texts(source, what, "train")
+        val = prompt_texts(source, what, "val")
         return rng.sample(train, len(train)), rng.sample(val, len(val))
-    items = [item["prompt"] for item in load_prompt_source(source, cfg.column, cfg.split)]
+    items = prompt_texts(source, column=cfg.column, split=cfg.split)
     n_train, n_val = cfg.n_train, cfg.n_val
     if len(items) < 4:
         raise BadInputError(
@@ -588,8 +586,10 @@ def measure(
 
 def _source_name(cfg: MeasureConfig, kind: str) -> str:
     source = getattr(cfg, kind)
-    if source is None:
+    if source is None or source == BUNDLED:
         return f"bundled pool ({kind}: train, val)"
+    if source == ORGANISM:
+        return f"the organism's prompts ({kind}: train, val)"
     if is_prompt_file(source):
         return str(source)
     return f"dataset {source} (split {cfg.split}, column {cfg.column})"

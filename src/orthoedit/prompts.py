@@ -1,5 +1,7 @@
-"""Prompt sets from files (``.jsonl``, ``.json``, ``.csv``, ``.txt`` with one prompt a line) or
-from datasets (a Hub dataset id, or a local dataset folder, read with ``datasets``).
+"""Where every command gets its prompts (``load_prompts``): the bundled pools (``bundled``),
+the organism's prompts (``organism``), files (``.jsonl``, ``.json``, ``.csv``, ``.txt`` with
+one prompt a line) or datasets (a Hub dataset id, or a local dataset folder, read with
+``datasets``), with the same options everywhere (``--column``, ``--split``).
 
 Every loader returns ``[{"prompt": str, "category": str}, ...]`` and fails with one clear line
 on a missing file or dataset, a missing column or split, non-UTF-8 bytes or an empty set.
@@ -15,6 +17,40 @@ from pathlib import Path
 from .errors import BadInputError
 
 FORMATS = (".jsonl", ".json", ".csv", ".txt")
+#: Named prompt sets: the project's bundled pools and the model organism's prompts.
+BUNDLED, ORGANISM = "bundled", "organism"
+KINDS = ("harmful", "harmless")
+
+
+def load_prompts(
+    source: str | Path | None,
+    kind: str | None = None,
+    pool_split: str = "test",
+    *,
+    column: str = "prompt",
+    split: str = "train",
+) -> list[dict]:
+    """The prompts of ``source`` as every command reads them.
+
+    ``None`` or ``bundled``: the bundled pool of ``kind`` (harmful or harmless; both, in that
+    order, when ``kind`` is None) at ``pool_split`` (train / val for choices, test for
+    evaluation); ``organism``: the organism's prompts likewise; anything else a prompt file
+    or a dataset, its prompts in ``column``, a dataset read at ``split``."""
+    if source is None or str(source) in (BUNDLED, ORGANISM):
+        if str(source) == ORGANISM:
+            from .organism import load_prompts as load
+        else:
+            from .pools import load_pool as load
+        kinds = KINDS if kind is None else (kind,)
+        items = [item for k in kinds for item in load(k, pool_split)]
+    else:
+        items = load_prompt_source(source, column, split)
+    return [{"prompt": i["prompt"], "category": i.get("category") or ""} for i in items]
+
+
+def prompt_texts(*args, **kwargs) -> list[str]:
+    """``load_prompts``, the prompt texts only."""
+    return [item["prompt"] for item in load_prompts(*args, **kwargs)]
 
 
 def _text(path: Path) -> str:

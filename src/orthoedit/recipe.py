@@ -60,7 +60,7 @@ SECTIONS = {
     "verify": (VerifyConfig, {"source", "edited", "revision", "report", "overwrite"}),
     "bench": (EvalBenchConfig, {"base", "edited", "out", "overwrite"}),
     "safety": (EvalSafetyConfig, {"model", "base", "out", "overwrite"}),
-    "kl": (EvalKLConfig, {"base", "edited", "out", "overwrite"}),
+    "kl": (EvalKLConfig, {"base", "edited", "report", "overwrite"}),
     "publish": (PushConfig, {"model_dir", "eval"}),
 }
 # Options that may name a file; a relative one is taken relative to the recipe.
@@ -143,7 +143,7 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
         },
         "bench": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "bench"},
         "safety": {"model": str(out / "model"), "base": model, "out": out / "eval" / "safety"},
-        "kl": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "kl.json"},
+        "kl": {"base": model, "edited": str(out / "model"), "report": out / "eval" / "kl.json"},
         "publish": {
             "model_dir": out / "model",
             "eval": out if any(getattr(recipe, s) is not None for s in EVALUATED) else None,
@@ -324,7 +324,8 @@ def run_recipe(
     )
     stages = state.setdefault("stages", {})
     failures: list[str] = []
-    for name in order:
+    for k, name in enumerate(order, 1):
+        step = f"[{k}/{len(order)}] "
         upstream = {
             u: stages.get(u, {}).get("outputs") for u in UPSTREAM.get(name, []) if u in order
         }
@@ -344,14 +345,14 @@ def run_recipe(
             and done.get("inputs") == inputs
             and done.get("outputs") == _digest(target)
         ):
-            log(f"{name}: up to date, skipped")
+            log(f"{step}{name}: up to date, skipped")
             if done.get("failed"):  # a failed check stays failed until its inputs change
                 failures.append(f"{name}: {done['failed']}")
             continue
         if name == "publish" and failures:
-            log("publish: not run, since " + "; ".join(failures))
+            log(f"{step}publish: not run, since " + "; ".join(failures))
             continue
-        log(f"{name}: running")
+        log(f"{step}{name}: running")
         began = time.perf_counter()
         result = _run_stage(name, configs[name], target, log, searched="search" in configs)
         stages[name] = {
@@ -361,6 +362,7 @@ def run_recipe(
             **result,
         }
         _write_state(out, state)
+        log(f"{step}{name}: done in {stages[name]['seconds']:.1f} s")
         if result.get("failed"):
             failures.append(f"{name}: {result['failed']}")
     _write_state(out, state)

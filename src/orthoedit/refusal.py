@@ -12,6 +12,7 @@ everywhere. A completion is one of:
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import Counter
@@ -95,15 +96,36 @@ def greedy_completions(
 ) -> list[list[int]]:
     """Token ids of greedy completions (at most ``new_tokens``), one list per row, generated
     in length-sorted left-padded batches. Rows that finish early are padded by ``generate``;
-    see ``until_stop``."""
-    from .measure import input_device, left_padded, length_sorted_batches
+    see ``until_stop``.
+
+    The prefix all rows share (a chat template's system prompt) runs once, through whatever
+    hooks are active, and every batch continues from a copy of its key/value cache: the tails
+    are left-padded after it and masked, so positions count real tokens only and each row sees
+    what it would see alone (as in ``measure.batched_forward``)."""
+    from .measure import input_device, left_padded, length_sorted_batches, shared_prefix
 
     device = input_device(model)
+    n = shared_prefix(model, rows)
+    prefix_cache = None
+    if n:
+        prefix = torch.tensor([rows[0][:n]], device=device)
+        ran = model(input_ids=prefix, use_cache=True)
+        prefix_cache = ran["cache" if "cache" in ran else "past_key_values"]
     result: dict[int, list[int]] = {}
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        enc = left_padded([rows[i] for i in batch], pad, device)
+        enc = left_padded([rows[i][n:] for i in batch], pad, device)
         enc.pop("position_ids")  # generate derives them from the mask
-        ids = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        extra: dict = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch))
+            seen = torch.ones((len(batch), n), dtype=torch.long, device=device)
+            enc["input_ids"] = torch.cat([prefix.expand(len(batch), -1), enc["input_ids"]], 1)
+            enc["attention_mask"] = torch.cat([seen, enc["attention_mask"]], 1)
+            extra["cache"] = cache
+        ids = model.generate(
+            **enc, **extra, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+        )
         for i, row in zip(batch, ids[:, enc["input_ids"].shape[1] :].cpu().tolist(), strict=True):
             result[i] = row
         if progress:
@@ -134,23 +156,28 @@ def surprisal(
     model, rows: list[list[int]], completions: list[list[int]], batch_size: int, pad: int
 ) -> list[float]:
     """Mean surprisal (nats per token) of each completion under ``model`` after its prompt
-    row: how implausible the answer is to that model. Empty completions give 0."""
-    from .measure import input_device, left_padded, length_sorted_batches
+    row: how implausible the answer is to that model. Empty completions give 0.
 
-    device = input_device(model)
-    whole = [row + done for row, done in zip(rows, completions, strict=True)]
+    Only the completions' positions are unembedded, one row at a time in float32 (with a
+    large vocabulary, the logits of every position of a batch are most of the cost), and the
+    prefix the rows share runs once (``measure.batched_forward``)."""
+    from .measure import batched_forward
+
     out = [0.0] * len(rows)
-    for batch in length_sorted_batches([len(w) for w in whole], batch_size):
-        batch = [i for i in batch if completions[i]]
-        if not batch:
-            continue
-        enc = left_padded([whole[i] for i in batch], pad, device)
-        logits = model(**enc).logits.float()
-        for j, i in enumerate(batch):
-            n = len(completions[i])
-            logprobs = torch.log_softmax(logits[j, -n - 1 : -1], dim=-1)
-            target = enc["input_ids"][j, -n:].unsqueeze(-1)
-            out[i] = float(-logprobs.gather(-1, target).mean())
+    which = [i for i, done in enumerate(completions) if done]
+    if not which:
+        return out
+    whole = [rows[i] + completions[i] for i in which]
+    keep = max(len(completions[i]) for i in which) + 1
+    for batch, output in batched_forward(
+        model, whole, batch_size, pad, keep=keep, logits_to_keep=keep
+    ):
+        for j, k in enumerate(batch):
+            done = completions[which[k]]
+            n = len(done)
+            logprobs = torch.log_softmax(output.logits[j, -n - 1 : -1].float(), dim=-1)
+            target = torch.tensor(done, device=logprobs.device).unsqueeze(-1)
+            out[which[k]] = float(-logprobs.gather(-1, target).mean())
     return out
 
 

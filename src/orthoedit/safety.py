@@ -54,19 +54,9 @@ class Record:
 def load_set(source: str | None, kind: str, cfg: EvalSafetyConfig) -> list[dict]:
     """Prompt items for one kind: the bundled test split, the organism's (``organism``), or a
     file / dataset; ``--n`` draws that many with ``--seed``."""
-    if source is None or source == "bundled":
-        from .pools import load_pool
+    from .prompts import load_prompts
 
-        items = load_pool(kind, "test")
-    elif source == "organism":
-        from .organism import load_prompts
-
-        items = load_prompts(kind, "test")
-    else:
-        from .prompts import load_prompt_source
-
-        items = load_prompt_source(source, cfg.column, cfg.split)
-    items = [{"prompt": i["prompt"], "category": i.get("category") or ""} for i in items]
+    items = load_prompts(source, kind, "test", column=cfg.column, split=cfg.split)
     if cfg.n is not None and cfg.n < len(items):
         items = random.Random(cfg.seed).sample(items, cfg.n)
     return items

@@ -304,11 +304,15 @@ def _read_candidates(path: Path, d_model: int, n_layers: int) -> np.ndarray:
 
 
 def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
-    """The prompt file given for ``kind``, else measure's validation prompts, in order."""
-    from .prompts import load_prompt_file
+    """The prompts given for ``kind`` (a val split where they are named), else measure's
+    validation prompts, in order."""
+    from .prompts import prompt_texts
 
-    path = getattr(cfg, kind) or Path(cfg.candidates) / f"val-{kind}.jsonl"
-    items = [item["prompt"] for item in load_prompt_file(path)]
+    source = getattr(cfg, kind)
+    if source is None:
+        items = prompt_texts(Path(cfg.candidates) / f"val-{kind}.jsonl")
+    else:
+        items = prompt_texts(source, kind, "val", column=cfg.column, split=cfg.split)
     return items[: cfg.n] if cfg.n else items
 
 

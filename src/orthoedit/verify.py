@@ -12,7 +12,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -215,7 +214,7 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
         raise BadInputError(f"{cfg.edited}/plan.json is inconsistent (direction size).")
     dtype = storage_dtype(plan, edited)
     tol = TOLERANCES[dtype]
-    prompts = _read_prompts(cfg.prompts)[: cfg.max_prompts]
+    prompts = _read_prompts(cfg)[: cfg.max_prompts]
     report = VerifyReport(str(cfg.edited), dtype, asdict(tol), len(prompts), method=plan.method)
 
     log("checking bytes of unedited tensors")
@@ -305,13 +304,10 @@ def _judge(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:
     report.failures = [msg for ok, msg in checks if not ok]
 
 
-def _read_prompts(path: Path | None) -> list[str]:
-    """The built-in prompts, or a prompt file read as every command reads one (.jsonl rows are
-    objects with a ``prompt`` field, .txt is a prompt a line)."""
-    from .prompts import load_prompt_file
+def _read_prompts(cfg: VerifyConfig) -> list[str]:
+    """The built-in prompts, or ``--prompts`` read as every command reads prompts."""
+    from .prompts import prompt_texts
 
-    if path is None:
+    if cfg.prompts is None:
         return list(DEFAULT_PROMPTS)
-    if not Path(path).is_file():
-        raise BadInputError(f"--prompts {path} does not exist.")
-    return [item["prompt"] for item in load_prompt_file(path)]
+    return prompt_texts(cfg.prompts, None, "test", column=cfg.column, split=cfg.split)
