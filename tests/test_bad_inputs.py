@@ -630,7 +630,10 @@ def test_verify_missing_edited_folder(tiny_model, tmp_path):
     [
         (["measure", "M", "--n-train", "1"], "error: --n-train must be >= 2"),
         (["measure", "M", "--max-kl", "-1"], "error: --max-kl must be >= 0"),
-        (["apply", "M", "--direction", "d", "--sites", "embed,foo"], "error: --sites: must be"),
+        (
+            ["apply", "M", "--direction", "d", "--sites", "embed,foo"],
+            "error: --sites 'foo': must be",
+        ),
         (["search", "M", "--candidates", "c", "--trials", "0"], "error: --trials must be >= 1"),
     ],
 )

@@ -68,6 +68,11 @@ def _help(model: type[BaseModel], name: str) -> str:
     return escape(model.model_fields[name].description or "")
 
 
+def _log(message: str) -> None:
+    """A progress line of the library's, dim, wrapped by the terminal (not at 80 columns)."""
+    err.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True, highlight=False)
+
+
 def _run(fn, target: Path | None = None, interrupted: str | None = None):
     """Run a library call; user errors become one red line and their exit code. An interrupt
     (Ctrl-C, or SIGTERM through ``entry``) says what became of the output: ``interrupted``,
@@ -129,7 +134,8 @@ def option_error(e: ValidationError) -> str:
         if first["type"] == kind:
             bound = next(iter(ctx.values()), "")
             return f"{option} must be {sign} {bound}"
-    return f"{option}: {msg.replace('Input should be', 'must be')}"
+    given = f" {first['input']!r}" if first["type"] == "literal_error" else ""
+    return f"{option}{given}: {msg.replace('Input should be', 'must be')}"
 
 
 def _version(value: bool) -> None:
@@ -267,9 +273,7 @@ def verify(
             overwrite=overwrite,
         )
     )
-    result = _run(
-        lambda: run_verify(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.report
-    )
+    result = _run(lambda: run_verify(cfg, log=_log), cfg.report)
     table = Table(title=f"verify {escape(str(edited))} ({result.storage_dtype})")
     table.add_column("check")
     table.add_column("value", justify="right")
@@ -418,7 +422,7 @@ def measure(
             try:
                 return run_measure(
                     cfg,
-                    log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                    log=_log,
                     progress=_stage_bar(bar, task),
                 )
             except NoCandidateError as e:  # show why, then fail
@@ -534,9 +538,7 @@ def eval_bench(
             overwrite=overwrite,
         )
     )
-    result = _run(
-        lambda: run_bench(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.out
-    )
+    result = _run(lambda: run_bench(cfg, log=_log), cfg.out)
     out.print(_bench_table(result))
     out.print(f"wrote {escape(str(result.out))} (report.md, report.json, report.png, lm_eval/)")
     if result.regressions:
@@ -584,9 +586,7 @@ def eval_kl(
             overwrite=overwrite,
         )
     )
-    report = _run(
-        lambda: run_kl(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.report
-    )
+    report = _run(lambda: run_kl(cfg, log=_log), cfg.report)
     table = Table(title=f"damage on {report.prompts} harmless prompts")
     table.add_column("metric")
     table.add_column("base", justify="right")
@@ -689,7 +689,7 @@ def eval_safety(
         result = _run(
             lambda: run_safety(
                 cfg,
-                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                log=_log,
                 progress=_stage_bar(bar, task),
             ),
             cfg.out,
@@ -756,9 +756,7 @@ def compare_cmd(
             overwrite=overwrite,
         )
     )
-    pairs = _run(
-        lambda: run_compare(cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]")), cfg.report
-    )
+    pairs = _run(lambda: run_compare(cfg, log=_log), cfg.report)
     table = Table(title="base vs edited", show_lines=True)
     table.add_column("prompt", ratio=1, overflow="fold")
     table.add_column("base", ratio=2, overflow="fold")
@@ -796,7 +794,7 @@ def run_cmd(
             out_dir,
             start=start,
             only=only,
-            log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+            log=_log,
         ),
         interrupted="interrupted: finished stages are kept; run the same command to resume.",
     )
@@ -975,7 +973,7 @@ def study_sites(
         result = _run(
             lambda: run_study(
                 cfg,
-                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                log=_log,
                 progress=_stage_bar(bar, task),
             ),
             cfg.out,
@@ -1050,7 +1048,7 @@ def attribute_cmd(
         result = _run(
             lambda: attribute(
                 cfg,
-                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                log=_log,
                 progress=_stage_bar(bar, task),
             ),
             cfg.out,
@@ -1218,7 +1216,7 @@ def search_cmd(
         result = _run(
             lambda: search(
                 cfg,
-                log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"),
+                log=_log,
                 progress=_stage_bar(bar, task),
             ),
             interrupted="interrupted: run the same command again to resume the search.",

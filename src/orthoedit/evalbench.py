@@ -4,7 +4,7 @@ Both models run through ``lm_eval.simple_evaluate`` with the same tasks, few-sho
 limit, batch size, seeds and chat-template setting. Every (task, metric) pair is compared:
 delta, the combined standard error of the two scores, whether the delta is beyond noise
 (more than twice that error) and whether a drop exceeds its threshold. The shipped offline
-tasks (``evals/``, installed as ``orthoedit.evals``) run when no task is named.
+tasks (``src/orthoedit/evals/``, ``orthoedit.evals``) run when no task is named.
 """
 
 from __future__ import annotations
@@ -268,6 +268,9 @@ def eval_bench(
         else:
             chat = _has_chat_template(cfg.base)
     cfg = cfg.model_copy(update={"chat_template": chat})
+    import datasets
+
+    datasets.disable_progress_bars()  # lm-eval's own request bars are the progress shown
     raw = {}
     with tempfile.TemporaryDirectory() as tmp, offline_mode(cfg.offline):
         manager = task_manager(prepare_shipped_tasks(Path(tmp)), tasks)

@@ -4,6 +4,8 @@ tree is built, so that a new command or option follows it without a word of its 
 * Commands are listed in pipeline order (``ORDER``), not in the order they are defined.
 * Help text is reflowed: a docstring's single line breaks are joined, so the terminal wraps
   whole sentences (paragraphs, separated by a blank line, stay apart).
+* A usage error (an unknown option, a missing argument, a value not among the choices) is
+  one ``error:`` line, as every other bad input is.
 * Value names are words, not Python types: ``TEXT``, ``INT``, ``FLOAT``, ``PATH``; the choices
   where there are a few (``untie|skip|edit``); none for on/off flags; arguments by their name
   (``MODEL``), in the usage line too.
@@ -12,9 +14,12 @@ tree is built, so that a new command or option follows it without a word of its 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import get_args, get_origin
 
+from typer._click.exceptions import ClickException
+from typer._click.utils import echo as click_echo
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 #: The order commands are listed in: the pipeline first, then the whole-run commands, then
@@ -130,3 +135,27 @@ class Group(TyperGroup):
         names = list(self.commands)
         rank = {name: i for i, name in enumerate(ORDER)}
         return sorted(names, key=lambda n: (rank.get(n, len(ORDER)), names.index(n)))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """A usage error (an unknown option, a missing argument, a value not among the
+        choices) is one line, like every other bad input, exit 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                click_echo(e.ctx.get_help(), color=e.ctx.color)
+            else:
+                click_echo(usage_line(e), err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(e) -> str:
+    """``error: MESSAGE; see orthoedit CMD --help.``, the message in click's words less
+    pydantic's ``Value error,`` prefix."""
+    message = " ".join(e.format_message().replace("Value error, ", "").split())
+    ctx = getattr(e, "ctx", None)
+    hint = f"; see {ctx.command_path} --help" if ctx is not None else ""
+    return f"error: {message.rstrip('.')}{hint}."

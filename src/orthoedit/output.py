@@ -107,7 +107,7 @@ def check_file_target(
     target: Path,
     reads: Iterable[Path | str | None] = (),
     overwrite: bool = False,
-    option: str = "--out",
+    option: str = "--report",
 ) -> Path:
     """Validate an output file before any work is done; returns it resolved."""
     target = Path(target).expanduser().resolve()
