@@ -11,7 +11,7 @@ import pytest
 
 from orthoedit.errors import BadInputError
 from orthoedit.licenses import name_problem
-from orthoedit.recipe import load_recipe, stage_configs
+from orthoedit.recipe import SECTIONS, load_recipe, stage_configs
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +180,19 @@ def test_search_stage_edits_with_the_chosen_trial(tmp_path):
     fixed.write_text(fixed.read_text() + "search: {}\n")
     with pytest.raises(BadInputError, match="search needs measure's candidates"):
         stage_configs(*load_recipe(fixed), tmp_path / "o")
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_unknown_key_lists_only_keys_a_recipe_may_set(tmp_path, section):
+    """The keys an unknown-key error offers are the ones the checker then accepts: none of
+    those the run sets itself (model, out, overwrite, revision, ...)."""
+    import re
+
+    model, fixed = SECTIONS[section]
+    extra = "repo_id: me/m, " if section == "publish" else ""
+    text = f"model: m\n{section}: {{{extra}colour: 1}}\n"
+    recipe, base = load_recipe(_write(tmp_path, text))
+    with pytest.raises(BadInputError) as info:
+        stage_configs(recipe, base, tmp_path / "out")
+    listed = set(re.search(r"allowed: ([^)]*)\)", str(info.value)).group(1).split(", "))
+    assert listed == set(model.model_fields) - fixed

@@ -264,26 +264,43 @@ def batched_forward(model, rows: list[list[int]], batch_size: int, pad: int, kee
     Outputs cover the tails only; each tail keeps at least ``keep`` tokens.
     """
     device = input_device(model)
-    n = shared_prefix(model, rows, keep)
-    prefix_cache = None
-    if n:
-        prefix = torch.tensor([rows[0][:n]], device=device)
-        ran = model(input_ids=prefix, use_cache=True, **kw)
+    prefix = SharedPrefix(model, rows, keep, **kw)
+    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
+        enc = left_padded([rows[i][prefix.n :] for i in batch], pad, device)
+        extra: dict = {"use_cache": False}
+        if prefix.n:
+            enc["attention_mask"] = prefix.mask(enc["attention_mask"])
+            enc["position_ids"] = enc["position_ids"] + prefix.n
+            extra = {"use_cache": True, prefix.cache_name: prefix.cache_for(len(batch))}
+        yield batch, model(**enc, **extra, **kw)
+
+
+class SharedPrefix:
+    """The prefix all rows share (``shared_prefix``) run once through ``model`` (and whatever
+    hooks are active); each batch continues from a copy of its key/value cache, its tails
+    left-padded after it and masked. ``n`` is 0 when there is no prefix worth running."""
+
+    def __init__(self, model, rows: list[list[int]], keep: int = 1, **kw):
+        self.n = shared_prefix(model, rows, keep)
+        if not self.n:
+            return
+        device = input_device(model)
+        self.ids = torch.tensor([rows[0][: self.n]], device=device)
+        ran = model(input_ids=self.ids, use_cache=True, **kw)
         # transformers 5.x names the key/value cache ``cache`` (``past_key_values`` goes away in
         # 5.40); older versions only know ``past_key_values``. Whichever the output has.
-        cache_name = "cache" if "cache" in ran else "past_key_values"
-        prefix_cache = ran[cache_name]
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        enc = left_padded([rows[i][n:] for i in batch], pad, device)
-        extra: dict = {"use_cache": False}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(batch))
-            seen = torch.ones((len(batch), n), dtype=torch.long, device=device)
-            enc["attention_mask"] = torch.cat([seen, enc["attention_mask"]], dim=1)
-            enc["position_ids"] = enc["position_ids"] + n
-            extra = {"use_cache": True, cache_name: cache}
-        yield batch, model(**enc, **extra, **kw)
+        self.cache_name = "cache" if "cache" in ran else "past_key_values"
+        self.cache = ran[self.cache_name]
+
+    def cache_for(self, batch: int):
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def mask(self, tail_mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of prefix + left-padded tails."""
+        seen = torch.ones((tail_mask.shape[0], self.n), dtype=torch.long, device=tail_mask.device)
+        return torch.cat([seen, tail_mask], dim=1)
 
 
 @torch.no_grad()

@@ -113,7 +113,8 @@ def _explain(err: ValidationError, model: type[BaseModel], section: str = "") ->
     first = err.errors()[0]
     where = ".".join(str(p) for p in (section, *first["loc"]) if p != "")
     if first["type"] == "extra_forbidden":
-        allowed = ", ".join(sorted(model.model_fields))
+        fixed = SECTIONS[section][1] if section in SECTIONS else set()  # set by the run
+        allowed = ", ".join(sorted(set(model.model_fields) - fixed))
         return f"unknown key {where!r} (allowed: {allowed})."
     return f"{where}: {first['msg']}."
 

@@ -12,7 +12,6 @@ everywhere. A completion is one of:
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections import Counter
@@ -102,27 +101,19 @@ def greedy_completions(
     hooks are active, and every batch continues from a copy of its key/value cache: the tails
     are left-padded after it and masked, so positions count real tokens only and each row sees
     what it would see alone (as in ``measure.batched_forward``)."""
-    from .measure import input_device, left_padded, length_sorted_batches, shared_prefix
+    from .measure import SharedPrefix, input_device, left_padded, length_sorted_batches
 
     device = input_device(model)
-    n = shared_prefix(model, rows)
-    prefix_cache = None
-    if n:
-        prefix = torch.tensor([rows[0][:n]], device=device)
-        ran = model(input_ids=prefix, use_cache=True)
-        prefix_cache = ran["cache" if "cache" in ran else "past_key_values"]
+    prefix = SharedPrefix(model, rows)
     result: dict[int, list[int]] = {}
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        enc = left_padded([rows[i][n:] for i in batch], pad, device)
+        enc = left_padded([rows[i][prefix.n :] for i in batch], pad, device)
         enc.pop("position_ids")  # generate derives them from the mask
         extra: dict = {}
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(batch))
-            seen = torch.ones((len(batch), n), dtype=torch.long, device=device)
-            enc["input_ids"] = torch.cat([prefix.expand(len(batch), -1), enc["input_ids"]], 1)
-            enc["attention_mask"] = torch.cat([seen, enc["attention_mask"]], 1)
-            extra["cache"] = cache
+        if prefix.n:  # generate takes the whole ids and skips what the cache holds
+            enc["input_ids"] = torch.cat([prefix.ids.expand(len(batch), -1), enc["input_ids"]], 1)
+            enc["attention_mask"] = prefix.mask(enc["attention_mask"])
+            extra["cache"] = prefix.cache_for(len(batch))
         ids = model.generate(
             **enc, **extra, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
         )
