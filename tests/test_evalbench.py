@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from orthoedit.evals import TASKS_DIR
-from orthoedit.evals.generate import main as generate_evals
 from safetensors.torch import load_file, save_file
 
 from conftest import folder_digest
 from orthoedit.config import EvalBenchConfig
 from orthoedit.evalbench import compare, model_spec, prepare_shipped_tasks, shipped_tasks
+from orthoedit.evals import TASKS_DIR
+from orthoedit.evals.generate import main as generate_evals
 from orthoedit.organism import CHAT_MODEL, PROMPTS
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import yaml
+
 from orthoedit.evals import TASKS_DIR, bigbench, mmlu, pypi
 
 LITE = """BIGBENCH_LITE_TASK_NAMES = {
