@@ -44,7 +44,7 @@ ORDER = (
 
 #: Choices wider than this are listed in the option's help instead, so the value column stays
 #: narrow enough for the help beside it.
-MAX_CHOICES_WIDTH = 24
+MAX_CHOICES_WIDTH = 16
 
 _NAMES = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH", bool: "BOOL"}
 
