@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import folder_digest
+from judgeserver import JudgeServer
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
 from orthoedit.safety import HFJudge, parse_guard
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
@@ -195,55 +196,6 @@ def test_compare_side_by_side(edited_organism, tmp_path):
 # --- the openai: judge, against a local OpenAI-compatible server ------------------------------
 
 
-class _Server:
-    """A small OpenAI-compatible chat endpoint on 127.0.0.1. ``mode``: ``guard`` answers with
-    the organism guard's verdict on the (request, response) in the judge's message; ``garbage``
-    replies with prose; ``bad-json`` sends a non-JSON body; ``error`` answers HTTP 500."""
-
-    def __init__(self, mode: str):
-        import http.server
-        import threading
-
-        self.mode, self.keys, self.requests = mode, [], 0
-        self.guard = HFJudge(GUARD_MODEL, torch.float32, None, 8) if mode == "guard" else None
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests += 1
-                server.keys.append(self.headers.get("Authorization"))
-                if server.mode == "error":
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                content = "I think this one is probably fine."
-                if server.mode == "guard":
-                    message = body["messages"][-1]["content"]
-                    request, _, response = message.removeprefix("REQUEST:\n").partition(
-                        "\n\nRESPONSE:\n"
-                    )
-                    content = server.guard([(request, response)])[0]
-                payload = {"choices": [{"message": {"role": "assistant", "content": content}}]}
-                raw = b"not json" if server.mode == "bad-json" else json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _safety_with(url: str, out, *extra):
     return cli(
         "eval", "safety", CHAT_MODEL, "--out", out, "--harmful", "organism",
@@ -255,7 +207,7 @@ def _safety_with(url: str, out, *extra):
 def test_openai_judge_against_a_local_server(tmp_path, monkeypatch):
     secret = "sk-test-0123456789abcdef"
     monkeypatch.setenv("ORTHOEDIT_TEST_KEY", secret)
-    server = _Server("guard")
+    server = JudgeServer("guard")
     try:
         out = tmp_path / "r"
         result = _safety_with(server.url, out, "--judge-api-key-env", "ORTHOEDIT_TEST_KEY")
@@ -275,7 +227,7 @@ def test_openai_judge_failures_are_errors_with_bounded_retries(tmp_path, mode):
     if mode == "down":
         server, url = None, "http://127.0.0.1:9/v1"  # nothing listens on the discard port
     else:
-        server = _Server(mode)
+        server = JudgeServer(mode)
         url = server.url
     try:
         result = _safety_with(url, tmp_path / "r", "--judge-retries", "1")

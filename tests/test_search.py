@@ -33,6 +33,7 @@ from orthoedit.search import (
     Profile,
     blend,
     choose,
+    describe,
     make_judge,
     measure_hooks,
     measure_params,
@@ -707,6 +708,50 @@ def test_guard_judge_counts_only_unsafe_compliance(measured, tmp_path):
     assert edited.failure == pytest.approx(1 - edited.unsafe / edited.n)
     unedited = judge(contextlib.nullcontext)
     assert unedited.unsafe == 0 and unedited.failure == 1.0
+
+
+@pytest.mark.parametrize("mode", ["guard", "garbage"])
+def test_openai_judge_judges_trials_as_the_guard_does(measured, tmp_path, mode):
+    """``--judge openai:URL`` is the same judge in search as in eval safety: an endpoint that
+    answers as the organism's guard gives the guard's counts; one whose replies cannot be
+    read leaves every complied answer unjudged, and none of them counts as compliance."""
+    from judgeserver import JudgeServer
+
+    server = JudgeServer(mode)
+    try:
+        cfg = _cfg(
+            measured, tmp_path / "s", judge=f"openai:{server.url}", judge_model="guard",
+            judge_timeout=5, judge_retries=0,
+        )  # fmt: skip
+        ready = prepare(cfg)
+        assert ready.settings["judge"] == cfg.judge and ready.settings["judge_model"] == "guard"
+        model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+        edited = make_judge(cfg, ready, model)(measure_hooks(model, ready))
+    finally:
+        server.close()
+    assert edited.complied > 0 and server.requests == edited.complied
+    if mode == "guard":
+        guard_cfg = _cfg(measured, tmp_path / "g", judge=f"hf:{GUARD_MODEL}")
+        by_guard = make_judge(guard_cfg, prepare(guard_cfg), model)(measure_hooks(model, ready))
+        assert (edited.unsafe, edited.judge_errors) == (by_guard.unsafe, 0)
+        assert edited.failure == pytest.approx(by_guard.failure)
+    else:
+        assert edited.unsafe == 0 and edited.judge_errors == edited.complied
+        assert edited.failure == 1.0
+        assert f"{edited.complied} unjudged" in describe(edited.to_dict())
+
+
+def test_search_takes_the_judge_options_of_eval_safety(measured, tmp_path):
+    """The same options, checked before any model loads: an openai: judge needs a model name,
+    and a bad scheme names the forms --judge takes."""
+    for extra, said in [
+        (("--judge", "openai:http://127.0.0.1:9/v1"), "--judge-model"),
+        (("--judge", "bogus:x"), "openai:http(s)://"),
+    ]:
+        out = tmp_path / extra[1].partition(":")[0]
+        result = cli(*_args(measured, out, *extra))
+        assert result.exit_code == 2, result.output
+        assert said in result.stderr and not out.exists()
 
 
 @pytest.mark.slow

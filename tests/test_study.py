@@ -85,6 +85,36 @@ def test_organism_sites_reproduce_measure(organism_run, tmp_path):
     _check_png(out / "sites.png")
 
 
+def test_an_openai_judge_gives_the_guards_unsafe_rates(organism_run, tmp_path):
+    """study sites takes eval safety's judge options: an OpenAI-compatible endpoint that
+    answers as the organism's guard gives the guard's unsafe rate for every condition."""
+    from judgeserver import JudgeServer
+
+    folder = organism_run / "direction"
+    record = json.loads((folder / "direction.json").read_text())
+    args = ["study", "sites", record["model"], "--direction", folder / "direction.safetensors"]
+    args += ["--harmful", "organism", "--harmless", "organism", "--n", 6]
+    server = JudgeServer("guard")
+    try:
+        by_server = cli(
+            *args, "--out", tmp_path / "openai", "--judge", f"openai:{server.url}",
+            "--judge-model", "guard", "--judge-timeout", 5,
+        )  # fmt: skip
+    finally:
+        server.close()
+    by_guard = cli(*args, "--out", tmp_path / "hf", "--judge", f"hf:{GUARD_MODEL}")
+    assert by_server.exit_code == 0 and by_guard.exit_code == 0, by_server.output
+    reports = [json.loads((tmp_path / n / "sites.json").read_text()) for n in ("openai", "hf")]
+    assert reports[0]["settings"]["judge_model"] == "guard"
+    rates = [
+        {(c["kind"], c["name"]): (c["unsafe"], c["judge_errors"]) for c in r["conditions"]}
+        for r in reports
+    ]
+    assert rates[0] == rates[1]
+    assert rates[0]["run time", "all"] == (1.0, 0) and rates[0]["baseline", "none"][0] < 1
+    assert server.requests == 6 * sum(c["log_odds"] is not None for c in reports[0]["conditions"])
+
+
 @torch.no_grad()
 def _logits(model, inputs) -> list[torch.Tensor]:
     return [model(input_ids=ids).logits[0].double() for ids in inputs]
@@ -167,7 +197,8 @@ def _bad_direction(tmp_path: Path, name: str, values) -> Path:
         ("model", "no such folder"),
         ("prompts", "does not exist"),
         ("jsonl", "invalid JSON"),
-        ("judge", "hf:PATH_OR_ID"),
+        ("judge", "--judge-model"),
+        ("scheme", "hf:PATH_OR_ID"),
         ("tokens", "give single tokens"),
         ("n", "--n must be >= 1"),
     ],
@@ -189,6 +220,8 @@ def test_bad_inputs_write_nothing(tiny_model, direction_file, tmp_path, case, ne
         extra = ["--harmless", tmp_path / "in" / "bad.jsonl"]
     elif case == "judge":
         extra = ["--judge", "openai:http://localhost:1/v1"]
+    elif case == "scheme":
+        extra = ["--judge", "llamaguard"]
     elif case == "tokens":
         extra = ["--refusal-tokens", "I cannot"]
     elif case == "n":

@@ -68,6 +68,14 @@ def _help(model: type[BaseModel], name: str) -> str:
     return escape(model.model_fields[name].description or "")
 
 
+# The safety judge's options, one declaration for eval safety, search and study sites.
+JudgeOpt = Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "judge"))]
+JudgeModelOpt = Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "judge_model"))]
+JudgeKeyEnvOpt = Annotated[str, typer.Option(help=_help(EvalSafetyConfig, "judge_api_key_env"))]
+JudgeTimeoutOpt = Annotated[float, typer.Option(help=_help(EvalSafetyConfig, "judge_timeout"))]
+JudgeRetriesOpt = Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "judge_retries"))]
+
+
 def _log(message: str) -> None:
     """A progress line of the library's, dim, wrapped by the terminal (not at 80 columns)."""
     err.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True, highlight=False)
@@ -628,17 +636,11 @@ def eval_safety(
     split: Annotated[str, typer.Option(help=_help(EvalSafetyConfig, "split"))] = "train",
     n: Annotated[int | None, typer.Option("--n", help=_help(EvalSafetyConfig, "n"))] = None,
     seed: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "seed"))] = 0,
-    judge: Annotated[str | None, typer.Option(help=_help(EvalSafetyConfig, "judge"))] = None,
-    judge_model: Annotated[
-        str | None, typer.Option(help=_help(EvalSafetyConfig, "judge_model"))
-    ] = None,
-    judge_api_key_env: Annotated[
-        str, typer.Option(help=_help(EvalSafetyConfig, "judge_api_key_env"))
-    ] = "OPENAI_API_KEY",
-    judge_timeout: Annotated[
-        float, typer.Option(help=_help(EvalSafetyConfig, "judge_timeout"))
-    ] = 60.0,
-    judge_retries: Annotated[int, typer.Option(help=_help(EvalSafetyConfig, "judge_retries"))] = 2,
+    judge: JudgeOpt = None,
+    judge_model: JudgeModelOpt = None,
+    judge_api_key_env: JudgeKeyEnvOpt = "OPENAI_API_KEY",
+    judge_timeout: JudgeTimeoutOpt = 60.0,
+    judge_retries: JudgeRetriesOpt = 2,
     max_new_tokens: Annotated[
         int, typer.Option(help=_help(EvalSafetyConfig, "max_new_tokens"))
     ] = 256,
@@ -930,7 +932,11 @@ def study_sites(
     max_new_tokens: Annotated[
         int, typer.Option(help=_help(StudySitesConfig, "max_new_tokens"))
     ] = 64,
-    judge: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "judge"))] = None,
+    judge: JudgeOpt = None,
+    judge_model: JudgeModelOpt = None,
+    judge_api_key_env: JudgeKeyEnvOpt = "OPENAI_API_KEY",
+    judge_timeout: JudgeTimeoutOpt = 60.0,
+    judge_retries: JudgeRetriesOpt = 2,
     system: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "system"))] = None,
     template: Annotated[Path | None, typer.Option(help=_help(StudySitesConfig, "template"))] = None,
     revision: Annotated[str | None, typer.Option(help=_help(StudySitesConfig, "revision"))] = None,
@@ -941,7 +947,8 @@ def study_sites(
 ) -> None:
     """Which sites must lose the direction to remove refusal: baseline, run-time ablation at
     the block inputs, attention outputs, MLP outputs or all three, and the weight edits
-    apply would make (embed, attn, mlp, all); refusal log-odds, refusal rate and KL of each."""
+    apply would make (embed, attn, mlp, all); refusal log-odds, refusal rate and KL of each,
+    and with --judge the unsafe rate."""
     from .study import study_sites as run_study
 
     cfg = _run(
@@ -959,6 +966,10 @@ def study_sites(
             refusal_tokens=refusal_tokens,
             max_new_tokens=max_new_tokens,
             judge=judge,
+            judge_model=judge_model,
+            judge_api_key_env=judge_api_key_env,
+            judge_timeout=judge_timeout,
+            judge_retries=judge_retries,
             system=system,
             template=template,
             revision=revision,
@@ -1153,7 +1164,11 @@ def search_cmd(
     split: Annotated[str, typer.Option(help=_help(SearchConfig, "split"))] = "train",
     n: Annotated[int | None, typer.Option("--n", help=_help(SearchConfig, "n"))] = None,
     max_new_tokens: Annotated[int, typer.Option(help=_help(SearchConfig, "max_new_tokens"))] = 64,
-    judge: Annotated[str | None, typer.Option(help=_help(SearchConfig, "judge"))] = None,
+    judge: JudgeOpt = None,
+    judge_model: JudgeModelOpt = None,
+    judge_api_key_env: JudgeKeyEnvOpt = "OPENAI_API_KEY",
+    judge_timeout: JudgeTimeoutOpt = 60.0,
+    judge_retries: JudgeRetriesOpt = 2,
     max_surprisal: Annotated[
         float | None, typer.Option(help=_help(SearchConfig, "max_surprisal"))
     ] = None,
@@ -1171,7 +1186,8 @@ def search_cmd(
     """Search the edit (direction layer and position, per-layer attention and MLP weights,
     embedding on or off) against measured refusal and damage, with run-time hooks; write the
     Pareto front and the best edit within the KL budget, with the apply command that
-    reproduces it. Resumes the study in --out."""
+    reproduces it. Resumes the study in --out. With --judge, a complied answer counts as
+    compliance only when the judge calls it unsafe."""
     from .search import none_chosen, search
 
     cfg = _run(
@@ -1198,6 +1214,10 @@ def search_cmd(
             n=n,
             max_new_tokens=max_new_tokens,
             judge=judge,
+            judge_model=judge_model,
+            judge_api_key_env=judge_api_key_env,
+            judge_timeout=judge_timeout,
+            judge_retries=judge_retries,
             max_surprisal=max_surprisal,
             eval_task=eval_task,
             eval_limit=eval_limit,

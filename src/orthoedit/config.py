@@ -272,6 +272,29 @@ class _Running(BaseModel):
     batch_size: int = Field(default=32, ge=1, description="Prompts per batch.")
 
 
+class _Judged(BaseModel):
+    """The safety judge's options (eval safety, search, study sites: one judge, one set of
+    options; ``orthoedit.safety.check_judge`` reads them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    judge: str | None = Field(
+        default=None,
+        description="Safety judge: hf:PATH_OR_ID (a Llama Guard-style model) or "
+        "openai:BASE_URL (an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1, with "
+        "--judge-model).",
+    )
+    judge_model: str | None = Field(default=None, description="Model name for an openai: judge.")
+    judge_api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="Environment variable holding the openai: judge's API key.",
+    )
+    judge_timeout: float = Field(default=60.0, gt=0, description="Seconds per judge request.")
+    judge_retries: int = Field(
+        default=2, ge=0, description="Retries of a failed or unparseable judge reply."
+    )
+
+
 class EvalKLConfig(_Running):
     """Options of ``orthoedit eval kl``."""
 
@@ -295,7 +318,7 @@ class EvalKLConfig(_Running):
     overwrite: bool = Field(default=False, description="Replace an existing --report file.")
 
 
-class EvalSafetyConfig(_Running):
+class EvalSafetyConfig(_Running, _Judged):
     """Options of ``orthoedit eval safety``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
@@ -321,20 +344,6 @@ class EvalSafetyConfig(_Running):
         default=None, ge=1, description="At most this many prompts per set (drawn with --seed)."
     )
     seed: int = Field(default=0, description="Seed for drawing prompts.")
-    judge: str | None = Field(
-        default=None,
-        description="Judge: hf:PATH_OR_ID (a Llama Guard-style model) or openai:BASE_URL (an "
-        "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1).",
-    )
-    judge_model: str | None = Field(default=None, description="Model name for an openai: judge.")
-    judge_api_key_env: str = Field(
-        default="OPENAI_API_KEY",
-        description="Environment variable holding the openai: judge's API key.",
-    )
-    judge_timeout: float = Field(default=60.0, gt=0, description="Seconds per judge request.")
-    judge_retries: int = Field(
-        default=2, ge=0, description="Retries of a failed or unparseable judge reply."
-    )
     max_new_tokens: int = Field(
         default=256,
         ge=1,
@@ -460,7 +469,7 @@ class AttributeConfig(_Running):
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
 
 
-class StudySitesConfig(_Running):
+class StudySitesConfig(_Running, _Judged):
     """Options of ``orthoedit study sites``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
@@ -498,11 +507,6 @@ class StudySitesConfig(_Running):
     max_new_tokens: int = Field(
         default=64, ge=1, description="Generation budget per answer for the refusal rate."
     )
-    judge: str | None = Field(
-        default=None,
-        description="Guard model judging every answer, hf:PATH_OR_ID (a Llama Guard-style "
-        "model): adds the unsafe rate.",
-    )
     template: Path | None = Field(
         default=None, description="Jinja chat template to use instead of the tokenizer's."
     )
@@ -510,7 +514,7 @@ class StudySitesConfig(_Running):
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
 
 
-class SearchConfig(_Running):
+class SearchConfig(_Running, _Judged):
     """Options of ``orthoedit search``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
@@ -598,11 +602,6 @@ class SearchConfig(_Running):
     )
     max_new_tokens: int = Field(
         default=64, ge=1, description="Generation budget per answer for the refusal rate."
-    )
-    judge: str | None = Field(
-        default=None,
-        description="Guard model, hf:PATH_OR_ID (a Llama Guard-style model): a complied "
-        "answer counts as compliance only when it calls it unsafe.",
     )
     max_surprisal: float | None = Field(
         default=None,

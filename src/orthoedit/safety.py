@@ -9,8 +9,12 @@ Each model (the one under test, and optionally its base) answers harmful and har
 * by a guard model, if one is given: ``hf:PATH_OR_ID`` runs a Llama Guard-style model through
   its own chat template, which renders the (request, answer) pair into its moderation prompt
   and ends where the verdict starts; the verdict is ``safe`` or ``unsafe`` (then, optionally,
-  a line of categories). Anything else is a judge error: counted and reported, never scored
-  as safe or unsafe.
+  a line of categories); ``openai:URL`` asks an OpenAI-compatible endpoint with ``RUBRIC``
+  and reads its reply as strictly. Anything else is a judge error: counted and reported,
+  never scored as safe or unsafe.
+
+``check_judge`` and ``JudgeSpec`` are the one judge of the project: ``search`` and
+``study sites`` take the same ``--judge`` options.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class HFJudge:
         if device:
             self.model.to(device)
         self.batch_size = batch_size
+        self.failures: list[str] = []  # a local model does not fail a try (as OpenAIJudge's)
 
     def __call__(self, pairs: list[tuple[str, str]], progress=None) -> list[str]:
         from .refusal import greedy_completions, stop_ids, until_stop
@@ -132,17 +137,38 @@ def judge_message(prompt: str, answer: str) -> str:
     return f"REQUEST:\n{prompt}\n\nRESPONSE:\n{answer}"
 
 
-def check_judge(cfg: EvalSafetyConfig) -> Path | None:
-    """Check ``--judge`` before any generation; the guard's folder for ``hf:``."""
+@dataclass(frozen=True)
+class JudgeSpec:
+    """A checked ``--judge``: a guard model's folder (``hf:``) or an OpenAI-compatible
+    endpoint (``openai:``). ``open`` loads the judge: a callable from (prompt, answer) pairs
+    to raw replies, read with ``parse_guard``; its ``failures`` list the failed tries."""
+
+    spec: str
+    folder: Path | None = None
+    url: str | None = None
+
+    def open(self, cfg) -> HFJudge | OpenAIJudge:
+        """The judge, with ``cfg``'s judge options and (for a guard model) its dtype, device
+        and batch size."""
+        if self.folder is not None:
+            return HFJudge(self.folder, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+        return OpenAIJudge(
+            self.url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout, cfg.judge_retries
+        )
+
+
+def check_judge(cfg) -> JudgeSpec | None:
+    """Check ``--judge`` (of any config with the judge options: eval safety, search, study
+    sites) before any model loads; None without one."""
     if cfg.judge is None:
         return None
     scheme, _, target = cfg.judge.partition(":")
     if scheme == "hf" and target:
-        return resolve_model(target, None)[0]
+        return JudgeSpec(cfg.judge, folder=resolve_model(target, None)[0])
     if scheme == "openai" and target.startswith(("http://", "https://")):
         if not cfg.judge_model:
             raise BadInputError("--judge openai:URL needs --judge-model NAME.")
-        return None
+        return JudgeSpec(cfg.judge, url=target)
     raise BadInputError(
         f"--judge {cfg.judge!r}: expected hf:PATH_OR_ID (a guard model) or "
         "openai:http(s)://HOST/v1 with --judge-model."
@@ -245,7 +271,7 @@ def eval_safety(
         raise BadInputError(
             "--max-surprisal needs --base: the base model is what scores the answers."
         )
-    guard = check_judge(cfg)  # a bad judge fails before any generation
+    spec = check_judge(cfg)  # a bad judge fails before any generation
     sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
     models = {"model": cfg.model} if cfg.base is None else {"base": cfg.base, "model": cfg.model}
     folders = {role: resolve_model(name, None)[0] for role, name in models.items()}
@@ -287,14 +313,7 @@ def eval_safety(
             log(f"base: {salad} of {len(mine)} complied answers are word salad (broken)")
         del model
     records = [r for role in models for r in by_role[role]]
-    judge = None
-    if guard is not None:
-        judge = HFJudge(guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
-    elif cfg.judge is not None:
-        url = cfg.judge.partition(":")[2]
-        judge = OpenAIJudge(
-            url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout, cfg.judge_retries
-        )
+    judge = None if spec is None else spec.open(cfg)
     if judge is not None:
         progress.start("judging", len(records))
         log(f"judge {cfg.judge}: {len(records)} answers")
@@ -302,7 +321,7 @@ def eval_safety(
         for record, text in zip(records, raw, strict=True):
             record.judge, record.judge_categories = parse_guard(text)
             record.judge_raw = text
-        failures = getattr(judge, "failures", [])
+        failures = judge.failures
         if failures:
             log(f"judge: {len(failures)} failed tries (first: {failures[0]})")
     summary = summarize(records, list(models), judged=judge is not None)
@@ -316,7 +335,7 @@ def eval_safety(
         "judge": cfg.judge,
         "judge_model": cfg.judge_model,
         "judge_retries": cfg.judge_retries,
-        "judge_failed_tries": len(getattr(judge, "failures", [])),
+        "judge_failed_tries": 0 if judge is None else len(judge.failures),
         "max_new_tokens": cfg.max_new_tokens,
         "system": cfg.system,
         "dtype": cfg.dtype,

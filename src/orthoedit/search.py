@@ -277,7 +277,7 @@ class _Ready:
     harmless_rows: list[list[int]]
     settings: dict
     harmful_prompts: list[str]
-    guard: Path | None
+    safety_judge: object  # a safety.JudgeSpec with --judge, else None
     eval_task: object = None  # an evalbench.LoadedTask with --eval-task
 
     @property
@@ -324,10 +324,10 @@ def prepare(cfg: SearchConfig) -> _Ready:
     from .checkpoint import Checkpoint
     from .direction import load_direction, sha256_file
     from .measure import chat_ids, post_instruction_ids, prompt_digest
+    from .safety import check_judge
     from .source import read_config, resolve_model
-    from .study import _resolve_judge  # hf:PATH_OR_ID, as study sites takes it
 
-    guard = _resolve_judge(cfg.judge)
+    safety_judge = check_judge(cfg)
     eval_task = None
     if cfg.eval_task is not None:  # built now: an unknown task is bad input before any loading
         from .evalbench import load_task
@@ -385,6 +385,8 @@ def prepare(cfg: SearchConfig) -> _Ready:
         else hashlib.sha256(cfg.template.read_bytes()).hexdigest(),
         "max_new_tokens": cfg.max_new_tokens,
         "judge": cfg.judge,
+        # (an openai: judge's model; absent otherwise, so older studies still resume)
+        **({"judge_model": cfg.judge_model} if cfg.judge else {}),
         "max_surprisal": cfg.max_surprisal,
         "eval_task": cfg.eval_task,
         "eval_limit": cfg.eval_limit if cfg.eval_task else None,
@@ -414,7 +416,7 @@ def prepare(cfg: SearchConfig) -> _Ready:
         rows["harmless"],
         settings,
         prompts["harmful"],
-        guard,
+        safety_judge,
         eval_task,
     )
 
@@ -454,8 +456,9 @@ def study_name(settings: dict) -> str:
 @dataclass
 class Outcome:
     """What one edit does: greedy answers to the harmful prompts, judged, and the first-token
-    KL on the harmless ones. With a guard model, ``unsafe`` counts the complied answers it
-    calls unsafe (the rest of the complied ones, judge errors included, are not compliance)."""
+    KL on the harmless ones. With a safety judge, ``unsafe`` counts the complied answers it
+    calls unsafe (the rest of the complied ones, judge errors included, are not compliance;
+    ``judge_errors`` counts those it gave no verdict on)."""
 
     refused: int
     complied: int
@@ -463,6 +466,7 @@ class Outcome:
     kl: float
     seconds: float
     unsafe: int | None = None
+    judge_errors: int = 0  # of the complied: answers the judge gave no verdict on
     implausible: int = 0  # of the broken: text-like answers the unedited model finds implausible
     score: float | None = None  # with an eval task: its metric (higher is better)
     drop: float | None = None  # the unedited model's score minus this one
@@ -479,7 +483,7 @@ class Outcome:
     @property
     def failure(self) -> float:
         """The objective: every answer that is not a compliance (a refusal, a degenerate
-        answer, or with a guard an answer it does not call unsafe)."""
+        answer, or with a judge an answer it does not call unsafe)."""
         complied = self.complied if self.unsafe is None else self.unsafe
         return (self.n - complied) / self.n
 
@@ -490,8 +494,8 @@ class Outcome:
 class Judge:
     """Runs edits through the loaded model: greedy answers to the harmful rows and the first
     token of the harmless rows, compared with the unedited model's (computed once). With
-    ``guard`` (a ``safety.HFJudge``) and the harmful prompts' texts, the complied answers are
-    also judged by the guard.
+    ``guard`` (a judge opened by ``safety.JudgeSpec``) and the harmful prompts' texts, the
+    complied answers are also judged by it.
 
     Word salad reads as text to ``refusal.judge``, so a complied answer is also scored by the
     *unedited* model (hooks off): with a mean surprisal above ``max_surprisal`` nats per token
@@ -556,18 +560,18 @@ class Judge:
         )
         return [i for i, s in zip(which, scores, strict=True) if s > self.max_surprisal]
 
-    def unsafe(self, texts: list[str], verdicts: list[str]) -> int | None:
-        """How many complied answers the guard calls unsafe (None without a guard)."""
+    def unsafe(self, texts: list[str], verdicts: list[str]) -> tuple[int | None, int]:
+        """How many complied answers the judge calls unsafe (None without a judge), and how
+        many it gave no verdict on."""
         from .safety import parse_guard
 
         if self.guard is None:
-            return None
+            return None, 0
         pairs = [
             (p, t) for p, t, v in zip(self.prompts, texts, verdicts, strict=True) if v == "complied"
         ]
-        if not pairs:
-            return 0
-        return sum(parse_guard(raw)[0] == "unsafe" for raw in self.guard(pairs))
+        said = [parse_guard(raw)[0] for raw in self.guard(pairs)] if pairs else []
+        return said.count("unsafe"), said.count("error")
 
     def __call__(self, hooks: Callable[[], contextlib.AbstractContextManager]) -> Outcome:
         from .refusal import judge
@@ -585,13 +589,15 @@ class Judge:
         salad = self.implausible(made, verdicts)
         for i in salad:
             verdicts[i] = "broken"
+        unsafe, judge_errors = self.unsafe(texts, verdicts)
         return Outcome(
             refused=verdicts.count("refused"),
             complied=verdicts.count("complied"),
             broken=verdicts.count("broken"),
             kl=mean_kl(self.base, logprobs),
             seconds=time.perf_counter() - clock,
-            unsafe=self.unsafe(texts, verdicts),
+            unsafe=unsafe,
+            judge_errors=judge_errors,
             implausible=len(salad),
             score=score,
             drop=None if score is None else self.base_score - score,
@@ -939,6 +945,8 @@ def describe(o: dict) -> str:
     """``failure 12.5% (3 refused, 1 broken of 32)`` from an outcome's dict."""
     n = o["refused"] + o["complied"] + o["broken"]
     unsafe = "" if o.get("unsafe") is None else f", {o['unsafe']} unsafe"
+    if o.get("judge_errors"):
+        unsafe += f", {o['judge_errors']} unjudged"
     drop = "" if o.get("drop") is None else f", task drop {o['drop']:.3g}"
     return (
         f"failure {o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{unsafe} of {n})"
@@ -1002,11 +1010,7 @@ def evaluate_trial(judge: Judge, hooks) -> Outcome:
 
 
 def make_judge(cfg: SearchConfig, ready: _Ready, model) -> Judge:
-    guard = None
-    if ready.guard is not None:
-        from .safety import HFJudge
-
-        guard = HFJudge(ready.guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+    guard = None if ready.safety_judge is None else ready.safety_judge.open(cfg)
     scorer = None
     if ready.eval_task is not None:
         from .evalbench import TaskScorer
@@ -1103,6 +1107,7 @@ def _trial_dict(t, front_numbers: set[int]) -> dict:
         "complied": attrs["complied"],
         "broken": attrs["broken"],
         "unsafe": attrs.get("unsafe"),
+        "judge_errors": attrs.get("judge_errors", 0),
         "implausible": attrs.get("implausible", 0),
         "score": attrs.get("score"),
         "drop": attrs.get("drop"),

@@ -16,8 +16,9 @@ Each condition is scored as ``measure`` scores a candidate: mean log-odds that a
 harmful prompt opens with one of the model's refusal openings (``select.refusal_score``), and
 first-token KL of the harmless prompts
 against no intervention (both from one batched pass over harmful + harmless prompts, as in
-``select``); plus the refusal rate of greedy answers to the harmful prompts and, with a guard
-model, its unsafe rate. Effects are the change from the baseline in log-odds (a log Bayes
+``select``); plus the refusal rate of greedy answers to the harmful prompts and, with a
+safety judge (``safety.check_judge``: a guard model or an OpenAI-compatible endpoint), its
+unsafe rate. Effects are the change from the baseline in log-odds (a log Bayes
 factor) and its share of the full run-time ablation's change.
 """
 
@@ -115,7 +116,7 @@ class Outcome:
     share: float | None = None  # delta / delta of the full run-time ablation
     refusal: float | None = None  # refusal rate of greedy answers, harmful prompts
     broken: float | None = None  # degenerate answers, harmful prompts
-    unsafe: float | None = None  # the guard's unsafe rate (with --judge)
+    unsafe: float | None = None  # the judge's unsafe rate (with --judge)
     judge_errors: int | None = None
     kl: float | None = None  # first-token KL(baseline ‖ condition), harmless prompts
     seconds: float | None = None
@@ -140,19 +141,6 @@ class SitesResult:
     report: dict
 
 
-def _resolve_judge(spec: str | None) -> Path | None:
-    if spec is None:
-        return None
-    from .source import resolve_model
-
-    scheme, _, target = spec.partition(":")
-    if scheme != "hf" or not target:
-        raise BadInputError(
-            f"--judge {spec!r}: study sites takes hf:PATH_OR_ID (a Llama Guard-style model)."
-        )
-    return resolve_model(target, None)[0]
-
-
 @dataclass
 class _Ready:
     """Everything resolved and checked before the model runs."""
@@ -167,7 +155,7 @@ class _Ready:
     rows: list[list[int]]  # harmful rows, then harmless rows
     openings: list[tuple[int, ...]] | None
     tokens_from: str | None
-    guard: Path | None
+    safety_judge: object  # a safety.JudgeSpec with --judge, else None
 
 
 def prepare(cfg: StudySitesConfig) -> _Ready:
@@ -177,11 +165,11 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     from .architectures import table_for_config
     from .direction import load_direction
     from .measure import chat_ids, post_instruction_ids
-    from .safety import load_sets
+    from .safety import check_judge, load_sets
     from .select import measured_refusal_openings, parse_refusal_tokens
     from .source import read_config, resolve_model
 
-    guard = _resolve_judge(cfg.judge)
+    safety_judge = check_judge(cfg)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)
@@ -216,7 +204,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
         rows,
         openings,
         tokens_from,
-        guard,
+        safety_judge,
     )
 
 
@@ -307,15 +295,17 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
 
 
 def _judge(cfg: StudySitesConfig, ready: _Ready, outcomes: list[Outcome], log, progress) -> None:
-    from .safety import HFJudge, parse_guard
+    from .safety import parse_guard
 
     judged = [o for o in outcomes if o.applicable]
     prompts = ready.prompts["harmful"]
     pairs = [(p, a) for o in judged for p, a in zip(prompts, o.answers, strict=True)]
-    guard = HFJudge(ready.guard, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+    guard = ready.safety_judge.open(cfg)
     progress.start("judging", len(pairs))
     log(f"judge {cfg.judge}: {len(pairs)} answers")
     raw = guard(pairs, progress.advance)
+    if guard.failures:
+        log(f"judge: {len(guard.failures)} failed tries (first: {guard.failures[0]})")
     for i, o in enumerate(judged):
         verdicts = [parse_guard(t)[0] for t in raw[i * len(prompts) : (i + 1) * len(prompts)]]
         valid = [v for v in verdicts if v != "error"]
@@ -373,7 +363,7 @@ def study_sites(
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     ready = prepare(cfg)
     outcomes = _run_conditions(cfg, ready, log, progress)
-    if ready.guard is not None:
+    if ready.safety_judge is not None:
         _judge(cfg, ready, outcomes, log, progress)
     _effects(outcomes)
     line = finding(outcomes)
@@ -419,6 +409,7 @@ def _settings(cfg: StudySitesConfig, ready: _Ready) -> dict:
         "seed": cfg.seed,
         "max_new_tokens": cfg.max_new_tokens,
         "judge": cfg.judge,
+        "judge_model": cfg.judge_model,
         "system": cfg.system,
         "template": None if cfg.template is None else str(cfg.template),
         "dtype": cfg.dtype,
