@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import typer.rich_utils
-from rich.console import Console
 from typer.testing import CliRunner
 
 import orthoedit
@@ -34,8 +33,8 @@ def cli(*args: str | Path):
 def wide_consoles(monkeypatch):
     """Render help and plan tables wide enough that no name or sentence is cut or wrapped."""
     monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 400)
-    monkeypatch.setattr(cli_module, "out", Console(width=400))
-    monkeypatch.setattr(cli_module, "err", Console(width=400, stderr=True))
+    monkeypatch.setattr(cli_module, "out", cli_module.console(width=400))
+    monkeypatch.setattr(cli_module, "err", cli_module.console(stderr=True, width=400))
 
 
 def flat(text: str) -> str:
@@ -164,6 +163,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, direction_file, 
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
     assert folder_digest(src) == before
+
+
+def test_long_lines_are_not_broken_on_a_narrow_terminal(
+    tiny_model, direction_file, tmp_path, monkeypatch
+):
+    """Prose (a path, a command to copy, an error) is one line for the terminal to wrap, never
+    broken by rich at the console's width; tables still fit it."""
+    monkeypatch.setattr(cli_module, "out", cli_module.console(width=40))
+    monkeypatch.setattr(cli_module, "err", cli_module.console(stderr=True, width=40))
+    out = tmp_path / ("a-folder-with-a-name-longer-than-the-terminal-is-wide" * 2)
+    result = cli("apply", tiny_model("llama"), "--direction", direction_file, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out} (" in result.stdout  # on one line
+    again = cli("apply", tiny_model("llama"), "--direction", direction_file, "--out", out)
+    assert again.exit_code == 2
+    (line,) = again.stderr.strip().splitlines()
+    assert str(out) in line
 
 
 def test_apply_without_out_is_a_usage_error(tiny_model, direction_file):

@@ -203,6 +203,9 @@ def test_organism_edit_passes_and_damage_fails(tmp_path, monkeypatch):
     assert abs(row["delta"]) <= 0.02 and not report["regressions"]
     assert report["settings"]["chat_template"] is True  # the organism's template, found
     assert "No regression" in (tmp_path / "ok" / "report.md").read_text()
+    # lm-eval's bars drive orthoedit's progress display; none of them is printed raw
+    assert "%|" not in ok.stderr and "it/s" not in ok.stderr and "requests" not in ok.stderr
+    assert "not a git repository" not in ok.stderr
 
     bad = cli("eval", "bench", CHAT_MODEL, _damaged(tmp_path), "--out", tmp_path / "bad", *common)
     assert bad.exit_code == 1, bad.output

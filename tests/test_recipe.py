@@ -11,7 +11,7 @@ import pytest
 
 from orthoedit.errors import BadInputError
 from orthoedit.licenses import name_problem
-from orthoedit.recipe import SECTIONS, load_recipe, stage_configs
+from orthoedit.recipe import SECTIONS, load_recipe, run, stage_configs
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,9 +98,23 @@ def test_organism_recipe_end_to_end_and_resume(organism_run):
     for name in ("direction", "model", "verify.json", "eval/bench", "eval/safety", "eval/kl.json"):
         assert (out / name).exists(), name
 
+    log = (out / "run.log").read_text()  # every line of the run, with the time
+    for k, name in enumerate(state["stages"], 1):
+        assert re.search(rf"^\S+ \S+ \[{k}/6\] {name}: done in [0-9.]+ s$", log, re.M), name
+    assert "lm-eval on the edited model" in log and "%|" not in log
+
     again = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out)
     assert again.exit_code == 0, again.output
     assert again.stderr.count("up to date, skipped") == 6
+    assert (out / "run.log").read_text().startswith(log)  # appended to
+    stages = []
+    run(
+        ROOT / "recipes" / "organism.yaml",
+        out,
+        log=lambda m: None,
+        on_stage=lambda *s: stages.append(s),
+    )
+    assert stages == [(k, 6, name) for k, name in enumerate(state["stages"], 1)]
     assert json.loads((out / "run.json").read_text())["stages"] == state["stages"]
 
     only = cli("run", ROOT / "recipes" / "organism.yaml", "--out", out, "--only", "verify")

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 from pydantic import BaseModel, ValidationError
+from rich import filesize
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .architectures import Site, TiedPolicy
@@ -59,8 +64,16 @@ eval_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
-out = Console()
-err = Console(stderr=True)
+
+
+def console(stderr: bool = False, width: int | None = None) -> Console:
+    """orthoedit's consoles: prose is left to the terminal to wrap (soft wrap), so a long line,
+    such as a command to copy, is never broken mid-sentence; tables fit the width."""
+    return Console(stderr=stderr, width=width, soft_wrap=True)
+
+
+out = console()
+err = console(stderr=True)
 
 
 def _help(model: type[BaseModel], name: str) -> str:
@@ -423,18 +436,17 @@ def measure(
             overwrite=overwrite,
         )
     )
-    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    with _progress() as progress:
 
         def run():
             try:
                 return run_measure(
                     cfg,
                     log=_log,
-                    progress=_stage_bar(bar, task),
+                    progress=progress,
                 )
             except NoCandidateError as e:  # show why, then fail
-                bar.stop()
+                progress.stop()
                 out.print(_scores_table(e.selection))
                 raise
 
@@ -546,7 +558,8 @@ def eval_bench(
             overwrite=overwrite,
         )
     )
-    result = _run(lambda: run_bench(cfg, log=_log), cfg.out)
+    with _progress() as progress:
+        result = _run(lambda: run_bench(cfg, log=_log, progress=progress), cfg.out)
     out.print(_bench_table(result))
     out.print(f"wrote {escape(str(result.out))} (report.md, report.json, report.png, lm_eval/)")
     if result.regressions:
@@ -613,16 +626,50 @@ def eval_kl(
 
 
 def _stage_bar(bar, task):
+    """A ``measure.Progress`` that drives one row (``task``) of a rich Progress display."""
     from .measure import Progress as StageProgress
 
     class Bar(StageProgress):
+        def __init__(self):
+            self.task = task
+
         def start(self, name: str, total: int | None) -> None:
-            bar.update(task, description=name, total=total, completed=0)
+            # a new step is a new row: its count and elapsed time start from zero
+            bar.remove_task(self.task)
+            self.task = bar.add_task(escape(name), total=total)
 
         def advance(self, n: int = 1) -> None:
-            bar.advance(task, n)
+            bar.advance(self.task, n)
+
+        def stop(self) -> None:
+            bar.stop()
 
     return Bar()
+
+
+class _Count(ProgressColumn):
+    """``12/64``; bytes (``1.2/3.4 GB``) for a step counted in bytes (a million or more)."""
+
+    def render(self, task) -> Text:
+        if task.total is None:
+            return Text("")
+        done, total = int(task.completed), int(task.total)
+        if total >= 1_000_000:
+            return Text(f"{filesize.decimal(done)}/{filesize.decimal(total)}", style="green")
+        return Text(f"{done}/{total}", style="green")
+
+
+def _columns() -> tuple:
+    """Step name, bar, percentage, count, elapsed time."""
+    return (*Progress.get_default_columns()[:-1], _Count(), TimeElapsedColumn())
+
+
+@contextlib.contextmanager
+def _progress():
+    """A command's one progress display, on stderr and gone when it ends: the current step's
+    name, bar, count and elapsed time (a library's own bars drive it too, see capture.py)."""
+    with Progress(*_columns(), console=err, transient=True) as bar:
+        yield _stage_bar(bar, bar.add_task("loading", total=None))
 
 
 @eval_app.command("safety")
@@ -686,13 +733,12 @@ def eval_safety(
             overwrite=overwrite,
         )
     )
-    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    with _progress() as progress:
         result = _run(
             lambda: run_safety(
                 cfg,
                 log=_log,
-                progress=_stage_bar(bar, task),
+                progress=progress,
             ),
             cfg.out,
         )
@@ -790,16 +836,27 @@ def run_cmd(
     published then)."""
     from .recipe import run as run_recipe
 
-    state = _run(
-        lambda: run_recipe(
-            recipe,
-            out_dir,
-            start=start,
-            only=only,
-            log=_log,
-        ),
-        interrupted="interrupted: finished stages are kept; run the same command to resume.",
-    )
+    with Progress(*_columns(), console=err, transient=True) as bar:
+        # two rows: the run (stage k of n, its elapsed time) and the running stage's step
+        run_row = bar.add_task("run", total=None)
+
+        def on_stage(k: int, n: int, name: str) -> None:
+            bar.update(run_row, description=f"run: stage {k}/{n}, {name}", total=n)
+            bar.update(run_row, completed=k - 1)
+
+        step = _stage_bar(bar, bar.add_task("loading", total=None))
+        state = _run(
+            lambda: run_recipe(
+                recipe,
+                out_dir,
+                start=start,
+                only=only,
+                log=_log,
+                progress=step,
+                on_stage=on_stage,
+            ),
+            interrupted="interrupted: finished stages are kept; run the same command to resume.",
+        )
     table = Table(title=f"run: {escape(str(out_dir))}")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
@@ -979,13 +1036,12 @@ def study_sites(
             overwrite=overwrite,
         )
     )
-    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    with _progress() as progress:
         result = _run(
             lambda: run_study(
                 cfg,
                 log=_log,
-                progress=_stage_bar(bar, task),
+                progress=progress,
             ),
             cfg.out,
         )
@@ -1054,13 +1110,12 @@ def attribute_cmd(
             overwrite=overwrite,
         )
     )
-    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    with _progress() as progress:
         result = _run(
             lambda: attribute(
                 cfg,
                 log=_log,
-                progress=_stage_bar(bar, task),
+                progress=progress,
             ),
             cfg.out,
         )
@@ -1231,13 +1286,12 @@ def search_cmd(
             overwrite=overwrite,
         )
     )
-    with Progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    with _progress() as progress:
         result = _run(
             lambda: search(
                 cfg,
                 log=_log,
-                progress=_stage_bar(bar, task),
+                progress=progress,
             ),
             interrupted="interrupted: run the same command again to resume the search.",
         )

@@ -10,7 +10,6 @@ tasks (``src/orthoedit/evals/``, ``orthoedit.evals``) run when no task is named.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -21,8 +20,10 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .capture import library_output
 from .config import EvalBenchConfig
 from .errors import BadInputError
+from .measure import Progress
 from .output import check_target, inputs_of, staged_output
 
 NOISE_SIGMAS = 2.0
@@ -118,6 +119,25 @@ def task_manager(include: Path, tasks: list[str]):
             f"{', '.join(shipped_tasks())}; `lm-eval ls tasks` lists the rest)."
         )
     return manager
+
+
+@contextlib.contextmanager
+def _lm_eval_quiet(progress: Progress | None, log: Callable[[str], None]) -> Iterator[None]:
+    """Around an lm-eval call: its bars and prints captured (``capture.library_output``), and
+    no ``git describe``. lm-eval records the git commit of the folder it was started in (the
+    user's, not orthoedit's), and outside a checkout git prints its error straight to the
+    terminal; orthoedit records its own version and lm-eval's instead."""
+    from unittest import mock
+
+    import lm_eval.evaluator as evaluator
+
+    no_git = (
+        mock.patch.object(evaluator, "get_git_commit_hash", lambda: None)
+        if hasattr(evaluator, "get_git_commit_hash")
+        else contextlib.nullcontext()
+    )
+    with no_git, library_output(progress, log):
+        yield
 
 
 def run_lm_eval(cfg: EvalBenchConfig, model: str, tasks: list[str], manager, loaded=None) -> dict:
@@ -238,12 +258,16 @@ class BenchResult:
 
 
 def eval_bench(
-    cfg: EvalBenchConfig, log: Callable[[str], None] = print, loaded: dict | None = None
+    cfg: EvalBenchConfig,
+    log: Callable[[str], None] = print,
+    loaded: dict | None = None,
+    progress: Progress | None = None,
 ) -> BenchResult:
     """Run lm-eval on both models, write the report, and return it (regressions included:
     the caller decides the exit code). ``loaded`` may map ``"base"`` / ``"edited"`` to a
     ``(model, tokenizer)`` already in memory, which is evaluated in process (no reload);
-    ``cfg.base`` / ``cfg.edited`` then only name it in the report."""
+    ``cfg.base`` / ``cfg.edited`` then only name it in the report. lm-eval's progress bars
+    drive ``progress``; what else it prints goes to ``log`` (``capture.library_output``)."""
     loaded = loaded or {}
     import tempfile
 
@@ -276,7 +300,8 @@ def eval_bench(
         manager = task_manager(prepare_shipped_tasks(Path(tmp)), tasks)
         for name, model in (("base", cfg.base), ("edited", cfg.edited)):
             log(f"lm-eval on the {name} model ({model}): {', '.join(tasks)}")
-            raw[name] = run_lm_eval(cfg, model, tasks, manager, loaded.get(name))
+            with _lm_eval_quiet(progress, lambda line: log(f"lm-eval: {line}")):
+                raw[name] = run_lm_eval(cfg, model, tasks, manager, loaded.get(name))
     rows = compare(raw["base"], raw["edited"], cfg.max_drop, dict(cfg.max_drop_task))
     settings = {
         "base": cfg.base,
@@ -362,49 +387,28 @@ class TaskScorer:
     def __init__(self, model, tok, task: LoadedTask | str, limit: int, batch_size: int, seed: int):
         from lm_eval.models.huggingface import HFLM
 
-        class QuietHFLM(HFLM):
-            """Without lm-eval's per-request progress bars: a search scores once per trial,
-            under its own bar."""
-
-            def loglikelihood(self, requests, disable_tqdm=False):
-                return super().loglikelihood(requests, disable_tqdm=True)
-
-            def loglikelihood_rolling(self, requests, disable_tqdm=False):
-                return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-            def generate_until(self, requests, disable_tqdm=False):
-                return super().generate_until(requests, disable_tqdm=True)
-
         self.loaded = load_task(task) if isinstance(task, str) else task
         self.task, self.limit, self.seed = self.loaded.name, limit, seed
-        self.lm = QuietHFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-        task = self.loaded.task
-        if not getattr(task, "_orthoedit_quiet", False):  # its request building's bar has
-            build = task.build_all_requests  # no switch: what it prints goes nowhere
-
-            def quiet_build(*args, **kwargs):
-                with contextlib.redirect_stderr(io.StringIO()):
-                    return build(*args, **kwargs)
-
-            task.build_all_requests, task._orthoedit_quiet = quiet_build, True
+        self.lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
 
     def __call__(self) -> float:
         import lm_eval
 
-        results = lm_eval.simple_evaluate(
-            model=self.lm,
-            tasks=[self.loaded.task],
-            task_manager=self.loaded.manager,
-            limit=self.limit,
-            log_samples=False,
-            bootstrap_iters=0,
-            apply_chat_template=True,
-            random_seed=self.seed,
-            numpy_random_seed=self.seed,
-            torch_random_seed=self.seed,
-            fewshot_random_seed=self.seed,
-            verbosity="ERROR",
-        )
+        with _lm_eval_quiet(None, lambda line: None):  # a search scores under its own bar
+            results = lm_eval.simple_evaluate(
+                model=self.lm,
+                tasks=[self.loaded.task],
+                task_manager=self.loaded.manager,
+                limit=self.limit,
+                log_samples=False,
+                bootstrap_iters=0,
+                apply_chat_template=True,
+                random_seed=self.seed,
+                numpy_random_seed=self.seed,
+                torch_random_seed=self.seed,
+                fewshot_random_seed=self.seed,
+                verbosity="ERROR",
+            )
         scores = results["results"][self.task]
         keys = [k for k in scores if "," in k and "_stderr" not in k]
         metric = self.loaded.metric

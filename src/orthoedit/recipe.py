@@ -34,6 +34,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,6 +52,9 @@ from .config import (
 )
 from .errors import BadInputError, CheckFailedError
 from .output import check_apart, check_target, inputs_of, staged_output, write_file
+
+if TYPE_CHECKING:
+    from .measure import Progress
 
 STAGES = ("direction", "search", "model", "verify", "bench", "safety", "kl", "publish")
 SECTIONS = {
@@ -276,12 +280,24 @@ def run(
     start: str | None = None,
     only: str | None = None,
     log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+    on_stage: Callable[[int, int, str], None] | None = None,
 ) -> dict:
     """Run (or resume) a recipe file; returns run.json's content. Raises CheckFailedError
     after the last stage when verify failed or the benchmark regressed."""
     recipe, base = load_recipe(recipe_path)
     source = str(Path(recipe_path).resolve())
-    return run_recipe(recipe, base, out, source=source, start=start, only=only, log=log)
+    return run_recipe(
+        recipe,
+        base,
+        out,
+        source=source,
+        start=start,
+        only=only,
+        log=log,
+        progress=progress,
+        on_stage=on_stage,
+    )
 
 
 def run_recipe(
@@ -293,8 +309,13 @@ def run_recipe(
     start: str | None = None,
     only: str | None = None,
     log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+    on_stage: Callable[[int, int, str], None] | None = None,
 ) -> dict:
-    """``run`` for a recipe already loaded; relative paths in it resolve against ``base``."""
+    """``run`` for a recipe already loaded; relative paths in it resolve against ``base``.
+
+    Every log line goes to ``log`` and, with the time, to OUT/run.log; ``progress`` gets the
+    running stage's steps, and ``on_stage(k, n, name)`` is called as stage k of n starts."""
     out = Path(out).expanduser().resolve()
     configs = stage_configs(recipe, base, out)
     order = [s for s in STAGES if s in configs]
@@ -324,9 +345,13 @@ def run_recipe(
         },
     )
     stages = state.setdefault("stages", {})
+    _write_state(out, state)  # a run folder from the start, even if its first stage fails
+    log = _logged(log, out / "run.log")
     failures: list[str] = []
     for k, name in enumerate(order, 1):
         step = f"[{k}/{len(order)}] "
+        if on_stage is not None:
+            on_stage(k, len(order), name)
         upstream = {
             u: stages.get(u, {}).get("outputs") for u in UPSTREAM.get(name, []) if u in order
         }
@@ -355,7 +380,9 @@ def run_recipe(
             continue
         log(f"{step}{name}: running")
         began = time.perf_counter()
-        result = _run_stage(name, configs[name], target, log, searched="search" in configs)
+        result = _run_stage(
+            name, configs[name], target, log, progress, searched="search" in configs
+        )
         stages[name] = {
             "inputs": inputs,
             "outputs": _digest(target),
@@ -372,7 +399,18 @@ def run_recipe(
     return state
 
 
-def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dict:
+def _logged(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
+    """``log``, and each line appended to ``path`` with the time of day."""
+
+    def both(message: str) -> None:
+        log(message)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    return both
+
+
+def _run_stage(name: str, cfg, target: Path, log, progress=None, searched: bool = False) -> dict:
     if name == "direction":
         if isinstance(cfg, Path):
             with staged_output(check_target(target, [cfg], overwrite=True)) as tmp:
@@ -380,12 +418,12 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
             return {"source": str(cfg)}
         from .measure import measure
 
-        result = measure(cfg, log=log)
+        result = measure(cfg, log=log, progress=progress)
         return {"layer": result.layer, "position": result.position}
     if name == "search":
         from .search import none_chosen, objectives, search
 
-        result = search(cfg, log=log, replace_other=True)
+        result = search(cfg, log=log, progress=progress, replace_other=True)
         if result.chosen is None:
             raise CheckFailedError(
                 f"search: {none_chosen(result.trials, cfg, result.baselines)}, after "
@@ -402,14 +440,17 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
             )
         return {"trial": result.chosen.number, "values": objectives(result.chosen)}
     if name == "model":
-        from .apply import apply
+        from . import apply as stage
 
         if searched:  # the chosen trial's sites: those its scales edit at all
             from .search import chosen_sites
 
             cfg = cfg.model_copy(update={"sites": chosen_sites(cfg.scales)})
-        plan, _ = apply(cfg)
-        return {"tensors_edited": len(plan.ops)}
+        prepared = stage.prepare(cfg)
+        if progress is not None:
+            progress.start("editing shards", stage.edit_size(prepared))
+        stage.execute(prepared, cfg.out, cfg.overwrite, progress and progress.advance)
+        return {"tensors_edited": len(prepared.plan.ops)}
     if name == "verify":
         from .verify import verify
 
@@ -418,7 +459,7 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
     if name == "bench":
         from .evalbench import eval_bench
 
-        result = eval_bench(cfg, log=log)
+        result = eval_bench(cfg, log=log, progress=progress)
         names = [f"{r.task} {r.metric}" for r in result.regressions]
         return {
             "regressions": names,
@@ -427,7 +468,7 @@ def _run_stage(name: str, cfg, target: Path, log, searched: bool = False) -> dic
     if name == "safety":
         from .safety import eval_safety
 
-        result = eval_safety(cfg, log=log)
+        result = eval_safety(cfg, log=log, progress=progress)
         return {"summary": result.summary}
     if name == "kl":
         from .damage import eval_kl
