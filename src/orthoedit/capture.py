@@ -58,8 +58,8 @@ class _Stream(io.TextIOBase):
 class _Router:
     """Bars to ``progress``, other text to ``log``."""
 
-    def __init__(self, progress: Progress, log: Callable[[str], None], real):
-        self.progress, self.log, self.real = progress, log, real
+    def __init__(self, progress: Progress, log: Callable[[str], None], real, unnamed: str):
+        self.progress, self.log, self.real, self.unnamed = progress, log, real, unnamed
         self.bar: tuple[str, int] | None = None  # the bar shown: (description, total)
         self.count = 0
         self.busy = False
@@ -79,7 +79,7 @@ class _Router:
             finally:
                 self.busy = False
             return
-        bar = ((match["desc"] or "").strip() or "working", int(match["total"]))
+        bar = ((match["desc"] or "").strip() or self.unnamed, int(match["total"]))
         n = int(match["n"])
         if bar != self.bar or n < self.count:  # a new bar (or the same one restarted)
             self.bar, self.count = bar, 0
@@ -90,11 +90,14 @@ class _Router:
 
 
 @contextlib.contextmanager
-def library_output(progress: Progress | None, log: Callable[[str], None]) -> Iterator[None]:
-    """Capture sys.stdout and sys.stderr while libraries run: bars into ``progress``, text
-    into ``log`` (see the module's text). Restores both streams on the way out."""
+def library_output(
+    progress: Progress | None, log: Callable[[str], None], unnamed: str = "working"
+) -> Iterator[None]:
+    """Capture sys.stdout and sys.stderr while libraries run: bars into ``progress`` (a bar
+    without a description is called ``unnamed``), text into ``log`` (see the module's text).
+    Restores both streams on the way out."""
     saved = sys.stdout, sys.stderr
-    route = _Router(progress or Progress(), log, saved[1])
+    route = _Router(progress or Progress(), log, saved[1], unnamed)
     streams = [_Stream(saved[0], route), _Stream(saved[1], route)]
     sys.stdout, sys.stderr = streams
     try:

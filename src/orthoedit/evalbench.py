@@ -136,7 +136,7 @@ def _lm_eval_quiet(progress: Progress | None, log: Callable[[str], None]) -> Ite
         if hasattr(evaluator, "get_git_commit_hash")
         else contextlib.nullcontext()
     )
-    with no_git, library_output(progress, log):
+    with no_git, library_output(progress, log, unnamed="lm-eval"):
         yield
 
 
