@@ -47,17 +47,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 from orthoedit.architectures import table_for_config
 from orthoedit.checkpoint import Checkpoint
-from orthoedit.measure import (
+from orthoedit.measure import mean_activations
+from orthoedit.pools import load_pool
+from orthoedit.refusal import greedy_completions
+from orthoedit.runtime import (
     batched_forward,
     chat_ids,
     left_padded,
     length_sorted_batches,
-    mean_activations,
     pad_id,
     post_instruction_ids,
 )
-from orthoedit.pools import load_pool
-from orthoedit.refusal import greedy_completions
 from orthoedit.select import (
     NoCandidateError,
     first_token_logprobs,
@@ -171,14 +171,14 @@ def in_process(args) -> dict:
     harmless_val = chat_ids(tok, prompts("harmless", "val", 32), post, None)
     both = harmful_val + harmless_val
     token_ids = parse_refusal_tokens(tok, "I,Sorry")
-    import orthoedit.measure as measure_module
+    import orthoedit.runtime as runtime_module
 
-    shared = measure_module.MIN_SHARED_PREFIX
-    measure_module.MIN_SHARED_PREFIX = 10**9  # off: every row runs its whole prompt
+    shared = runtime_module.MIN_SHARED_PREFIX
+    runtime_module.MIN_SHARED_PREFIX = 10**9  # off: every row runs its whole prompt
     no_prefix = statistics.median(
         timed(lambda: first_token_logprobs(model, both, BATCH, pad)) for _ in range(args.repeats)
     )
-    measure_module.MIN_SHARED_PREFIX = shared
+    runtime_module.MIN_SHARED_PREFIX = shared
     with_prefix = statistics.median(
         timed(lambda: first_token_logprobs(model, both, BATCH, pad)) for _ in range(args.repeats)
     )

@@ -45,17 +45,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from orthoedit.config import MeasureConfig, SearchConfig
-from orthoedit.measure import chat_ids, measure, post_instruction_ids
+from orthoedit.measure import measure
 from orthoedit.organism import CHAT_MODEL, load_prompts
+from orthoedit.runtime import chat_ids, post_instruction_ids
 from orthoedit.search import (
     Judge,
     edit_hooks,
     make_judge,
     measure_hooks,
-    params_of,
     prepare,
     search,
 )
+from orthoedit.space import params_of
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orthoedit.attribute import _capture, every_writer, mean_log_odds, writers_of
 from orthoedit.hooks import plan_hooks
-from orthoedit.measure import chat_ids, pad_id, post_instruction_ids
 from orthoedit.organism import CHAT_MODEL
 from orthoedit.prompts import load_prompt_file
+from orthoedit.runtime import chat_ids, pad_id, post_instruction_ids
 from orthoedit.select import first_token_logprobs, log_odds
 from orthoedit.tiny import FAMILIES
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)

@@ -19,18 +19,18 @@ from conftest import folder_digest
 from orthoedit.architectures import table_for_config
 from orthoedit.errors import BadInputError
 from orthoedit.hooks import addition_hooks
-from orthoedit.measure import (
+from orthoedit.measure import mean_activations
+from orthoedit.organism import CHAT_MODEL, PROMPTS, load_prompts
+from orthoedit.organism.evaluate import capability_score, refusal_rate
+from orthoedit.prompts import load_prompt_file, load_prompt_source
+from orthoedit.runtime import (
     chat_ids,
     left_padded,
     length_sorted_batches,
-    mean_activations,
     post_instruction_ids,
     render,
     shared_prefix,
 )
-from orthoedit.organism import CHAT_MODEL, PROMPTS, load_prompts
-from orthoedit.organism.evaluate import capability_score, refusal_rate
-from orthoedit.prompts import load_prompt_file, load_prompt_source
 from orthoedit.select import first_token_logprobs
 from orthoedit.tiny import FAMILIES, build_tokenizer
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)

@@ -28,21 +28,18 @@ from orthoedit.hooks import addition_hooks
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL
 from orthoedit.plan import load_scales
 from orthoedit.search import (
-    EditParams,
     Judge,
-    Profile,
-    blend,
     choose,
     describe,
     make_judge,
     measure_hooks,
     measure_params,
-    params_of,
     pareto,
     prepare,
     search,
     study_name,
 )
+from orthoedit.space import EditParams, Profile, blend, params_of
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 # Small enough to run in seconds on a CPU: 6 + 6 validation prompts, 12-token answers.
@@ -536,8 +533,8 @@ def test_surprisal_is_each_row_alone(measured):
     """Batched, left-padded surprisal (answers of different lengths, the shared prefix run
     once) equals each (prompt, answer) scored alone and a plain forward pass, and an empty
     answer scores 0."""
-    from orthoedit.measure import pad_id
     from orthoedit.refusal import surprisal
+    from orthoedit.runtime import pad_id
 
     ready = prepare(_cfg(measured, measured / "unused"))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()

@@ -1,8 +1,7 @@
 """Guards of the house plan (the package's layout is being reorganized in slices, behaviour
 unchanged):
 
-* the import graph of ``src/orthoedit``, counting imports inside functions, has no cycle but
-  those still listed in ``KNOWN_CYCLES``, a list that only shrinks;
+* the import graph of ``src/orthoedit``, counting imports inside functions, has no cycle;
 * ``import orthoedit.cli`` and ``orthoedit apply --help`` load no torch;
 * every command's options (names, flags, defaults, whether required) match
   ``tests/snapshots/cli-options.json``, taken before the move. After a deliberate change of
@@ -24,13 +23,6 @@ from orthoedit.cli import app
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "cli-options.json"
-
-#: Cycles in the import graph that remain to be broken. Break one, then remove it here (a
-#: test fails while a listed cycle no longer exists, so this list stays true).
-KNOWN_CYCLES = [
-    {"orthoedit.measure", "orthoedit.refusal", "orthoedit.select"},
-    {"orthoedit.evalbench", "orthoedit.report", "orthoedit.safety", "orthoedit.search"},
-]
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -116,12 +108,9 @@ def test_the_cycle_finder_sees_function_level_imports(tmp_path, monkeypatch):
     assert cycles(graph) == [{"orthoedit.a", "orthoedit.b"}]
 
 
-def test_no_import_cycle_but_the_known_ones():
+def test_no_import_cycle():
     found = cycles(import_graph())
-    new = [c for c in found if not any(c <= known for known in KNOWN_CYCLES)]
-    assert not new, f"new import cycles: {[sorted(c) for c in new]}"
-    gone = [k for k in KNOWN_CYCLES if not any(c & k for c in found)]
-    assert not gone, f"broken cycles still listed in KNOWN_CYCLES: {[sorted(k) for k in gone]}"
+    assert not found, f"import cycles: {[sorted(c) for c in found]}"
 
 
 def test_the_cli_and_apply_help_load_no_torch():

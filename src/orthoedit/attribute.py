@@ -240,7 +240,7 @@ def shifted(model, shifts: dict[str, torch.Tensor]) -> Iterator[None]:
 
 
 def _batches(rows: list[list[int]], batch_size: int, pad: int, device):
-    from .measure import left_padded, length_sorted_batches
+    from .runtime import left_padded, length_sorted_batches
 
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
         yield batch, left_padded([rows[i] for i in batch], pad, device)
@@ -349,17 +349,12 @@ def attribute(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hooks import plan_hooks
-    from .measure import (
-        Progress,
-        chat_ids,
-        check_device,
-        pad_id,
-        post_instruction_ids,
-        prompt_digest,
-    )
+    from .measure import prompt_digest
     from .output import check_target, inputs_of, staged_output
     from .plan import build_plan
+    from .progress import Progress
     from .refusal import greedy_completions
+    from .runtime import chat_ids, check_device, pad_id, post_instruction_ids
     from .safety import load_sets
     from .source import resolve_model
 
@@ -378,7 +373,7 @@ def attribute(
             raise BadInputError(f"--{kind}: {len(items)} prompts; attribution needs at least 2.")
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
-        from .measure import read_template
+        from .runtime import read_template
 
         tok.chat_template = read_template(cfg.template)
     post = post_instruction_ids(tok, cfg.system)

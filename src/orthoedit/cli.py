@@ -626,8 +626,8 @@ def eval_kl(
 
 
 def _stage_bar(bar, task):
-    """A ``measure.Progress`` that drives one row (``task``) of a rich Progress display."""
-    from .measure import Progress as StageProgress
+    """A ``progress.Progress`` that drives one row (``task``) of a rich Progress display."""
+    from .progress import Progress as StageProgress
 
     class Bar(StageProgress):
         def __init__(self):
@@ -667,7 +667,7 @@ def _columns() -> tuple:
 @contextlib.contextmanager
 def _progress():
     """A command's one progress display, on stderr and gone when it ends: the current step's
-    name, bar, count and elapsed time (a library's own bars drive it too, see capture.py)."""
+    name, bar, count and elapsed time (a library's own bars drive it too, see progress.py)."""
     with Progress(*_columns(), console=err, transient=True) as bar:
         yield _stage_bar(bar, bar.add_task("loading", total=None))
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import CompareConfig
-from .measure import check_device
 from .output import check_file_target, inputs_of, write_file
 from .refusal import refusal_run
+from .runtime import check_device
 from .source import resolve_model
 
 

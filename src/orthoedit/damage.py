@@ -18,9 +18,9 @@ import torch
 
 from .config import EvalKLConfig
 from .errors import BadInputError
-from .measure import batched_forward, chat_ids, check_device, pad_id, post_instruction_ids
 from .output import check_file_target, inputs_of, write_file
 from .prompts import prompt_texts
+from .runtime import batched_forward, chat_ids, check_device, pad_id, post_instruction_ids
 from .source import resolve_model
 
 

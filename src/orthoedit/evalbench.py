@@ -20,11 +20,10 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .capture import library_output
 from .config import EvalBenchConfig
 from .errors import BadInputError
-from .measure import Progress
 from .output import check_target, inputs_of, staged_output
+from .progress import Progress, library_output
 
 NOISE_SIGMAS = 2.0
 
@@ -123,7 +122,7 @@ def task_manager(include: Path, tasks: list[str]):
 
 @contextlib.contextmanager
 def _lm_eval_quiet(progress: Progress | None, log: Callable[[str], None]) -> Iterator[None]:
-    """Around an lm-eval call: its bars and prints captured (``capture.library_output``), and
+    """Around an lm-eval call: its bars and prints captured (``progress.library_output``), and
     no ``git describe``. lm-eval records the git commit of the folder it was started in (the
     user's, not orthoedit's), and outside a checkout git prints its error straight to the
     terminal; orthoedit records its own version and lm-eval's instead."""
@@ -267,12 +266,12 @@ def eval_bench(
     the caller decides the exit code). ``loaded`` may map ``"base"`` / ``"edited"`` to a
     ``(model, tokenizer)`` already in memory, which is evaluated in process (no reload);
     ``cfg.base`` / ``cfg.edited`` then only name it in the report. lm-eval's progress bars
-    drive ``progress``; what else it prints goes to ``log`` (``capture.library_output``)."""
+    drive ``progress``; what else it prints goes to ``log`` (``progress.library_output``)."""
     loaded = loaded or {}
     import tempfile
 
     if cfg.backend == "hf":
-        from .measure import check_device
+        from .runtime import check_device
 
         check_device(cfg.device)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)

@@ -8,8 +8,6 @@ over harmful and harmless prompts; every (layer, position) difference of means i
 
 from __future__ import annotations
 
-import copy
-import datetime
 import hashlib
 import json
 import random
@@ -22,285 +20,24 @@ import torch
 
 from . import __version__
 from .architectures import table_for_config
-from .config import DEVICE_MAPS, MeasureConfig
+from .config import MeasureConfig
 from .direction import save_direction, save_stable
 from .errors import BadInputError
 from .hooks import capture_block_inputs
 from .output import check_target, inputs_of, staged_output
+from .progress import Progress
 from .prompts import BUNDLED, ORGANISM, is_prompt_file, prompt_texts
+from .runtime import (
+    batched_forward,
+    chat_ids,
+    check_device,
+    load_kwargs,
+    pad_id,
+    placement,
+    post_instruction_ids,
+    read_template,
+)
 from .source import read_config, resolve_model
-
-SENTINEL = "Orthoedit sentinel message"
-THINKING_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"))
-
-
-class Progress:
-    """Where long loops report: a named stage with its size, then steps. Reports nothing; the
-    CLI passes one that drives a progress bar."""
-
-    def start(self, name: str, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-
-# Templates that print today's date (Llama 3.x: "Today Date: ...") see this one instead, so
-# renderings, and everything hashed downstream of them, do not change from day to day. It is
-# the date Llama 3.1's own template falls back to.
-PINNED_DATE = datetime.date(2024, 7, 26)
-
-
-def template_kwargs() -> dict:
-    """Extra chat-template variables: the pinned date as Llama 3's ``date_string``. (A
-    template that calls ``strftime_now`` for itself still sees today: transformers turns
-    template variables into strings, so the function cannot be replaced.)"""
-    return {"date_string": PINNED_DATE.strftime("%d %b %Y")}
-
-
-def read_template(path: Path) -> str:
-    """A ``--template`` file's text (a Jinja chat template), or a clear error."""
-    if not Path(path).is_file():
-        raise BadInputError(f"--template {path} does not exist.")
-    try:
-        return Path(path).read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"--template {path}: cannot read it as UTF-8 text ({err}).") from None
-
-
-def render(tok, prompt: str, system: str | None = None) -> str:
-    """One user turn (after an optional system prompt) and the generation prompt, as text.
-
-    Reasoning models are asked not to think (``enable_thinking=False``, ignored by templates
-    that do not know it), so the first generated token is the answer's. Dates are pinned
-    (``PINNED_DATE``).
-    """
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    try:
-        return tok.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=False,
-            enable_thinking=False,
-            **template_kwargs(),
-        )
-    except Exception as err:  # jinja raises for e.g. a system turn the template rejects
-        raise BadInputError(f"the chat template cannot render this conversation: {err}") from None
-
-
-def pad_id(tok) -> int:
-    """The token left padding uses: the tokenizer's pad token, else its end of sequence."""
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
-def post_instruction_ids(tok, system: str | None = None) -> list[int]:
-    """Token ids the template puts between the end of the user message and the answer."""
-    if not getattr(tok, "chat_template", None):
-        raise BadInputError(
-            "the tokenizer has no chat template; pass --template FILE with a Jinja chat template."
-        )
-    text = render(tok, SENTINEL, system)
-    at = text.rfind(SENTINEL)
-    if at < 0:
-        raise BadInputError("the chat template drops the user message; cannot find positions.")
-    end = at + len(SENTINEL)
-    tail = text[end:]
-    for opening, closing in THINKING_TAGS:
-        if tail.rfind(opening) > tail.rfind(closing):
-            raise BadInputError(
-                f"the chat template opens a thinking block ({opening!r}) where the answer should "
-                "start, even with enable_thinking=False; first-token scores would measure the "
-                "reasoning, not the answer, so this template is not supported (pass --template "
-                "FILE with one that closes the block)."
-            )
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    pairs = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    ids = [i for i, (start, _) in pairs if start >= end]
-    if not ids:
-        raise BadInputError("the chat template adds no tokens after the user message.")
-    return ids
-
-
-def chat_ids(tok, prompts: list[str], post: list[int], system: str | None) -> list[list[int]]:
-    """Token ids of each prompt's chat rendering; each must end with the post-instruction ids."""
-    out = []
-    for prompt in prompts:
-        ids = tok(render(tok, prompt, system), add_special_tokens=False)["input_ids"]
-        if ids[-len(post) :] != post:
-            raise BadInputError(
-                f"prompt {prompt[:40]!r}: its rendering does not end with the template's "
-                "post-instruction tokens (the tokenizer merges across the message boundary)."
-            )
-        out.append(ids)
-    return out
-
-
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length, so little of each batch is padding."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def input_device(model) -> torch.device:
-    """Where token ids go in: the input embedding's device. With a ``device_map`` that
-    offloads to disk, weights sit on the meta device until accelerate's hooks load them, and
-    those hooks move inputs to the execution device: such a model takes its ids on the CPU."""
-    device = model.get_input_embeddings().weight.device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
-def placement(model) -> dict[str, int]:
-    """Modules per device of a ``device_map`` (``{"cpu": n}`` when the model was not
-    dispatched): the record says where the measurement ran, offload included."""
-    device_map = getattr(model, "hf_device_map", None)
-    if not device_map:
-        return {str(input_device(model)): 1}
-    counts: dict[str, int] = {}
-    for device in device_map.values():
-        counts[str(device)] = counts.get(str(device), 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def max_memory(spec: str | None) -> dict | None:
-    """``--max-memory "0=70GiB,cpu=120GiB"`` -> accelerate's ``{0: "70GiB", "cpu": "120GiB"}``."""
-    if spec is None:
-        return None
-    limits: dict = {}
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        key, sep, value = part.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise BadInputError(
-                f"--max-memory {spec!r}: expected DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=120GiB."
-            )
-        limits[int(key) if key.isdigit() else key] = value
-    return limits
-
-
-def check_device(device: str | None) -> None:
-    """Bad input, before any model loads: a device this machine does not have. (The options
-    only check that torch can name it: a recipe may be validated on another machine.)"""
-    if device is None or device in DEVICE_MAPS:
-        return
-    kind = torch.device(device)
-    if kind.type == "cuda":
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise BadInputError(
-                f"--device {device}: this machine has no CUDA device that torch "
-                f"{torch.__version__} can use; leave --device out to run on the CPU."
-            )
-        if kind.index is not None and kind.index >= n:
-            raise BadInputError(
-                f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}."
-            )
-    elif kind.type not in ("cpu", "meta"):
-        try:
-            torch.empty(0, device=kind)
-        except (RuntimeError, AssertionError) as err:
-            raise BadInputError(f"--device {device}: not usable here ({err}).") from None
-
-
-def load_kwargs(cfg) -> dict:
-    """``from_pretrained`` arguments for a command's dtype, device and memory options (the
-    device is checked by ``check_device`` where the command starts)."""
-    kwargs: dict = {"dtype": getattr(torch, cfg.dtype), "device_map": cfg.device}
-    offload = getattr(cfg, "max_memory", None) or getattr(cfg, "offload_folder", None)
-    if offload and cfg.device != "auto":
-        raise BadInputError("--max-memory and --offload-folder need --device auto.")
-    if getattr(cfg, "max_memory", None):
-        kwargs["max_memory"] = max_memory(cfg.max_memory)
-    if getattr(cfg, "offload_folder", None):
-        kwargs["offload_folder"] = str(cfg.offload_folder)
-    return kwargs
-
-
-def left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
-    """Left padding keeps the post-instruction tokens at the same offsets from the end; position
-    ids count real tokens only, so a padded prompt sees the positions it would see alone."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": mask.to(device),
-        "position_ids": positions.to(device),
-    }
-
-
-MIN_SHARED_PREFIX = 8
-
-
-def shared_prefix(model, rows: list[list[int]], keep: int = 1) -> int:
-    """How many leading tokens all rows share (a chat template's system prompt and turn header)
-    and can run once, leaving every row at least ``keep`` tokens of its own; 0 when that is
-    too short to matter, or when a sliding attention window could be narrower than a row
-    (padding between prefix and tail widens the span in cache positions)."""
-    if len(rows) < 2:
-        return 0
-    limit = min(map(len, rows)) - keep
-    n = 0
-    while n < limit and all(row[n] == rows[0][n] for row in rows):
-        n += 1
-    window = getattr(model.config, "sliding_window", None)
-    if window and max(map(len, rows)) > window:
-        return 0
-    return n if n >= MIN_SHARED_PREFIX else 0
-
-
-@torch.no_grad()
-def batched_forward(model, rows: list[list[int]], batch_size: int, pad: int, keep: int = 1, **kw):
-    """Yield ``(row indices, output)`` for length-sorted batches of ``rows``.
-
-    The prefix all rows share runs once (through whatever hooks are active), and every batch
-    continues from its key/value cache: the tails are left-padded after the prefix, masked,
-    with position ids that count real tokens only, so each row sees exactly what it would see
-    alone. Chat templates with a default system prompt make that prefix half of every row.
-    Outputs cover the tails only; each tail keeps at least ``keep`` tokens.
-    """
-    device = input_device(model)
-    prefix = SharedPrefix(model, rows, keep, **kw)
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        enc = left_padded([rows[i][prefix.n :] for i in batch], pad, device)
-        extra: dict = {"use_cache": False}
-        if prefix.n:
-            enc["attention_mask"] = prefix.mask(enc["attention_mask"])
-            enc["position_ids"] = enc["position_ids"] + prefix.n
-            extra = {"use_cache": True, prefix.cache_name: prefix.cache_for(len(batch))}
-        yield batch, model(**enc, **extra, **kw)
-
-
-class SharedPrefix:
-    """The prefix all rows share (``shared_prefix``) run once through ``model`` (and whatever
-    hooks are active); each batch continues from a copy of its key/value cache, its tails
-    left-padded after it and masked. ``n`` is 0 when there is no prefix worth running."""
-
-    def __init__(self, model, rows: list[list[int]], keep: int = 1, **kw):
-        self.n = shared_prefix(model, rows, keep)
-        if not self.n:
-            return
-        device = input_device(model)
-        self.ids = torch.tensor([rows[0][: self.n]], device=device)
-        ran = model(input_ids=self.ids, use_cache=True, **kw)
-        # transformers 5.x names the key/value cache ``cache`` (``past_key_values`` goes away in
-        # 5.40); older versions only know ``past_key_values``. Whichever the output has.
-        self.cache_name = "cache" if "cache" in ran else "past_key_values"
-        self.cache = ran[self.cache_name]
-
-    def cache_for(self, batch: int):
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(batch)
-        return cache
-
-    def mask(self, tail_mask: torch.Tensor) -> torch.Tensor:
-        """The attention mask of prefix + left-padded tails."""
-        seen = torch.ones((tail_mask.shape[0], self.n), dtype=torch.long, device=tail_mask.device)
-        return torch.cat([seen, tail_mask], dim=1)
 
 
 @torch.no_grad()

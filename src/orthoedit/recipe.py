@@ -54,7 +54,7 @@ from .errors import BadInputError, CheckFailedError
 from .output import check_apart, check_target, inputs_of, staged_output, write_file
 
 if TYPE_CHECKING:
-    from .measure import Progress
+    from .progress import Progress
 
 STAGES = ("direction", "search", "model", "verify", "bench", "safety", "kl", "publish")
 SECTIONS = {

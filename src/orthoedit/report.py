@@ -553,7 +553,7 @@ def sites_png(report: dict, path: Path, title: str) -> None:
 
 def _profile(params: dict, site: str) -> str:
     """A shape profile in one cell, or a free profile's weights, layer by layer."""
-    from .search import free_weights
+    from .space import free_weights
 
     free = free_weights(params, site)
     if free is not None:
@@ -564,10 +564,14 @@ def _profile(params: dict, site: str) -> str:
     )
 
 
-def _failure_cell(o: dict) -> str:
+def failure_text(o: dict) -> str:
+    """``12.5% (3 refused, 1 broken of 32)`` from a search outcome's dict, with the judge's
+    unsafe and unjudged counts when it has them (the search's log lines and its report)."""
     n = o["refused"] + o["complied"] + o["broken"]
     unsafe = "" if o.get("unsafe") is None else f", {o['unsafe']} unsafe"
-    return f"{o['failure']:.1%} of {n} ({o['refused']} refused, {o['broken']} broken{unsafe})"
+    if o.get("judge_errors"):
+        unsafe += f", {o['judge_errors']} unjudged"
+    return f"{o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{unsafe} of {n})"
 
 
 def search_markdown(report: dict) -> str:
@@ -622,12 +626,12 @@ def search_markdown(report: dict) -> str:
 
     for name, o in report["baselines"].items():
         what = "measure's selection, every writer" if name == "measure" else "unedited model"
-        lines.append(f"| {what} | {_failure_cell(o)} | {o['kl']:.4f} |{tail(o)}")
+        lines.append(f"| {what} | {failure_text(o)} | {o['kl']:.4f} |{tail(o)}")
     if chosen is None:
         lines.append(f"| chosen | none within {budget} | |" + (" |" if drop else ""))
     else:
         lines.append(
-            f"| **chosen: trial {chosen['number']}** | {_failure_cell(chosen)} | "
+            f"| **chosen: trial {chosen['number']}** | {failure_text(chosen)} | "
             f"{chosen['kl']:.4f} |{tail(chosen)}"
         )
     lines.append("")

@@ -33,9 +33,10 @@ import torch
 from . import __version__
 from .config import EvalSafetyConfig
 from .errors import BadInputError
-from .measure import Progress, check_device, pad_id, template_kwargs
 from .output import check_target, inputs_of, staged_output
+from .progress import Progress
 from .refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
+from .runtime import check_device, pad_id, template_kwargs
 from .source import resolve_model
 
 GUARD_TOKENS = 12  # "unsafe\nS1,S10" and a little room
@@ -283,7 +284,7 @@ def eval_safety(
         folder = folders[role]
         tok = AutoTokenizer.from_pretrained(folder)
         if cfg.template is not None:
-            from .measure import read_template
+            from .runtime import read_template
 
             tok.chat_template = read_template(cfg.template)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.dtype))
@@ -362,8 +363,8 @@ def mark_implausible(
     """Score each answer under ``base`` (after its prompt, chat template applied): one more
     surprising than ``max_surprisal`` nats per token is word salad, its verdict becomes
     ``broken``. Sets every record's ``surprisal``; returns how many were marked."""
-    from .measure import render
     from .refusal import surprisal
+    from .runtime import render
 
     rows = [
         tok(render(tok, r.prompt, system), add_special_tokens=False)["input_ids"] for r in records

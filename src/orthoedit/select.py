@@ -22,15 +22,16 @@ import torch
 from .direction import Direction
 from .errors import BadInputError, CheckFailedError
 from .hooks import addition_hooks, plan_hooks
-from .measure import Progress, batched_forward
 from .plan import build_plan
+from .progress import Progress
 from .refusal import reads_as_refusal
+from .runtime import batched_forward
 
 
 @torch.no_grad()
 def first_token_logprobs(model, rows: list[list[int]], batch_size: int, pad: int) -> torch.Tensor:
     """``[len(rows), vocab]`` float32 log-probabilities of the first generated token (the
-    template prefix shared by all rows runs once: see ``measure.batched_forward``)."""
+    template prefix shared by all rows runs once: see ``runtime.batched_forward``)."""
     parts: dict[int, torch.Tensor] = {}
     # Only the last position's logits: the unembedding of every position is most of the cost
     # of a small model with a large vocabulary.

@@ -39,7 +39,8 @@ from .architectures import SITES
 from .config import StudySitesConfig
 from .errors import BadInputError
 from .hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
-from .measure import Progress, check_device
+from .progress import Progress
+from .runtime import check_device
 
 #: Run-time conditions: name -> the ablation points hooked (``hooks.ABLATION_POINTS``).
 RUNTIME: dict[str, tuple[str, ...]] = {
@@ -164,7 +165,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
 
     from .architectures import table_for_config
     from .direction import load_direction
-    from .measure import chat_ids, post_instruction_ids
+    from .runtime import chat_ids, post_instruction_ids
     from .safety import check_judge, load_sets
     from .select import measured_refusal_openings, parse_refusal_tokens
     from .source import read_config, resolve_model
@@ -178,7 +179,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     prompts = load_sets(cfg)
     tok = AutoTokenizer.from_pretrained(folder)
     if cfg.template is not None:
-        from .measure import read_template
+        from .runtime import read_template
 
         tok.chat_template = read_template(cfg.template)
     post = post_instruction_ids(tok, cfg.system)
@@ -239,8 +240,8 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import Checkpoint
-    from .measure import pad_id
     from .refusal import judge
+    from .runtime import pad_id
     from .select import mean_kl, refusal_score
 
     progress.start("loading the model", None)

@@ -21,10 +21,10 @@ from .checkpoint import Checkpoint, TensorInfo
 from .config import VerifyConfig
 from .errors import BadInputError
 from .hooks import ablation_hooks, contribution_hooks, plan_hooks
-from .measure import render
 from .ortho import norm_factors
 from .output import check_file_target, inputs_of, write_file
 from .plan import Plan, op_basis
+from .runtime import render
 from .source import read_config, resolve_model
 
 DEFAULT_PROMPTS = [

@@ -1,4 +1,4 @@
-"""capture.library_output: a library's tqdm bars drive orthoedit's progress, its other prints
+"""progress.library_output: a library's tqdm bars drive orthoedit's progress, its other prints
 go to the log, and orthoedit's own rich output still reaches the terminal."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import sys
 from rich.console import Console
 from tqdm import tqdm
 
-from orthoedit.capture import BAR, library_output
-from orthoedit.measure import Progress
+from orthoedit.progress import BAR, Progress, library_output
 
 
 class Recorder(Progress):
@@ -42,7 +41,7 @@ def test_bars_drive_the_progress_and_text_goes_to_the_log(capsys):
     ]
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""  # nothing raw reached the terminal
-    assert type(sys.stderr).__module__ != "orthoedit.capture"  # restored
+    assert type(sys.stderr).__module__ != "orthoedit.progress"  # restored
 
 
 def test_rich_output_passes_through_and_print_as_log_does_not_loop(capsys):

@@ -1,11 +1,14 @@
-"""The output of the libraries orthoedit drives, captured while they run.
+"""Where long work reports, and the output of the libraries orthoedit drives.
+
+``Progress`` is the one progress protocol of the library: a named step with its size, then
+advances; it reports nothing, and the CLI passes one that drives its progress display.
 
 lm-eval (and the datasets it loads) draw tqdm bars and print to standard error. Left alone,
 their carriage-return updates land between orthoedit's own lines as one long raw line. Inside
 ``library_output(progress, log)``:
 
-* a tqdm bar (``desc: 27%|##7  | 49/180 [...]``) drives ``progress`` (a
-  ``measure.Progress``): its description and size start a step, its count advances it;
+* a tqdm bar (``desc: 27%|##7  | 49/180 [...]``) drives ``progress``: its description and
+  size start a step, its count advances it;
 * any other line the libraries print goes to ``log``, one line at a time;
 * rich consoles (orthoedit's own output, its progress display) still reach the terminal:
   the stand-in streams name the real ones as ``rich_proxied_file``, which rich writes to.
@@ -19,7 +22,17 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 
-from .measure import Progress
+
+class Progress:
+    """Where long loops report: a named step with its size, then advances. Reports nothing;
+    the CLI passes one that drives its progress display."""
+
+    def start(self, name: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
 
 #: One state of a tqdm bar: an optional description, the percentage, the bar, n/total.
 BAR = re.compile(r"^(?:(?P<desc>.*?):\s*)?\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\b")
