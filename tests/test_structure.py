@@ -3,6 +3,7 @@ unchanged):
 
 * the import graph of ``src/orthoedit``, counting imports inside functions, has no cycle;
 * ``import orthoedit.cli`` and ``orthoedit apply --help`` load no torch;
+* every ``docs/design.md §N`` a docstring cites is a section of the design document;
 * every command's options (names, flags, defaults, whether required) match
   ``tests/snapshots/cli-options.json``, taken before the move. After a deliberate change of
   the CLI, rewrite it with ``ORTHOEDIT_SNAPSHOT=write pytest tests/test_structure.py``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +170,14 @@ def test_option_names_and_defaults_match_the_snapshot():
     assert sorted(now) == sorted(taken), "commands added or removed"
     for command, params in taken.items():
         assert now[command] == params, f"orthoedit {command}: options changed"
+
+
+def test_design_sections_cited_by_docstrings_exist():
+    design = (SRC.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^\*\*§(\d+) ", design, re.M))
+    assert sections == {str(n) for n in range(1, 9)}
+    cited = set()
+    for path in (SRC / "orthoedit").rglob("*.py"):
+        for first, last in re.findall(r"docs/design\.md §(\d+)(?:-§(\d+))?", path.read_text()):
+            cited.update(map(str, range(int(first), int(last or first) + 1)))
+    assert cited and cited <= sections, sorted(cited - sections)

@@ -1,4 +1,4 @@
-"""Architectures as data: one strictly validated table per family (DESIGN idea 1).
+"""Architectures as data: one strictly validated table per family (docs/design.md §1).
 
 A table lists every tensor that writes into the residual stream, by its name on disk, with the
 axis along which d_model lies and, for post-norm ("sandwich") models, the norm its output passes

@@ -1,4 +1,4 @@
-"""``orthoedit attribute``: which residual-stream writers carry refusal (DESIGN idea 7).
+"""``orthoedit attribute``: which residual-stream writers carry refusal (docs/design.md §7).
 
 The components are the writers of the architecture table, cut finer where the math allows:
 each embedding, each attention head (its slice of the output projection: head h adds

@@ -1,4 +1,4 @@
-"""Measuring the refusal direction (DESIGN ideas 7-8; Arditi et al. 2024).
+"""Measuring the refusal direction (docs/design.md §7-§8; Arditi et al. 2024).
 
 Post-instruction positions come from the model's own chat template, rendered around a sentinel
 message: the tokens after the message's last character are the template's post-instruction

@@ -27,7 +27,7 @@ def unit(vector: np.ndarray) -> np.ndarray:
 
 
 def post_norm_unit(r: np.ndarray, norm_weight: np.ndarray, offset: float) -> np.ndarray:
-    """Unit vector to project a post-norm writer against (DESIGN idea 2).
+    """Unit vector to project a post-norm writer against (docs/design.md §2).
 
     The writer's contribution is ``g ⊙ y / rms(y)`` with gain ``g = offset + weight``; its
     component along r is ``(g ⊙ r)ᵀ y / rms(y)``, so ``uᵀ y = 0`` with ``u ∝ g ⊙ r`` makes the

@@ -1,4 +1,4 @@
-"""Plan, then execute (DESIGN idea 5): tensor name -> projection, built per (site, layer).
+"""Plan, then execute (docs/design.md §5): tensor name -> projection, built per (site, layer).
 
 The plan is data. ``apply`` executes it on the checkpoint's bytes, ``verify`` applies it at
 run time with hooks, tests inspect it, and ``--dry-run`` prints it.
@@ -196,7 +196,7 @@ def unit_vector(op: EditOp, r: np.ndarray, checkpoint: Checkpoint) -> np.ndarray
 def op_basis(op: EditOp, plan: Plan, checkpoint: Checkpoint) -> np.ndarray:
     """The orthonormal ``[k, d_model]`` basis an op projects against, in float64.
 
-    Pre-norm writers: the span of the layer's directions. Post-norm writers (DESIGN idea 2):
+    Pre-norm writers: the span of the layer's directions. Post-norm writers (docs/design.md §2):
     the span of ``g ⊙ rⱼ``, since the contribution's component along rⱼ is
     ``(g ⊙ rⱼ)ᵀ y / rms(y)``; with one direction this is ``unit_vector``.
     """

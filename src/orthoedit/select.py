@@ -1,4 +1,4 @@
-"""Choosing among candidate directions (DESIGN idea 7: everything in log-odds).
+"""Choosing among candidate directions (docs/design.md §7: everything in log-odds).
 
 Refusal is scored as the log-odds that an answer opens with one of the model's own refusal
 openings (``refusal_openings``: the shortest prefixes of its greedy refusals that read as

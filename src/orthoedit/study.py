@@ -1,7 +1,7 @@
 """Research: where refusal lives (``orthoedit study sites``).
 
 For one direction r, the refusal effect of removing it at subsets of the places it can be
-removed, in log-odds (DESIGN idea 7):
+removed, in log-odds (docs/design.md §7):
 
 * **run time** (hooks, r̂ projected out at every layer and position): the residual stream
   entering every block (``residual``), the attention outputs (``attn``), the MLP outputs

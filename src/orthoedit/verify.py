@@ -1,4 +1,5 @@
-"""``orthoedit verify``: the edited checkpoint against the plan applied at run time (DESIGN idea 6).
+"""``orthoedit verify``: the edited checkpoint against the plan applied at run time
+(docs/design.md §6).
 
 A number beats a look: max |Δlogit| and KL against plan hooks, ``‖uᵀW‖/‖W‖`` for every edited
 tensor (``‖U W‖/‖W‖`` over the whole span for several directions), the largest ``|r̂ᵀx|/‖x‖``

@@ -1,4 +1,4 @@
-"""Streaming, header-preserving edit of safetensors shards (DESIGN idea 4).
+"""Streaming, header-preserving edit of safetensors shards (docs/design.md §4).
 
 Orthogonalization keeps every shape and dtype, so each output shard is the source shard with
 only the planned tensors' bytes replaced, at the same offsets: the header and every unedited
