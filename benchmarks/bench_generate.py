@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, load_prompts
 from orthoedit.refusal import refusal_run
+from orthoedit.runtime import load_model, load_tokenizer
 from orthoedit.safety import HFJudge
 
 HERE = Path(__file__).resolve().parent
@@ -52,11 +52,10 @@ def timed(fn):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    tok = AutoTokenizer.from_pretrained(CHAT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL, dtype=torch.float32).eval()
+    tok, model = load_tokenizer(CHAT_MODEL), load_model(CHAT_MODEL)
     prompts = [i["prompt"] for kind in ("harmful", "harmless") for i in load_prompts(kind)]
-    judge_batched = HFJudge(GUARD_MODEL, torch.float32, None, args.batch_size)
-    judge_single = HFJudge(GUARD_MODEL, torch.float32, None, 1)
+    judge_batched = HFJudge(GUARD_MODEL, "float32", None, args.batch_size)
+    judge_single = HFJudge(GUARD_MODEL, "float32", None, 1)
 
     def generate(batch_size):
         return refusal_run(model, tok, prompts, max_new_tokens=BUDGET, batch_size=batch_size)

@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 
 import optuna
-from transformers import AutoModelForCausalLM
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_search  # noqa: E402
 from orthoedit.direction import Direction  # noqa: E402
+from orthoedit.runtime import load_model  # noqa: E402
 from orthoedit.search import make_judge, measure_hooks, prepare, ready_hooks  # noqa: E402
 from orthoedit.space import blend  # noqa: E402
 
@@ -50,7 +50,7 @@ def parse_args(argv):
 def free_scales(cfg, trials: int) -> dict:
     """Search 2 (see the module docs); returns measure's and the best trial's test numbers."""
     ready = prepare(cfg)
-    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    model = load_model(ready.folder)
     judge = make_judge(cfg, ready, model)
     measure = judge(measure_hooks(model, ready))
     writers = [f"{site}:{i}" for site in ("attn", "mlp") for i in range(ready.n_layers)]

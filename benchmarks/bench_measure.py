@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 from orthoedit.architectures import table_for_config
 from orthoedit.checkpoint import Checkpoint
@@ -55,6 +55,8 @@ from orthoedit.runtime import (
     chat_ids,
     left_padded,
     length_sorted_batches,
+    load_model,
+    load_tokenizer,
     pad_id,
     post_instruction_ids,
 )
@@ -132,8 +134,7 @@ def timed(fn) -> float:
 
 def in_process(args) -> dict:
     folder = args.model
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok, model = load_tokenizer(folder), load_model(folder)
     config = json.loads((folder / "config.json").read_text())
     table = table_for_config(config)
     n_layers = model.config.num_hidden_layers
@@ -246,8 +247,7 @@ def build_half_b(smollm: Path, folder: Path) -> Path:
 
 @torch.no_grad()
 def generation_rate(folder: Path) -> dict:
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok, model = load_tokenizer(folder), load_model(folder)
     post = post_instruction_ids(tok)
     rows = chat_ids(tok, prompts("harmful", "train", 32), post, None)
     pad = pad_id(tok)

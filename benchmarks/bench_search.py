@@ -42,12 +42,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from orthoedit.config import MeasureConfig, SearchConfig
 from orthoedit.measure import measure
 from orthoedit.organism import CHAT_MODEL, load_prompts
-from orthoedit.runtime import chat_ids, post_instruction_ids
+from orthoedit.runtime import chat_ids, load_model, post_instruction_ids
 from orthoedit.search import (
     Judge,
     edit_hooks,
@@ -101,8 +100,8 @@ def one_pass(cfg: SearchConfig, repeats: int = 3) -> dict:
     first-token pass, unedited (whose refusals are short, so generation stops early) and with
     measure's edit through the plan's hooks (answers run to the budget, as most trials')."""
     ready = prepare(cfg)
-    model = AutoModelForCausalLM.from_pretrained(ready.folder, dtype=getattr(torch, cfg.dtype))
-    judge = make_judge(cfg, ready, model.eval())
+    model = load_model(ready.folder, cfg.dtype)
+    judge = make_judge(cfg, ready, model)
     judge(contextlib.nullcontext)  # warm up
     generation = statistics.median(timed(judge.answers)[0] for _ in range(repeats))
     full = statistics.median(judge(contextlib.nullcontext).seconds for _ in range(repeats))
@@ -150,7 +149,7 @@ def test_split(cfg: SearchConfig, result) -> dict:
         kind: chat_ids(tok, [i["prompt"] for i in load_prompts(kind)], post, None)
         for kind in ("harmful", "harmless")
     }
-    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    model = load_model(ready.folder)
     judge = Judge(model, tok, rows["harmful"], rows["harmless"], cfg.batch_size, TEST_TOKENS)
     params = params_of(result.chosen.params)
     edits = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orthoedit.direction import save_direction
-from orthoedit.tiny import build_tiny_model
+from tiny import build_tiny_model
 
 D_MODEL = 32
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from orthoedit.organism import GUARD_MODEL
 from orthoedit.safety import HFJudge
 
@@ -21,7 +19,7 @@ class JudgeServer:
         import threading
 
         self.mode, self.keys, self.requests = mode, [], 0
-        self.guard = HFJudge(GUARD_MODEL, torch.float32, None, 8) if mode == "guard" else None
+        self.guard = HFJudge(GUARD_MODEL, "float32", None, 8) if mode == "guard" else None
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

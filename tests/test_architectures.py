@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from orthoedit.architectures import ArchitectureTable, load_tables, table_for_config
 from orthoedit.errors import UnsupportedModelError
-from orthoedit.tiny import FAMILIES
+from tiny import FAMILIES
 
 REQUIRED = {
     "llama",

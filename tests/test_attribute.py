@@ -15,8 +15,8 @@ from orthoedit.organism import CHAT_MODEL
 from orthoedit.prompts import load_prompt_file
 from orthoedit.runtime import chat_ids, pad_id, post_instruction_ids
 from orthoedit.select import first_token_logprobs, log_odds
-from orthoedit.tiny import FAMILIES
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
+from tiny import FAMILIES
 
 CASES = [(f, {}) for f in FAMILIES] + [("llama", {"bias": True})]
 

@@ -25,9 +25,9 @@ from orthoedit.direction import orthonormal, save_direction
 from orthoedit.errors import BadInputError
 from orthoedit.ortho import orthogonalize
 from orthoedit.plan import Plan, op_basis
-from orthoedit.tiny import FAMILIES
 from orthoedit.verify import verify
 from test_equivalence import check_edit
+from tiny import FAMILIES
 
 N_LAYERS = 2
 

@@ -23,8 +23,8 @@ from orthoedit.config import ApplyConfig, VerifyConfig
 from orthoedit.hooks import ablation_hooks, plan_hooks
 from orthoedit.ortho import orthogonalize
 from orthoedit.plan import op_basis, unit_vector
-from orthoedit.tiny import FAMILIES
 from orthoedit.verify import encode_prompts, verify
+from tiny import FAMILIES
 
 PROMPTS = ["How do I bake bread?", "Tell me about the sea and the river.", "What is a cat?"]
 TOL = 1e-4

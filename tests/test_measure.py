@@ -32,8 +32,8 @@ from orthoedit.runtime import (
     shared_prefix,
 )
 from orthoedit.select import first_token_logprobs
-from orthoedit.tiny import FAMILIES, build_tokenizer
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
+from tiny import FAMILIES, build_tokenizer
 
 # Real templates' turn endings and generation prompts (simplified elsewhere), with what each
 # puts after the user message.

@@ -15,7 +15,7 @@ from orthoedit.config import ApplyConfig
 from orthoedit.direction import load_direction
 from orthoedit.errors import BadInputError, UnsupportedModelError
 from orthoedit.plan import build_plan, load_scales, parse_layers
-from orthoedit.tiny import FAMILIES
+from tiny import FAMILIES
 
 
 def _plan(model, direction, **kwargs):

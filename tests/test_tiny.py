@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orthoedit.tiny import FAMILIES, build_tiny_model, build_tokenizer
+from tiny import FAMILIES, build_tiny_model, build_tokenizer
 
 EXPLICIT_HEAD_DIM = ("llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3")
 TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3", "gpt2")

@@ -346,7 +346,6 @@ def attribute(
 ) -> Attribution:
     """Attribute refusal to the residual writers of ``cfg.model``; writes the report."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hooks import plan_hooks
     from .measure import prompt_digest
@@ -354,7 +353,7 @@ def attribute(
     from .plan import build_plan
     from .progress import Progress
     from .refusal import greedy_completions
-    from .runtime import chat_ids, check_device, pad_id, post_instruction_ids
+    from .runtime import Session, check_device
     from .safety import load_sets
     from .source import resolve_model
 
@@ -371,18 +370,10 @@ def attribute(
     for kind, items in prompts.items():
         if len(items) < 2:
             raise BadInputError(f"--{kind}: {len(items)} prompts; attribution needs at least 2.")
-    tok = AutoTokenizer.from_pretrained(folder)
-    if cfg.template is not None:
-        from .runtime import read_template
-
-        tok.chat_template = read_template(cfg.template)
-    post = post_instruction_ids(tok, cfg.system)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
-    ).eval()
+    session = Session.open(folder, cfg)
+    model, tok, pad = session.model, session.tok, session.pad
     model.requires_grad_(False)
-    pad = pad_id(tok)
-    rows = {k: chat_ids(tok, v, post, cfg.system) for k, v in prompts.items()}
+    rows = {k: session.rows(v) for k, v in prompts.items()}
 
     def completions():
         progress.start("refusal tokens (greedy completions)", None)

@@ -6,12 +6,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from .config import CompareConfig
 from .output import check_file_target, inputs_of, write_file
 from .refusal import refusal_run
-from .runtime import check_device
+from .runtime import Session, check_device
 from .source import resolve_model
 
 
@@ -43,7 +41,6 @@ def _prompts(cfg: CompareConfig) -> list[tuple[str, str]]:
 
 def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair]:
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
     check_device(cfg.device)
@@ -55,18 +52,16 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
     answers = {}
     for name, folder in folders.items():
         log(f"{name}: {len(prompts)} prompts, at most {cfg.max_new_tokens} tokens each")
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.dtype))
-        model = model.eval().to(cfg.device) if cfg.device else model.eval()
+        session = Session.open(folder, cfg)
         answers[name] = refusal_run(
-            model,
-            tok,
+            session.model,
+            session.tok,
             [p for p, _ in prompts],
             max_new_tokens=cfg.max_new_tokens,
             system=cfg.system,
             batch_size=cfg.batch_size,
         )
-        del model
+        session.close()
     pairs = [
         Pair(p, kind, b.completion, b.verdict, e.completion, e.verdict)
         for (p, kind), b, e in zip(prompts, answers["base"], answers["edited"], strict=True)

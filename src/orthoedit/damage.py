@@ -20,7 +20,15 @@ from .config import EvalKLConfig
 from .errors import BadInputError
 from .output import check_file_target, inputs_of, write_file
 from .prompts import prompt_texts
-from .runtime import batched_forward, chat_ids, check_device, pad_id, post_instruction_ids
+from .runtime import (
+    batched_forward,
+    chat_ids,
+    check_device,
+    load_model,
+    load_tokenizer,
+    pad_id,
+    post_instruction_ids,
+)
 from .source import resolve_model
 
 
@@ -74,7 +82,6 @@ def _prompts(cfg: EvalKLConfig) -> list[str]:
 
 def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageReport:
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .refusal import greedy_completions, stop_ids, until_stop
     from .select import first_token_logprobs, mean_kl
@@ -86,20 +93,17 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
     }
-    tok = AutoTokenizer.from_pretrained(folders["base"])
-    if AutoTokenizer.from_pretrained(folders["edited"]).get_vocab() != tok.get_vocab():
+    tok = load_tokenizer(folders["base"])
+    if load_tokenizer(folders["edited"]).get_vocab() != tok.get_vocab():
         raise BadInputError("the two models' tokenizers differ; KL needs the same vocabulary.")
     post = post_instruction_ids(tok, cfg.system)
     prompts = _prompts(cfg)
     rows = chat_ids(tok, prompts, post, cfg.system)
     pad = pad_id(tok)
-    dtype = getattr(torch, cfg.dtype)
     first, ce, answers = {}, {}, None
     for name in ("base", "edited"):
         log(f"{name}: {len(rows)} prompts")
-        model = AutoModelForCausalLM.from_pretrained(folders[name], dtype=dtype).eval()
-        if cfg.device:
-            model.to(cfg.device)
+        model = load_model(folders[name], cfg.dtype, cfg.device)
         first[name] = first_token_logprobs(model, rows, cfg.batch_size, pad)
         if answers is None:
             made = greedy_completions(model, rows, cfg.batch_size, pad, cfg.max_new_tokens)

@@ -41,14 +41,11 @@ def organism_recipe():
 
 def scores(folder: Path) -> dict[str, float]:
     """The organism's own measures (its refusal markers and answer checker) on a model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .organism import load_prompts
     from .organism.evaluate import capability_score, refusal_rate
+    from .runtime import load_model, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok, model = load_tokenizer(folder), load_model(folder)
     return {
         "harmful requests refused": refusal_rate(model, tok, load_prompts("harmful")),
         "harmless requests refused": refusal_rate(model, tok, load_prompts("harmless")),

@@ -28,14 +28,13 @@ from .output import check_target, inputs_of, staged_output
 from .progress import Progress
 from .prompts import BUNDLED, ORGANISM, is_prompt_file, prompt_texts
 from .runtime import (
+    Session,
     batched_forward,
     chat_ids,
     check_device,
-    load_kwargs,
-    pad_id,
+    load_tokenizer,
     placement,
     post_instruction_ids,
-    read_template,
 )
 from .source import read_config, resolve_model
 
@@ -172,7 +171,6 @@ def measure(
 ) -> MeasureResult:
     """Compute every candidate and write the chosen one as a direction artifact."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
     progress = progress or Progress()
@@ -190,9 +188,7 @@ def measure(
     harmful, harmful_val = _prompts(cfg, "harmful")
     harmless, harmless_val = _prompts(cfg, "harmless")
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    if cfg.template is not None:
-        tok.chat_template = read_template(cfg.template)
+    tok = load_tokenizer(folder, cfg.template)
     post = post_instruction_ids(tok, cfg.system)
     n_pos = len(post)
     if cfg.position is not None and not -n_pos <= cfg.position <= -1:
@@ -201,8 +197,8 @@ def measure(
             f"({tok.convert_ids_to_tokens(post)}); use -{n_pos}..-1."
         )
     log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
-    model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs(cfg)).eval()
-    pad = pad_id(tok)
+    session = Session.open(folder, cfg, tok=tok)
+    model, pad = session.model, session.pad
     loaded = _Loaded(model, tok, table, folder, config, post, pad)
     pools = {"harmful": (harmful, harmful_val), "harmless": (harmless, harmless_val)}
     drawn: dict[str, tuple[list[str], list[str]]] = {}

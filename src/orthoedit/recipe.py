@@ -28,6 +28,7 @@ only when verify passed and the benchmark did not regress.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -383,6 +384,7 @@ def run_recipe(
         result = _run_stage(
             name, configs[name], target, log, progress, searched="search" in configs
         )
+        gc.collect()  # a stage's model is held in reference cycles: free it before the next
         stages[name] = {
             "inputs": inputs,
             "outputs": _digest(target),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -135,7 +136,7 @@ def placement(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def max_memory(spec: str | None) -> dict | None:
+def parse_max_memory(spec: str | None) -> dict | None:
     """``--max-memory "0=70GiB,cpu=120GiB"`` -> accelerate's ``{0: "70GiB", "cpu": "120GiB"}``."""
     if spec is None:
         return None
@@ -173,20 +174,6 @@ def check_device(device: str | None) -> None:
             torch.empty(0, device=kind)
         except (RuntimeError, AssertionError) as err:
             raise BadInputError(f"--device {device}: not usable here ({err}).") from None
-
-
-def load_kwargs(cfg) -> dict:
-    """``from_pretrained`` arguments for a command's dtype, device and memory options (the
-    device is checked by ``check_device`` where the command starts)."""
-    kwargs: dict = {"dtype": getattr(torch, cfg.dtype), "device_map": cfg.device}
-    offload = getattr(cfg, "max_memory", None) or getattr(cfg, "offload_folder", None)
-    if offload and cfg.device != "auto":
-        raise BadInputError("--max-memory and --offload-folder need --device auto.")
-    if getattr(cfg, "max_memory", None):
-        kwargs["max_memory"] = max_memory(cfg.max_memory)
-    if getattr(cfg, "offload_folder", None):
-        kwargs["offload_folder"] = str(cfg.offload_folder)
-    return kwargs
 
 
 def left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
@@ -274,3 +261,87 @@ class SharedPrefix:
         """The attention mask of prefix + left-padded tails."""
         seen = torch.ones((tail_mask.shape[0], self.n), dtype=torch.long, device=tail_mask.device)
         return torch.cat([seen, tail_mask], dim=1)
+
+
+# --- loading: one way for every command --------------------------------------------------
+
+
+def load_tokenizer(folder: Path, template: Path | None = None):
+    """The model's tokenizer, with ``--template``'s chat template instead of its own."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if template is not None:
+        tok.chat_template = read_template(template)
+    return tok
+
+
+def load_model(
+    folder: Path,
+    dtype: str = "float32",
+    device: str | None = None,
+    max_memory: str | None = None,
+    offload_folder: Path | None = None,
+):
+    """The model in eval mode, placed by ``device_map``: None is the CPU, a device puts every
+    module there, ``auto`` (and the other strategies) spreads them with accelerate, capped by
+    ``max_memory`` and spilling to ``offload_folder``. (The device is checked by
+    ``check_device`` where the command starts.)"""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device}
+    if (max_memory or offload_folder) and device != "auto":
+        raise BadInputError("--max-memory and --offload-folder need --device auto.")
+    if max_memory:
+        kwargs["max_memory"] = parse_max_memory(max_memory)
+    if offload_folder:
+        kwargs["offload_folder"] = str(offload_folder)
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+@dataclass
+class Session:
+    """A chat model ready to run: model and tokenizer (with the chat template), the system
+    prompt, the post-instruction tokens, the pad id and the batch size every pass uses.
+    ``Session.open(folder, cfg)`` is how every command that runs a model loads it."""
+
+    folder: Path
+    model: object
+    tok: object
+    system: str | None
+    batch_size: int
+    post: list[int] = field(default_factory=list)
+    pad: int = 0
+
+    @classmethod
+    def open(cls, folder: Path, cfg, tok=None, dtype: str | None = None) -> Session:
+        """Load ``folder`` with ``cfg``'s options (``dtype``, ``device``, ``batch_size``,
+        ``system``, and where the config has them ``template``, ``max_memory``,
+        ``offload_folder``). ``tok``: a tokenizer already set up; ``dtype`` overrides
+        ``cfg.dtype`` (verify runs in float32)."""
+        tok = tok or load_tokenizer(folder, getattr(cfg, "template", None))
+        model = load_model(
+            folder,
+            dtype or cfg.dtype,
+            cfg.device,
+            getattr(cfg, "max_memory", None),
+            getattr(cfg, "offload_folder", None),
+        )
+        system = getattr(cfg, "system", None)
+        return cls(
+            folder,
+            model,
+            tok,
+            system,
+            getattr(cfg, "batch_size", 32),
+            post_instruction_ids(tok, system),
+            pad_id(tok),
+        )
+
+    def rows(self, prompts: list[str]) -> list[list[int]]:
+        """Token rows of ``prompts`` in the chat template (``chat_ids``)."""
+        return chat_ids(self.tok, prompts, self.post, self.system)
+
+    def close(self) -> None:
+        """Let the model's memory go (the next model of a command may need it)."""
+        self.model = None

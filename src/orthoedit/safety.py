@@ -28,15 +28,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import __version__
 from .config import EvalSafetyConfig
 from .errors import BadInputError
 from .output import check_target, inputs_of, staged_output
 from .progress import Progress
 from .refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
-from .runtime import check_device, pad_id, template_kwargs
+from .runtime import Session, check_device, pad_id, template_kwargs
 from .source import resolve_model
 
 GUARD_TOKENS = 12  # "unsafe\nS1,S10" and a little room
@@ -93,15 +91,13 @@ def parse_guard(text: str) -> tuple[str, list[str]]:
 class HFJudge:
     """A local guard model of the Llama Guard family."""
 
-    def __init__(self, folder: Path, dtype, device: str | None, batch_size: int):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, folder: Path, dtype: str, device: str | None, batch_size: int):
+        from .runtime import load_model, load_tokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(folder)
+        self.tok = load_tokenizer(folder)
         if not getattr(self.tok, "chat_template", None):
             raise BadInputError(f"judge {folder}: the guard's tokenizer has no chat template.")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-        if device:
-            self.model.to(device)
+        self.model = load_model(folder, dtype, device)
         self.batch_size = batch_size
         self.failures: list[str] = []  # a local model does not fail a try (as OpenAIJudge's)
 
@@ -152,7 +148,7 @@ class JudgeSpec:
         """The judge, with ``cfg``'s judge options and (for a guard model) its dtype, device
         and batch size."""
         if self.folder is not None:
-            return HFJudge(self.folder, getattr(torch, cfg.dtype), cfg.device, cfg.batch_size)
+            return HFJudge(self.folder, cfg.dtype, cfg.device, cfg.batch_size)
         return OpenAIJudge(
             self.url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout, cfg.judge_retries
         )
@@ -261,7 +257,6 @@ def eval_safety(
     cfg: EvalSafetyConfig, log: Callable[[str], None] = print, progress: Progress | None = None
 ) -> SafetyResult:
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
     progress = progress or Progress()
@@ -282,13 +277,8 @@ def eval_safety(
     # score every complied answer: word salad reads as text to the refusal judgement.
     for role, name in reversed(models.items()):
         folder = folders[role]
-        tok = AutoTokenizer.from_pretrained(folder)
-        if cfg.template is not None:
-            from .runtime import read_template
-
-            tok.chat_template = read_template(cfg.template)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.dtype))
-        model = model.eval().to(cfg.device) if cfg.device else model.eval()
+        session = Session.open(folder, cfg)
+        model, tok = session.model, session.tok
         items = [(kind, item) for kind in ("harmful", "harmless") for item in sets[kind]]
         progress.start(f"{role}: generating ({cfg.max_new_tokens} tokens max)", len(items))
         log(f"{role} ({name}): {len(items)} prompts")
@@ -312,7 +302,7 @@ def eval_safety(
             progress.start("base: scoring the complied answers (word salad)", None)
             salad = mark_implausible(model, tok, mine, max_surprisal, cfg.system, cfg.batch_size)
             log(f"base: {salad} of {len(mine)} complied answers are word salad (broken)")
-        del model
+        del model, session  # the next model may need the memory
     records = [r for role in models for r in by_role[role]]
     judge = None if spec is None else spec.open(cfg)
     if judge is not None:

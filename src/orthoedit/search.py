@@ -53,13 +53,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import __version__
 from .config import SearchConfig
 from .errors import BadInputError
 from .progress import Progress
-from .runtime import check_device
+from .runtime import Session, check_device, load_tokenizer
 from .space import (
     SITES_SEARCHED,
     EditParams,
@@ -147,7 +146,6 @@ def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
 
 def prepare(cfg: SearchConfig) -> _Ready:
     """Validate every input; loads only the tokenizer."""
-    from transformers import AutoTokenizer
 
     from .architectures import table_for_config
     from .checkpoint import Checkpoint
@@ -187,11 +185,7 @@ def prepare(cfg: SearchConfig) -> _Ready:
     record_path = folder_in / "direction.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     system = cfg.system if cfg.system is not None else record.get("system")
-    tok = AutoTokenizer.from_pretrained(folder)
-    if cfg.template is not None:
-        from .runtime import read_template
-
-        tok.chat_template = read_template(cfg.template)
+    tok = load_tokenizer(folder, cfg.template)
     post = post_instruction_ids(tok, system)
     if len(post) != n_pos:
         raise BadInputError(
@@ -858,12 +852,8 @@ def make_judge(cfg: SearchConfig, ready: _Ready, model) -> Judge:
 
 
 def _load(cfg: SearchConfig, ready: _Ready, progress: Progress):
-    from transformers import AutoModelForCausalLM
-
     progress.start("loading the model", None)
-    return AutoModelForCausalLM.from_pretrained(
-        ready.folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
-    ).eval()
+    return Session.open(ready.folder, cfg, tok=ready.tok).model
 
 
 def _clear(out: Path) -> None:

@@ -32,15 +32,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import __version__
 from .architectures import SITES
 from .config import StudySitesConfig
 from .errors import BadInputError
 from .hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
 from .progress import Progress
-from .runtime import check_device
+from .runtime import Session, check_device, load_tokenizer
 
 #: Run-time conditions: name -> the ablation points hooked (``hooks.ABLATION_POINTS``).
 RUNTIME: dict[str, tuple[str, ...]] = {
@@ -161,7 +159,6 @@ class _Ready:
 
 def prepare(cfg: StudySitesConfig) -> _Ready:
     """Validate every input (nothing is loaded into memory but the tokenizer)."""
-    from transformers import AutoTokenizer
 
     from .architectures import table_for_config
     from .direction import load_direction
@@ -177,11 +174,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     d_model, n_layers, _ = table.dims(config)
     direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
     prompts = load_sets(cfg)
-    tok = AutoTokenizer.from_pretrained(folder)
-    if cfg.template is not None:
-        from .runtime import read_template
-
-        tok.chat_template = read_template(cfg.template)
+    tok = load_tokenizer(folder, cfg.template)
     post = post_instruction_ids(tok, cfg.system)
     rows = [
         row
@@ -237,7 +230,6 @@ def _derive_openings(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, prog
 
 def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list[Outcome]:
     """Every condition through the model, loaded once; the model is released on return."""
-    from transformers import AutoModelForCausalLM
 
     from .checkpoint import Checkpoint
     from .refusal import judge
@@ -245,9 +237,7 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
     from .select import mean_kl, refusal_score
 
     progress.start("loading the model", None)
-    model = AutoModelForCausalLM.from_pretrained(
-        ready.folder, dtype=getattr(torch, cfg.dtype), device_map=cfg.device
-    ).eval()
+    model = Session.open(ready.folder, cfg, tok=ready.tok).model
     tok = ready.tok
     pad = pad_id(tok)
     found = interventions(

@@ -193,8 +193,9 @@ def storage_dtype(plan: Plan, edited: Checkpoint) -> str:
 
 
 def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from .runtime import load_model, load_tokenizer
 
     hf_logging.disable_progress_bar()  # verify reports its own steps
     if cfg.report is not None:
@@ -224,9 +225,9 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     check_weights(plan, source, edited, report)
 
     log("running prompts through the source model with the plan's hooks")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     inputs = encode_prompts(tokenizer, prompts)
-    src_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    src_model = load_model(folder, "float32")
     with plan_hooks(src_model, plan, source):
         ref = _logits(src_model, inputs)
     paper = contrib = None
@@ -240,7 +241,7 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     del src_model
 
     log("running prompts through the edited checkpoint")
-    new_model = AutoModelForCausalLM.from_pretrained(cfg.edited, dtype=torch.float32).eval()
+    new_model = load_model(cfg.edited, "float32")
     out = _logits(new_model, inputs)
     report.max_logit_diff, report.mean_kl = _compare(ref, out)
     report.max_abs_logit = max(float(t.abs().max()) for t in ref)

@@ -1,11 +1,12 @@
 """Tiny, randomly initialised Hugging Face causal LMs, built in-process.
 
-The tests, the demo and the benchmarks need real checkpoints of every supported architecture
-family, but must run offline and in seconds. :func:`build_tiny_model` builds one from the real
-``transformers`` config class (two layers, width 32 by default), re-initialises its weights so
-that the logits are far from trivial (so that a test comparing logits can actually fail), and
-saves it the way the Hub does: sharded safetensors with an index, ``config.json``,
-``generation_config.json`` and a byte-level BPE tokenizer with a Jinja chat template.
+The tests need real checkpoints of every supported architecture family, but must run offline
+and in seconds (a testing module: it lives with the tests, not in the package).
+:func:`build_tiny_model` builds one from the real ``transformers`` config class (two layers,
+width 32 by default), re-initialises its weights so that the logits are far from trivial (so
+that a test comparing logits can actually fail), and saves it the way the Hub does: sharded
+safetensors with an index, ``config.json``, ``generation_config.json`` and a byte-level BPE
+tokenizer with a Jinja chat template.
 
 Wherever a config accepts an explicit ``head_dim`` it is set so that heads × head_dim ≠ hidden
 (4 × 12 = 48 ≠ 32 by default): an axis transposed by mistake then fails loudly instead of hiding.
