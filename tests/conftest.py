@@ -77,3 +77,12 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(
         p.name for p in Path(parent).iterdir() if ".orthoedit-" in p.name or ".old-" in p.name
     )
+
+
+def sigint_as_on_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a shell starts background
+    jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt; a terminal's
+    Ctrl-C reaches a process whose SIGINT is the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sigint_as_on_a_terminal
 from hubstub import FAKE_TOKEN, HubStub
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
 from orthoedit.recipe import STAGES as ALL_STAGES
@@ -91,7 +92,11 @@ def _artifacts(out: Path) -> dict:
 def _interrupt(recipe: Path, out: Path, stage: str, sig: int) -> set[str]:
     """Start a run, send ``sig`` once ``stage`` has started; the stages it had finished."""
     proc = subprocess.Popen(
-        [ORTHOEDIT, "run", recipe, "--out", out], stderr=subprocess.PIPE, text=True, env=ENV
+        [ORTHOEDIT, "run", recipe, "--out", out],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        preexec_fn=sigint_as_on_a_terminal,
     )
     for line in proc.stderr:
         if f"{stage}: running" in line:

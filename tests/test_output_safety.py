@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import folder_digest, leftovers
+from conftest import folder_digest, leftovers, sigint_as_on_a_terminal
 from orthoedit.cli import app
 from orthoedit.organism import CHAT_MODEL
 from orthoedit.output import MARKER, check_target, clean_stale, staged_output
@@ -294,6 +294,7 @@ def test_interrupted_apply_cleans_up_and_says_so(sig, code, model, direction_fil
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_on_a_terminal,
     )
     assert proc.stdout.readline().strip() == "staged"
     assert leftovers(out.parent), "the edit should be staged beside the target by now"
