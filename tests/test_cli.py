@@ -11,7 +11,7 @@ import typer.rich_utils
 from typer.testing import CliRunner
 
 import orthoedit
-import orthoedit.cli as cli_module
+import orthoedit.cli.ui as ui
 from conftest import folder_digest, leftovers
 from orthoedit.apply import prepare
 from orthoedit.checkpoint import Checkpoint
@@ -33,8 +33,8 @@ def cli(*args: str | Path):
 def wide_consoles(monkeypatch):
     """Render help and plan tables wide enough that no name or sentence is cut or wrapped."""
     monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 400)
-    monkeypatch.setattr(cli_module, "out", cli_module.console(width=400))
-    monkeypatch.setattr(cli_module, "err", cli_module.console(stderr=True, width=400))
+    monkeypatch.setattr(ui, "out", ui.console(width=400))
+    monkeypatch.setattr(ui, "err", ui.console(stderr=True, width=400))
 
 
 def flat(text: str) -> str:
@@ -170,8 +170,8 @@ def test_long_lines_are_not_broken_on_a_narrow_terminal(
 ):
     """Prose (a path, a command to copy, an error) is one line for the terminal to wrap, never
     broken by rich at the console's width; tables still fit it."""
-    monkeypatch.setattr(cli_module, "out", cli_module.console(width=40))
-    monkeypatch.setattr(cli_module, "err", cli_module.console(stderr=True, width=40))
+    monkeypatch.setattr(ui, "out", ui.console(width=40))
+    monkeypatch.setattr(ui, "err", ui.console(stderr=True, width=40))
     out = tmp_path / ("a-folder-with-a-name-longer-than-the-terminal-is-wide" * 2)
     result = cli("apply", tiny_model("llama"), "--direction", direction_file, "--out", out)
     assert result.exit_code == 0, result.output

@@ -53,7 +53,7 @@ def _every_command(source: str, column: str = "text") -> dict[str, list[str]]:
     )
     got["measure"] = sorted(train + val)
     cfg = SearchConfig(model=M, candidates=Path("c"), out=Path("o"), harmful=source, **kw)
-    got["search"] = search._prompts(cfg, "harmful")
+    got["search"] = search.inputs._prompts(cfg, "harmful")
     got["verify"] = verify._read_prompts(
         VerifyConfig(source=M, edited=Path("e"), prompts=source, **kw)
     )
@@ -94,7 +94,7 @@ def test_every_command_names_the_missing_column(sources):
 
 _STEPS = [
     lambda s: measure._prompts(MeasureConfig(model=M, out=Path("o"), harmful=s), "harmful"),
-    lambda s: search._prompts(
+    lambda s: search.inputs._prompts(
         SearchConfig(model=M, candidates=Path("c"), out=Path("o"), harmful=s), "harmful"
     ),
     lambda s: verify._read_prompts(VerifyConfig(source=M, edited=Path("e"), prompts=s)),
@@ -113,7 +113,7 @@ def test_named_sets_mean_the_same_everywhere():
         cfg = EvalSafetyConfig(model=M, out=Path("o"), harmful=name)
         assert set(safety.load_sets(cfg)["harmful"]) == test
         cfg = SearchConfig(model=M, candidates=Path("c"), out=Path("o"), harmful=name)
-        assert search._prompts(cfg, "harmful") == val
+        assert search.inputs._prompts(cfg, "harmful") == val
         train, drawn_val = measure._prompts(
             MeasureConfig(model=M, out=Path("o"), harmful=name), "harmful"
         )

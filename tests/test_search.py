@@ -273,7 +273,7 @@ def test_resume_after_interruption(first_search, measured, tmp_path, monkeypatch
     failed, runs it again with the same parameters, and ends with the trials an uninterrupted
     search makes, and the same choice."""
     out = tmp_path / "resumed"
-    real = search_module.evaluate_trial
+    real = search_module.loop.evaluate_trial
     calls = []
 
     def dies_on_third(judge, hooks):
@@ -282,10 +282,10 @@ def test_resume_after_interruption(first_search, measured, tmp_path, monkeypatch
             raise KeyboardInterrupt  # as good as a kill: nothing after this line runs
         return real(judge, hooks)
 
-    monkeypatch.setattr(search_module, "evaluate_trial", dies_on_third)
+    monkeypatch.setattr(search_module.loop, "evaluate_trial", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         search(_cfg(measured, out, trials=TRIALS), log=lambda m: None)
-    monkeypatch.setattr(search_module, "evaluate_trial", real)
+    monkeypatch.setattr(search_module.loop, "evaluate_trial", real)
     storage = f"sqlite:///{out / 'study.db'}"
     study = optuna.load_study(study_name=first_search.study_name, storage=storage)
     states = [t.state.name for t in study.trials]
@@ -764,7 +764,7 @@ def test_killed_search_resumes_with_the_same_trials(first_search, measured, tmp_
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "orthoedit.cli", *map(str, _args(measured, out))]
     args += ["--trials", str(TRIALS + 4)]
-    env = {**os.environ, "PYTHONPATH": str(Path(search_module.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(search_module.__file__).parents[2])}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     db = out / "study.db"
     deadline = time.monotonic() + 120

@@ -132,7 +132,7 @@ def test_the_cli_and_apply_help_load_no_torch():
 
 
 def _options(command, path: tuple[str, ...] = ()) -> dict:
-    """``command path`` -> its parameters (name, flags, default, required, multiple), for the
+    """``command path`` -> its parameters (flags, default, required, multiple), for the
     app, every group and every command."""
     table = {}
     for name, sub in getattr(command, "commands", {}).items():
@@ -144,14 +144,15 @@ def _options(command, path: tuple[str, ...] = ()) -> dict:
             default = str(default)
         params.append(
             {
-                "name": p.name,
                 "flags": sorted(p.opts + p.secondary_opts),
                 "default": default,
                 "required": p.required,
                 "multiple": getattr(p, "multiple", False),
             }
         )
-    table[" ".join(path)] = params
+    # what a user types: flags (an argument by its name), defaults, required, repeatable; not
+    # the Python parameter's name or the order help lists them in (one rule: cli/options.py)
+    table[" ".join(path)] = sorted(params, key=lambda p: p["flags"])
     return table
 
 
@@ -181,3 +182,31 @@ def test_design_sections_cited_by_docstrings_exist():
         for first, last in re.findall(r"docs/design\.md §(\d+)(?:-§(\d+))?", path.read_text()):
             cited.update(map(str, range(int(first), int(last or first) + 1)))
     assert cited and cited <= sections, sorted(cited - sections)
+
+
+def test_every_stage_option_is_its_config_field_in_one_order():
+    """A command's options are its config model's fields, each declared once (config.py), in
+    one order for every command (cli/options.py): nothing is typed twice, none is left out."""
+    from orthoedit import config
+    from orthoedit.cli.options import order
+
+    stages = {
+        "measure": (config.MeasureConfig, ("model",)),
+        "search": (config.SearchConfig, ("model",)),
+        "apply": (config.ApplyConfig, ("model",)),
+        "verify": (config.VerifyConfig, ("source", "edited")),
+        "eval bench": (config.EvalBenchConfig, ("base", "edited")),
+        "eval kl": (config.EvalKLConfig, ("base", "edited")),
+        "eval safety": (config.EvalSafetyConfig, ("model",)),
+        "compare": (config.CompareConfig, ("base", "edited")),
+        "push": (config.PushConfig, ("model_dir", "repo_id")),
+        "study sites": (config.StudySitesConfig, ("model",)),
+        "attribute": (config.AttributeConfig, ("model",)),
+    }
+    root = typer.main.get_command(app)
+    for path, (model, arguments) in stages.items():
+        command = root
+        for name in path.split():
+            command = command.commands[name]
+        assert [p.name for p in command.params] == order(model, arguments), path
+        assert list(order(model, arguments)[: len(arguments)]) == list(arguments)

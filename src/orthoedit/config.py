@@ -59,7 +59,9 @@ class ApplyConfig(BaseModel):
         "[d_model], a [k, d_model] span (kind 'span') or [n_layers, d_model]. Give it more "
         "than once to project out the span of all of them (orthonormalized in order).",
     )
-    out: Path = Field(description="Output folder for the edited checkpoint.")
+    out: Path | None = Field(
+        default=None, description="Output folder for the edited checkpoint (not with --dry-run)."
+    )
     direction_layer: int | None = Field(
         default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
     )
@@ -107,6 +109,12 @@ class ApplyConfig(BaseModel):
     @classmethod
     def _one_or_more(cls, value):
         return [value] if isinstance(value, str | Path) else value
+
+    @model_validator(mode="after")
+    def _out_unless_dry_run(self):
+        if self.out is None and not self.dry_run:
+            raise ValueError("--out is required (or use --dry-run)")
+        return self
 
 
 class VerifyConfig(BaseModel):

@@ -1,0 +1,5 @@
+"""``python -m orthoedit.cli``: the ``orthoedit`` executable."""
+
+from . import entry
+
+entry()

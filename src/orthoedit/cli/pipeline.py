@@ -1,0 +1,150 @@
+"""The pipeline's commands: measure, search, apply, verify."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from ..config import ApplyConfig, MeasureConfig, SearchConfig, VerifyConfig
+from ..errors import BadInputError
+from . import tables, ui
+from .app import app
+from .options import Cli, command, items
+
+
+@command(app, "measure", MeasureConfig)
+def measure(cfg: MeasureConfig) -> None:
+    """Measure difference-of-means candidates at every layer and post-instruction position,
+    and save the chosen one as a direction file for `orthoedit apply`."""
+    from ..measure import measure as run_measure
+    from ..select import NoCandidateError
+
+    with ui.progress() as progress:
+
+        def run():
+            try:
+                return run_measure(cfg, log=ui.log, progress=progress)
+            except NoCandidateError as e:  # show why, then fail
+                progress.stop()
+                ui.out.print(tables.scores(e.selection))
+                raise
+
+        result = ui.guarded(run, cfg.out)
+    if result.selection is not None:
+        ui.out.print(tables.scores(result.selection))
+    ui.wrote(
+        f"{result.out}: direction at layer {result.layer}, position {result.position} "
+        f"(‖harmful − harmless‖ = {result.norm:.4g}; {result.counts['harmful']} harmful, "
+        f"{result.counts['harmless']} harmless prompts)"
+    )
+
+
+def _span(text: str | None) -> list[str] | None:
+    """``LO:HI`` (or one number) as the two ends pydantic validates."""
+    if text is None:
+        return None
+    ends = text.split(":", 1)
+    return ends * 2 if len(ends) == 1 else ends
+
+
+@command(
+    app,
+    "search",
+    SearchConfig,
+    cli={
+        "max_failure": Cli(type=str | None),
+        "direction_layers": Cli(type=str | None, parse=_span, metavar="LO:HI"),
+        "positions": Cli(type=str | None, parse=items, help=" Comma-separated."),
+    },
+)
+def search(cfg: SearchConfig) -> None:
+    """Search the edit (direction layer and position, per-layer attention and MLP weights,
+    embedding on or off) against measured refusal and damage, with run-time hooks; write the
+    Pareto front and the best edit within the KL budget, with the apply command that
+    reproduces it. Resumes the study in --out. With --judge, a complied answer counts as
+    compliance only when the judge calls it unsafe."""
+    from ..search import none_chosen
+    from ..search import search as run_search
+
+    with ui.progress() as progress:
+        result = ui.guarded(
+            lambda: run_search(cfg, log=ui.log, progress=progress),
+            interrupted="interrupted: run the same command again to resume the search.",
+        )
+    ui.out.print(tables.front(result))
+    folder = str(result.out)
+    ui.wrote(f"{folder}/pareto.md, pareto.json, pareto.png")
+    if result.chosen is None:
+        ui.error(
+            f"{none_chosen(result.trials, cfg, result.baselines)}; see the front above, "
+            "loosen the budget or run more --trials."
+        )
+        raise typer.Exit(1)
+    chosen = result.chosen
+    ui.out.print(
+        f"chosen: trial {chosen.number}, failure {chosen.user_attrs['failure']:.1%}, KL "
+        f"{chosen.user_attrs['kl']:.4g}; reproduce it with {escape(folder)}/chosen/apply.txt"
+    )
+
+
+def _sites(text: str) -> list[str]:
+    sites = items(text)
+    if not sites:
+        raise BadInputError("--sites: give at least one of embed, attn, mlp.")
+    return sites
+
+
+@command(
+    app,
+    "apply",
+    ApplyConfig,
+    cli={"sites": Cli(type=str, parse=_sites, default="embed,attn,mlp", help=" Comma-separated.")},
+)
+def apply(cfg: ApplyConfig) -> None:
+    """Orthogonalize every residual-stream writer of MODEL against a direction (or the span of
+    several)."""
+    from .. import apply as stage
+
+    prepared = ui.guarded(lambda: stage.prepare(cfg))
+    for warning in prepared.plan.warnings:
+        ui.warn(warning)
+    if cfg.dry_run:
+        ui.out.print(tables.plan(prepared.plan))
+        if prepared.plan.write_lm_head:
+            ui.out.print("untie: lm_head.weight will be written as the original embedding")
+        return
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=ui.err, transient=True) as bar:
+        task = bar.add_task("editing shards", total=stage.edit_size(prepared))
+        target = ui.guarded(
+            lambda: stage.execute(prepared, cfg.out, cfg.overwrite, lambda n: bar.advance(task, n)),
+            cfg.out,
+        )
+    ui.wrote(f"{target} ({len(prepared.plan.ops)} tensors edited)")
+
+
+@command(app, "verify", VerifyConfig, arguments=("source", "edited"))
+def verify(cfg: VerifyConfig) -> None:
+    """Check an edited checkpoint against the source model with the plan applied by hooks."""
+    from ..verify import verify as run_verify
+
+    result = ui.guarded(lambda: run_verify(cfg, log=ui.log), cfg.report)
+    ui.out.print(tables.verify(result, cfg.edited))
+    if not result.passed:
+        for failure in result.failures:
+            ui.error(failure, label="FAIL")
+        raise typer.Exit(1)
+    ui.out.print("[green]PASS[/green]")

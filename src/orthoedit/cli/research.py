@@ -1,0 +1,42 @@
+"""Research: study sites (where the direction must go) and attribute (who writes it)."""
+
+from __future__ import annotations
+
+from ..config import AttributeConfig, StudySitesConfig
+from . import tables, ui
+from .app import app, study_app
+from .options import command
+
+
+@command(study_app, "sites", StudySitesConfig)
+def sites(cfg: StudySitesConfig) -> None:
+    """Which sites must lose the direction to remove refusal: baseline, run-time ablation at
+    the block inputs, attention outputs, MLP outputs or all three, and the weight edits
+    apply would make (embed, attn, mlp, all); refusal log-odds, refusal rate and KL of each,
+    and with --judge the unsafe rate."""
+    from ..study import study_sites
+
+    with ui.progress() as progress:
+        result = ui.guarded(lambda: study_sites(cfg, log=ui.log, progress=progress), cfg.out)
+    ui.out.print(tables.sites(result))
+    ui.out.print(result.finding, markup=False, soft_wrap=True)
+    folder = result.out
+    ui.wrote(f"{folder}/sites.json, {folder}/sites.md, {folder}/sites.png")
+
+
+@command(app, "attribute", AttributeConfig)
+def attribute(cfg: AttributeConfig) -> None:
+    """Which residual writers carry refusal: every embedding, attention head and MLP at the
+    last prompt token, ranked by the first-order change of the refusal log-odds when patched
+    from the harmful to the harmless mean, the top ones checked by real patching, with the
+    cumulative curve and a layer x head map."""
+    from ..attribute import attribute as run_attribute
+
+    with ui.progress() as progress:
+        result = ui.guarded(lambda: run_attribute(cfg, log=ui.log, progress=progress), cfg.out)
+    ui.out.print(tables.attribution(result, cfg.top))
+    ui.out.print(
+        f"harmful {result.baseline:.3f}, harmless {result.harmless:.3f}, direction ablated "
+        f"{result.ablated:.3f} (refusal log-odds)"
+    )
+    ui.wrote(f"{result.out}/attribution.md, attribution.json, cumulative.png, heads.png")

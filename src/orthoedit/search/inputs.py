@@ -1,0 +1,220 @@
+"""What a search reads: the measure folder, the prompts, the space; checked and resolved
+before any model loads (``prepare``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import SearchConfig
+from ..errors import BadInputError
+from ..runtime import load_tokenizer
+from ..space import (
+    Space,
+    nonempty,
+)
+
+#: Bump when the search space or the way a trial is judged changes: a stored study made
+#: under another version is not continued.
+SPACE_VERSION = 2
+STUDY_FILE = "study.db"
+LOCK_FILE = ".search.lock"
+#: Files a search folder may hold besides the study (anything else: not a search folder).
+OUTPUTS = ("pareto.md", "pareto.json", "pareto.png", "chosen")
+#: What a measure folder must hold.
+MEASURE_FILES = (
+    "candidates.safetensors",
+    "direction.safetensors",
+    "val-harmful.jsonl",
+    "val-harmless.jsonl",
+)
+
+
+@dataclass
+class Ready:
+    """Everything resolved and checked before the model is loaded."""
+
+    folder: Path
+    revision: str | None
+    config: dict
+    table: object
+    checkpoint: object
+    tok: object
+    candidates: np.ndarray  # [n_layers, n_pos, d_model] float64
+    space: Space
+    baseline_direction: object
+    harmful_rows: list[list[int]]
+    harmless_rows: list[list[int]]
+    settings: dict
+    harmful_prompts: list[str]
+    safety_judge: object  # a safety.JudgeSpec with --judge, else None
+    eval_task: object = None  # an evalbench.LoadedTask with --eval-task
+
+    @property
+    def n_layers(self) -> int:
+        return self.candidates.shape[0]
+
+
+def _read_candidates(path: Path, d_model: int, n_layers: int) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            candidates = f.get_tensor("candidates").astype(np.float64)
+    except (SafetensorError, OSError, KeyError) as err:
+        raise BadInputError(f"{path}: cannot read its candidates ({err}).") from None
+    if candidates.ndim != 3 or candidates.shape[0] != n_layers or candidates.shape[2] != d_model:
+        raise BadInputError(
+            f"{path}: candidates {list(candidates.shape)} do not fit the model "
+            f"({n_layers} layers, hidden size {d_model}); measure this model first."
+        )
+    if not np.isfinite(candidates).all() or not nonempty(candidates).any():
+        raise BadInputError(f"{path}: the candidates are all zero or not finite.")
+    return candidates
+
+
+def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
+    """The prompts given for ``kind`` (a val split where they are named), else measure's
+    validation prompts, in order."""
+    from ..prompts import prompt_texts
+
+    source = getattr(cfg, kind)
+    if source is None:
+        items = prompt_texts(Path(cfg.candidates) / f"val-{kind}.jsonl")
+    else:
+        items = prompt_texts(source, kind, "val", column=cfg.column, split=cfg.split)
+    return items[: cfg.n] if cfg.n else items
+
+
+def prepare(cfg: SearchConfig) -> Ready:
+    """Validate every input; loads only the tokenizer."""
+
+    from ..architectures import table_for_config
+    from ..checkpoint import Checkpoint
+    from ..direction import load_direction, sha256_file
+    from ..measure import prompt_digest
+    from ..runtime import chat_ids, post_instruction_ids
+    from ..safety import check_judge
+    from ..source import read_config, resolve_model
+
+    safety_judge = check_judge(cfg)
+    eval_task = None
+    if cfg.eval_task is not None:  # built now: an unknown task is bad input before any loading
+        from ..evalbench import load_task
+
+        eval_task = load_task(cfg.eval_task)
+    folder_in = Path(cfg.candidates)
+    if not folder_in.is_dir():
+        raise BadInputError(
+            f"--candidates {folder_in} is not a folder; pass the --out folder of orthoedit measure."
+        )
+    missing = [name for name in MEASURE_FILES if not (folder_in / name).is_file()]
+    if missing:
+        raise BadInputError(
+            f"--candidates {folder_in} lacks {', '.join(missing)}: is it a folder written by "
+            "orthoedit measure?"
+        )
+    folder, revision = resolve_model(cfg.model, cfg.revision)
+    config = read_config(folder)
+    table = table_for_config(config)
+    d_model, n_layers, _ = table.dims(config)
+    candidates = _read_candidates(folder_in / "candidates.safetensors", d_model, n_layers)
+    baseline = load_direction(folder_in / "direction.safetensors", d_model, n_layers)
+    ok = nonempty(candidates)
+    n_pos = candidates.shape[1]
+    positions = [p - n_pos for p in range(n_pos) if ok[:, p].any()]
+    space = _space(cfg, n_layers, positions)
+    record_path = folder_in / "direction.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    system = cfg.system if cfg.system is not None else record.get("system")
+    tok = load_tokenizer(folder, cfg.template)
+    post = post_instruction_ids(tok, system)
+    if len(post) != n_pos:
+        raise BadInputError(
+            f"{folder_in}: candidates at {n_pos} positions, but this model's template has "
+            f"{len(post)} post-instruction tokens; measure it with the same template."
+        )
+    prompts = {kind: _prompts(cfg, kind) for kind in ("harmful", "harmless")}
+    rows = {kind: chat_ids(tok, p, post, system) for kind, p in prompts.items()}
+    settings = {
+        "space_version": SPACE_VERSION,
+        "model": cfg.model,
+        "revision": revision,
+        "config_sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        "candidates_sha256": sha256_file(folder_in / "candidates.safetensors"),
+        "baseline_direction_sha256": baseline.sha256,
+        "prompt_hashes": {kind: prompt_digest(p) for kind, p in prompts.items()},
+        "counts": {kind: len(p) for kind, p in prompts.items()},
+        "system": system,
+        "template_sha256": None
+        if cfg.template is None
+        else hashlib.sha256(cfg.template.read_bytes()).hexdigest(),
+        "max_new_tokens": cfg.max_new_tokens,
+        "judge": cfg.judge,
+        # (an openai: judge's model; absent otherwise, so older studies still resume)
+        **({"judge_model": cfg.judge_model} if cfg.judge else {}),
+        "max_surprisal": cfg.max_surprisal,
+        "eval_task": cfg.eval_task,
+        "eval_limit": cfg.eval_limit if cfg.eval_task else None,
+        "seed": cfg.seed,
+        "startup_trials": cfg.startup_trials,
+        "dtype": cfg.dtype,
+        "space": asdict(space),
+        "objective": cfg.objective,
+        # what a budget objective's value depends on (in a front search, only the choice)
+        **(
+            {"max_failure": cfg.max_failure, "failure_cost": cfg.failure_cost}
+            if cfg.objective == "budget"
+            else {}
+        ),
+    }
+    return Ready(
+        folder,
+        revision,
+        config,
+        table,
+        Checkpoint.open(folder),
+        tok,
+        candidates,
+        space,
+        baseline,
+        rows["harmful"],
+        rows["harmless"],
+        settings,
+        prompts["harmful"],
+        safety_judge,
+        eval_task,
+    )
+
+
+def _space(cfg: SearchConfig, n_layers: int, measured: list[int]) -> Space:
+    """The search space ``cfg`` asks for, checked against the model and the candidates."""
+    top = float(n_layers - 1)
+    layers = cfg.direction_layers or (0.0, top)
+    if layers[1] > top:
+        raise BadInputError(
+            f"--direction-layers {layers[0]:g}:{layers[1]:g} goes past the last layer "
+            f"({top:g}); the model has {n_layers} layers, numbered from 0."
+        )
+    positions = measured
+    if cfg.positions is not None:
+        unknown = [p for p in cfg.positions if p not in measured]
+        if unknown:
+            raise BadInputError(
+                f"--positions {unknown[0]}: no measured candidate there (measured: "
+                f"{', '.join(map(str, measured))})."
+            )
+        positions = list(cfg.positions)
+    embed = {"search": [False, True], "on": [True], "off": [False]}[cfg.embed]
+    return Space((float(layers[0]), float(layers[1])), positions, cfg.profile, embed)
+
+
+def study_name(settings: dict) -> str:
+    """Derived from every setting that changes what a trial measures, so that a search with
+    other settings never continues this one."""
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return f"orthoedit-search-{hashlib.sha256(blob).hexdigest()[:16]}"
