@@ -348,8 +348,7 @@ def attribute(
     import transformers
 
     from .hooks import plan_hooks
-    from .measure import prompt_digest
-    from .output import check_target, inputs_of, staged_output
+    from .output import check_target, inputs_of
     from .plan import build_plan
     from .progress import Progress
     from .refusal import greedy_completions
@@ -364,7 +363,6 @@ def attribute(
     config, table, checkpoint, direction, plan = every_writer(
         folder, cfg.direction, cfg.direction_layer
     )
-    n_layers = plan.n_layers
     target = check_target(cfg.out, [folder, *inputs_of(cfg)], cfg.overwrite)
     prompts = load_sets(cfg)
     for kind, items in prompts.items():
@@ -387,6 +385,80 @@ def attribute(
     components = [c for w in writers for c in w.components]
     log(f"{len(components)} components in {len(writers)} writers; {len(token_ids)} refusal tokens")
 
+    harm_lo, safe_lo, deltas = _estimate(cfg, model, writers, rows, token_ids, pad, progress)
+    baseline = float(np.mean(harm_lo))
+    harmless = float(np.mean(safe_lo))
+    shipped = build_plan(  # what apply would ship: every site, the table's tied policy
+        table=table, checkpoint=checkpoint, config=config, direction=direction, source=str(folder)
+    )
+    with torch.no_grad(), plan_hooks(model, shipped, checkpoint):
+        ablated = mean_log_odds(model, rows["harmful"], token_ids, cfg.batch_size, pad)
+
+    ranked = sorted(components, key=lambda c: c.estimate)  # most refusal-suppressing first
+    patch = lambda shifts: mean_log_odds(  # noqa: E731
+        model, rows["harmful"], token_ids, cfg.batch_size, pad, shifts
+    )
+    cumulative = _patch(cfg, ranked, deltas, baseline, patch, progress)
+
+    settings = _settings(cfg, revision, direction, table, plan, writers, prompts, tok, token_ids)
+    result = Attribution(target, ranked, baseline, harmless, ablated, cumulative, settings)
+    _write(result)
+    return result
+
+
+def _write(result: Attribution) -> None:
+    """attribution.json, attribution.md and the figures, staged into the output folder."""
+    from .output import staged_output
+    from .report import attribute_markdown, attribute_pngs
+
+    with staged_output(result.out) as tmp:
+        record = {
+            "settings": result.settings,
+            "baseline_log_odds": result.baseline,
+            "harmless_log_odds": result.harmless,
+            "ablated_log_odds": result.ablated,
+            "components": [asdict(c) for c in result.components],
+            "cumulative": result.cumulative,
+        }
+        (tmp / "attribution.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "attribution.md").write_text(attribute_markdown(result))
+        attribute_pngs(result, tmp)
+
+
+def _settings(cfg, revision, direction, table, plan, writers, prompts, tok, token_ids) -> dict:
+    """attribution.json's settings: the model, direction, prompts and how it was measured."""
+    from .measure import prompt_digest
+
+    return {
+        "model": cfg.model,
+        "revision": revision,
+        "direction": str(cfg.direction),
+        "direction_sha256": direction.sha256,
+        "direction_layer": cfg.direction_layer,
+        "family": table.family,
+        "n_layers": plan.n_layers,
+        "n_heads": max((w.n_heads for w in writers), default=0),
+        "harmful": cfg.harmful or "bundled (test split)",
+        "harmless": cfg.harmless or "bundled (test split)",
+        "counts": {k: len(v) for k, v in prompts.items()},
+        "prompt_hashes": {k: prompt_digest(v) for k, v in prompts.items()},
+        "seed": cfg.seed,
+        "refusal_tokens": tok.convert_ids_to_tokens(token_ids),
+        "system": cfg.system,
+        "dtype": cfg.dtype,
+        "position": "last prompt token",
+        "patch": "component output shifted by mean_harmless - mean_harmful",
+        "steps": cfg.steps,
+        "orthoedit_version": __version__,
+    }
+
+
+def _estimate(cfg, model, writers, rows, token_ids, pad, progress):
+    """Every component's first-order and integrated estimates of the change in refusal
+    log-odds when patched from the harmful to the harmless mean, and its mean projections on
+    the direction (set on the components); the harmful and harmless log-odds per prompt and
+    each component's patch (harmless mean minus harmful mean)."""
+    components = [c for w in writers for c in w.components]
     progress.start("activations and gradients: harmful prompts", None)
     harm_out, harm_grad, harm_lo = gather(
         model, writers, rows["harmful"], token_ids, cfg.batch_size, pad, with_grad=True
@@ -426,74 +498,28 @@ def attribute(
             c.harmless_proj = float(mean_safe[i] @ u)
             c.first_order = float(grad @ delta)
             c.estimate = float(path @ delta)
-    baseline = float(np.mean(harm_lo))
-    harmless = float(np.mean(safe_lo))
-    shipped = build_plan(  # what apply would ship: every site, the table's tied policy
-        table=table, checkpoint=checkpoint, config=config, direction=direction, source=str(folder)
-    )
-    with torch.no_grad(), plan_hooks(model, shipped, checkpoint):
-        ablated = mean_log_odds(model, rows["harmful"], token_ids, cfg.batch_size, pad)
+    return harm_lo, safe_lo, deltas
 
-    ranked = sorted(components, key=lambda c: c.estimate)  # most refusal-suppressing first
+
+def _patch(cfg, ranked, deltas, baseline: float, patch, progress) -> list[dict]:
+    """Real patching: each of the ``cfg.top`` largest estimates alone (set on the component),
+    and the refusal-suppressing ones together, growing prefixes of the ranking (returned as
+    the cumulative curve). ``patch(shifts)`` is the harmful prompts' mean log-odds."""
     suppressing = [c for c in ranked if c.estimate < 0]
     progress.start("real patching of the top components", min(cfg.top, len(ranked)))
-    by_size = sorted(components, key=lambda c: -abs(c.estimate))
-    for c in by_size[: cfg.top]:
-        shifted_lo = mean_log_odds(
-            model, rows["harmful"], token_ids, cfg.batch_size, pad, _shifts_for([c], deltas)
-        )
-        c.patched = shifted_lo - baseline
+    for c in sorted(ranked, key=lambda c: -abs(c.estimate))[: cfg.top]:
+        c.patched = patch(_shifts_for([c], deltas)) - baseline
         progress.advance()
     steps = _steps(min(cfg.cumulative, len(suppressing)))
     progress.start("cumulative patching", len(steps))
     cumulative = [{"k": 0, "estimate": baseline, "patched": baseline}]
     for k in steps:
         chosen = suppressing[:k]
-        lo = mean_log_odds(
-            model, rows["harmful"], token_ids, cfg.batch_size, pad, _shifts_for(chosen, deltas)
-        )
         estimate = baseline + sum(c.estimate for c in chosen)
+        lo = patch(_shifts_for(chosen, deltas))
         cumulative.append({"k": k, "estimate": estimate, "patched": lo, "last": chosen[-1].name})
         progress.advance()
-
-    settings = {
-        "model": cfg.model,
-        "revision": revision,
-        "direction": str(cfg.direction),
-        "direction_sha256": direction.sha256,
-        "direction_layer": cfg.direction_layer,
-        "family": table.family,
-        "n_layers": n_layers,
-        "n_heads": max((w.n_heads for w in writers), default=0),
-        "harmful": cfg.harmful or "bundled (test split)",
-        "harmless": cfg.harmless or "bundled (test split)",
-        "counts": {k: len(v) for k, v in prompts.items()},
-        "prompt_hashes": {k: prompt_digest(v) for k, v in prompts.items()},
-        "seed": cfg.seed,
-        "refusal_tokens": tok.convert_ids_to_tokens(token_ids),
-        "system": cfg.system,
-        "dtype": cfg.dtype,
-        "position": "last prompt token",
-        "patch": "component output shifted by mean_harmless - mean_harmful",
-        "steps": cfg.steps,
-        "orthoedit_version": __version__,
-    }
-    result = Attribution(target, ranked, baseline, harmless, ablated, cumulative, settings)
-    from .report import attribute_markdown, attribute_pngs
-
-    with staged_output(target) as tmp:
-        record = {
-            "settings": settings,
-            "baseline_log_odds": baseline,
-            "harmless_log_odds": harmless,
-            "ablated_log_odds": ablated,
-            "components": [asdict(c) for c in ranked],
-            "cumulative": cumulative,
-        }
-        (tmp / "attribution.json").write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "attribution.md").write_text(attribute_markdown(result))
-        attribute_pngs(result, tmp)
-    return result
+    return cumulative
 
 
 def _steps(n: int) -> list[int]:

@@ -180,27 +180,78 @@ def measure(
     table = table_for_config(config)
     _, n_layers, _ = table.dims(config)
     target = check_target(cfg.out, [folder, *inputs_of(cfg)], cfg.overwrite)
-    given = cfg.layer is not None or cfg.position is not None
-    if given and (cfg.layer is None or cfg.position is None):
+    _check_choice(cfg, n_layers)
+    pools = {kind: _prompts(cfg, kind) for kind in ("harmful", "harmless")}
+    tok = load_tokenizer(folder, cfg.template)
+    post = post_instruction_ids(tok, cfg.system)
+    _check_position(cfg, tok, post)
+    log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
+    session = Session.open(folder, cfg, tok=tok)
+    loaded = _Loaded(session.model, tok, table, folder, config, post, session.pad)
+    drawn, filtered = _draw(cfg, loaded, pools, log, progress)
+    means = {}
+    for kind, (train, _) in drawn.items():
+        rows = chat_ids(tok, train, post, cfg.system)
+        progress.start(f"mean activations: {kind}", len(rows))
+        means[kind] = mean_activations(
+            loaded.model, table, n_layers, rows, len(post), cfg.batch_size, loaded.pad, progress
+        )
+    candidates = means["harmful"] - means["harmless"]
+    selection = failed = None
+    layer, position = cfg.layer, cfg.position
+    if layer is None:
+        from .select import NoCandidateError
+
+        progress.start("refusal tokens and baseline", None)
+        val = {kind: v for kind, (_, v) in drawn.items()}
+        try:
+            selection = _select(
+                cfg, loaded, candidates, val["harmful"], val["harmless"], log, progress
+            )
+        except NoCandidateError as err:  # still write everything, so that search can start
+            failed, selection = err, err.selection
+        pick = selection.chosen or selection.nearest
+        layer, position = pick.layer, pick.position
+    r = candidates[layer, len(post) + position]
+    model_name = cfg.model if revision is None else f"{cfg.model}@{revision}"
+    record = _record(cfg, loaded, revision, layer, position, float(r.norm()), drawn, filtered)
+    record |= _selection_record(selection, failed, given=cfg.layer is not None)
+    with staged_output(target) as tmp:
+        _write(tmp, loaded, model_name, r, record, drawn, selection, means, failed is not None)
+    if failed is not None:
+        raise type(failed)(
+            f"{failed}. {target} holds every score and the reason for each rejected candidate "
+            "(scores.json, scores.png) and the lowest-bypass candidate as direction.safetensors. "
+            f"Next: orthoedit search {cfg.model} --candidates {target} --out SEARCH_FOLDER; or "
+            "relax --max-kl or --max-layer-frac; or pick a candidate with --layer/--position.",
+            selection,
+        )
+    return MeasureResult(
+        target, layer, position, record["norm"], len(post), record["counts"], selection
+    )
+
+
+def _check_choice(cfg: MeasureConfig, n_layers: int) -> None:
+    """--layer and --position: both or neither, the layer within the model."""
+    if (cfg.layer is None) != (cfg.position is None):
         raise BadInputError("--layer and --position go together (or leave both out to select).")
     if cfg.layer is not None and not 0 <= cfg.layer < n_layers:
         raise BadInputError(f"--layer {cfg.layer}: the model has layers 0..{n_layers - 1}.")
-    harmful, harmful_val = _prompts(cfg, "harmful")
-    harmless, harmless_val = _prompts(cfg, "harmless")
 
-    tok = load_tokenizer(folder, cfg.template)
-    post = post_instruction_ids(tok, cfg.system)
+
+def _check_position(cfg: MeasureConfig, tok, post: list[int]) -> None:
     n_pos = len(post)
     if cfg.position is not None and not -n_pos <= cfg.position <= -1:
         raise BadInputError(
             f"--position {cfg.position}: this template has {n_pos} post-instruction tokens "
             f"({tok.convert_ids_to_tokens(post)}); use -{n_pos}..-1."
         )
-    log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
-    session = Session.open(folder, cfg, tok=tok)
-    model, pad = session.model, session.pad
-    loaded = _Loaded(model, tok, table, folder, config, post, pad)
-    pools = {"harmful": (harmful, harmful_val), "harmless": (harmless, harmless_val)}
+
+
+def _draw(cfg: MeasureConfig, loaded: _Loaded, pools: dict, log, progress) -> tuple[dict, dict]:
+    """The train and validation prompts of each kind: the first ones of each pool, or with
+    the filter those the model refuses (harmful) or answers (harmless), and the filter's
+    counts."""
     drawn: dict[str, tuple[list[str], list[str]]] = {}
     filtered: dict[str, dict[str, int]] = {}
     for kind, (train_pool, val_pool) in pools.items():
@@ -223,50 +274,19 @@ def measure(
         drawn[kind] = (parts[0], parts[1])
     if cfg.filter:
         _check_filter(filtered, cfg.n_train, log)
-    (harmful, harmful_val), (harmless, harmless_val) = drawn["harmful"], drawn["harmless"]
-    rows = {
-        "harmful": chat_ids(tok, harmful, post, cfg.system),
-        "harmless": chat_ids(tok, harmless, post, cfg.system),
-    }
-    means = {}
-    for kind, r in rows.items():
-        progress.start(f"mean activations: {kind}", len(r))
-        means[kind] = mean_activations(
-            model, table, n_layers, r, n_pos, cfg.batch_size, pad, progress
-        )
-    candidates = means["harmful"] - means["harmless"]
-    selection = failed = None
-    if given:
-        layer, position = cfg.layer, cfg.position
-    else:
-        from .select import NoCandidateError
+    return drawn, filtered
 
-        progress.start("refusal tokens and baseline", None)
-        try:
-            selection = _select(cfg, loaded, candidates, harmful_val, harmless_val, log, progress)
-        except NoCandidateError as err:  # still write everything, so that search can start
-            failed, selection = err, err.selection
-        pick = selection.chosen or selection.nearest
-        layer, position = pick.layer, pick.position
-    r = candidates[layer, n_pos + position]
-    norm = float(r.norm())
-    model_name = cfg.model if revision is None else f"{cfg.model}@{revision}"
-    meta = {
-        "kind": "single",
-        "layer": layer,
-        "position": position,
-        "norm": f"{norm:.6g}",
-        "model": model_name,
-    }
-    if failed is not None:
-        meta["selection"] = "lowest bypass; no candidate passed the filters"
-    record = {
+
+def _record(cfg, loaded: _Loaded, revision, layer, position, norm, drawn, filtered) -> dict:
+    """direction.json: where the direction was taken, from which prompts, how."""
+    (harmful, harmful_val), (harmless, harmless_val) = drawn["harmful"], drawn["harmless"]
+    return {
         "model": cfg.model,
         "revision": revision,
         "layer": layer,
         "position": position,
         "norm": norm,
-        "post_instruction_tokens": tok.convert_ids_to_tokens(post),
+        "post_instruction_tokens": loaded.tok.convert_ids_to_tokens(loaded.post),
         "counts": {"harmful": len(harmful), "harmless": len(harmless)},
         "validation_counts": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
         "filter": filtered or None,
@@ -282,56 +302,68 @@ def measure(
         "system": cfg.system,
         "dtype": cfg.dtype,
         "placement": placement(loaded.model),
+    }
+
+
+def _selection_record(selection, failed, given: bool) -> dict:
+    """direction.json's account of the choice: given, selected, or none passed."""
+    if given:
+        how = "given (--layer, --position)"
+    elif failed is None:
+        how = "lowest bypass after filters"
+    else:
+        how = "none passed the filters: the lowest bypass, as a starting point for search"
+    return {
         "passed_filters": None if selection is None else failed is None,
-        "selection": (
-            "given (--layer, --position)"
-            if given
-            else "lowest bypass after filters"
-            if failed is None
-            else "none passed the filters: the lowest bypass, as a starting point for search"
-        ),
+        "selection": how,
         "scores": None if selection is None else asdict(selection.chosen or selection.nearest),
         "baseline": None if selection is None else selection.baseline,
         "thresholds": None if selection is None else selection.thresholds,
         "orthoedit_version": __version__,
     }
-    with staged_output(target) as tmp:
-        save_direction(tmp / "direction.safetensors", (r / norm).numpy(), meta)
-        (tmp / "direction.json").write_text(json.dumps(record, indent=2) + "\n")
-        for kind, prompts in (("harmful", harmful_val), ("harmless", harmless_val)):
-            write_prompts(tmp / f"val-{kind}.jsonl", prompts)
-        if selection is not None:
-            scores = selection.to_dict()
-            from .select import first_tokens
 
-            openings = selection.openings
-            scores["refusal_openings"] = [tok.convert_ids_to_tokens(list(o)) for o in openings]
-            scores["refusal_tokens"] = tok.convert_ids_to_tokens(first_tokens(openings))
-            (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-            from .plots import plot_scores
 
-            tokens = tok.convert_ids_to_tokens(post)
-            short = model_name if len(model_name) <= 60 else "..." + model_name[-57:]
-            plot_scores(scores, n_layers, tokens, tmp / "scores.png", short)
-        arrays = {
-            "candidates": candidates,
-            "harmful_mean": means["harmful"],
-            "harmless_mean": means["harmless"],
-        }
-        save_stable(
-            {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()},
-            tmp / "candidates.safetensors",
-            {"layer_convention": "input of block i", "position_convention": "p - n_positions"},
+def _write(tmp: Path, loaded, model_name, r, record, drawn, selection, means, failed) -> None:
+    """measure's folder: the direction and its record, the validation prompts, the scores and
+    their plot (when selected), and every candidate with both means."""
+    tok = loaded.tok
+    meta = {
+        "kind": "single",
+        "layer": record["layer"],
+        "position": record["position"],
+        "norm": f"{record['norm']:.6g}",
+        "model": model_name,
+    }
+    if failed:
+        meta["selection"] = "lowest bypass; no candidate passed the filters"
+    save_direction(tmp / "direction.safetensors", (r / record["norm"]).numpy(), meta)
+    (tmp / "direction.json").write_text(json.dumps(record, indent=2) + "\n")
+    for kind, (_, prompts) in drawn.items():
+        write_prompts(tmp / f"val-{kind}.jsonl", prompts)
+    if selection is not None:
+        from .plots import plot_scores
+        from .select import first_tokens
+
+        scores = selection.to_dict()
+        openings = selection.openings
+        scores["refusal_openings"] = [tok.convert_ids_to_tokens(list(o)) for o in openings]
+        scores["refusal_tokens"] = tok.convert_ids_to_tokens(first_tokens(openings))
+        (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        short = model_name if len(model_name) <= 60 else "..." + model_name[-57:]
+        n_layers = means["harmful"].shape[0]
+        plot_scores(
+            scores, n_layers, tok.convert_ids_to_tokens(loaded.post), tmp / "scores.png", short
         )
-    if failed is not None:
-        raise type(failed)(
-            f"{failed}. {target} holds every score and the reason for each rejected candidate "
-            "(scores.json, scores.png) and the lowest-bypass candidate as direction.safetensors. "
-            f"Next: orthoedit search {cfg.model} --candidates {target} --out SEARCH_FOLDER; or "
-            "relax --max-kl or --max-layer-frac; or pick a candidate with --layer/--position.",
-            selection,
-        )
-    return MeasureResult(target, layer, position, norm, n_pos, record["counts"], selection)
+    arrays = {
+        "candidates": means["harmful"] - means["harmless"],
+        "harmful_mean": means["harmful"],
+        "harmless_mean": means["harmless"],
+    }
+    save_stable(
+        {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()},
+        tmp / "candidates.safetensors",
+        {"layer_convention": "input of block i", "position_convention": "p - n_positions"},
+    )
 
 
 def _source_name(cfg: MeasureConfig, kind: str) -> str:

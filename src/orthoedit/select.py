@@ -237,6 +237,44 @@ def _unscored(layer: int, position: int, why: str) -> Score:
     return Score(layer, position, nan, nan, nan, kept=False, why=[why])
 
 
+def _eligible(candidates: torch.Tensor, max_layer_frac: float) -> tuple[dict, list]:
+    """The candidates that are scored, and the others as unscored scores with the reason:
+    no difference between the means, or too deep a layer."""
+    n_layers, n_pos, _ = candidates.shape
+    scores: dict[tuple[int, int], Score] = {}
+    eligible: list[tuple[int, int]] = []
+    largest = float(candidates.double().norm(dim=-1).max())
+    for layer in range(n_layers):
+        for p in range(n_pos):
+            if float(candidates[layer, p].double().norm()) <= 1e-6 * largest:
+                # e.g. the embedding of a template token that every prompt shares
+                scores[layer, p] = _unscored(layer, p - n_pos, "no difference between the means")
+            elif layer >= max_layer_frac * n_layers:
+                why = f"layer {layer} >= {max_layer_frac:.0%} of depth (not scored)"
+                scores[layer, p] = _unscored(layer, p - n_pos, why)
+            else:
+                eligible.append((layer, p))
+    return scores, eligible
+
+
+def _prune(eligible: list, quick, top_k: int, n_pos: int, scores: dict, progress) -> list:
+    """The ``top_k`` eligible candidates of lowest quick bypass (``quick(layer, p)``); the
+    others go into ``scores`` as pruned."""
+    if progress:
+        progress.start("quick bypass (pruning)", len(eligible))
+    bypass = {}
+    for c in eligible:
+        bypass[c] = quick(*c)
+        if progress:
+            progress.advance()
+    full = sorted(eligible, key=lambda c: bypass[c])[:top_k]
+    for c in eligible:
+        if c not in full:
+            why = f"pruned: quick bypass {bypass[c]:.2f} not among the best {top_k}"
+            scores[c] = _unscored(c[0], c[1] - n_pos, why)
+    return full
+
+
 def select(
     *,
     model,
@@ -263,7 +301,7 @@ def select(
     first ``prune_prompts`` harmful prompts ranks them first, and only the best ``top_k`` get
     the full scores (``top_k=0``: all of them, the paper's protocol).
     """
-    n_layers, n_pos, _ = candidates.shape
+    n_pos = candidates.shape[1]
     n_harmful = len(harmful_rows)
     both = harmful_rows + harmless_rows  # one batched pass scores bypass and KL together
     clock = time.perf_counter()
@@ -289,38 +327,20 @@ def select(
     # refuses some of them never gets there. Relative to this model's own baselines instead:
     # the addition must move harmless prompts at least halfway to the harmful ones.
     min_induce = (baseline["harmful_log_odds"] + baseline["harmless_log_odds"]) / 2
-    scores: dict[tuple[int, int], Score] = {}
-    eligible: list[tuple[int, int]] = []
-    largest = float(candidates.double().norm(dim=-1).max())
-    for layer in range(n_layers):
-        for p in range(n_pos):
-            if float(candidates[layer, p].double().norm()) <= 1e-6 * largest:
-                # e.g. the embedding of a template token that every prompt shares
-                scores[layer, p] = _unscored(layer, p - n_pos, "no difference between the means")
-            elif layer >= max_layer_frac * n_layers:
-                why = f"layer {layer} >= {max_layer_frac:.0%} of depth (not scored)"
-                scores[layer, p] = _unscored(layer, p - n_pos, why)
-            else:
-                eligible.append((layer, p))
+    scores, eligible = _eligible(candidates, max_layer_frac)
     full = eligible
     if top_k and len(eligible) > top_k:
-        quick_rows = harmful_rows[:prune_prompts]
-        quick = {}
-        if progress:
-            progress.start("quick bypass (pruning)", len(eligible))
-        clock = time.perf_counter()
-        for layer, p in eligible:
+
+        def quick(layer: int, p: int) -> float:
             with plan_hooks(model, plan_for(candidates[layer, p].double()), checkpoint):
-                _, odds = refusal_score(model, quick_rows, openings, batch_size, pad)
-            quick[layer, p] = float(odds.mean())
-            if progress:
-                progress.advance()
+                _, odds = refusal_score(
+                    model, harmful_rows[:prune_prompts], openings, batch_size, pad
+                )
+            return float(odds.mean())
+
+        clock = time.perf_counter()
+        full = _prune(eligible, quick, top_k, n_pos, scores, progress)
         timings.update(quick_s=time.perf_counter() - clock, n_quick=len(eligible))
-        full = sorted(eligible, key=lambda c: quick[c])[:top_k]
-        for c in eligible:
-            if c not in full:
-                why = f"pruned: quick bypass {quick[c]:.2f} not among the best {top_k}"
-                scores[c] = _unscored(c[0], c[1] - n_pos, why)
     clock = time.perf_counter()
     if progress:
         progress.start("scoring candidates", len(full))
@@ -346,8 +366,6 @@ def select(
         if progress:
             progress.advance()
     timings.update(full_s=time.perf_counter() - clock, n_full=len(full))
-    ordered = [scores[c] for c in sorted(scores)]
-    kept = [s for s in ordered if s.kept]
     thresholds = {
         "max_kl": max_kl,
         "max_layer_frac": max_layer_frac,
@@ -355,6 +373,13 @@ def select(
         "top_k": top_k,
         "prune_prompts": prune_prompts,
     }
+    ordered = [scores[c] for c in sorted(scores)]
+    return _chosen(ordered, baseline, openings, thresholds, timings)
+
+
+def _chosen(ordered: list, baseline: dict, openings, thresholds: dict, timings: dict) -> Selection:
+    """The kept candidate of lowest bypass; none kept: NoCandidateError with the nearest."""
+    kept = [s for s in ordered if s.kept]
     if not kept:
         scored = [s for s in ordered if s.bypass == s.bypass]  # not NaN
         if not scored:
