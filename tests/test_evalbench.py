@@ -61,7 +61,12 @@ def _cfg(**kw) -> EvalBenchConfig:
 
 def test_backend_plumbing():
     name, args = model_spec(_cfg(), "some/model")
-    assert name == "hf" and args == {"pretrained": "some/model", "dtype": "auto", "device": "cpu"}
+    assert name == "hf" and args == {
+        "pretrained": "some/model",
+        "dtype": "auto",
+        "device": "cpu",
+        "use_kernels": False,
+    }
     cfg = _cfg(backend="vllm", tensor_parallel_size=4, data_parallel_size=2, dtype="bfloat16")
     name, args = model_spec(cfg, "some/model")
     assert name == "vllm"

@@ -648,3 +648,14 @@ def test_no_candidate_passing_still_writes_everything_and_search_starts(tiny_mod
     assert torch.allclose(written, r / r.norm(), atol=1e-6)
     ready = prepare(SearchConfig(model=str(src), candidates=out, out=tmp_path / "s"))
     assert ready.baseline_direction.metadata["layer"] == str(nearest["layer"])
+
+
+def test_models_load_with_plain_pytorch_layers(tiny_model):
+    """The one loader asks transformers for no Hub kernels: with the `kernels` package
+    installed, transformers would otherwise replace layers (rotary, norms, activations) with
+    kernels fetched from the Hub when the model is on a GPU, which fails offline and is not the
+    model the hooks and verify reason about."""
+    from orthoedit.runtime import load_model
+
+    model = load_model(tiny_model("llama"))
+    assert model.use_kernels is False

@@ -62,6 +62,7 @@ def model_spec(cfg: EvalBenchConfig, model: str) -> tuple[str, dict]:
         }
         return "vllm", args
     args["device"] = cfg.device or _default_device()
+    args["use_kernels"] = False  # plain PyTorch layers, offline (as runtime.load_model)
     return "hf", args
 
 

@@ -289,7 +289,10 @@ def load_model(
     ``check_device`` where the command starts.)"""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device}
+    # use_kernels=False: with the `kernels` package installed, transformers would swap layers
+    # (rotary, norms, activations) for kernels fetched from the Hub when the model is on a
+    # GPU: not offline, and not the plain PyTorch layers the hooks and verify reason about.
+    kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device, "use_kernels": False}
     if (max_memory or offload_folder) and device != "auto":
         raise BadInputError("--max-memory and --offload-folder need --device auto.")
     if max_memory:

@@ -1,0 +1,340 @@
+"""Every model-running command on a GPU, checked against the CPU, on the model organism.
+
+For a machine with CUDA (a GPU check; the CPU tests never need one). Each command runs as a
+user would run it (``python -m orthoedit.cli ...``, timed from spawn to exit, start-up
+included), on the shipped organism and its prompts:
+
+1. ``measure`` on the CPU in float32 (the reference), with ``--device cuda`` in float32 and in
+   bfloat16: the candidates (every layer x position difference of means) against the
+   reference, relative error of each candidate, and the chosen layer and position;
+2. ``search --device cuda`` (``--trials``) from the CUDA float32 measure;
+3. ``apply`` of the chosen edit, ``verify`` (the edited checkpoint against the plan's hooks);
+4. ``eval kl``, ``eval safety`` (with the organism's guard as judge), ``compare``, ``study
+   sites`` and ``attribute`` with ``--device cuda``, each beside the same command on the CPU:
+   their numbers must agree to float32 noise (first-token KL, refusal and unsafe rates,
+   refusal log-odds).
+
+Writes ``benchmarks/results-device.json`` (or ``--results``): the versions, the device, each
+run's command, seconds and exit code, and the comparisons. Exit 1 when a command fails or a
+comparison is outside its tolerance.
+
+Usage: ``python benchmarks/bench_device.py [--work DIR] [--trials 12]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ORGANISM = ROOT / "src" / "orthoedit" / "organism"
+MODEL = ORGANISM / "chat"
+GUARD = ORGANISM / "guard"
+PROMPTS = ORGANISM / "prompts"
+
+#: float32 on two devices sums in other orders: candidates agree to this relative error.
+CANDIDATE_RTOL_F32 = 1e-4
+#: bfloat16 keeps 8 bits of mantissa: a candidate's relative error stays under this.
+CANDIDATE_RTOL_BF16 = 0.1
+#: rates and KLs from the two devices (float32) agree to this.
+NUMBER_ATOL = 1e-3
+
+
+def run(name: str, args: list, runs: list) -> float:
+    """One command, timed; its record goes to ``runs``."""
+    command = [sys.executable, "-m", "orthoedit.cli", *map(str, args)]
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+    seconds = time.perf_counter() - began
+    runs.append(
+        {
+            "name": name,
+            "args": list(map(str, args)),
+            "seconds": round(seconds, 2),
+            "exit": done.returncode,
+            "stderr": done.stderr[-1500:] if done.returncode else "",
+        }
+    )
+    print(f"{name}: exit {done.returncode}, {seconds:.1f} s", flush=True)
+    if done.returncode:
+        print(done.stderr[-3000:], flush=True)
+    return seconds
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest ‖a − b‖ / ‖b‖ over the candidates (last axis)."""
+    a, b = a.double(), b.double()
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)).max())
+
+
+def measured(folder: Path) -> dict:
+    record = json.loads((folder / "direction.json").read_text())
+    return {
+        "layer": record.get("layer"),
+        "position": record.get("position"),
+        "candidates": load_file(folder / "candidates.safetensors")["candidates"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/orthoedit-device"))
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--device", default="cuda", help="the device checked against the CPU")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results-device.json")
+    args = parser.parse_args()
+    gpu = args.device
+    if gpu.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 0
+    w, runs, checks = args.work, [], {}
+    w.mkdir(parents=True, exist_ok=True)
+    data = [
+        "--harmful",
+        PROMPTS / "harmful-train.jsonl",
+        "--harmless",
+        PROMPTS / "harmless-train.jsonl",
+    ]
+    for tag, extra in {
+        "cpu-f32": [],
+        "cuda-f32": ["--device", gpu],
+        "cuda-bf16": ["--device", gpu, "--dtype", "bfloat16"],
+    }.items():
+        run(
+            f"measure {tag}",
+            [
+                "measure",
+                MODEL,
+                "--out",
+                w / f"m-{tag}",
+                "--max-kl",
+                0.2,
+                *data,
+                *extra,
+                "--overwrite",
+            ],
+            runs,
+        )
+    ref = measured(w / "m-cpu-f32")
+    for tag, rtol in (("cuda-f32", CANDIDATE_RTOL_F32), ("cuda-bf16", CANDIDATE_RTOL_BF16)):
+        got = measured(w / f"m-{tag}")
+        checks[f"measure {tag} vs cpu-f32"] = {
+            "max_relative_error": relative(got["candidates"], ref["candidates"]),
+            "tolerance": rtol,
+            "same_choice": (got["layer"], got["position"]) == (ref["layer"], ref["position"]),
+            "choice": [got["layer"], got["position"]],
+            "reference_choice": [ref["layer"], ref["position"]],
+        }
+    run(
+        "search cuda",
+        [
+            "search",
+            MODEL,
+            "--candidates",
+            w / "m-cuda-f32",
+            "--out",
+            w / "s",
+            "--trials",
+            args.trials,
+            "--startup-trials",
+            6,
+            "--max-kl",
+            0.2,
+            "--device",
+            gpu,
+            "--overwrite",
+        ],
+        runs,
+    )
+    chosen = w / "s" / "chosen"
+    direction = chosen / "direction.safetensors"
+    if not direction.is_file():  # no trial within the budget: edit measure's direction
+        direction = w / "m-cuda-f32" / "direction.safetensors"
+    scales = ["--scales", chosen / "scales.json"] if (chosen / "scales.json").is_file() else []
+    run(
+        "apply",
+        ["apply", MODEL, "--direction", direction, *scales, "--out", w / "edited", "--overwrite"],
+        runs,
+    )
+    run(
+        "verify",
+        ["verify", MODEL, w / "edited", "--report", w / "verify.json", "--overwrite"],
+        runs,
+    )
+    edited, harmful = w / "edited", PROMPTS / "harmful-test.jsonl"
+    for device in ("cpu", "cuda"):
+        on = ["--device", "cpu" if device == "cpu" else gpu]
+        run(
+            f"eval kl {device}",
+            [
+                "eval",
+                "kl",
+                MODEL,
+                edited,
+                "--prompts",
+                PROMPTS / "harmless-test.jsonl",
+                "--report",
+                w / f"kl-{device}.json",
+                *on,
+                "--overwrite",
+            ],
+            runs,
+        )
+        run(
+            f"eval safety {device}",
+            [
+                "eval",
+                "safety",
+                edited,
+                "--base",
+                MODEL,
+                "--harmful",
+                "organism",
+                "--harmless",
+                "organism",
+                "--n",
+                64,
+                "--max-new-tokens",
+                64,
+                "--judge",
+                f"hf:{GUARD}",
+                "--out",
+                w / f"safety-{device}",
+                *on,
+                "--overwrite",
+            ],
+            runs,
+        )
+        run(
+            f"compare {device}",
+            [
+                "compare",
+                MODEL,
+                edited,
+                "--prompts",
+                "organism",
+                "--report",
+                w / f"compare-{device}.md",
+                *on,
+                "--overwrite",
+            ],
+            runs,
+        )
+        run(
+            f"study sites {device}",
+            [
+                "study",
+                "sites",
+                MODEL,
+                "--direction",
+                direction,
+                "--harmful",
+                harmful,
+                "--harmless",
+                PROMPTS / "harmless-test.jsonl",
+                "--n",
+                32,
+                "--out",
+                w / f"sites-{device}",
+                *on,
+                "--overwrite",
+            ],
+            runs,
+        )
+        run(
+            f"attribute {device}",
+            [
+                "attribute",
+                MODEL,
+                "--direction",
+                direction,
+                "--harmful",
+                harmful,
+                "--harmless",
+                PROMPTS / "harmless-test.jsonl",
+                "--n",
+                32,
+                "--top",
+                5,
+                "--out",
+                w / f"attr-{device}",
+                *on,
+                "--overwrite",
+            ],
+            runs,
+        )
+
+    def pair(name: str, read) -> None:
+        try:
+            cpu, cuda = read("cpu"), read("cuda")
+        except (OSError, KeyError, ValueError) as e:
+            checks[name] = {"error": repr(e)}
+            return
+        checks[name] = {
+            "cpu": cpu,
+            "cuda": cuda,
+            "max_abs_diff": max(abs(a - b) for a, b in zip(cpu, cuda, strict=True)),
+            "tolerance": NUMBER_ATOL,
+        }
+
+    pair("eval kl", lambda d: [json.loads((w / f"kl-{d}.json").read_text())["first_token_kl"]])
+    pair(
+        "eval safety",
+        lambda d: [
+            json.loads((w / f"safety-{d}" / "report.json").read_text())["summary"][r][k]["overall"][
+                m
+            ]
+            for r in ("base", "model")
+            for k in ("harmful", "harmless")
+            for m in ("refusal", "broken")
+        ],
+    )
+    pair(
+        "study sites",
+        lambda d: [
+            v
+            for o in json.loads((w / f"sites-{d}" / "sites.json").read_text())["conditions"]
+            if o["log_odds"] is not None
+            for v in (o["log_odds"], o["refusal"], o["kl"])
+        ],
+    )
+    pair(
+        "attribute",
+        lambda d: [
+            c["estimate"]
+            for c in json.loads((w / f"attr-{d}" / "attribution.json").read_text())["components"]
+        ][:20],
+    )
+    verify = json.loads((w / "verify.json").read_text()) if (w / "verify.json").is_file() else {}
+    result = {
+        "device": torch.cuda.get_device_name() if gpu.startswith("cuda") else gpu,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+        "runs": runs,
+        "checks": checks,
+        "verify_passed": verify.get("passed"),
+    }
+    args.results.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    failed = [r["name"] for r in runs if r["exit"] not in (0,)]
+    for name, c in checks.items():
+        bad = "error" in c or c.get("max_abs_diff", 0) > c.get("tolerance", 1)
+        bad = bad or c.get("max_relative_error", 0) > c.get("tolerance", 1)
+        if bad:
+            failed.append(name)
+        print(f"{name}: {json.dumps(c, default=str)[:400]}")
+    print("FAILED: " + ", ".join(failed) if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
