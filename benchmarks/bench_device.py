@@ -169,108 +169,26 @@ def main() -> int:
         ["verify", MODEL, w / "edited", "--report", w / "verify.json", "--overwrite"],
         runs,
     )
-    edited, harmful = w / "edited", PROMPTS / "harmful-test.jsonl"
+    edited, harmless = w / "edited", PROMPTS / "harmless-test.jsonl"
+    research = ["--direction", direction, "--harmful", PROMPTS / "harmful-test.jsonl"]
+    research += ["--harmless", harmless, "--n", 32]
+    organism = ["--harmful", "organism", "--harmless", "organism", "--n", 64]
     for device in ("cpu", "cuda"):
-        on = ["--device", "cpu" if device == "cpu" else gpu]
-        run(
-            f"eval kl {device}",
-            [
-                "eval",
-                "kl",
-                MODEL,
-                edited,
-                "--prompts",
-                PROMPTS / "harmless-test.jsonl",
-                "--report",
-                w / f"kl-{device}.json",
-                *on,
-                "--overwrite",
-            ],
-            runs,
-        )
-        run(
-            f"eval safety {device}",
-            [
-                "eval",
-                "safety",
-                edited,
-                "--base",
-                MODEL,
-                "--harmful",
-                "organism",
-                "--harmless",
-                "organism",
-                "--n",
-                64,
-                "--max-new-tokens",
-                64,
-                "--judge",
-                f"hf:{GUARD}",
-                "--out",
-                w / f"safety-{device}",
-                *on,
-                "--overwrite",
-            ],
-            runs,
-        )
-        run(
-            f"compare {device}",
-            [
-                "compare",
-                MODEL,
-                edited,
-                "--prompts",
-                "organism",
-                "--report",
-                w / f"compare-{device}.md",
-                *on,
-                "--overwrite",
-            ],
-            runs,
-        )
-        run(
-            f"study sites {device}",
-            [
-                "study",
-                "sites",
-                MODEL,
-                "--direction",
-                direction,
-                "--harmful",
-                harmful,
-                "--harmless",
-                PROMPTS / "harmless-test.jsonl",
-                "--n",
-                32,
-                "--out",
-                w / f"sites-{device}",
-                *on,
-                "--overwrite",
-            ],
-            runs,
-        )
-        run(
-            f"attribute {device}",
-            [
-                "attribute",
-                MODEL,
-                "--direction",
-                direction,
-                "--harmful",
-                harmful,
-                "--harmless",
-                PROMPTS / "harmless-test.jsonl",
-                "--n",
-                32,
-                "--top",
-                5,
-                "--out",
-                w / f"attr-{device}",
-                *on,
-                "--overwrite",
-            ],
-            runs,
-        )
+        commands = {
+            "eval kl": ["eval", "kl", MODEL, edited, "--prompts", harmless, "--report",
+                        w / f"kl-{device}.json"],
+            "eval safety": ["eval", "safety", edited, "--base", MODEL, *organism,
+                            "--max-new-tokens", 64, "--judge", f"hf:{GUARD}", "--out",
+                            w / f"safety-{device}"],
+            "compare": ["compare", MODEL, edited, "--prompts", "organism", "--report",
+                        w / f"compare-{device}.md"],
+            "study sites": ["study", "sites", MODEL, *research, "--out", w / f"sites-{device}"],
+            "attribute": ["attribute", MODEL, *research, "--top", 5, "--out",
+                          w / f"attr-{device}"],
+        }  # fmt: skip
+        on = ["--device", "cpu" if device == "cpu" else gpu, "--overwrite"]
+        for name, args_ in commands.items():
+            run(f"{name} {device}", [*args_, *on], runs)
 
     def pair(name: str, read) -> None:
         try:

@@ -137,7 +137,20 @@ class VerifyConfig(BaseModel):
     overwrite: bool = Field(default=False, description="Replace an existing --report file.")
 
 
-class MeasureConfig(BaseModel):
+class _Running(BaseModel):
+    """Options every command that runs models shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    system: str | None = Field(default=None, description="System prompt for every conversation.")
+    dtype: DType = Field(default="float32", description="Dtype to run the models in.")
+    device: Device = Field(
+        default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
+    )
+    batch_size: int = Field(default=32, ge=1, description="Prompts per batch.")
+
+
+class MeasureConfig(_Running):
     """Options of ``orthoedit measure``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
@@ -196,15 +209,10 @@ class MeasureConfig(BaseModel):
         description="Comma-separated refusal tokens, e.g. 'I,Sorry' (default: derived from "
         "the model's own refusals).",
     )
-    system: str | None = Field(default=None, description="System prompt for every conversation.")
     template: Path | None = Field(
         default=None, description="Jinja chat template to use instead of the tokenizer's."
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
-    dtype: DType = Field(default="float32", description="Dtype the model runs in.")
-    device: Device = Field(
-        default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
-    )
     max_memory: str | None = Field(
         default=None,
         description='With --device auto: memory per device, e.g. "0=70GiB,cpu=120GiB" '
@@ -215,7 +223,6 @@ class MeasureConfig(BaseModel):
         description="With --device auto: folder for the weights that fit on no device (disk "
         "offload; slow, but a model larger than GPU + CPU memory can be measured).",
     )
-    batch_size: int = Field(default=32, ge=1, description="Prompts per forward pass.")
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
 
 
@@ -267,17 +274,6 @@ class EvalBenchConfig(BaseModel):
         default=False, description="Set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE for the run."
     )
     overwrite: bool = Field(default=False, description="Replace an existing output folder.")
-
-
-class _Running(BaseModel):
-    """Options every command that runs models shares."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-
-    system: str | None = Field(default=None, description="System prompt for every conversation.")
-    dtype: DType = Field(default="float32", description="Dtype to run the models in.")
-    device: Device = Field(default=None, description='Device, e.g. "cuda" (default: CPU).')
-    batch_size: int = Field(default=32, ge=1, description="Prompts per batch.")
 
 
 class _Judged(BaseModel):

@@ -276,14 +276,7 @@ def eval_bench(
 
         check_device(cfg.device)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
-    for name, model in (("base", cfg.base), ("edited", cfg.edited)):
-        if name in loaded:
-            continue
-        if _looks_local(model) and not (Path(model) / "config.json").is_file():
-            raise BadInputError(f"{name} model {model}: no config.json there.")
-    unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks()))
-    if unknown:
-        raise BadInputError(f"--max-drop-task names task(s) not run: {', '.join(unknown)}.")
+    _check_inputs(cfg, loaded)
     tasks = list(cfg.tasks or shipped_tasks())
     chat = cfg.chat_template
     if chat is None:
@@ -321,6 +314,24 @@ def eval_bench(
         "lm_eval_version": raw["base"].get("lm_eval_version"),
         "orthoedit_version": __version__,
     }
+    _write(target, raw, rows, settings, f"{cfg.base} vs {cfg.edited}")
+    return BenchResult(target, rows, settings)
+
+
+def _check_inputs(cfg: EvalBenchConfig, loaded: dict) -> None:
+    """Local models have a config.json; per-task thresholds name tasks that run."""
+    for name, model in (("base", cfg.base), ("edited", cfg.edited)):
+        if name in loaded:
+            continue
+        if _looks_local(model) and not (Path(model) / "config.json").is_file():
+            raise BadInputError(f"{name} model {model}: no config.json there.")
+    unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks()))
+    if unknown:
+        raise BadInputError(f"--max-drop-task names task(s) not run: {', '.join(unknown)}.")
+
+
+def _write(target: Path, raw: dict, rows: list, settings: dict, title: str) -> None:
+    """lm-eval's raw results and the report (JSON, Markdown, PNG), staged."""
     from .report import bench_markdown, bench_png
 
     with staged_output(target) as out:
@@ -331,8 +342,7 @@ def eval_bench(
         record["regressions"] = [f"{r.task} {r.metric}" for r in rows if r.regressed]
         (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
         (out / "report.md").write_text(bench_markdown(rows, settings))
-        bench_png(rows, out / "report.png", f"{cfg.base} vs {cfg.edited}")
-    return BenchResult(target, rows, settings)
+        bench_png(rows, out / "report.png", title)
 
 
 def _looks_local(model: str) -> bool:

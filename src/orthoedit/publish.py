@@ -315,42 +315,7 @@ def push(cfg: PushConfig, log: Callable[[str], None] = print) -> PushResult:
         result.deleted = _stale(existing, plan.items)
         deletes = [CommitOperationDelete(p) for p in result.deleted]
         if plan.method == "large":
-            folder = Path(cfg.model_dir).expanduser()
-            try:
-                stage = _stage_folder(plan, folder)
-            except OSError as err:
-                raise BadInputError(
-                    f"cannot lay out the upload beside {folder} ({err.strerror or err}); "
-                    "use --method commit."
-                ) from None
-            if hasattr(api, "upload_large_folder"):  # huggingface_hub < 2
-                api.upload_large_folder(
-                    cfg.repo_id,
-                    stage,
-                    repo_type="model",
-                    revision=plan.revision,
-                    private=cfg.private,
-                    print_report=False,
-                )
-                if deletes:
-                    api.create_commit(
-                        cfg.repo_id,
-                        deletes,
-                        commit_message="orthoedit: remove stale weight files",
-                        revision=plan.revision,
-                    )
-                result.url = f"{api.endpoint}/{cfg.repo_id}/tree/{plan.revision}"
-            else:  # huggingface_hub >= 2: resumable and in several commits with hf_xet
-                info = api.upload_folder(
-                    repo_id=cfg.repo_id,
-                    folder_path=stage,
-                    repo_type="model",
-                    revision=plan.revision,
-                    commit_message=message,
-                    delete_patterns=list(OWNED),
-                )
-                result.url, result.commit = info.commit_url, info.oid
-            shutil.rmtree(stage, ignore_errors=True)
+            _upload_large(api, cfg, plan, result, deletes, message)
         else:
             ops = [
                 CommitOperationAdd(i.path_in_repo, i.data if i.data is not None else str(i.local))
@@ -368,6 +333,47 @@ def push(cfg: PushConfig, log: Callable[[str], None] = print) -> PushResult:
             raise _remote_error(remote, cfg.repo_id, plan.method) from None
         raise
     return result
+
+
+def _upload_large(api, cfg: PushConfig, plan, result: PushResult, deletes, message: str) -> None:
+    """--method large: the files laid out in a staging folder beside the checkpoint and
+    uploaded resumably, in several commits."""
+    folder = Path(cfg.model_dir).expanduser()
+    try:
+        stage = _stage_folder(plan, folder)
+    except OSError as err:
+        raise BadInputError(
+            f"cannot lay out the upload beside {folder} ({err.strerror or err}); "
+            "use --method commit."
+        ) from None
+    if hasattr(api, "upload_large_folder"):  # huggingface_hub < 2
+        api.upload_large_folder(
+            cfg.repo_id,
+            stage,
+            repo_type="model",
+            revision=plan.revision,
+            private=cfg.private,
+            print_report=False,
+        )
+        if deletes:
+            api.create_commit(
+                cfg.repo_id,
+                deletes,
+                commit_message="orthoedit: remove stale weight files",
+                revision=plan.revision,
+            )
+        result.url = f"{api.endpoint}/{cfg.repo_id}/tree/{plan.revision}"
+    else:  # huggingface_hub >= 2: resumable and in several commits with hf_xet
+        info = api.upload_folder(
+            repo_id=cfg.repo_id,
+            folder_path=stage,
+            repo_type="model",
+            revision=plan.revision,
+            commit_message=message,
+            delete_patterns=list(OWNED),
+        )
+        result.url, result.commit = info.commit_url, info.oid
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _remote_cause(err: BaseException | None) -> BaseException | None:

@@ -247,7 +247,8 @@ UPSTREAM = {
 
 
 def _inputs_hash(cfg, upstream: dict[str, str | None]) -> str:
-    options = str(cfg) if isinstance(cfg, Path) else cfg.model_dump_json()
+    # by name, not field order: options declared in another order are the same options
+    options = str(cfg) if isinstance(cfg, Path) else cfg.model_dump(mode="json")
     blob = json.dumps({"options": options, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -325,26 +326,8 @@ def run_recipe(
             raise BadInputError(f"{flag} {name}: this recipe's stages are {', '.join(order)}.")
     _check_run_folder(out, configs)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (*out.glob(".*.orthoedit-*"), *out.glob(".*.old-*"), *out.glob(".*.tmp")):
-        # left by a run that was killed mid-stage (an interrupt cleans up after itself)
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    state_path = out / "run.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    import torch
-    import transformers
-
-    state.update(
-        recipe=source,
-        settings=recipe.model_dump(mode="json"),
-        versions={
-            "orthoedit": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-    )
+    _remove_stale(out)
+    state = _open_state(out, recipe, source)
     stages = state.setdefault("stages", {})
     _write_state(out, state)  # a run folder from the start, even if its first stage fails
     log = _logged(log, out / "run.log")
@@ -362,43 +345,69 @@ def run_recipe(
         if only is not None and name != only:
             if order.index(name) < order.index(only) and (done or {}).get("outputs") is None:
                 raise BadInputError(f"--only {only}: stage {name} has not run yet.")
-            if done and done.get("failed"):
-                failures.append(f"{name}: {done['failed']}")
+            failures += [f"{name}: {done['failed']}"] if done and done.get("failed") else []
             continue
         forced = only == name or (start is not None and order.index(name) >= order.index(start))
-        if (
-            not forced
-            and done
-            and done.get("inputs") == inputs
-            and done.get("outputs") == _digest(target)
-        ):
+        if not forced and _up_to_date(done, inputs, target):
             log(f"{step}{name}: up to date, skipped")
-            if done.get("failed"):  # a failed check stays failed until its inputs change
-                failures.append(f"{name}: {done['failed']}")
+            # a failed check stays failed until its inputs change
+            failures += [f"{name}: {done['failed']}"] if done.get("failed") else []
             continue
         if name == "publish" and failures:
             log(f"{step}publish: not run, since " + "; ".join(failures))
             continue
         log(f"{step}{name}: running")
-        began = time.perf_counter()
-        result = _run_stage(
-            name, configs[name], target, log, progress, searched="search" in configs
-        )
-        gc.collect()  # a stage's model is held in reference cycles: free it before the next
-        stages[name] = {
-            "inputs": inputs,
-            "outputs": _digest(target),
-            "seconds": round(time.perf_counter() - began, 3),
-            **result,
-        }
+        ran = _timed_stage(name, configs[name], target, log, progress, "search" in configs)
+        stages[name] = {"inputs": inputs, **ran}
         _write_state(out, state)
         log(f"{step}{name}: done in {stages[name]['seconds']:.1f} s")
-        if result.get("failed"):
-            failures.append(f"{name}: {result['failed']}")
+        if stages[name].get("failed"):
+            failures.append(f"{name}: {stages[name]['failed']}")
     _write_state(out, state)
     if failures:
         raise CheckFailedError("; ".join(failures) + f" (reports in {out})")
     return state
+
+
+def _remove_stale(out: Path) -> None:
+    """Staging left by a run that was killed mid-stage (an interrupt cleans up after itself)."""
+    for stale in (*out.glob(".*.orthoedit-*"), *out.glob(".*.old-*"), *out.glob(".*.tmp")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _open_state(out: Path, recipe: Recipe, source: str) -> dict:
+    """run.json as stored (or new), with this run's recipe, settings and versions."""
+    import torch
+    import transformers
+
+    path = out / "run.json"
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    state.update(
+        recipe=source,
+        settings=recipe.model_dump(mode="json"),
+        versions={
+            "orthoedit": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    )
+    return state
+
+
+def _up_to_date(done: dict | None, inputs: str, target: Path) -> bool:
+    """A stage ran with these inputs and its output is still what it wrote."""
+    return bool(done) and done.get("inputs") == inputs and done.get("outputs") == _digest(target)
+
+
+def _timed_stage(name: str, cfg, target: Path, log, progress, searched: bool) -> dict:
+    """Run one stage; its record: outputs' digest, seconds and what the stage returned."""
+    began = time.perf_counter()
+    result = _run_stage(name, cfg, target, log, progress, searched=searched)
+    gc.collect()  # a stage's model is held in reference cycles: free it before the next
+    return {"outputs": _digest(target), "seconds": round(time.perf_counter() - began, 3), **result}
 
 
 def _logged(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
@@ -413,72 +422,99 @@ def _logged(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
 
 
 def _run_stage(name: str, cfg, target: Path, log, progress=None, searched: bool = False) -> dict:
-    if name == "direction":
-        if isinstance(cfg, Path):
-            with staged_output(check_target(target, [cfg], overwrite=True)) as tmp:
-                shutil.copyfile(cfg, tmp / "direction.safetensors")
-            return {"source": str(cfg)}
-        from .measure import measure
+    """Run stage ``name``; what run.json records of it (``failed`` when its check failed)."""
+    if name == "model":
+        return _edit(cfg, progress, searched)
+    return _RUNNERS[name](cfg, target, log, progress)
 
-        result = measure(cfg, log=log, progress=progress)
-        return {"layer": result.layer, "position": result.position}
-    if name == "search":
-        from .search import none_chosen, objectives, search
 
-        result = search(cfg, log=log, progress=progress, replace_other=True)
-        if result.chosen is None:
-            raise CheckFailedError(
-                f"search: {none_chosen(result.trials, cfg, result.baselines)}, after "
-                f"{len(result.trials)} trials; see "
-                f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
-                "again (the study resumes)."
-            )
+def _direction(cfg, target: Path, log, progress) -> dict:
+    if isinstance(cfg, Path):  # a fixed direction file
+        with staged_output(check_target(target, [cfg], overwrite=True)) as tmp:
+            shutil.copyfile(cfg, tmp / "direction.safetensors")
+        return {"source": str(cfg)}
+    from .measure import measure
+
+    result = measure(cfg, log=log, progress=progress)
+    return {"layer": result.layer, "position": result.position}
+
+
+def _search(cfg, target: Path, log, progress) -> dict:
+    from .search import chosen_sites, none_chosen, objectives, search
+
+    result = search(cfg, log=log, progress=progress, replace_other=True)
+    if result.chosen is None:
+        raise CheckFailedError(
+            f"search: {none_chosen(result.trials, cfg, result.baselines)}, after "
+            f"{len(result.trials)} trials; see "
+            f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
+            "again (the study resumes)."
+        )
+    if not chosen_sites(target / "chosen" / "scales.json"):
+        raise CheckFailedError(
+            f"search: the best trial within the budget (#{result.chosen.number}) edits "
+            f"nothing; see {target}/pareto.md, then loosen the budget or raise search.trials."
+        )
+    return {"trial": result.chosen.number, "values": objectives(result.chosen)}
+
+
+def _edit(cfg, progress, searched: bool) -> dict:
+    from . import apply as stage
+
+    if searched:  # the chosen trial's sites: those its scales edit at all
         from .search import chosen_sites
 
-        if not chosen_sites(target / "chosen" / "scales.json"):
-            raise CheckFailedError(
-                f"search: the best trial within the budget (#{result.chosen.number}) edits "
-                f"nothing; see {target}/pareto.md, then loosen the budget or raise search.trials."
-            )
-        return {"trial": result.chosen.number, "values": objectives(result.chosen)}
-    if name == "model":
-        from . import apply as stage
+        cfg = cfg.model_copy(update={"sites": chosen_sites(cfg.scales)})
+    prepared = stage.prepare(cfg)
+    if progress is not None:
+        progress.start("editing shards", stage.edit_size(prepared))
+    stage.execute(prepared, cfg.out, cfg.overwrite, progress and progress.advance)
+    return {"tensors_edited": len(prepared.plan.ops)}
 
-        if searched:  # the chosen trial's sites: those its scales edit at all
-            from .search import chosen_sites
 
-            cfg = cfg.model_copy(update={"sites": chosen_sites(cfg.scales)})
-        prepared = stage.prepare(cfg)
-        if progress is not None:
-            progress.start("editing shards", stage.edit_size(prepared))
-        stage.execute(prepared, cfg.out, cfg.overwrite, progress and progress.advance)
-        return {"tensors_edited": len(prepared.plan.ops)}
-    if name == "verify":
-        from .verify import verify
+def _verify(cfg, target: Path, log, progress) -> dict:
+    from .verify import verify
 
-        report = verify(cfg, log=log)  # writes its report to the target
-        return {"passed": report.passed, "failed": "; ".join(report.failures) or None}
-    if name == "bench":
-        from .evalbench import eval_bench
+    report = verify(cfg, log=log)  # writes its report to the target
+    return {"passed": report.passed, "failed": "; ".join(report.failures) or None}
 
-        result = eval_bench(cfg, log=log, progress=progress)
-        names = [f"{r.task} {r.metric}" for r in result.regressions]
-        return {
-            "regressions": names,
-            "failed": ("regression: " + ", ".join(names)) if names else None,
-        }
-    if name == "safety":
-        from .safety import eval_safety
 
-        result = eval_safety(cfg, log=log, progress=progress)
-        return {"summary": result.summary}
-    if name == "kl":
-        from .damage import eval_kl
+def _bench(cfg, target: Path, log, progress) -> dict:
+    from .evalbench import eval_bench
 
-        report = eval_kl(cfg, log=log)  # writes its numbers to the target
-        return {"first_token_kl": report.first_token_kl}
+    result = eval_bench(cfg, log=log, progress=progress)
+    names = [f"{r.task} {r.metric}" for r in result.regressions]
+    return {"regressions": names, "failed": ("regression: " + ", ".join(names)) if names else None}
+
+
+def _safety(cfg, target: Path, log, progress) -> dict:
+    from .safety import eval_safety
+
+    return {"summary": eval_safety(cfg, log=log, progress=progress).summary}
+
+
+def _kl(cfg, target: Path, log, progress) -> dict:
+    from .damage import eval_kl
+
+    report = eval_kl(cfg, log=log)  # writes its numbers to the target
+    return {"first_token_kl": report.first_token_kl}
+
+
+def _publish(cfg, target: Path, log, progress) -> dict:
     from .publish import push
 
     pushed = push(cfg, log=log)
     write_file(target, json.dumps(pushed.record(), indent=2) + "\n")
     return {"url": pushed.url, "dry_run": cfg.dry_run}
+
+
+#: How each stage (but the edit) runs.
+_RUNNERS = {
+    "direction": _direction,
+    "search": _search,
+    "verify": _verify,
+    "bench": _bench,
+    "safety": _safety,
+    "kl": _kl,
+    "publish": _publish,
+}

@@ -276,45 +276,21 @@ def eval_safety(
     # With a base, the model under test answers first, so that the base, loaded last, can
     # score every complied answer: word salad reads as text to the refusal judgement.
     for role, name in reversed(models.items()):
-        folder = folders[role]
-        session = Session.open(folder, cfg)
-        model, tok = session.model, session.tok
-        items = [(kind, item) for kind in ("harmful", "harmless") for item in sets[kind]]
-        progress.start(f"{role}: generating ({cfg.max_new_tokens} tokens max)", len(items))
-        log(f"{role} ({name}): {len(items)} prompts")
-        judged = refusal_run(
-            model,
-            tok,
-            [item["prompt"] for _, item in items],
-            max_new_tokens=cfg.max_new_tokens,
-            system=cfg.system,
-            batch_size=cfg.batch_size,
-            phrases=phrases,
-            progress=progress.advance,
-        )
-        by_role[role] = [
-            Record(role, kind, item["category"], j.prompt, j.completion, j.verdict)
-            for (kind, item), j in zip(items, judged, strict=True)
-        ]
+        session = Session.open(folders[role], cfg)
+        by_role[role] = _answers(cfg, session, role, name, sets, phrases, log, progress)
         if role == "base":
-            max_surprisal = cfg.max_surprisal or default_max_surprisal(model)
+            max_surprisal = cfg.max_surprisal or default_max_surprisal(session.model)
             mine = [r for rs in by_role.values() for r in rs if r.verdict == "complied"]
             progress.start("base: scoring the complied answers (word salad)", None)
-            salad = mark_implausible(model, tok, mine, max_surprisal, cfg.system, cfg.batch_size)
+            salad = mark_implausible(
+                session.model, session.tok, mine, max_surprisal, cfg.system, cfg.batch_size
+            )
             log(f"base: {salad} of {len(mine)} complied answers are word salad (broken)")
-        del model, session  # the next model may need the memory
+        del session  # the next model may need the memory
     records = [r for role in models for r in by_role[role]]
     judge = None if spec is None else spec.open(cfg)
     if judge is not None:
-        progress.start("judging", len(records))
-        log(f"judge {cfg.judge}: {len(records)} answers")
-        raw = judge([(r.prompt, r.completion) for r in records], progress.advance)
-        for record, text in zip(records, raw, strict=True):
-            record.judge, record.judge_categories = parse_guard(text)
-            record.judge_raw = text
-        failures = judge.failures
-        if failures:
-            log(f"judge: {len(failures)} failed tries (first: {failures[0]})")
+        _judge_all(cfg, judge, records, log, progress)
     summary = summarize(records, list(models), judged=judge is not None)
     settings = {
         "model": cfg.model,
@@ -334,17 +310,55 @@ def eval_safety(
         "max_surprisal": max_surprisal,
         "orthoedit_version": __version__,
     }
+    _write(target, cfg.model, records, {"settings": settings, "summary": summary})
+    return SafetyResult(target, summary, records)
+
+
+def _answers(cfg, session, role, name, sets, phrases, log, progress) -> list[Record]:
+    """One model's greedy answers to every harmful and harmless prompt, judged by phrases."""
+    items = [(kind, item) for kind in ("harmful", "harmless") for item in sets[kind]]
+    progress.start(f"{role}: generating ({cfg.max_new_tokens} tokens max)", len(items))
+    log(f"{role} ({name}): {len(items)} prompts")
+    judged = refusal_run(
+        session.model,
+        session.tok,
+        [item["prompt"] for _, item in items],
+        max_new_tokens=cfg.max_new_tokens,
+        system=cfg.system,
+        batch_size=cfg.batch_size,
+        phrases=phrases,
+        progress=progress.advance,
+    )
+    return [
+        Record(role, kind, item["category"], j.prompt, j.completion, j.verdict)
+        for (kind, item), j in zip(items, judged, strict=True)
+    ]
+
+
+def _judge_all(cfg, judge, records: list[Record], log, progress) -> None:
+    """The safety judge's verdict on every answer (set on the records)."""
+    progress.start("judging", len(records))
+    log(f"judge {cfg.judge}: {len(records)} answers")
+    raw = judge([(r.prompt, r.completion) for r in records], progress.advance)
+    for record, text in zip(records, raw, strict=True):
+        record.judge, record.judge_categories = parse_guard(text)
+        record.judge_raw = text
+    if judge.failures:
+        log(f"judge: {len(judge.failures)} failed tries (first: {judge.failures[0]})")
+
+
+def _write(target: Path, model: str, records: list[Record], report: dict) -> None:
+    """completions.jsonl, report.json, report.md and report.png, staged."""
     from .report import safety_markdown, safety_png
 
     with staged_output(target) as out:
         with (out / "completions.jsonl").open("w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-        report = {"settings": settings, "summary": summary}
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        summary, settings = report["summary"], report["settings"]
         (out / "report.md").write_text(safety_markdown(summary, settings, records))
-        safety_png(summary, out / "report.png", cfg.model)
-    return SafetyResult(target, summary, records)
+        safety_png(summary, out / "report.png", model)
 
 
 def mark_implausible(

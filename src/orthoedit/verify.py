@@ -205,15 +205,7 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     source, edited = Checkpoint.open(folder), Checkpoint.open(cfg.edited)
     config = read_config(folder)
     table = table_for_config(config)
-    if table.family != plan.family:
-        raise BadInputError(
-            f"{cfg.source} is a {table.family} model; the plan is for {plan.family}."
-        )
-    sizes = {len(v) for v in plan.directions} | {
-        len(row) for stack in plan.per_layer_directions for row in stack
-    }
-    if sizes != {int(plan.d_model)}:
-        raise BadInputError(f"{cfg.edited}/plan.json is inconsistent (direction size).")
+    _check_plan(cfg, plan, table)
     dtype = storage_dtype(plan, edited)
     tol = TOLERANCES[dtype]
     prompts = _read_prompts(cfg)[: cfg.max_prompts]
@@ -225,20 +217,9 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     check_weights(plan, source, edited, report)
 
     log("running prompts through the source model with the plan's hooks")
-    tokenizer = load_tokenizer(folder)
-    inputs = encode_prompts(tokenizer, prompts)
-    src_model = load_model(folder, "float32")
-    with plan_hooks(src_model, plan, source):
-        ref = _logits(src_model, inputs)
-    paper = contrib = None
+    inputs = encode_prompts(load_tokenizer(folder), prompts)
     residual_checked = plan.full and plan.shared  # per-layer rows: no one span to remove
-    if residual_checked and not table.post_norm:
-        with ablation_hooks(src_model, table, plan.vectors(None), plan.n_layers):
-            paper = _logits(src_model, inputs)
-    if table.post_norm:
-        with contribution_hooks(src_model, plan, source):
-            contrib = _logits(src_model, inputs)
-    del src_model
+    ref, paper, contrib = _references(folder, plan, table, source, inputs, residual_checked)
 
     log("running prompts through the edited checkpoint")
     new_model = load_model(cfg.edited, "float32")
@@ -255,6 +236,38 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     if cfg.report is not None:
         write_file(cfg.report, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _check_plan(cfg: VerifyConfig, plan: Plan, table) -> None:
+    """The plan is for this model's family, and its directions have the model's width."""
+    if table.family != plan.family:
+        raise BadInputError(
+            f"{cfg.source} is a {table.family} model; the plan is for {plan.family}."
+        )
+    sizes = {len(v) for v in plan.directions} | {
+        len(row) for stack in plan.per_layer_directions for row in stack
+    }
+    if sizes != {int(plan.d_model)}:
+        raise BadInputError(f"{cfg.edited}/plan.json is inconsistent (direction size).")
+
+
+def _references(folder, plan: Plan, table, source, inputs, residual_checked: bool) -> tuple:
+    """The source model's logits in float32 with the plan's hooks; with residual ablation of
+    the direction (pre-norm, one span), and with each writer's contribution projected
+    (post-norm); None where not computed."""
+    from .runtime import load_model
+
+    model = load_model(folder, "float32")
+    with plan_hooks(model, plan, source):
+        ref = _logits(model, inputs)
+    paper = contrib = None
+    if residual_checked and not table.post_norm:
+        with ablation_hooks(model, table, plan.vectors(None), plan.n_layers):
+            paper = _logits(model, inputs)
+    if table.post_norm:
+        with contribution_hooks(model, plan, source):
+            contrib = _logits(model, inputs)
+    return ref, paper, contrib
 
 
 def _judge(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:

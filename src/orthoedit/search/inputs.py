@@ -95,8 +95,7 @@ def prepare(cfg: SearchConfig) -> Ready:
 
     from ..architectures import table_for_config
     from ..checkpoint import Checkpoint
-    from ..direction import load_direction, sha256_file
-    from ..measure import prompt_digest
+    from ..direction import load_direction
     from ..runtime import chat_ids, post_instruction_ids
     from ..safety import check_judge
     from ..source import read_config, resolve_model
@@ -140,7 +139,32 @@ def prepare(cfg: SearchConfig) -> Ready:
         )
     prompts = {kind: _prompts(cfg, kind) for kind in ("harmful", "harmless")}
     rows = {kind: chat_ids(tok, p, post, system) for kind, p in prompts.items()}
-    settings = {
+    settings = _settings(cfg, folder, folder_in, revision, baseline, prompts, system, space)
+    return Ready(
+        folder,
+        revision,
+        config,
+        table,
+        Checkpoint.open(folder),
+        tok,
+        candidates,
+        space,
+        baseline,
+        rows["harmful"],
+        rows["harmless"],
+        settings,
+        prompts["harmful"],
+        safety_judge,
+        eval_task,
+    )
+
+
+def _settings(cfg: SearchConfig, folder, folder_in, revision, baseline, prompts, system, space):
+    """Every setting that changes what a trial measures (the study is named after them)."""
+    from ..direction import sha256_file
+    from ..measure import prompt_digest
+
+    return {
         "space_version": SPACE_VERSION,
         "model": cfg.model,
         "revision": revision,
@@ -172,23 +196,6 @@ def prepare(cfg: SearchConfig) -> Ready:
             else {}
         ),
     }
-    return Ready(
-        folder,
-        revision,
-        config,
-        table,
-        Checkpoint.open(folder),
-        tok,
-        candidates,
-        space,
-        baseline,
-        rows["harmful"],
-        rows["harmless"],
-        settings,
-        prompts["harmful"],
-        safety_judge,
-        eval_task,
-    )
 
 
 def _space(cfg: SearchConfig, n_layers: int, measured: list[int]) -> Space:
