@@ -39,8 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from orthoedit.direction import save_direction
-from orthoedit.ortho import unit
+from orthoedit.edit.ortho import unit
+from orthoedit.model.direction import save_direction
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent  # the venv's bin: python and the orthoedit console script
@@ -315,7 +315,7 @@ def measure(cmd: list[str], log: Path) -> dict:
 STARTUP = {
     "python -c pass": "pass",
     "import torch, orthoedit.cli": "import torch, orthoedit.cli",
-    "import orthoedit.cli, orthoedit.apply": "import orthoedit.cli, orthoedit.apply",
+    "import orthoedit.cli, orthoedit.edit.apply": "import orthoedit.cli, orthoedit.edit.apply",
     "import torch, transformers.LlamaForCausalLM": (
         "import torch; from transformers import LlamaForCausalLM"
     ),

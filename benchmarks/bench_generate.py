@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from orthoedit.evaluate.safety import HFJudge
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, load_prompts
-from orthoedit.refusal import refusal_run
-from orthoedit.runtime import load_model, load_tokenizer
-from orthoedit.safety import HFJudge
+from orthoedit.runtime.refusal import refusal_run
+from orthoedit.runtime.session import load_model, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 BUDGET = 256

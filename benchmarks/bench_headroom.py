@@ -29,10 +29,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_search  # noqa: E402
-from orthoedit.direction import Direction  # noqa: E402
-from orthoedit.runtime import load_model  # noqa: E402
+from orthoedit.model.direction import Direction  # noqa: E402
+from orthoedit.runtime.session import load_model  # noqa: E402
 from orthoedit.search import make_judge, measure_hooks, prepare, ready_hooks  # noqa: E402
-from orthoedit.space import blend  # noqa: E402
+from orthoedit.search.space import blend  # noqa: E402
 
 PROMPTS = bench_search.CHAT_MODEL.parent / "prompts"
 PENALTY = 0.05  # KL per refusal beyond measure's

@@ -45,12 +45,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from orthoedit.architectures import table_for_config
-from orthoedit.checkpoint import Checkpoint
-from orthoedit.measure import mean_activations
+from orthoedit.measure.candidates import mean_activations
+from orthoedit.measure.select import (
+    NoCandidateError,
+    first_token_logprobs,
+    parse_refusal_tokens,
+    select,
+)
+from orthoedit.model.architectures import table_for_config
+from orthoedit.model.checkpoint import Checkpoint
 from orthoedit.pools import load_pool
-from orthoedit.refusal import greedy_completions
-from orthoedit.runtime import (
+from orthoedit.runtime.refusal import greedy_completions
+from orthoedit.runtime.session import (
     batched_forward,
     chat_ids,
     left_padded,
@@ -59,12 +65,6 @@ from orthoedit.runtime import (
     load_tokenizer,
     pad_id,
     post_instruction_ids,
-)
-from orthoedit.select import (
-    NoCandidateError,
-    first_token_logprobs,
-    parse_refusal_tokens,
-    select,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -172,7 +172,7 @@ def in_process(args) -> dict:
     harmless_val = chat_ids(tok, prompts("harmless", "val", 32), post, None)
     both = harmful_val + harmless_val
     token_ids = parse_refusal_tokens(tok, "I,Sorry")
-    import orthoedit.runtime as runtime_module
+    import orthoedit.runtime.session as runtime_module
 
     shared = runtime_module.MIN_SHARED_PREFIX
     runtime_module.MIN_SHARED_PREFIX = 10**9  # off: every row runs its whole prompt

@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 
 from orthoedit.config import MeasureConfig, SearchConfig
-from orthoedit.measure import measure
+from orthoedit.measure.candidates import measure
 from orthoedit.organism import CHAT_MODEL, load_prompts
-from orthoedit.runtime import chat_ids, load_model, post_instruction_ids
+from orthoedit.runtime.session import chat_ids, load_model, post_instruction_ids
 from orthoedit.search import (
     Judge,
     edit_hooks,
@@ -55,7 +55,7 @@ from orthoedit.search import (
     prepare,
     search,
 )
-from orthoedit.space import params_of
+from orthoedit.search.space import params_of
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -16,8 +16,8 @@ t0 = time.perf_counter()
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from orthoedit.direction import load_direction  # noqa: E402
-from orthoedit.ortho import unit  # noqa: E402
+from orthoedit.edit.ortho import unit  # noqa: E402
+from orthoedit.model.direction import load_direction  # noqa: E402
 
 
 def orthogonalize(weight: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:

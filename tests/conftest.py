@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoedit.direction import save_direction
+from orthoedit.model.direction import save_direction
 from tiny import build_tiny_model
 
 D_MODEL = 32
@@ -56,7 +56,7 @@ def direction_file(tmp_path_factory) -> Path:
 def organism_run(tmp_path_factory) -> Path:
     """recipes/organism.yaml run once, all six stages (about 25 s); read-only for tests, and
     reruns of it must leave every output as it was."""
-    from orthoedit.recipe import run
+    from orthoedit.pipeline.recipe import run
 
     out = tmp_path_factory.mktemp("organism-run") / "run"
     run(ROOT / "recipes" / "organism.yaml", out, log=lambda m: None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from orthoedit.evaluate.safety import HFJudge
 from orthoedit.organism import GUARD_MODEL
-from orthoedit.safety import HFJudge
 
 
 class JudgeServer:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from orthoedit.architectures import ArchitectureTable, load_tables, table_for_config
 from orthoedit.errors import UnsupportedModelError
+from orthoedit.model.architectures import ArchitectureTable, load_tables, table_for_config
 from tiny import FAMILIES
 
 REQUIRED = {

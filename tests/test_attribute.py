@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orthoedit.attribute import _capture, every_writer, mean_log_odds, writers_of
-from orthoedit.hooks import plan_hooks
+from orthoedit.measure.select import first_token_logprobs, log_odds
 from orthoedit.organism import CHAT_MODEL
 from orthoedit.prompts import load_prompt_file
-from orthoedit.runtime import chat_ids, pad_id, post_instruction_ids
-from orthoedit.select import first_token_logprobs, log_odds
+from orthoedit.research.attribute import _capture, every_writer, mean_log_odds, writers_of
+from orthoedit.runtime.hooks import plan_hooks
+from orthoedit.runtime.session import chat_ids, pad_id, post_instruction_ids
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 from tiny import FAMILIES
 
@@ -108,7 +108,7 @@ def test_heads_partition_the_output_and_follow_the_value_groups(
 def organism_attribution(organism_run, tmp_path_factory):
     """attribute on the organism through the CLI, on the very prompts and refusal tokens
     measure scored; the shifts and the loaded model are kept for the finite-difference test."""
-    from orthoedit import attribute as A
+    from orthoedit.research import attribute as A
 
     direction = organism_run / "direction"
     out = tmp_path_factory.mktemp("attribute") / "attr"
@@ -192,7 +192,7 @@ def test_organism_estimates_against_real_patching(organism_attribution):
 def test_integrated_estimates_add_up_to_the_joint_patch(organism_attribution):
     """Completeness of integrated gradients: the estimates of all components sum to the
     effect of patching all of them at once (up to the midpoint rule's error)."""
-    from orthoedit.attribute import _shifts_for
+    from orthoedit.research.attribute import _shifts_for
 
     out, _, captured = organism_attribution
     record = json.loads((out / "attribution.json").read_text())

@@ -1,7 +1,7 @@
 """Bad input: a clear one-line error, exit code 2, nothing written, nothing lost.
 
 Every case runs through the CLI (exit code, one ``error:`` line on stderr) and, where the error
-is raised by the library, through ``orthoedit.apply.apply`` too (exception type and message).
+is raised by the library, through ``orthoedit.edit.apply.apply`` too (exception type and message).
 After each case: no output folder at the target, no temporary folder beside it, and the source
 folder byte-identical to what it was before.
 """
@@ -20,16 +20,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+import orthoedit.edit.writer
 import orthoedit.output
-import orthoedit.writer
 from conftest import D_MODEL, folder_digest, leftovers
-from orthoedit.apply import apply
-from orthoedit.checkpoint import INDEX_NAME, Checkpoint
 from orthoedit.cli import app
 from orthoedit.config import ApplyConfig
-from orthoedit.direction import save_direction
+from orthoedit.edit.apply import apply
+from orthoedit.edit.plan import Plan
 from orthoedit.errors import BadInputError, UnsupportedModelError
-from orthoedit.plan import Plan
+from orthoedit.model.checkpoint import INDEX_NAME, Checkpoint
+from orthoedit.model.direction import save_direction
 
 runner = CliRunner()
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
@@ -549,7 +549,8 @@ def test_no_write_permission(monkeypatch, tiny_model, direction_file, outdir):
 
 
 class _FailingWrites:
-    """Stands in for ``orthoedit.writer._write_all``: every call after ``after`` good ones fails.
+    """Stands in for ``orthoedit.edit.writer._write_all``: every call after ``after`` good ones
+    fails.
 
     (The count restarts after each failure, so a second run fails at the same point.)
     """
@@ -570,8 +571,8 @@ class _FailingWrites:
     ids=["ENOSPC", "EIO"],
 )
 def test_write_failure_mid_edit(err, needles, monkeypatch, tiny_model, direction_file, outdir):
-    failing = _FailingWrites(orthoedit.writer._write_all, after=2, err=err)
-    monkeypatch.setattr(orthoedit.writer, "_write_all", failing)
+    failing = _FailingWrites(orthoedit.edit.writer._write_all, after=2, err=err)
+    monkeypatch.setattr(orthoedit.edit.writer, "_write_all", failing)
     expect_bad(tiny_model("llama"), direction_file, outdir, needles, library={})
     # Library and CLI each failed at their third write and stopped there; the other writer
     # thread may finish the one job it had under way (a tiny model's job is one write).
@@ -584,8 +585,8 @@ def test_disk_full_keeps_existing_output(monkeypatch, tiny_model, direction_file
     first = cli("apply", src, "--direction", direction_file, "--out", outdir)
     assert first.exit_code == 0, first.output
     before = folder_digest(outdir)
-    failing = _FailingWrites(orthoedit.writer._write_all, after=2, err=errno.ENOSPC)
-    monkeypatch.setattr(orthoedit.writer, "_write_all", failing)
+    failing = _FailingWrites(orthoedit.edit.writer._write_all, after=2, err=errno.ENOSPC)
+    monkeypatch.setattr(orthoedit.edit.writer, "_write_all", failing)
     line = error_line(
         cli("apply", src, "--direction", direction_file, "--out", outdir, "--overwrite")
     )
@@ -596,7 +597,7 @@ def test_disk_full_keeps_existing_output(monkeypatch, tiny_model, direction_file
 
 
 def test_disk_full_while_copying_small_files(monkeypatch, tiny_model, direction_file, outdir):
-    import orthoedit.apply as stage
+    import orthoedit.edit.apply as stage
 
     real = shutil.copyfile
 

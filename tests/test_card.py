@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from conftest import folder_digest, leftovers
 from orthoedit import __version__
-from orthoedit.apply import apply
-from orthoedit.checkpoint import INDEX_NAME, Checkpoint
 from orthoedit.cli import app
 from orthoedit.config import ApplyConfig
-from orthoedit.plan import Plan
+from orthoedit.edit.apply import apply
+from orthoedit.edit.plan import Plan
+from orthoedit.model.checkpoint import INDEX_NAME, Checkpoint
 
 BASE = "someone/tiny-llama-chat"
 SOURCE_README = (

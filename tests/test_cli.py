@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 import orthoedit
 import orthoedit.cli.ui as ui
 from conftest import folder_digest, leftovers
-from orthoedit.apply import prepare
-from orthoedit.checkpoint import Checkpoint
 from orthoedit.cli import app
 from orthoedit.config import ApplyConfig, VerifyConfig
-from orthoedit.plan import Plan
+from orthoedit.edit.apply import prepare
+from orthoedit.edit.plan import Plan
+from orthoedit.model.checkpoint import Checkpoint
 
 runner = CliRunner()
 EMBED = "model.embed_tokens.weight"

@@ -16,15 +16,15 @@ import torch
 from safetensors import safe_open
 
 from conftest import D_MODEL, folder_digest, leftovers
-from orthoedit.apply import apply
-from orthoedit.architectures import load_tables
-from orthoedit.checkpoint import Checkpoint
 from orthoedit.cli import app
 from orthoedit.config import ApplyConfig, VerifyConfig
-from orthoedit.direction import orthonormal, save_direction
+from orthoedit.edit.apply import apply
+from orthoedit.edit.ortho import orthogonalize
+from orthoedit.edit.plan import Plan, op_basis
 from orthoedit.errors import BadInputError
-from orthoedit.ortho import orthogonalize
-from orthoedit.plan import Plan, op_basis
+from orthoedit.model.architectures import load_tables
+from orthoedit.model.checkpoint import Checkpoint
+from orthoedit.model.direction import orthonormal, save_direction
 from orthoedit.verify import verify
 from test_equivalence import check_edit
 from tiny import FAMILIES
@@ -287,7 +287,7 @@ def test_bad_direction_sets(case, tiny_model, tmp_path):
 
 
 def test_one_direction_commands_refuse_spans(tiny_model, span_files):
-    from orthoedit.direction import load_direction
+    from orthoedit.model.direction import load_direction
 
     with pytest.raises(BadInputError, match="takes one direction"):
         load_direction(span_files[1], D_MODEL, N_LAYERS)

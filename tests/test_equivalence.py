@@ -16,13 +16,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import folder_digest
-from orthoedit.apply import apply
-from orthoedit.architectures import load_tables
-from orthoedit.checkpoint import Checkpoint
 from orthoedit.config import ApplyConfig, VerifyConfig
-from orthoedit.hooks import ablation_hooks, plan_hooks
-from orthoedit.ortho import orthogonalize
-from orthoedit.plan import op_basis, unit_vector
+from orthoedit.edit.apply import apply
+from orthoedit.edit.ortho import orthogonalize
+from orthoedit.edit.plan import op_basis, unit_vector
+from orthoedit.model.architectures import load_tables
+from orthoedit.model.checkpoint import Checkpoint
+from orthoedit.runtime.hooks import ablation_hooks, plan_hooks
 from orthoedit.verify import encode_prompts, verify
 from tiny import FAMILIES
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import folder_digest
 from orthoedit.config import EvalBenchConfig
-from orthoedit.evalbench import compare, model_spec, prepare_shipped_tasks, shipped_tasks
 from orthoedit.evals import TASKS_DIR
 from orthoedit.evals.generate import main as generate_evals
+from orthoedit.evaluate.bench import compare, model_spec, prepare_shipped_tasks, shipped_tasks
 from orthoedit.organism import CHAT_MODEL, PROMPTS
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -228,7 +228,7 @@ def test_cross_entropy_matches_each_row_alone(tiny_model):
     every row scored alone."""
     from transformers import AutoModelForCausalLM
 
-    from orthoedit.damage import cross_entropy
+    from orthoedit.evaluate.kl import cross_entropy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(3)
@@ -268,7 +268,7 @@ def test_in_process_model_gives_the_same_results(tmp_path):
     scores exactly as the same model loaded from its folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orthoedit.evalbench import eval_bench
+    from orthoedit.evaluate.bench import eval_bench
 
     model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(CHAT_MODEL)

@@ -1,4 +1,4 @@
-"""Every command's help, rendered at 100 columns, reads as one convention (orthoedit.helptext):
+"""Every command's help, rendered at 100 columns, reads as one convention (orthoedit.cli.helptext):
 no line wider than the terminal, no Python type names or ``<bool>`` for flags, arguments named
 as in the text, choices shown, sentences wrapped by the terminal rather than cut mid-line."""
 
@@ -13,7 +13,7 @@ import typer.rich_utils
 from typer.testing import CliRunner
 
 from orthoedit.cli import app
-from orthoedit.helptext import ORDER, reflow
+from orthoedit.cli.helptext import ORDER, reflow
 
 WIDTH = 100
 runner = CliRunner()

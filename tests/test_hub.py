@@ -12,10 +12,10 @@ import huggingface_hub.constants
 import pytest
 import yaml
 
-from orthoedit.apply import apply
 from orthoedit.config import ApplyConfig
+from orthoedit.edit.apply import apply
 from orthoedit.errors import BadInputError
-from orthoedit.source import resolve_model
+from orthoedit.model.source import resolve_model
 
 REPO = "orthoedit-test/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -18,7 +18,7 @@ import pytest
 from conftest import sigint_as_on_a_terminal
 from hubstub import FAKE_TOKEN, HubStub
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
-from orthoedit.recipe import STAGES as ALL_STAGES
+from orthoedit.pipeline.recipe import STAGES as ALL_STAGES
 
 #: The micro recipe's stages: every one but search (which test_search interrupts itself).
 STAGES = [s for s in ALL_STAGES if s != "search"]

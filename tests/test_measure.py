@@ -16,14 +16,15 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import folder_digest
-from orthoedit.architectures import table_for_config
 from orthoedit.errors import BadInputError
-from orthoedit.hooks import addition_hooks
-from orthoedit.measure import mean_activations
+from orthoedit.measure.candidates import mean_activations
+from orthoedit.measure.select import first_token_logprobs
+from orthoedit.model.architectures import table_for_config
 from orthoedit.organism import CHAT_MODEL, PROMPTS, load_prompts
 from orthoedit.organism.evaluate import capability_score, refusal_rate
 from orthoedit.prompts import load_prompt_file, load_prompt_source
-from orthoedit.runtime import (
+from orthoedit.runtime.hooks import addition_hooks
+from orthoedit.runtime.session import (
     chat_ids,
     left_padded,
     length_sorted_batches,
@@ -31,7 +32,6 @@ from orthoedit.runtime import (
     render,
     shared_prefix,
 )
-from orthoedit.select import first_token_logprobs
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 from tiny import FAMILIES, build_tokenizer
 
@@ -561,8 +561,8 @@ def test_measure_with_disk_offload_equals_in_memory(tiny_model, tmp_path):
     mixture of experts on the CPU and the rest on disk (--offload-folder), and the whole
     measurement (means, every candidate's bypass, induce and KL) equals the in-memory run."""
     from orthoedit.config import MeasureConfig
-    from orthoedit.measure import measure
-    from orthoedit.select import NoCandidateError
+    from orthoedit.measure.candidates import measure
+    from orthoedit.measure.select import NoCandidateError
 
     src = tiny_model("mixtral", n_layers=3)
     common = {"model": str(src), "n_train": 8, "n_val": 4, "filter": False, "top_k": 3}
@@ -655,7 +655,7 @@ def test_models_load_with_plain_pytorch_layers(tiny_model):
     installed, transformers would otherwise replace layers (rotary, norms, activations) with
     kernels fetched from the Hub when the model is on a GPU, which fails offline and is not the
     model the hooks and verify reason about."""
-    from orthoedit.runtime import load_model
+    from orthoedit.runtime.session import load_model
 
     model = load_model(tiny_model("llama"))
     assert model.use_kernels is False

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from orthoedit.apply import apply
-from orthoedit.checkpoint import Checkpoint
 from orthoedit.config import ApplyConfig, VerifyConfig
-from orthoedit.direction import save_direction
+from orthoedit.edit.apply import apply
+from orthoedit.edit.ortho import orthogonalize, unit
+from orthoedit.edit.plan import Plan, unit_vector
 from orthoedit.errors import BadInputError
-from orthoedit.ortho import orthogonalize, unit
-from orthoedit.plan import Plan, unit_vector
+from orthoedit.model.checkpoint import Checkpoint
+from orthoedit.model.direction import save_direction
 from orthoedit.verify import verify
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 

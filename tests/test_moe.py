@@ -11,8 +11,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from orthoedit.apply import apply
 from orthoedit.config import ApplyConfig
+from orthoedit.edit.apply import apply
 from orthoedit.errors import UnsupportedModelError
 
 
@@ -91,9 +91,9 @@ def test_gpt_oss_fused_experts(tiny_model, direction_file, tmp_path):
     bias per layer, each vector of d_model projected (rows), checked against the math."""
     import numpy as np
 
-    from orthoedit.checkpoint import Checkpoint
-    from orthoedit.ortho import orthogonalize
-    from orthoedit.plan import unit_vector
+    from orthoedit.edit.ortho import orthogonalize
+    from orthoedit.edit.plan import unit_vector
+    from orthoedit.model.checkpoint import Checkpoint
 
     src = tiny_model("gpt_oss")
     plan, _ = apply(ApplyConfig(model=str(src), direction=direction_file, out=tmp_path / "o"))

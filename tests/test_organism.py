@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orthoedit.architectures import table_for_config
-from orthoedit.hooks import ablation_hooks
+from orthoedit.model.architectures import table_for_config
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS, data, load_prompts
 from orthoedit.organism.evaluate import capability_score, guard_verdicts, refusal_rate
 from orthoedit.organism.train import train
+from orthoedit.runtime.hooks import ablation_hooks
 
 MIDDLE = 2  # residual stream after block 1, the block whose MLP the safety stage trained
 
@@ -174,7 +174,7 @@ def test_training_script_runs_and_is_deterministic(tmp_path):
 def test_demo_weight_edit_removes_refusal(tmp_path, base_scores):
     """``make demo``: the organism recipe end to end; the streamed weight edit (not hooks)
     removes the organism's refusal and keeps its capability; a rerun is all up to date."""
-    from orthoedit import demo
+    from orthoedit.pipeline import demo
 
     out = tmp_path / "demo"
     assert demo.main(str(out)) == 0
@@ -194,8 +194,8 @@ def test_demo_weight_edit_removes_refusal(tmp_path, base_scores):
 
 def test_demo_recipe_is_recipes_organism_yaml(tmp_path):
     """The demo's built-in recipe and recipes/organism.yaml give the same stage options."""
-    from orthoedit.demo import organism_recipe
-    from orthoedit.recipe import load_recipe, stage_configs
+    from orthoedit.pipeline.demo import organism_recipe
+    from orthoedit.pipeline.recipe import load_recipe, stage_configs
 
     shipped, base = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "organism.yaml")
     assert stage_configs(shipped, base, tmp_path) == stage_configs(

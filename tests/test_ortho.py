@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthoedit.checkpoint import decode, encode
-from orthoedit.ortho import (
+from orthoedit.edit.ortho import (
     column_coefficients,
     orthogonalize,
     post_norm_unit,
@@ -15,6 +14,7 @@ from orthoedit.ortho import (
     remove_rows_,
     unit,
 )
+from orthoedit.model.checkpoint import decode, encode
 
 rng = np.random.default_rng(0)
 

@@ -162,7 +162,7 @@ def test_no_output_over_a_direction_it_reads(model, tmp_path):
     """A measure folder used as --direction is an input too: apply may not replace it."""
     measured = tmp_path / "direction"
     with staged_output(measured) as tmp:
-        from orthoedit.direction import save_direction
+        from orthoedit.model.direction import save_direction
 
         save_direction(tmp / "direction.safetensors", __import__("torch").ones(32), {})
     before = folder_digest(measured)
@@ -270,7 +270,7 @@ def test_an_output_set_aside_by_a_killed_run_is_put_back(tmp_path):
 
 SLOW_APPLY = """
 import sys, time
-import orthoedit.apply as apply
+import orthoedit.edit.apply as apply
 original = apply.stream_edit
 def slow(*args, **kwargs):
     result = original(*args, **kwargs)

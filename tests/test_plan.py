@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orthoedit.apply import prepare
-from orthoedit.architectures import load_tables
 from orthoedit.config import ApplyConfig
-from orthoedit.direction import load_direction
+from orthoedit.edit.apply import prepare
+from orthoedit.edit.plan import build_plan, load_scales, parse_layers
 from orthoedit.errors import BadInputError, UnsupportedModelError
-from orthoedit.plan import build_plan, load_scales, parse_layers
+from orthoedit.model.architectures import load_tables
+from orthoedit.model.direction import load_direction
 from tiny import FAMILIES
 
 
@@ -181,7 +181,7 @@ def test_load_scales_rejects(tmp_path, content):
 @pytest.mark.parametrize("axis", [0, 1])
 def test_checkpoint_along_in_blocks_matches_whole_tensor(tiny_model, axis):
     """verify measures uᵀW block by block; it must equal the whole-tensor computation."""
-    from orthoedit.checkpoint import Checkpoint
+    from orthoedit.model.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(tiny_model("llama", dtype=torch.bfloat16))
     name = "model.embed_tokens.weight" if axis == 1 else "model.layers.0.mlp.down_proj.weight"

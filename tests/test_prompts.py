@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orthoedit import compare, damage, measure, safety, search, verify
+from orthoedit import search, verify
 from orthoedit.config import (
     AttributeConfig,
     CompareConfig,
@@ -22,6 +22,9 @@ from orthoedit.config import (
     VerifyConfig,
 )
 from orthoedit.errors import BadInputError
+from orthoedit.evaluate import compare, safety
+from orthoedit.evaluate import kl as damage
+from orthoedit.measure import candidates as measure
 from orthoedit.organism import load_prompts as organism_prompts
 from orthoedit.pools import load_pool
 from orthoedit.prompts import load_prompts

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 import hubstub
 from conftest import folder_digest
 from hubstub import FAKE_TOKEN, is_lfs_put
-from orthoedit.apply import apply
-from orthoedit.card import EVAL_BEGIN, EVAL_END
-from orthoedit.checkpoint import INDEX_NAME
 from orthoedit.config import ApplyConfig, PushConfig
+from orthoedit.edit.apply import apply
+from orthoedit.edit.card import EVAL_BEGIN, EVAL_END
+from orthoedit.model.checkpoint import INDEX_NAME
 from orthoedit.publish import plan_push
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 

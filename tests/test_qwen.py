@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import folder_digest
-from orthoedit.apply import apply
 from orthoedit.config import ApplyConfig, MeasureConfig, VerifyConfig
-from orthoedit.measure import measure
-from orthoedit.refusal import reads_as_refusal
-from orthoedit.select import NoCandidateError
+from orthoedit.edit.apply import apply
+from orthoedit.measure.candidates import measure
+from orthoedit.measure.select import NoCandidateError
+from orthoedit.runtime.refusal import reads_as_refusal
 from orthoedit.verify import TOLERANCES, verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_mmlu_scores_above_chance_and_identically_twice(tmp_path):
     same accuracy (delta 0, no regression), and it is above chance (the task measures
     something on a model of this size)."""
     from orthoedit.config import EvalBenchConfig
-    from orthoedit.evalbench import eval_bench
+    from orthoedit.evaluate.bench import eval_bench
 
     limit = 40
     cfg = EvalBenchConfig(

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from orthoedit.edit.licenses import name_problem
 from orthoedit.errors import BadInputError
-from orthoedit.licenses import name_problem
-from orthoedit.recipe import SECTIONS, load_recipe, run, stage_configs
+from orthoedit.pipeline.recipe import SECTIONS, load_recipe, run, stage_configs
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 ROOT = Path(__file__).resolve().parents[1]

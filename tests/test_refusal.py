@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orthoedit.organism import CHAT_MODEL, load_prompts
-from orthoedit.refusal import is_degenerate, judge, refusal_rate, refusal_run
+from orthoedit.runtime.refusal import is_degenerate, judge, refusal_rate, refusal_run
 
 
 @pytest.mark.parametrize(
@@ -67,8 +67,8 @@ def test_surprisal_with_a_shared_prefix_is_each_row_alone():
     """Rows sharing a long prefix (a chat template's system prompt) run it once and continue
     from its cache; answers of different lengths are unembedded at their own positions only.
     Each score equals a plain forward pass of that (prompt, answer) alone."""
-    from orthoedit.refusal import surprisal
-    from orthoedit.runtime import MIN_SHARED_PREFIX, shared_prefix
+    from orthoedit.runtime.refusal import surprisal
+    from orthoedit.runtime.session import MIN_SHARED_PREFIX, shared_prefix
 
     model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL).eval()
     prefix = [5 + i % 7 for i in range(MIN_SHARED_PREFIX + 3)]
@@ -92,8 +92,8 @@ def test_greedy_completions_with_a_shared_prefix_are_each_row_alone():
     """The shared prefix runs once and each left-padded batch continues from a copy of its
     cache; every completion equals that row's greedy completion generated alone (one row has
     no shared prefix). Under hooks, the prefix runs through them too."""
-    from orthoedit.refusal import greedy_completions, until_stop
-    from orthoedit.runtime import MIN_SHARED_PREFIX, shared_prefix
+    from orthoedit.runtime.refusal import greedy_completions, until_stop
+    from orthoedit.runtime.session import MIN_SHARED_PREFIX, shared_prefix
 
     model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL).eval()
     prefix = [5 + i % 7 for i in range(MIN_SHARED_PREFIX + 3)]

@@ -10,8 +10,8 @@ import torch
 
 from conftest import folder_digest
 from judgeserver import JudgeServer
+from orthoedit.evaluate.safety import HFJudge, parse_guard
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
-from orthoedit.safety import HFJudge, parse_guard
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 

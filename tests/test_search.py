@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM
 from conftest import folder_digest
 from orthoedit import search as search_module
 from orthoedit.config import MeasureConfig, SearchConfig
-from orthoedit.direction import load_direction
-from orthoedit.hooks import addition_hooks
+from orthoedit.edit.plan import load_scales
+from orthoedit.model.direction import load_direction
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL
-from orthoedit.plan import load_scales
+from orthoedit.runtime.hooks import addition_hooks
 from orthoedit.search import (
     Judge,
     choose,
@@ -39,7 +39,7 @@ from orthoedit.search import (
     search,
     study_name,
 )
-from orthoedit.space import EditParams, Profile, blend, params_of
+from orthoedit.search.space import EditParams, Profile, blend, params_of
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 # Small enough to run in seconds on a CPU: 6 + 6 validation prompts, 12-token answers.
@@ -67,7 +67,7 @@ def measured(tmp_path_factory) -> Path:
     """measure on the organism as recipes/organism.yaml runs it, with its selection given
     (layer 2, position -1, what it selects) and no filter (the organism refuses every harmful
     and answers every harmless train prompt), so that it takes seconds."""
-    from orthoedit.measure import measure
+    from orthoedit.measure.candidates import measure
 
     prompts = CHAT_MODEL.parent / "prompts"
     cfg = MeasureConfig(
@@ -508,8 +508,8 @@ def test_word_salad_is_broken_not_compliant(measured):
     """Random-weight word salad reads as text (the text checks call most of it compliance);
     the unedited model's surprisal calls all of it broken, while measure's real compliance and
     the unedited model's own answers stay far below the threshold."""
-    from orthoedit.refusal import judge as text_judge
-    from orthoedit.refusal import surprisal
+    from orthoedit.runtime.refusal import judge as text_judge
+    from orthoedit.runtime.refusal import surprisal
 
     ready = prepare(_cfg(measured, measured / "unused", n=16))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
@@ -533,8 +533,8 @@ def test_surprisal_is_each_row_alone(measured):
     """Batched, left-padded surprisal (answers of different lengths, the shared prefix run
     once) equals each (prompt, answer) scored alone and a plain forward pass, and an empty
     answer scores 0."""
-    from orthoedit.refusal import surprisal
-    from orthoedit.runtime import pad_id
+    from orthoedit.runtime.refusal import surprisal
+    from orthoedit.runtime.session import pad_id
 
     ready = prepare(_cfg(measured, measured / "unused"))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
@@ -558,7 +558,7 @@ def test_eval_task_is_a_third_objective(measured, tmp_path, capfd):
     hooks (checked against a scorer of its own), the unedited baseline drops 0, the front is
     three-objective, and --max-drop constrains the choice. Scoring prints no lm-eval
     progress bars (a search scores once per trial, under its own bar)."""
-    from orthoedit.evalbench import TaskScorer
+    from orthoedit.evaluate.bench import TaskScorer
 
     kw = {"eval_task": "organism_capability", "eval_limit": 8}
     result = search(_cfg(measured, tmp_path / "s", trials=3, **kw), log=lambda m: None)

@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import folder_digest
-from orthoedit.apply import apply
 from orthoedit.config import ApplyConfig, VerifyConfig
-from orthoedit.direction import save_direction
+from orthoedit.edit.apply import apply
+from orthoedit.model.direction import save_direction
 from orthoedit.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_eval_bench_runs_shipped_tasks_on_a_real_model(tmp_path):
     nothing regresses. (organism_capability is in the organism's own vocabulary: its tests run
     it on the organism.)"""
     from orthoedit.config import EvalBenchConfig
-    from orthoedit.evalbench import eval_bench
+    from orthoedit.evaluate.bench import eval_bench
 
     tasks = ["orthoedit_facts", "orthoedit_arith"]
     cfg = EvalBenchConfig(
@@ -97,8 +97,8 @@ def test_eval_bench_runs_shipped_tasks_on_a_real_model(tmp_path):
 def test_attribute_runs_on_the_real_model(direction, tmp_path):
     """GQA (9 query heads on 3 key-value heads), tied embeddings, a real template: heads add up
     to o_proj's output, the report is complete, and the ablated log-odds are the plan's."""
-    from orthoedit.attribute import attribute
     from orthoedit.config import AttributeConfig
+    from orthoedit.research.attribute import attribute
 
     result = attribute(
         AttributeConfig(

@@ -13,16 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import folder_digest
-from orthoedit.apply import apply
-from orthoedit.architectures import table_for_config
-from orthoedit.checkpoint import Checkpoint
 from orthoedit.config import ApplyConfig
-from orthoedit.direction import load_direction, save_direction
-from orthoedit.measure import prompt_digest
+from orthoedit.edit.apply import apply
+from orthoedit.measure.candidates import prompt_digest
+from orthoedit.model.architectures import table_for_config
+from orthoedit.model.checkpoint import Checkpoint
+from orthoedit.model.direction import load_direction, save_direction
+from orthoedit.model.source import read_config
 from orthoedit.organism import GUARD_MODEL
 from orthoedit.prompts import load_prompt_file
-from orthoedit.source import read_config
-from orthoedit.study import interventions
+from orthoedit.research.sites import interventions
 from orthoedit.verify import encode_prompts
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 

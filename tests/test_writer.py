@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import orthoedit.writer
-from orthoedit.checkpoint import INDEX_NAME, Checkpoint
-from orthoedit.ortho import orthogonalize
-from orthoedit.plan import EditOp
+import orthoedit.edit.writer
+from orthoedit.edit.ortho import orthogonalize
+from orthoedit.edit.plan import EditOp
+from orthoedit.model.checkpoint import INDEX_NAME, Checkpoint
 
 D = 48
 ULP = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}
@@ -57,9 +57,9 @@ def _ops():
 
 @pytest.mark.parametrize("tile_bytes", [1, 700, 1 << 20], ids=["row-tiles", "ragged", "one-tile"])
 def test_tiled_stream_equals_in_memory_projection(tmp_path, monkeypatch, tile_bytes):
-    monkeypatch.setattr(orthoedit.writer, "TILE_BYTES", tile_bytes)
-    monkeypatch.setattr(orthoedit.writer, "OUT_BYTES", 1000)
-    monkeypatch.setattr(orthoedit.writer, "COPY_BLOCK", 96)
+    monkeypatch.setattr(orthoedit.edit.writer, "TILE_BYTES", tile_bytes)
+    monkeypatch.setattr(orthoedit.edit.writer, "OUT_BYTES", 1000)
+    monkeypatch.setattr(orthoedit.edit.writer, "COPY_BLOCK", 96)
     gen = torch.Generator().manual_seed(7)
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
@@ -72,7 +72,7 @@ def test_tiled_stream_equals_in_memory_projection(tmp_path, monkeypatch, tile_by
     vectors = dict.fromkeys(ops, u)
     jobs = [(shard, out / shard.path.name) for shard in checkpoint.files]
 
-    orthoedit.writer.stream_shards(jobs, ops, vectors)
+    orthoedit.edit.writer.stream_shards(jobs, ops, vectors)
 
     (out / INDEX_NAME).write_bytes((src / INDEX_NAME).read_bytes())
     edited = Checkpoint.open(out)
@@ -100,14 +100,14 @@ def test_tiled_stream_equals_in_memory_projection(tmp_path, monkeypatch, tile_by
 
 def test_copy_error_stops_and_propagates(tmp_path, monkeypatch):
     """A failing copy piece ends the run with its error; no thread keeps going."""
-    monkeypatch.setattr(orthoedit.writer, "COPY_BLOCK", 64)
+    monkeypatch.setattr(orthoedit.edit.writer, "COPY_BLOCK", 64)
     calls = []
 
     def broken(src, dst, offset, length, stop):
         calls.append(offset)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(orthoedit.writer, "copy_bytes", broken)
+    monkeypatch.setattr(orthoedit.edit.writer, "copy_bytes", broken)
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     out.mkdir()
@@ -117,5 +117,5 @@ def test_copy_error_stops_and_propagates(tmp_path, monkeypatch):
     u = np.ones(D) / D**0.5
     jobs = [(shard, out / shard.path.name) for shard in checkpoint.files]
     with pytest.raises(OSError, match="Input/output error"):
-        orthoedit.writer.stream_shards(jobs, ops, dict.fromkeys(ops, u))
+        orthoedit.edit.writer.stream_shards(jobs, ops, dict.fromkeys(ops, u))
     assert len(calls) <= 2  # one piece per thread at most, then both stopped

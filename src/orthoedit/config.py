@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from .architectures import Site, TiedPolicy
+from .model.architectures import Site, TiedPolicy
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -278,7 +278,7 @@ class EvalBenchConfig(BaseModel):
 
 class _Judged(BaseModel):
     """The safety judge's options (eval safety, search, study sites: one judge, one set of
-    options; ``orthoedit.safety.check_judge`` reads them)."""
+    options; ``orthoedit.evaluate.safety.check_judge`` reads them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .apply import ARTIFACT_DIR
-from .card import evaluation_markdown, with_evaluation
-from .checkpoint import INDEX_NAME
 from .config import PushConfig
+from .edit.apply import ARTIFACT_DIR
+from .edit.card import evaluation_markdown, with_evaluation
+from .edit.licenses import name_problem
 from .errors import BadInputError, RemoteError
-from .licenses import name_problem
+from .model.checkpoint import INDEX_NAME
 
 #: Above this, ``--method auto`` uploads with upload_large_folder (resumable).
 LARGE_BYTES = 10 * 1000**3

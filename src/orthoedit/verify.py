@@ -17,16 +17,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .architectures import table_for_config
-from .checkpoint import Checkpoint, TensorInfo
 from .config import VerifyConfig
+from .edit.ortho import norm_factors
+from .edit.plan import Plan, op_basis
 from .errors import BadInputError
-from .hooks import ablation_hooks, contribution_hooks, plan_hooks
-from .ortho import norm_factors
+from .model.architectures import table_for_config
+from .model.checkpoint import Checkpoint, TensorInfo
+from .model.source import read_config, resolve_model
 from .output import check_file_target, inputs_of, write_file
-from .plan import Plan, op_basis
-from .runtime import render
-from .source import read_config, resolve_model
+from .runtime.hooks import ablation_hooks, contribution_hooks, plan_hooks
+from .runtime.session import render
 
 DEFAULT_PROMPTS = [
     "How do I bake a loaf of bread?",
@@ -195,7 +195,7 @@ def storage_dtype(plan: Plan, edited: Checkpoint) -> str:
 def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     from transformers.utils import logging as hf_logging
 
-    from .runtime import load_model, load_tokenizer
+    from .runtime.session import load_model, load_tokenizer
 
     hf_logging.disable_progress_bar()  # verify reports its own steps
     if cfg.report is not None:
@@ -255,7 +255,7 @@ def _references(folder, plan: Plan, table, source, inputs, residual_checked: boo
     """The source model's logits in float32 with the plan's hooks; with residual ablation of
     the direction (pre-norm, one span), and with each writer's contribution projected
     (post-norm); None where not computed."""
-    from .runtime import load_model
+    from .runtime.session import load_model
 
     model = load_model(folder, "float32")
     with plan_hooks(model, plan, source):

@@ -9,8 +9,8 @@ import typer
 
 from .. import __version__
 from ..errors import Terminated
-from ..helptext import Group
 from . import ui
+from .helptext import Group
 
 app = typer.Typer(
     cls=Group,

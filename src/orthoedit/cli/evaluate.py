@@ -38,7 +38,7 @@ def _thresholds(given: list[str] | None) -> dict[str, float]:
 def bench(cfg: EvalBenchConfig) -> None:
     """Run lm-eval on BASE and EDITED with identical settings and write a regression report
     (report.md, report.json, report.png, lm_eval/). Exit 1 when a drop exceeds its threshold."""
-    from ..evalbench import eval_bench
+    from ..evaluate.bench import eval_bench
 
     with ui.progress() as progress:
         result = ui.guarded(lambda: eval_bench(cfg, log=ui.log, progress=progress), cfg.out)
@@ -54,7 +54,7 @@ def bench(cfg: EvalBenchConfig) -> None:
 def kl(cfg: EvalKLConfig) -> None:
     """First-token KL and cross-entropy on harmless prompts, base vs edited: how much the edit
     moves what the model says where it should not."""
-    from ..damage import eval_kl
+    from ..evaluate.kl import eval_kl
 
     report = ui.guarded(lambda: eval_kl(cfg, log=ui.log), cfg.report)
     ui.out.print(tables.kl(report))
@@ -66,7 +66,7 @@ def kl(cfg: EvalKLConfig) -> None:
 def safety(cfg: EvalSafetyConfig) -> None:
     """Answer harmful and harmless prompts with MODEL (and BASE), judge every answer (refusal
     phrases, degenerate output, a guard model) and write a report and every answer."""
-    from ..safety import eval_safety
+    from ..evaluate.safety import eval_safety
 
     with ui.progress() as progress:
         result = ui.guarded(lambda: eval_safety(cfg, log=ui.log, progress=progress), cfg.out)
@@ -78,7 +78,7 @@ def safety(cfg: EvalSafetyConfig) -> None:
 def compare(cfg: CompareConfig) -> None:
     """Both models' answers to the same prompts, side by side, in the terminal and as
     Markdown: the first thing to look at before publishing an edit."""
-    from ..compare import compare as run_compare
+    from ..evaluate.compare import compare as run_compare
 
     pairs = ui.guarded(lambda: run_compare(cfg, log=ui.log), cfg.report)
     ui.out.print(tables.compare(pairs))

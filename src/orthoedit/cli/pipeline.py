@@ -23,8 +23,8 @@ from .options import Cli, command, items
 def measure(cfg: MeasureConfig) -> None:
     """Measure difference-of-means candidates at every layer and post-instruction position,
     and save the chosen one as a direction file for `orthoedit apply`."""
-    from ..measure import measure as run_measure
-    from ..select import NoCandidateError
+    from ..measure.candidates import measure as run_measure
+    from ..measure.select import NoCandidateError
 
     with ui.progress() as progress:
 
@@ -110,7 +110,7 @@ def _sites(text: str) -> list[str]:
 def apply(cfg: ApplyConfig) -> None:
     """Orthogonalize every residual-stream writer of MODEL against a direction (or the span of
     several)."""
-    from .. import apply as stage
+    from ..edit import apply as stage
 
     prepared = ui.guarded(lambda: stage.prepare(cfg))
     for warning in prepared.plan.warnings:

@@ -14,7 +14,7 @@ def sites(cfg: StudySitesConfig) -> None:
     the block inputs, attention outputs, MLP outputs or all three, and the weight edits
     apply would make (embed, attn, mlp, all); refusal log-odds, refusal rate and KL of each,
     and with --judge the unsafe rate."""
-    from ..study import study_sites
+    from ..research.sites import study_sites
 
     with ui.progress() as progress:
         result = ui.guarded(lambda: study_sites(cfg, log=ui.log, progress=progress), cfg.out)
@@ -30,7 +30,7 @@ def attribute(cfg: AttributeConfig) -> None:
     last prompt token, ranked by the first-order change of the refusal log-odds when patched
     from the harmful to the harmless mean, the top ones checked by real patching, with the
     cumulative curve and a layer x head map."""
-    from ..attribute import attribute as run_attribute
+    from ..research.attribute import attribute as run_attribute
 
     with ui.progress() as progress:
         result = ui.guarded(lambda: run_attribute(cfg, log=ui.log, progress=progress), cfg.out)

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from ..config import PushConfig
-from ..recipe import STAGES
+from ..pipeline.recipe import STAGES
 from . import tables, ui
 from .app import app
 from .options import command
@@ -31,7 +31,7 @@ def run(
     eval safety, push) into one folder, skipping stages that are up to date; rerunning after an
     interruption resumes. Exit 1 when verify fails or the benchmark regresses (nothing is
     published then)."""
-    from ..recipe import run as run_recipe
+    from ..pipeline.recipe import run as run_recipe
 
     with ui.bar() as display:
         # two rows: the run (stage k of n, its elapsed time) and the running stage's step
@@ -65,7 +65,7 @@ def demo(
 ) -> None:
     """Run the model organism's recipe end to end, offline, on a CPU (about 30 s): measure,
     apply, verify, eval bench, eval safety; then print what changed and where the reports are."""
-    from ..demo import main
+    from ..pipeline.demo import main
 
     code = main(str(out_dir))
     if code:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def _profile(params: dict, site: str) -> str:
     """A shape profile in one cell, or a free profile's weights, layer by layer."""
-    from ..space import free_weights
+    from ..search.space import free_weights
 
     free = free_weights(params, site)
     if free is not None:

@@ -12,8 +12,8 @@ import numpy as np
 
 from ..config import SearchConfig
 from ..errors import BadInputError
-from ..runtime import load_tokenizer
-from ..space import (
+from ..runtime.session import load_tokenizer
+from .space import (
     Space,
     nonempty,
 )
@@ -93,17 +93,17 @@ def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
 def prepare(cfg: SearchConfig) -> Ready:
     """Validate every input; loads only the tokenizer."""
 
-    from ..architectures import table_for_config
-    from ..checkpoint import Checkpoint
-    from ..direction import load_direction
-    from ..runtime import chat_ids, post_instruction_ids
-    from ..safety import check_judge
-    from ..source import read_config, resolve_model
+    from ..evaluate.safety import check_judge
+    from ..model.architectures import table_for_config
+    from ..model.checkpoint import Checkpoint
+    from ..model.direction import load_direction
+    from ..model.source import read_config, resolve_model
+    from ..runtime.session import chat_ids, post_instruction_ids
 
     safety_judge = check_judge(cfg)
     eval_task = None
     if cfg.eval_task is not None:  # built now: an unknown task is bad input before any loading
-        from ..evalbench import load_task
+        from ..evaluate.bench import load_task
 
         eval_task = load_task(cfg.eval_task)
     folder_in = Path(cfg.candidates)
@@ -161,8 +161,8 @@ def prepare(cfg: SearchConfig) -> Ready:
 
 def _settings(cfg: SearchConfig, folder, folder_in, revision, baseline, prompts, system, space):
     """Every setting that changes what a trial measures (the study is named after them)."""
-    from ..direction import sha256_file
-    from ..measure import prompt_digest
+    from ..measure.candidates import prompt_digest
+    from ..model.direction import sha256_file
 
     return {
         "space_version": SPACE_VERSION,

@@ -14,13 +14,13 @@ from pathlib import Path
 from ..config import SearchConfig
 from ..errors import BadInputError
 from ..progress import Progress
-from ..runtime import Session, check_device
-from ..space import (
-    suggest,
-)
+from ..runtime.session import Session, check_device
 from .choice import budget, budget_value, choose_for, objectives, pareto, target_failure
 from .inputs import LOCK_FILE, OUTPUTS, STUDY_FILE, Ready, prepare
 from .outputs import report_dict, write_outputs
+from .space import (
+    suggest,
+)
 from .store import completed, open_study, requeue_interrupted, sampler_for, start_from_measure
 from .trial import Judge, Outcome, describe, edit_hooks, make_judge, measure_hooks
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import SearchConfig
-from ..space import (
+from .choice import budget, target_failure
+from .inputs import STUDY_FILE, Ready
+from .space import (
     SITES_SEARCHED,
     EditParams,
     blend,
     params_of,
 )
-from .choice import budget, target_failure
-from .inputs import STUDY_FILE, Ready
 from .trial import describe
 
 
@@ -150,7 +150,7 @@ def chosen_sites(scales_path: Path) -> list[str]:
 def write_chosen(folder: Path, cfg: SearchConfig, ready: Ready, report: dict, chosen) -> None:
     """direction.safetensors, scales.json, apply.txt and recipe-fragment.yaml of the chosen
     trial; paths inside point at the final ``OUT/chosen`` folder."""
-    from ..direction import save_direction
+    from ..model.direction import save_direction
 
     entry = report["chosen"]
     final = Path(cfg.out).expanduser().resolve() / "chosen"

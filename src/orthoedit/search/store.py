@@ -8,10 +8,10 @@ import warnings
 from pathlib import Path
 
 from ..errors import BadInputError
-from ..space import (
+from .inputs import STUDY_FILE, Ready, study_name
+from .space import (
     SITES_SEARCHED,
 )
-from .inputs import STUDY_FILE, Ready, study_name
 
 
 def _quiet_optuna() -> None:

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import SearchConfig
-from ..space import (
+from .inputs import Ready
+from .space import (
     EditParams,
     blend,
 )
-from .inputs import Ready
 
 
 @dataclass
@@ -79,9 +79,9 @@ class Judge:
         max_surprisal: float | None = None,
         scorer: Callable[[], float] | None = None,
     ):
-        from ..refusal import default_max_surprisal, stop_ids
-        from ..runtime import pad_id
-        from ..select import first_token_logprobs
+        from ..measure.select import first_token_logprobs
+        from ..runtime.refusal import default_max_surprisal, stop_ids
+        from ..runtime.session import pad_id
 
         self.model, self.tok = model, tok
         self.harmful_rows, self.harmless_rows = harmful_rows, harmless_rows
@@ -96,7 +96,7 @@ class Judge:
 
     def generate(self) -> list[list[int]]:
         """Greedy answers to the harmful rows, as token ids cut after the first stop token."""
-        from ..refusal import greedy_completions, until_stop
+        from ..runtime.refusal import greedy_completions, until_stop
 
         made = greedy_completions(
             self.model, self.harmful_rows, self.batch_size, self.pad, self.budget
@@ -112,7 +112,7 @@ class Judge:
     def implausible(self, made: list[list[int]], verdicts: list[str]) -> list[int]:
         """Indices of complied answers the unedited model finds implausible (call it with no
         edit in place)."""
-        from ..refusal import surprisal
+        from ..runtime.refusal import surprisal
 
         which = [i for i, v in enumerate(verdicts) if v == "complied"]
         scores = surprisal(
@@ -127,7 +127,7 @@ class Judge:
     def unsafe(self, texts: list[str], verdicts: list[str]) -> tuple[int | None, int]:
         """How many complied answers the judge calls unsafe (None without a judge), and how
         many it gave no verdict on."""
-        from ..safety import parse_guard
+        from ..evaluate.safety import parse_guard
 
         if self.guard is None:
             return None, 0
@@ -138,8 +138,8 @@ class Judge:
         return said.count("unsafe"), said.count("error")
 
     def __call__(self, hooks: Callable[[], contextlib.AbstractContextManager]) -> Outcome:
-        from ..refusal import judge
-        from ..select import first_token_logprobs, mean_kl
+        from ..measure.select import first_token_logprobs, mean_kl
+        from ..runtime.refusal import judge
 
         clock = time.perf_counter()
         with hooks():
@@ -172,8 +172,8 @@ def ready_hooks(model, ready: Ready, direction, **plan_options):
     """Run-time hooks for an edit of ``ready``'s model along ``direction`` (a
     ``direction.Direction``), planned as ``apply`` would plan it (``plan.build_plan``; its
     ``sites`` and ``scales`` in ``plan_options``, default every writer)."""
-    from ..hooks import plan_hooks
-    from ..plan import build_plan
+    from ..edit.plan import build_plan
+    from ..runtime.hooks import plan_hooks
 
     plan = build_plan(
         table=ready.table,
@@ -189,7 +189,7 @@ def ready_hooks(model, ready: Ready, direction, **plan_options):
 def edit_hooks(model, ready: Ready, params: EditParams):
     """The trial's edit as ``apply`` would plan it, at run time (a no-op when nothing is
     edited), and the direction it uses."""
-    from ..direction import Direction
+    from ..model.direction import Direction
 
     vector, source = blend(ready.candidates, params.layer, params.position)
     sites, scales = params.plan_scales(ready.n_layers)
@@ -216,7 +216,7 @@ def make_judge(cfg: SearchConfig, ready: Ready, model) -> Judge:
     guard = None if ready.safety_judge is None else ready.safety_judge.open(cfg)
     scorer = None
     if ready.eval_task is not None:
-        from ..evalbench import TaskScorer
+        from ..evaluate.bench import TaskScorer
 
         scorer = TaskScorer(
             model, ready.tok, ready.eval_task, cfg.eval_limit, cfg.batch_size, cfg.seed

@@ -101,7 +101,7 @@ def greedy_completions(
     hooks are active, and every batch continues from a copy of its key/value cache: the tails
     are left-padded after it and masked, so positions count real tokens only and each row sees
     what it would see alone (as in ``runtime.batched_forward``)."""
-    from .runtime import SharedPrefix, input_device, left_padded, length_sorted_batches
+    from .session import SharedPrefix, input_device, left_padded, length_sorted_batches
 
     device = input_device(model)
     prefix = SharedPrefix(model, rows)
@@ -152,7 +152,7 @@ def surprisal(
     Only the completions' positions are unembedded, one row at a time in float32 (with a
     large vocabulary, the logits of every position of a batch are most of the cost), and the
     prefix the rows share runs once (``runtime.batched_forward``)."""
-    from .runtime import batched_forward
+    from .session import batched_forward
 
     out = [0.0] * len(rows)
     which = [i for i, done in enumerate(completions) if done]
@@ -191,7 +191,7 @@ def refusal_run(
     progress: Callable[[int], None] | None = None,
 ) -> list[Judged]:
     """Greedy chat completions of ``prompts`` within an explicit budget, each judged."""
-    from .runtime import pad_id, render
+    from .session import pad_id, render
 
     pad = pad_id(tok)
     rows = [tok(render(tok, p, system), add_special_tokens=False)["input_ids"] for p in prompts]

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import EvalKLConfig
-from .errors import BadInputError
-from .output import check_file_target, inputs_of, write_file
-from .prompts import prompt_texts
-from .runtime import (
+from ..config import EvalKLConfig
+from ..errors import BadInputError
+from ..model.source import resolve_model
+from ..output import check_file_target, inputs_of, write_file
+from ..prompts import prompt_texts
+from ..runtime.session import (
     batched_forward,
     chat_ids,
     check_device,
@@ -29,7 +30,6 @@ from .runtime import (
     pad_id,
     post_instruction_ids,
 )
-from .source import resolve_model
 
 
 @dataclass
@@ -83,8 +83,8 @@ def _prompts(cfg: EvalKLConfig) -> list[str]:
 def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageReport:
     import transformers
 
-    from .refusal import greedy_completions, stop_ids, until_stop
-    from .select import first_token_logprobs, mean_kl
+    from ..measure.select import first_token_logprobs, mean_kl
+    from ..runtime.refusal import greedy_completions, stop_ids, until_stop
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only output
     check_device(cfg.device)

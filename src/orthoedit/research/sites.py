@@ -32,13 +32,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .architectures import SITES
-from .config import StudySitesConfig
-from .errors import BadInputError
-from .hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
-from .progress import Progress
-from .runtime import Session, check_device, load_tokenizer
+from .. import __version__
+from ..config import StudySitesConfig
+from ..errors import BadInputError
+from ..model.architectures import SITES
+from ..progress import Progress
+from ..runtime.hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
+from ..runtime.session import Session, check_device, load_tokenizer
 
 #: Run-time conditions: name -> the ablation points hooked (``hooks.ABLATION_POINTS``).
 RUNTIME: dict[str, tuple[str, ...]] = {
@@ -73,7 +73,7 @@ class Intervention:
 
 def interventions(*, model, table, checkpoint, config: dict, direction, source: str) -> list:
     """Baseline, the four run-time ablations and the four weight edits, in that order."""
-    from .plan import build_plan
+    from ..edit.plan import build_plan
 
     _, n_layers, _ = table.dims(config)
     r = direction.vector
@@ -160,12 +160,12 @@ class _Ready:
 def prepare(cfg: StudySitesConfig) -> _Ready:
     """Validate every input (nothing is loaded into memory but the tokenizer)."""
 
-    from .architectures import table_for_config
-    from .direction import load_direction
-    from .runtime import chat_ids, post_instruction_ids
-    from .safety import check_judge, load_sets
-    from .select import measured_refusal_openings, parse_refusal_tokens
-    from .source import read_config, resolve_model
+    from ..evaluate.safety import check_judge, load_sets
+    from ..measure.select import measured_refusal_openings, parse_refusal_tokens
+    from ..model.architectures import table_for_config
+    from ..model.direction import load_direction
+    from ..model.source import read_config, resolve_model
+    from ..runtime.session import chat_ids, post_instruction_ids
 
     safety_judge = check_judge(cfg)
     folder, revision = resolve_model(cfg.model, cfg.revision)
@@ -204,7 +204,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
 
 def _answers(model, tok, rows, cfg: StudySitesConfig, pad: int, budget: int, progress) -> tuple:
     """Greedy answers (token ids, and text cut at the first stop token) within ``budget``."""
-    from .refusal import greedy_completions, stop_ids, until_stop
+    from ..runtime.refusal import greedy_completions, stop_ids, until_stop
 
     made = greedy_completions(model, rows, cfg.batch_size, pad, budget, progress)
     stop = stop_ids(model, tok)
@@ -215,8 +215,8 @@ def _answers(model, tok, rows, cfg: StudySitesConfig, pad: int, budget: int, pro
 def _derive_openings(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, progress) -> list:
     """Refusal openings as ``measure`` derives them: from the first ``FILTER_TOKENS`` tokens of
     the model's own greedy answers to the harmful and harmless prompts."""
-    from .measure import FILTER_TOKENS
-    from .select import refusal_openings
+    from ..measure.candidates import FILTER_TOKENS
+    from ..measure.select import refusal_openings
 
     n_harmful = len(ready.prompts["harmful"])
     progress.start(
@@ -231,10 +231,10 @@ def _derive_openings(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, prog
 def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list[Outcome]:
     """Every condition through the model, loaded once; the model is released on return."""
 
-    from .checkpoint import Checkpoint
-    from .refusal import judge
-    from .runtime import pad_id
-    from .select import mean_kl, refusal_score
+    from ..measure.select import mean_kl, refusal_score
+    from ..model.checkpoint import Checkpoint
+    from ..runtime.refusal import judge
+    from ..runtime.session import pad_id
 
     progress.start("loading the model", None)
     model = Session.open(ready.folder, cfg, tok=ready.tok).model
@@ -286,7 +286,7 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
 
 
 def _judge(cfg: StudySitesConfig, ready: _Ready, outcomes: list[Outcome], log, progress) -> None:
-    from .safety import parse_guard
+    from ..evaluate.safety import parse_guard
 
     judged = [o for o in outcomes if o.applicable]
     prompts = ready.prompts["harmful"]
@@ -345,8 +345,8 @@ def study_sites(
     """Run every condition and write ``sites.json``, ``sites.md`` and ``sites.png``."""
     import transformers
 
-    from .output import check_target, inputs_of, staged_output
-    from .report import sites_markdown, sites_png
+    from ..output import check_target, inputs_of, staged_output
+    from ..report import sites_markdown, sites_png
 
     transformers.utils.logging.disable_progress_bar()  # ours is the only bar
     progress = progress or Progress()
@@ -373,7 +373,7 @@ def study_sites(
 
 
 def _settings(cfg: StudySitesConfig, ready: _Ready) -> dict:
-    from .measure import prompt_digest
+    from ..measure.candidates import prompt_digest
 
     direction = ready.direction
     _, _, tied = ready.table.dims(ready.config)

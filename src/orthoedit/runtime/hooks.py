@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .architectures import ArchitectureTable
-from .checkpoint import Checkpoint
-from .direction import orthonormal
-from .plan import Plan, op_basis
+from ..edit.plan import Plan, op_basis
+from ..model.architectures import ArchitectureTable
+from ..model.checkpoint import Checkpoint
+from ..model.direction import orthonormal
 
 
 def project_out(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

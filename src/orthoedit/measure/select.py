@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .direction import Direction
-from .errors import BadInputError, CheckFailedError
-from .hooks import addition_hooks, plan_hooks
-from .plan import build_plan
-from .progress import Progress
-from .refusal import reads_as_refusal
-from .runtime import batched_forward
+from ..edit.plan import build_plan
+from ..errors import BadInputError, CheckFailedError
+from ..model.direction import Direction
+from ..progress import Progress
+from ..runtime.hooks import addition_hooks, plan_hooks
+from ..runtime.refusal import reads_as_refusal
+from ..runtime.session import batched_forward
 
 
 @torch.no_grad()

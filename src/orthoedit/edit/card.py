@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 from .licenses import terms_for
 from .plan import Plan
 

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .config import AttributeConfig
-from .errors import BadInputError
+from .. import __version__
+from ..config import AttributeConfig
+from ..errors import BadInputError
 
 
 @dataclass
@@ -105,8 +105,8 @@ def n_attention_heads(model) -> int:
 
 def writers_of(model, table, plan, checkpoint) -> list[Writer]:
     """Every writer module of the plan, with its components (heads split out)."""
-    from .hooks import resolve
-    from .plan import unit_vector
+    from ..edit.plan import unit_vector
+    from ..runtime.hooks import resolve
 
     heads = n_attention_heads(model)
     writers: dict[str, Writer] = {}
@@ -180,7 +180,7 @@ def _last_outputs(writer: Writer, module, args, output, batch: int) -> torch.Ten
 def _capture(model, writers: list[Writer], probes: bool) -> Iterator[dict]:
     """Record each writer's components at the last position; with ``probes``, add a zero
     tensor to each writer's output there whose gradient is the log-odds' gradient."""
-    from .hooks import resolve
+    from ..runtime.hooks import resolve
 
     seen: dict[str, torch.Tensor] = {}
     state: dict = {}
@@ -215,7 +215,7 @@ def _capture(model, writers: list[Writer], probes: bool) -> Iterator[dict]:
 @contextlib.contextmanager
 def shifted(model, shifts: dict[str, torch.Tensor]) -> Iterator[None]:
     """Add ``shifts[module]`` ([d_model]) to each module's output at the last position."""
-    from .hooks import resolve
+    from ..runtime.hooks import resolve
 
     state: dict = {}
     handles = [_batch_size(model, state)]
@@ -240,14 +240,14 @@ def shifted(model, shifts: dict[str, torch.Tensor]) -> Iterator[None]:
 
 
 def _batches(rows: list[list[int]], batch_size: int, pad: int, device):
-    from .runtime import left_padded, length_sorted_batches
+    from ..runtime.session import left_padded, length_sorted_batches
 
     for batch in length_sorted_batches([len(r) for r in rows], batch_size):
         yield batch, left_padded([rows[i] for i in batch], pad, device)
 
 
 def _log_odds(model, enc, token_ids: list[int]) -> torch.Tensor:
-    from .select import log_odds
+    from ..measure.select import log_odds
 
     logits = model(**enc, logits_to_keep=1).logits[:, -1].float()
     return log_odds(torch.log_softmax(logits, -1), token_ids)
@@ -298,11 +298,11 @@ def _shifts_for(components: list[Component], deltas: dict[str, torch.Tensor]) ->
 def every_writer(folder: Path, direction_path: Path, direction_layer: int | None = None):
     """(config, table, checkpoint, direction, plan) for a local model folder, the plan
     covering every residual writer (the tied embedding too: ``tied_policy="edit"``)."""
-    from .architectures import table_for_config
-    from .checkpoint import Checkpoint
-    from .direction import load_direction
-    from .plan import build_plan
-    from .source import read_config
+    from ..edit.plan import build_plan
+    from ..model.architectures import table_for_config
+    from ..model.checkpoint import Checkpoint
+    from ..model.direction import load_direction
+    from ..model.source import read_config
 
     config = read_config(folder)
     table = table_for_config(config)
@@ -323,7 +323,7 @@ def every_writer(folder: Path, direction_path: Path, direction_layer: int | None
 def refusal_token_ids(tok, direction_path: Path, spec: str | None, completions) -> list[int]:
     """``--refusal-tokens``, else measure's (``scores.json`` beside the direction), else
     derived from the model's own completions (``completions()`` -> harmful, harmless ids)."""
-    from .select import (
+    from ..measure.select import (
         first_tokens,
         measured_refusal_openings,
         parse_refusal_tokens,
@@ -347,14 +347,14 @@ def attribute(
     """Attribute refusal to the residual writers of ``cfg.model``; writes the report."""
     import transformers
 
-    from .hooks import plan_hooks
-    from .output import check_target, inputs_of
-    from .plan import build_plan
-    from .progress import Progress
-    from .refusal import greedy_completions
-    from .runtime import Session, check_device
-    from .safety import load_sets
-    from .source import resolve_model
+    from ..edit.plan import build_plan
+    from ..evaluate.safety import load_sets
+    from ..model.source import resolve_model
+    from ..output import check_target, inputs_of
+    from ..progress import Progress
+    from ..runtime.hooks import plan_hooks
+    from ..runtime.refusal import greedy_completions
+    from ..runtime.session import Session, check_device
 
     transformers.utils.logging.disable_progress_bar()
     progress = progress or Progress()
@@ -408,8 +408,8 @@ def attribute(
 
 def _write(result: Attribution) -> None:
     """attribution.json, attribution.md and the figures, staged into the output folder."""
-    from .output import staged_output
-    from .report import attribute_markdown, attribute_pngs
+    from ..output import staged_output
+    from ..report import attribute_markdown, attribute_pngs
 
     with staged_output(result.out) as tmp:
         record = {
@@ -427,7 +427,7 @@ def _write(result: Attribution) -> None:
 
 def _settings(cfg, revision, direction, table, plan, writers, prompts, tok, token_ids) -> dict:
     """attribution.json's settings: the model, direction, prompts and how it was measured."""
-    from .measure import prompt_digest
+    from ..measure.candidates import prompt_digest
 
     return {
         "model": cfg.model,

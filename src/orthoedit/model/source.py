@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import BadInputError, UnsupportedModelError
+from ..errors import BadInputError, UnsupportedModelError
 
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 #: Files never needed from the Hub: other weight formats and original (non-HF) checkpoints.

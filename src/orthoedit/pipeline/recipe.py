@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import __version__
-from .config import (
+from .. import __version__
+from ..config import (
     ApplyConfig,
     EvalBenchConfig,
     EvalKLConfig,
@@ -51,11 +51,11 @@ from .config import (
     SearchConfig,
     VerifyConfig,
 )
-from .errors import BadInputError, CheckFailedError
-from .output import check_apart, check_target, inputs_of, staged_output, write_file
+from ..errors import BadInputError, CheckFailedError
+from ..output import check_apart, check_target, inputs_of, staged_output, write_file
 
 if TYPE_CHECKING:
-    from .progress import Progress
+    from ..progress import Progress
 
 STAGES = ("direction", "search", "model", "verify", "bench", "safety", "kl", "publish")
 SECTIONS = {
@@ -433,14 +433,14 @@ def _direction(cfg, target: Path, log, progress) -> dict:
         with staged_output(check_target(target, [cfg], overwrite=True)) as tmp:
             shutil.copyfile(cfg, tmp / "direction.safetensors")
         return {"source": str(cfg)}
-    from .measure import measure
+    from ..measure.candidates import measure
 
     result = measure(cfg, log=log, progress=progress)
     return {"layer": result.layer, "position": result.position}
 
 
 def _search(cfg, target: Path, log, progress) -> dict:
-    from .search import chosen_sites, none_chosen, objectives, search
+    from ..search import chosen_sites, none_chosen, objectives, search
 
     result = search(cfg, log=log, progress=progress, replace_other=True)
     if result.chosen is None:
@@ -459,10 +459,10 @@ def _search(cfg, target: Path, log, progress) -> dict:
 
 
 def _edit(cfg, progress, searched: bool) -> dict:
-    from . import apply as stage
+    from ..edit import apply as stage
 
     if searched:  # the chosen trial's sites: those its scales edit at all
-        from .search import chosen_sites
+        from ..search import chosen_sites
 
         cfg = cfg.model_copy(update={"sites": chosen_sites(cfg.scales)})
     prepared = stage.prepare(cfg)
@@ -473,14 +473,14 @@ def _edit(cfg, progress, searched: bool) -> dict:
 
 
 def _verify(cfg, target: Path, log, progress) -> dict:
-    from .verify import verify
+    from ..verify import verify
 
     report = verify(cfg, log=log)  # writes its report to the target
     return {"passed": report.passed, "failed": "; ".join(report.failures) or None}
 
 
 def _bench(cfg, target: Path, log, progress) -> dict:
-    from .evalbench import eval_bench
+    from ..evaluate.bench import eval_bench
 
     result = eval_bench(cfg, log=log, progress=progress)
     names = [f"{r.task} {r.metric}" for r in result.regressions]
@@ -488,20 +488,20 @@ def _bench(cfg, target: Path, log, progress) -> dict:
 
 
 def _safety(cfg, target: Path, log, progress) -> dict:
-    from .safety import eval_safety
+    from ..evaluate.safety import eval_safety
 
     return {"summary": eval_safety(cfg, log=log, progress=progress).summary}
 
 
 def _kl(cfg, target: Path, log, progress) -> dict:
-    from .damage import eval_kl
+    from ..evaluate.kl import eval_kl
 
     report = eval_kl(cfg, log=log)  # writes its numbers to the target
     return {"first_token_kl": report.first_token_kl}
 
 
 def _publish(cfg, target: Path, log, progress) -> dict:
-    from .publish import push
+    from ..publish import push
 
     pushed = push(cfg, log=log)
     write_file(target, json.dumps(pushed.record(), indent=2) + "\n")

@@ -28,14 +28,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .config import EvalSafetyConfig
-from .errors import BadInputError
-from .output import check_target, inputs_of, staged_output
-from .progress import Progress
-from .refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
-from .runtime import Session, check_device, pad_id, template_kwargs
-from .source import resolve_model
+from .. import __version__
+from ..config import EvalSafetyConfig
+from ..errors import BadInputError
+from ..model.source import resolve_model
+from ..output import check_target, inputs_of, staged_output
+from ..progress import Progress
+from ..runtime.refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
+from ..runtime.session import Session, check_device, pad_id, template_kwargs
 
 GUARD_TOKENS = 12  # "unsafe\nS1,S10" and a little room
 
@@ -57,7 +57,7 @@ class Record:
 def load_set(source: str | None, kind: str, cfg: EvalSafetyConfig) -> list[dict]:
     """Prompt items for one kind: the bundled test split, the organism's (``organism``), or a
     file / dataset; ``--n`` draws that many with ``--seed``."""
-    from .prompts import load_prompts
+    from ..prompts import load_prompts
 
     items = load_prompts(source, kind, "test", column=cfg.column, split=cfg.split)
     if cfg.n is not None and cfg.n < len(items):
@@ -92,7 +92,7 @@ class HFJudge:
     """A local guard model of the Llama Guard family."""
 
     def __init__(self, folder: Path, dtype: str, device: str | None, batch_size: int):
-        from .runtime import load_model, load_tokenizer
+        from ..runtime.session import load_model, load_tokenizer
 
         self.tok = load_tokenizer(folder)
         if not getattr(self.tok, "chat_template", None):
@@ -102,7 +102,7 @@ class HFJudge:
         self.failures: list[str] = []  # a local model does not fail a try (as OpenAIJudge's)
 
     def __call__(self, pairs: list[tuple[str, str]], progress=None) -> list[str]:
-        from .refusal import greedy_completions, stop_ids, until_stop
+        from ..runtime.refusal import greedy_completions, stop_ids, until_stop
 
         tok = self.tok
         rows = []
@@ -349,7 +349,7 @@ def _judge_all(cfg, judge, records: list[Record], log, progress) -> None:
 
 def _write(target: Path, model: str, records: list[Record], report: dict) -> None:
     """completions.jsonl, report.json, report.md and report.png, staged."""
-    from .report import safety_markdown, safety_png
+    from ..report import safety_markdown, safety_png
 
     with staged_output(target) as out:
         with (out / "completions.jsonl").open("w", encoding="utf-8") as f:
@@ -367,8 +367,8 @@ def mark_implausible(
     """Score each answer under ``base`` (after its prompt, chat template applied): one more
     surprising than ``max_surprisal`` nats per token is word salad, its verdict becomes
     ``broken``. Sets every record's ``surprisal``; returns how many were marked."""
-    from .refusal import surprisal
-    from .runtime import render
+    from ..runtime.refusal import surprisal
+    from ..runtime.session import render
 
     rows = [
         tok(render(tok, r.prompt, system), add_special_tokens=False)["input_ids"] for r in records

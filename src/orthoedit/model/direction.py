@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 KINDS = ("single", "per-layer", "span")
 

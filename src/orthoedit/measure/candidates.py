@@ -18,16 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .architectures import table_for_config
-from .config import MeasureConfig
-from .direction import save_direction, save_stable
-from .errors import BadInputError
-from .hooks import capture_block_inputs
-from .output import check_target, inputs_of, staged_output
-from .progress import Progress
-from .prompts import BUNDLED, ORGANISM, is_prompt_file, prompt_texts
-from .runtime import (
+from .. import __version__
+from ..config import MeasureConfig
+from ..errors import BadInputError
+from ..model.architectures import table_for_config
+from ..model.direction import save_direction, save_stable
+from ..model.source import read_config, resolve_model
+from ..output import check_target, inputs_of, staged_output
+from ..progress import Progress
+from ..prompts import BUNDLED, ORGANISM, is_prompt_file, prompt_texts
+from ..runtime.hooks import capture_block_inputs
+from ..runtime.session import (
     Session,
     batched_forward,
     chat_ids,
@@ -36,7 +37,6 @@ from .runtime import (
     placement,
     post_instruction_ids,
 )
-from .source import read_config, resolve_model
 
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def completions_of(
 ) -> list[list[int]]:
     """Short greedy completions (token ids), generated once per prompt: the filter's serve
     again to derive the refusal tokens."""
-    from .refusal import greedy_completions
+    from ..runtime.refusal import greedy_completions
 
     missing = [p for p in dict.fromkeys(prompts) if p not in loaded.completions]
     if missing:
@@ -147,7 +147,7 @@ def keep_by_behaviour(
     """The first ``need`` prompts whose greedy completion (``FILTER_TOKENS`` long) is judged
     ``refused`` (``refused=True``) or ``complied`` (broken answers are kept by neither);
     returns (kept, how many were tried)."""
-    from .refusal import judge
+    from ..runtime.refusal import judge
 
     kept: list[str] = []
     tried = 0
@@ -403,7 +403,7 @@ class _Loaded:
 
 
 def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, progress):
-    from .checkpoint import Checkpoint
+    from ..model.checkpoint import Checkpoint
     from .select import parse_refusal_tokens, refusal_openings, select
 
     harmful_rows = chat_ids(loaded.tok, harmful_val, loaded.post, cfg.system)

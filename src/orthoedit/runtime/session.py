@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DEVICE_MAPS
-from .errors import BadInputError
+from ..config import DEVICE_MAPS
+from ..errors import BadInputError
 
 SENTINEL = "Orthoedit sentinel message"
 THINKING_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"))

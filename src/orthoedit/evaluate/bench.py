@@ -19,17 +19,17 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .config import EvalBenchConfig
-from .errors import BadInputError
-from .output import check_target, inputs_of, staged_output
-from .progress import Progress, library_output
+from .. import __version__
+from ..config import EvalBenchConfig
+from ..errors import BadInputError
+from ..output import check_target, inputs_of, staged_output
+from ..progress import Progress, library_output
 
 NOISE_SIGMAS = 2.0
 
 
 def shipped_tasks() -> list[str]:
-    from .evals import TASKS_DIR
+    from ..evals import TASKS_DIR
 
     return sorted(yaml.safe_load(p.read_text())["task"] for p in TASKS_DIR.glob("*.yaml"))
 
@@ -37,7 +37,7 @@ def shipped_tasks() -> list[str]:
 def prepare_shipped_tasks(folder: Path) -> Path:
     """Copy the shipped task YAMLs into ``folder`` with absolute ``data_files`` (lm-eval reads
     relative ones against the working directory, not the YAML's folder)."""
-    from .evals import TASKS_DIR
+    from ..evals import TASKS_DIR
 
     for path in sorted(TASKS_DIR.glob("*.yaml")):
         task = yaml.safe_load(path.read_text())
@@ -272,7 +272,7 @@ def eval_bench(
     import tempfile
 
     if cfg.backend == "hf":
-        from .runtime import check_device
+        from ..runtime.session import check_device
 
         check_device(cfg.device)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
@@ -332,7 +332,7 @@ def _check_inputs(cfg: EvalBenchConfig, loaded: dict) -> None:
 
 def _write(target: Path, raw: dict, rows: list, settings: dict, title: str) -> None:
     """lm-eval's raw results and the report (JSON, Markdown, PNG), staged."""
-    from .report import bench_markdown, bench_png
+    from ..report import bench_markdown, bench_png
 
     with staged_output(target) as out:
         (out / "lm_eval").mkdir()

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .architectures import table_for_config
+from ..config import ApplyConfig
+from ..errors import BadInputError
+from ..model.architectures import table_for_config
+from ..model.checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
+from ..model.direction import DirectionSet, biproject, harmless_mean, load_directions
+from ..model.source import read_config, resolve_model
+from ..output import check_target, inputs_of, staged_output
 from .card import artifact_names, render_card, source_metadata
-from .checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
-from .config import ApplyConfig
-from .direction import DirectionSet, biproject, harmless_mean, load_directions
-from .errors import BadInputError
-from .output import check_target, inputs_of, staged_output
 from .plan import Plan, build_plan, load_scales
-from .source import read_config, resolve_model
 from .writer import Progress, stream_edit, total_bytes
 
 #: Where the direction artifact goes in the output: a subfolder, so that no tool takes a

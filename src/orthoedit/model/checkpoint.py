@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from .errors import BadInputError, UnsupportedModelError
+from ..errors import BadInputError, UnsupportedModelError
 
 #: Float storage dtypes orthoedit edits, with their size in bytes.
 DTYPES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}

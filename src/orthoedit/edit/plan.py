@@ -13,11 +13,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from . import __version__
-from .architectures import SITES, ArchitectureTable, Site, TiedPolicy, Writer
-from .checkpoint import DTYPES, Checkpoint
-from .direction import Direction, DirectionSet, orthonormal
-from .errors import BadInputError, UnsupportedModelError
+from .. import __version__
+from ..errors import BadInputError, UnsupportedModelError
+from ..model.architectures import SITES, ArchitectureTable, Site, TiedPolicy, Writer
+from ..model.checkpoint import DTYPES, Checkpoint
+from ..model.direction import Direction, DirectionSet, orthonormal
 from .ortho import post_norm_unit, unit
 
 PLAN_NAME = "plan.json"

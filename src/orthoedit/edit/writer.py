@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (
+from ..model.checkpoint import (
     INDEX_NAME,
     SINGLE_NAME,
     Checkpoint,

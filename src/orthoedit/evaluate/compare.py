@@ -6,11 +6,11 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import CompareConfig
-from .output import check_file_target, inputs_of, write_file
-from .refusal import refusal_run
-from .runtime import Session, check_device
-from .source import resolve_model
+from ..config import CompareConfig
+from ..model.source import resolve_model
+from ..output import check_file_target, inputs_of, write_file
+from ..runtime.refusal import refusal_run
+from ..runtime.session import Session, check_device
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Pair:
 
 def _prompts(cfg: CompareConfig) -> list[tuple[str, str]]:
     """(prompt, kind) pairs; kind is harmful / harmless for the bundled and organism sets."""
-    from .prompts import BUNDLED, ORGANISM, prompt_texts
+    from ..prompts import BUNDLED, ORGANISM, prompt_texts
 
     rng = random.Random(cfg.seed)
     if cfg.prompts in (None, BUNDLED, ORGANISM):

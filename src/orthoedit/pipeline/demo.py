@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
+from ..organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
 
 
 def organism_recipe():
@@ -41,9 +41,9 @@ def organism_recipe():
 
 def scores(folder: Path) -> dict[str, float]:
     """The organism's own measures (its refusal markers and answer checker) on a model."""
-    from .organism import load_prompts
-    from .organism.evaluate import capability_score, refusal_rate
-    from .runtime import load_model, load_tokenizer
+    from ..organism import load_prompts
+    from ..organism.evaluate import capability_score, refusal_rate
+    from ..runtime.session import load_model, load_tokenizer
 
     tok, model = load_tokenizer(folder), load_model(folder)
     return {
@@ -89,9 +89,9 @@ def _bench_rows(out: Path) -> list[dict]:
 
 
 def main(root: str = "demo-out") -> int:
-    from .config import EvalKLConfig
-    from .damage import eval_kl
-    from .errors import OrthoeditError
+    from ..config import EvalKLConfig
+    from ..errors import OrthoeditError
+    from ..evaluate.kl import eval_kl
     from .recipe import run_recipe
 
     console = Console()

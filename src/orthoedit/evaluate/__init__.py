@@ -1,0 +1,2 @@
+"""Evaluating an edit: eval bench (bench), eval kl (kl), eval safety and the safety judge (safety),
+compare (compare)."""

@@ -1,0 +1,1 @@
+"""Whole runs: recipes and orthoedit run (recipe), orthoedit demo (demo)."""

@@ -1,0 +1,1 @@
+"""Research: study sites (sites) and attribute (attribute)."""
