@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orthoedit.measure.select import first_token_logprobs, log_odds
 from orthoedit.organism import CHAT_MODEL
 from orthoedit.prompts import load_prompt_file
-from orthoedit.research.attribute import _capture, every_writer, mean_log_odds, writers_of
+from orthoedit.research.attribute import every_writer
+from orthoedit.research.components import _capture, mean_log_odds, writers_of
 from orthoedit.runtime.hooks import plan_hooks
 from orthoedit.runtime.session import chat_ids, pad_id, post_instruction_ids
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
@@ -192,7 +193,7 @@ def test_organism_estimates_against_real_patching(organism_attribution):
 def test_integrated_estimates_add_up_to_the_joint_patch(organism_attribution):
     """Completeness of integrated gradients: the estimates of all components sum to the
     effect of patching all of them at once (up to the midpoint rule's error)."""
-    from orthoedit.research.attribute import _shifts_for
+    from orthoedit.research.components import _shifts_for
 
     out, _, captured = organism_attribution
     record = json.loads((out / "attribution.json").read_text())

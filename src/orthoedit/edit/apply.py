@@ -18,7 +18,7 @@ from ..model.source import read_config, resolve_model
 from ..output import check_target, inputs_of, staged_output
 from .card import artifact_names, render_card, source_metadata
 from .plan import Plan, build_plan, load_scales
-from .writer import Progress, stream_edit, total_bytes
+from .writer import OnBytes, stream_edit, total_bytes
 
 #: Where the direction artifact goes in the output: a subfolder, so that no tool takes a
 #: ``direction.safetensors`` at the top level for part of the weights.
@@ -108,7 +108,7 @@ def copy_small_files(source: Path, out: Path, config: dict, untie: bool) -> None
         shutil.copyfile(path, out / path.name)
 
 
-def execute(prepared: Prepared, out: Path, overwrite: bool, progress: Progress | None = None):
+def execute(prepared: Prepared, out: Path, overwrite: bool, progress: OnBytes | None = None):
     """Write the edited checkpoint to ``out`` atomically. Returns the output folder."""
     target = check_target(out, prepared.reads, overwrite)
     plan = prepared.plan
@@ -135,7 +135,7 @@ def copy_directions(paths: list[Path], folder: Path) -> None:
             shutil.copyfile(record, folder / (name.rsplit(".", 1)[0] + ".json"))
 
 
-def apply(cfg: ApplyConfig, progress: Progress | None = None) -> tuple[Plan, Path | None]:
+def apply(cfg: ApplyConfig, progress: OnBytes | None = None) -> tuple[Plan, Path | None]:
     """Library entry point: the plan, and the output folder (None on a dry run)."""
     prepared = prepare(cfg)
     if cfg.dry_run:

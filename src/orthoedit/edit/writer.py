@@ -34,7 +34,9 @@ from ..model.checkpoint import (
 from .ortho import MATH_DTYPE, column_coefficients, norm_factors, remove_columns_, remove_rows_
 from .plan import EditOp, Plan, op_basis
 
-Progress = Callable[[int], None]
+#: Told the bytes written since its last call (the streaming edit takes no progress display:
+#: ``orthoedit.progress.Progress.advance`` or a rich bar's advance is passed in).
+OnBytes = Callable[[int], None]
 TILE_BYTES = 512 * 1024  # math-dtype rows decoded, projected and encoded while in cache
 OUT_BYTES = 8 * 1024 * 1024  # stored-dtype rows written per pwrite
 COPY_BLOCK = 64 * 1024 * 1024
@@ -178,7 +180,7 @@ def stream_shards(
     jobs: list[tuple[SafetensorsFile, Path]],
     ops: dict[str, EditOp],
     bases: dict[str, np.ndarray],
-    progress: Progress | None = None,
+    progress: OnBytes | None = None,
     preserve_norm: bool = False,
 ) -> None:
     """Write each ``(source shard, output path)``: header and unedited bytes copied, planned
@@ -266,7 +268,7 @@ def write_lm_head(checkpoint: Checkpoint, embedding: TensorInfo, name: str, dst_
 
 
 def stream_edit(
-    plan: Plan, checkpoint: Checkpoint, out: Path, progress: Progress | None = None
+    plan: Plan, checkpoint: Checkpoint, out: Path, progress: OnBytes | None = None
 ) -> dict[str, str]:
     """Write every shard of ``checkpoint`` into ``out`` with the plan applied.
 

@@ -312,7 +312,7 @@ def select(
         "harmless_log_odds": float(base_odds[n_harmful:].mean()),
     }
 
-    def plan_for(r: torch.Tensor):
+    def plan_for(r: torch.Tensor):  # the plan apply would execute for this candidate
         direction = Direction(r.numpy(), Path("<candidate>"), "", "single")
         return build_plan(
             table=table,
@@ -350,19 +350,17 @@ def select(
             ablated, ablated_odds = refusal_score(model, both, openings, batch_size, pad)
         with addition_hooks(model, table, layer, r.float()):
             _, added_odds = refusal_score(model, harmless_rows, openings, batch_size, pad)
-        score = Score(
-            layer=layer,
-            position=p - n_pos,
-            bypass=float(ablated_odds[:n_harmful].mean()),
-            induce=float(added_odds.mean()),
-            kl=mean_kl(base[n_harmful:], ablated[n_harmful:]),
+        scores[layer, p] = _judged(
+            Score(
+                layer=layer,
+                position=p - n_pos,
+                bypass=float(ablated_odds[:n_harmful].mean()),
+                induce=float(added_odds.mean()),
+                kl=mean_kl(base[n_harmful:], ablated[n_harmful:]),
+            ),
+            max_kl,
+            min_induce,
         )
-        if score.kl > max_kl:
-            score.why.append(f"KL {score.kl:.3g} > {max_kl}")
-        if score.induce < min_induce:
-            score.why.append(f"induce {score.induce:.3g} < {min_induce:.3g}")
-        score.kept = not score.why
-        scores[layer, p] = score
         if progress:
             progress.advance()
     timings.update(full_s=time.perf_counter() - clock, n_full=len(full))
@@ -375,6 +373,16 @@ def select(
     }
     ordered = [scores[c] for c in sorted(scores)]
     return _chosen(ordered, baseline, openings, thresholds, timings)
+
+
+def _judged(score: Score, max_kl: float, min_induce: float) -> Score:
+    """A fully scored candidate, kept or with the reasons it is not."""
+    if score.kl > max_kl:
+        score.why.append(f"KL {score.kl:.3g} > {max_kl}")
+    if score.induce < min_induce:
+        score.why.append(f"induce {score.induce:.3g} < {min_induce:.3g}")
+    score.kept = not score.why
+    return score
 
 
 def _chosen(ordered: list, baseline: dict, openings, thresholds: dict, timings: dict) -> Selection:
