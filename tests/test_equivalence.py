@@ -8,6 +8,7 @@ byte-identical; the source folder is unchanged; the output loads and generates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -198,3 +199,40 @@ def test_verify_flags_changed_unedited_tensor(tiny_model, direction_file, tmp_pa
     report = verify(VerifyConfig(source=str(src), edited=out), log=lambda _: None)
     assert not report.unedited_identical and not report.passed
     assert "model.layers.0.self_attn.q_proj.weight" in report.byte_mismatches
+
+
+@torch.no_grad()
+def test_ablation_at_one_layer_touches_that_block_input_only(tiny_model, direction_file):
+    """``ablation_hooks(..., points=("residual",), layers=[L])`` (study sites' one-layer
+    condition): the residual stream entering block L loses r̂; blocks before L see exactly
+    what they see unhooked; block L+1 sees a changed stream that carries r̂ again."""
+    from orthoedit.model.direction import load_direction
+    from orthoedit.runtime.hooks import capture_block_inputs
+
+    src = tiny_model("llama", n_layers=4)
+    model = _load(src)
+    table = load_tables()["llama"]
+    n_layers = model.config.num_hidden_layers
+    r = torch.as_tensor(load_direction(direction_file, 32, n_layers).vector, dtype=torch.float64)
+    unit = (r / r.norm()).float()
+    ids = _inputs(src)[1]
+    layer = 2
+
+    def block_inputs(**ablate):
+        hooks = ablation_hooks(model, table, r, n_layers, ("residual",), **ablate)
+        with (
+            hooks if ablate else contextlib.nullcontext(),
+            capture_block_inputs(model, table, n_layers, ids.shape[1]) as seen,
+        ):
+            model(input_ids=ids)
+        return [x.clone() for x in seen]
+
+    plain, one = block_inputs(), block_inputs(layers=[layer])
+    assert torch.equal(one[layer - 1], plain[layer - 1])
+    assert float((one[layer] @ unit).abs().max()) <= 1e-5 * float(one[layer].norm(dim=-1).max())
+    assert float((plain[layer] @ unit).abs().max()) > 1e-3
+    assert not torch.allclose(one[layer + 1], plain[layer + 1])
+    assert float((one[layer + 1] @ unit).abs().max()) > 1e-3
+    too_deep = ablation_hooks(model, table, r, n_layers, ("residual",), layers=[n_layers])
+    with pytest.raises(ValueError, match="ablation layers"), too_deep:
+        pass

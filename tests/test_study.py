@@ -22,7 +22,7 @@ from orthoedit.model.direction import load_direction, save_direction
 from orthoedit.model.source import read_config
 from orthoedit.organism import GUARD_MODEL
 from orthoedit.prompts import load_prompt_file
-from orthoedit.research.sites import interventions
+from orthoedit.research.sites import ONE_LAYER, interventions
 from orthoedit.verify import encode_prompts
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -68,6 +68,9 @@ def test_organism_sites_reproduce_measure(organism_run, tmp_path):
     assert abs(edit["log_odds"] - scores["chosen"]["bypass"]) <= 1e-4
     assert abs(edit["kl"] - scores["chosen"]["kl"]) <= 1e-6
     assert base["kl"] == 0 and base["delta"] == 0 and full["share"] == pytest.approx(1)
+    one = c["run time", ONE_LAYER]  # the residual stream entering measure's layer only
+    assert one["sites"] == f"residual, layer {record['layer']}" and one["log_odds"] is not None
+    assert one["share"] is not None and one["kl"] > 0
     assert base["refusal"] >= 0.9 and full["refusal"] <= 0.05
     assert base["unsafe"] <= 0.1 and full["unsafe"] >= 0.9
     # A pre-norm, untied model: the attention (MLP) module's output is o_proj's (down_proj's),
@@ -178,7 +181,10 @@ def test_tiny_model_cli_and_a_skipped_embedding(tiny_model, direction_file, tmp_
     embed = c["weight edit", "embed"]
     assert embed["log_odds"] is None and "edits nothing" in embed["note"]
     assert "left unedited" in c["weight edit", "all"]["note"]
-    assert all(v["log_odds"] is not None for k, v in c.items() if k != ("weight edit", "embed"))
+    one = c["run time", ONE_LAYER]  # a direction file that does not say its layer
+    assert one["log_odds"] is None and "which layer" in one["note"]
+    na = {("weight edit", "embed"), ("run time", ONE_LAYER)}
+    assert all(v["log_odds"] is not None for k, v in c.items() if k not in na)
     assert "| weight edit | embed (embed) | n/a |" in (out / "sites.md").read_text()
     _check_png(out / "sites.png")
     again = cli(*args, "--refusal-tokens", "the")

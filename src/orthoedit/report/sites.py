@@ -9,7 +9,8 @@ from .common import pct, share
 SITES_WHAT = {
     "run time": "r̂ projected out of the activations by hooks, at every layer and position "
     "(residual: the block inputs; attn, mlp: the module outputs; all: the three together, the "
-    "paper's directional ablation)",
+    "paper's directional ablation; residual, one layer: the input of the block the direction "
+    "was measured at, alone)",
     "weight edit": "exactly what `orthoedit apply --sites ...` writes (default tied policy), "
     "run through the plan's hooks, its verified run-time equivalent",
 }
@@ -118,7 +119,7 @@ def sites_png(report: dict, path: Path, title: str) -> None:
         else:
             label += "\n(the baseline's is 0)"
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_xticks([b[0] for b in bars], [b[1]["name"] for b in bars], fontsize=9)
+        ax.set_xticks([b[0] for b in bars], [_tick(b[1]) for b in bars], fontsize=9)
         for centre, kind in centres:
             ax.annotate(
                 kind,
@@ -143,3 +144,10 @@ def sites_png(report: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _tick(condition: dict) -> str:
+    """A bar's label: the condition's name; the one-layer residual condition by its layer."""
+    if condition["name"].endswith("one layer"):
+        return "residual\n" + condition["sites"].split(", ")[-1]
+    return condition["name"]

@@ -6,6 +6,8 @@ removed, in log-odds (docs/design.md §7):
 * **run time** (hooks, r̂ projected out at every layer and position): the residual stream
   entering every block (``residual``), the attention outputs (``attn``), the MLP outputs
   (``mlp``), or all three (``all``: the paper's directional ablation, ``hooks.ablation_hooks``);
+  and the residual stream entering one block only, the one the direction was measured at
+  (``residual, one layer``);
 * **weight edit**: exactly the plan ``apply --sites ...`` would execute (the architecture's
   default tied-embedding policy, as apply), evaluated through ``hooks.plan_hooks``, the verified
   run-time equivalent of the edited checkpoint, so that no checkpoint is written: embeddings
@@ -49,6 +51,9 @@ RUNTIME: dict[str, tuple[str, ...]] = {
 }
 #: Weight-edit conditions: name -> ``apply --sites``.
 WEIGHT: dict[str, list] = {"embed": ["embed"], "attn": ["attn"], "mlp": ["mlp"], "all": list(SITES)}
+#: The run-time condition that removes the direction from one block's input only: the layer
+#: the direction was measured at (the residual stream entering block L, every position).
+ONE_LAYER = "residual, one layer"
 KINDS = ("baseline", "run time", "weight edit")
 #: The share of the full effect is undefined when the full ablation moves less than this.
 MIN_FULL_EFFECT = 1e-6
@@ -71,8 +76,18 @@ class Intervention:
         return "baseline" if self.kind == "baseline" else f"{self.kind}: {self.name}"
 
 
+def direction_layer(direction) -> int | None:
+    """The layer a direction was taken at: the row of a per-layer file, or where measure took
+    it (its ``layer`` metadata); None when it does not say (a blend of layers, say)."""
+    if direction.row is not None:
+        return int(direction.row)
+    layer = str(direction.metadata.get("layer", ""))
+    return int(layer) if layer.isdigit() else None
+
+
 def interventions(*, model, table, checkpoint, config: dict, direction, source: str) -> list:
-    """Baseline, the four run-time ablations and the four weight edits, in that order."""
+    """Baseline, the four run-time ablations, the residual stream at the direction's own layer
+    alone, and the four weight edits, in that order."""
     from ..edit.plan import build_plan
 
     _, n_layers, _ = table.dims(config)
@@ -81,6 +96,15 @@ def interventions(*, model, table, checkpoint, config: dict, direction, source: 
     for name, points in RUNTIME.items():
         hooks = functools.partial(ablation_hooks, model, table, r, n_layers, points)
         found.append(Intervention("run time", name, "+".join(points), hooks))
+    layer = direction_layer(direction)
+    if layer is None or not 0 <= layer < n_layers:
+        note = "the direction does not say which layer it was measured at"
+        found.append(Intervention("run time", ONE_LAYER, "residual", None, note=note))
+    else:
+        one = functools.partial(
+            ablation_hooks, model, table, r, n_layers, ("residual",), layers=[layer]
+        )
+        found.append(Intervention("run time", ONE_LAYER, f"residual, layer {layer}", one))
     for name, sites in WEIGHT.items():
         try:
             plan = build_plan(
@@ -331,7 +355,8 @@ def finding(outcomes: list[Outcome]) -> str:
     return (
         "Removing the direction at run time from the block inputs alone gives "
         f"{share('run time', 'residual')} of the full ablation's effect on refusal "
-        f"({full.delta:+.2f} log-odds), from the attention outputs alone "
+        f"({full.delta:+.2f} log-odds), from one block's input (the direction's layer) "
+        f"{share('run time', ONE_LAYER)}, from the attention outputs alone "
         f"{share('run time', 'attn')}, from the MLP outputs alone {share('run time', 'mlp')}; "
         f"as weight edits, the embeddings alone give {share('weight edit', 'embed')}, attention "
         f"alone {share('weight edit', 'attn')}, MLP alone {share('weight edit', 'mlp')}, all "

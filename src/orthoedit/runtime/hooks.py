@@ -117,14 +117,19 @@ def ablation_hooks(
     r,
     n_layers: int,
     points: Sequence[str] = ABLATION_POINTS,
+    layers: Sequence[int] | None = None,
 ) -> Iterator[None]:
     """Directional ablation as in Arditi et al. 2024: remove r from every block input and from
     every attention and MLP output, at every layer and position. ``points`` restricts it to a
-    subset of ``ABLATION_POINTS`` (``orthoedit study sites`` compares them). ``r``: one
-    direction ``[d_model]`` or several ``[k, d_model]`` (their span is removed)."""
+    subset of ``ABLATION_POINTS`` and ``layers`` to some blocks (``orthoedit study sites``
+    compares them). ``r``: one direction ``[d_model]`` or several ``[k, d_model]`` (their span
+    is removed)."""
     unknown = set(points) - set(ABLATION_POINTS)
     if unknown or not points:
         raise ValueError(f"ablation points must be among {ABLATION_POINTS}, got {points!r}")
+    layers = range(n_layers) if layers is None else layers
+    if not layers or any(not 0 <= layer < n_layers for layer in layers):
+        raise ValueError(f"ablation layers must be among 0..{n_layers - 1}, got {layers!r}")
     fn = _projector(_basis(orthonormal(r)), 1.0)
     outputs = [
         path
@@ -133,7 +138,7 @@ def ablation_hooks(
     ]
 
     def register(handles: list) -> None:
-        for layer in range(n_layers):
+        for layer in layers:
             if "residual" in points:
                 block = resolve(model, table.blocks.module.format(layer=layer))
                 handles.append(block.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
