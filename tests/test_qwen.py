@@ -100,3 +100,31 @@ def test_mmlu_scores_above_chance_and_identically_twice(tmp_path):
     acc = next(r for r in result.rows if r.metric == "acc")
     assert acc.delta == 0 and not result.regressions
     assert acc.base > 0.25, acc.base  # four options
+
+
+def test_study_sites_on_a_real_model(measured, tmp_path):
+    """study sites on the development model (issue 23): the weight edit of every writer is
+    the full run-time ablation (a pre-norm model: equal up to bfloat16 rounding), the
+    attention-only edit is the attention-only ablation, the full ablation lowers refusal
+    below the baseline's, and the one-layer condition names measure's layer."""
+    from orthoedit.config import StudySitesConfig
+    from orthoedit.research.sites import ONE_LAYER, study_sites
+
+    cfg = StudySitesConfig(
+        model=str(QWEN),
+        direction=measured / "direction.safetensors",
+        out=tmp_path / "sites",
+        n=16,
+        max_new_tokens=32,
+        dtype="bfloat16",
+    )
+    result = study_sites(cfg, log=print)
+    c = {(o.kind, o.name): o for o in result.outcomes}
+    base, full, edit = c["baseline", "none"], c["run time", "all"], c["weight edit", "all"]
+    assert abs(edit.log_odds - full.log_odds) <= 0.05 and abs(edit.kl - full.kl) <= 0.01
+    attn_edit, attn_run = c["weight edit", "attn"], c["run time", "attn"]
+    assert abs(attn_edit.log_odds - attn_run.log_odds) <= 0.05
+    assert full.log_odds < base.log_odds and full.refusal < base.refusal
+    layer = json.loads((measured / "direction.json").read_text())["layer"]
+    assert c["run time", ONE_LAYER].sites == f"residual, layer {layer}"
+    assert (tmp_path / "sites" / "sites.png").read_bytes().startswith(b"\x89PNG")
