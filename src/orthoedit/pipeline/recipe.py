@@ -126,7 +126,41 @@ def _explain(err: ValidationError, model: type[BaseModel], section: str = "") ->
 
 def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel | Path]:
     """Every stage's options, validated now (before anything runs)."""
-    model = _local(recipe.model, base)
+    filled = _filled(recipe, _local(recipe.model, base), out)
+    configs: dict[str, BaseModel | Path] = {}
+    for section, (cls, reserved) in SECTIONS.items():
+        options = getattr(recipe, section)
+        if options is None or (section == "measure" and recipe.direction is not None):
+            continue
+        clash = sorted(set(options) & reserved)
+        if clash:
+            raise BadInputError(
+                f"recipe: {section}.{clash[0]} is set by the run (from the recipe's model, "
+                "revision and the output folder); remove it."
+            )
+        local = {k: _local(v, base) if k in PATH_KEYS else v for k, v in options.items()}
+        judge = local.get("judge")
+        if isinstance(judge, str) and judge.startswith("hf:"):
+            local["judge"] = "hf:" + _local(judge[3:], base)
+        if "overwrite" in cls.model_fields and section != "search":
+            # a stage that runs replaces its old output (a search resumes its own study)
+            local["overwrite"] = True
+        try:
+            cfg = cls(**local, **filled[section])
+        except ValidationError as err:
+            raise BadInputError(f"recipe: {_explain(err, cls, section)}") from None
+        configs[_stage_of(section)] = cfg
+    if recipe.direction is not None:
+        path = Path(_local(recipe.direction, base))
+        if not path.is_file():
+            raise BadInputError(f"recipe: direction file {path} does not exist.")
+        configs["direction"] = path
+    return configs
+
+
+def _filled(recipe: Recipe, model: str, out: Path) -> dict[str, dict]:
+    """What the run sets in each section: the model, and the paths that connect the stages
+    (with a search, the edit takes the chosen trial's direction and scales)."""
     filled = {
         "measure": {"model": model, "out": out / "direction", "revision": recipe.revision},
         "search": {
@@ -171,35 +205,7 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
             "direction": chosen / "direction.safetensors",
             "scales": chosen / "scales.json",
         }
-    configs: dict[str, BaseModel | Path] = {}
-    for section, (cls, reserved) in SECTIONS.items():
-        options = getattr(recipe, section)
-        if options is None or (section == "measure" and recipe.direction is not None):
-            continue
-        clash = sorted(set(options) & reserved)
-        if clash:
-            raise BadInputError(
-                f"recipe: {section}.{clash[0]} is set by the run (from the recipe's model, "
-                "revision and the output folder); remove it."
-            )
-        local = {k: _local(v, base) if k in PATH_KEYS else v for k, v in options.items()}
-        judge = local.get("judge")
-        if isinstance(judge, str) and judge.startswith("hf:"):
-            local["judge"] = "hf:" + _local(judge[3:], base)
-        if "overwrite" in cls.model_fields and section != "search":
-            # a stage that runs replaces its old output (a search resumes its own study)
-            local["overwrite"] = True
-        try:
-            cfg = cls(**local, **filled[section])
-        except ValidationError as err:
-            raise BadInputError(f"recipe: {_explain(err, cls, section)}") from None
-        configs[_stage_of(section)] = cfg
-    if recipe.direction is not None:
-        path = Path(_local(recipe.direction, base))
-        if not path.is_file():
-            raise BadInputError(f"recipe: direction file {path} does not exist.")
-        configs["direction"] = path
-    return configs
+    return filled
 
 
 EVALUATED = ("verify", "bench", "safety", "kl")

@@ -33,7 +33,6 @@ def search_markdown(report: dict) -> str:
     """``orthoedit search``: the baselines, the chosen trial and the Pareto front."""
     s = report["settings"]
     chosen = report["chosen"]
-    by_number = {t["number"]: t for t in report["trials"]}
     lines = [
         "# Edit search: refusal vs damage",
         "",
@@ -96,9 +95,16 @@ def search_markdown(report: dict) -> str:
             "edited` (also in `chosen/apply.txt`).",
             "",
         ]
+    lines += _front(report, chosen, drop, tail)
+    return "\n".join(lines)
+
+
+def _front(report: dict, chosen: dict | None, drop: bool, tail) -> list[str]:
+    """pareto.md's front: one row per trial on it, with its direction and profiles."""
+    by_number = {t["number"]: t for t in report["trials"]}
     head = ["trial", "failure", "refused", "broken", "KL", *(["drop"] if drop else [])]
     head += ["direction", "attn", "mlp", "embed"]
-    lines += [
+    lines = [
         "## Pareto front",
         "",
         "| " + " | ".join(head) + " |",
@@ -116,7 +122,8 @@ def search_markdown(report: dict) -> str:
             f"{t['kl']:.4f} |{tail(t)} {where}, pos {d['position']} | {_profile(p, 'attn')} | "
             f"{_profile(p, 'mlp')} | {'yes' if p['embed'] else 'no'} |"
         )
-    lines += [
+    return [
+        *lines,
         "",
         (
             "Profiles: one weight per layer, from layer 0."
@@ -127,7 +134,6 @@ def search_markdown(report: dict) -> str:
         + " Every trial, with its parameters: `pareto.json`.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def search_png(report: dict, path: Path, title: str) -> None:
