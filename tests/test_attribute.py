@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,6 +212,57 @@ def test_integrated_estimates_add_up_to_the_joint_patch(organism_attribution):
     )
     total = sum(c["estimate"] for c in record["components"])
     assert total == pytest.approx(joint - record["baseline_log_odds"], rel=0.1)
+    # the report's completeness check is this comparison, made by attribute itself
+    whole = record["checks"]["completeness"]
+    assert whole["patched_together"] == pytest.approx(joint - record["baseline_log_odds"], abs=1e-6)
+    assert whole["sum_of_estimates"] == pytest.approx(total, abs=1e-9)
+    assert whole["passed"] == (whole["relative_error"] <= 0.1)
+
+
+def test_the_ranking_check_is_the_rank_correlation_over_the_largest_patched(
+    organism_attribution,
+):
+    """The ranking check: Spearman between estimate and patched effect over the components
+    with the largest patched effects (here the 10 patched, chosen by their estimates, which
+    the report says), computed again here from the record."""
+    out, _, _ = organism_attribution
+    record = json.loads((out / "attribution.json").read_text())
+    rank = record["checks"]["ranking"]
+    patched = [c for c in record["components"] if c["patched"] is not None]
+    top = sorted(patched, key=lambda c: -abs(c["patched"]))[:20]
+    order = lambda xs: np.argsort(np.argsort(xs))  # noqa: E731  (no ties among these floats)
+    expected = np.corrcoef(order([c["estimate"] for c in top]), order([c["patched"] for c in top]))
+    assert rank["components"] == len(top) == 10
+    assert rank["spearman"] == pytest.approx(float(expected[0, 1]), abs=1e-12)
+    assert rank["passed"] == (rank["spearman"] >= 0.8)
+    assert "among the 10 largest estimates" in rank["chosen_by"]
+    md = (out / "attribution.md").read_text()
+    assert "## Checks" in md and f"{rank['spearman']:.3f}" in md
+
+
+def test_spearman():
+    from orthoedit.research.attribute import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_patch_all_patches_every_component(organism_run, tmp_path):
+    """--patch-all: every component is patched alone, and the ranking check says it chose its
+    components by their patched effect alone."""
+    direction = organism_run / "direction"
+    out = tmp_path / "attr"
+    args = ["attribute", CHAT_MODEL, "--direction", direction / "direction.safetensors"]
+    args += ["--harmful", direction / "val-harmful.jsonl", "--harmless"]
+    args += [direction / "val-harmless.jsonl", "--steps", "1", "--patch-all", "--out", out]
+    run = cli(*args)
+    assert run.exit_code == 0, run.output
+    record = json.loads((out / "attribution.json").read_text())
+    assert all(c["patched"] is not None for c in record["components"])
+    assert record["checks"]["ranking"]["chosen_by"] == "patched effect, every component patched"
+    assert record["checks"]["ranking"]["components"] == min(20, len(record["components"]))
 
 
 def test_gradient_matches_finite_differences(organism_attribution):

@@ -463,6 +463,12 @@ class AttributeConfig(_Running):
     top: int = Field(
         default=10, ge=0, description="Check this many top components by real patching."
     )
+    patch_all: bool = Field(
+        default=False,
+        description="Patch every component alone, not only the --top largest estimates (one "
+        "pass over the harmful prompts each): the ranking check then covers the components "
+        "with the largest patched effects, chosen without the estimates.",
+    )
     cumulative: int = Field(
         default=30, ge=1, description="Longest prefix of the ranking patched together."
     )

@@ -39,4 +39,13 @@ def attribute(cfg: AttributeConfig) -> None:
         f"harmful {result.baseline:.3f}, harmless {result.harmless:.3f}, direction ablated "
         f"{result.ablated:.3f} (refusal log-odds)"
     )
+    rank, whole = result.checks["ranking"], result.checks["completeness"]
+    rho, error = rank["spearman"], whole["relative_error"]
+    ui.out.print(
+        "checks: ranking (Spearman, top "
+        f"{rank['components']} by patched effect) {'n/a' if rho is None else f'{rho:.3f}'}, "
+        f"{'holds' if rank['passed'] else 'fails'}; completeness (estimates vs all patched) "
+        f"{'n/a' if error is None else f'{error:.1%} apart'}, "
+        f"{'holds' if whole['passed'] else 'fails'}"
+    )
     ui.wrote(f"{result.out}/attribution.md, attribution.json, cumulative.png, heads.png")

@@ -33,6 +33,7 @@ def attribute_markdown(result) -> str:
         f"| harmless prompts | {result.harmless:.3f} |",
         f"| harmful, direction ablated everywhere | {result.ablated:.3f} ({full:+.3f}) |",
         "",
+        *_checks(result.checks),
         "## Estimates vs real patching (largest estimates)",
         "",
         "*first order*: the gradient at the harmful activations × (harmless mean − harmful "
@@ -72,9 +73,17 @@ def attribute_markdown(result) -> str:
             f"| {step['k']} | {step.get('last', '–')} | {step['estimate']:.3f} | "
             f"{step['patched']:.3f} | {share:.0%} |"
         )
+    lines += _carriers(comps)
+    lines += ["", "Plots: `cumulative.png`, `heads.png`.", ""]
+    return "\n".join(lines)
+
+
+def _carriers(comps) -> list[str]:
+    """The components that carry refusal (negative estimates, strongest first) and those that
+    push the other way."""
     suppress = [c for c in comps if c.estimate < 0]
     promote = [c for c in comps if c.estimate > 0]
-    lines += [
+    lines = [
         "",
         f"## Components that carry refusal ({len(suppress)}, strongest first)",
         "",
@@ -100,8 +109,7 @@ def attribute_markdown(result) -> str:
         f"| {c.name} | {c.estimate:+.3f} | {c.harmful_proj:+.3f} | {c.harmless_proj:+.3f} |"
         for c in sorted(promote, key=lambda c: -c.estimate)
     ]
-    lines += ["", "Plots: `cumulative.png`, `heads.png`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def attribute_pngs(result, folder: Path) -> None:
@@ -168,3 +176,38 @@ def attribute_pngs(result, folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "heads.png", dpi=110)
     plt.close(fig)
+
+
+def _checks(found: dict) -> list[str]:
+    """The three checks of the estimates against patching, each with its number and bound."""
+    if not found:
+        return []
+    rank, whole, linear = found["ranking"], found["completeness"], found["linearity"]
+
+    def verdict(ok: bool) -> str:
+        return "**holds**" if ok else "**fails**"
+
+    rho = "n/a" if rank["spearman"] is None else f"{rank['spearman']:.3f}"
+    error = "n/a" if whole["relative_error"] is None else f"{whole['relative_error']:.1%}"
+    median = linear["median_abs_error"]
+    return [
+        "## Checks: can the estimates stand in for patching?",
+        "",
+        f"- **ranking**: Spearman correlation between the integrated estimate and the patched "
+        f"effect over the {rank['components']} components with the largest patched effects "
+        f"({rank['chosen_by']}): {rho} (at least {rank['minimum']:g}): "
+        f"{verdict(rank['passed'])}",
+        f"- **completeness**: the estimates sum to {whole['sum_of_estimates']:+.3f}; patching "
+        f"every component at once moves the log-odds {whole['patched_together']:+.3f}: "
+        f"{error} apart (at most {whole['maximum']:.0%}): {verdict(whole['passed'])}",
+        f"- **linearity**: {len(linear['components'])} components patch by less than "
+        f"{linear['fraction_of_gap']:.0%} of the saturation gap "
+        f"({linear['saturation_gap']:.3f} log-odds, harmful to harmless)"
+        + (
+            f"; there the estimate is {linear['median_estimate_over_patched']:.2f} × the patched "
+            f"effect (median), {median:.0%} off (median)"
+            if median is not None
+            else ""
+        ),
+        "",
+    ]

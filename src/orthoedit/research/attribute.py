@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class Attribution:
     ablated: float  # ... on harmful prompts with the direction ablated everywhere
     cumulative: list[dict]
     settings: dict
+    checks: dict = field(default_factory=dict)  # ranking, completeness, linearity (``checks``)
 
 
 def every_writer(folder: Path, direction_path: Path, direction_layer: int | None = None):
@@ -165,9 +166,11 @@ def attribute(
         model, rows["harmful"], token_ids, cfg.batch_size, pad, shifts
     )
     cumulative = _patch(cfg, ranked, deltas, baseline, patch, progress)
+    together = patch(_shifts_for(components, deltas))  # every component patched at once
 
     settings = _settings(cfg, revision, direction, table, plan, writers, prompts, tok, token_ids)
-    result = Attribution(target, ranked, baseline, harmless, ablated, cumulative, settings)
+    found = checks(ranked, baseline, harmless, together, every=cfg.patch_all)
+    result = Attribution(target, ranked, baseline, harmless, ablated, cumulative, settings, found)
     _write(result)
     return result
 
@@ -185,6 +188,7 @@ def _write(result: Attribution) -> None:
             "ablated_log_odds": result.ablated,
             "components": [asdict(c) for c in result.components],
             "cumulative": result.cumulative,
+            "checks": result.checks,
         }
         (tmp / "attribution.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "attribution.md").write_text(attribute_markdown(result))
@@ -268,12 +272,14 @@ def _estimate(cfg, model, writers, rows, token_ids, pad, progress):
 
 
 def _patch(cfg, ranked, deltas, baseline: float, patch, progress) -> list[dict]:
-    """Real patching: each of the ``cfg.top`` largest estimates alone (set on the component),
+    """Real patching: each of the ``cfg.top`` largest estimates alone, or with ``patch_all``
+    every component (set on the component),
     and the refusal-suppressing ones together, growing prefixes of the ranking (returned as
     the cumulative curve). ``patch(shifts)`` is the harmful prompts' mean log-odds."""
     suppressing = [c for c in ranked if c.estimate < 0]
-    progress.start("real patching of the top components", min(cfg.top, len(ranked)))
-    for c in sorted(ranked, key=lambda c: -abs(c.estimate))[: cfg.top]:
+    alone = ranked if cfg.patch_all else sorted(ranked, key=lambda c: -abs(c.estimate))[: cfg.top]
+    progress.start("real patching, one component at a time", len(alone))
+    for c in alone:
         c.patched = patch(_shifts_for([c], deltas)) - baseline
         progress.advance()
     steps = _steps(min(cfg.cumulative, len(suppressing)))
@@ -296,3 +302,79 @@ def _steps(n: int) -> list[int]:
         k = min(n, int(k * 1.5))
         steps.append(k)
     return steps
+
+
+#: The ranking check: the components with the largest patched effects, and the rank
+#: correlation their integrated estimates must reach.
+RANK_N, RANK_MIN = 20, 0.8
+#: The completeness check: the estimates' sum against patching every component at once.
+COMPLETE_MAX = 0.1
+#: A component is in the linear regime when its patched effect is below this fraction of the
+#: saturation gap (harmful to harmless log-odds).
+LINEAR_FRACTION = 0.1
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their mean rank."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):
+        same = x == value
+        ranks[same] = ranks[same].mean()
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (None for fewer than 3 pairs or a constant side)."""
+    if len(a) < 3:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def checks(components, baseline: float, harmless: float, together: float, every: bool) -> dict:
+    """How far the integrated estimates can stand in for patching, by criteria that hold on
+    any model and can fail: the rank correlation with patching over the ``RANK_N`` components
+    with the largest patched effects (chosen by the estimates unless ``every`` component was
+    patched, which biases the check toward agreement); the estimates' sum against patching
+    all of them at once; and, in the linear regime, the estimate over the patched effect."""
+    patched = [c for c in components if c.patched is not None]
+    top = sorted(patched, key=lambda c: -abs(c.patched))[:RANK_N]
+    rho = spearman([c.estimate for c in top], [c.patched for c in top])
+    total = together - baseline
+    estimated = float(sum(c.estimate for c in components))
+    error = abs(estimated - total) / abs(total) if total else None
+    gap = abs(harmless - baseline)
+    linear = [c for c in patched if c.patched and abs(c.patched) < LINEAR_FRACTION * gap]
+    ratios = [c.estimate / c.patched for c in linear]
+    return {
+        "ranking": {
+            "components": len(top),
+            "chosen_by": "patched effect, every component patched"
+            if every
+            else f"patched effect, among the {len(patched)} largest estimates",
+            "spearman": rho,
+            "minimum": RANK_MIN,
+            "passed": rho is not None and rho >= RANK_MIN,
+        },
+        "completeness": {
+            "sum_of_estimates": estimated,
+            "patched_together": total,
+            "relative_error": error,
+            "maximum": COMPLETE_MAX,
+            "passed": error is not None and error <= COMPLETE_MAX,
+        },
+        "linearity": {
+            "fraction_of_gap": LINEAR_FRACTION,
+            "saturation_gap": gap,
+            "components": [c.name for c in linear],
+            "median_estimate_over_patched": float(np.median(ratios)) if ratios else None,
+            "median_abs_error": float(np.median(np.abs(np.asarray(ratios) - 1)))
+            if ratios
+            else None,
+        },
+    }
