@@ -281,31 +281,12 @@ def _write_state(out: Path, state: dict) -> None:
     write_file(out / "run.json", json.dumps(state, indent=2) + "\n")
 
 
-def run(
-    recipe_path: Path,
-    out: Path,
-    *,
-    start: str | None = None,
-    only: str | None = None,
-    log: Callable[[str], None] = print,
-    progress: Progress | None = None,
-    on_stage: Callable[[int, int, str], None] | None = None,
-) -> dict:
+def run(recipe_path: Path, out: Path, **options) -> dict:
     """Run (or resume) a recipe file; returns run.json's content. Raises CheckFailedError
-    after the last stage when verify failed or the benchmark regressed."""
+    after the last stage when verify failed or the benchmark regressed. ``options``: those of
+    ``run_recipe`` (start, only, log, progress, on_stage)."""
     recipe, base = load_recipe(recipe_path)
-    source = str(Path(recipe_path).resolve())
-    return run_recipe(
-        recipe,
-        base,
-        out,
-        source=source,
-        start=start,
-        only=only,
-        log=log,
-        progress=progress,
-        on_stage=on_stage,
-    )
+    return run_recipe(recipe, base, out, source=str(Path(recipe_path).resolve()), **options)
 
 
 def run_recipe(
