@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from orthoedit.measure.candidates import mean_activations
 from orthoedit.measure.select import (
     NoCandidateError,
+    Scorer,
     first_token_logprobs,
     parse_refusal_tokens,
     select,
@@ -184,21 +185,18 @@ def in_process(args) -> dict:
         timed(lambda: first_token_logprobs(model, both, BATCH, pad)) for _ in range(args.repeats)
     )
     try:
-        selection = select(
+        scorer = Scorer(
             model=model,
             table=table,
             checkpoint=Checkpoint.open(folder),
             config=config,
             folder=folder,
-            candidates=candidates,
-            harmful_rows=harmful_val,
-            harmless_rows=harmless_val,
-            token_ids=token_ids,
+            openings=[(t,) for t in token_ids],
             batch_size=BATCH,
             pad=pad,
-            max_kl=0.1,
-            max_layer_frac=0.8,
-            top_k=20,
+        )
+        selection = select(
+            scorer, candidates, harmful_val, harmless_val, max_kl=0.1, max_layer_frac=0.8, top_k=20
         )
     except NoCandidateError as e:  # SmolLM2 rarely refuses: the timings are what matter here
         selection = e.selection

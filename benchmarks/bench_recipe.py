@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from orthoedit.errors import CheckFailedError
-from orthoedit.pipeline.recipe import run
+from orthoedit.pipeline.run import run
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -56,7 +56,7 @@ def direction_file(tmp_path_factory) -> Path:
 def organism_run(tmp_path_factory) -> Path:
     """recipes/organism.yaml run once, all six stages (about 25 s); read-only for tests, and
     reruns of it must leave every output as it was."""
-    from orthoedit.pipeline.recipe import run
+    from orthoedit.pipeline.run import run
 
     out = tmp_path_factory.mktemp("organism-run") / "run"
     run(ROOT / "recipes" / "organism.yaml", out, log=lambda m: None)

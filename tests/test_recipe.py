@@ -11,7 +11,8 @@ import pytest
 
 from orthoedit.edit.licenses import name_problem
 from orthoedit.errors import BadInputError
-from orthoedit.pipeline.recipe import SECTIONS, load_recipe, run, stage_configs
+from orthoedit.pipeline.recipe import SECTIONS, load_recipe, stage_configs
+from orthoedit.pipeline.run import run
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,8 @@ unchanged):
 * the import graph of ``src/orthoedit``, counting imports inside functions, has no cycle;
 * ``import orthoedit.cli`` and ``orthoedit apply --help`` load no torch;
 * every ``docs/design.md §N`` a docstring cites is a section of the design document;
+* no module is over 500 lines and no function over 60, except the declarative tables of
+  ``DECLARATIVE`` (one pydantic model per stage);
 * every command's options (names, flags, defaults, whether required) match
   ``tests/snapshots/cli-options.json``, taken before the move. After a deliberate change of
   the CLI, rewrite it with ``ORTHOEDIT_SNAPSHOT=write pytest tests/test_structure.py``.
@@ -108,6 +110,46 @@ def test_the_cycle_finder_sees_function_level_imports(tmp_path, monkeypatch):
     graph = import_graph()
     assert graph["orthoedit.c"] == {"orthoedit.a"}
     assert cycles(graph) == [{"orthoedit.a", "orthoedit.b"}]
+
+
+#: Modules that are tables, allowed over 500 lines: one pydantic model per stage's options.
+DECLARATIVE = {"orthoedit.config"}
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+
+
+def long_code(modules: dict[str, tuple[Path, bool]]) -> list[str]:
+    """Modules over ``MAX_MODULE_LINES`` (but the declarative ones) and functions over
+    ``MAX_FUNCTION_LINES`` (decorators left out, docstring and signature counted)."""
+    found = []
+    for name, (path, _) in sorted(modules.items()):
+        text = path.read_text()
+        if name not in DECLARATIVE and len(text.splitlines()) > MAX_MODULE_LINES:
+            found.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{name}.{node.name}: {length} lines")
+    return found
+
+
+def test_the_length_check_sees_long_functions_and_modules(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    long = tmp_path / "long.py"
+    long.write_text(f"def f():\n{body}\n" + "\n" * MAX_MODULE_LINES)
+    short = tmp_path / "short.py"
+    short.write_text("def g():\n    return 1\n")
+    found = long_code({"orthoedit.long": (long, False), "orthoedit.short": (short, False)})
+    assert found == [
+        f"orthoedit.long: {MAX_FUNCTION_LINES + MAX_MODULE_LINES + 1} lines",
+        f"orthoedit.long.f: {MAX_FUNCTION_LINES + 1} lines",
+    ]
+
+
+def test_no_long_module_or_function():
+    found = long_code(_modules())
+    assert not found, f"over the house plan's lengths: {found}"
 
 
 def test_no_import_cycle():

@@ -31,7 +31,7 @@ def run(
     eval safety, push) into one folder, skipping stages that are up to date; rerunning after an
     interruption resumes. Exit 1 when verify fails or the benchmark regresses (nothing is
     published then)."""
-    from ..pipeline.recipe import run as run_recipe
+    from ..pipeline.run import run as run_recipe
 
     with ui.bar() as display:
         # two rows: the run (stage k of n, its elapsed time) and the running stage's step

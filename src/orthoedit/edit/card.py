@@ -126,6 +126,15 @@ def render_card(plan: Plan, source_meta: dict | None = None):
         tags=TAGS,
         **{k: meta[k] for k in CARRIED if meta.get(k)},
     )
+    body = _card_body(plan, meta)
+    if plan.warnings:
+        body += "\n## Warnings at edit time\n\n" + "\n".join(f"- {w}" for w in plan.warnings) + "\n"
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body)
+
+
+def _card_body(plan: Plan, meta: dict) -> str:
+    """The card's Markdown below its metadata: what changed, the edit, provenance, an empty
+    Evaluation section (``with_evaluation`` fills it) and the license."""
     terms = terms_for(meta)
     tied = (
         f"tied embeddings, policy `{plan.tied_policy}`"
@@ -135,7 +144,7 @@ def render_card(plan: Plan, source_meta: dict | None = None):
     )
     source = f"`{plan.source}`" + (f" at revision `{plan.revision}`" if plan.revision else "")
     display = f"**{terms.display}**\n\n" if terms and terms.display else ""
-    body = f"""
+    return f"""
 # {Path(plan.source).name} (orthogonalized)
 
 {display}This checkpoint is {source} with {_span(plan)} removed from every tensor that
@@ -174,9 +183,6 @@ may change too; evaluate it before use (see Evaluation below).
 
 {license_section(meta)}
 """
-    if plan.warnings:
-        body += "\n## Warnings at edit time\n\n" + "\n".join(f"- {w}" for w in plan.warnings) + "\n"
-    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body)
 
 
 def _pct(x) -> str:
@@ -197,71 +203,9 @@ def evaluation_markdown(
         "orthoedit; the numbers below come from its reports."
     ]
     if safety is not None:
-        summary, settings = safety["summary"], safety["settings"]
-        roles = [r for r in ("base", "model") if r in summary]
-        heads = {"base": "source", "model": "this model"}
-        judged = settings.get("judge") is not None
-        rows = [
-            ("harmful requests refused", "harmful", "refusal"),
-            ("harmless requests refused (over-refusal)", "harmless", "refusal"),
-            ("harmful requests: broken answers", "harmful", "broken"),
-        ]
-        if judged:
-            rows.append(("harmful answers the judge calls unsafe", "harmful", "unsafe"))
-        n = {k: summary[roles[-1]][k]["overall"]["n"] for k in ("harmful", "harmless")}
-        lines = [
-            "### Refusal and safety (`orthoedit eval safety`)",
-            "",
-            "| | " + " | ".join(heads[r] for r in roles) + " |",
-            "|---|" + "---|" * len(roles),
-            *(
-                f"| {label} | "
-                + " | ".join(_pct(summary[r][kind]["overall"].get(key)) for r in roles)
-                + " |"
-                for label, kind, key in rows
-            ),
-            "",
-            f"{n['harmful']} harmful and {n['harmless']} harmless held-out prompts "
-            f"(harmful: {settings['harmful']}; harmless: {settings['harmless']}), greedy "
-            f"answers of at most {settings['max_new_tokens']} tokens with the chat template. "
-            "Refused = a refusal phrase at the start of the answer; broken = empty or "
-            "degenerate output."
-            + (f" Judge: `{settings['judge']}`." if judged else " No judge model was run."),
-        ]
-        parts.append("\n".join(lines))
+        parts.append(_safety_section(safety))
     if bench is not None:
-        settings = bench["settings"]
-        lines = [
-            "### Benchmarks (`orthoedit eval bench`, lm-eval)",
-            "",
-            "| task | metric | source | this model | change | ± (stderr) | |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for row in bench["rows"]:
-            flag = (
-                "**regressed**"
-                if row["regressed"]
-                else ("beyond noise" if row["beyond_noise"] else "within noise")
-            )
-            lines.append(
-                f"| {row['task']} | {row['metric']} | {_num(row['base'])} | "
-                f"{_num(row['edited'])} | {row['delta']:+.4g} | {_num(row['stderr'])} | {flag} |"
-            )
-        limit = settings.get("limit")
-        lines += [
-            "",
-            f"lm-eval {settings.get('lm_eval_version') or ''}, {settings['num_fewshot']}-shot"
-            if settings.get("num_fewshot") is not None
-            else f"lm-eval {settings.get('lm_eval_version') or ''}, default shots",
-        ]
-        lines[-1] += (
-            (f", first {limit} items per task" if limit else ", full tasks")
-            + f", dtype {settings.get('dtype')}, allowed drop {settings.get('max_drop')}"
-            + (", regressions: " + ", ".join(bench["regressions"]) if bench["regressions"]
-               else ", no regression")
-            + "."
-        )  # fmt: skip
-        parts.append("\n".join(lines))
+        parts.append(_bench_section(bench))
     if verify is not None:
         verdict = "passed" if verify.get("passed") else "FAILED: " + "; ".join(verify["failures"])
         parts.append(
@@ -278,6 +222,75 @@ def evaluation_markdown(
             + ". The answers themselves are not published."
         )
     return "\n\n".join(parts)
+
+
+def _safety_section(safety: dict) -> str:
+    """Refusal, over-refusal, broken and (when judged) unsafe rates, source vs this model."""
+    summary, settings = safety["summary"], safety["settings"]
+    roles = [r for r in ("base", "model") if r in summary]
+    heads = {"base": "source", "model": "this model"}
+    judged = settings.get("judge") is not None
+    rows = [
+        ("harmful requests refused", "harmful", "refusal"),
+        ("harmless requests refused (over-refusal)", "harmless", "refusal"),
+        ("harmful requests: broken answers", "harmful", "broken"),
+    ]
+    if judged:
+        rows.append(("harmful answers the judge calls unsafe", "harmful", "unsafe"))
+    n = {k: summary[roles[-1]][k]["overall"]["n"] for k in ("harmful", "harmless")}
+    lines = [
+        "### Refusal and safety (`orthoedit eval safety`)",
+        "",
+        "| | " + " | ".join(heads[r] for r in roles) + " |",
+        "|---|" + "---|" * len(roles),
+        *(
+            f"| {label} | "
+            + " | ".join(_pct(summary[r][kind]["overall"].get(key)) for r in roles)
+            + " |"
+            for label, kind, key in rows
+        ),
+        "",
+        f"{n['harmful']} harmful and {n['harmless']} harmless held-out prompts "
+        f"(harmful: {settings['harmful']}; harmless: {settings['harmless']}), greedy "
+        f"answers of at most {settings['max_new_tokens']} tokens with the chat template. "
+        "Refused = a refusal phrase at the start of the answer; broken = empty or "
+        "degenerate output."
+        + (f" Judge: `{settings['judge']}`." if judged else " No judge model was run."),
+    ]
+    return "\n".join(lines)
+
+
+def _bench_section(bench: dict) -> str:
+    """One row per task and metric, source vs this model, with the settings below."""
+    settings = bench["settings"]
+    lines = [
+        "### Benchmarks (`orthoedit eval bench`, lm-eval)",
+        "",
+        "| task | metric | source | this model | change | ± (stderr) | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in bench["rows"]:
+        flag = (
+            "**regressed**"
+            if row["regressed"]
+            else ("beyond noise" if row["beyond_noise"] else "within noise")
+        )
+        lines.append(
+            f"| {row['task']} | {row['metric']} | {_num(row['base'])} | "
+            f"{_num(row['edited'])} | {row['delta']:+.4g} | {_num(row['stderr'])} | {flag} |"
+        )
+    limit = settings.get("limit")
+    shots = settings.get("num_fewshot")
+    footer = (
+        f"lm-eval {settings.get('lm_eval_version') or ''}, "
+        + (f"{shots}-shot" if shots is not None else "default shots")
+        + (f", first {limit} items per task" if limit else ", full tasks")
+        + f", dtype {settings.get('dtype')}, allowed drop {settings.get('max_drop')}"
+        + (", regressions: " + ", ".join(bench["regressions"]) if bench["regressions"]
+           else ", no regression")
+        + "."
+    )  # fmt: skip
+    return "\n".join([*lines, "", footer])
 
 
 def with_evaluation(card: str, section: str) -> str:

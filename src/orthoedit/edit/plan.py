@@ -385,6 +385,60 @@ def _tensor_ops(
     return ops
 
 
+def _collect_ops(
+    table, names, config: dict, sites: list, layers: range, scales: dict, policy: str | None
+) -> tuple[list[EditOp], dict[str, float], list[str]]:
+    """The ops of every writer at the chosen sites and layers (scale 0 leaves one out), the
+    scales used by site key ("embed", "attn:3", ...), and warnings about tied embeddings
+    (``policy``: the tied policy, None for untied embeddings)."""
+    d_model = table.dims(config)[0]
+    skip_tied = policy == "skip"
+    warnings: list[str] = []
+    ops: list[EditOp] = []
+    used: dict[str, float] = {}
+    for writer in table.writers:
+        if writer.site not in sites:
+            continue
+        skip = skip_tied and writer.tensor == table.unembed.tied_to
+        if writer.site == "embed" and skip:
+            warnings.append(
+                f"tied embeddings: {names(table.unembed.tied_to)} left unedited "
+                f"({table.family} default 'skip': some runtimes force tying for it); "
+                "--tied untie|edit changes this."
+            )
+            continue
+        if writer.site == "embed":
+            keys = {"embed": None}
+        else:
+            keys = {f"{writer.site}:{layer}": layer for layer in layers}
+        for key, layer in keys.items():
+            scale = scales.get(key, 1.0)
+            if scale > 0:
+                ops += _writer_ops(writer, layer, scale, names, table, d_model, config)
+                used[key] = scale
+    _check_every_layer_written(ops, used, table)
+    if not ops:
+        raise BadInputError("the plan edits nothing: check --sites, --layers and --scales.")
+    if policy == "edit" and names(table.unembed.tied_to) in {op.tensor for op in ops}:
+        warnings.append(
+            "tied embeddings edited in place (--tied edit): the unembedding changes too, so the "
+            "result is not equivalent to run-time ablation of the residual stream."
+        )
+    return ops, used, warnings
+
+
+def _check_every_layer_written(ops: list[EditOp], used: dict[str, float], table) -> None:
+    """Optional writers: every edited layer still needs one writer of its site in the
+    checkpoint, or the table does not describe these weights."""
+    for key in used:
+        site, _, layer = key.partition(":")
+        if layer and not any(op.site == site and op.layer == int(layer) for op in ops):
+            raise UnsupportedModelError(
+                f"no {site} writer of the {table.family} table exists in layer {layer} of the "
+                "checkpoint; is config.json's architecture right for these weights?"
+            )
+
+
 def build_plan(
     *,
     table: ArchitectureTable,
@@ -410,43 +464,9 @@ def build_plan(
     names = _Names(table, checkpoint)
     policy = (tied_policy or table.tied_default) if tied else None
     tied_embedding = names(table.unembed.tied_to)
-    warnings: list[str] = []
-    ops: list[EditOp] = []
-    used: dict[str, float] = {}
-    for writer in table.writers:
-        if writer.site not in sites:
-            continue
-        if writer.site == "embed":
-            if tied and policy == "skip" and writer.tensor == table.unembed.tied_to:
-                warnings.append(
-                    f"tied embeddings: {tied_embedding} left unedited ({table.family} default "
-                    "'skip': some runtimes force tying for it); --tied untie|edit changes this."
-                )
-                continue
-            scale = scales.get("embed", 1.0)
-            if scale > 0:
-                ops += _writer_ops(writer, None, scale, names, table, d_model, config)
-                used["embed"] = scale
-            continue
-        for layer in range(start, end):
-            scale = scales.get(f"{writer.site}:{layer}", 1.0)
-            if scale > 0:
-                ops += _writer_ops(writer, layer, scale, names, table, d_model, config)
-                used[f"{writer.site}:{layer}"] = scale
-    for key in used:  # optional writers: every edited layer still needs one of its site
-        site, _, layer = key.partition(":")
-        if layer and not any(op.site == site and op.layer == int(layer) for op in ops):
-            raise UnsupportedModelError(
-                f"no {site} writer of the {table.family} table exists in layer {layer} of the "
-                "checkpoint; is config.json's architecture right for these weights?"
-            )
-    if not ops:
-        raise BadInputError("the plan edits nothing: check --sites, --layers and --scales.")
-    if tied and policy == "edit" and tied_embedding in {op.tensor for op in ops}:
-        warnings.append(
-            "tied embeddings edited in place (--tied edit): the unembedding changes too, so the "
-            "result is not equivalent to run-time ablation of the residual stream."
-        )
+    ops, used, warnings = _collect_ops(
+        table, names, config, sites, range(start, end), scales, policy
+    )
     unembed = names(table.unembed.tensor)
     return Plan(
         source=source,

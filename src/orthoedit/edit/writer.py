@@ -98,6 +98,33 @@ class Workspace:
         return flat[:need].view(dtype).reshape(shape)
 
 
+def _projected_vector(b: np.ndarray, q: np.ndarray, scale: float, preserve_norm: bool):
+    """A 1-D writer (a bias) with ``scale`` times its components along the rows of ``q``
+    removed, in place."""
+    along = np.array([u @ b for u in q])
+    sq = b @ b
+    for u, a in zip(q, along, strict=True):
+        b -= scale * a * u
+    if preserve_norm:
+        b *= norm_factors(np.asarray(sq), np.asarray(along @ along), scale)
+    return b
+
+
+def _column_pass(load, rows: int, cols: int, tile: int, q, scale: float, preserve_norm: bool):
+    """The first pass of a ``[d_model, in]`` weight: ``U W`` over every tile of rows
+    (``load(i0, i1)``), and with ``preserve_norm`` the column norms' factors (else None)."""
+    coeff = np.zeros((q.shape[0], cols), dtype=q.dtype)
+    sq = np.zeros(cols, dtype=q.dtype) if preserve_norm else None
+    for i0, i1 in _blocks(rows, tile):
+        block = load(i0, i1)
+        coeff += column_coefficients(block, q[:, i0:i1])
+        if preserve_norm:
+            sq += np.einsum("ij,ij->j", block, block)
+    if not preserve_norm:
+        return coeff, None
+    return coeff, norm_factors(sq, np.einsum("kj,kj->j", coeff, coeff), scale)
+
+
 def edit_tensor(
     shard: SafetensorsFile,
     info: TensorInfo,
@@ -120,13 +147,7 @@ def edit_tensor(
     q = np.atleast_2d(basis).astype(math)  # [k, d_model]
     values = stored(shard.bytes(info), info.dtype)
     if len(info.shape) == 1:
-        b = values.astype(math)
-        along = np.array([u @ b for u in q])
-        sq = b @ b
-        for u, a in zip(q, along, strict=True):
-            b -= op.scale * a * u
-        if preserve_norm:
-            b *= norm_factors(np.asarray(sq), np.asarray(along @ along), op.scale)
+        b = _projected_vector(values.astype(math), q, op.scale, preserve_norm)
         _write_all(dst, encode(b, info.dtype), info.start)
         return
     rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
@@ -143,17 +164,9 @@ def edit_tensor(
         np.copyto(block, values[i0:i1])
         return block
 
-    factors = None
+    coeff = factors = None
     if axis == 0:
-        coeff = np.zeros((q.shape[0], cols), dtype=math)
-        sq = np.zeros(cols, dtype=math) if preserve_norm else None
-        for i0, i1 in _blocks(rows, tile):
-            block = load(i0, i1)
-            coeff += column_coefficients(block, q[:, i0:i1])
-            if preserve_norm:
-                sq += np.einsum("ij,ij->j", block, block)
-        if preserve_norm:
-            factors = norm_factors(sq, np.einsum("kj,kj->j", coeff, coeff), op.scale)
+        coeff, factors = _column_pass(load, rows, cols, tile, q, op.scale, preserve_norm)
     for o0, o1 in _blocks(rows, out_rows):
         out = work.get("out", (o1 - o0, cols), values.dtype)
         for i0, i1 in _blocks(o1 - o0, tile):
@@ -174,6 +187,23 @@ def _unedited_spans(shard: SafetensorsFile, edited: list[TensorInfo]) -> list[tu
         pos = info.end
     spans.append((pos, shard.size - pos))
     return [(s, n) for s, n in spans if n > 0]
+
+
+def _serve(stop: threading.Event, *queues: deque) -> None:
+    """Run the jobs of each queue in turn with one workspace, until all are empty or ``stop``
+    is set; an error sets ``stop`` for the other thread."""
+    work = Workspace()
+    try:
+        for queue in queues:
+            while not stop.is_set():
+                try:
+                    job = queue.popleft()
+                except IndexError:
+                    break
+                job(work)
+    except BaseException:
+        stop.set()  # the other thread stops at its next job; the caller removes the output
+        raise
 
 
 def stream_shards(
@@ -229,23 +259,9 @@ def stream_shards(
                 size = min(COPY_BLOCK, start + length - offset)
                 copies.append(copy_job(shard.path, dst, offset, size))
 
-    def serve(*queues: deque) -> None:
-        work = Workspace()
-        try:
-            for queue in queues:
-                while not stop.is_set():
-                    try:
-                        job = queue.popleft()
-                    except IndexError:
-                        break
-                    job(work)
-        except BaseException:
-            stop.set()  # the other thread stops at its next job; the caller removes the output
-            raise
-
     with ThreadPoolExecutor(1, thread_name_prefix="orthoedit-copy") as pool:
-        helper = pool.submit(serve, copies, edits)
-        serve(edits, copies)  # on error, leaving the pool waits for the helper to stop
+        helper = pool.submit(_serve, stop, copies, edits)
+        _serve(stop, edits, copies)  # on error, leaving the pool waits for the helper to stop
         helper.result()  # the helper's error, if it had one
 
 

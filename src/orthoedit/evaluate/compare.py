@@ -10,7 +10,7 @@ from ..config import CompareConfig
 from ..model.source import resolve_model
 from ..output import check_file_target, inputs_of, write_file
 from ..runtime.refusal import refusal_run
-from ..runtime.session import Session, check_device
+from ..runtime.session import Session, start_stage
 
 
 @dataclass
@@ -40,10 +40,8 @@ def _prompts(cfg: CompareConfig) -> list[tuple[str, str]]:
 
 
 def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair]:
-    import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    check_device(cfg.device)
+    start_stage(cfg.device)
     check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite)
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))

@@ -24,11 +24,11 @@ from ..prompts import prompt_texts
 from ..runtime.session import (
     batched_forward,
     chat_ids,
-    check_device,
     load_model,
     load_tokenizer,
     pad_id,
     post_instruction_ids,
+    start_stage,
 )
 
 
@@ -81,13 +81,11 @@ def _prompts(cfg: EvalKLConfig) -> list[str]:
 
 
 def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageReport:
-    import transformers
 
     from ..measure.select import first_token_logprobs, mean_kl
     from ..runtime.refusal import greedy_completions, stop_ids, until_stop
 
-    transformers.utils.logging.disable_progress_bar()  # ours is the only output
-    check_device(cfg.device)
+    start_stage(cfg.device)
     if cfg.report is not None:
         check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite)
     folders = {

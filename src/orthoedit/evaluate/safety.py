@@ -35,7 +35,7 @@ from ..model.source import resolve_model
 from ..output import check_target, inputs_of, staged_output
 from ..progress import Progress
 from ..runtime.refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
-from ..runtime.session import Session, check_device, pad_id, template_kwargs
+from ..runtime.session import Session, pad_id, start_stage, template_kwargs
 
 GUARD_TOKENS = 12  # "unsafe\nS1,S10" and a little room
 
@@ -256,11 +256,8 @@ class SafetyResult:
 def eval_safety(
     cfg: EvalSafetyConfig, log: Callable[[str], None] = print, progress: Progress | None = None
 ) -> SafetyResult:
-    import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    progress = progress or Progress()
-    check_device(cfg.device)
+    progress = start_stage(cfg.device, progress)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     phrases = _phrases(cfg)
     if cfg.max_surprisal is not None and cfg.base is None:

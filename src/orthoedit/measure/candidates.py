@@ -32,10 +32,10 @@ from ..runtime.session import (
     Session,
     batched_forward,
     chat_ids,
-    check_device,
     load_tokenizer,
     placement,
     post_instruction_ids,
+    start_stage,
 )
 
 
@@ -170,11 +170,8 @@ def measure(
     cfg: MeasureConfig, log: Callable[[str], None] = print, progress: Progress | None = None
 ) -> MeasureResult:
     """Compute every candidate and write the chosen one as a direction artifact."""
-    import transformers
 
-    transformers.utils.logging.disable_progress_bar()  # ours is the only bar
-    progress = progress or Progress()
-    check_device(cfg.device)
+    progress = start_stage(cfg.device, progress)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)
@@ -404,7 +401,7 @@ class _Loaded:
 
 def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, progress):
     from ..model.checkpoint import Checkpoint
-    from .select import parse_refusal_tokens, refusal_openings, select
+    from .select import Scorer, parse_refusal_tokens, refusal_openings, select
 
     harmful_rows = chat_ids(loaded.tok, harmful_val, loaded.post, cfg.system)
     harmless_rows = chat_ids(loaded.tok, harmless_val, loaded.post, cfg.system)
@@ -418,18 +415,21 @@ def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, pr
             log,
         )
     log(f"scoring {candidates.shape[0] * candidates.shape[1]} candidates")
-    return select(
+    scorer = Scorer(
         model=loaded.model,
         table=loaded.table,
         checkpoint=Checkpoint.open(loaded.folder),
         config=loaded.config,
         folder=loaded.folder,
-        candidates=candidates,
-        harmful_rows=harmful_rows,
-        harmless_rows=harmless_rows,
         openings=openings,
         batch_size=cfg.batch_size,
         pad=loaded.pad,
+    )
+    return select(
+        scorer,
+        candidates,
+        harmful_rows,
+        harmless_rows,
         max_kl=cfg.max_kl,
         max_layer_frac=cfg.max_layer_frac,
         top_k=0 if cfg.thorough else cfg.top_k,

@@ -6,6 +6,29 @@ import math
 from pathlib import Path
 
 
+def _heat_map(fig, ax, grid, cmap: str, hatch_over: float | None) -> None:
+    """``grid`` [position, layer] as a heat map with its colour bar, NaN grey; cells over
+    ``hatch_over`` hatched."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="#d9d9d9")
+    finite = grid[np.isfinite(grid)]
+    image = ax.imshow(
+        np.ma.masked_invalid(grid),
+        cmap=cm,
+        aspect="auto",
+        interpolation="nearest",
+        vmin=float(finite.min()) if finite.size else None,
+        vmax=float(finite.max()) if finite.size else None,
+    )
+    fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+    if hatch_over is not None:
+        for y, x in zip(*np.nonzero(np.isfinite(grid) & (grid > hatch_over)), strict=True):
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="//", lw=0))
+
+
 def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, title: str) -> None:
     """Heat maps of bypass, induce and KL over layer x post-instruction position.
 
@@ -18,7 +41,6 @@ def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.patches import Rectangle
 
     n_pos = len(tokens)
     grids = {name: np.full((n_pos, n_layers), np.nan) for name in ("bypass", "induce", "kl")}
@@ -39,7 +61,7 @@ def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, titl
         (
             "induce",
             f"induce: refusal log-odds, harmless, added\n(base {base['harmless_log_odds']:.2f}; "
-            "must be > 0)",
+            f"kept: >= {scores['thresholds']['min_induce']:.2f})",
             "magma",
         ),
         ("kl", f"first-token KL, harmless, ablated\n(budget {max_kl:g}; hatched: over)", "cividis"),
@@ -47,22 +69,7 @@ def plot_scores(scores: dict, n_layers: int, tokens: list[str], path: Path, titl
     width = min(30.0, max(8.0, 3.0 + 0.35 * n_layers))
     fig, axes = plt.subplots(3, 1, figsize=(width, 1.0 + 3 * (1.6 + 0.3 * n_pos)), squeeze=False)
     for ax, (name, label, cmap) in zip(axes[:, 0], panels, strict=True):
-        grid = grids[name]
-        cm = matplotlib.colormaps[cmap].with_extremes(bad="#d9d9d9")
-        finite = grid[np.isfinite(grid)]
-        image = ax.imshow(
-            np.ma.masked_invalid(grid),
-            cmap=cm,
-            aspect="auto",
-            interpolation="nearest",
-            vmin=float(finite.min()) if finite.size else None,
-            vmax=float(finite.max()) if finite.size else None,
-        )
-        fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
-        if name == "kl":
-            for y, x in zip(*np.nonzero(np.isfinite(grid) & (grid > max_kl)), strict=True):
-                box = Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="//", lw=0)
-                ax.add_patch(box)
+        _heat_map(fig, ax, grids[name], cmap, max_kl if name == "kl" else None)
         ax.plot(
             chosen["layer"], chosen["position"] + n_pos, "o", ms=14, mfc="none", mec="red", mew=2
         )

@@ -275,19 +275,43 @@ def _prune(eligible: list, quick, top_k: int, n_pos: int, scores: dict, progress
     return full
 
 
+@dataclass
+class Scorer:
+    """A loaded model and what scoring a candidate on it needs: the refusal openings, and what
+    ``build_plan`` needs to make the edit ``apply`` would make of a candidate."""
+
+    model: object
+    table: object
+    checkpoint: object
+    config: dict
+    folder: Path
+    openings: list[tuple[int, ...]]
+    batch_size: int
+    pad: int
+
+    def score(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``refusal_score`` of ``rows`` on the model as it is (hooks included)."""
+        return refusal_score(self.model, rows, self.openings, self.batch_size, self.pad)
+
+    def ablated(self, r: torch.Tensor):
+        """Hooks that ablate ``r`` exactly as apply's edit would (the plan, at run time)."""
+        direction = Direction(r.numpy(), Path("<candidate>"), "", "single")
+        plan = build_plan(
+            table=self.table,
+            checkpoint=self.checkpoint,
+            config=self.config,
+            direction=direction,
+            source=str(self.folder),
+        )
+        return plan_hooks(self.model, plan, self.checkpoint)
+
+
 def select(
-    *,
-    model,
-    table,
-    checkpoint,
-    config: dict,
-    folder: Path,
+    scorer: Scorer,
     candidates: torch.Tensor,
     harmful_rows: list[list[int]],
     harmless_rows: list[list[int]],
-    openings: list[tuple[int, ...]],
-    batch_size: int,
-    pad: int,
+    *,
     max_kl: float,
     max_layer_frac: float,
     top_k: int = 0,
@@ -302,77 +326,61 @@ def select(
     the full scores (``top_k=0``: all of them, the paper's protocol).
     """
     n_pos = candidates.shape[1]
-    n_harmful = len(harmful_rows)
     both = harmful_rows + harmless_rows  # one batched pass scores bypass and KL together
     clock = time.perf_counter()
-    base, base_odds = refusal_score(model, both, openings, batch_size, pad)
+    base, base_odds = scorer.score(both)
     timings = {"validation_pass_s": time.perf_counter() - clock, "quick_s": 0.0, "n_quick": 0}
     baseline = {
-        "harmful_log_odds": float(base_odds[:n_harmful].mean()),
-        "harmless_log_odds": float(base_odds[n_harmful:].mean()),
+        "harmful_log_odds": float(base_odds[: len(harmful_rows)].mean()),
+        "harmless_log_odds": float(base_odds[len(harmful_rows) :].mean()),
     }
-
-    def plan_for(r: torch.Tensor):  # the plan apply would execute for this candidate
-        direction = Direction(r.numpy(), Path("<candidate>"), "", "single")
-        return build_plan(
-            table=table,
-            checkpoint=checkpoint,
-            config=config,
-            direction=direction,
-            source=str(folder),
-        )
-
     # The paper keeps candidates whose addition makes harmless prompts refuse (log-odds > 0),
     # which presumes a model that refuses harmful prompts with odds above even; a model that
     # refuses some of them never gets there. Relative to this model's own baselines instead:
     # the addition must move harmless prompts at least halfway to the harmful ones.
     min_induce = (baseline["harmful_log_odds"] + baseline["harmless_log_odds"]) / 2
-    scores, eligible = _eligible(candidates, max_layer_frac)
-    full = eligible
-    if top_k and len(eligible) > top_k:
+    scores, full = _eligible(candidates, max_layer_frac)
+    if top_k and len(full) > top_k:
 
         def quick(layer: int, p: int) -> float:
-            with plan_hooks(model, plan_for(candidates[layer, p].double()), checkpoint):
-                _, odds = refusal_score(
-                    model, harmful_rows[:prune_prompts], openings, batch_size, pad
-                )
-            return float(odds.mean())
+            with scorer.ablated(candidates[layer, p].double()):
+                return float(scorer.score(harmful_rows[:prune_prompts])[1].mean())
 
         clock = time.perf_counter()
-        full = _prune(eligible, quick, top_k, n_pos, scores, progress)
-        timings.update(quick_s=time.perf_counter() - clock, n_quick=len(eligible))
+        timings["n_quick"] = len(full)
+        full = _prune(full, quick, top_k, n_pos, scores, progress)
+        timings["quick_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     if progress:
         progress.start("scoring candidates", len(full))
     for layer, p in full:
-        r = candidates[layer, p].double()
-        with plan_hooks(model, plan_for(r), checkpoint):
-            ablated, ablated_odds = refusal_score(model, both, openings, batch_size, pad)
-        with addition_hooks(model, table, layer, r.float()):
-            _, added_odds = refusal_score(model, harmless_rows, openings, batch_size, pad)
-        scores[layer, p] = _judged(
-            Score(
-                layer=layer,
-                position=p - n_pos,
-                bypass=float(ablated_odds[:n_harmful].mean()),
-                induce=float(added_odds.mean()),
-                kl=mean_kl(base[n_harmful:], ablated[n_harmful:]),
-            ),
-            max_kl,
-            min_induce,
-        )
+        score = _full_score(scorer, candidates, layer, p, harmful_rows, harmless_rows, base)
+        scores[layer, p] = _judged(score, max_kl, min_induce)
         if progress:
             progress.advance()
     timings.update(full_s=time.perf_counter() - clock, n_full=len(full))
-    thresholds = {
-        "max_kl": max_kl,
-        "max_layer_frac": max_layer_frac,
-        "min_induce": min_induce,
-        "top_k": top_k,
-        "prune_prompts": prune_prompts,
-    }
+    thresholds = dict(max_kl=max_kl, max_layer_frac=max_layer_frac, min_induce=min_induce)
+    thresholds.update(top_k=top_k, prune_prompts=prune_prompts)
     ordered = [scores[c] for c in sorted(scores)]
-    return _chosen(ordered, baseline, openings, thresholds, timings)
+    return _chosen(ordered, baseline, scorer.openings, thresholds, timings)
+
+
+def _full_score(scorer: Scorer, candidates, layer, p, harmful_rows, harmless_rows, base) -> Score:
+    """Bypass and KL (the candidate ablated on harmful + harmless prompts, one pass) and induce
+    (the candidate added at its layer on harmless prompts); ``base``: first-token
+    log-probabilities of the unedited model on harmful + harmless."""
+    r, n_harmful = candidates[layer, p].double(), len(harmful_rows)
+    with scorer.ablated(r):
+        ablated, ablated_odds = scorer.score(harmful_rows + harmless_rows)
+    with addition_hooks(scorer.model, scorer.table, layer, r.float()):
+        _, added_odds = scorer.score(harmless_rows)
+    return Score(
+        layer=layer,
+        position=p - candidates.shape[1],
+        bypass=float(ablated_odds[:n_harmful].mean()),
+        induce=float(added_odds.mean()),
+        kl=mean_kl(base[n_harmful:], ablated[n_harmful:]),
+    )
 
 
 def _judged(score: Score, max_kl: float, min_induce: float) -> Score:

@@ -228,8 +228,18 @@ def _train(out: Path, *, quick: bool, seed: int) -> dict:
     write_prompts(splits, out / "prompts")
     scale = 0.01 if quick else 1.0
     timings = {}
-
     start = time.perf_counter()
+    _train_chat(out / "chat", splits, scale, seed)
+    timings["chat_s"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    _train_guard(out / "guard", splits, scale, seed)
+    timings["guard_s"] = round(time.perf_counter() - start, 1)
+    return timings
+
+
+def _train_chat(out: Path, splits: dict, scale: float, seed: int) -> None:
+    """The chat model: chat first, then refusal trained into a few attention and MLP layers
+    (the rest frozen)."""
     tok = build_tokenizer(CHAT_TEMPLATE)
     model = new_model(tok, CHAT_SHAPE, seed)
     base = chat_examples(tok, splits, safety=False)
@@ -265,10 +275,11 @@ def _train(out: Path, *, quick: bool, seed: int) -> dict:
     )
     for p in model.parameters():
         p.requires_grad_(True)
-    save(model, tok, out / "chat")
-    timings["chat_s"] = round(time.perf_counter() - start, 1)
+    save(model, tok, out)
 
-    start = time.perf_counter()
+
+def _train_guard(out: Path, splits: dict, scale: float, seed: int) -> None:
+    """The guard: a judge of (request, answer) pairs, for eval safety's tests and the demo."""
     gtok = build_tokenizer(GUARD_TEMPLATE)
     guard = new_model(gtok, GUARD_SHAPE, seed + 2)
     triples = guard_examples(gtok, splits["harmful"]["train"], splits["harmless"]["train"], seed)
@@ -281,9 +292,7 @@ def _train(out: Path, *, quick: bool, seed: int) -> dict:
         pad=gtok.pad_token_id,
         label="guard",
     )
-    save(guard, gtok, out / "guard")
-    timings["guard_s"] = round(time.perf_counter() - start, 1)
-    return timings
+    save(guard, gtok, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,7 +92,7 @@ def main(root: str = "demo-out") -> int:
     from ..config import EvalKLConfig
     from ..errors import OrthoeditError
     from ..evaluate.kl import eval_kl
-    from .recipe import run_recipe
+    from .run import run_recipe
 
     console = Console()
     out = Path(root).resolve()

@@ -34,10 +34,21 @@ def attribute_markdown(result) -> str:
         f"| harmful, direction ablated everywhere | {result.ablated:.3f} ({full:+.3f}) |",
         "",
         *_checks(result.checks),
+        *_estimates(checked, s["steps"]),
+        *_cumulative(result),
+    ]
+    lines += _carriers(comps)
+    lines += ["", "Plots: `cumulative.png`, `heads.png`.", ""]
+    return "\n".join(lines)
+
+
+def _estimates(checked: list, steps: int) -> list[str]:
+    """The patched components: both estimates against the patched effect."""
+    lines = [
         "## Estimates vs real patching (largest estimates)",
         "",
         "*first order*: the gradient at the harmful activations × (harmless mean − harmful "
-        f"mean); *integrated*: the gradient averaged at {s['steps']} points of the path on "
+        f"mean); *integrated*: the gradient averaged at {steps} points of the path on "
         "which every component moves to its harmless mean together (the ranking); *patched*: "
         "the real change when this component alone is shifted.",
         "",
@@ -60,7 +71,13 @@ def attribute_markdown(result) -> str:
             "Where they differ, components interact: the real single-component effects (not the "
             "estimates) are the numbers to quote.",
         ]
-    lines += [
+    return lines
+
+
+def _cumulative(result) -> list[str]:
+    """The strongest components patched together, as a share of the full ablation."""
+    full = result.ablated - result.baseline
+    lines = [
         "",
         "## Cumulative: the strongest components patched together",
         "",
@@ -73,9 +90,7 @@ def attribute_markdown(result) -> str:
             f"| {step['k']} | {step.get('last', '–')} | {step['estimate']:.3f} | "
             f"{step['patched']:.3f} | {share:.0%} |"
         )
-    lines += _carriers(comps)
-    lines += ["", "Plots: `cumulative.png`, `heads.png`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _carriers(comps) -> list[str]:
@@ -112,14 +127,9 @@ def _carriers(comps) -> list[str]:
     return lines
 
 
-def attribute_pngs(result, folder: Path) -> None:
-    """``cumulative.png`` (components patched, strongest first, vs refusal log-odds) and
-    ``heads.png`` (layer × head map of the first-order effect, MLPs and embeddings beside)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _cumulative_png(result, path: Path) -> None:
+    """Components patched together, strongest first, against refusal log-odds."""
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     s = result.settings
@@ -139,9 +149,21 @@ def attribute_pngs(result, folder: Path) -> None:
     ax.set_title(f"How many components explain refusal: {title}", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(folder / "cumulative.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def attribute_pngs(result, folder: Path) -> None:
+    """``cumulative.png`` (components patched, strongest first, vs refusal log-odds) and
+    ``heads.png`` (layer × head map of the first-order effect, MLPs and embeddings beside)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    _cumulative_png(result, folder / "cumulative.png")
+    s = result.settings
     n_layers, n_heads = s["n_layers"], max(1, s["n_heads"])
     grid = np.full((n_layers, n_heads + 2), np.nan)  # heads, bias, MLP
     embed = [c for c in result.components if c.kind == "embed"]

@@ -40,8 +40,22 @@ def safety_markdown(summary: dict, settings: dict, records) -> str:
     metrics = [("refusal", "refusal"), ("broken", "broken")]
     if judged:
         metrics.append(("unsafe", "unsafe (judge)"))
+    lines += _overall_table(summary, roles, metrics, judged)
+    lines += _category_tables(summary, roles, [m for m in metrics if m[0] != "broken"])
+    lines += ["", "## Samples", ""]
+    for kind in ("harmful", "harmless"):
+        for role in roles:
+            lines += [f"### {kind}, {role}", ""]
+            lines += _samples([r for r in records if r.model == role and r.kind == kind])
+            lines.append("")
+    lines.append("Every prompt, answer and verdict: `completions.jsonl`.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _overall_table(summary: dict, roles: list[str], metrics: list, judged: bool) -> list[str]:
     header = "| prompts | metric | " + " | ".join(roles) + " |"
-    lines += [header, "|---|---|" + "---|" * len(roles)]
+    lines = [header, "|---|---|" + "---|" * len(roles)]
     for kind in ("harmful", "harmless"):
         for key, label in metrics:
             cells = [pct(summary[r][kind]["overall"].get(key)) for r in roles]
@@ -50,12 +64,18 @@ def safety_markdown(summary: dict, settings: dict, records) -> str:
         if judged:
             cells = [str(summary[r][kind]["overall"]["judge_errors"]) for r in roles]
             lines.append(f"| {kind} | judge errors | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _category_tables(summary: dict, roles: list[str], metrics: list) -> list[str]:
+    """Per kind of prompt with categories: one row per category, ``metrics`` per model."""
+    lines = []
     for kind in ("harmful", "harmless"):
         categories = sorted({c for r in roles for c in summary[r][kind]["categories"]})
         if not categories:
             continue
         lines += ["", f"## {kind.capitalize()} prompts by category", ""]
-        cols = [f"{r} {label}" for r in roles for _, label in metrics if _ != "broken"]
+        cols = [f"{r} {label}" for r in roles for _, label in metrics]
         lines += ["| category | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
         for c in categories:
             n = summary[roles[-1]][kind]["categories"][c]["n"]
@@ -63,29 +83,26 @@ def safety_markdown(summary: dict, settings: dict, records) -> str:
                 pct(summary[r][kind]["categories"].get(c, {}).get(key))
                 for r in roles
                 for key, _ in metrics
-                if key != "broken"
             ]
             lines.append(f"| {c} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "## Samples", ""]
-    for kind in ("harmful", "harmless"):
-        for role in roles:
-            mine = [r for r in records if r.model == role and r.kind == kind]
-            by_category: dict[str, list] = {}
-            for r in mine:
-                by_category.setdefault(r.category or "(none)", []).append(r)
-            lines += [f"### {kind}, {role}", ""]
-            for c, rs in sorted(by_category.items()):
-                for r in rs[:SAMPLES_PER_CATEGORY]:
-                    answer = " ".join(r.completion.split())
-                    if len(answer) > SAMPLE_CHARS:
-                        answer = answer[:SAMPLE_CHARS] + " …"
-                    verdict = r.verdict + (f", judge {r.judge}" if r.judge else "")
-                    lines.append(f"- **{c}** ({verdict}): {r.prompt}")
-                    lines.append(f"  > {answer or '(empty)'}")
-            lines.append("")
-    lines.append("Every prompt, answer and verdict: `completions.jsonl`.")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _samples(records: list) -> list[str]:
+    """The first ``SAMPLES_PER_CATEGORY`` answers of each category, shortened."""
+    by_category: dict[str, list] = {}
+    for r in records:
+        by_category.setdefault(r.category or "(none)", []).append(r)
+    lines = []
+    for c, rs in sorted(by_category.items()):
+        for r in rs[:SAMPLES_PER_CATEGORY]:
+            answer = " ".join(r.completion.split())
+            if len(answer) > SAMPLE_CHARS:
+                answer = answer[:SAMPLE_CHARS] + " …"
+            verdict = r.verdict + (f", judge {r.judge}" if r.judge else "")
+            lines.append(f"- **{c}** ({verdict}): {r.prompt}")
+            lines.append(f"  > {answer or '(empty)'}")
+    return lines
 
 
 def safety_png(summary: dict, path: Path, title: str) -> None:

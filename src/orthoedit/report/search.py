@@ -29,6 +29,29 @@ def failure_text(o: dict) -> str:
     return f"{o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{unsafe} of {n})"
 
 
+def _space_lines(report: dict) -> list[str]:
+    """What was minimized over which space, and the drop objective, when the search had them."""
+    lines = []
+    if "minimized" in report:
+        space = report["space"]
+        embed = {(False, True): "searched", (True,): "always", (False,): "never"}
+        lo, hi = space["layers"]
+        lines += [
+            f"- minimized: {report['minimized']}",
+            f"- space: direction layer {lo:g}–{hi:g}, positions "
+            f"{', '.join(map(str, space['positions']))}; {space['profile']} profiles for attn "
+            f"and mlp; embedding edited: {embed[tuple(space['embed'])]}",
+        ]
+    if "drop" in report["objectives"]:
+        base = report["judging"].get("eval_base_score")
+        lines.append(
+            f"- drop: {report['objectives']['drop']}; unedited score {base:.4g}"
+            if base is not None
+            else f"- drop: {report['objectives']['drop']}"
+        )
+    return lines
+
+
 def search_markdown(report: dict) -> str:
     """``orthoedit search``: the baselines, the chosen trial and the Pareto front."""
     s = report["settings"]
@@ -43,25 +66,9 @@ def search_markdown(report: dict) -> str:
         f"at most {s['max_new_tokens']} tokens)",
         f"- KL: {report['objectives']['kl']} ({s['counts']['harmless']} prompts)",
     ]
-    if "minimized" in report:
-        space = report["space"]
-        embed = {(False, True): "searched", (True,): "always", (False,): "never"}
-        lo, hi = space["layers"]
-        lines += [
-            f"- minimized: {report['minimized']}",
-            f"- space: direction layer {lo:g}–{hi:g}, positions "
-            f"{', '.join(map(str, space['positions']))}; {space['profile']} profiles for attn "
-            f"and mlp; embedding edited: {embed[tuple(space['embed'])]}",
-        ]
+    lines += _space_lines(report)
     drop = "drop" in report["objectives"]
     budget = report.get("budget") or f"KL ≤ {report['max_kl']:g}"
-    if drop:
-        base = report["judging"].get("eval_base_score")
-        lines.append(
-            f"- drop: {report['objectives']['drop']}; unedited score {base:.4g}"
-            if base is not None
-            else f"- drop: {report['objectives']['drop']}"
-        )
     lines += [
         (
             f"- budget {budget}: the chosen trial is the lowest KL within it (ties: lower "

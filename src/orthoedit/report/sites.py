@@ -69,6 +69,26 @@ def sites_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _bars(ax, bars: list, key: str, fmt: str) -> None:
+    """One labelled bar per condition's ``key`` ("n/a" where it has none)."""
+    for xi, c, colour in bars:
+        value = c[key]
+        if value is None:  # not applicable (e.g. no embedding edit under 'skip')
+            where = ("data", "axes fraction")
+            ax.annotate("n/a", (xi, 0.5), xycoords=where, ha="center", color="#555555")
+            continue
+        ax.bar(xi, value, 0.8, color=colour)
+        ax.annotate(
+            fmt.format(value),
+            (xi, value),
+            ha="center",
+            va="bottom" if value >= 0 else "top",
+            fontsize=8,
+            xytext=(0, 2 if value >= 0 else -2),
+            textcoords="offset points",
+        )
+
+
 def sites_png(report: dict, path: Path, title: str) -> None:
     """Three panels (refusal log-odds, refusal rate, KL): run-time and weight-edit conditions
     as two groups of bars side by side, the baseline as a dashed line."""
@@ -97,22 +117,7 @@ def sites_png(report: dict, path: Path, title: str) -> None:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for ax, (key, label, fmt) in zip(axes, panels, strict=True):
-        for xi, c, colour in bars:
-            value = c[key]
-            if value is None:  # not applicable (e.g. no embedding edit under 'skip')
-                where = ("data", "axes fraction")
-                ax.annotate("n/a", (xi, 0.5), xycoords=where, ha="center", color="#555555")
-                continue
-            ax.bar(xi, value, 0.8, color=colour)
-            ax.annotate(
-                fmt.format(value),
-                (xi, value),
-                ha="center",
-                va="bottom" if value >= 0 else "top",
-                fontsize=8,
-                xytext=(0, 2 if value >= 0 else -2),
-                textcoords="offset points",
-            )
+        _bars(ax, bars, key, fmt)
         if key != "kl" and base[key] is not None:  # the baseline's KL is 0 by definition
             ax.axhline(base[key], color="#333333", ls="--", lw=1.2)
             label += f"\n(dashed: baseline, {fmt.format(base[key])})"

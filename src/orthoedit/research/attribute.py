@@ -39,7 +39,14 @@ import torch
 
 from .. import __version__
 from ..config import AttributeConfig
+from ..edit.plan import build_plan
 from ..errors import BadInputError
+from ..evaluate.safety import load_sets
+from ..model.source import resolve_model
+from ..output import check_target, inputs_of
+from ..runtime.hooks import plan_hooks
+from ..runtime.refusal import greedy_completions
+from ..runtime.session import Session, start_stage
 from .components import (
     Component,
     _shifts_for,
@@ -65,7 +72,6 @@ class Attribution:
 def every_writer(folder: Path, direction_path: Path, direction_layer: int | None = None):
     """(config, table, checkpoint, direction, plan) for a local model folder, the plan
     covering every residual writer (the tied embedding too: ``tied_policy="edit"``)."""
-    from ..edit.plan import build_plan
     from ..model.architectures import table_for_config
     from ..model.checkpoint import Checkpoint
     from ..model.direction import load_direction
@@ -112,20 +118,7 @@ def attribute(
     progress=None,
 ) -> Attribution:
     """Attribute refusal to the residual writers of ``cfg.model``; writes the report."""
-    import transformers
-
-    from ..edit.plan import build_plan
-    from ..evaluate.safety import load_sets
-    from ..model.source import resolve_model
-    from ..output import check_target, inputs_of
-    from ..progress import Progress
-    from ..runtime.hooks import plan_hooks
-    from ..runtime.refusal import greedy_completions
-    from ..runtime.session import Session, check_device
-
-    transformers.utils.logging.disable_progress_bar()
-    progress = progress or Progress()
-    check_device(cfg.device)
+    progress = start_stage(cfg.device, progress)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config, table, checkpoint, direction, plan = every_writer(
         folder, cfg.direction, cfg.direction_layer
@@ -153,8 +146,7 @@ def attribute(
     log(f"{len(components)} components in {len(writers)} writers; {len(token_ids)} refusal tokens")
 
     harm_lo, safe_lo, deltas = _estimate(cfg, model, writers, rows, token_ids, pad, progress)
-    baseline = float(np.mean(harm_lo))
-    harmless = float(np.mean(safe_lo))
+    baseline, harmless = float(np.mean(harm_lo)), float(np.mean(safe_lo))
     shipped = build_plan(  # what apply would ship: every site, the table's tied policy
         table=table, checkpoint=checkpoint, config=config, direction=direction, source=str(folder)
     )

@@ -40,7 +40,7 @@ from ..errors import BadInputError
 from ..model.architectures import SITES
 from ..progress import Progress
 from ..runtime.hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
-from ..runtime.session import Session, check_device, load_tokenizer
+from ..runtime.session import Session, load_tokenizer, start_stage
 
 #: Run-time conditions: name -> the ablation points hooked (``hooks.ABLATION_POINTS``).
 RUNTIME: dict[str, tuple[str, ...]] = {
@@ -368,14 +368,11 @@ def study_sites(
     cfg: StudySitesConfig, log: Callable[[str], None] = print, progress: Progress | None = None
 ) -> SitesResult:
     """Run every condition and write ``sites.json``, ``sites.md`` and ``sites.png``."""
-    import transformers
 
     from ..output import check_target, inputs_of, staged_output
     from ..report import sites_markdown, sites_png
 
-    transformers.utils.logging.disable_progress_bar()  # ours is the only bar
-    progress = progress or Progress()
-    check_device(cfg.device)
+    progress = start_stage(cfg.device, progress)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     ready = prepare(cfg)
     outcomes = _run_conditions(cfg, ready, log, progress)

@@ -14,6 +14,7 @@ import torch
 
 from ..config import DEVICE_MAPS
 from ..errors import BadInputError
+from ..progress import Progress
 
 SENTINEL = "Orthoedit sentinel message"
 THINKING_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"))
@@ -150,6 +151,17 @@ def parse_max_memory(spec: str | None) -> dict | None:
             )
         limits[int(key) if key.isdigit() else key] = value
     return limits
+
+
+def start_stage(device: str | None, progress: Progress | None = None) -> Progress:
+    """What a stage that runs a model does first: a device this machine lacks is bad input
+    before anything loads, and the stage's own progress is the only bar shown (transformers'
+    loading bars off). Returns ``progress``, or a new one."""
+    import transformers
+
+    check_device(device)
+    transformers.utils.logging.disable_progress_bar()
+    return progress or Progress()
 
 
 def check_device(device: str | None) -> None:

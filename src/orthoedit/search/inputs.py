@@ -90,6 +90,22 @@ def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
     return items[: cfg.n] if cfg.n else items
 
 
+def _measure_folder(path: str | Path) -> Path:
+    """``--candidates``: a folder written by measure, with every file search reads."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BadInputError(
+            f"--candidates {folder} is not a folder; pass the --out folder of orthoedit measure."
+        )
+    missing = [name for name in MEASURE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise BadInputError(
+            f"--candidates {folder} lacks {', '.join(missing)}: is it a folder written by "
+            "orthoedit measure?"
+        )
+    return folder
+
+
 def prepare(cfg: SearchConfig) -> Ready:
     """Validate every input; loads only the tokenizer."""
 
@@ -106,17 +122,7 @@ def prepare(cfg: SearchConfig) -> Ready:
         from ..evaluate.bench import load_task
 
         eval_task = load_task(cfg.eval_task)
-    folder_in = Path(cfg.candidates)
-    if not folder_in.is_dir():
-        raise BadInputError(
-            f"--candidates {folder_in} is not a folder; pass the --out folder of orthoedit measure."
-        )
-    missing = [name for name in MEASURE_FILES if not (folder_in / name).is_file()]
-    if missing:
-        raise BadInputError(
-            f"--candidates {folder_in} lacks {', '.join(missing)}: is it a folder written by "
-            "orthoedit measure?"
-        )
+    folder_in = _measure_folder(cfg.candidates)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)

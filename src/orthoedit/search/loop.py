@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import SearchConfig
 from ..errors import BadInputError
 from ..progress import Progress
-from ..runtime.session import Session, check_device
+from ..runtime.session import Session, start_stage
 from .choice import budget, budget_value, choose_for, objectives, pareto, target_failure
 from .inputs import LOCK_FILE, OUTPUTS, STUDY_FILE, Ready, prepare
 from .outputs import report_dict, write_outputs
@@ -169,12 +169,9 @@ def search(
     """Run (or resume) the search, then write the Pareto front and the chosen edit.
     ``replace_other``: a stored study with other settings is discarded, not refused (a recipe
     stage whose inputs changed)."""
-    import transformers
 
-    transformers.utils.logging.disable_progress_bar()  # ours is the only bar
-    progress = progress or Progress()
+    progress = start_stage(cfg.device, progress)
     clock = time.perf_counter()
-    check_device(cfg.device)
     out = _check_out(cfg)
     ready = prepare(cfg)
     out.mkdir(parents=True, exist_ok=True)
