@@ -47,12 +47,30 @@ PromptSource = Annotated[
 ]
 
 
+# Options that several stages declare alike: one type each, with its help.
+ModelId = Annotated[str, Field(description="Local checkpoint folder or Hugging Face Hub model id.")]
+Revision = Annotated[str | None, Field(description="Hub revision (branch, tag, commit).")]
+Template = Annotated[
+    Path | None, Field(description="Jinja chat template to use instead of the tokenizer's.")
+]
+Column = Annotated[
+    str, Field(description="Prompt field of .jsonl/.json/.csv rows and dataset rows.")
+]
+Split = Annotated[str, Field(description="Dataset split to draw prompts from.")]
+PromptSeed = Annotated[int, Field(description="Seed for drawing the prompts.")]
+DirectionLayer = Annotated[
+    int | None, Field(description="Row to use from a per-layer [n_layers, d_model] direction.")
+]
+OverwriteFolder = Annotated[bool, Field(description="Replace an existing output folder.")]
+OverwriteReport = Annotated[bool, Field(description="Replace an existing --report file.")]
+
+
 class ApplyConfig(BaseModel):
     """Options of ``orthoedit apply``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    model: ModelId
     direction: list[Path] = Field(
         min_length=1,
         description="Direction file: .safetensors (tensor 'direction'), .pt or .npy; "
@@ -62,15 +80,13 @@ class ApplyConfig(BaseModel):
     out: Path | None = Field(
         default=None, description="Output folder for the edited checkpoint (not with --dry-run)."
     )
-    direction_layer: int | None = Field(
-        default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
-    )
+    direction_layer: DirectionLayer = None
     per_layer: bool = Field(
         default=False,
         description="Use every row of a per-layer [n_layers, d_model] direction: block i's "
         "writers are projected against row i, the embedding against row 0.",
     )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    revision: Revision = None
     base_model: str | None = Field(
         default=None, description="Hub id recorded as base_model in the card (local MODEL)."
     )
@@ -102,7 +118,7 @@ class ApplyConfig(BaseModel):
         description="For biprojected: the harmless mean [d_model] (default: measure's "
         "candidates.safetensors beside the direction, at its layer and position).",
     )
-    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    overwrite: OverwriteFolder = False
     dry_run: bool = Field(default=False, description="Print the plan and write nothing.")
 
     @field_validator("direction", mode="before")
@@ -130,11 +146,11 @@ class VerifyConfig(BaseModel):
         description="Prompts: a file or dataset, 'bundled' or 'organism' (their harmful and "
         "harmless test prompts; default: a built-in set of everyday prompts).",
     )
-    column: str = Field(default="prompt", description="Prompt field of rows.")
-    split: str = Field(default="train", description="Dataset split.")
+    column: Column = "prompt"
+    split: Split = "train"
     max_prompts: int = Field(default=8, ge=1, description="How many prompts to run.")
     report: Path | None = Field(default=None, description="Also write the report as JSON here.")
-    overwrite: bool = Field(default=False, description="Replace an existing --report file.")
+    overwrite: OverwriteReport = False
 
 
 class _Running(BaseModel):
@@ -155,7 +171,7 @@ class MeasureConfig(_Running):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    model: ModelId
     out: Path = Field(description="Output folder for the direction and the candidates.")
     harmful: PromptSource = Field(
         default=None,
@@ -168,15 +184,13 @@ class MeasureConfig(_Running):
         description="Harmless prompts: 'bundled' (default), 'organism', a file or a dataset, "
         "as --harmful.",
     )
-    column: str = Field(
-        default="prompt", description="Prompt field of .jsonl/.json/.csv rows and dataset rows."
-    )
-    split: str = Field(default="train", description="Dataset split to draw prompts from.")
+    column: Column = "prompt"
+    split: Split = "train"
     n_train: int = Field(default=128, ge=2, description="Prompts per set for the means.")
     n_val: int = Field(
         default=32, ge=2, description="Further prompts per set for scoring the candidates."
     )
-    seed: int = Field(default=0, description="Seed for drawing the prompts.")
+    seed: PromptSeed = 0
     filter: bool = Field(
         default=True,
         description="Keep only harmful prompts the model refuses and harmless ones it answers "
@@ -209,10 +223,8 @@ class MeasureConfig(_Running):
         description="Comma-separated refusal tokens, e.g. 'I,Sorry' (default: derived from "
         "the model's own refusals).",
     )
-    template: Path | None = Field(
-        default=None, description="Jinja chat template to use instead of the tokenizer's."
-    )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    template: Template = None
+    revision: Revision = None
     max_memory: str | None = Field(
         default=None,
         description='With --device auto: memory per device, e.g. "0=70GiB,cpu=120GiB" '
@@ -223,7 +235,7 @@ class MeasureConfig(_Running):
         description="With --device auto: folder for the weights that fit on no device (disk "
         "offload; slow, but a model larger than GPU + CPU memory can be measured).",
     )
-    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    overwrite: OverwriteFolder = False
 
 
 class EvalBenchConfig(BaseModel):
@@ -273,7 +285,7 @@ class EvalBenchConfig(BaseModel):
     offline: bool = Field(
         default=False, description="Set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE for the run."
     )
-    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    overwrite: OverwriteFolder = False
 
 
 class _Judged(BaseModel):
@@ -311,15 +323,15 @@ class EvalKLConfig(_Running):
         description="Harmless prompts: 'bundled' (the bundled harmless test split, default), "
         "'organism', a file or a dataset.",
     )
-    column: str = Field(default="prompt", description="Prompt field of rows.")
-    split: str = Field(default="train", description="Dataset split.")
+    column: Column = "prompt"
+    split: Split = "train"
     n: int = Field(default=64, ge=1, description="How many prompts (drawn with --seed).")
-    seed: int = Field(default=0, description="Seed for drawing the prompts.")
+    seed: PromptSeed = 0
     max_new_tokens: int = Field(
         default=32, ge=1, description="Length of the base model's greedy answers."
     )
     report: Path | None = Field(default=None, description="Also write the numbers as JSON here.")
-    overwrite: bool = Field(default=False, description="Replace an existing --report file.")
+    overwrite: OverwriteReport = False
 
 
 class EvalSafetyConfig(_Running, _Judged):
@@ -342,12 +354,12 @@ class EvalSafetyConfig(_Running, _Judged):
         description="Harmless prompts (over-refusal): 'bundled' (default), 'organism', a file "
         "or a dataset.",
     )
-    column: str = Field(default="prompt", description="Prompt field of rows.")
-    split: str = Field(default="train", description="Dataset split.")
+    column: Column = "prompt"
+    split: Split = "train"
     n: int | None = Field(
         default=None, ge=1, description="At most this many prompts per set (drawn with --seed)."
     )
-    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    seed: PromptSeed = 0
     max_new_tokens: int = Field(
         default=256,
         ge=1,
@@ -366,7 +378,7 @@ class EvalSafetyConfig(_Running, _Judged):
         "(mean nats per token) is word salad: broken, not compliance (default: half of "
         "ln(vocabulary)).",
     )
-    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    overwrite: OverwriteFolder = False
 
 
 class CompareConfig(_Running):
@@ -381,13 +393,13 @@ class CompareConfig(_Running):
         description="Prompts: 'bundled' (half harmful, half harmless from the bundled test "
         "splits, default), 'organism' (likewise), a file or a dataset.",
     )
-    column: str = Field(default="prompt", description="Prompt field of rows.")
-    split: str = Field(default="train", description="Dataset split.")
+    column: Column = "prompt"
+    split: Split = "train"
     n: int = Field(default=8, ge=1, description="How many prompts (drawn with --seed).")
-    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    seed: PromptSeed = 0
     max_new_tokens: int = Field(default=128, ge=1, description="Generation budget per answer.")
     report: Path = Field(default=Path("compare.md"), description="Markdown file to write.")
-    overwrite: bool = Field(default=False, description="Replace an existing --report file.")
+    overwrite: OverwriteReport = False
 
 
 class PushConfig(BaseModel):
@@ -428,12 +440,10 @@ class AttributeConfig(_Running):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    model: ModelId
     direction: Path = Field(description="Direction file, as for apply.")
     out: Path = Field(description="Output folder for attribution.md/.json and the plots.")
-    direction_layer: int | None = Field(
-        default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
-    )
+    direction_layer: DirectionLayer = None
     harmful: PromptSource = Field(
         default=None,
         description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
@@ -443,12 +453,12 @@ class AttributeConfig(_Running):
         default=None,
         description="Harmless prompts: 'bundled' (default), 'organism', a file or a dataset.",
     )
-    column: str = Field(default="prompt", description="Prompt field of rows.")
-    split: str = Field(default="train", description="Dataset split.")
+    column: Column = "prompt"
+    split: Split = "train"
     n: int | None = Field(
         default=64, ge=2, description="At most this many prompts per set (drawn with --seed)."
     )
-    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    seed: PromptSeed = 0
     refusal_tokens: str | None = Field(
         default=None,
         description="Comma-separated refusal tokens (default: measure's, from scores.json "
@@ -472,11 +482,9 @@ class AttributeConfig(_Running):
     cumulative: int = Field(
         default=30, ge=1, description="Longest prefix of the ranking patched together."
     )
-    template: Path | None = Field(
-        default=None, description="Jinja chat template to use instead of the tokenizer's."
-    )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
-    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    template: Template = None
+    revision: Revision = None
+    overwrite: OverwriteFolder = False
 
 
 class StudySitesConfig(_Running, _Judged):
@@ -484,15 +492,13 @@ class StudySitesConfig(_Running, _Judged):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    model: ModelId
     direction: Path = Field(
         description="Direction file, as for apply: .safetensors (tensor 'direction'), .pt or "
         ".npy; [d_model] or [n_layers, d_model]."
     )
     out: Path = Field(description="Output folder for sites.json, sites.md and sites.png.")
-    direction_layer: int | None = Field(
-        default=None, description="Row to use from a per-layer [n_layers, d_model] direction."
-    )
+    direction_layer: DirectionLayer = None
     harmful: PromptSource = Field(
         default=None,
         description="Harmful prompts: 'bundled' (the test split, default), 'organism', a file "
@@ -503,12 +509,12 @@ class StudySitesConfig(_Running, _Judged):
         description="Harmless prompts, for the KL: 'bundled' (the test split, default), "
         "'organism', a file (e.g. measure's val-harmless.jsonl) or a dataset.",
     )
-    column: str = Field(default="prompt", description="Prompt field of rows.")
-    split: str = Field(default="train", description="Dataset split.")
+    column: Column = "prompt"
+    split: Split = "train"
     n: int = Field(
         default=64, ge=1, description="At most this many prompts per set (drawn with --seed)."
     )
-    seed: int = Field(default=0, description="Seed for drawing prompts.")
+    seed: PromptSeed = 0
     refusal_tokens: str | None = Field(
         default=None,
         description="Comma-separated refusal tokens, e.g. 'I,Sorry' (default: measure's, from "
@@ -517,11 +523,9 @@ class StudySitesConfig(_Running, _Judged):
     max_new_tokens: int = Field(
         default=64, ge=1, description="Generation budget per answer for the refusal rate."
     )
-    template: Path | None = Field(
-        default=None, description="Jinja chat template to use instead of the tokenizer's."
-    )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
-    overwrite: bool = Field(default=False, description="Replace an existing output folder.")
+    template: Template = None
+    revision: Revision = None
+    overwrite: OverwriteFolder = False
 
 
 class SearchConfig(_Running, _Judged):
@@ -529,7 +533,7 @@ class SearchConfig(_Running, _Judged):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    model: str = Field(description="Local checkpoint folder or Hugging Face Hub model id.")
+    model: ModelId
     candidates: Path = Field(
         description="A folder written by orthoedit measure: candidates.safetensors, "
         "direction.safetensors (the baseline), val-harmful.jsonl and val-harmless.jsonl."
@@ -603,8 +607,8 @@ class SearchConfig(_Running, _Judged):
         description="Harmless prompts the KL is measured on, as --harmful (default: measure's "
         "val-harmless.jsonl).",
     )
-    column: str = Field(default="prompt", description="Prompt field of rows.")
-    split: str = Field(default="train", description="Dataset split.")
+    column: Column = "prompt"
+    split: Split = "train"
     n: int | None = Field(
         default=None,
         ge=1,
@@ -634,10 +638,8 @@ class SearchConfig(_Running, _Judged):
         description="With --eval-task: the chosen trial's drop in its metric is at most this "
         "(default: no limit; the drop is reported).",
     )
-    template: Path | None = Field(
-        default=None, description="Jinja chat template to use instead of the tokenizer's."
-    )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    template: Template = None
+    revision: Revision = None
     overwrite: bool = Field(
         default=False, description="Discard an existing search folder and start over."
     )

@@ -40,7 +40,6 @@ def _prompts(cfg: CompareConfig) -> list[tuple[str, str]]:
 
 
 def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair]:
-
     start_stage(cfg.device)
     check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite)
     folders = {

@@ -81,7 +81,6 @@ def _prompts(cfg: EvalKLConfig) -> list[str]:
 
 
 def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageReport:
-
     from ..measure.select import first_token_logprobs, mean_kl
     from ..runtime.refusal import greedy_completions, stop_ids, until_stop
 

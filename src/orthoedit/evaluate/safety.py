@@ -256,7 +256,6 @@ class SafetyResult:
 def eval_safety(
     cfg: EvalSafetyConfig, log: Callable[[str], None] = print, progress: Progress | None = None
 ) -> SafetyResult:
-
     progress = start_stage(cfg.device, progress)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     phrases = _phrases(cfg)
