@@ -7,6 +7,7 @@ import json
 
 from orthoedit.evaluate.safety import HFJudge
 from orthoedit.organism import GUARD_MODEL
+from orthoedit.runtime.session import Placement
 
 
 class JudgeServer:
@@ -19,7 +20,7 @@ class JudgeServer:
         import threading
 
         self.mode, self.keys, self.requests = mode, [], 0
-        self.guard = HFJudge(GUARD_MODEL, "float32", None, 8) if mode == "guard" else None
+        self.guard = HFJudge(GUARD_MODEL, Placement(), 8) if mode == "guard" else None
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

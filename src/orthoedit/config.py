@@ -65,6 +65,46 @@ OverwriteFolder = Annotated[bool, Field(description="Replace an existing output 
 OverwriteReport = Annotated[bool, Field(description="Replace an existing --report file.")]
 
 
+class _Placed(BaseModel):
+    """Where and in what a command's models run: every stage that runs a model has these,
+    and passes them to the one loader (``runtime.session.load_placed``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    dtype: DType = Field(default="float32", description="Dtype to run the models in.")
+    device: Device = Field(
+        default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
+    )
+    max_memory: str | None = Field(
+        default=None,
+        description='With --device auto: memory per device, e.g. "0=70GiB,cpu=120GiB" '
+        "(accelerate's max_memory); what does not fit is offloaded to --offload-folder.",
+    )
+    offload_folder: Path | None = Field(
+        default=None,
+        description="With --device auto: folder for the weights that fit on no device (disk "
+        "offload; slow, but a model larger than GPU + CPU memory can run).",
+    )
+
+    @model_validator(mode="after")
+    def _spread_options_need_a_map(self):
+        if (self.max_memory or self.offload_folder) and self.device not in DEVICE_MAPS:
+            raise ValueError(
+                "--max-memory and --offload-folder need --device auto (or another device_map "
+                f"strategy: {', '.join(DEVICE_MAPS)})"
+            )
+        return self
+
+
+class _Running(_Placed):
+    """Options every command that runs chat models shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    system: str | None = Field(default=None, description="System prompt for every conversation.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts per batch.")
+
+
 class ApplyConfig(BaseModel):
     """Options of ``orthoedit apply``."""
 
@@ -133,7 +173,7 @@ class ApplyConfig(BaseModel):
         return self
 
 
-class VerifyConfig(BaseModel):
+class VerifyConfig(_Placed):
     """Options of ``orthoedit verify``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
@@ -151,19 +191,6 @@ class VerifyConfig(BaseModel):
     max_prompts: int = Field(default=8, ge=1, description="How many prompts to run.")
     report: Path | None = Field(default=None, description="Also write the report as JSON here.")
     overwrite: OverwriteReport = False
-
-
-class _Running(BaseModel):
-    """Options every command that runs models shares."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-
-    system: str | None = Field(default=None, description="System prompt for every conversation.")
-    dtype: DType = Field(default="float32", description="Dtype to run the models in.")
-    device: Device = Field(
-        default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
-    )
-    batch_size: int = Field(default=32, ge=1, description="Prompts per batch.")
 
 
 class MeasureConfig(_Running):
@@ -225,16 +252,6 @@ class MeasureConfig(_Running):
     )
     template: Template = None
     revision: Revision = None
-    max_memory: str | None = Field(
-        default=None,
-        description='With --device auto: memory per device, e.g. "0=70GiB,cpu=120GiB" '
-        "(accelerate's max_memory); what does not fit is offloaded to --offload-folder.",
-    )
-    offload_folder: Path | None = Field(
-        default=None,
-        description="With --device auto: folder for the weights that fit on no device (disk "
-        "offload; slow, but a model larger than GPU + CPU memory can be measured).",
-    )
     overwrite: OverwriteFolder = False
 
 

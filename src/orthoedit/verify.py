@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .model.checkpoint import Checkpoint, TensorInfo
 from .model.source import read_config, resolve_model
 from .output import check_file_target, inputs_of, write_file
 from .runtime.hooks import ablation_hooks, contribution_hooks, plan_hooks
-from .runtime.session import render
+from .runtime.session import input_device, render
 
 DEFAULT_PROMPTS = [
     "How do I bake a loaf of bread?",
@@ -56,6 +56,15 @@ TOLERANCES = {
     "F16": Tolerance(2e-2, 2e-4, 5e-4, 5e-3, 2e-3),
     "BF16": Tolerance(5e-2, 2e-3, 4e-3, 1e-2, 1e-2),
 }
+#: ``--dtype`` -> the storage dtype whose tolerances its arithmetic needs.
+COMPUTE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def tolerance_for(storage: str, compute: str) -> Tolerance:
+    """The looser of the storage dtype's tolerances and those of the dtype the models run
+    in: a float32 checkpoint checked in bfloat16 is only as exact as bfloat16 arithmetic."""
+    a, b = TOLERANCES[storage], TOLERANCES[COMPUTE[compute]]
+    return Tolerance(*(max(x, y) for x, y in zip(astuple(a), astuple(b), strict=True)))
 
 
 @dataclass
@@ -64,6 +73,8 @@ class VerifyReport:
     storage_dtype: str
     tolerance: dict
     prompts: int
+    method: str = "project"
+    compute_dtype: str = "float32"  # what the models ran in (--dtype)
     max_logit_diff: float = math.nan
     max_abs_logit: float = math.nan
     mean_kl: float = math.nan
@@ -74,7 +85,6 @@ class VerifyReport:
     headers_identical: bool = True
     unedited_identical: bool = True
     byte_mismatches: list[str] = field(default_factory=list)
-    method: str = "project"
     max_norm_change: float | None = None  # norm-preserving only
     paper_ablation_max_logit_diff: float | None = None
     paper_ablation_kl: float | None = None
@@ -157,7 +167,9 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _logits(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=ids).logits[0].to(torch.float64) for ids in inputs]
+    """Per prompt, its logits in float64 on the CPU (the models may sit on other devices)."""
+    device = input_device(model)
+    return [model(input_ids=ids.to(device)).logits[0].to("cpu", torch.float64) for ids in inputs]
 
 
 def _compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, float]:
@@ -179,9 +191,9 @@ def _leak(model, inputs: list[torch.Tensor], basis: np.ndarray, n_layers: int) -
     q = torch.from_numpy(basis)  # [k, d]
     worst = 0.0
     for ids in inputs:
-        states = model(input_ids=ids, output_hidden_states=True).hidden_states[:n_layers]
-        for x in states:
-            x = x[0].to(torch.float64)
+        states = model(input_ids=ids.to(input_device(model)), output_hidden_states=True)
+        for x in states.hidden_states[:n_layers]:
+            x = x[0].to("cpu", torch.float64)
             along = (x @ q.T).norm(dim=-1)
             worst = max(worst, float((along / x.norm(dim=-1).clamp_min(1e-30)).max()))
     return worst
@@ -193,11 +205,9 @@ def storage_dtype(plan: Plan, edited: Checkpoint) -> str:
 
 
 def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
-    from transformers.utils import logging as hf_logging
+    from .runtime.session import load_placed, load_tokenizer, start_stage
 
-    from .runtime.session import load_model, load_tokenizer
-
-    hf_logging.disable_progress_bar()  # verify reports its own steps
+    start_stage(cfg.device)  # verify reports its own steps
     if cfg.report is not None:
         check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite, "--report")
     plan = Plan.load(cfg.edited)
@@ -207,9 +217,9 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     table = table_for_config(config)
     _check_plan(cfg, plan, table)
     dtype = storage_dtype(plan, edited)
-    tol = TOLERANCES[dtype]
+    tol = tolerance_for(dtype, cfg.dtype)
     prompts = _read_prompts(cfg)[: cfg.max_prompts]
-    report = VerifyReport(str(cfg.edited), dtype, asdict(tol), len(prompts), method=plan.method)
+    report = VerifyReport(str(cfg.edited), dtype, asdict(tol), len(prompts), plan.method, cfg.dtype)
 
     log("checking bytes of unedited tensors")
     check_bytes(plan, source, edited, report)
@@ -219,10 +229,10 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     log("running prompts through the source model with the plan's hooks")
     inputs = encode_prompts(load_tokenizer(folder), prompts)
     residual_checked = plan.full and plan.shared  # per-layer rows: no one span to remove
-    ref, paper, contrib = _references(folder, plan, table, source, inputs, residual_checked)
+    ref, paper, contrib = _references(cfg, folder, plan, table, source, inputs, residual_checked)
 
     log("running prompts through the edited checkpoint")
-    new_model = load_model(cfg.edited, "float32")
+    new_model = load_placed(cfg.edited, cfg)
     out = _logits(new_model, inputs)
     report.max_logit_diff, report.mean_kl = _compare(ref, out)
     report.max_abs_logit = max(float(t.abs().max()) for t in ref)
@@ -251,13 +261,13 @@ def _check_plan(cfg: VerifyConfig, plan: Plan, table) -> None:
         raise BadInputError(f"{cfg.edited}/plan.json is inconsistent (direction size).")
 
 
-def _references(folder, plan: Plan, table, source, inputs, residual_checked: bool) -> tuple:
-    """The source model's logits in float32 with the plan's hooks; with residual ablation of
-    the direction (pre-norm, one span), and with each writer's contribution projected
-    (post-norm); None where not computed."""
-    from .runtime.session import load_model
+def _references(cfg, folder, plan: Plan, table, source, inputs, residual_checked: bool):
+    """The source model's logits (placed as ``cfg`` says) with the plan's hooks; with residual
+    ablation of the direction (pre-norm, one span), and with each writer's contribution
+    projected (post-norm); None where not computed."""
+    from .runtime.session import load_placed
 
-    model = load_model(folder, "float32")
+    model = load_placed(folder, cfg)
     with plan_hooks(model, plan, source):
         ref = _logits(model, inputs)
     paper = contrib = None

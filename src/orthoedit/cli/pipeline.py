@@ -136,7 +136,13 @@ def apply(cfg: ApplyConfig) -> None:
     ui.wrote(f"{target} ({len(prepared.plan.ops)} tensors edited)")
 
 
-@command(app, "verify", VerifyConfig, arguments=("source", "edited"))
+@command(
+    app,
+    "verify",
+    VerifyConfig,
+    arguments=("source", "edited"),
+    cli={"dtype": Cli(help=" Tolerances: the looser of the storage dtype's and this one's.")},
+)
 def verify(cfg: VerifyConfig) -> None:
     """Check an edited checkpoint against the source model with the plan applied by hooks."""
     from ..verify import verify as run_verify

@@ -24,7 +24,7 @@ from ..prompts import prompt_texts
 from ..runtime.session import (
     batched_forward,
     chat_ids,
-    load_model,
+    load_placed,
     load_tokenizer,
     pad_id,
     post_instruction_ids,
@@ -100,7 +100,7 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     first, ce, answers = {}, {}, None
     for name in ("base", "edited"):
         log(f"{name}: {len(rows)} prompts")
-        model = load_model(folders[name], cfg.dtype, cfg.device)
+        model = load_placed(folders[name], cfg)
         first[name] = first_token_logprobs(model, rows, cfg.batch_size, pad)
         if answers is None:
             made = greedy_completions(model, rows, cfg.batch_size, pad, cfg.max_new_tokens)

@@ -91,13 +91,14 @@ def parse_guard(text: str) -> tuple[str, list[str]]:
 class HFJudge:
     """A local guard model of the Llama Guard family."""
 
-    def __init__(self, folder: Path, dtype: str, device: str | None, batch_size: int):
-        from ..runtime.session import load_model, load_tokenizer
+    def __init__(self, folder: Path, where, batch_size: int):
+        """``where``: the placement (a stage config or a ``runtime.session.Placement``)."""
+        from ..runtime.session import load_placed, load_tokenizer
 
         self.tok = load_tokenizer(folder)
         if not getattr(self.tok, "chat_template", None):
             raise BadInputError(f"judge {folder}: the guard's tokenizer has no chat template.")
-        self.model = load_model(folder, dtype, device)
+        self.model = load_placed(folder, where)
         self.batch_size = batch_size
         self.failures: list[str] = []  # a local model does not fail a try (as OpenAIJudge's)
 
@@ -148,7 +149,7 @@ class JudgeSpec:
         """The judge, with ``cfg``'s judge options and (for a guard model) its dtype, device
         and batch size."""
         if self.folder is not None:
-            return HFJudge(self.folder, cfg.dtype, cfg.device, cfg.batch_size)
+            return HFJudge(self.folder, cfg, cfg.batch_size)
         return OpenAIJudge(
             self.url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout, cfg.judge_retries
         )

@@ -305,13 +305,33 @@ def load_model(
     # (rotary, norms, activations) for kernels fetched from the Hub when the model is on a
     # GPU: not offline, and not the plain PyTorch layers the hooks and verify reason about.
     kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device, "use_kernels": False}
-    if (max_memory or offload_folder) and device != "auto":
+    if (max_memory or offload_folder) and device not in DEVICE_MAPS:
         raise BadInputError("--max-memory and --offload-folder need --device auto.")
     if max_memory:
         kwargs["max_memory"] = parse_max_memory(max_memory)
     if offload_folder:
         kwargs["offload_folder"] = str(offload_folder)
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what a model runs, as a stage config's placement options
+    (``config._Placed``) say it: for callers without a config."""
+
+    dtype: str = "float32"
+    device: str | None = None
+    max_memory: str | None = None
+    offload_folder: Path | None = None
+
+
+def load_placed(folder: Path, where, dtype: str | None = None):
+    """``load_model`` with the placement options of ``where`` (a stage config or a
+    ``Placement``: dtype, device, max_memory, offload_folder); ``dtype`` overrides its dtype.
+    Every stage loads its models through here."""
+    return load_model(
+        folder, dtype or where.dtype, where.device, where.max_memory, where.offload_folder
+    )
 
 
 @dataclass
@@ -330,18 +350,11 @@ class Session:
 
     @classmethod
     def open(cls, folder: Path, cfg, tok=None, dtype: str | None = None) -> Session:
-        """Load ``folder`` with ``cfg``'s options (``dtype``, ``device``, ``batch_size``,
-        ``system``, and where the config has them ``template``, ``max_memory``,
-        ``offload_folder``). ``tok``: a tokenizer already set up; ``dtype`` overrides
-        ``cfg.dtype`` (verify runs in float32)."""
+        """Load ``folder`` with ``cfg``'s options (its placement, as ``load_placed``;
+        ``batch_size``, ``system`` and, where the config has it, ``template``). ``tok``: a
+        tokenizer already set up; ``dtype`` overrides ``cfg.dtype``."""
         tok = tok or load_tokenizer(folder, getattr(cfg, "template", None))
-        model = load_model(
-            folder,
-            dtype or cfg.dtype,
-            cfg.device,
-            getattr(cfg, "max_memory", None),
-            getattr(cfg, "offload_folder", None),
-        )
+        model = load_placed(folder, cfg, dtype)
         system = getattr(cfg, "system", None)
         return cls(
             folder,
