@@ -63,6 +63,29 @@ def organism_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def organism_measured(tmp_path_factory) -> Path:
+    """measure on the organism as recipes/organism.yaml runs it, with its selection given
+    (layer 2, position -1, what it selects) and no filter (the organism refuses every harmful
+    and answers every harmless train prompt), so that it takes seconds; read-only for tests
+    (``orthoedit search --candidates``)."""
+    from orthoedit.config import MeasureConfig
+    from orthoedit.measure.candidates import measure
+    from orthoedit.organism import CHAT_MODEL
+
+    prompts = CHAT_MODEL.parent / "prompts"
+    cfg = MeasureConfig(
+        model=str(CHAT_MODEL),
+        out=tmp_path_factory.mktemp("measure") / "direction",
+        harmful=str(prompts / "harmful-train.jsonl"),
+        harmless=str(prompts / "harmless-train.jsonl"),
+        filter=False,
+        layer=2,
+        position=-1,
+    )
+    return measure(cfg, log=lambda m: None).out
+
+
 def folder_digest(folder: Path) -> str:
     """SHA-256 over every file's relative path and bytes (to prove a folder is untouched)."""
     digest = hashlib.sha256()

@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import folder_digest
 from orthoedit import search as search_module
-from orthoedit.config import MeasureConfig, SearchConfig
+from orthoedit.config import SearchConfig
 from orthoedit.edit.plan import load_scales
 from orthoedit.model.direction import load_direction
-from orthoedit.organism import CHAT_MODEL, GUARD_MODEL
+from orthoedit.organism import GUARD_MODEL
 from orthoedit.runtime.hooks import addition_hooks
 from orthoedit.search import (
     Judge,
@@ -63,23 +63,8 @@ def _params(result) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def measured(tmp_path_factory) -> Path:
-    """measure on the organism as recipes/organism.yaml runs it, with its selection given
-    (layer 2, position -1, what it selects) and no filter (the organism refuses every harmful
-    and answers every harmless train prompt), so that it takes seconds."""
-    from orthoedit.measure.candidates import measure
-
-    prompts = CHAT_MODEL.parent / "prompts"
-    cfg = MeasureConfig(
-        model=str(CHAT_MODEL),
-        out=tmp_path_factory.mktemp("measure") / "direction",
-        harmful=str(prompts / "harmful-train.jsonl"),
-        harmless=str(prompts / "harmless-train.jsonl"),
-        filter=False,
-        layer=2,
-        position=-1,
-    )
-    return measure(cfg, log=lambda m: None).out
+def measured(organism_measured) -> Path:
+    return organism_measured
 
 
 @pytest.fixture(scope="session")

@@ -559,7 +559,25 @@ class SearchConfig(_Running, _Judged):
         description="Search folder: study.db (resumed when it exists), pareto.md/.json/.png "
         "and chosen/ (direction, scales, apply command, recipe fragment)."
     )
-    trials: int = Field(default=50, ge=1, description="Completed trials wanted in all.")
+    storage: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Keep the study in this database instead of OUT/study.db, so that several "
+        "search processes, on one machine or many, run its trials together (each with the "
+        "same --storage and --study, and its own --out): an SQLAlchemy URL that Optuna "
+        "accepts, e.g. postgresql://user@host/db (pip install 'orthoedit[postgres]').",
+    )
+    study: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The study's name in its storage (default: derived from every setting "
+        "that changes what a trial measures); a stored study with other settings is refused.",
+    )
+    trials: int = Field(
+        default=50,
+        ge=1,
+        description="Completed trials wanted in all (with --storage: by all workers together).",
+    )
     max_kl: float = Field(
         default=0.1,
         gt=0,
@@ -681,6 +699,15 @@ class SearchConfig(_Running, _Judged):
         if value is not None and (not value or any(p >= 0 for p in value)):
             raise ValueError("--positions are offsets from the end of the prompt: -1, -2, ...")
         return None if value is None else sorted(set(value), reverse=True)
+
+    @model_validator(mode="after")
+    def _shared_study_kept(self):
+        if self.overwrite and self.storage is not None:
+            raise ValueError(
+                "--overwrite starts OUT/study.db over; a study in --storage is shared and not "
+                "deleted: give another --study"
+            )
+        return self
 
     @model_validator(mode="after")
     def _drop_needs_task(self):

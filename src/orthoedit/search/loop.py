@@ -16,12 +16,13 @@ from ..errors import BadInputError
 from ..progress import Progress
 from ..runtime.session import Session, start_stage
 from .choice import budget, budget_value, choose_for, objectives, pareto, target_failure
-from .inputs import LOCK_FILE, OUTPUTS, STUDY_FILE, Ready, prepare
+from .inputs import LOCK_FILE, OUTPUTS, STUDY_FILE, Ready, prepare, study_name
 from .outputs import report_dict, write_outputs
 from .space import (
     suggest,
 )
-from .store import completed, open_study, requeue_interrupted, sampler_for, start_from_measure
+from .storage import Storage, check_url, open_storage
+from .store import claim, completed, open_study, requeue_interrupted, start_from_measure
 from .trial import Judge, Outcome, describe, edit_hooks, make_judge, measure_hooks
 
 
@@ -44,6 +45,11 @@ def _check_out(cfg: SearchConfig) -> Path:
     check_apart(out, inputs_of(cfg), "--out")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} exists and is not a folder.")
+    if cfg.storage is not None and (out / STUDY_FILE).is_file():
+        raise BadInputError(
+            f"--out {out} holds a study of its own ({STUDY_FILE}); with --storage, give "
+            "another --out."
+        )
     if out.is_dir() and not (out / STUDY_FILE).is_file():
         strangers = [p.name for p in out.iterdir() if p.name not in (*OUTPUTS, LOCK_FILE)]
         if strangers:
@@ -71,9 +77,9 @@ class SearchResult:
     report: dict
 
 
-def _baselines(study, judge: Judge, model, ready: Ready, log) -> None:
+def _baselines(study, storage: Storage, judge: Judge, model, ready: Ready, log) -> None:
     """The unedited model and measure's own selection, judged like a trial (stored in the study,
-    so a resumed search does not judge them again)."""
+    so a resumed search does not judge them again; in a shared study the first worker's)."""
     if "baselines" in study.user_attrs:
         return
     found = {
@@ -85,8 +91,10 @@ def _baselines(study, judge: Judge, model, ready: Ready, log) -> None:
     judging = {"max_surprisal": judge.max_surprisal}
     if judge.scorer is not None:
         judging |= {"eval_metric": judge.scorer.key, "eval_base_score": judge.base_score}
-    study.set_user_attr("judging", judging)
-    study.set_user_attr("baselines", found)
+    with storage.exclusive(study):
+        if "baselines" not in study.user_attrs:  # another worker may have stored its own
+            study.set_user_attr("judging", judging)
+            study.set_user_attr("baselines", found)
 
 
 def _describe_best(trials: list, cfg: SearchConfig, baselines: dict | None) -> str:
@@ -97,45 +105,66 @@ def _describe_best(trials: list, cfg: SearchConfig, baselines: dict | None) -> s
     return f"best with {budget(cfg, baselines)}: #{best.number} failure {failure:.1%}, KL {kl:.3g}"
 
 
-def _run_trials(cfg, study, judge: Judge, model, ready: Ready, log, progress, clock) -> tuple:
-    """Ask, judge and tell until ``cfg.trials`` trials are complete or the time is spent. An
-    interruption (Ctrl-C, a kill) leaves the trial running in the study, to be re-run."""
-    from optuna.trial import TrialState
-
-    ran, stopped = 0, False
-    done = len(completed(study))
+def _show(progress: Progress, study, cfg: SearchConfig, done: int) -> None:
     baselines = study.user_attrs["baselines"]
-    target = target_failure(cfg.max_failure, baselines)
     progress.start(f"search: {_describe_best(completed(study), cfg, baselines)}", cfg.trials)
     progress.advance(min(done, cfg.trials))
-    while done < cfg.trials:
-        if cfg.time_budget is not None and time.perf_counter() - clock >= cfg.time_budget:
-            stopped = True
-            log(f"time budget of {cfg.time_budget:g} s spent: no new trial started")
-            break
-        study.sampler = sampler_for(cfg.seed, done, cfg.startup_trials)
-        trial = study.ask()
-        params = suggest(trial, ready.n_layers, ready.space)
-        try:
+
+
+def _one_trial(cfg, study, storage: Storage, judge: Judge, model, ready: Ready, trial) -> Outcome:
+    """Judge one claimed trial (its heartbeat beating meanwhile) and tell the study."""
+    from optuna.trial import TrialState
+
+    try:
+        with storage.beating(trial):
+            params = suggest(trial, ready.n_layers, ready.space)
             hooks, _, source = edit_hooks(model, ready, params)
             outcome = evaluate_trial(judge, hooks)
-        except Exception:
-            # an error, not an interruption: recorded as failed, not re-run on resume
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        for key, value in {**outcome.to_dict(), "direction": source}.items():
-            trial.set_user_attr(key, value)
-        if cfg.objective == "budget":
-            study.tell(trial, budget_value(outcome, target, cfg.failure_cost))
-        else:
-            study.tell(trial, outcome.values)
-        ran, done = ran + 1, done + 1
-        log(
-            f"trial {trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
+    except Exception:
+        # an error, not an interruption: recorded as failed, not re-run on resume
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    for key, value in {**outcome.to_dict(), "direction": source}.items():
+        trial.set_user_attr(key, value)
+    if cfg.objective == "budget":
+        target = target_failure(cfg.max_failure, study.user_attrs["baselines"])
+        study.tell(trial, budget_value(outcome, target, cfg.failure_cost))
+    else:
+        study.tell(trial, outcome.values)
+    return outcome
+
+
+def _run_trials(cfg, study, storage: Storage, work: _Work, clock) -> tuple[int, bool]:
+    """Claim, judge and tell until the study has ``cfg.trials`` completed trials (in a shared
+    study: until no trial is left to run or waiting on another worker) or the time is spent.
+    An interruption (Ctrl-C, a kill) leaves the trial running in the study, to be re-run."""
+    ran, stopped, waiting = 0, False, False
+    while True:
+        if cfg.time_budget is not None and time.perf_counter() - clock >= cfg.time_budget:
+            stopped = True
+            work.log(f"time budget of {cfg.time_budget:g} s spent: no new trial started")
+            break
+        got = claim(study, storage, cfg.trials, cfg.seed, cfg.startup_trials)
+        for number in got.stale:
+            work.log(f"trial {number}: its worker stopped beating; failed and queued again")
+        _show(work.progress, study, cfg, got.completed)
+        if got.trial is None and not got.wait:
+            break
+        if got.trial is None:
+            if not waiting:
+                work.log("waiting for the trials other workers are running")
+            waiting = True
+            time.sleep(storage.poll_seconds)
+            continue
+        waiting = False
+        judge, model = work.loaded(study, storage)
+        outcome = _one_trial(cfg, study, storage, judge, model, work.ready, got.trial)
+        ran += 1
+        work.log(
+            f"trial {got.trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
             f"{outcome.seconds:.1f} s"
         )
-        progress.start(f"search: {_describe_best(completed(study), cfg, baselines)}", cfg.trials)
-        progress.advance(done)
+    _show(work.progress, study, cfg, len(completed(study)))
     return ran, stopped
 
 
@@ -145,9 +174,25 @@ def evaluate_trial(judge: Judge, hooks) -> Outcome:
     return judge(hooks)
 
 
-def _load(cfg: SearchConfig, ready: Ready, progress: Progress):
-    progress.start("loading the model", None)
-    return Session.open(ready.folder, cfg, tok=ready.tok).model
+@dataclass
+class _Work:
+    """What judges trials in this process: the model and its judge, loaded on first need (a
+    worker that joins a finished study only writes the outputs)."""
+
+    cfg: SearchConfig
+    ready: Ready
+    log: Callable[[str], None]
+    progress: Progress
+    judge: Judge | None = None
+    model: object = None
+
+    def loaded(self, study, storage: Storage) -> tuple[Judge, object]:
+        if self.judge is None:
+            self.progress.start("loading the model", None)
+            self.model = Session.open(self.ready.folder, self.cfg, tok=self.ready.tok).model
+            self.judge = make_judge(self.cfg, self.ready, self.model)
+            _baselines(study, storage, self.judge, self.model, self.ready, self.log)
+        return self.judge, self.model
 
 
 def _clear(out: Path) -> None:
@@ -166,34 +211,41 @@ def search(
     progress: Progress | None = None,
     replace_other: bool = False,
 ) -> SearchResult:
-    """Run (or resume) the search, then write the Pareto front and the chosen edit.
-    ``replace_other``: a stored study with other settings is discarded, not refused (a recipe
-    stage whose inputs changed)."""
+    """Run (or resume, or join) the search, then write the Pareto front and the chosen edit.
+    ``replace_other``: a stored study with other settings in ``OUT/study.db`` is discarded,
+    not refused (a recipe stage whose inputs changed)."""
 
     progress = start_stage(cfg.device, progress)
     clock = time.perf_counter()
+    if cfg.storage is not None:
+        check_url(cfg.storage)  # a bad URL or a missing driver: one line, nothing written
     out = _check_out(cfg)
     ready = prepare(cfg)
+    shared = None if cfg.storage is None else open_storage(cfg.storage, None)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         if cfg.overwrite:
             _clear(out)
-        study = open_study(out, ready.settings, replace_other)
-        start_from_measure(study, ready)
-        requeued = requeue_interrupted(study)
+        storage = shared or open_storage(None, out / STUDY_FILE)
+        name = cfg.study or study_name(ready.settings)
+        study = open_study(storage, name, ready.settings, replace_other)
+        with storage.exclusive(study):
+            start_from_measure(study, ready)
+        if storage.shared:
+            log(f"study {name} in {storage.where}: {len(completed(study))} completed trials")
+        requeued = [] if storage.shared else requeue_interrupted(study)
         if requeued:
             log(f"resuming: trials {requeued} were interrupted and run again")
+        work = _Work(cfg, ready, log, progress)
         ran, stopped = 0, False
         if len(completed(study)) < cfg.trials or "baselines" not in study.user_attrs:
-            model = _load(cfg, ready, progress)
-            judge = make_judge(cfg, ready, model)
-            _baselines(study, judge, model, ready, log)
-            ran, stopped = _run_trials(cfg, study, judge, model, ready, log, progress, clock)
+            work.loaded(study, storage)
+            ran, stopped = _run_trials(cfg, study, storage, work, clock)
         baselines = study.user_attrs["baselines"]
         trials = sorted(completed(study), key=lambda t: t.number)
         chosen = choose_for(trials, cfg, baselines)
         front = pareto(trials)
-        report = report_dict(cfg, study, ready, trials, front, chosen, baselines)
+        report = report_dict(cfg, study, ready, trials, front, chosen, baselines, storage.where)
         write_outputs(out, cfg, ready, report, chosen)
     return SearchResult(
         out, study.study_name, trials, front, chosen, baselines, requeued, ran, stopped, report

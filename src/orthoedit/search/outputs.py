@@ -42,6 +42,8 @@ def _trial_dict(t, front_numbers: set[int]) -> dict:
         "params": dict(sorted(t.params.items())),
         "pareto": t.number in front_numbers,
         "retry_of": t.system_attrs.get("failed_trial"),
+        # in a shared study, the worker (host:pid) that ran it
+        **({"worker": attrs["worker"]} if "worker" in attrs else {}),
     }
 
 
@@ -55,7 +57,9 @@ def apply_args(cfg: SearchConfig, out: Path, params: EditParams, n_layers: int) 
     return args
 
 
-def report_dict(cfg, study, ready: Ready, trials, front, chosen, baselines) -> dict:
+def report_dict(cfg, study, ready: Ready, trials, front, chosen, baselines, where=None) -> dict:
+    """pareto.json's content. ``where``: the study's storage as it may be shown (default
+    ``OUT/study.db``; a database URL without its password)."""
     out = Path(cfg.out).expanduser().resolve()
     numbers = {t.number for t in front}
     entry = None
@@ -69,7 +73,7 @@ def report_dict(cfg, study, ready: Ready, trials, front, chosen, baselines) -> d
     judging = study.user_attrs.get("judging", {})
     return {
         "study": study.study_name,
-        "storage": str(out / STUDY_FILE),
+        "storage": where or str(out / STUDY_FILE),
         "sampler": "optuna TPESampler (multivariate, "
         + ("one objective" if cfg.objective == "budget" else "multi-objective")
         + "), re-seeded per trial",

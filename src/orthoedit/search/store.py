@@ -1,17 +1,25 @@
-"""The Optuna study a search keeps in ``OUT/study.db``: its name, its sampler, its first
-trial (measure's selection) and the trials a killed process left running."""
+"""The Optuna study a search keeps (``OUT/study.db``, or a database several workers share):
+opening or joining it, its sampler, its first trial (measure's selection), claiming the next
+trial, and the trials a killed process left running."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 import warnings
-from pathlib import Path
+from collections import Counter
+from dataclasses import dataclass
 
 from ..errors import BadInputError
-from .inputs import STUDY_FILE, Ready, study_name
+from .inputs import Ready
 from .space import (
     SITES_SEARCHED,
 )
+from .storage import Storage, retry_callback
+
+#: How long a worker waits for the worker that made a shared study to store its settings.
+READY_WAIT_S = 60
 
 
 def _quiet_optuna() -> None:
@@ -21,23 +29,21 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _retry_callback():
-    from optuna import storages
-
-    # optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; older releases RetryFailed...
-    cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None)
-    return (cls or storages.RetryFailedTrialCallback)()
-
-
-def sampler_for(seed: int, completed: int, startup: int):
+def sampler_for(
+    seed: int, completed: int, startup: int, running: int = 0, failed: int = 0, shared=False
+):
     """The TPE sampler for the next trial, seeded from (seed, completed trials so far): the
     next trial's parameters depend on the stored history only, not on how many processes it
-    took to make it."""
+    took to make it. While other workers' trials run (``running``), the seed also counts them
+    and the failed trials, so that two trials started on the same history differ (completed +
+    running + failed grows by one with every trial started), and a ``shared`` study's TPE
+    treats running trials as liars (Optuna's advice for parallel workers)."""
     import optuna
 
-    derived = int.from_bytes(hashlib.sha256(f"{seed}:{completed}".encode()).digest()[:4], "little")
+    key = f"{seed}:{completed}" + (f":{running}:{failed}" if running else "")
+    derived = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
     return optuna.samplers.TPESampler(
-        seed=derived, multivariate=True, n_startup_trials=startup, constant_liar=False
+        seed=derived, multivariate=True, n_startup_trials=startup, constant_liar=shared
     )
 
 
@@ -47,40 +53,90 @@ def _settings_diff(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "unknown settings"
 
 
-def open_study(out: Path, settings: dict, replace_other: bool = False):
-    """The study stored in ``out/study.db``, created if absent; a study made with other
-    settings is refused (one clear line naming what differs), or with ``replace_other``
-    discarded."""
+def _names(settings: dict) -> list[str]:
+    if settings.get("objective") == "budget":
+        return ["kl_plus_failure_cost"]
+    return ["failure", "kl"] + (["drop"] if settings.get("eval_task") else [])
+
+
+def _create(storage: Storage, name: str, settings: dict, load_if_exists: bool):
     import optuna
 
-    _quiet_optuna()
-    storage = optuna.storages.RDBStorage(f"sqlite:///{out / STUDY_FILE}")
-    name = study_name(settings)
-    existing = [s for s in optuna.get_all_study_names(storage) if s != name]
-    if existing and replace_other:
-        for other in existing:
-            optuna.delete_study(study_name=other, storage=storage)
-        existing = []
-    if existing:
-        other = optuna.load_study(study_name=existing[0], storage=storage)
-        raise BadInputError(
-            f"{out / STUDY_FILE} holds a search with other settings "
-            f"({_settings_diff(other.user_attrs.get('settings', {}), settings)}); use another "
-            "--out, or --overwrite to start over."
-        )
-    if settings.get("objective") == "budget":
-        names = ["kl_plus_failure_cost"]
-    else:
-        names = ["failure", "kl"] + (["drop"] if settings.get("eval_task") else [])
+    names = _names(settings)
     study = optuna.create_study(
         study_name=name,
-        storage=storage,
+        storage=storage.rdb,
         directions=["minimize"] * len(names),
-        load_if_exists=True,
+        load_if_exists=load_if_exists,
     )
     study.set_metric_names(names)
     if "settings" not in study.user_attrs:
         study.set_user_attr("settings", settings)
+    return study
+
+
+def _only_study(storage: Storage, name: str, settings: dict, replace_other: bool) -> None:
+    """``OUT/study.db`` holds one search: any other study in it is refused (or discarded)."""
+    import optuna
+
+    existing = [s for s in optuna.get_all_study_names(storage.rdb) if s != name]
+    if existing and replace_other:
+        for other in existing:
+            optuna.delete_study(study_name=other, storage=storage.rdb)
+        existing = []
+    if existing:
+        other = optuna.load_study(study_name=existing[0], storage=storage.rdb)
+        raise BadInputError(
+            f"{storage.where} holds a search with other settings "
+            f"({_settings_diff(_settings_of(other), settings)}); "
+            "use another --out, or --overwrite to start over."
+        )
+
+
+def _settings_of(study) -> dict:
+    return study.user_attrs.get("settings", {})
+
+
+def _join(storage: Storage, name: str, settings: dict):
+    """A shared study: made by exactly one worker (the database refuses a second study of
+    that name), joined by the others once its maker has stored its settings."""
+    import optuna
+
+    try:
+        return _create(storage, name, settings, load_if_exists=False)
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    study = optuna.load_study(study_name=name, storage=storage.rdb)
+    deadline = time.monotonic() + READY_WAIT_S
+    while "settings" not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise BadInputError(
+                f"study {name} in {storage.where} has no settings (the process that made it "
+                "stopped while making it); delete it (optuna delete-study) or use another --study."
+            )
+        time.sleep(0.2)
+    return study
+
+
+def open_study(storage: Storage, name: str, settings: dict, replace_other: bool = False):
+    """The study ``name``, created if absent; a study made with other settings is refused (one
+    clear line naming what differs), or in ``OUT/study.db`` with ``replace_other`` discarded.
+    In a shared storage other studies are left alone."""
+    _quiet_optuna()
+    settings = json.loads(json.dumps(settings))  # as stored: tuples read back as lists
+    if storage.shared:
+        study = _join(storage, name, settings)
+    else:
+        _only_study(storage, name, settings, replace_other)
+        study = _create(storage, name, settings, load_if_exists=True)
+    if _settings_of(study) != settings:
+        # only a study named with --study can differ: the default name hashes the settings
+        where = f"study {name} in {storage.where}"
+        raise BadInputError(
+            f"{where} holds a search with other settings "
+            f"({_settings_diff(_settings_of(study), settings)}); use another --study"
+            + ("." if storage.shared else ", another --out, or --overwrite to start over.")
+        )
     return study
 
 
@@ -114,7 +170,7 @@ def measure_params(ready: Ready) -> dict | None:
 
 def start_from_measure(study, ready: Ready) -> None:
     """A new study's first trial is measure's selection (or as near it as the space allows),
-    so the search starts from it."""
+    so the search starts from it (in a shared study: called inside ``Storage.exclusive``)."""
     params = measure_params(ready)
     if params is not None and not study.get_trials(deepcopy=False):
         meta = ready.baseline_direction.metadata
@@ -131,7 +187,7 @@ def requeue_interrupted(study) -> list[int]:
     other process can be running them."""
     from optuna.trial import TrialState
 
-    retry = _retry_callback()
+    retry = retry_callback()
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         failed = study.tell(trial.number, state=TrialState.FAIL)
@@ -143,3 +199,38 @@ def completed(study) -> list:
     from optuna.trial import TrialState
 
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+@dataclass
+class Claim:
+    """What a worker is to do next: run ``trial``; or, with none, ``wait`` for trials other
+    workers run (one of them may fail and be queued again), or stop (the study is done).
+    ``completed``: the study's completed trials; ``stale``: trials just found with a stopped
+    worker, marked failed and queued again."""
+
+    trial: object | None
+    wait: bool
+    completed: int
+    stale: list[int]
+
+
+def claim(study, storage: Storage, wanted: int, seed: int, startup: int) -> Claim:
+    """The next trial, if one is still wanted: completed plus running trials stay at most
+    ``wanted`` (decided and asked for under the storage's lock, so that workers never start
+    more trials between them). A trial queued again (a stopped worker's, or measure's first
+    one) is taken before a new one."""
+    from optuna.trial import TrialState
+
+    with storage.exclusive(study):
+        stale = storage.fail_stale(study)
+        counts = Counter(t.state for t in study.get_trials(deepcopy=False))
+        done, running = counts[TrialState.COMPLETE], counts[TrialState.RUNNING]
+        if done + running >= wanted:
+            return Claim(None, running > 0, done, stale)
+        failed = counts[TrialState.FAIL]
+        study.sampler = sampler_for(seed, done, startup, running, failed, storage.shared)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat ... used with Study.optimize"
+            trial = study.ask()
+        storage.claimed(trial)
+        return Claim(trial, False, done, stale)
