@@ -239,3 +239,15 @@ def test_password_never_shown_and_other_settings_refused(pg, organism_measured, 
     line = _one_line_error(cli(*args))
     assert "other settings" in line and "seed: 0 -> 1" in line and "--study" in line
     assert "s3cret" not in line and "orthoedit:***@" in line
+
+
+def test_a_recipe_run_stores_no_password(tmp_path):
+    """A recipe's search section may name a shared study; run.json keeps its URL without the
+    password (the stage's inputs hash still sees the whole URL)."""
+    from orthoedit.pipeline.recipe import Recipe
+    from orthoedit.pipeline.run import _open_state
+
+    recipe = Recipe(model="m", search={"storage": "postgresql://u:s3cret@h/db", "trials": 2})
+    state = _open_state(tmp_path, recipe, "recipe.yaml")
+    assert state["settings"]["search"] == {"storage": "postgresql://u:***@h/db", "trials": 2}
+    assert recipe.search["storage"] == "postgresql://u:s3cret@h/db"  # the recipe untouched

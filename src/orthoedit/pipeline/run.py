@@ -190,9 +190,15 @@ def _open_state(out: Path, recipe: Recipe, source: str) -> dict:
 
     path = out / "run.json"
     state = json.loads(path.read_text()) if path.is_file() else {}
+    settings = recipe.model_dump(mode="json")
+    if isinstance(settings.get("search"), dict) and settings["search"].get("storage"):
+        from ..search.storage import masked
+
+        # a study database's URL may hold a password: never stored
+        settings["search"]["storage"] = masked(settings["search"]["storage"])
     state.update(
         recipe=source,
-        settings=recipe.model_dump(mode="json"),
+        settings=settings,
         versions={
             "orthoedit": __version__,
             "torch": torch.__version__,

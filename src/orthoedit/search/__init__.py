@@ -35,6 +35,12 @@ every trial), generation is greedy, and the choice is a pure function of the sto
 A trial left running by a killed process is marked failed and re-run with the same
 parameters (Optuna's retry callback), so a resumed search runs exactly the trials an
 uninterrupted one would have.
+
+Several workers (``--storage URL --study NAME``, each with its own ``--out``) share one study
+in a database (``storage.py``): a trial is claimed under a lock in the database, so that the
+study ends with exactly ``--trials`` completed trials; a trial whose worker stops beating is
+failed and re-run by another; any worker writes the outputs once the study is done. Which
+worker runs which trial, and so the trials themselves, then depend on timing.
 """
 
 from __future__ import annotations
