@@ -23,11 +23,17 @@ development model as its recipe searches it (bfloat16, ``--qwen-trials`` trials,
 random), from ``--qwen-candidates`` (a measure folder, e.g. a recipe run's ``direction/``) or
 from a default measure run in bfloat16 (about 15 minutes on 2 cores).
 
+With ``--only workers``: one study shared by worker processes (``--storage``) on the organism,
+against a PostgreSQL server started for the run (``tests/pgserver.py``: initdb in a temporary
+folder, a free local port): trials per minute for one worker with ``OUT/study.db``, then one and
+two workers with the shared study (``--workers-trials`` trials, measure's 32 + 32 validation
+prompts), with torch's default threads and with one thread per worker (OMP_NUM_THREADS=1).
+
 Results: printed as Markdown and written to ``benchmarks/results-search.json``; ``--only``
 runs some of the models and keeps the others' stored results.
 
 Usage: ``.venv/bin/python benchmarks/bench_search.py [--trials 100] [--smollm-trials 10]
-[--only qwen --qwen-candidates RUN/direction]``.
+[--only qwen --qwen-candidates RUN/direction] [--only workers --workers-trials 60]``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -61,7 +68,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SMOLLM = ROOT / "models" / "smollm2-135m-instruct"
 QWEN = ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
-MODELS = ("organism", "smollm", "qwen")
+MODELS = ("organism", "smollm", "qwen", "workers")
+WORKERS_KEY = "organism, shared study"
 TEST_TOKENS = 64
 MAX_TEST_REFUSAL = 0.05
 MIN_KL_CUT = 0.20
@@ -74,6 +82,7 @@ def parse_args(argv):
     p.add_argument("--smollm-trials", type=int, default=10)
     p.add_argument("--qwen-trials", type=int, default=16)
     p.add_argument("--qwen-candidates", type=Path, default=None)
+    p.add_argument("--workers-trials", type=int, default=60)
     p.add_argument("--only", choices=MODELS, action="append", default=None)
     p.add_argument("--max-kl", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -271,7 +280,7 @@ def markdown(results: dict) -> str:
     ]
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for name in results:
-        if name in ("machine", "settings"):
+        if name in ("machine", "settings", WORKERS_KEY):
             continue
         r = results.get(name)
         if not r:
@@ -284,6 +293,8 @@ def markdown(results: dict) -> str:
             f"{r['one_pass']['edited_generation_and_kl_s']:.2f} s | "
             f"{r['trial_over_edited_pass']:.2f}× |"
         )
+    if results.get(WORKERS_KEY):
+        lines += ["", workers_markdown(results[WORKERS_KEY])]
     for run in [k for k in results if k.startswith("organism")]:
         test = results[run].get("test")
         if not test:
@@ -363,6 +374,101 @@ def organisms(args) -> dict:
     return results
 
 
+def _worker_run(args, folder: Path, url: str | None, n: int, threads: int | None) -> dict:
+    """``n`` search processes on one study (``url``: a shared one; None: one process with
+    OUT/study.db), started together; timed from their start to the last one's exit."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    name = f"bench-{n}-{threads}-{time.time_ns()}"
+    outs = [args.work / "workers" / f"{name}-{i}" for i in range(n)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    base = [sys.executable, "-m", "orthoedit.cli", "search", str(CHAT_MODEL), "--candidates"]
+    base += [str(folder), "--trials", str(args.workers_trials), "--seed", str(args.seed)]
+    base += ["--max-kl", str(args.max_kl), "--max-new-tokens", str(args.max_new_tokens)]
+    shared = [] if url is None else ["--storage", url, "--study", name]
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen([*base, "--out", str(out), *shared], env=env, stdout=subprocess.DEVNULL)
+        for out in outs
+    ]
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - start
+    assert codes == [0] * n, codes
+    storage = url or f"sqlite:///{outs[0] / 'study.db'}"
+    trials = optuna.load_study(study_name=None if url is None else name, storage=storage).trials
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    first, last = min(t.datetime_start for t in done), max(t.datetime_complete for t in done)
+    span = (last - first).total_seconds()
+    return {
+        "workers": n,
+        "torch_threads_each": threads or torch.get_num_threads(),
+        "storage": "OUT/study.db" if url is None else "PostgreSQL",
+        "trials": len(done),
+        "distinct_params": len({json.dumps(t.params, sort_keys=True) for t in done}),
+        "wall_s": wall,
+        "trials_per_minute_wall": 60 * len(done) / wall,
+        "trial_span_s": span,
+        "trials_per_minute_span": 60 * len(done) / span,
+        "trial_s_median": statistics.median(t.user_attrs["seconds"] for t in done),
+        "load_average_1min_before": load,
+    }
+
+
+def workers(args) -> dict:
+    """1 vs 2 workers on one organism study in a PostgreSQL server started for the run."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import pgserver
+
+    reason = pgserver.missing()
+    if reason:
+        print(f"workers: skipped ({reason})")
+        return {}
+    prompts = CHAT_MODEL.parent / "prompts"
+    folder = run_measure(
+        CHAT_MODEL,
+        args.work / "workers" / "direction",
+        harmful=str(prompts / "harmful-train.jsonl"),
+        harmless=str(prompts / "harmless-train.jsonl"),
+        max_kl=0.2,  # as recipes/organism.yaml
+    )
+    server = pgserver.PgServer.start()
+    try:
+        runs = [
+            _worker_run(args, folder, None, 1, None),
+            _worker_run(args, folder, server.url, 1, None),
+            _worker_run(args, folder, server.url, 2, None),
+            _worker_run(args, folder, server.url, 1, 1),
+            _worker_run(args, folder, server.url, 2, 1),
+        ]
+    finally:
+        server.stop()
+    return {"runs": runs, "cpus": os.cpu_count()}
+
+
+def workers_markdown(result: dict) -> str:
+    lines = [
+        "| workers | storage | torch threads each | trials | distinct | wall | trials/min (wall) "
+        "| first start to last end | trials/min (trials) | s/trial (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"| {r['workers']} | {r['storage']} | {r['torch_threads_each']} | {r['trials']} | "
+            f"{r['distinct_params']} | {r['wall_s']:.1f} s | {r['trials_per_minute_wall']:.1f} | "
+            f"{r['trial_span_s']:.1f} s | {r['trials_per_minute_span']:.1f} | "
+            f"{r['trial_s_median']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     only = set(args.only or MODELS)
@@ -388,6 +494,9 @@ def main(argv=None) -> dict:
         save()
     if "qwen" in only:
         results["qwen2.5-coder-0.5b (bfloat16)"] = qwen(args)
+        save()
+    if "workers" in only:
+        results[WORKERS_KEY] = workers(args)
         save()
     print(markdown(results))
     return results

@@ -69,6 +69,7 @@ def _args(measured: Path, out: Path, url: str, study: str, *extra) -> list[str]:
 
 def _worker(measured: Path, out: Path, url: str, study: str, sleep: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC), HEARTBEAT_ENV: "1:3", "TRIAL_SLEEP": str(sleep)}
+    env["OMP_NUM_THREADS"] = "1"  # two workers on two cores (more threads stall each other)
     log = open(out.with_suffix(".log"), "w")  # noqa: SIM115  (closed with the process)
     args = [sys.executable, "-c", WORKER, *_args(measured, out, url, study)]
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)

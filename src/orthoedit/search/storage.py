@@ -197,11 +197,26 @@ class Storage:
             optuna.storages.fail_stale_trials(study)
         return sorted(running & numbers(TrialState.FAIL))
 
-    def claimed(self, trial) -> None:
-        """A trial this worker just took: who runs it, and its first heartbeat at once."""
-        if self.shared:
-            trial.set_user_attr("worker", worker_name())
-            self.rdb.record_heartbeat(trial._trial_id)
+    def ask(self, study):
+        """The next trial, running (call inside ``exclusive``): a queued one first, else a new
+        one. In a shared study the trial is queued first and its first heartbeat recorded
+        before it runs, so that no trial is ever running without one (a worker killed in
+        between leaves a queued trial, which the next claim takes), and it records its
+        worker."""
+        from optuna.trial import TrialState
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat ... used with Study.optimize"
+            if not self.shared:
+                return study.ask()
+            queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not queued:
+                study.enqueue_trial({})  # no fixed parameter: the sampler chooses them all
+                queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            self.rdb.record_heartbeat(queued[0]._trial_id)
+            trial = study.ask()  # takes the first queued trial (no other worker can: locked)
+        trial.set_user_attr("worker", worker_name())
+        return trial
 
     @contextlib.contextmanager
     def beating(self, trial) -> Iterator[None]:

@@ -229,8 +229,4 @@ def claim(study, storage: Storage, wanted: int, seed: int, startup: int) -> Clai
             return Claim(None, running > 0, done, stale)
         failed = counts[TrialState.FAIL]
         study.sampler = sampler_for(seed, done, startup, running, failed, storage.shared)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "heartbeat ... used with Study.optimize"
-            trial = study.ask()
-        storage.claimed(trial)
-        return Claim(trial, False, done, stale)
+        return Claim(storage.ask(study), False, done, stale)
