@@ -252,3 +252,24 @@ def test_a_recipe_run_stores_no_password(tmp_path):
     state = _open_state(tmp_path, recipe, "recipe.yaml")
     assert state["settings"]["search"] == {"storage": "postgresql://u:***@h/db", "trials": 2}
     assert recipe.search["storage"] == "postgresql://u:s3cret@h/db"  # the recipe untouched
+
+
+def test_an_sqlite_file_can_be_shared(organism_measured, tmp_path):
+    """Without a server: an SQLite file given as --storage is shared by processes on one
+    machine (the claim lock is a file lock beside it, the heartbeat Optuna's)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg = SearchConfig(
+        model=str(CHAT_MODEL),
+        candidates=organism_measured,
+        out=tmp_path / "a",
+        storage=url,
+        study="local",
+        trials=3,
+        **FAST,
+    )
+    first = search(cfg, log=lambda m: None)
+    assert first.ran == 3 and (tmp_path / "shared.db.lock").is_file()
+    assert all(t.user_attrs["worker"].endswith(f":{os.getpid()}") for t in first.trials)
+    again = search(cfg.model_copy(update={"out": tmp_path / "b"}), log=lambda m: None)
+    assert again.ran == 0 and _report(tmp_path / "b")["trials"] == _report(tmp_path / "a")["trials"]
+    assert not (tmp_path / "a" / "study.db").exists()

@@ -68,8 +68,9 @@ def search(cfg: SearchConfig) -> None:
     """Search the edit (direction layer and position, per-layer attention and MLP weights,
     embedding on or off) against measured refusal and damage, with run-time hooks; write the
     Pareto front and the best edit within the KL budget, with the apply command that
-    reproduces it. Resumes the study in --out. With --judge, a complied answer counts as
-    compliance only when the judge calls it unsafe."""
+    reproduces it. Resumes the study in --out, or with --storage joins a study that several
+    workers share. With --judge, a complied answer counts as compliance only when the judge
+    calls it unsafe."""
     from ..search import none_chosen
     from ..search import search as run_search
 

@@ -166,16 +166,19 @@ class Storage:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 yield
         else:
-            from sqlalchemy import text
+            import sqlalchemy as sa
 
+            # Optuna's table of study attributes (its schema), quoted as each database wants
+            attrs = sa.table(
+                "study_user_attributes", *map(sa.column, ("study_id", "key", "value_json"))
+            )
+            lock = (
+                sa.update(attrs)
+                .where(attrs.c.study_id == self.study_id(study), attrs.c.key == "settings")
+                .values(value_json=attrs.c.value_json)
+            )
             with self.rdb.engine.begin() as conn:  # committed (the lock let go) at the end
-                locked = conn.execute(
-                    text(
-                        "UPDATE study_user_attributes SET value_json = value_json "
-                        "WHERE study_id = :id AND key = 'settings'"
-                    ),
-                    {"id": self.study_id(study)},
-                )
+                locked = conn.execute(lock)
                 if locked.rowcount != 1:
                     raise RuntimeError(f"study {study.study_name} has no settings to lock")
                 yield
