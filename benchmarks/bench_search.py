@@ -33,7 +33,8 @@ Results: printed as Markdown and written to ``benchmarks/results-search.json``; 
 runs some of the models and keeps the others' stored results.
 
 Usage: ``.venv/bin/python benchmarks/bench_search.py [--trials 100] [--smollm-trials 10]
-[--only qwen --qwen-candidates RUN/direction] [--only workers --workers-trials 60]``.
+[--only qwen --qwen-candidates RUN/direction] [--only workers --workers-trials 60
+--workers-repeats 1]``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def parse_args(argv):
     p.add_argument("--qwen-trials", type=int, default=16)
     p.add_argument("--qwen-candidates", type=Path, default=None)
     p.add_argument("--workers-trials", type=int, default=60)
+    p.add_argument("--workers-repeats", type=int, default=1)
     p.add_argument("--only", choices=MODELS, action="append", default=None)
     p.add_argument("--max-kl", type=float, default=0.1)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -441,12 +443,12 @@ def workers(args) -> dict:
     )
     server = pgserver.PgServer.start()
     try:
+        configs = [(None, 1, None), (server.url, 1, None), (server.url, 2, None)]
+        configs += [(server.url, 1, 1), (server.url, 2, 1)]
         runs = [
-            _worker_run(args, folder, None, 1, None),
-            _worker_run(args, folder, server.url, 1, None),
-            _worker_run(args, folder, server.url, 2, None),
-            _worker_run(args, folder, server.url, 1, 1),
-            _worker_run(args, folder, server.url, 2, 1),
+            _worker_run(args, folder, url, n, threads)
+            for _ in range(args.workers_repeats)
+            for url, n, threads in configs
         ]
     finally:
         server.stop()
