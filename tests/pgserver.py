@@ -52,8 +52,11 @@ def missing() -> str | None:
         import psycopg  # noqa: F401
     except ImportError:
         return "the PostgreSQL driver is not installed: pip install 'orthoedit[postgres]'"
-    if os.geteuid() == 0 and _runner() is None:
-        return "running as root and no unprivileged user (postgres, nobody) to run the server as"
+    if os.geteuid() == 0 and (_runner() is None or shutil.which("setpriv") is None):
+        return (
+            "running as root, and no unprivileged user (postgres, nobody) or no setpriv to run "
+            "the server as one (initdb refuses root)"
+        )
     return None
 
 
