@@ -273,3 +273,43 @@ def test_an_sqlite_file_can_be_shared(organism_measured, tmp_path):
     again = search(cfg.model_copy(update={"out": tmp_path / "b"}), log=lambda m: None)
     assert again.ran == 0 and _report(tmp_path / "b")["trials"] == _report(tmp_path / "a")["trials"]
     assert not (tmp_path / "a" / "study.db").exists()
+
+
+def test_a_trial_given_up_meanwhile_is_not_counted(organism_measured, tmp_path, monkeypatch):
+    """A worker whose trial another worker failed as stale meanwhile (its heartbeat late past
+    the grace) does not count it: it goes on, and the rerun completes the study."""
+    from optuna.trial import TrialState
+
+    from orthoedit.search.storage import retry_callback
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    judged = loop_module.evaluate_trial
+    given_up = []
+
+    def late(judge, hooks):
+        outcome = judged(judge, hooks)
+        if not given_up:  # what fail_stale_trials does in another worker
+            other = optuna.load_study(study_name="late", storage=url)
+            running = other.get_trials(states=(TrialState.RUNNING,))[0]
+            other.tell(running.number, state=TrialState.FAIL)
+            retry_callback()(other, other.get_trials()[running.number])
+            given_up.append(running.number)
+        return outcome
+
+    monkeypatch.setattr(loop_module, "evaluate_trial", late)
+    lines: list[str] = []
+    cfg = SearchConfig(
+        model=str(CHAT_MODEL),
+        candidates=organism_measured,
+        out=tmp_path / "s",
+        storage=url,
+        study="late",
+        trials=3,
+        **FAST,
+    )
+    result = search(cfg, log=lines.append)
+    assert result.ran == 3 and len(result.trials) == 3
+    assert f"trial {given_up[0]}: given up as stale by another worker; its rerun counts" in lines
+    trials = optuna.load_study(study_name="late", storage=url).trials
+    assert Counter(t.state.name for t in trials) == {"COMPLETE": 3, "FAIL": 1}
+    assert [t.system_attrs.get("failed_trial") for t in result.trials].count(given_up[0]) == 1

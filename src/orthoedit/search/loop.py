@@ -111,8 +111,9 @@ def _show(progress: Progress, study, cfg: SearchConfig, done: int) -> None:
     progress.advance(min(done, cfg.trials))
 
 
-def _one_trial(cfg, study, storage: Storage, judge: Judge, model, ready: Ready, trial) -> Outcome:
-    """Judge one claimed trial (its heartbeat beating meanwhile) and tell the study."""
+def _one_trial(cfg, study, storage: Storage, judge: Judge, model, ready: Ready, trial):
+    """Judge one claimed trial (its heartbeat beating meanwhile) and tell the study; None
+    when another worker gave it up meanwhile (no heartbeat for the grace period)."""
     from optuna.trial import TrialState
 
     try:
@@ -124,13 +125,19 @@ def _one_trial(cfg, study, storage: Storage, judge: Judge, model, ready: Ready, 
         # an error, not an interruption: recorded as failed, not re-run on resume
         study.tell(trial, state=TrialState.FAIL)
         raise
-    for key, value in {**outcome.to_dict(), "direction": source}.items():
-        trial.set_user_attr(key, value)
-    if cfg.objective == "budget":
-        target = target_failure(cfg.max_failure, study.user_attrs["baselines"])
-        study.tell(trial, budget_value(outcome, target, cfg.failure_cost))
-    else:
-        study.tell(trial, outcome.values)
+    try:
+        for key, value in {**outcome.to_dict(), "direction": source}.items():
+            trial.set_user_attr(key, value)
+        if cfg.objective == "budget":
+            target = target_failure(cfg.max_failure, study.user_attrs["baselines"])
+            study.tell(trial, budget_value(outcome, target, cfg.failure_cost))
+        else:
+            study.tell(trial, outcome.values)
+    except Exception:
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if storage.shared and trial.number in {t.number for t in failed}:
+            return None  # another worker found it stale meanwhile: its rerun counts instead
+        raise
     return outcome
 
 
@@ -159,10 +166,12 @@ def _run_trials(cfg, study, storage: Storage, work: _Work, clock) -> tuple[int, 
         waiting = False
         judge, model = work.loaded(study, storage)
         outcome = _one_trial(cfg, study, storage, judge, model, work.ready, got.trial)
-        ran += 1
+        ran += outcome is not None
         work.log(
-            f"trial {got.trial.number}: {describe(outcome.to_dict())}, KL {outcome.kl:.4g}, "
-            f"{outcome.seconds:.1f} s"
+            f"trial {got.trial.number}: given up as stale by another worker; its rerun counts"
+            if outcome is None
+            else f"trial {got.trial.number}: {describe(outcome.to_dict())}, "
+            f"KL {outcome.kl:.4g}, {outcome.seconds:.1f} s"
         )
     _show(work.progress, study, cfg, len(completed(study)))
     return ran, stopped
