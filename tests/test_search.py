@@ -494,7 +494,7 @@ def test_word_salad_is_broken_not_compliant(measured):
     the unedited model's surprisal calls all of it broken, while measure's real compliance and
     the unedited model's own answers stay far below the threshold."""
     from orthoedit.runtime.refusal import judge as text_judge
-    from orthoedit.runtime.refusal import surprisal
+    from orthoedit.runtime.session import surprisal
 
     ready = prepare(_cfg(measured, measured / "unused", n=16))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
@@ -518,8 +518,7 @@ def test_surprisal_is_each_row_alone(measured):
     """Batched, left-padded surprisal (answers of different lengths, the shared prefix run
     once) equals each (prompt, answer) scored alone and a plain forward pass, and an empty
     answer scores 0."""
-    from orthoedit.runtime.refusal import surprisal
-    from orthoedit.runtime.session import pad_id
+    from orthoedit.runtime.session import pad_id, surprisal
 
     ready = prepare(_cfg(measured, measured / "unused"))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()

@@ -105,6 +105,48 @@ class _Running(_Placed):
     batch_size: int = Field(default=32, ge=1, description="Prompts per batch.")
 
 
+class _Generated(BaseModel):
+    """How a command generates: transformers (``hf``, placed by the placement options) or
+    vLLM (``runtime.vllm_engine``; where vLLM is not installed the command says so and uses
+    transformers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    backend: Backend = Field(
+        default="hf",
+        description="Generation backend: hf (transformers), or vllm for GPUs (falls back to hf, "
+        "saying so, where vLLM is not installed).",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vllm: GPUs per model replica (tensor parallel)."
+    )
+    data_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="vllm: model replicas, each answering its share of the prompts (data "
+        "parallel; more than 1 needs ray).",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vllm: share of each GPU's memory to use."
+    )
+
+    @model_validator(mode="after")
+    def _parallel_is_vllm(self):
+        if self.backend == "hf" and max(self.tensor_parallel_size, self.data_parallel_size) > 1:
+            raise ValueError(
+                "--tensor-parallel-size and --data-parallel-size are vLLM's: add --backend vllm "
+                "(with transformers, --device auto spreads a model over the GPUs)"
+            )
+        if self.backend == "vllm" and (
+            getattr(self, "max_memory", None) or getattr(self, "offload_folder", None)
+        ):
+            raise ValueError(
+                "--max-memory and --offload-folder place a transformers model; vLLM places its "
+                "own (--tensor-parallel-size, --gpu-memory-utilization)"
+            )
+        return self
+
+
 class ApplyConfig(BaseModel):
     """Options of ``orthoedit apply``."""
 
@@ -255,7 +297,7 @@ class MeasureConfig(_Running):
     overwrite: OverwriteFolder = False
 
 
-class EvalBenchConfig(BaseModel):
+class EvalBenchConfig(_Generated):
     """Options of ``orthoedit eval bench``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
@@ -286,15 +328,9 @@ class EvalBenchConfig(BaseModel):
     max_drop_task: dict[str, float] = Field(
         default_factory=dict, description="Per-task drop thresholds, TASK=VALUE (repeatable)."
     )
-    backend: Backend = Field(default="hf", description="lm-eval backend: hf, or vllm for GPUs.")
     dtype: str = Field(default="auto", description="Model dtype for lm-eval (auto, float32, ...).")
     device: Device = Field(
         default=None, description="hf backend device (default: cuda if available, else cpu)."
-    )
-    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: tensor parallel size.")
-    data_parallel_size: int = Field(default=1, ge=1, description="vllm: data parallel size.")
-    gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="vllm: share of GPU memory to use."
     )
     bootstrap_iters: int = Field(
         default=1000, ge=0, description="lm-eval bootstrap iterations for stderrs."
@@ -351,7 +387,7 @@ class EvalKLConfig(_Running):
     overwrite: OverwriteReport = False
 
 
-class EvalSafetyConfig(_Running, _Judged):
+class EvalSafetyConfig(_Running, _Judged, _Generated):
     """Options of ``orthoedit eval safety``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
@@ -398,7 +434,7 @@ class EvalSafetyConfig(_Running, _Judged):
     overwrite: OverwriteFolder = False
 
 
-class CompareConfig(_Running):
+class CompareConfig(_Running, _Generated):
     """Options of ``orthoedit compare``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)

@@ -257,6 +257,19 @@ class BenchResult:
         return [r for r in self.rows if r.regressed]
 
 
+def _backend(cfg: EvalBenchConfig, log: Callable[[str], None]) -> EvalBenchConfig:
+    """``cfg`` with the backend that will run (vLLM falls back to hf where it is not
+    installed), its device checked for hf."""
+    from ..runtime.vllm_engine import resolved
+
+    cfg = resolved(cfg, log)
+    if cfg.backend == "hf":
+        from ..runtime.session import check_device
+
+        check_device(cfg.device)
+    return cfg
+
+
 def eval_bench(
     cfg: EvalBenchConfig,
     log: Callable[[str], None] = print,
@@ -271,10 +284,7 @@ def eval_bench(
     loaded = loaded or {}
     import tempfile
 
-    if cfg.backend == "hf":
-        from ..runtime.session import check_device
-
-        check_device(cfg.device)
+    cfg = _backend(cfg, log)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     _check_inputs(cfg, loaded)
     tasks = list(cfg.tasks or shipped_tasks())

@@ -10,7 +10,8 @@ from ..config import CompareConfig
 from ..model.source import resolve_model
 from ..output import check_file_target, inputs_of, write_file
 from ..runtime.refusal import refusal_run
-from ..runtime.session import Session, start_stage
+from ..runtime.session import start_stage
+from ..runtime.vllm_engine import open_session, resolved
 
 
 @dataclass
@@ -42,6 +43,7 @@ def _prompts(cfg: CompareConfig) -> list[tuple[str, str]]:
 def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair]:
     start_stage(cfg.device)
     check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite)
+    cfg = resolved(cfg, log)
     folders = {
         name: resolve_model(m, None)[0] for name, m in (("base", cfg.base), ("edited", cfg.edited))
     }
@@ -49,14 +51,9 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
     answers = {}
     for name, folder in folders.items():
         log(f"{name}: {len(prompts)} prompts, at most {cfg.max_new_tokens} tokens each")
-        session = Session.open(folder, cfg)
+        session = open_session(folder, cfg)
         answers[name] = refusal_run(
-            session.model,
-            session.tok,
-            [p for p, _ in prompts],
-            max_new_tokens=cfg.max_new_tokens,
-            system=cfg.system,
-            batch_size=cfg.batch_size,
+            session, [p for p, _ in prompts], max_new_tokens=cfg.max_new_tokens
         )
         session.close()
     pairs = [

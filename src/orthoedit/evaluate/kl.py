@@ -82,7 +82,8 @@ def _prompts(cfg: EvalKLConfig) -> list[str]:
 
 def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageReport:
     from ..measure.select import first_token_logprobs, mean_kl
-    from ..runtime.refusal import greedy_completions, stop_ids, until_stop
+    from ..runtime.refusal import until_stop
+    from ..runtime.session import greedy_completions, stop_ids
 
     start_stage(cfg.device)
     if cfg.report is not None:

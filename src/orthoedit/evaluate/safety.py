@@ -35,7 +35,8 @@ from ..model.source import resolve_model
 from ..output import check_target, inputs_of, staged_output
 from ..progress import Progress
 from ..runtime.refusal import REFUSAL_PHRASES, default_max_surprisal, refusal_run
-from ..runtime.session import Session, pad_id, start_stage, template_kwargs
+from ..runtime.session import pad_id, start_stage, template_kwargs
+from ..runtime.vllm_engine import open_session, resolved
 
 GUARD_TOKENS = 12  # "unsafe\nS1,S10" and a little room
 
@@ -103,7 +104,8 @@ class HFJudge:
         self.failures: list[str] = []  # a local model does not fail a try (as OpenAIJudge's)
 
     def __call__(self, pairs: list[tuple[str, str]], progress=None) -> list[str]:
-        from ..runtime.refusal import greedy_completions, stop_ids, until_stop
+        from ..runtime.refusal import until_stop
+        from ..runtime.session import greedy_completions, stop_ids
 
         tok = self.tok
         rows = []
@@ -265,6 +267,7 @@ def eval_safety(
             "--max-surprisal needs --base: the base model is what scores the answers."
         )
     spec = check_judge(cfg)  # a bad judge fails before any generation
+    cfg = resolved(cfg, log)
     sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
     models = {"model": cfg.model} if cfg.base is None else {"base": cfg.base, "model": cfg.model}
     folders = {role: resolve_model(name, None)[0] for role, name in models.items()}
@@ -273,23 +276,28 @@ def eval_safety(
     # With a base, the model under test answers first, so that the base, loaded last, can
     # score every complied answer: word salad reads as text to the refusal judgement.
     for role, name in reversed(models.items()):
-        session = Session.open(folders[role], cfg)
+        session = open_session(folders[role], cfg)
         by_role[role] = _answers(cfg, session, role, name, sets, phrases, log, progress)
         if role == "base":
-            max_surprisal = cfg.max_surprisal or default_max_surprisal(session.model)
+            max_surprisal = cfg.max_surprisal or default_max_surprisal(session.vocab_size)
             mine = [r for rs in by_role.values() for r in rs if r.verdict == "complied"]
             progress.start("base: scoring the complied answers (word salad)", None)
-            salad = mark_implausible(
-                session.model, session.tok, mine, max_surprisal, cfg.system, cfg.batch_size
-            )
+            salad = mark_implausible(session, mine, max_surprisal)
             log(f"base: {salad} of {len(mine)} complied answers are word salad (broken)")
-        del session  # the next model may need the memory
+        session.close()  # the next model may need the memory
     records = [r for role in models for r in by_role[role]]
     judge = None if spec is None else spec.open(cfg)
     if judge is not None:
         _judge_all(cfg, judge, records, log, progress)
     summary = summarize(records, list(models), judged=judge is not None)
-    settings = {
+    settings = _settings(cfg, judge, phrases, max_surprisal)
+    _write(target, cfg.model, records, {"settings": settings, "summary": summary})
+    return SafetyResult(target, summary, records)
+
+
+def _settings(cfg: EvalSafetyConfig, judge, phrases, max_surprisal) -> dict:
+    """What report.json records of the run's settings."""
+    return {
         "model": cfg.model,
         "base": cfg.base,
         "harmful": cfg.harmful or "bundled (test split)",
@@ -303,12 +311,19 @@ def eval_safety(
         "max_new_tokens": cfg.max_new_tokens,
         "system": cfg.system,
         "dtype": cfg.dtype,
+        "backend": cfg.backend,
+        **(
+            {
+                "tensor_parallel_size": cfg.tensor_parallel_size,
+                "data_parallel_size": cfg.data_parallel_size,
+            }
+            if cfg.backend == "vllm"
+            else {}
+        ),
         "phrases": list(phrases),
         "max_surprisal": max_surprisal,
         "orthoedit_version": __version__,
     }
-    _write(target, cfg.model, records, {"settings": settings, "summary": summary})
-    return SafetyResult(target, summary, records)
 
 
 def _answers(cfg, session, role, name, sets, phrases, log, progress) -> list[Record]:
@@ -317,12 +332,9 @@ def _answers(cfg, session, role, name, sets, phrases, log, progress) -> list[Rec
     progress.start(f"{role}: generating ({cfg.max_new_tokens} tokens max)", len(items))
     log(f"{role} ({name}): {len(items)} prompts")
     judged = refusal_run(
-        session.model,
-        session.tok,
+        session,
         [item["prompt"] for _, item in items],
         max_new_tokens=cfg.max_new_tokens,
-        system=cfg.system,
-        batch_size=cfg.batch_size,
         phrases=phrases,
         progress=progress.advance,
     )
@@ -358,20 +370,20 @@ def _write(target: Path, model: str, records: list[Record], report: dict) -> Non
         safety_png(summary, out / "report.png", model)
 
 
-def mark_implausible(
-    base, tok, records: list[Record], max_surprisal: float, system: str | None, batch_size: int
-) -> int:
-    """Score each answer under ``base`` (after its prompt, chat template applied): one more
-    surprising than ``max_surprisal`` nats per token is word salad, its verdict becomes
-    ``broken``. Sets every record's ``surprisal``; returns how many were marked."""
-    from ..runtime.refusal import surprisal
+def mark_implausible(base, records: list[Record], max_surprisal: float) -> int:
+    """Score each answer under the ``base`` session (after its prompt, chat template
+    applied): one more surprising than ``max_surprisal`` nats per token is word salad, its
+    verdict becomes ``broken``. Sets every record's ``surprisal``; returns how many were
+    marked."""
     from ..runtime.session import render
 
+    tok = base.tok
     rows = [
-        tok(render(tok, r.prompt, system), add_special_tokens=False)["input_ids"] for r in records
+        tok(render(tok, r.prompt, base.system), add_special_tokens=False)["input_ids"]
+        for r in records
     ]
     answers = [tok(r.completion, add_special_tokens=False)["input_ids"] for r in records]
-    scores = surprisal(base, rows, answers, batch_size, pad_id(tok))
+    scores = base.surprisal(rows, answers)
     marked = 0
     for record, score in zip(records, scores, strict=True):
         record.surprisal = score

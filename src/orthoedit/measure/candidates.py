@@ -125,7 +125,7 @@ def completions_of(
 ) -> list[list[int]]:
     """Short greedy completions (token ids), generated once per prompt: the filter's serve
     again to derive the refusal tokens."""
-    from ..runtime.refusal import greedy_completions
+    from ..runtime.session import greedy_completions
 
     missing = [p for p in dict.fromkeys(prompts) if p not in loaded.completions]
     if missing:

@@ -45,8 +45,7 @@ from ..evaluate.safety import load_sets
 from ..model.source import resolve_model
 from ..output import check_target, inputs_of
 from ..runtime.hooks import plan_hooks
-from ..runtime.refusal import greedy_completions
-from ..runtime.session import Session, start_stage
+from ..runtime.session import Session, greedy_completions, start_stage
 from .components import (
     Component,
     _shifts_for,

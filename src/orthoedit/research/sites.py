@@ -228,7 +228,8 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
 
 def _answers(model, tok, rows, cfg: StudySitesConfig, pad: int, budget: int, progress) -> tuple:
     """Greedy answers (token ids, and text cut at the first stop token) within ``budget``."""
-    from ..runtime.refusal import greedy_completions, stop_ids, until_stop
+    from ..runtime.refusal import until_stop
+    from ..runtime.session import greedy_completions, stop_ids
 
     made = greedy_completions(model, rows, cfg.batch_size, pad, budget, progress)
     stop = stop_ids(model, tok)

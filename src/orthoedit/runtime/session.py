@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,6 +335,85 @@ def load_placed(folder: Path, where, dtype: str | None = None):
     )
 
 
+@torch.no_grad()
+def greedy_completions(
+    model,
+    rows: list[list[int]],
+    batch_size: int,
+    pad: int,
+    new_tokens: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Token ids of greedy completions (at most ``new_tokens``), one list per row, generated
+    in length-sorted left-padded batches. Rows that finish early are padded by ``generate``;
+    see ``until_stop``.
+
+    The prefix all rows share (a chat template's system prompt) runs once, through whatever
+    hooks are active, and every batch continues from a copy of its key/value cache: the tails
+    are left-padded after it and masked, so positions count real tokens only and each row sees
+    what it would see alone (as in ``runtime.batched_forward``)."""
+    device = input_device(model)
+    prefix = SharedPrefix(model, rows)
+    result: dict[int, list[int]] = {}
+    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
+        enc = left_padded([rows[i][prefix.n :] for i in batch], pad, device)
+        enc.pop("position_ids")  # generate derives them from the mask
+        extra: dict = {}
+        if prefix.n:  # generate takes the whole ids and skips what the cache holds
+            enc["input_ids"] = torch.cat([prefix.ids.expand(len(batch), -1), enc["input_ids"]], 1)
+            enc["attention_mask"] = prefix.mask(enc["attention_mask"])
+            extra["cache"] = prefix.cache_for(len(batch))
+        ids = model.generate(
+            **enc, **extra, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+        )
+        for i, row in zip(batch, ids[:, enc["input_ids"].shape[1] :].cpu().tolist(), strict=True):
+            result[i] = row
+        if progress:
+            progress(len(batch))
+    return [result[i] for i in range(len(rows))]
+
+
+def stop_ids(model, tok, generation_config=None) -> set[int]:
+    """The tokens that end an answer: the generation config's EOS ids (``model``'s, or
+    ``generation_config`` where no model is loaded) and the tokenizer's."""
+    eos = (generation_config or model.generation_config).eos_token_id
+    ids = {eos} if isinstance(eos, int) else set(eos or [])
+    return {i for i in (*ids, tok.eos_token_id) if i is not None}
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's unembedding."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+@torch.no_grad()
+def surprisal(
+    model, rows: list[list[int]], completions: list[list[int]], batch_size: int, pad: int
+) -> list[float]:
+    """Mean surprisal (nats per token) of each completion under ``model`` after its prompt
+    row: how implausible the answer is to that model. Empty completions give 0.
+
+    Only the completions' positions are unembedded, one row at a time in float32 (with a
+    large vocabulary, the logits of every position of a batch are most of the cost), and the
+    prefix the rows share runs once (``runtime.batched_forward``)."""
+    out = [0.0] * len(rows)
+    which = [i for i, done in enumerate(completions) if done]
+    if not which:
+        return out
+    whole = [rows[i] + completions[i] for i in which]
+    keep = max(len(completions[i]) for i in which) + 1
+    for batch, output in batched_forward(
+        model, whole, batch_size, pad, keep=keep, logits_to_keep=keep
+    ):
+        for j, k in enumerate(batch):
+            done = completions[which[k]]
+            n = len(done)
+            logprobs = torch.log_softmax(output.logits[j, -n - 1 : -1].float(), dim=-1)
+            target = torch.tensor(done, device=logprobs.device).unsqueeze(-1)
+            out[which[k]] = float(-logprobs.gather(-1, target).mean())
+    return out
+
+
 @dataclass
 class Session:
     """A chat model ready to run: model and tokenizer (with the chat template), the system
@@ -369,6 +449,25 @@ class Session:
     def rows(self, prompts: list[str]) -> list[list[int]]:
         """Token rows of ``prompts`` in the chat template (``chat_ids``)."""
         return chat_ids(self.tok, prompts, self.post, self.system)
+
+    @property
+    def stop(self) -> set[int]:
+        """Token ids that end an answer (``stop_ids``)."""
+        return stop_ids(self.model, self.tok)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding (the word-salad line depends on it)."""
+        return vocab_size(self.model)
+
+    def complete(self, rows: list[list[int]], new_tokens: int, progress=None) -> list[list[int]]:
+        """Greedy completions of token rows (``greedy_completions``); the vLLM
+        session (``runtime.vllm_engine``) answers the same call."""
+        return greedy_completions(self.model, rows, self.batch_size, self.pad, new_tokens, progress)
+
+    def surprisal(self, rows: list[list[int]], completions: list[list[int]]) -> list[float]:
+        """Mean nats per token of each completion after its row (``surprisal``)."""
+        return surprisal(self.model, rows, completions, self.batch_size, self.pad)
 
     def close(self) -> None:
         """Let the model's memory go (the next model of a command may need it)."""

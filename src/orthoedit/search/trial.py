@@ -80,8 +80,8 @@ class Judge:
         scorer: Callable[[], float] | None = None,
     ):
         from ..measure.select import first_token_logprobs
-        from ..runtime.refusal import default_max_surprisal, stop_ids
-        from ..runtime.session import pad_id
+        from ..runtime.refusal import default_max_surprisal
+        from ..runtime.session import pad_id, stop_ids, vocab_size
 
         self.model, self.tok = model, tok
         self.harmful_rows, self.harmless_rows = harmful_rows, harmless_rows
@@ -90,13 +90,14 @@ class Judge:
         self.pad = pad_id(tok)
         self.stop = stop_ids(model, tok)
         self.base = first_token_logprobs(model, harmless_rows, batch_size, self.pad)
-        self.max_surprisal = max_surprisal or default_max_surprisal(model)
+        self.max_surprisal = max_surprisal or default_max_surprisal(vocab_size(model))
         self.scorer = scorer
         self.base_score = None if scorer is None else scorer()
 
     def generate(self) -> list[list[int]]:
         """Greedy answers to the harmful rows, as token ids cut after the first stop token."""
-        from ..runtime.refusal import greedy_completions, until_stop
+        from ..runtime.refusal import until_stop
+        from ..runtime.session import greedy_completions
 
         made = greedy_completions(
             self.model, self.harmful_rows, self.batch_size, self.pad, self.budget
@@ -112,7 +113,7 @@ class Judge:
     def implausible(self, made: list[list[int]], verdicts: list[str]) -> list[int]:
         """Indices of complied answers the unedited model finds implausible (call it with no
         edit in place)."""
-        from ..runtime.refusal import surprisal
+        from ..runtime.session import surprisal
 
         which = [i for i, v in enumerate(verdicts) if v == "complied"]
         scores = surprisal(
