@@ -128,3 +128,47 @@ def test_study_sites_on_a_real_model(measured, tmp_path):
     layer = json.loads((measured / "direction.json").read_text())["layer"]
     assert c["run time", ONE_LAYER].sites == f"residual, layer {layer}"
     assert (tmp_path / "sites" / "sites.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_attribute_on_a_real_model(measured, tmp_path):
+    """attribute on the development model (issue 23), kept small (8 prompts per set): every
+    estimate and patched effect is a finite number, ablating the direction lowers refusal,
+    the most refusal-carrying component patched alone moves the log-odds exactly as the
+    cumulative curve's first step (two code paths, one computation), and the report states
+    the three checks with their numbers."""
+    import math
+
+    from orthoedit.config import AttributeConfig
+    from orthoedit.research.attribute import attribute
+
+    cfg = AttributeConfig(
+        model=str(QWEN),
+        direction=measured / "direction.safetensors",
+        out=tmp_path / "attr",
+        n=8,
+        steps=2,
+        top=5,
+        cumulative=3,
+        dtype="bfloat16",
+    )
+    result = attribute(cfg, log=print)
+    assert result.harmless < result.baseline and result.ablated < result.baseline
+    values = [c.estimate for c in result.components] + [c.first_order for c in result.components]
+    assert all(math.isfinite(v) for v in values)
+    patched = [c for c in result.components if c.patched is not None]
+    assert len(patched) == 5 and all(math.isfinite(c.patched) for c in patched)
+    strongest = result.components[0]  # ranked: the most refusal-suppressing estimate first
+    if strongest.patched is not None:
+        step = result.cumulative[1]
+        assert step["k"] == 1 and step["last"] == strongest.name
+        assert step["patched"] - result.baseline == pytest.approx(strongest.patched, abs=1e-9)
+    found = result.checks
+    assert found["ranking"]["components"] == 5 and found["ranking"]["spearman"] is not None
+    assert math.isfinite(found["completeness"]["patched_together"])
+    report = (tmp_path / "attr" / "attribution.md").read_text()
+    for check in ("**ranking**", "**completeness**", "**linearity**"):
+        assert check in report
+    saved = json.loads((tmp_path / "attr" / "attribution.json").read_text())
+    assert saved["checks"]["completeness"]["sum_of_estimates"] == pytest.approx(
+        sum(c.estimate for c in result.components)
+    )
