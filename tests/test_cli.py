@@ -37,6 +37,14 @@ def wide_consoles(monkeypatch):
     monkeypatch.setattr(ui, "err", ui.console(stderr=True, width=400))
 
 
+def one_line_error(result) -> str:
+    """A bad-input exit: code 2 and a single line starting with ``error:``; returns it."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
 def flat(text: str) -> str:
     """Help text with box drawing removed and whitespace collapsed."""
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())

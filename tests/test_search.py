@@ -40,7 +40,7 @@ from orthoedit.search import (
     study_name,
 )
 from orthoedit.search.space import EditParams, Profile, blend, params_of
-from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
+from test_cli import cli, one_line_error, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 # Small enough to run in seconds on a CPU: 6 + 6 validation prompts, 12-token answers.
 FAST = {"n": 6, "max_new_tokens": 12, "startup_trials": 2, "max_kl": 0.2}
@@ -580,29 +580,22 @@ def test_pareto_three_objectives():
 # --- bad inputs ----------------------------------------------------------------------------
 
 
-def _one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
-
-
 def test_bad_inputs(measured, tmp_path):
     out = tmp_path / "out"
     model = json.loads((measured / "direction.json").read_text())["model"]
     missing = tmp_path / "nothing-here"
-    line = _one_line_error(cli("search", model, "--candidates", missing, "--out", out))
+    line = one_line_error(cli("search", model, "--candidates", missing, "--out", out))
     assert "not a folder" in line
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = _one_line_error(cli("search", model, "--candidates", empty, "--out", out))
+    line = one_line_error(cli("search", model, "--candidates", empty, "--out", out))
     assert "candidates.safetensors" in line
-    assert "--max-kl must be > 0" in _one_line_error(cli(*_args(measured, out, "--max-kl", 0)))
-    assert "trials" in _one_line_error(cli(*_args(measured, out, "--trials", 0)))
-    assert "--max-drop needs --eval-task" in _one_line_error(
+    assert "--max-kl must be > 0" in one_line_error(cli(*_args(measured, out, "--max-kl", 0)))
+    assert "trials" in one_line_error(cli(*_args(measured, out, "--trials", 0)))
+    assert "--max-drop needs --eval-task" in one_line_error(
         cli(*_args(measured, out, "--max-drop", 0.02))
     )
-    line = _one_line_error(cli(*_args(measured, out, "--eval-task", "no_such_task_xyz")))
+    line = one_line_error(cli(*_args(measured, out, "--eval-task", "no_such_task_xyz")))
     assert "unknown lm-eval task(s): no_such_task_xyz" in line
     narrow = {
         ("--objective", "budget"): "aims at --max-failure",
@@ -614,11 +607,11 @@ def test_bad_inputs(measured, tmp_path):
         ("--positions", "0"): "offsets from the end",
     }
     for args, words in narrow.items():
-        assert words in _one_line_error(cli(*_args(measured, out, *args))), args
+        assert words in one_line_error(cli(*_args(measured, out, *args))), args
     for option in ("--embed", "--profile", "--objective"):  # choices: click's usage error
         result = cli(*_args(measured, out, option, "maybe"))
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
-    line = _one_line_error(
+    line = one_line_error(
         cli(
             *_args(measured, out, "--objective", "budget", "--max-failure", 0.1, "--eval-task", "x")
         )
@@ -627,7 +620,7 @@ def test_bad_inputs(measured, tmp_path):
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    assert "not a search folder" in _one_line_error(cli(*_args(measured, stranger)))
+    assert "not a search folder" in one_line_error(cli(*_args(measured, stranger)))
     assert not out.exists()
     assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "stranger"]
@@ -637,7 +630,7 @@ def test_settings_mismatch_refused(first_search, measured, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(first_search.out, out)
     before = folder_digest(out)
-    line = _one_line_error(cli(*_args(measured, out, "--trials", TRIALS, "--seed", 7)))
+    line = one_line_error(cli(*_args(measured, out, "--trials", TRIALS, "--seed", 7)))
     assert "other settings" in line and "seed: 0 -> 7" in line
     assert folder_digest(out) == before
     # --overwrite starts over with the new settings

@@ -26,7 +26,7 @@ from orthoedit.organism import CHAT_MODEL
 from orthoedit.search import loop as loop_module
 from orthoedit.search import search
 from orthoedit.search.storage import HEARTBEAT_ENV
-from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
+from test_cli import cli, one_line_error, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRIALS = 20
@@ -176,18 +176,11 @@ def test_a_killed_workers_trial_is_run_again(pg, organism_measured, tmp_path):
     assert f"trial {held.number}: its worker stopped beating" in log
 
 
-def _one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
-
-
 def test_bad_storage_is_one_line_and_writes_nothing(organism_measured, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
     def error(url: str, *extra) -> str:
-        line = _one_line_error(cli(*_args(organism_measured, out, url, "s", *extra)))
+        line = one_line_error(cli(*_args(organism_measured, out, url, "s", *extra)))
         assert "s3cret" not in line and not out.exists()
         return line
 
@@ -209,7 +202,7 @@ def test_bad_storage_is_one_line_and_writes_nothing(organism_measured, tmp_path,
     local = tmp_path / "local"
     local.mkdir()
     (local / "study.db").write_bytes(b"")
-    line = _one_line_error(cli(*_args(organism_measured, local, "sqlite:///x.db", "s")))
+    line = one_line_error(cli(*_args(organism_measured, local, "sqlite:///x.db", "s")))
     assert "holds a study of its own" in line
 
 
@@ -237,7 +230,7 @@ def test_password_never_shown_and_other_settings_refused(pg, organism_measured, 
         assert not path.is_file() or b"s3cret" not in path.read_bytes(), path
     # the same study name with another seed is refused, naming what differs
     args = _args(organism_measured, tmp_path / "t", url, "masked", "--seed", "1")
-    line = _one_line_error(cli(*args))
+    line = one_line_error(cli(*args))
     assert "other settings" in line and "seed: 0 -> 1" in line and "--study" in line
     assert "s3cret" not in line and "orthoedit:***@" in line
 

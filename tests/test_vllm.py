@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from orthoedit.config import CompareConfig, EvalBenchConfig
 from orthoedit.organism import CHAT_MODEL
 from orthoedit.runtime import vllm_engine
-from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
+from test_cli import cli, one_line_error, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 SAFETY = ["--harmful", "organism", "--harmless", "organism", "--n", "6", "--max-new-tokens", "24"]
 
@@ -228,25 +228,18 @@ def test_without_vllm_the_command_says_so_and_uses_transformers(monkeypatch, tmp
     assert model_spec(fallen, "a")[0] == "hf" and "vLLM is not installed" in lines[0]
 
 
-def _one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
-
-
 def test_options_that_do_not_go_together(fake_vllm, monkeypatch, tmp_path):
     report = tmp_path / "c.md"
     args = ["compare", CHAT_MODEL, CHAT_MODEL, "--report", report]
-    line = _one_line_error(cli(*args, "--tensor-parallel-size", "2"))
+    line = one_line_error(cli(*args, "--tensor-parallel-size", "2"))
     assert "add --backend vllm" in line
-    line = _one_line_error(cli(*args, "--data-parallel-size", "2"))
+    line = one_line_error(cli(*args, "--data-parallel-size", "2"))
     assert "add --backend vllm" in line
     spread = ["--backend", "vllm", "--device", "auto", "--max-memory", "0=1GiB"]
-    assert "vLLM places its own" in _one_line_error(cli(*args, *spread))
+    assert "vLLM places its own" in one_line_error(cli(*args, *spread))
     real = vllm_engine.find_spec
     monkeypatch.setattr(vllm_engine, "find_spec", lambda n: None if n == "ray" else real(n))
-    line = _one_line_error(cli(*args, "--backend", "vllm", "--data-parallel-size", "2"))
+    line = one_line_error(cli(*args, "--backend", "vllm", "--data-parallel-size", "2"))
     assert "pip install ray" in line
     assert not report.exists() and fake_vllm.made == []
     with pytest.raises(ValueError, match="add --backend vllm"):
