@@ -67,6 +67,19 @@ def _args(measured: Path, out: Path, url: str, study: str, *extra) -> list[str]:
     return [str(a) for a in args]
 
 
+def _config(measured: Path, out: Path, url: str, study: str, trials: int) -> SearchConfig:
+    """A worker's search settings, as run in process."""
+    return SearchConfig(
+        model=str(CHAT_MODEL),
+        candidates=measured,
+        out=out,
+        storage=url,
+        study=study,
+        trials=trials,
+        **FAST,
+    )
+
+
 def _worker(measured: Path, out: Path, url: str, study: str, sleep: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC), HEARTBEAT_ENV: "1:3", "TRIAL_SLEEP": str(sleep)}
     env["OMP_NUM_THREADS"] = "1"  # two workers on two cores (more threads stall each other)
@@ -131,15 +144,7 @@ def test_two_workers_finish_one_study(pg, organism_measured, tmp_path, monkeypat
     assert reports[0]["chosen"]["number"] == reports[1]["chosen"]["number"]
     # a worker that joins the finished study loads no model and only writes the outputs
     monkeypatch.setattr(loop_module.Session, "open", lambda *a, **k: pytest.fail("loaded"))
-    cfg = SearchConfig(
-        model=str(CHAT_MODEL),
-        candidates=organism_measured,
-        out=tmp_path / "late",
-        storage=pg.url,
-        study="two",
-        trials=TRIALS,
-        **FAST,
-    )
+    cfg = _config(organism_measured, tmp_path / "late", pg.url, "two", TRIALS)
     late = search(cfg, log=lambda m: None)
     assert late.ran == 0 and len(late.trials) == TRIALS
     assert _report(tmp_path / "late")["trials"] == reports[0]["trials"]
@@ -212,15 +217,7 @@ def test_password_never_shown_and_other_settings_refused(pg, organism_measured, 
     url = pg.url.replace("postgresql+psycopg://orthoedit@", "postgresql://orthoedit:s3cret@")
     out = tmp_path / "s"
     lines: list[str] = []
-    cfg = SearchConfig(
-        model=str(CHAT_MODEL),
-        candidates=organism_measured,
-        out=out,
-        storage=url,
-        study="masked",
-        trials=2,
-        **FAST,
-    )
+    cfg = _config(organism_measured, out, url, "masked", 2)
     result = search(cfg, log=lines.append)
     assert len(result.trials) == 2
     assert _report(out)["storage"] == url.replace("s3cret", "***")
@@ -251,15 +248,7 @@ def test_an_sqlite_file_can_be_shared(organism_measured, tmp_path):
     """Without a server: an SQLite file given as --storage is shared by processes on one
     machine (the claim lock is a file lock beside it, the heartbeat Optuna's)."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    cfg = SearchConfig(
-        model=str(CHAT_MODEL),
-        candidates=organism_measured,
-        out=tmp_path / "a",
-        storage=url,
-        study="local",
-        trials=3,
-        **FAST,
-    )
+    cfg = _config(organism_measured, tmp_path / "a", url, "local", 3)
     first = search(cfg, log=lambda m: None)
     assert first.ran == 3 and (tmp_path / "shared.db.lock").is_file()
     assert all(t.user_attrs["worker"].endswith(f":{os.getpid()}") for t in first.trials)
@@ -291,15 +280,7 @@ def test_a_trial_given_up_meanwhile_is_not_counted(organism_measured, tmp_path, 
 
     monkeypatch.setattr(loop_module, "evaluate_trial", late)
     lines: list[str] = []
-    cfg = SearchConfig(
-        model=str(CHAT_MODEL),
-        candidates=organism_measured,
-        out=tmp_path / "s",
-        storage=url,
-        study="late",
-        trials=3,
-        **FAST,
-    )
+    cfg = _config(organism_measured, tmp_path / "s", url, "late", 3)
     result = search(cfg, log=lines.append)
     assert result.ran == 3 and len(result.trials) == 3
     assert f"trial {given_up[0]}: given up as stale by another worker; its rerun counts" in lines
