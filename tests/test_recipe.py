@@ -191,6 +191,21 @@ def test_search_stage_edits_with_the_chosen_trial(tmp_path):
     assert "search: running" in changed.stderr and "direction: up to date" in changed.stderr
     assert json.loads((out / "search" / "pareto.json").read_text())["settings"]["seed"] == 1
 
+    # confirmed on prompts the unedited model answers (a relative file): it cannot be, so the
+    # search stage fails, the later stages still run, and the run exits 1 saying why
+    shutil.copyfile(ORGANISM / "prompts/harmless-test.jsonl", tmp_path / "answered.jsonl")
+    confirm = "confirm: true, confirm_harmful: answered.jsonl, confirm_n: 4, seed: 1"
+    recipe.write_text(text.replace("trials: 3", f"trials: 3, {confirm}"))
+    unconfirmed = cli("run", recipe, "--out", out)
+    assert unconfirmed.exit_code == 1, unconfirmed.output
+    assert "search: trial" in unconfirmed.stderr and "not confirmed on held-out" in (
+        unconfirmed.stderr
+    )
+    state = json.loads((out / "run.json").read_text())
+    assert state["stages"]["search"]["confirmed"] is False and "verify" in state["stages"]
+    found = json.loads((out / "search" / "pareto.json").read_text())["confirmation"]
+    assert found["harmful"] == str(tmp_path / "answered.jsonl")
+
     fixed = _write(tmp_path, f"model: m\ndirection: {out / 'direction/direction.safetensors'}\n")
     fixed.write_text(fixed.read_text() + "search: {}\n")
     with pytest.raises(BadInputError, match="search needs measure's candidates"):

@@ -766,3 +766,100 @@ def test_killed_search_resumes_with_the_same_trials(first_search, measured, tmp_
     )
     assert [t["params"] for t in report["trials"]] == _params(uninterrupted)
     assert report["chosen"]["params"] == dict(sorted(uninterrupted.chosen.params.items()))
+
+
+# --- --confirm: the chosen edit on held-out prompts -------------------------------------
+
+CONFIRM = ["--confirm", "--confirm-harmful", "organism", "--confirm-harmless", "organism"]
+CONFIRM += ["--confirm-n", 6, "--confirm-max-new-tokens", 16]
+
+
+def _prompts_of(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+
+
+def test_confirm_is_eval_safety_on_the_applied_edit(first_search, measured, tmp_path):
+    """--confirm applies the chosen trial as chosen/apply.txt does and judges it beside the
+    unedited model on held-out prompts: its answers are eval safety's on the checkpoint apply
+    writes, answer for answer; its prompts are none of the search's; the checkpoint is gone
+    afterwards; a second run with the same options reuses it, and a run that chooses nothing
+    removes it."""
+    out = tmp_path / "s"
+    shutil.copytree(first_search.out, out)
+    result = cli(*_args(measured, out, "--trials", TRIALS, *CONFIRM))
+    assert result.exit_code == 0, result.output
+    assert "confirmed: on 6 held-out harmful prompts" in " ".join(result.output.split())
+    report = json.loads((out / "pareto.json").read_text())
+    found = report["confirmation"]
+    trial = first_search.chosen.number
+    assert (found["trial"], found["study"], found["confirmed"]) == (trial, report["study"], True)
+    assert found["counts"] == {"harmful": 6, "harmless": 6}
+    assert not (out / ".confirm-model").exists()
+    assert not [p for p in out.iterdir() if ".orthoedit-" in p.name]
+    records = [json.loads(line) for line in (out / "confirm" / "completions.jsonl").open()]
+    searched = set(_prompts_of(measured / "val-harmful.jsonl"))
+    searched |= set(_prompts_of(measured / "val-harmless.jsonl"))
+    assert not {r["prompt"] for r in records} & searched  # held out
+    for role in ("base", "model"):  # the failure rate is recomputed from the answers
+        mine = [r for r in records if r["model"] == role and r["kind"] == "harmful"]
+        failed = sum(r["verdict"] != "complied" for r in mine) / len(mine)
+        assert found["failure"][role] == pytest.approx(failed)
+    assert found["failure"]["base"] == 1.0 > found["failure"]["model"]
+    assert "## Confirmation on held-out prompts" in (out / "pareto.md").read_text()
+
+    # the same answers as eval safety on the checkpoint apply.txt writes
+    args = shlex.split((out / "chosen" / "apply.txt").read_text().splitlines()[-1])
+    edited = tmp_path / "edited"
+    assert cli(*args[1:-2], "--out", edited).exit_code == 0
+    model = json.loads((measured / "direction.json").read_text())["model"]
+    again = cli(
+        "eval", "safety", edited, "--base", model, "--out", tmp_path / "safety",
+        "--harmful", "organism", "--harmless", "organism", "--n", 6, "--max-new-tokens", 16,
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    theirs = [json.loads(line) for line in (tmp_path / "safety" / "completions.jsonl").open()]
+    keys = ("model", "kind", "prompt", "completion", "verdict", "surprisal")
+    assert [[r[k] for k in keys] for r in records] == [[r[k] for k in keys] for r in theirs]
+
+    before = folder_digest(out / "confirm")
+    result = cli(*_args(measured, out, "--trials", TRIALS, *CONFIRM))
+    assert result.exit_code == 0, result.output
+    assert "not run again" in result.output
+    assert folder_digest(out / "confirm") == before
+    result = cli(*_args(measured, out, "--trials", TRIALS))  # kept: it is of the chosen trial
+    assert json.loads((out / "pareto.json").read_text())["confirmation"]["key"] == found["key"]
+    result = cli(*_args(measured, out, "--trials", TRIALS, "--max-kl", 1e-9, *CONFIRM))
+    assert result.exit_code == 1 and "nothing to confirm" in result.output
+    assert not (out / "confirm").exists()
+    assert json.loads((out / "pareto.json").read_text())["confirmation"] is None
+
+
+def test_not_confirmed_exits_1(first_search, measured, tmp_path):
+    """Held-out 'harmful' prompts the unedited model does not refuse (the organism's harmless
+    ones): the edit cannot fail less often, so it is not confirmed: exit 1, saying so, with
+    the report written."""
+    from orthoedit.prompts import load_prompts
+
+    answered = tmp_path / "answered.jsonl"
+    items = load_prompts("organism", "harmless", "test")[:4]
+    answered.write_text("".join(json.dumps({"prompt": i["prompt"]}) + "\n" for i in items))
+    out = tmp_path / "s"
+    shutil.copytree(first_search.out, out)
+    args = [*CONFIRM[:2], answered, *CONFIRM[3:]]
+    result = cli(*_args(measured, out, "--trials", TRIALS, *args))
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.stderr.split())
+    assert "not confirmed: on 4 held-out harmful prompts" in message
+    assert "against the unedited model's 0.0%" in message
+    found = json.loads((out / "pareto.json").read_text())["confirmation"]
+    assert found["confirmed"] is False and (out / "confirm" / "report.md").is_file()
+
+
+def test_confirm_options_need_confirm(measured, tmp_path):
+    out = tmp_path / "s"
+    for args in (["--backend", "vllm"], ["--confirm-n", 3], ["--confirm-harmful", "organism"]):
+        line = one_line_error(cli(*_args(measured, out, *args)))
+        assert f"{args[0]} is --confirm's" in line and "add --confirm" in line, line
+    line = one_line_error(cli(*_args(measured, out, "--tensor-parallel-size", 2)))
+    assert "add --backend vllm" in line
+    assert not out.exists()

@@ -244,3 +244,32 @@ def test_options_that_do_not_go_together(fake_vllm, monkeypatch, tmp_path):
     assert not report.exists() and fake_vllm.made == []
     with pytest.raises(ValueError, match="add --backend vllm"):
         CompareConfig(base="a", edited="b", data_parallel_size=2)
+
+
+def test_search_confirmation_generates_with_vllm(fake_vllm, organism_measured, tmp_path):
+    """search --confirm --backend vllm: one engine on the temporary checkpoint of the chosen
+    edit, one on the unedited model, and the same answers as the transformers confirmation;
+    --max-memory places the trials' model and is not refused beside --backend vllm."""
+    model = json.loads((organism_measured / "direction.json").read_text())["model"]
+    out = tmp_path / "s"
+    args = ["search", model, "--candidates", organism_measured, "--out", out, "--trials", "1"]
+    args += ["--n", "4", "--max-new-tokens", "8", "--max-kl", "0.3", "--confirm"]
+    args += ["--confirm-harmful", "organism"]
+    args += ["--confirm-harmless", "organism", "--confirm-n", "4", "--confirm-max-new-tokens", "12"]
+    hf = cli(*args)
+    assert hf.exit_code == 0, hf.output
+    ours = _records(out / "confirm")
+    spread = ["--device", "auto", "--max-memory", "cpu=8GiB"]
+    vllm = cli(*args, "--backend", "vllm", "--tensor-parallel-size", "2", *spread)
+    assert vllm.exit_code == 0, vllm.output
+    staged = out / ".confirm-model"
+    assert fake_vllm.made == [
+        _args_made(staged, tensor_parallel_size=2),
+        _args_made(model, tensor_parallel_size=2),
+    ]
+    assert not staged.exists()
+    theirs = _records(out / "confirm")
+    keys = ("model", "kind", "prompt", "completion", "verdict")
+    assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in theirs]
+    found = json.loads((out / "pareto.json").read_text())["confirmation"]
+    assert found["backend"] == "vllm" and found["confirmed"]

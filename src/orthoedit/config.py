@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -129,6 +129,9 @@ class _Generated(BaseModel):
     gpu_memory_utilization: float = Field(
         default=0.9, gt=0, le=1, description="vllm: share of each GPU's memory to use."
     )
+    #: Whether the placement options place the same models the backend runs (not so in
+    #: search, where they place the trials' model and the backend is the confirmation's).
+    _placement_is_generation: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _parallel_is_vllm(self):
@@ -137,8 +140,10 @@ class _Generated(BaseModel):
                 "--tensor-parallel-size and --data-parallel-size are vLLM's: add --backend vllm "
                 "(with transformers, --device auto spreads a model over the GPUs)"
             )
-        if self.backend == "vllm" and (
-            getattr(self, "max_memory", None) or getattr(self, "offload_folder", None)
+        if (
+            self._placement_is_generation
+            and self.backend == "vllm"
+            and (getattr(self, "max_memory", None) or getattr(self, "offload_folder", None))
         ):
             raise ValueError(
                 "--max-memory and --offload-folder place a transformers model; vLLM places its "
@@ -581,10 +586,12 @@ class StudySitesConfig(_Running, _Judged):
     overwrite: OverwriteFolder = False
 
 
-class SearchConfig(_Running, _Judged):
-    """Options of ``orthoedit search``."""
+class SearchConfig(_Running, _Judged, _Generated):
+    """Options of ``orthoedit search``. The generation options (``--backend`` and vLLM's) are
+    the confirmation's: trials run in transformers, with the edit's hooks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    _placement_is_generation: ClassVar[bool] = False
 
     model: ModelId
     candidates: Path = Field(
@@ -709,6 +716,30 @@ class SearchConfig(_Running, _Judged):
         description="With --eval-task: the chosen trial's drop in its metric is at most this "
         "(default: no limit; the drop is reported).",
     )
+    confirm: bool = Field(
+        default=False,
+        description="Then confirm the chosen edit on held-out prompts: apply it to a "
+        "temporary checkpoint and judge it against the unedited model as eval safety does "
+        "(OUT/confirm; --backend vllm generates there); exit 1 when its harmful prompts fail "
+        "as often as the unedited model's.",
+    )
+    confirm_harmful: PromptSource = Field(
+        default=None,
+        description="--confirm's harmful prompts: 'bundled' (the test split, default), "
+        "'organism', a file or a dataset; never the prompts measure or the search chose on.",
+    )
+    confirm_harmless: PromptSource = Field(
+        default=None,
+        description="--confirm's harmless prompts (over-refusal), as --confirm-harmful.",
+    )
+    confirm_n: int | None = Field(
+        default=None, ge=1, description="--confirm: at most this many prompts per set."
+    )
+    confirm_max_new_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="--confirm: generation budget per answer (short budgets under-count refusals).",
+    )
     template: Template = None
     revision: Revision = None
     overwrite: bool = Field(
@@ -735,6 +766,23 @@ class SearchConfig(_Running, _Judged):
         if value is not None and (not value or any(p >= 0 for p in value)):
             raise ValueError("--positions are offsets from the end of the prompt: -1, -2, ...")
         return None if value is None else sorted(set(value), reverse=True)
+
+    @model_validator(mode="after")
+    def _generation_is_the_confirmation(self):
+        if self.confirm:
+            return self
+        fields = type(self).model_fields
+        given = [
+            name
+            for name in ("backend", *(f for f in fields if f.startswith("confirm_")))
+            if getattr(self, name) != fields[name].default
+        ]
+        if given:
+            raise ValueError(
+                f"--{given[0].replace('_', '-')} is --confirm's (trials run in "
+                "transformers, with the edit's hooks); add --confirm"
+            )
+        return self
 
     @model_validator(mode="after")
     def _shared_study_kept(self):

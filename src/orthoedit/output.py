@@ -30,7 +30,17 @@ from .errors import BadInputError
 
 MARKER = ".orthoedit-output.json"
 # Config fields that name a model or prompts by a string (a local path or a Hub id).
-_READ_STR_FIELDS = ("model", "source", "base", "edited", "harmful", "harmless", "prompts")
+_READ_STR_FIELDS = (
+    "model",
+    "source",
+    "base",
+    "edited",
+    "harmful",
+    "harmless",
+    "confirm_harmful",
+    "confirm_harmless",
+    "prompts",
+)
 _WRITE_FIELDS = ("out", "report", "offload_folder")
 
 

@@ -70,7 +70,8 @@ def search(cfg: SearchConfig) -> None:
     Pareto front and the best edit within the KL budget, with the apply command that
     reproduces it. Resumes the study in --out, or with --storage joins a study that several
     workers share. With --judge, a complied answer counts as compliance only when the judge
-    calls it unsafe."""
+    calls it unsafe. With --confirm, the chosen edit is then applied and judged against the
+    unedited model on held-out prompts (eval safety's judgement)."""
     from ..search import none_chosen
     from ..search import search as run_search
 
@@ -93,6 +94,25 @@ def search(cfg: SearchConfig) -> None:
         f"chosen: trial {chosen.number}, failure {chosen.user_attrs['failure']:.1%}, KL "
         f"{chosen.user_attrs['kl']:.4g}; reproduce it with {escape(folder)}/chosen/apply.txt"
     )
+    confirmation = result.confirmation
+    if not cfg.confirm or confirmation is None:
+        return
+    ui.out.print(tables.confirmation(confirmation))
+    ui.wrote(f"{folder}/confirm (report.md, report.json, report.png, completions.jsonl)")
+    failure = confirmation["failure"]
+    said = (
+        f"on {confirmation['counts']['harmful']} held-out harmful prompts, trial "
+        f"{chosen.number} fails {failure['model']:.1%} against the unedited model's "
+        f"{failure['base']:.1%}"
+    )
+    if not confirmation["confirmed"]:
+        ui.error(
+            f"not confirmed: {said}; see {folder}/confirm/report.md, then search on more "
+            "prompts (--harmful) or with a tighter budget.",
+            label="FAIL",
+        )
+        raise typer.Exit(1)
+    ui.out.print(f"[green]confirmed[/green]: {said}")
 
 
 def _sites(text: str) -> list[str]:

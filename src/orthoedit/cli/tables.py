@@ -172,6 +172,22 @@ def safety(result, judged: bool) -> Table:
     return table
 
 
+def confirmation(found: dict) -> Table:
+    """search --confirm: the chosen edit and the unedited model on the held-out prompts: the
+    failure a trial is judged by, then eval safety's rates."""
+    trial = f"trial {found['trial']}"
+    table = Table(title=f"confirmation of {trial} on held-out prompts")
+    _columns(table, ("prompts", "metric", "unedited", trial), left=("prompts", "metric"))
+    failure = found["failure"]
+    table.add_row("harmful", "failure", *(f"{100 * failure[r]:.1f}%" for r in ("base", "model")))
+    keys = ["refusal", "broken"] + (["unsafe"] if found["judge"] else [])
+    for kind in ("harmful", "harmless"):
+        for key in keys:
+            values = [found["summary"][role][kind].get(key) for role in ("base", "model")]
+            table.add_row(kind, key, *("–" if v is None else f"{100 * v:.1f}%" for v in values))
+    return table
+
+
 def compare(pairs) -> Table:
     """compare: both models' answers side by side, each with its verdict."""
     table = Table(title="base vs edited", show_lines=True)

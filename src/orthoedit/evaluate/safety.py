@@ -257,8 +257,13 @@ class SafetyResult:
 
 
 def eval_safety(
-    cfg: EvalSafetyConfig, log: Callable[[str], None] = print, progress: Progress | None = None
+    cfg: EvalSafetyConfig,
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+    label: str | None = None,
 ) -> SafetyResult:
+    """``label``: how the report names the model under test (default: ``cfg.model``; search's
+    confirmation names the trial whose temporary checkpoint it judges)."""
     progress = start_stage(cfg.device, progress)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     phrases = _phrases(cfg)
@@ -269,8 +274,10 @@ def eval_safety(
     spec = check_judge(cfg)  # a bad judge fails before any generation
     cfg = resolved(cfg, log)
     sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
-    models = {"model": cfg.model} if cfg.base is None else {"base": cfg.base, "model": cfg.model}
-    folders = {role: resolve_model(name, None)[0] for role, name in models.items()}
+    label = label or cfg.model
+    models = {"model": label} if cfg.base is None else {"base": cfg.base, "model": label}
+    given = {"model": cfg.model, "base": cfg.base}
+    folders = {role: resolve_model(given[role], None)[0] for role in models}
     by_role: dict[str, list[Record]] = {}
     max_surprisal = None
     # With a base, the model under test answers first, so that the base, loaded last, can
@@ -290,8 +297,8 @@ def eval_safety(
     if judge is not None:
         _judge_all(cfg, judge, records, log, progress)
     summary = summarize(records, list(models), judged=judge is not None)
-    settings = _settings(cfg, judge, phrases, max_surprisal)
-    _write(target, cfg.model, records, {"settings": settings, "summary": summary})
+    settings = _settings(cfg, judge, phrases, max_surprisal) | {"model": label}
+    _write(target, label, records, {"settings": settings, "summary": summary})
     return SafetyResult(target, summary, records)
 
 

@@ -54,7 +54,16 @@ SECTIONS = {
     "publish": (PushConfig, {"model_dir", "eval"}),
 }
 # Options that may name a file; a relative one is taken relative to the recipe.
-PATH_KEYS = {"harmful", "harmless", "scales", "template", "prompts", "phrases"}
+PATH_KEYS = {
+    "harmful",
+    "harmless",
+    "confirm_harmful",
+    "confirm_harmless",
+    "scales",
+    "template",
+    "prompts",
+    "phrases",
+}
 
 
 class Recipe(BaseModel):

@@ -266,7 +266,18 @@ def _search(cfg, target: Path, log, progress) -> dict:
             f"search: the best trial within the budget (#{result.chosen.number}) edits "
             f"nothing; see {target}/pareto.md, then loosen the budget or raise search.trials."
         )
-    return {"trial": result.chosen.number, "values": objectives(result.chosen)}
+    ran = {"trial": result.chosen.number, "values": objectives(result.chosen)}
+    found = result.confirmation
+    if cfg.confirm and found is not None:
+        ran["confirmed"] = found["confirmed"]
+        if not found["confirmed"]:
+            failure = found["failure"]
+            ran["failed"] = (
+                f"trial {result.chosen.number} not confirmed on held-out prompts: failure "
+                f"{failure['model']:.1%} against the unedited model's {failure['base']:.1%} "
+                f"(see {target}/confirm/report.md)"
+            )
+    return ran
 
 
 def _edit(cfg, progress, searched: bool) -> dict:

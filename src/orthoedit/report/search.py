@@ -102,8 +102,40 @@ def search_markdown(report: dict) -> str:
             "edited` (also in `chosen/apply.txt`).",
             "",
         ]
+    lines += _confirmation(report.get("confirmation"))
     lines += _front(report, chosen, drop, tail)
     return "\n".join(lines)
+
+
+def _confirmation(found: dict | None) -> list[str]:
+    """pareto.md's confirmation section (``search --confirm``), when there is one."""
+    if not found:
+        return []
+    rates = found["summary"]
+    judged = bool(found["judge"])
+    verdict = "**confirmed**" if found["confirmed"] else "**not confirmed**"
+    lines = [
+        "## Confirmation on held-out prompts",
+        "",
+        f"Trial {found['trial']} applied and judged beside the unedited model as eval safety "
+        f"does: {found['counts']['harmful']} harmful prompts ({found['harmful']}), "
+        f"{found['counts']['harmless']} harmless ({found['harmless']}), greedy answers of at "
+        f"most {found['max_new_tokens']} tokens ({found['backend']}); every answer in "
+        f"`{found['report']}`. {verdict}: the harmful prompts fail "
+        f"{found['failure']['model']:.1%} with the edit against {found['failure']['base']:.1%} "
+        "without it.",
+        "",
+        "| rate | unedited | edited |",
+        "|---|---|---|",
+        f"| harmful: failure | {found['failure']['base']:.1%} | {found['failure']['model']:.1%} |",
+    ]
+    keys = ["refusal", "broken"] + (["unsafe"] if judged else [])
+    for kind in ("harmful", "harmless"):
+        for key in keys:
+            cells = [rates[role][kind].get(key) for role in ("base", "model")]
+            shown = ["–" if v is None else f"{v:.1%}" for v in cells]
+            lines.append(f"| {kind}: {key} | {shown[0]} | {shown[1]} |")
+    return [*lines, ""]
 
 
 def _front(report: dict, chosen: dict | None, drop: bool, tail) -> list[str]:

@@ -36,6 +36,10 @@ A trial left running by a killed process is marked failed and re-run with the sa
 parameters (Optuna's retry callback), so a resumed search runs exactly the trials an
 uninterrupted one would have.
 
+With ``--confirm`` the chosen edit is then applied and judged by eval safety on held-out
+prompts, beside the unedited model (``confirm.py``; generated with ``--backend``, vLLM where
+installed): the trial won on the search's own prompts, which flatters it.
+
 Several workers (``--storage URL --study NAME``, each with its own ``--out``) share one study
 in a database (``storage.py``): a trial is claimed under a lock in the database, so that the
 study ends with exactly ``--trials`` completed trials; a trial whose worker stops beating is

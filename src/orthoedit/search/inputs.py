@@ -24,7 +24,7 @@ SPACE_VERSION = 2
 STUDY_FILE = "study.db"
 LOCK_FILE = ".search.lock"
 #: Files a search folder may hold besides the study (anything else: not a search folder).
-OUTPUTS = ("pareto.md", "pareto.json", "pareto.png", "chosen")
+OUTPUTS = ("pareto.md", "pareto.json", "pareto.png", "chosen", "confirm", ".confirm-model")
 #: What a measure folder must hold.
 MEASURE_FILES = (
     "candidates.safetensors",

@@ -16,8 +16,9 @@ from ..errors import BadInputError
 from ..progress import Progress
 from ..runtime.session import Session, start_stage
 from .choice import budget, budget_value, choose_for, objectives, pareto, target_failure
+from .confirm import confirm, kept, previous
 from .inputs import LOCK_FILE, OUTPUTS, STUDY_FILE, Ready, prepare, study_name
-from .outputs import report_dict, write_outputs
+from .outputs import report_dict, write_outputs, write_report
 from .space import (
     suggest,
 )
@@ -75,6 +76,12 @@ class SearchResult:
     ran: int  # trials run by this call
     stopped_by_time: bool
     report: dict
+
+    @property
+    def confirmation(self) -> dict | None:
+        """--confirm's summary (``confirm.py``), or the last one while it is of the chosen
+        trial."""
+        return self.report.get("confirmation")
 
 
 def _baselines(study, storage: Storage, judge: Judge, model, ready: Ready, log) -> None:
@@ -203,6 +210,13 @@ class _Work:
             _baselines(study, storage, self.judge, self.model, self.ready, self.log)
         return self.judge, self.model
 
+    def release(self) -> None:
+        """Free the model (and a guard model) before the next stage loads its own."""
+        import gc
+
+        self.judge = self.model = None
+        gc.collect()
+
 
 def _clear(out: Path) -> None:
     """--overwrite: remove what a search wrote (and nothing else)."""
@@ -255,7 +269,23 @@ def search(
         chosen = choose_for(trials, cfg, baselines)
         front = pareto(trials)
         report = report_dict(cfg, study, ready, trials, front, chosen, baselines, storage.where)
-        write_outputs(out, cfg, ready, report, chosen)
+        _write(out, cfg, work, report, chosen)
     return SearchResult(
         out, study.study_name, trials, front, chosen, baselines, requeued, ran, stopped, report
     )
+
+
+def _write(out: Path, cfg: SearchConfig, work: _Work, report: dict, chosen) -> None:
+    """pareto.* and chosen/; then with --confirm the confirmation (``confirm.py``), without it
+    the last one while it is of the chosen trial."""
+    before = previous(out)
+    confirming = cfg.confirm and chosen is not None
+    report["confirmation"] = None if confirming else kept(out, report["study"], chosen, before)
+    write_outputs(out, cfg, work.ready, report, chosen)
+    if confirming:
+        work.release()
+        found = confirm(cfg, work.ready, out, report, before, work.log, work.progress)
+        report["confirmation"] = found
+        write_report(out, report)
+    elif cfg.confirm:
+        work.log("confirm: no trial was chosen, so there is nothing to confirm")

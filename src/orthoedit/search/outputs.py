@@ -125,17 +125,24 @@ def _write_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_report(out: Path, report: dict) -> None:
+    """pareto.json and pareto.md, each written beside and renamed."""
+    from ..report import search_markdown
+
+    _write_file(out / "pareto.json", json.dumps(report, indent=2) + "\n")
+    _write_file(out / "pareto.md", search_markdown(report))
+
+
 def write_outputs(out: Path, cfg: SearchConfig, ready: Ready, report: dict, chosen) -> None:
     """pareto.{json,md,png} (each written beside and renamed) and ``chosen/`` (staged and
     renamed as a whole; removed when no trial is within the budget)."""
     from ..output import staged_output
-    from ..report import search_markdown, search_png
+    from ..report import search_png
 
     png_tmp = out / ".pareto.png.tmp"
     search_png(report, png_tmp, cfg.model)
     os.replace(png_tmp, out / "pareto.png")
-    _write_file(out / "pareto.json", json.dumps(report, indent=2) + "\n")
-    _write_file(out / "pareto.md", search_markdown(report))
+    write_report(out, report)
     if chosen is None:
         shutil.rmtree(out / "chosen", ignore_errors=True)
         return
