@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-real lint format demo bench bench-measure bench-generate bench-search bench-recipe public-tasks smollm qwen organism clean
+.PHONY: test test-slow test-real test-gpu lint format demo bench bench-measure bench-generate bench-search bench-recipe public-tasks smollm qwen organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-real: $(STAMP)
 # Interrupting orthoedit run with SIGINT and SIGKILL at every stage, then resuming (minutes).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# On a machine with a CUDA device (a CUDA build of torch; vLLM for its vLLM test): every stage
+# placed there, against the CPU (tests/test_gpu.py).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
