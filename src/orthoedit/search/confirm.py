@@ -31,43 +31,31 @@ STAGING = ".confirm-model"
 
 
 def safety_config(cfg: SearchConfig, ready: Ready, model: Path, out: Path) -> EvalSafetyConfig:
-    """eval safety's options for the confirmation: the search's judge, placement and
-    template; the held-out prompts and the generation options ``--confirm-*`` and
-    ``--backend`` give."""
-    placed = (
-        {}
-        if cfg.backend == "vllm"
-        else {
-            "max_memory": cfg.max_memory,
-            "offload_folder": cfg.offload_folder,
-        }
-    )
+    """eval safety's options for the confirmation: every option the two commands share
+    (judge, placement, template, word-salad threshold, seed, backend) as the search has it,
+    the held-out prompts and budget of ``--confirm-*``, and measure's system prompt where the
+    search took it from there. With vLLM, --max-memory / --offload-folder placed only the
+    trials' model."""
+    shared = {
+        name: getattr(cfg, name)
+        for name in EvalSafetyConfig.model_fields
+        if name in SearchConfig.model_fields
+    }
+    vllm = cfg.backend == "vllm"
     return EvalSafetyConfig(
-        model=str(model),
-        base=str(ready.folder),
-        out=out,
-        harmful=cfg.confirm_harmful,
-        harmless=cfg.confirm_harmless,
-        n=cfg.confirm_n,
-        seed=cfg.seed,
-        max_new_tokens=cfg.confirm_max_new_tokens,
-        template=cfg.template,
-        max_surprisal=cfg.max_surprisal,
-        system=ready.settings["system"],
-        judge=cfg.judge,
-        judge_model=cfg.judge_model,
-        judge_api_key_env=cfg.judge_api_key_env,
-        judge_timeout=cfg.judge_timeout,
-        judge_retries=cfg.judge_retries,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        backend=cfg.backend,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        data_parallel_size=cfg.data_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        overwrite=True,
-        **placed,
+        **shared
+        | {
+            "model": str(model),
+            "base": str(ready.folder),
+            "out": out,
+            "harmful": cfg.confirm_harmful,
+            "harmless": cfg.confirm_harmless,
+            "n": cfg.confirm_n,
+            "max_new_tokens": cfg.confirm_max_new_tokens,
+            "system": ready.settings["system"],
+            "overwrite": True,
+            **({"max_memory": None, "offload_folder": None} if vllm else {}),
+        }
     )
 
 
