@@ -118,8 +118,8 @@ def _confirmation(found: dict | None) -> list[str]:
         "## Confirmation on held-out prompts",
         "",
         f"Trial {found['trial']} applied and judged beside the unedited model as eval safety "
-        f"does: {found['counts']['harmful']} harmful prompts ({found['harmful']}), "
-        f"{found['counts']['harmless']} harmless ({found['harmless']}), greedy answers of at "
+        f"does: {found['counts']['harmful']} harmful prompts from {found['harmful']}, "
+        f"{found['counts']['harmless']} harmless from {found['harmless']}, greedy answers of at "
         f"most {found['max_new_tokens']} tokens ({found['backend']}); every answer in "
         f"`{found['report']}`. {verdict}: the harmful prompts fail "
         f"{found['failure']['model']:.1%} with the edit against {found['failure']['base']:.1%} "
