@@ -725,8 +725,8 @@ class SearchConfig(_Running, _Judged, _Generated):
     )
     confirm_harmful: PromptSource = Field(
         default=None,
-        description="--confirm's harmful prompts: 'bundled' (the test split, default), "
-        "'organism', a file or a dataset; never the prompts measure or the search chose on.",
+        description="--confirm's harmful prompts: 'bundled' (the test split, which neither "
+        "measure nor the search reads; default), 'organism', a file or a dataset.",
     )
     confirm_harmless: PromptSource = Field(
         default=None,

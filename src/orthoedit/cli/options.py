@@ -9,8 +9,8 @@ description. Where the command line spells a value differently from the field (`
 embed,attn``, ``--direction-layers LO:HI``), a ``Cli`` entry says how, and parses it.
 
 Options are listed in one order for every command: the arguments, the stage's own options in
-the order its model declares them, the safety judge's, then the options every model-running
-command ends with (``TAIL``).
+the order its model declares them, the generation backend's, the safety judge's, then the
+options every model-running command ends with (``TAIL``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ TAIL = (
 )
 #: The safety judge's options (``config._Judged``), kept together.
 JUDGE = ("judge", "judge_model", "judge_api_key_env", "judge_timeout", "judge_retries")
+#: How a command generates (``config._Generated``), kept together before the judge's.
+GENERATED = ("backend", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization")
 
 _FIELD = object()  # "as the field has it"
 
@@ -68,10 +70,11 @@ def items(text: str | None) -> list[str] | None:
 def order(config: type[BaseModel], arguments: tuple[str, ...]) -> list[str]:
     """The fields of ``config`` in the command line's order."""
     names = list(config.model_fields)
-    own = [n for n in names if n not in arguments and n not in JUDGE and n not in TAIL]
+    grouped = (*arguments, *GENERATED, *JUDGE, *TAIL)
     return [
         *arguments,
-        *own,
+        *(n for n in names if n not in grouped),
+        *(n for n in GENERATED if n in names),
         *(n for n in JUDGE if n in names),
         *(n for n in TAIL if n in names),
     ]

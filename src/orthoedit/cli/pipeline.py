@@ -62,6 +62,7 @@ def _span(text: str | None) -> list[str] | None:
         "max_failure": Cli(type=str | None),
         "direction_layers": Cli(type=str | None, parse=_span, metavar="LO:HI"),
         "positions": Cli(type=str | None, parse=items, help=" Comma-separated."),
+        "backend": Cli(help=" Here: --confirm's answers; the trials run in transformers."),
     },
 )
 def search(cfg: SearchConfig) -> None:
