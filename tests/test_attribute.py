@@ -299,3 +299,32 @@ def test_bad_inputs(tmp_path, tiny_model, direction_file):
     )  # fmt: skip
     assert few.exit_code == 2 and "at least 2" in few.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_16_bit_report_says_its_rounding_blurs_the_linearity_check():
+    """Patched in bfloat16 (or float16), the linearity line says that rounding can be as large
+    as the small effects it compares, and how to check; in float32, or with no component in
+    the linear regime, it does not."""
+    from orthoedit.report.attribution import _checks
+
+    found = {
+        "ranking": {"components": 3, "chosen_by": "x", "spearman": 0.9, "minimum": 0.8},
+        "completeness": {"sum_of_estimates": 1.0, "patched_together": 1.0},
+        "linearity": {
+            "fraction_of_gap": 0.1,
+            "saturation_gap": 8.0,
+            "components": ["L3.mlp"],
+            "median_estimate_over_patched": 0.11,
+            "median_abs_error": 0.89,
+        },
+    }
+    found["ranking"]["passed"] = found["completeness"]["passed"] = True
+    found["completeness"] |= {"relative_error": 0.0, "maximum": 0.1}
+    said = {dtype: "\n".join(_checks(found, dtype)) for dtype in ("float32", "bfloat16", "float16")}
+    for dtype in ("bfloat16", "float16"):
+        assert f"Patched in {dtype}: its rounding can be as large as" in said[dtype]
+        assert "--dtype float32" in said[dtype]
+    assert "rounding" not in said["float32"]
+    found["linearity"] |= {"components": [], "median_estimate_over_patched": None}
+    found["linearity"]["median_abs_error"] = None
+    assert "rounding" not in "\n".join(_checks(found, "bfloat16"))

@@ -33,7 +33,7 @@ def attribute_markdown(result) -> str:
         f"| harmless prompts | {result.harmless:.3f} |",
         f"| harmful, direction ablated everywhere | {result.ablated:.3f} ({full:+.3f}) |",
         "",
-        *_checks(result.checks),
+        *_checks(result.checks, s['dtype']),
         *_estimates(checked, s["steps"]),
         *_cumulative(result),
     ]
@@ -200,8 +200,9 @@ def attribute_pngs(result, folder: Path) -> None:
     plt.close(fig)
 
 
-def _checks(found: dict) -> list[str]:
-    """The three checks of the estimates against patching, each with its number and bound."""
+def _checks(found: dict, dtype: str) -> list[str]:
+    """The three checks of the estimates against patching, each with its number and bound;
+    patched in a 16-bit ``dtype``, a word on what its rounding does to small effects."""
     if not found:
         return []
     rank, whole, linear = found["ranking"], found["completeness"], found["linearity"]
@@ -229,6 +230,13 @@ def _checks(found: dict) -> list[str]:
             f"; there the estimate is {linear['median_estimate_over_patched']:.2f} × the patched "
             f"effect (median), {median:.0%} off (median)"
             if median is not None
+            else ""
+        )
+        + (
+            f". Patched in {dtype}: its rounding can be as large as "
+            "these small effects, so judge linearity in float32 (`--dtype float32`, or re-patch "
+            "a sample with `benchmarks/attribute_precision.py`)"
+            if dtype != "float32" and linear["components"]
             else ""
         ),
         "",
