@@ -255,6 +255,14 @@ def test_an_sqlite_file_can_be_shared(organism_measured, tmp_path):
     again = search(cfg.model_copy(update={"out": tmp_path / "b"}), log=lambda m: None)
     assert again.ran == 0 and _report(tmp_path / "b")["trials"] == _report(tmp_path / "a")["trials"]
     assert not (tmp_path / "a" / "study.db").exists()
+    # what a worker killed while writing (or confirming) leaves is its own, not a stranger's
+    dead_pid = subprocess.Popen(["true"])  # a finished process: its pid is free
+    dead_pid.wait()
+    staged = tmp_path / "a" / f"..confirm-model.orthoedit-{dead_pid.pid}-x"
+    staged.mkdir()
+    (tmp_path / "a" / ".pareto.json.tmp").write_text("{")
+    third = search(cfg, log=lambda m: None)
+    assert third.ran == 0 and not staged.exists()
 
 
 def test_a_trial_given_up_meanwhile_is_not_counted(organism_measured, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def _locked(out: Path) -> Iterator[None]:
 
 
 def _check_out(cfg: SearchConfig) -> Path:
-    from ..output import check_apart, inputs_of
+    from ..output import check_apart, clean_stale, inputs_of
 
     out = Path(cfg.out).expanduser().resolve()
     check_apart(out, inputs_of(cfg), "--out")
@@ -52,7 +52,10 @@ def _check_out(cfg: SearchConfig) -> Path:
             "another --out."
         )
     if out.is_dir() and not (out / STUDY_FILE).is_file():
-        strangers = [p.name for p in out.iterdir() if p.name not in (*OUTPUTS, LOCK_FILE)]
+        for name in OUTPUTS:  # what a killed search left staged of its outputs
+            clean_stale(out / name)
+        ours = {*OUTPUTS, LOCK_FILE, *(f".{name}.tmp" for name in OUTPUTS)}
+        strangers = [p.name for p in out.iterdir() if p.name not in ours]
         if strangers:
             raise BadInputError(
                 f"--out {out} exists and is not a search folder (it holds {strangers[0]}); "
