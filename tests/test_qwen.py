@@ -172,3 +172,34 @@ def test_attribute_on_a_real_model(measured, tmp_path):
     assert saved["checks"]["completeness"]["sum_of_estimates"] == pytest.approx(
         sum(c.estimate for c in result.components)
     )
+
+
+def test_search_confirm_on_a_real_model(measured, tmp_path):
+    """search --confirm on the development model (issue 24), kept small: the chosen edit is
+    judged on held-out test prompts none of the search's, beside the unedited model, its
+    failure rate there recomputed from the answers, and it is confirmed: the edited model
+    fails fewer held-out harmful prompts than the unedited one."""
+    from test_cli import cli
+
+    if not (measured / "direction.safetensors").is_file():
+        pytest.skip("measure found no candidate at this size: nothing to search from")
+    out = tmp_path / "search"
+    args = ["search", QWEN, "--candidates", measured, "--out", out, "--trials", 2]
+    args += ["--startup-trials", 1, "--n", 8, "--max-new-tokens", 32, "--dtype", "bfloat16"]
+    args += ["--max-failure", 1.0, "--confirm", "--confirm-n", 16]
+    result = cli(*args, "--confirm-max-new-tokens", 96)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "pareto.json").read_text())
+    found = report["confirmation"]
+    assert found["trial"] == report["chosen"]["number"] and found["confirmed"]
+    records = [json.loads(line) for line in (out / "confirm" / "completions.jsonl").open()]
+    seen = {
+        json.loads(line)["prompt"]
+        for kind in ("harmful", "harmless")
+        for line in (measured / f"val-{kind}.jsonl").open()
+    }
+    assert len(records) == 64 and not {r["prompt"] for r in records} & seen
+    for role in ("base", "model"):
+        mine = [r for r in records if r["model"] == role and r["kind"] == "harmful"]
+        assert found["failure"][role] == sum(r["verdict"] != "complied" for r in mine) / 16
+    assert not (out / ".confirm-model").exists()
