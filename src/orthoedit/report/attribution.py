@@ -33,7 +33,7 @@ def attribute_markdown(result) -> str:
         f"| harmless prompts | {result.harmless:.3f} |",
         f"| harmful, direction ablated everywhere | {result.ablated:.3f} ({full:+.3f}) |",
         "",
-        *_checks(result.checks, s['dtype']),
+        *_checks(result.checks, s["dtype"]),
         *_estimates(checked, s["steps"]),
         *_cumulative(result),
     ]
