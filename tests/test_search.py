@@ -863,3 +863,23 @@ def test_confirm_options_need_confirm(measured, tmp_path):
     line = one_line_error(cli(*_args(measured, out, "--tensor-parallel-size", 2)))
     assert "add --backend vllm" in line
     assert not out.exists()
+
+
+def test_confirm_never_removes_a_folder_orthoedit_did_not_write(first_search, measured, tmp_path):
+    """A folder of the confirmation's names that orthoedit did not write (no marker) stays,
+    with --confirm (one-line error before any work on it), without, and with --overwrite."""
+    out = tmp_path / "s"
+    shutil.copytree(first_search.out, out)
+    for name in ("confirm", ".confirm-model"):  # one at a time
+        (out / name).mkdir()
+        (out / name / "mine.txt").write_text("mine")
+        line = one_line_error(cli(*_args(measured, out, "--trials", TRIALS, *CONFIRM)))
+        assert f"{out / name} was not written by orthoedit; move it away" in line
+        (out / name).rename(tmp_path / name)
+    for name in ("confirm", ".confirm-model"):
+        (tmp_path / name).rename(out / name)
+    result = cli(*_args(measured, out, "--trials", TRIALS))
+    assert result.exit_code == 0, result.output
+    cli(*_args(measured, out, "--trials", 1, "--overwrite"))
+    for name in ("confirm", ".confirm-model"):
+        assert (out / name / "mine.txt").read_text() == "mine"

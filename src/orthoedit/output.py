@@ -223,6 +223,14 @@ def staged_output(target: Path) -> Iterator[Path]:
     _remove(old)
 
 
+def remove_output(folder: Path) -> bool:
+    """Remove ``folder`` if orthoedit wrote it (it carries ``MARKER``); a folder without the
+    marker is left alone. Whether it is gone."""
+    if (folder / MARKER).is_file():
+        shutil.rmtree(folder)
+    return not folder.exists()
+
+
 def _remove(path: Path | None) -> None:
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)

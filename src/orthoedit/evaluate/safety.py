@@ -254,6 +254,7 @@ class SafetyResult:
     out: Path
     summary: dict
     records: list[Record]
+    settings: dict  # as report.json records them
 
 
 def eval_safety(
@@ -299,7 +300,7 @@ def eval_safety(
     summary = summarize(records, list(models), judged=judge is not None)
     settings = _settings(cfg, judge, phrases, max_surprisal) | {"model": label}
     _write(target, label, records, {"settings": settings, "summary": summary})
-    return SafetyResult(target, summary, records)
+    return SafetyResult(target, summary, records, settings)
 
 
 def _settings(cfg: EvalSafetyConfig, judge, phrases, max_surprisal) -> dict:

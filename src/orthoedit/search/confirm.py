@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from ..config import ApplyConfig, EvalSafetyConfig, SearchConfig
+from ..errors import BadInputError
+from ..output import remove_output
 from .inputs import Ready
 from .outputs import chosen_sites
 
@@ -92,7 +93,7 @@ def kept(out: Path, study: str, chosen, found: dict | None) -> dict | None:
     ``OUT/confirm`` (which would describe another edit) is removed."""
     if found and chosen is not None and (found["study"], found["trial"]) == (study, chosen.number):
         return found
-    shutil.rmtree(out / CONFIRM_DIR, ignore_errors=True)
+    remove_output(out / CONFIRM_DIR)
     return None
 
 
@@ -112,7 +113,11 @@ def confirm(
     if found and found.get("key") == key:
         log(f"confirm: trial {trial} was confirmed with these options; not run again")
         return found
-    shutil.rmtree(out / CONFIRM_DIR, ignore_errors=True)  # it described another edit
+    for folder in (out / CONFIRM_DIR, staging):  # an earlier confirmation's, or a stranger's
+        if not remove_output(folder):
+            raise BadInputError(
+                f"{folder} was not written by orthoedit; move it away to confirm in {out}."
+            )
     chosen = out / "chosen"
     sites = chosen_sites(chosen / "scales.json")
     if not sites:
@@ -134,15 +139,15 @@ def confirm(
         label = f"search trial {trial}, applied from {chosen / 'apply.txt'}"
         result = eval_safety(options, log, progress, label=label)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return _summary(report["study"], trial, key, options, result, out / CONFIRM_DIR)
+        remove_output(staging)
+    return _summary(report["study"], trial, key, options, result)
 
 
-def _summary(study: str, trial: int, key: str, options, result, folder: Path) -> dict:
+def _summary(study: str, trial: int, key: str, options, result) -> dict:
     """What pareto.json records of a confirmation."""
     judged = options.judge is not None
     failure = {role: failure_rate(result.records, role, judged) for role in ("base", "model")}
-    settings = json.loads((folder / "report.json").read_text())["settings"]
+    settings = result.settings
     return {
         "study": study,
         "trial": trial,
@@ -162,5 +167,5 @@ def _summary(study: str, trial: int, key: str, options, result, folder: Path) ->
             role: {kind: v["overall"] for kind, v in rates.items()}
             for role, rates in result.summary.items()
         },
-        "report": f"{folder.name}/report.md",
+        "report": f"{CONFIRM_DIR}/report.md",
     }

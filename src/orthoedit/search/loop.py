@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,11 +221,14 @@ class _Work:
 
 
 def _clear(out: Path) -> None:
-    """--overwrite: remove what a search wrote (and nothing else)."""
+    """--overwrite: remove what a search wrote (and nothing else: a folder of an output's
+    name without orthoedit's marker stays)."""
+    from ..output import remove_output
+
     for name in (STUDY_FILE, *OUTPUTS):
         path = out / name
         if path.is_dir():
-            shutil.rmtree(path)
+            remove_output(path)
         elif path.exists():
             path.unlink()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -136,7 +135,7 @@ def write_report(out: Path, report: dict) -> None:
 def write_outputs(out: Path, cfg: SearchConfig, ready: Ready, report: dict, chosen) -> None:
     """pareto.{json,md,png} (each written beside and renamed) and ``chosen/`` (staged and
     renamed as a whole; removed when no trial is within the budget)."""
-    from ..output import staged_output
+    from ..output import remove_output, staged_output
     from ..report import search_png
 
     png_tmp = out / ".pareto.png.tmp"
@@ -144,7 +143,7 @@ def write_outputs(out: Path, cfg: SearchConfig, ready: Ready, report: dict, chos
     os.replace(png_tmp, out / "pareto.png")
     write_report(out, report)
     if chosen is None:
-        shutil.rmtree(out / "chosen", ignore_errors=True)
+        remove_output(out / "chosen")
         return
     with staged_output(out / "chosen") as tmp:
         write_chosen(tmp, cfg, ready, report, chosen)
