@@ -106,6 +106,18 @@ def run_measure(model: Path, out: Path, **kw) -> Path:
     return measure(cfg, log=lambda m: None).out
 
 
+def measure_organism(out: Path) -> Path:
+    """measure on the organism, from its train prompts, as recipes/organism.yaml runs it."""
+    prompts = CHAT_MODEL.parent / "prompts"
+    return run_measure(
+        CHAT_MODEL,
+        out,
+        harmful=str(prompts / "harmful-train.jsonl"),
+        harmless=str(prompts / "harmless-train.jsonl"),
+        max_kl=0.2,
+    )
+
+
 def one_pass(cfg: SearchConfig, repeats: int = 3) -> dict:
     """What a trial does, without the search around it: one batched generation + one
     first-token pass, unedited (whose refusals are short, so generation stops early) and with
@@ -316,13 +328,7 @@ def organisms(args) -> dict:
     prompts at measure's failure rate (plain and narrowed), and the --eval-task cost."""
     results = {}
     prompts = CHAT_MODEL.parent / "prompts"
-    folder = run_measure(
-        CHAT_MODEL,
-        args.work / "organism" / "direction",
-        harmful=str(prompts / "harmful-train.jsonl"),
-        harmless=str(prompts / "harmless-train.jsonl"),
-        max_kl=0.2,  # as recipes/organism.yaml
-    )
+    folder = measure_organism(args.work / "organism" / "direction")
     # measure's own validation prompts (32 + 32), then the organism's larger val split
     # (120 + 120; neither is the test split the acceptance point is judged on)
     results["organism"] = organism(args, folder, "search")
@@ -433,14 +439,7 @@ def workers(args) -> dict:
     if reason:
         print(f"workers: skipped ({reason})")
         return {}
-    prompts = CHAT_MODEL.parent / "prompts"
-    folder = run_measure(
-        CHAT_MODEL,
-        args.work / "workers" / "direction",
-        harmful=str(prompts / "harmful-train.jsonl"),
-        harmless=str(prompts / "harmless-train.jsonl"),
-        max_kl=0.2,  # as recipes/organism.yaml
-    )
+    folder = measure_organism(args.work / "workers" / "direction")
     server = pgserver.PgServer.start()
     try:
         configs = [(None, 1, None), (server.url, 1, None), (server.url, 2, None)]
