@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from orthoedit.errors import UnsupportedModelError
 from orthoedit.model.architectures import ArchitectureTable, load_tables, table_for_config
+from test_cli import wide_consoles  # noqa: F401 (a fixture)
 from tiny import FAMILIES
 
 REQUIRED = {
@@ -48,15 +49,25 @@ def test_unknown_architecture_lists_supported():
     assert "FooForCausalLM" in str(err.value) and "LlamaForCausalLM" in str(err.value)
 
 
-def test_multimodal_gemma3_not_yet_supported():
-    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}
-    with pytest.raises(UnsupportedModelError, match="not yet supported"):
-        table_for_config(cfg)
+def test_multimodal_checkpoints_have_their_own_tables():
+    """A wrapper nests the language model (and names it otherwise on disk) beside its towers:
+    its table is not the text model's."""
+    for arch, family in [
+        ("Gemma3ForConditionalGeneration", "gemma3_multimodal"),
+        ("Mistral3ForConditionalGeneration", "mistral3"),
+        ("Gemma4ForConditionalGeneration", "gemma4"),
+        ("Llama4ForConditionalGeneration", "llama4"),
+        ("Qwen3_5MoeForConditionalGeneration", "qwen3_5_vl"),
+        ("Lfm2VlForConditionalGeneration", "lfm2_vl"),
+    ]:
+        assert table_for_config({"architectures": [arch]}).family == family
 
 
 def test_post_norm_families_are_marked():
     tables = load_tables()
-    assert {f for f, t in tables.items() if t.post_norm} == {"gemma2", "gemma3", "olmo2"}
+    post = {"gemma2", "gemma3", "gemma3_multimodal", "gemma4", "gemma4_text", "glm4", "exaone4",
+            "olmo2"}  # fmt: skip
+    assert {f for f, t in tables.items() if t.post_norm} == post
     gemma_offsets = {w.post_norm.offset for w in tables["gemma2"].writers if w.post_norm}
     assert gemma_offsets == {1.0}
     assert {w.post_norm.offset for w in tables["olmo2"].writers if w.post_norm} == {0.0}
@@ -79,7 +90,8 @@ def _raw(family: str = "llama") -> dict:
         (lambda t: t["writers"][1].update(tensor="model.layers.{i}.o_proj.weight"), "placeholder"),
         (lambda t: t["writers"][0].update(tensor="model.embed.{layer}.weight"), "must not"),
         (lambda t: t["writers"][1].update(axis=3), "less than or equal"),
-        (lambda t: t["writers"][1].update(axis=2), "axis 2 is for mlp experts"),
+        (lambda t: t["writers"][1].update(axis=2), "axis 2 is for experts fused"),
+        (lambda t: t["writers"][1].update(fused=True, axis=1), "fused experts are an mlp"),
         (lambda t: t["writers"][1].update(experts=["n"]), "only mlp writers can be experts"),
         (lambda t: t["writers"][2].update(experts=["n"]), "must contain {expert}"),
         (lambda t: t.update(writers=[t["writers"][0], t["writers"][1], t["writers"][1]]), "mlp"),
@@ -120,3 +132,78 @@ def test_dims_match_transformers_config(tiny_model, family, drop_tie_key):
     cfg = AutoConfig.for_model(**config)
     expect = (cfg.hidden_size, cfg.num_hidden_layers, bool(cfg.tie_word_embeddings))
     assert load_tables()[family].dims(config) == expect
+
+
+# --- orthoedit architectures ---------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("wide_consoles")
+def test_architectures_lists_every_family_and_every_refusal():
+    from test_cli import cli, flat
+
+    result = cli("architectures")
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    for table in load_tables().values():
+        assert table.family in text
+        assert all(arch in text for arch in table.architectures)
+        assert all(arch in text for arch in table.unsupported_architectures)
+
+
+@pytest.mark.usefixtures("wide_consoles")
+def test_architectures_checks_one_config_without_weights(tiny_model, tmp_path):
+    from test_cli import cli, flat
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model("qwen3") / "config.json").read_text())
+    result = cli("architectures", folder)
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "edited as qwen3" in text and "d_model 32" in text and "self_attn.o_proj" in text
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"architectures": ["FooForCausalLM"], "model_type": "foo"}, "FooForCausalLM"),
+        (
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+             "quantization_config": {"quant_method": "gptq"}},
+            "gptq",
+        ),
+    ],
+)  # fmt: skip
+def test_architectures_refuses_in_one_line(tmp_path, config, message):
+    from conftest import folder_digest
+    from test_cli import cli, one_line_error
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    digest = folder_digest(tmp_path)
+    assert message in one_line_error(cli("architectures", tmp_path))
+    assert folder_digest(tmp_path) == digest
+
+
+def test_nested_config_keys_and_prefix_aliases(tiny_model):
+    """A multimodal checkpoint keeps its language model's size in text_config, and older
+    checkpoints spell the nesting otherwise: both are read as the table says."""
+    from orthoedit.edit.plan import _Names
+    from orthoedit.model.architectures import config_value
+    from orthoedit.model.checkpoint import Checkpoint
+
+    config = {"text_config": {"hidden_size": 48, "num_hidden_layers": 3}, "hidden_size": 7}
+    assert config_value(config, "text_config.hidden_size") == 48
+    assert config_value(config, "text_config.missing") is None
+    assert config_value(config, "hidden_size.deeper") is None
+    raw = _raw("llama") | {"config": {"hidden_size": "text_config.hidden_size",
+                                      "num_layers": "text_config.num_hidden_layers",
+                                      "tie_default": False}}  # fmt: skip
+    assert ArchitectureTable.model_validate(raw).dims(config) == (48, 3, False)
+
+    raw = _raw("llama") | {"checkpoint_prefix_aliases": {"lm.model.": ["model."]}}
+    names = _Names(ArchitectureTable.model_validate(raw), Checkpoint.open(tiny_model("llama")))
+    assert names("lm.model.layers.{layer}.mlp.down_proj.weight", 1) == (
+        "model.layers.1.mlp.down_proj.weight"
+    )
+    assert names("lm.model.nowhere.weight") == "lm.model.nowhere.weight"

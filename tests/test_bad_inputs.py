@@ -240,14 +240,34 @@ def test_unknown_model_type_without_architectures(model_copy, direction_file, ou
     )
 
 
-def test_multimodal_gemma3(model_copy, direction_file, outdir):
+def test_multimodal_config_without_a_language_model(model_copy, direction_file, outdir):
     src = model_copy("llama")
     edit_config(src, architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3")
     expect_bad(
         src,
         direction_file,
         outdir,
-        ["Gemma3ForConditionalGeneration", "not yet supported", "Gemma3ForCausalLM"],
+        ["text_config.hidden_size", "gemma3_multimodal"],
+        UnsupportedModelError,
+        library={},
+    )
+
+
+def test_multimodal_checkpoint_without_a_language_model(model_copy, direction_file, outdir):
+    """A wrapper's config over weights that hold no language model where its table looks."""
+    src = model_copy("llama")
+    config = json.loads((src / "config.json").read_text())
+    edit_config(
+        src,
+        architectures=["Mistral3ForConditionalGeneration"],
+        model_type="mistral3",
+        text_config={k: config[k] for k in ("hidden_size", "num_hidden_layers")},
+    )
+    expect_bad(
+        src,
+        direction_file,
+        outdir,
+        ["language_model.model.embed_tokens.weight", "mistral3", "missing"],
         UnsupportedModelError,
         library={},
     )

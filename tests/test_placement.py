@@ -54,7 +54,9 @@ def test_placement_options_reach_the_loader(name, organism_run, tmp_path, monkey
         seen.append(kwargs)
         raise _Loaded(str(folder))
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    # every stage loads the class config.json names (runtime.session.model_class)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(
+        lambda cls, folder, *args, **kwargs: fake(folder, *args, **kwargs)))  # fmt: skip
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the CLI's traceback log
     offload = tmp_path / "offload"
     args = _commands(organism_run, tmp_path)[name] + PLACED + ["--offload-folder", str(offload)]

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from orthoedit.config import ApplyConfig
 from orthoedit.edit.apply import prepare
-from orthoedit.edit.plan import build_plan, load_scales, parse_layers
+from orthoedit.edit.plan import build_plan
+from orthoedit.edit.scope import load_scales, parse_layers
 from orthoedit.errors import BadInputError, UnsupportedModelError
 from orthoedit.model.architectures import load_tables
 from orthoedit.model.direction import load_direction

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from conftest import folder_digest
 from orthoedit import search as search_module
 from orthoedit.config import SearchConfig
-from orthoedit.edit.plan import load_scales
+from orthoedit.edit.scope import load_scales
 from orthoedit.model.direction import load_direction
 from orthoedit.organism import GUARD_MODEL
 from orthoedit.runtime.hooks import addition_hooks

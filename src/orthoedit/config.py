@@ -220,6 +220,19 @@ class ApplyConfig(BaseModel):
         return self
 
 
+class ArchitecturesConfig(BaseModel):
+    """Options of ``orthoedit architectures``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    model: str | None = Field(
+        default=None,
+        description="Check this model's config.json (a folder or Hub id; only config.json is "
+        "fetched, no weights). Without it, list every family.",
+    )
+    revision: Revision = None
+
+
 class VerifyConfig(_Placed):
     """Options of ``orthoedit verify``."""
 
@@ -227,6 +240,11 @@ class VerifyConfig(_Placed):
 
     source: str = Field(description="The source model (folder or Hub id) the edit was made from.")
     edited: Path = Field(description="The edited checkpoint folder written by apply.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
+        default="float32",
+        description="Dtype to run the models in. float64 checks a float32 checkpoint beyond the "
+        "noise of float32 kernels (the torch fallbacks of linear-attention mixers).",
+    )
     revision: str | None = Field(default=None, description="Hub revision of the source.")
     prompts: PromptSource = Field(
         default=None,

@@ -29,6 +29,7 @@ ORDER = (
     "search",
     "apply",
     "verify",
+    "architectures",
     "eval",
     "compare",
     "push",

@@ -12,7 +12,13 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..config import ApplyConfig, MeasureConfig, SearchConfig, VerifyConfig
+from ..config import (
+    ApplyConfig,
+    ArchitecturesConfig,
+    MeasureConfig,
+    SearchConfig,
+    VerifyConfig,
+)
 from ..errors import BadInputError
 from . import tables, ui
 from .app import app
@@ -176,3 +182,17 @@ def verify(cfg: VerifyConfig) -> None:
             ui.error(failure, label="FAIL")
         raise typer.Exit(1)
     ui.out.print("[green]PASS[/green]")
+
+
+@command(app, "architectures", ArchitecturesConfig)
+def architectures(cfg: ArchitecturesConfig) -> None:
+    """List the model families orthoedit edits (their residual-stream writers and norms) and
+    the architectures it refuses, or check one model's config.json without its weights."""
+    from ..model import catalog
+
+    if cfg.model is None:
+        ui.out.print(tables.families(catalog.catalog()))
+        return
+    found = ui.guarded(lambda: catalog.check_model(cfg.model, cfg.revision))
+    ui.out.print(tables.model_check(found))
+    ui.out.print(f"[green]supported[/green]: {escape(cfg.model)} is edited as {found.family}")

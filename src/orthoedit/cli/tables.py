@@ -269,3 +269,34 @@ def upload(plan) -> Table:
     for item in plan.items:
         table.add_row(escape(item.path_in_repo), f"{item.size:,}", escape(item.origin))
     return table
+
+
+def families(rows) -> Table:
+    names = ("family", "status", "architectures", "writers", "norms", "tied")
+    table = _columns(Table(title="Architectures"), names, left=names)
+    for row in rows:
+        table.add_row(
+            row.family,
+            row.status,
+            "\n".join(row.architectures),
+            "\n".join(row.writers) if row.writers else row.reason,
+            row.norms,
+            row.tied_default,
+        )
+    return table
+
+
+def model_check(found) -> Table:
+    table = _columns(Table(title=escape(found.model), show_header=False), ("", ""), left=("", ""))
+    tied = "no" if not found.tied else f"yes (policy {found.tied_policy})"
+    for key, value in (
+        ("architecture", found.architecture),
+        ("model_type", found.model_type),
+        ("family", found.family),
+        ("d_model", found.d_model),
+        ("layers", found.n_layers),
+        ("tied embeddings", tied),
+        ("writers", "\n".join(found.writers)),
+    ):
+        table.add_row(key, escape(str(value)))
+    return table

@@ -17,7 +17,8 @@ from ..model.direction import DirectionSet, biproject, harmless_mean, load_direc
 from ..model.source import read_config, resolve_model
 from ..output import check_target, inputs_of, staged_output
 from .card import artifact_names, render_card, source_metadata
-from .plan import Plan, build_plan, load_scales
+from .plan import Plan, build_plan
+from .scope import load_scales
 from .writer import OnBytes, stream_edit, total_bytes
 
 #: Where the direction artifact goes in the output: a subfolder, so that no tool takes a

@@ -6,7 +6,6 @@ run time with hooks, tests inspect it, and ``--dry-run`` prints it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -19,11 +18,22 @@ from ..model.architectures import SITES, ArchitectureTable, Site, TiedPolicy, Wr
 from ..model.checkpoint import DTYPES, Checkpoint
 from ..model.direction import Direction, DirectionSet, orthonormal
 from .ortho import post_norm_unit, unit
+from .scope import parse_layers
 
 PLAN_NAME = "plan.json"
 
 
 Method = Literal["project", "norm-preserving", "biprojected"]
+
+
+class NormRef(BaseModel):
+    """A norm after a writer's post-norm (``ArchitectureTable`` ``outer_norms``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor: str = Field(description="Norm weight on disk.")
+    offset: float = Field(description="Gain = offset + weight.")
+    module: str
 
 
 class EditOp(BaseModel):
@@ -40,10 +50,38 @@ class EditOp(BaseModel):
     norm: str | None = Field(default=None, description="Post-norm weight: u ∝ (offset+g) ⊙ r.")
     norm_offset: float = 0.0
     norm_module: str | None = None
+    outer_norms: list[NormRef] = Field(
+        default_factory=list,
+        description="Norms after the post-norm, innermost first: u ∝ (product of gains) ⊙ r.",
+    )
 
     @property
     def vector_label(self) -> str:
-        return "r" if self.norm is None else f"u({self.norm})"
+        return "r" if not self.norm_tensors else f"u({' · '.join(self.norm_tensors)})"
+
+    @property
+    def norm_tensors(self) -> list[str]:
+        """Every norm weight between this writer and the residual add, innermost first."""
+        return ([self.norm] if self.norm else []) + [n.tensor for n in self.outer_norms]
+
+    @property
+    def contribution_module(self) -> str:
+        """The module whose output is this writer's contribution as added to the residual
+        stream: the outermost norm, or the writer's own module."""
+        if self.outer_norms:
+            return self.outer_norms[-1].module
+        return self.norm_module or self.module
+
+    def gain(self, checkpoint: Checkpoint) -> np.ndarray | None:
+        """The product of the gains of every norm after this writer, in float64 (None for a
+        writer added directly)."""
+        norms = [(self.norm, self.norm_offset)] if self.norm else []
+        norms += [(n.tensor, n.offset) for n in self.outer_norms]
+        gain = None
+        for tensor, offset in norms:
+            g = np.asarray(checkpoint.read(tensor), dtype=np.float64) + offset
+            gain = g if gain is None else gain * g
+        return gain
 
 
 class DirectionFile(BaseModel):
@@ -188,9 +226,10 @@ class Plan(BaseModel):
 def unit_vector(op: EditOp, r: np.ndarray, checkpoint: Checkpoint) -> np.ndarray:
     """The unit vector an op projects against for one direction r, in float64 (r̂, or the
     norm-adjusted u)."""
-    if op.norm is None:
+    gain = op.gain(checkpoint)
+    if gain is None:
         return unit(r)
-    return post_norm_unit(r, checkpoint.read(op.norm), op.norm_offset)
+    return post_norm_unit(r, gain, 0.0)
 
 
 def op_basis(op: EditOp, plan: Plan, checkpoint: Checkpoint) -> np.ndarray:
@@ -201,103 +240,33 @@ def op_basis(op: EditOp, plan: Plan, checkpoint: Checkpoint) -> np.ndarray:
     ``(g ⊙ rⱼ)ᵀ y / rms(y)``; with one direction this is ``unit_vector``.
     """
     vectors = plan.vectors(op.layer)
-    if op.norm is not None:
-        gain = np.asarray(checkpoint.read(op.norm), dtype=np.float64) + op.norm_offset
+    gain = op.gain(checkpoint)
+    if gain is not None:
         vectors = gain * vectors
-    return orthonormal(vectors, f"the directions seen through {op.norm or op.tensor}")
-
-
-def parse_layers(spec: str | None, n_layers: int) -> tuple[int, int]:
-    """``START:END`` (half-open, Python slice rules, negatives allowed) -> (start, end)."""
-    if spec is None or spec.strip() in ("", ":"):
-        return 0, n_layers
-    parts = spec.split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        start = int(parts[0]) if parts[0].strip() else None
-        end = int(parts[1]) if parts[1].strip() else None
-    except ValueError:
-        raise BadInputError(f"--layers {spec!r}: expected START:END, e.g. 4:20 or 10:.") from None
-    outside = [i for i in (start, end) if i is not None and not -n_layers <= i <= n_layers]
-    if outside:  # Python would clip them silently: a typo would edit other layers than meant
-        raise BadInputError(
-            f"--layers {spec!r}: {outside[0]} is outside this {n_layers}-layer model; "
-            f"use START:END within -{n_layers}..{n_layers}, e.g. {min(2, n_layers - 1)}:."
-        )
-    start, end, _ = slice(start, end).indices(n_layers)
-    if start >= end:
-        raise BadInputError(f"--layers {spec!r} selects no layer of a {n_layers}-layer model.")
-    return start, end
-
-
-def load_scales(path: str | Path | None, n_layers: int) -> dict[str, float]:
-    """Read ``--scales FILE.json``: ``{"embed": s, "attn": s | [s per layer] | {"layer": s}}``.
-
-    Returns explicit scales keyed ``"embed"`` and ``"attn:3"``; missing entries mean 1.0.
-    """
-    if path is None:
-        return {}
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BadInputError(f"--scales {path}: cannot read JSON ({err}).") from err
-    if not isinstance(raw, dict) or set(raw) - set(SITES):
-        raise BadInputError(f"--scales {path}: expected an object with keys among {SITES}.")
-    scales: dict[str, float] = {}
-    for site, value in raw.items():
-        if site == "embed" or isinstance(value, int | float):
-            if not isinstance(value, int | float):
-                raise BadInputError(f"--scales {path}: 'embed' takes a single number.")
-            entries = {None: value}
-        elif isinstance(value, list):
-            if len(value) != n_layers:
-                raise BadInputError(
-                    f"--scales {path}: {site!r} lists {len(value)} scales, the model has "
-                    f"{n_layers} layers."
-                )
-            entries = dict(enumerate(value))
-        elif isinstance(value, dict):
-            try:
-                entries = {int(k): v for k, v in value.items()}
-            except ValueError:
-                raise BadInputError(f"--scales {path}: layer keys must be integers.") from None
-        else:
-            raise BadInputError(f"--scales {path}: bad value for {site!r}.")
-        for layer, scale in entries.items():
-            if not isinstance(scale, int | float) or not 0.0 <= scale <= 1.0:
-                raise BadInputError(f"--scales {path}: scales must be numbers in [0, 1].")
-            if layer is not None and not 0 <= layer < n_layers:
-                raise BadInputError(f"--scales {path}: layer {layer} outside 0..{n_layers - 1}.")
-            if layer is None and site != "embed":
-                scales.update({f"{site}:{i}": float(scale) for i in range(n_layers)})
-            else:
-                scales[site if layer is None else f"{site}:{layer}"] = float(scale)
-    return scales
+    seen = " · ".join(op.norm_tensors) or op.tensor
+    return orthonormal(vectors, f"the directions seen through {seen}")
 
 
 class _Names:
-    """Map table templates to names on disk (some checkpoints omit a leading prefix)."""
+    """Map table templates to names on disk. Each name is looked up as the table spells it,
+    then with each of the table's prefix aliases (checkpoints that omit GPT-2's
+    'transformer.', multimodal checkpoints saved before transformers 5 renamed their nesting);
+    a name found nowhere keeps the table's spelling, for the error that names it."""
 
     def __init__(self, table: ArchitectureTable, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self.rename: tuple[str, str] | None = None
-        probe = table.unembed.tied_to
-        if probe not in checkpoint.tensors:
-            for prefix, aliases in table.checkpoint_prefix_aliases.items():
-                for alias in aliases:
-                    if (
-                        probe.startswith(prefix)
-                        and alias + probe[len(prefix) :] in checkpoint.tensors
-                    ):
-                        self.rename = (prefix, alias)
+        self.aliases = table.checkpoint_prefix_aliases
 
     def __call__(self, template: str, layer: int | None = None, expert: int | None = None) -> str:
         fields = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
         name = template.format(**fields) if fields else template
-        if self.rename and name.startswith(self.rename[0]):
-            name = self.rename[1] + name[len(self.rename[0]) :]
+        if name in self.checkpoint.tensors:
+            return name
+        for prefix, aliases in self.aliases.items():
+            if name.startswith(prefix):
+                for alias in aliases:
+                    if alias + name[len(prefix) :] in self.checkpoint.tensors:
+                        return alias + name[len(prefix) :]
         return name
 
     def require(self, name: str, family: str) -> None:
@@ -333,7 +302,12 @@ def _writer_ops(
 ) -> list[EditOp]:
     """The ops of one writer in one layer: its weight and bias, for every expert if it has
     experts; none for an optional writer this layer does not have."""
-    if writer.optional and names(writer.tensor, layer, 0) not in names.checkpoint.tensors:
+    present = names.checkpoint.tensors
+    if writer.optional and names(writer.tensor, layer, 0) not in present:
+        return []
+    if writer.when is not None and names(writer.when, layer) not in present:
+        return []
+    if writer.unless is not None and names(writer.unless, layer) in present:
         return []
     if writer.experts is None:
         return _tensor_ops(writer, layer, None, scale, names, table, d_model)
@@ -354,7 +328,7 @@ def _tensor_ops(
 ) -> list[EditOp]:
     weight = names(writer.tensor, layer, expert)
     names.require(weight, table.family)
-    fused = writer.axis == 2  # [experts, in, d_model], bias [experts, d_model]
+    fused = writer.fused  # [experts, d_model, in] or [experts, in, d_model]; bias [experts, d]
     _check_tensor(names.checkpoint, weight, writer.axis, d_model, ndim=3 if fused else 2)
     common = {
         "site": writer.site,
@@ -362,13 +336,20 @@ def _tensor_ops(
         "scale": scale,
         "module": writer.module.format(layer=layer) if layer is not None else writer.module,
     }
-    if writer.post_norm is not None:
-        norm = names(writer.post_norm.tensor, layer)
-        names.require(norm, table.family)
+    refs = []
+    for norm in writer.norms:
+        tensor = names(norm.tensor, layer)
+        names.require(tensor, table.family)
+        refs.append(
+            NormRef(tensor=tensor, offset=norm.offset, module=norm.module.format(layer=layer))
+        )
+    if refs:
+        first, *outer = refs
         common |= {
-            "norm": norm,
-            "norm_offset": writer.post_norm.offset,
-            "norm_module": writer.post_norm.module.format(layer=layer),
+            "norm": first.tensor,
+            "norm_offset": first.offset,
+            "norm_module": first.module,
+            "outer_norms": outer,
         }
     ops = [EditOp(tensor=weight, axis=writer.axis, **common)]
     bias = names(writer.bias, layer, expert) if writer.bias else None
@@ -429,14 +410,27 @@ def _collect_ops(
 
 def _check_every_layer_written(ops: list[EditOp], used: dict[str, float], table) -> None:
     """Optional writers: every edited layer still needs one writer of its site in the
-    checkpoint, or the table does not describe these weights."""
+    checkpoint (of either site in a table of one mixer per block), or the table does not
+    describe these weights."""
+    written = {(op.site, op.layer) for op in ops}
     for key in used:
         site, _, layer = key.partition(":")
-        if layer and not any(op.site == site and op.layer == int(layer) for op in ops):
+        if not layer:
+            continue
+        sites = ("attn", "mlp") if table.mixers == "one" else (site,)
+        if not any((s, int(layer)) in written for s in sites) and _all_sites(used, table):
             raise UnsupportedModelError(
                 f"no {site} writer of the {table.family} table exists in layer {layer} of the "
                 "checkpoint; is config.json's architecture right for these weights?"
             )
+
+
+def _all_sites(used: dict[str, float], table) -> bool:
+    """Whether both block sites are edited (a table of one mixer per block can only check a
+    layer for some writer then)."""
+    if table.mixers == "each":
+        return True
+    return {key.partition(":")[0] for key in used} >= {"attn", "mlp"}
 
 
 def build_plan(

@@ -29,6 +29,7 @@ from ..model.checkpoint import (
     SafetensorsFile,
     TensorInfo,
     encode,
+    expert_slices,
     stored,
 )
 from .ortho import MATH_DTYPE, column_coefficients, norm_factors, remove_columns_, remove_rows_
@@ -149,6 +150,11 @@ def edit_tensor(
     if len(info.shape) == 1:
         b = _projected_vector(values.astype(math), q, op.scale, preserve_norm)
         _write_all(dst, encode(b, info.dtype), info.start)
+        return
+    if len(info.shape) == 3 and op.axis == 1:  # fused experts [experts, d_model, in]
+        for expert in expert_slices(info):  # each a [d_model, in] weight
+            edit_tensor(shard, expert, op.model_copy(update={"axis": 0}), basis, dst, work,
+                        preserve_norm)  # fmt: skip
         return
     rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
     axis = op.axis

@@ -69,14 +69,27 @@ class Writer(_Strict):
     axis: int = Field(
         ge=0,
         le=2,
-        description="Axis of the tensor along which d_model lies; 2 for experts fused in one "
-        "3-D tensor [experts, in, d_model] (its bias is then [experts, d_model]).",
+        description="Axis of the tensor along which d_model lies: 0 for nn.Linear [d_model, in], "
+        "1 for embeddings and Conv1D [in, d_model]; with fused experts, 1 for [experts, "
+        "d_model, in] and 2 for [experts, in, d_model].",
+    )
+    fused: bool = Field(
+        default=False,
+        description="Every expert's output projection in one 3-D tensor (its bias, if any, "
+        "[experts, d_model]); the module sums the routed experts' outputs.",
     )
     bias: str | None = Field(
         default=None, description="Bias template; edited when present on disk."
     )
     module: str = Field(description="Module path whose output is this writer's contribution.")
     post_norm: PostNorm | None = None
+    outer_norms: list[PostNorm] = Field(
+        default_factory=list,
+        description="RMSNorms applied after post_norm, innermost first, typically to a sum of "
+        "sublayer outputs (Gemma 4's MoE block: post_feedforward_layernorm(norm1(mlp) + "
+        "norm2(experts))). Zero along r stays zero through each of them, so the writer is "
+        "projected against the product of all the gains times r.",
+    )
     experts: list[str] | None = Field(
         default=None,
         min_length=1,
@@ -90,6 +103,17 @@ class Writer(_Strict):
         description="Absent from some layers (dense layers between sparse ones); every layer "
         "still needs one writer of each site.",
     )
+    when: str | None = Field(
+        default=None,
+        description="Only in layers where this tensor (a template) exists: the same tensor is "
+        "listed twice when a layer's other tensors change what follows it (Gemma 4's MLP goes "
+        "through two norms in mixture-of-experts layers, one in dense ones).",
+    )
+    unless: str | None = Field(
+        default=None,
+        description="Only in layers where this tensor (a template) does not exist (Nemotron-H's "
+        "experts write into a latent space, not the residual, where fc2_latent_proj exists).",
+    )
 
     @model_validator(mode="after")
     def _templates(self) -> Writer:
@@ -97,31 +121,64 @@ class Writer(_Strict):
         expert = self.experts is not None
         if expert and self.site != "mlp":
             raise ValueError("only mlp writers can be experts")
-        if self.axis == 2 and (self.site != "mlp" or expert):
-            raise ValueError("axis 2 is for mlp experts fused in one 3-D tensor (no {expert})")
+        if self.fused and (self.site != "mlp" or expert or self.axis == 0):
+            raise ValueError("fused experts are an mlp writer, d_model on axis 1 or 2, no {expert}")
+        if self.axis == 2 and not self.fused:
+            raise ValueError("axis 2 is for experts fused in one 3-D tensor (fused: true)")
         _check_template(self.tensor, layered=layered, expert=expert)
         _check_template(self.module, layered=layered)
         if self.bias is not None:
             _check_template(self.bias, layered=layered, expert=expert)
-        if self.post_norm is not None:
+        for condition in (self.when, self.unless):
+            if condition is not None:
+                _check_template(condition, layered=layered)
+        for norm in self.norms:
             if not layered:
                 raise ValueError("an embedding cannot have a post-norm")
-            _check_template(self.post_norm.tensor, layered=True)
-            _check_template(self.post_norm.module, layered=True)
+            _check_template(norm.tensor, layered=True)
+            _check_template(norm.module, layered=True)
         return self
+
+    @property
+    def norms(self) -> list[PostNorm]:
+        """Every norm between the writer's output and the residual add, innermost first."""
+        return ([self.post_norm] if self.post_norm else []) + list(self.outer_norms)
 
 
 class Blocks(_Strict):
-    """Module paths of a decoder block and its two residual branches (for run-time ablation)."""
+    """Module paths of a decoder block, its residual branches (for run-time ablation) and the
+    final norm (whose input is the last residual state)."""
 
     module: str
-    attn: str
-    mlp: str
+    attn: list[str] = Field(
+        description="Token-mixing branches: every module whose output is added to the residual "
+        "stream (self-attention; linear-attention, Mamba or convolution mixers in hybrid "
+        "models). A layer has at least one of them."
+    )
+    mlp: list[str] = Field(description="Channel-mixing branches (MLP, mixture of experts).")
+    final_norm: str = Field(description="Module path of the norm after the last block.")
 
-    @field_validator("module", "attn", "mlp")
+    @field_validator("attn", "mlp", mode="before")
+    @classmethod
+    def _listed(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("module")
     @classmethod
     def _layered(cls, value: str) -> str:
         return _check_template(value, layered=True)
+
+    @field_validator("attn", "mlp")
+    @classmethod
+    def _all_layered(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one module path template")
+        return [_check_template(v, layered=True) for v in value]
+
+    @field_validator("final_norm")
+    @classmethod
+    def _unlayered(cls, value: str) -> str:
+        return _check_template(value, layered=False)
 
 
 class Unembed(_Strict):
@@ -131,12 +188,31 @@ class Unembed(_Strict):
 
 
 class ConfigKeys(_Strict):
-    """Where config.json keeps the model's size, so that apply never needs transformers."""
+    """Where config.json keeps the model's size, so that apply never needs transformers.
+
+    Keys are dotted paths (``text_config.hidden_size`` in multimodal checkpoints, whose
+    language model's config is nested)."""
 
     hidden_size: str = "hidden_size"
-    num_layers: str = "num_hidden_layers"
+    num_layers: list[str] = Field(
+        default=["num_hidden_layers"],
+        description="Where the number of blocks is: the first of these paths present; a list "
+        "or string of per-block kinds (Nemotron-H's layers_block_type, "
+        "hybrid_override_pattern) counts by its length.",
+    )
+
+    @field_validator("num_layers", mode="before")
+    @classmethod
+    def _paths(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    tie: str = Field(
+        default="tie_word_embeddings",
+        description="The tie_word_embeddings that transformers obeys for the class config.json "
+        "names: the top level's for most multimodal wrappers, text_config's for Llama 4's.",
+    )
     tie_default: bool = Field(
-        description="tie_word_embeddings when config.json omits it (the config class default)."
+        description="That key's value when config.json omits it (the config class default)."
     )
 
 
@@ -150,9 +226,16 @@ class ArchitectureTable(_Strict):
     tied_reason: str = Field(description="Why this default: shown to users and in the card.")
     checkpoint_prefix_aliases: dict[str, list[str]] = Field(
         default_factory=dict,
-        description="Leading name prefixes that some checkpoints omit (GPT-2 'transformer.').",
+        description="Leading name prefixes spelled otherwise in some checkpoints: GPT-2's "
+        "'transformer.' omitted, multimodal checkpoints' 'language_model.model.' for "
+        "'model.language_model.'. Each tensor is looked up under its own name first.",
     )
     writers: list[Writer] = Field(min_length=3)
+    mixers: Literal["each", "one"] = Field(
+        default="each",
+        description="each: every block has a writer of every site; one: every block has a "
+        "single mixer, a token mixer (attn) or a channel mixer (mlp), as Nemotron-H's.",
+    )
     blocks: Blocks
     unembed: Unembed
     unsupported_architectures: dict[str, str] = Field(
@@ -170,13 +253,13 @@ class ArchitectureTable(_Strict):
 
     @property
     def post_norm(self) -> bool:
-        return any(w.post_norm is not None for w in self.writers)
+        return any(w.norms for w in self.writers)
 
     def experts(self, writer: Writer, config: dict) -> int:
         """How many experts a per-expert writer has, from config.json."""
-        key = next((k for k in writer.experts if k in config), None)
+        key = next((k for k in writer.experts if config_value(config, k) is not None), None)
         try:
-            n = int(config[key])
+            n = int(config_value(config, key))
         except (KeyError, TypeError, ValueError):
             raise UnsupportedModelError(
                 f"config.json lacks a valid {' or '.join(writer.experts)} (number of experts) "
@@ -189,13 +272,30 @@ class ArchitectureTable(_Strict):
     def dims(self, config: dict) -> tuple[int, int, bool]:
         """(d_model, n_layers, tied) read from config.json."""
         keys = self.config
+        layers = next(
+            (v for k in keys.num_layers if (v := config_value(config, k)) is not None), None
+        )
+        if isinstance(layers, list | str):
+            layers = len(layers)
         try:
-            d_model, n_layers = int(config[keys.hidden_size]), int(config[keys.num_layers])
-        except (KeyError, TypeError, ValueError) as err:
+            d_model, n_layers = int(config_value(config, keys.hidden_size)), int(layers)
+        except (TypeError, ValueError):
             raise UnsupportedModelError(
-                f"config.json lacks a valid {err} for a {self.family} model."
+                f"config.json lacks a valid {keys.hidden_size} or "
+                f"{' or '.join(keys.num_layers)} for a {self.family} model."
             ) from None
-        return d_model, n_layers, bool(config.get("tie_word_embeddings", keys.tie_default))
+        tied = config_value(config, keys.tie)
+        return d_model, n_layers, bool(keys.tie_default if tied is None else tied)
+
+
+def config_value(config: dict, path: str | None):
+    """The value at a dotted ``path`` of config.json (None where absent)."""
+    value = config
+    for key in (path or "").split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
 
 
 @cache

@@ -169,14 +169,21 @@ class Checkpoint:
         """Per vector along ``axis`` (a column of ``[d, in]``, a row of an embedding): its
         components in the orthonormal ``basis`` ``[k, d]`` (``[k, vectors]``; a unit vector
         ``[d]`` gives ``[vectors]``) and its squared length, in float64, one row block at a
-        time."""
+        time. A fused ``[experts, d, in]`` tensor's vectors are its experts' columns, the
+        experts one after the other."""
+        info = self.tensors[name]
+        if len(info.shape) == 3 and axis == 1:
+            parts = [self._along(e, basis, 0, block_bytes) for e in expert_slices(info)]
+            return _concat_experts(parts)
+        return self._along(info, basis, axis, block_bytes)
+
+    def _along(self, info: TensorInfo, basis: np.ndarray, axis: int, block_bytes: int):
         q = np.asarray(basis, dtype=np.float64)
         rows_of = np.atleast_2d(q)  # one matrix-vector product per basis vector (see ortho)
 
         def fold(parts: list[np.ndarray]) -> np.ndarray:
             return parts[0] if q.ndim == 1 else np.stack(parts)
 
-        info = self.tensors[name]
         raw = self.shard(info).bytes(info)
         if len(info.shape) == 1:
             b = decode(raw, info.dtype, np.float64)
@@ -200,6 +207,23 @@ class Checkpoint:
         if axis == 1:
             return np.concatenate(parts, axis=-1), np.concatenate(sq_rows)
         return coeff, sq_cols
+
+
+def _concat_experts(parts: list[tuple[np.ndarray, np.ndarray]]):
+    """Per-expert (components, squared lengths) joined along the vectors' axis."""
+    return np.concatenate([a for a, _ in parts], axis=-1), np.concatenate([b for _, b in parts])
+
+
+def expert_slices(info: TensorInfo) -> list[TensorInfo]:
+    """The experts of a fused ``[experts, a, b]`` tensor, each as a 2-D ``[a, b]`` tensor at
+    its own byte range."""
+    n, shape = info.shape[0], info.shape[1:]
+    step = info.nbytes // n
+    return [
+        TensorInfo(f"{info.name}[{e}]", info.file, info.dtype, shape, info.start + e * step,
+                   info.start + (e + 1) * step)
+        for e in range(n)
+    ]  # fmt: skip
 
 
 def stored(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -31,21 +31,48 @@ HUB_IGNORE = [
 
 def resolve_model(model: str, revision: str | None = None) -> tuple[Path, str | None]:
     """Return (local folder, resolved commit or None for a local folder)."""
+    path = _local(model, revision)
+    if path is not None:
+        return path, None
+    from huggingface_hub import snapshot_download
+
+    folder = Path(
+        _from_hub(model, revision, snapshot_download, ignore_patterns=HUB_IGNORE, what="download")
+    )
+    return folder, folder.name  # snapshot folders are named after the commit
+
+
+def resolve_config(model: str, revision: str | None = None) -> Path:
+    """A folder holding MODEL's config.json: a local folder, or the Hub snapshot folder with
+    config.json alone fetched (no weights)."""
+    path = _local(model, revision)
+    if path is not None:
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return Path(
+        _from_hub(model, revision, hf_hub_download, "config.json", what="reading config.json")
+    ).parent
+
+
+def _local(model: str, revision: str | None) -> Path | None:
+    """MODEL's folder when it is a local path; None for a Hub id; bad input otherwise."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise BadInputError(f"{model} is a file; MODEL must be a checkpoint folder or Hub id.")
         if revision is not None:
             raise BadInputError("--revision applies to Hub ids, not to local folders.")
-        return path.resolve(), None
+        return path.resolve()
     if not _REPO_ID.match(model) or model.startswith((".", "/")):
         raise BadInputError(f"{model}: no such folder, and not a Hub model id.")
-    return _download(model, revision)
+    return None
 
 
-def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
+def _from_hub(repo_id: str, revision: str | None, fetch, *args, what: str, **kwargs) -> str:
+    """``fetch(repo_id, *args, revision=...)`` with the Hub's failures as one-line errors."""
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -54,7 +81,7 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     )
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=HUB_IGNORE))
+        return fetch(repo_id, *args, revision=revision, **kwargs)
     except GatedRepoError as err:
         raise BadInputError(f"{repo_id} is gated: accept its terms on the Hub and log in.") from err
     except RepositoryNotFoundError as err:
@@ -65,9 +92,10 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
         raise BadInputError(
             f"{repo_id}: not in the local cache and the Hub cannot be reached; pass a local folder."
         ) from err
+    except EntryNotFoundError as err:  # after its subclass LocalEntryNotFoundError
+        raise BadInputError(f"{repo_id} has no config.json; is it a transformers model?") from err
     except HfHubHTTPError as err:
-        raise BadInputError(f"{repo_id}: download failed ({err}).") from err
-    return folder, folder.name  # snapshot folders are named after the commit
+        raise BadInputError(f"{repo_id}: {what} failed ({err}).") from err
 
 
 def read_config(folder: Path) -> dict:

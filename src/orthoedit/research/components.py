@@ -84,7 +84,8 @@ def writers_of(model, table, plan, checkpoint) -> list[Writer]:
         elif op.site == "mlp":
             name = f"L{op.layer}.mlp"
             if mlp_modules[op.layer] > 1:  # experts, a shared expert: named after the module
-                block = table.blocks.mlp.format(layer=op.layer)
+                blocks = (t.format(layer=op.layer) for t in table.blocks.mlp)
+                block = next((b for b in blocks if op.module.startswith(b)), "")
                 name += op.module.removeprefix(block).removesuffix(".down_proj")
             w.components = [Component(name, "mlp", op.layer, None, op.module)]
         else:

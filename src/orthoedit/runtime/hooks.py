@@ -40,6 +40,19 @@ def resolve(model: nn.Module, path: str) -> nn.Module:
         raise RuntimeError(f"hook point {path!r} does not exist in {type(model).__name__}") from err
 
 
+def resolve_branches(model: nn.Module, templates: Sequence[str], layer: int) -> list[nn.Module]:
+    """The branch modules of one block among a table's templates (a hybrid model's block has
+    self-attention or a linear-attention mixer, say); at least one must exist."""
+    found = []
+    for template in templates:
+        with contextlib.suppress(AttributeError):
+            found.append(model.get_submodule(template.format(layer=layer)))
+    if not found:
+        paths = " or ".join(t.format(layer=layer) for t in templates)
+        raise RuntimeError(f"hook point {paths} does not exist in {type(model).__name__}")
+    return found
+
+
 def _map_output(fn: Callable[[torch.Tensor], torch.Tensor]):
     """Forward hook applying ``fn`` to a module's output (or the first item of a tuple)."""
 
@@ -131,20 +144,19 @@ def ablation_hooks(
     if not layers or any(not 0 <= layer < n_layers for layer in layers):
         raise ValueError(f"ablation layers must be among 0..{n_layers - 1}, got {layers!r}")
     fn = _projector(_basis(orthonormal(r)), 1.0)
-    outputs = [
-        path
-        for point, path in (("attn", table.blocks.attn), ("mlp", table.blocks.mlp))
+    branches = [
+        paths for point, paths in (("attn", table.blocks.attn), ("mlp", table.blocks.mlp))
         if point in points
-    ]
+    ]  # fmt: skip
 
     def register(handles: list) -> None:
         for layer in layers:
             if "residual" in points:
                 block = resolve(model, table.blocks.module.format(layer=layer))
                 handles.append(block.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
-            for path in outputs:
-                mod = resolve(model, path.format(layer=layer))
-                handles.append(mod.register_forward_hook(_map_output(fn)))
+            for templates in branches:
+                for mod in resolve_branches(model, templates, layer):
+                    handles.append(mod.register_forward_hook(_map_output(fn)))
 
     with _registered(register):
         yield
@@ -160,15 +172,36 @@ def contribution_hooks(model: nn.Module, plan: Plan, checkpoint: Checkpoint) -> 
     """
     per_module: dict[str, tuple[torch.Tensor, float]] = {}
     for op in plan.ops:
-        if op.norm_module is not None and op.norm_module not in per_module:
-            per_module[op.norm_module] = (_basis(plan.basis(op.layer)), op.scale)
-        elif op.norm_module is None and op.module not in per_module:
-            per_module[op.module] = (_basis(op_basis(op, plan, checkpoint)), op.scale)
+        path = op.contribution_module
+        if path in per_module:
+            continue
+        if op.norm_tensors:
+            per_module[path] = (_basis(plan.basis(op.layer)), op.scale)
+        else:
+            per_module[path] = (_basis(op_basis(op, plan, checkpoint)), op.scale)
 
     def register(handles: list) -> None:
         for path, (u, scale) in per_module.items():
             mod = resolve(model, path)
             handles.append(mod.register_forward_hook(_map_output(_projector(u, scale))))
+
+    with _registered(register):
+        yield
+
+
+@contextlib.contextmanager
+def input_hooks(
+    model: nn.Module, paths: Sequence[str], fn: Callable[[torch.Tensor], None]
+) -> Iterator[None]:
+    """``fn`` sees the hidden states every module of ``paths`` receives (it changes nothing)."""
+
+    def hook(_module, args, kwargs):
+        fn(args[0] if args else kwargs["hidden_states"])
+
+    def register(handles: list) -> None:
+        for path in paths:
+            mod = resolve(model, path)
+            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
 
     with _registered(register):
         yield

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,19 +301,35 @@ def load_model(
     module there, ``auto`` (and the other strategies) spreads them with accelerate, capped by
     ``max_memory`` and spilling to ``offload_folder``. (The device is checked by
     ``check_device`` where the command starts.)"""
-    from transformers import AutoModelForCausalLM
-
     # use_kernels=False: with the `kernels` package installed, transformers would swap layers
     # (rotary, norms, activations) for kernels fetched from the Hub when the model is on a
     # GPU: not offline, and not the plain PyTorch layers the hooks and verify reason about.
     kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device, "use_kernels": False}
+    if dtype == "float64":  # grouped expert matmuls have no float64 kernel: loop the experts
+        kwargs["experts_implementation"] = "eager"
     if (max_memory or offload_folder) and device not in DEVICE_MAPS:
         raise BadInputError("--max-memory and --offload-folder need --device auto.")
     if max_memory:
         kwargs["max_memory"] = parse_max_memory(max_memory)
     if offload_folder:
         kwargs["offload_folder"] = str(offload_folder)
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    return model_class(folder).from_pretrained(folder, **kwargs).eval()
+
+
+def model_class(folder: Path):
+    """The class config.json names (``architectures[0]``), so that a multimodal checkpoint
+    loads whole, its towers included, as it was saved; ``AutoModelForCausalLM`` where the
+    name is not one of transformers' classes."""
+    import transformers
+
+    try:
+        arch = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        arch = []
+    cls = getattr(transformers, arch[0], None) if arch and isinstance(arch[0], str) else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return transformers.AutoModelForCausalLM
 
 
 @dataclass(frozen=True)
