@@ -40,6 +40,7 @@ class EditOp(BaseModel):
     norm: str | None = Field(default=None, description="Post-norm weight: u ∝ (offset+g) ⊙ r.")
     norm_offset: float = 0.0
     norm_module: str | None = None
+    scales: str | None = Field(default=None, description="Scale tensor of a quantized weight.")
 
     @property
     def vector_label(self) -> str:
@@ -353,9 +354,11 @@ def _tensor_ops(
     d_model: int,
 ) -> list[EditOp]:
     weight = names(writer.tensor, layer, expert)
+    weight, scales, axis = names.checkpoint.stored(weight, writer.axis)
     names.require(weight, table.family)
     fused = writer.axis == 2  # [experts, in, d_model], bias [experts, d_model]
-    _check_tensor(names.checkpoint, weight, writer.axis, d_model, ndim=3 if fused else 2)
+    if scales is None:  # quantized weights are checked against their scales
+        _check_tensor(names.checkpoint, weight, axis, d_model, ndim=3 if fused else 2)
     common = {
         "site": writer.site,
         "layer": layer,
@@ -370,7 +373,7 @@ def _tensor_ops(
             "norm_offset": writer.post_norm.offset,
             "norm_module": writer.post_norm.module.format(layer=layer),
         }
-    ops = [EditOp(tensor=weight, axis=writer.axis, **common)]
+    ops = [EditOp(tensor=weight, axis=axis, scales=scales, **common)]
     bias = names(writer.bias, layer, expert) if writer.bias else None
     sibling = weight.removesuffix(".weight") + ".bias"
     if sibling in names.checkpoint.tensors and sibling != bias:

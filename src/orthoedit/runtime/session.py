@@ -312,7 +312,24 @@ def load_model(
         kwargs["max_memory"] = parse_max_memory(max_memory)
     if offload_folder:
         kwargs["offload_folder"] = str(offload_folder)
+    kwargs.update(dequantized(folder))
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def dequantized(folder: Path) -> dict:
+    """``from_pretrained`` options for a quantized checkpoint orthoedit edits (FP8 blocks,
+    MXFP4): dequantize on load, into the requested dtype, on any device. The hooks and verify
+    reason about plain float layers, and FP8 kernels would also quantize the activations."""
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    from ..model.quant import quant_format
+    from ..model.source import read_config
+
+    fmt = quant_format(read_config(Path(folder)), folder)
+    if fmt is None:
+        return {}
+    config = Mxfp4Config if fmt.method == "mxfp4" else FineGrainedFP8Config
+    return {"quantization_config": config(dequantize=True)}
 
 
 @dataclass(frozen=True)
