@@ -23,6 +23,7 @@ from .edit.plan import Plan, op_basis
 from .errors import BadInputError
 from .model.architectures import table_for_config
 from .model.checkpoint import Checkpoint, TensorInfo
+from .model.quant import QuantFormat, quant_format
 from .model.source import read_config, resolve_model
 from .output import check_file_target, inputs_of, write_file
 from .runtime.hooks import ablation_hooks, contribution_hooks, input_hooks, plan_hooks
@@ -47,6 +48,7 @@ class Tolerance:
     weight_residual: float  # ‖uᵀW' − (1−s)uᵀW‖ / ‖W‖
     residual_leak: float  # |r̂ᵀx| / ‖x‖
     norm_change: float  # norm-preserving: max |‖w'‖ − ‖w‖| / ‖w‖ over written vectors
+    rounding_multiple: float = 0.0  # quantized: ‖U E‖ / (its bound from the format); 0: unused
 
 
 # fp32 is exact up to float rounding; half precision re-rounds every edited weight, which
@@ -56,16 +58,35 @@ TOLERANCES = {
     "F16": Tolerance(2e-2, 2e-4, 5e-4, 5e-3, 2e-3),
     "BF16": Tolerance(5e-2, 2e-3, 4e-3, 1e-2, 1e-2),
 }
+#: Quantized formats (model.quant): one requantization of each edited weight, whose elements
+#: each round by at most ε relative (FP8 e4m3, 3 mantissa bits: ε = 2⁻⁴; MXFP4 e2m1, 1 bit:
+#: ε = 2⁻²). See ``quant_tolerance``.
+ROUNDING_MULTIPLE = 2.0
 #: ``--dtype`` -> the storage dtype whose tolerances its arithmetic needs.
 #: float64 arithmetic leaves the storage dtype's rounding alone: fp32's tolerances, for models
 #: whose float32 kernels (the torch fallbacks of Gated DeltaNet, say) are noisier than them.
 COMPUTE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F32"}
 
 
-def tolerance_for(storage: str, compute: str) -> Tolerance:
-    """The looser of the storage dtype's tolerances and those of the dtype the models run
-    in: a float32 checkpoint checked in bfloat16 is only as exact as bfloat16 arithmetic."""
-    a, b = TOLERANCES[storage], TOLERANCES[COMPUTE[compute]]
+def quant_tolerance(fmt: QuantFormat) -> Tolerance:
+    """Tolerances of a quantized format, from its unit roundoff ε (docs/design.md, "Quantized
+    checkpoints"). The reference runs the dequantized source, whose writers carry the source's
+    own rounding (at most ε of each weight, relative); the edited checkpoint carries one fresh
+    requantization (again at most ε): between them 2ε, so logits within 2ε relative and KL
+    within (2ε)² (second order in the logit change). The
+    weight check is judged against the format's own rounding: ‖U E‖ for the requantization error
+    E is at most ``ROUNDING_MULTIPLE`` × sqrt(Σ U² δ²), δ the largest rounding error of each
+    element (its root mean square is δ/√3); ‖U W'‖/‖W‖ itself is reported, bounded by ε."""
+    e = fmt.epsilon
+    return Tolerance(2 * e, 4 * e * e, e, 4 * e, 4 * e, ROUNDING_MULTIPLE)
+
+
+def tolerance_for(storage: str, compute: str, quant: QuantFormat | None = None) -> Tolerance:
+    """The looser of the storage dtype's (or quantized format's) tolerances and those of the
+    dtype the models run in: a float32 checkpoint checked in bfloat16 is only as exact as
+    bfloat16 arithmetic."""
+    a = quant_tolerance(quant) if quant else TOLERANCES[storage]
+    b = TOLERANCES[COMPUTE[compute]]
     return Tolerance(*(max(x, y) for x, y in zip(astuple(a), astuple(b), strict=True)))
 
 
@@ -88,6 +109,7 @@ class VerifyReport:
     unedited_identical: bool = True
     byte_mismatches: list[str] = field(default_factory=list)
     max_norm_change: float | None = None  # norm-preserving only
+    max_rounding_ratio: float | None = None  # quantized: ‖U E‖ / its bound from the format
     paper_ablation_max_logit_diff: float | None = None
     paper_ablation_kl: float | None = None
     contribution_kl: float | None = None
@@ -121,8 +143,9 @@ def check_bytes(plan: Plan, source: Checkpoint, edited: Checkpoint, report: Veri
             twin = edited.files[0]  # a single file renamed to a shard by untie
         if twin is None or twin.header_bytes != shard.header_bytes:
             report.headers_identical = False
+    rewritten = plan.edited | {op.scales for op in plan.ops if op.scales}  # fresh scales too
     for name, info in source.tensors.items():
-        if name in plan.edited:
+        if name in rewritten:
             continue
         other = edited.tensors.get(name)
         if other is None or not _same_bytes(info, other):
@@ -140,8 +163,8 @@ def check_weights(plan: Plan, source: Checkpoint, edited: Checkpoint, report: Ve
     preserve = plan.method == "norm-preserving"
     for op in plan.ops:
         basis = op_basis(op, plan, source)
-        before, sq = source.along_and_lengths(op.tensor, basis, op.axis)
-        after, sq_after = edited.along_and_lengths(op.tensor, basis, op.axis)
+        before, sq, _ = _along(source, op, basis)
+        after, sq_after, bound = _along(edited, op, basis)
         expect = (1.0 - op.scale) * before
         if preserve:  # each vector was scaled back to its length after the projection
             expect = expect * norm_factors(sq, (before * before).sum(0), op.scale)
@@ -149,9 +172,27 @@ def check_weights(plan: Plan, source: Checkpoint, edited: Checkpoint, report: Ve
             worst = float(change.max()) if change.size else 0.0
             report.max_norm_change = max(report.max_norm_change or 0.0, worst)
         norm = float(sq.sum()) ** 0.5
-        value = float(np.linalg.norm(after - expect) / max(norm, 1e-30))
+        error = float(np.linalg.norm(after - expect))
+        value = error / max(norm, 1e-30)
+        if bound is not None:
+            ratio = error / max(bound**0.5, 1e-30)
+            report.max_rounding_ratio = max(report.max_rounding_ratio or 0.0, ratio)
         if value > report.max_weight_residual or report.worst_tensor is None:
             report.max_weight_residual, report.worst_tensor = value, op.tensor
+
+
+def _along(checkpoint: Checkpoint, op, basis: np.ndarray):
+    """(components in the basis, squared lengths, bound on the squared rounding component or
+    None for a float tensor) of an op's tensor, dequantized if it is quantized."""
+    if op.scales is None:
+        return (*checkpoint.along_and_lengths(op.tensor, basis, op.axis), None)
+    from .edit.requant import quantized_along
+
+    def pair(name: str):
+        info = checkpoint.tensors[name]
+        return checkpoint.shard(info), info
+
+    return quantized_along(checkpoint.quant, pair(op.tensor), pair(op.scales), basis, op.axis)
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
@@ -207,6 +248,8 @@ def _leak(model, table, inputs: list[torch.Tensor], basis: np.ndarray, n_layers:
 
 
 def storage_dtype(plan: Plan, edited: Checkpoint) -> str:
+    if edited.quant is not None and any(op.scales for op in plan.ops):
+        return edited.quant.method.upper()
     dtypes = {edited.tensors[op.tensor].dtype for op in plan.ops}
     return "BF16" if "BF16" in dtypes else "F16" if "F16" in dtypes else "F32"
 
@@ -219,12 +262,13 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
         check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite, "--report")
     plan = Plan.load(cfg.edited)
     folder, _ = resolve_model(cfg.source, cfg.revision)
-    source, edited = Checkpoint.open(folder), Checkpoint.open(cfg.edited)
     config = read_config(folder)
+    quant = quant_format(config, folder)
+    source, edited = Checkpoint.open(folder, quant), Checkpoint.open(cfg.edited, quant)
     table = table_for_config(config)
     _check_plan(cfg, plan, table)
     dtype = storage_dtype(plan, edited)
-    tol = tolerance_for(dtype, cfg.dtype)
+    tol = tolerance_for(dtype, cfg.dtype, None if dtype in TOLERANCES else quant)
     prompts = _read_prompts(cfg)[: cfg.max_prompts]
     report = VerifyReport(str(cfg.edited), dtype, asdict(tol), len(prompts), plan.method, cfg.dtype)
 
@@ -307,6 +351,14 @@ def _judge(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:
                 report.max_norm_change <= tol.norm_change,
                 f"vector lengths changed by up to {report.max_norm_change:.3g} "
                 f"> {tol.norm_change:.3g}",
+            )
+        )
+    if report.max_rounding_ratio is not None:
+        checks.append(
+            (
+                report.max_rounding_ratio <= tol.rounding_multiple,
+                f"‖U(W' − PW)‖ is {report.max_rounding_ratio:.3g}× the format's rounding bound "
+                f"> {tol.rounding_multiple:.3g} ({report.worst_tensor})",
             )
         )
     checks += [

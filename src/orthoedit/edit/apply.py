@@ -14,6 +14,7 @@ from ..errors import BadInputError
 from ..model.architectures import table_for_config
 from ..model.checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from ..model.direction import DirectionSet, biproject, harmless_mean, load_directions
+from ..model.quant import quant_format
 from ..model.source import read_config, resolve_model
 from ..output import check_target, inputs_of, staged_output
 from .card import artifact_names, render_card, source_metadata
@@ -46,7 +47,7 @@ def prepare(cfg: ApplyConfig) -> Prepared:
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
     table = table_for_config(config)
-    checkpoint = Checkpoint.open(folder)
+    checkpoint = Checkpoint.open(folder, quant_format(config))
     d_model, n_layers, _ = table.dims(config)
     direction = load_directions(
         cfg.direction, d_model, n_layers, cfg.direction_layer, cfg.per_layer

@@ -115,3 +115,23 @@ def remove_columns_(
         chunk -= np.multiply.outer(u * scale, c)
     if factors is not None:
         chunk *= factors
+
+
+def row_blocks(rows: int, step: int) -> list[tuple[int, int]]:
+    """Half-open row ranges of ``step`` rows (the last one shorter) covering ``rows``."""
+    return [(i0, min(rows, i0 + step)) for i0 in range(0, rows, step)]
+
+
+def column_pass(load, rows: int, cols: int, tile: int, q, scale: float, preserve_norm: bool):
+    """The first pass of a ``[d_model, in]`` weight: ``U W`` over every tile of rows
+    (``load(i0, i1)``), and with ``preserve_norm`` the column norms' factors (else None)."""
+    coeff = np.zeros((q.shape[0], cols), dtype=q.dtype)
+    sq = np.zeros(cols, dtype=q.dtype) if preserve_norm else None
+    for i0, i1 in row_blocks(rows, tile):
+        block = load(i0, i1)
+        coeff += column_coefficients(block, q[:, i0:i1])
+        if preserve_norm:
+            sq += np.einsum("ij,ij->j", block, block)
+    if not preserve_norm:
+        return coeff, None
+    return coeff, norm_factors(sq, np.einsum("kj,kj->j", coeff, coeff), scale)

@@ -54,6 +54,7 @@ class EditOp(BaseModel):
         default_factory=list,
         description="Norms after the post-norm, innermost first: u ∝ (product of gains) ⊙ r.",
     )
+    scales: str | None = Field(default=None, description="Scale tensor of a quantized weight.")
 
     @property
     def vector_label(self) -> str:
@@ -327,9 +328,11 @@ def _tensor_ops(
     d_model: int,
 ) -> list[EditOp]:
     weight = names(writer.tensor, layer, expert)
+    weight, scales, axis = names.checkpoint.stored(weight, writer.axis)
     names.require(weight, table.family)
     fused = writer.fused  # [experts, d_model, in] or [experts, in, d_model]; bias [experts, d]
-    _check_tensor(names.checkpoint, weight, writer.axis, d_model, ndim=3 if fused else 2)
+    if scales is None:  # quantized weights are checked against their scales
+        _check_tensor(names.checkpoint, weight, axis, d_model, ndim=3 if fused else 2)
     common = {
         "site": writer.site,
         "layer": layer,
@@ -351,7 +354,7 @@ def _tensor_ops(
             "norm_module": first.module,
             "outer_norms": outer,
         }
-    ops = [EditOp(tensor=weight, axis=writer.axis, **common)]
+    ops = [EditOp(tensor=weight, axis=axis, scales=scales, **common)]
     bias = names(writer.bias, layer, expert) if writer.bias else None
     sibling = weight.removesuffix(".weight") + ".bias"
     if sibling in names.checkpoint.tensors and sibling != bias:

@@ -32,8 +32,17 @@ from ..model.checkpoint import (
     expert_slices,
     stored,
 )
-from .ortho import MATH_DTYPE, column_coefficients, norm_factors, remove_columns_, remove_rows_
+from ..model.quant import QuantFormat
+from .ortho import (
+    MATH_DTYPE,
+    column_pass,
+    norm_factors,
+    remove_columns_,
+    remove_rows_,
+    row_blocks,
+)
 from .plan import EditOp, Plan, op_basis
+from .requant import requantized
 
 #: Told the bytes written since its last call (the streaming edit takes no progress display:
 #: ``orthoedit.progress.Progress.advance`` or a rich bar's advance is passed in).
@@ -76,10 +85,6 @@ def copy_bytes(src: int, dst: int, offset: int, length: int, stop: threading.Eve
         offset += len(block)
 
 
-def _blocks(rows: int, step: int) -> list[tuple[int, int]]:
-    return [(i0, min(rows, i0 + step)) for i0 in range(0, rows, step)]
-
-
 class Workspace:
     """Buffers kept for the whole run, so no row block pays for fresh pages.
 
@@ -109,21 +114,6 @@ def _projected_vector(b: np.ndarray, q: np.ndarray, scale: float, preserve_norm:
     if preserve_norm:
         b *= norm_factors(np.asarray(sq), np.asarray(along @ along), scale)
     return b
-
-
-def _column_pass(load, rows: int, cols: int, tile: int, q, scale: float, preserve_norm: bool):
-    """The first pass of a ``[d_model, in]`` weight: ``U W`` over every tile of rows
-    (``load(i0, i1)``), and with ``preserve_norm`` the column norms' factors (else None)."""
-    coeff = np.zeros((q.shape[0], cols), dtype=q.dtype)
-    sq = np.zeros(cols, dtype=q.dtype) if preserve_norm else None
-    for i0, i1 in _blocks(rows, tile):
-        block = load(i0, i1)
-        coeff += column_coefficients(block, q[:, i0:i1])
-        if preserve_norm:
-            sq += np.einsum("ij,ij->j", block, block)
-    if not preserve_norm:
-        return coeff, None
-    return coeff, norm_factors(sq, np.einsum("kj,kj->j", coeff, coeff), scale)
 
 
 def edit_tensor(
@@ -172,10 +162,10 @@ def edit_tensor(
 
     coeff = factors = None
     if axis == 0:
-        coeff, factors = _column_pass(load, rows, cols, tile, q, op.scale, preserve_norm)
-    for o0, o1 in _blocks(rows, out_rows):
+        coeff, factors = column_pass(load, rows, cols, tile, q, op.scale, preserve_norm)
+    for o0, o1 in row_blocks(rows, out_rows):
         out = work.get("out", (o1 - o0, cols), values.dtype)
-        for i0, i1 in _blocks(o1 - o0, tile):
+        for i0, i1 in row_blocks(o1 - o0, tile):
             block = load(o0 + i0, o0 + i1)
             if axis == 1:
                 remove_rows_(block, q, op.scale, preserve_norm)
@@ -193,6 +183,11 @@ def _unedited_spans(shard: SafetensorsFile, edited: list[TensorInfo]) -> list[tu
         pos = info.end
     spans.append((pos, shard.size - pos))
     return [(s, n) for s, n in spans if n > 0]
+
+
+def _in_order(shard: SafetensorsFile, names: set[str]) -> list[TensorInfo]:
+    """The shard's tensors among ``names``, in file order."""
+    return sorted((t for t in shard.tensors.values() if t.name in names), key=lambda t: t.start)
 
 
 def _serve(stop: threading.Event, *queues: deque) -> None:
@@ -218,6 +213,7 @@ def stream_shards(
     bases: dict[str, np.ndarray],
     progress: OnBytes | None = None,
     preserve_norm: bool = False,
+    quant: QuantFormat | None = None,
 ) -> None:
     """Write each ``(source shard, output path)``: header and unedited bytes copied, planned
     tensors projected in place. Every write lands at its own offset, so order does not matter.
@@ -231,13 +227,16 @@ def stream_shards(
     copies: deque[Callable[[Workspace], None]] = deque()
     stop = threading.Event()
 
+    where = {n: (shard, dst) for shard, dst in jobs for n in shard.tensors}
+    rewritten = set(ops) | {op.scales for op in ops.values() if op.scales}  # and fresh scales
+
     def edit_job(shard: SafetensorsFile, info: TensorInfo, dst: Path):
         def job(work: Workspace) -> None:
-            fd = os.open(dst, os.O_WRONLY)
-            try:
-                edit_tensor(shard, info, ops[info.name], bases[info.name], fd, work, preserve_norm)
-            finally:
-                os.close(fd)
+            op, basis = ops[info.name], bases[info.name]
+            if op.scales:  # quantized: requantized with fresh scales
+                _edit_quantized(where, op, basis, preserve_norm, quant)
+            else:
+                _edit_float(shard, info, op, basis, dst, work, preserve_norm)
             if progress:
                 progress(info.nbytes)
 
@@ -258,9 +257,8 @@ def stream_shards(
 
     for shard, dst in jobs:
         os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        edited = sorted((t for t in shard.tensors.values() if t.name in ops), key=lambda t: t.start)
-        edits.extend(edit_job(shard, info, dst) for info in edited)
-        for start, length in _unedited_spans(shard, edited):
+        edits.extend(edit_job(shard, info, dst) for info in _in_order(shard, set(ops)))
+        for start, length in _unedited_spans(shard, _in_order(shard, rewritten)):
             for offset in range(start, start + length, COPY_BLOCK):
                 size = min(COPY_BLOCK, start + length - offset)
                 copies.append(copy_job(shard.path, dst, offset, size))
@@ -269,6 +267,33 @@ def stream_shards(
         helper = pool.submit(_serve, stop, copies, edits)
         _serve(stop, edits, copies)  # on error, leaving the pool waits for the helper to stop
         helper.result()  # the helper's error, if it had one
+
+
+def _edit_float(shard, info, op, basis, dst: Path, work: Workspace, preserve_norm: bool) -> None:
+    """``edit_tensor`` into the output shard at ``dst``."""
+    fd = os.open(dst, os.O_WRONLY)
+    try:
+        edit_tensor(shard, info, op, basis, fd, work, preserve_norm)
+    finally:
+        os.close(fd)
+
+
+def _edit_quantized(where: dict, op: EditOp, basis: np.ndarray, preserve_norm: bool, fmt) -> None:
+    """A quantized weight and its scales (possibly in another shard), edited in place in their
+    output shards (``where``: tensor -> (source shard, output path))."""
+    (shard, dst), (scale_shard, scale_dst) = where[op.tensor], where[op.scales]
+    src = (shard, shard.tensors[op.tensor])
+    scales = (scale_shard, scale_shard.tensors[op.scales])
+    fd, scale_fd = os.open(dst, os.O_WRONLY), os.open(scale_dst, os.O_WRONLY)
+    try:
+        for offset, data, scale_offset, scale_data in requantized(
+            fmt, src, scales, op, basis, preserve_norm
+        ):
+            _write_all(fd, data, offset)
+            _write_all(scale_fd, scale_data, scale_offset)
+    finally:
+        os.close(fd)
+        os.close(scale_fd)
 
 
 def write_lm_head(checkpoint: Checkpoint, embedding: TensorInfo, name: str, dst_path: Path):
@@ -309,7 +334,8 @@ def stream_edit(
         name = rename.get(shard.path.name, shard.path.name)
         jobs.append((shard, out / name))
         weight_map.update({t: name for t in shard.tensors})
-    stream_shards(jobs, ops, bases, progress, plan.method == "norm-preserving")
+    preserve = plan.method == "norm-preserving"
+    stream_shards(jobs, ops, bases, progress, preserve, checkpoint.quant)
     if checkpoint.index is not None and not plan.write_lm_head:
         shutil.copyfile(checkpoint.folder / INDEX_NAME, out / INDEX_NAME)
     elif plan.write_lm_head:

@@ -10,11 +10,15 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 
 from ..errors import BadInputError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .quant import QuantFormat
 
 #: Float storage dtypes orthoedit edits, with their size in bytes.
 DTYPES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
@@ -111,9 +115,10 @@ class Checkpoint:
     files: list[SafetensorsFile]
     tensors: dict[str, TensorInfo]
     index: dict | None  # parsed model.safetensors.index.json, or None for a single file
+    quant: QuantFormat | None = None  # the format of quantized weights (model.quant)
 
     @classmethod
-    def open(cls, folder: Path) -> Checkpoint:
+    def open(cls, folder: Path, quant: QuantFormat | None = None) -> Checkpoint:
         folder = Path(folder)
         index_path = folder / INDEX_NAME
         index = None
@@ -144,7 +149,14 @@ class Checkpoint:
                         f"{index_path}: tensor {name} is listed in {shard} but that shard does "
                         "not contain it; the checkpoint is incomplete or corrupt."
                     )
-        return cls(folder, files, tensors, index)
+        return cls(folder, files, tensors, index, quant)
+
+    def stored(self, name: str, axis: int) -> tuple[str, str | None, int]:
+        """A planned weight as stored: (name, its scale tensor or None for a float weight,
+        residual axis once dequantized); see ``quant.stored_weight``."""
+        from .quant import stored_weight
+
+        return stored_weight(self, name, axis, self.quant)
 
     def shard(self, info: TensorInfo) -> SafetensorsFile:
         return next(f for f in self.files if f.path == info.file)

@@ -6,7 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import BadInputError, UnsupportedModelError
+from ..errors import BadInputError
+from .quant import quant_format
 
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 #: Files never needed from the Hub: other weight formats and original (non-HF) checkpoints.
@@ -99,7 +100,7 @@ def _from_hub(repo_id: str, revision: str | None, fetch, *args, what: str, **kwa
 
 
 def read_config(folder: Path) -> dict:
-    """config.json, refusing quantized checkpoints up front."""
+    """config.json, refusing quantized checkpoints orthoedit cannot keep quantized up front."""
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -109,13 +110,5 @@ def read_config(folder: Path) -> dict:
         ) from None
     except (OSError, json.JSONDecodeError) as err:
         raise BadInputError(f"{path}: cannot read ({err}).") from err
-    quant = config.get("quantization_config") or (config.get("text_config") or {}).get(
-        "quantization_config"
-    )
-    if quant:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-        raise UnsupportedModelError(
-            f"{folder} is a quantized checkpoint ({method}); orthoedit edits float "
-            "checkpoints. Use the unquantized model, edit it, then quantize the result."
-        )
+    quant_format(config, folder)  # refuses every quantization but FP8 blocks and MXFP4
     return config

@@ -305,6 +305,8 @@ def load_model(
     # (rotary, norms, activations) for kernels fetched from the Hub when the model is on a
     # GPU: not offline, and not the plain PyTorch layers the hooks and verify reason about.
     kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device, "use_kernels": False}
+    from ..model.quant import dequantized
+
     if dtype == "float64":  # grouped expert matmuls have no float64 kernel: loop the experts
         kwargs["experts_implementation"] = "eager"
     if (max_memory or offload_folder) and device not in DEVICE_MAPS:
@@ -313,6 +315,7 @@ def load_model(
         kwargs["max_memory"] = parse_max_memory(max_memory)
     if offload_folder:
         kwargs["offload_folder"] = str(offload_folder)
+    kwargs.update(dequantized(folder))  # FP8 and MXFP4: loaded dequantized
     return model_class(folder).from_pretrained(folder, **kwargs).eval()
 
 

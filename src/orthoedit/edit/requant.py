@@ -1,0 +1,141 @@
+"""Quantized weights edited in their own format (docs/design.md, "Quantized checkpoints").
+
+A quantized weight is one or more matrices (an FP8 ``[rows, cols]`` weight; each expert of an
+MXFP4 ``[experts, d_model, in]`` tensor), each with its grid of block scales. Rows are
+dequantized to float32 in chunks of whole scale blocks, projected with the same math as float
+weights (two passes when the rows are d_model), requantized with fresh scales and written at
+their offsets: the weight and its scale tensor keep their shapes, dtypes and places in the
+shard, so peak memory is one chunk, as for float weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..model.checkpoint import DTYPES, SafetensorsFile, TensorInfo
+from ..model.quant import QuantFormat, decode, encode, logical_shape
+from .ortho import column_pass, remove_columns_, remove_rows_, row_blocks
+from .plan import EditOp
+
+#: Float32 bytes of rows dequantized, projected and requantized at a time (whole blocks).
+CHUNK_BYTES = 512 * 1024
+
+#: Size in bytes of each scale dtype (MXFP4's E8M0 exponents are stored as U8).
+SCALE_BYTES = {**DTYPES, "U8": 1}
+
+
+@dataclass(frozen=True)
+class QuantMatrix:
+    """One matrix of a quantized tensor: its stored rows and scale rows (memory-mapped)."""
+
+    fmt: QuantFormat
+    q: np.ndarray  # uint8 [rows, row bytes]
+    s: np.ndarray  # uint8 [scale rows, scale row bytes]
+    q_start: int  # absolute file offset of row 0
+    s_start: int  # absolute file offset of scale row 0
+    cols: int  # dequantized columns
+    scale_dtype: str
+
+    @property
+    def rows(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def step(self) -> int:
+        """Rows per chunk: whole scale blocks, about ``CHUNK_BYTES`` of float32."""
+        bo = self.fmt.block[0]
+        return max(1, CHUNK_BYTES // (self.cols * 4) // bo) * bo
+
+    def load(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``i0:i1`` (``i0`` on a block boundary) as float32, with per-element scales."""
+        bo = self.fmt.block[0]
+        s = self.s[i0 // bo : -(-i1 // bo)]
+        return decode(self.fmt, self.q[i0:i1], s, self.cols, self.scale_dtype)
+
+    def store(self, i0: int, values: np.ndarray) -> tuple[int, np.ndarray, int, np.ndarray]:
+        """Rows from ``i0`` requantized: (file offset, their bytes, offset, their scales')."""
+        q, s = encode(self.fmt, values, self.scale_dtype)
+        s_offset = self.s_start + i0 // self.fmt.block[0] * self.s.shape[1]
+        return self.q_start + i0 * self.q.shape[1], q, s_offset, s
+
+
+def matrices(
+    fmt: QuantFormat, shard: SafetensorsFile, info: TensorInfo, scale_shard, scale_info
+) -> Iterator[QuantMatrix]:
+    """The matrices of a quantized tensor (one, or one per expert)."""
+    shape = logical_shape(fmt, info.shape)
+    count, rows, cols = int(np.prod(shape[:-2])), shape[-2], shape[-1]
+    q = shard.bytes(info).reshape(count, rows, -1)
+    s = scale_shard.bytes(scale_info).reshape(count, scale_info.shape[-2], -1)
+    for e in range(count):
+        yield QuantMatrix(
+            fmt,
+            q[e],
+            s[e],
+            info.start + e * q[e].size,
+            scale_info.start + e * s[e].size,
+            cols,
+            scale_info.dtype,
+        )
+
+
+def requantized(
+    fmt: QuantFormat,
+    src: tuple[SafetensorsFile, TensorInfo],
+    scales: tuple[SafetensorsFile, TensorInfo],
+    op: EditOp,
+    basis: np.ndarray,
+    preserve_norm: bool = False,
+) -> Iterator[tuple[int, np.ndarray, int, np.ndarray]]:
+    """The projected tensor against ``basis`` ``[k, d_model]``, requantized chunk by chunk:
+    (offset in the weight's file, bytes, offset in the scales' file, bytes) to write. Rows of
+    d_model (``op.axis`` 0 of an FP8 ``[d_model, in]``; MXFP4 experts ``[experts, d_model,
+    in]``) take two passes, independent rows (an FP8 embedding) one."""
+    q = np.atleast_2d(basis).astype(np.float32)
+    columns = op.axis == 0 or fmt.method == "mxfp4"
+    for m in matrices(fmt, *src, *scales):
+        coeff = factors = None
+        if columns:
+            load = lambda i0, i1, m=m: m.load(i0, i1)[0]  # noqa: E731
+            coeff, factors = column_pass(load, m.rows, m.cols, m.step, q, op.scale, preserve_norm)
+        for i0, i1 in row_blocks(m.rows, m.step):
+            block = m.load(i0, i1)[0]
+            if columns:
+                remove_columns_(block, q[:, i0:i1], coeff, op.scale, factors)
+            else:
+                remove_rows_(block, q, op.scale, preserve_norm)
+            yield m.store(i0, block)
+
+
+def quantized_along(
+    fmt: QuantFormat, src: tuple[SafetensorsFile, TensorInfo], scales, basis: np.ndarray, axis
+):
+    """Like ``Checkpoint.along_and_lengths`` on the dequantized tensor (float64 components in
+    ``basis``, squared lengths of the vectors along the residual axis), plus the squared size
+    of the component the format's own rounding could leave in the basis:
+    ``Σ_k Σ_j Σ_i U_ki² δ_ij²`` with δ the largest rounding error of each element
+    (``QuantFormat.rounding_bound``)."""
+    q = np.atleast_2d(np.asarray(basis, dtype=np.float64))
+    coeffs, sqs, bound = [], [], 0.0
+    for m in matrices(fmt, *src, *scales):
+        columns = axis == 0 or fmt.method == "mxfp4"
+        coeff = np.zeros((q.shape[0], m.cols)) if columns else []
+        sq = np.zeros(m.cols) if columns else []
+        for i0, i1 in row_blocks(m.rows, m.step):
+            values, block_scales = m.load(i0, i1)
+            delta2 = np.square(fmt.rounding_bound(values, block_scales), dtype=np.float64)
+            w = values.astype(np.float64)
+            if columns:
+                coeff += q[:, i0:i1] @ w
+                sq += np.einsum("ij,ij->j", w, w)
+                bound += float(np.sum(np.square(q[:, i0:i1]) @ delta2))
+            else:
+                coeff.append(w @ q.T)
+                sq.append(np.einsum("ij,ij->i", w, w))
+                bound += float(np.sum(delta2 @ np.square(q).T))
+        coeffs.append(coeff if columns else np.concatenate(coeff).T)
+        sqs.append(sq if columns else np.concatenate(sq))
+    return np.concatenate(coeffs, axis=-1), np.concatenate(sqs), bound

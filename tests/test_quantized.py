@@ -1,0 +1,225 @@
+"""Quantized checkpoints stay quantized: FP8 block-scaled weights are dequantized, projected and
+requantized in their own format; everything else is copied byte for byte; verify compares with
+the plan's hooks on the dequantized source within the format's tolerance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from orthoedit.cli import app
+from orthoedit.config import ApplyConfig, VerifyConfig
+from orthoedit.edit.apply import apply
+from orthoedit.edit.plan import Plan
+from orthoedit.errors import UnsupportedModelError
+from orthoedit.model import quant
+from orthoedit.model.checkpoint import INDEX_NAME, Checkpoint
+from orthoedit.runtime.hooks import plan_hooks
+from orthoedit.runtime.session import load_model
+from orthoedit.verify import quant_tolerance, verify
+from quantize import fp8_dequantize, fp8_quantize, quantize_fp8
+from test_bad_inputs import edit_config, expect_bad, outdir, shard_of  # noqa: F401
+
+BLOCK = (8, 16)
+FP8 = quant.quant_format(
+    {"quantization_config": {"quant_method": "fp8", "weight_block_size": BLOCK}}
+)
+O_PROJ = "model.layers.0.self_attn.o_proj.weight"
+IDS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 120, 140, 7]])
+
+
+@pytest.fixture(scope="module")
+def fp8_edit(tiny_model, direction_file, tmp_path_factory):
+    """(float32 original, its FP8 copy, the FP8 copy edited)."""
+    root = tmp_path_factory.mktemp("fp8")
+    original = tiny_model("qwen3")
+    source = quantize_fp8(original, root / "fp8", BLOCK)
+    apply(ApplyConfig(model=str(source), direction=direction_file, out=root / "edited"))
+    return original, source, root / "edited"
+
+
+def test_unedited_bytes_and_config_unchanged(fp8_edit):
+    _, source, edited = fp8_edit
+    plan = Plan.load(edited)
+    quantized = [op for op in plan.ops if op.scales]
+    assert {op.tensor for op in quantized} >= {O_PROJ, "model.layers.1.mlp.down_proj.weight"}
+    a, b = Checkpoint.open(source), Checkpoint.open(edited)
+    rewritten = plan.edited | {op.scales for op in quantized}
+    for name, info in a.tensors.items():
+        other = b.tensors[name]
+        assert (other.dtype, other.shape) == (info.dtype, info.shape)
+        same = bytes(a.shard(info).bytes(info)) == bytes(b.shard(other).bytes(other))
+        assert same == (name not in rewritten), name
+    for f in a.files:
+        assert (edited / f.path.name).read_bytes()[: f.data_start] == f.path.read_bytes()[
+            : f.data_start
+        ]
+    config = json.loads((edited / "config.json").read_text())
+    assert (
+        config["quantization_config"]
+        == json.loads((source / "config.json").read_text())["quantization_config"]
+    )
+
+
+def test_edited_weights_within_format_rounding(fp8_edit):
+    """‖uᵀW'‖/‖W'‖ of the dequantized edited weights is within ε, and no larger than twice the
+    component along u that the format's own rounding leaves in the unedited weights."""
+    original, _, edited = fp8_edit
+    r = Plan.load(edited).r
+    u = torch.from_numpy(r / np.linalg.norm(r)).float()
+    weights, sources = load_file_all(edited), load_file_all(original)
+    worst = own = 0.0
+    for op in Plan.load(edited).ops:
+        if not op.scales:
+            continue
+        w = fp8_dequantize(weights[op.tensor], weights[op.scales], BLOCK)
+        worst = max(worst, float((u @ w).norm() / w.norm()))
+        w32 = sources[op.tensor]
+        rounded = fp8_dequantize(*fp8_quantize(w32, BLOCK), BLOCK)
+        own = max(own, float((u @ (rounded - w32)).norm() / w32.norm()))
+    assert worst <= FP8.epsilon
+    assert worst <= 2 * own, (worst, own)
+
+
+def load_file_all(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for p in sorted(folder.glob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+@torch.no_grad()
+def test_logits_match_hooks_on_dequantized_source(fp8_edit):
+    """The edited checkpoint (loaded by transformers, dequantized) against the plan's hooks on
+    the dequantized source: within the format's tolerance, and of the size of the logit change
+    the format's own rounding of the same writers makes in the float model."""
+    original, source, edited = fp8_edit
+    plan = Plan.load(edited)
+    ref_model = load_model(source)
+    with plan_hooks(ref_model, plan, Checkpoint.open(source, FP8)):
+        ref = ref_model(input_ids=IDS).logits
+    out = load_model(edited)(input_ids=IDS).logits
+    err = float((out - ref).abs().max())
+    tol = quant_tolerance(FP8).max_logit_diff * max(1.0, float(ref.abs().max()))
+
+    model = load_model(original)
+    base = model(input_ids=IDS).logits
+    for op in plan.ops:
+        if op.scales:  # the same writers, rounded once by the format
+            param = model.get_parameter(op.tensor)
+            param.copy_(fp8_dequantize(*fp8_quantize(param, BLOCK), BLOCK))
+    own = float((model(input_ids=IDS).logits - base).abs().max())
+    print(f"edited vs hooks {err:.3g}, own rounding {own:.3g}, tolerance {tol:.3g}")
+    assert err <= tol
+    assert own <= tol
+    assert err <= 2 * own
+
+
+def test_verify_passes_and_catches_tampering(fp8_edit, tmp_path):
+    _, source, edited = fp8_edit
+    report = verify(VerifyConfig(source=str(source), edited=edited), log=lambda _: None)
+    assert report.storage_dtype == "FP8" and report.passed, report.failures
+    assert report.max_rounding_ratio is not None and report.max_rounding_ratio < 1
+    result = CliRunner().invoke(app, ["verify", str(source), str(edited)])
+    assert result.exit_code == 0, result.output
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(edited, tampered)
+    src, out = Checkpoint.open(source), Checkpoint.open(tampered)
+    info = src.tensors[O_PROJ]  # the unedited weight, with its own (unedited) scales
+    for name in (O_PROJ, O_PROJ + "_scale_inv"):
+        a, b = src.tensors[name], out.tensors[name]
+        with open(b.file, "r+b") as f:
+            f.seek(b.start)
+            f.write(bytes(src.shard(a).bytes(a)))
+    assert info.dtype == "F8_E4M3"
+    report = verify(VerifyConfig(source=str(source), edited=tampered), log=lambda _: None)
+    assert not report.passed and report.worst_tensor == O_PROJ
+    assert report.max_rounding_ratio > quant_tolerance(FP8).rounding_multiple
+    result = CliRunner().invoke(app, ["verify", str(source), str(tampered)])
+    assert result.exit_code == 1
+
+
+def _fp8_copy(tiny_model, tmp_path: Path) -> Path:
+    return quantize_fp8(tiny_model("qwen3"), tmp_path / "src", BLOCK)
+
+
+def _rewrite(folder: Path, change) -> None:
+    """Apply ``change(tensors, index)`` to the shard holding O_PROJ."""
+    shard = shard_of(folder, O_PROJ)
+    tensors = load_file(shard)
+    index = json.loads((folder / INDEX_NAME).read_text())
+    change(tensors, index["weight_map"])
+    save_file(tensors, str(shard), {"format": "pt"})
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+
+
+def test_missing_scales_refused(tiny_model, direction_file, tmp_path, outdir):  # noqa: F811
+    src = _fp8_copy(tiny_model, tmp_path)
+
+    def drop(tensors, weight_map):
+        del tensors[O_PROJ + "_scale_inv"], weight_map[O_PROJ + "_scale_inv"]
+
+    _rewrite(src, drop)
+    needles = [O_PROJ, "scale", "missing"]
+    expect_bad(src, direction_file, outdir, needles, UnsupportedModelError, library={})
+
+
+def test_wrong_scale_shape_refused(tiny_model, direction_file, tmp_path, outdir):  # noqa: F811
+    src = _fp8_copy(tiny_model, tmp_path)
+
+    def reshape(tensors, weight_map):
+        tensors[O_PROJ + "_scale_inv"] = torch.ones(2, 2)
+
+    _rewrite(src, reshape)
+    needles = [O_PROJ, "_scale_inv", "shape", "[4, 3]"]
+    expect_bad(src, direction_file, outdir, needles, UnsupportedModelError, library={})
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"quant_method": "fp8", "activation_scheme": "dynamic"},
+        {"quant_method": "fp8", "weight_block_size": [8, 16], "scale_fmt": "ue8m0"},
+        {"quant_method": "compressed-tensors", "format": "float-quantized"},
+    ],
+    ids=["fp8-per-tensor", "fp8-ue8m0", "compressed-tensors"],
+)
+def test_other_quantization_refused(config, tiny_model, direction_file, tmp_path, outdir):  # noqa: F811
+    src = _fp8_copy(tiny_model, tmp_path)
+    edit_config(src, quantization_config=config)
+    needles = ["quantized", config["quant_method"], "dequantize", "unquantized"]
+    expect_bad(src, direction_file, outdir, needles, UnsupportedModelError, library={})
+
+
+def test_fp8_codec_matches_transformers():
+    """orthoedit's numpy codec against the test's torch one (transformers' Fp8Quantize):
+    the same scales and bytes up to one float32 ulp (amax/448 against 1/(448/amax)), and a
+    round trip within the format's rounding."""
+    w = torch.randn(24, 48, generator=torch.Generator().manual_seed(3))
+    q, s = fp8_quantize(w, BLOCK)
+    mine_q, mine_s = quant.encode(FP8, w.numpy(), "F32")
+    assert np.allclose(mine_s.view(np.float32), s.numpy(), rtol=1e-6, atol=0)
+    assert np.mean(mine_q == q.view(torch.uint8).numpy()) > 0.99
+    values, scales = quant.decode(FP8, mine_q, mine_s, 48, "F32")
+    assert np.all(np.abs(values - w.numpy()) <= FP8.rounding_bound(values, scales) * 1.0001)
+
+
+def test_mxfp4_codec_matches_transformers():
+    """MXFP4: decoding equals transformers' dequantization of gpt-oss blocks; encoding then
+    decoding stays within the format's rounding bound."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    fmt = quant.quant_format({"quantization_config": {"quant_method": "mxfp4"}})
+    w = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(4)).numpy()
+    packed, exps = quant.encode(fmt, w.reshape(32, 64), "U8")
+    blocks = torch.from_numpy(packed.reshape(2, 16, 2, 16))
+    theirs = convert_moe_packed_tensors(blocks, torch.from_numpy(exps.reshape(2, 16, 2)),
+                                        dtype=torch.float32)  # fmt: skip
+    values, scales = quant.decode(fmt, packed, exps, 64, "U8")
+    assert np.array_equal(theirs.transpose(1, 2).reshape(32, 64).numpy(), values)
+    assert np.all(np.abs(values - w.reshape(32, 64)) <= fmt.rounding_bound(values, scales))
