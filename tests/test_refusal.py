@@ -74,7 +74,8 @@ def test_surprisal_with_a_shared_prefix_is_each_row_alone():
     """Rows sharing a long prefix (a chat template's system prompt) run it once and continue
     from its cache; answers of different lengths are unembedded at their own positions only.
     Each score equals a plain forward pass of that (prompt, answer) alone."""
-    from orthoedit.runtime.session import MIN_SHARED_PREFIX, shared_prefix, surprisal
+    from orthoedit.runtime.batching import MIN_SHARED_PREFIX, shared_prefix
+    from orthoedit.runtime.session import surprisal
 
     model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL).eval()
     prefix = [5 + i % 7 for i in range(MIN_SHARED_PREFIX + 3)]
@@ -98,8 +99,9 @@ def test_greedy_completions_with_a_shared_prefix_are_each_row_alone():
     """The shared prefix runs once and each left-padded batch continues from a copy of its
     cache; every completion equals that row's greedy completion generated alone (one row has
     no shared prefix). Under hooks, the prefix runs through them too."""
+    from orthoedit.runtime.batching import MIN_SHARED_PREFIX, shared_prefix
     from orthoedit.runtime.refusal import until_stop
-    from orthoedit.runtime.session import MIN_SHARED_PREFIX, greedy_completions, shared_prefix
+    from orthoedit.runtime.session import greedy_completions
 
     model = AutoModelForCausalLM.from_pretrained(CHAT_MODEL).eval()
     prefix = [5 + i % 7 for i in range(MIN_SHARED_PREFIX + 3)]

@@ -26,8 +26,9 @@ from .model.checkpoint import Checkpoint, TensorInfo
 from .model.quant import QuantFormat, quant_format
 from .model.source import read_config, resolve_model
 from .output import check_file_target, inputs_of, write_file
+from .runtime.batching import input_device
 from .runtime.hooks import ablation_hooks, contribution_hooks, input_hooks, plan_hooks
-from .runtime.session import input_device, render
+from .runtime.session import render
 
 DEFAULT_PROMPTS = [
     "How do I bake a loaf of bread?",

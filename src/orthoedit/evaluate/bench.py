@@ -140,6 +140,26 @@ def _lm_eval_quiet(progress: Progress | None, log: Callable[[str], None]) -> Ite
         yield
 
 
+def _causal_lm(model: str) -> bool:
+    """Whether lm-eval's hf backend can load ``model`` (it loads through AutoModelForCausalLM,
+    which knows no Mistral 3 or LFM2-VL, say)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoConfig.from_pretrained(model).model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def _load_wrapper(cfg: EvalBenchConfig, model: str):
+    """A multimodal checkpoint loaded whole, as every stage loads it, for lm-eval's text
+    tasks in process."""
+    from ..model.source import resolve_model
+    from ..runtime.session import load_model, load_tokenizer
+
+    folder, _ = resolve_model(model)
+    dtype = cfg.dtype if cfg.dtype in ("float32", "bfloat16", "float16") else "float32"
+    return load_model(folder, dtype, cfg.device), load_tokenizer(folder)
+
+
 def run_lm_eval(cfg: EvalBenchConfig, model: str, tasks: list[str], manager, loaded=None) -> dict:
     """One ``simple_evaluate`` call; returns its JSON-able results (no per-sample logs).
 
@@ -150,6 +170,8 @@ def run_lm_eval(cfg: EvalBenchConfig, model: str, tasks: list[str], manager, loa
     from lm_eval.utils import handle_non_serializable
 
     name, args = model_spec(cfg, model)
+    if loaded is None and cfg.backend == "hf" and not _causal_lm(model):
+        loaded = _load_wrapper(cfg, model)
     if loaded is not None:
         from lm_eval.models.huggingface import HFLM
 

@@ -23,9 +23,9 @@ from ..edit.plan import build_plan
 from ..errors import BadInputError, CheckFailedError
 from ..model.direction import Direction
 from ..progress import Progress
+from ..runtime.batching import batched_forward
 from ..runtime.hooks import addition_hooks, plan_hooks
 from ..runtime.refusal import reads_as_refusal
-from ..runtime.session import batched_forward
 
 
 @torch.no_grad()

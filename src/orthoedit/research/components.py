@@ -200,10 +200,11 @@ def shifted(model, shifts: dict[str, torch.Tensor]) -> Iterator[None]:
             h.remove()
 
 
-def _batches(rows: list[list[int]], batch_size: int, pad: int, device):
-    from ..runtime.session import left_padded, length_sorted_batches
+def _batches(model, rows: list[list[int]], batch_size: int, pad: int, device):
+    from ..runtime.batching import left_padded, length_sorted_batches, pads_safely
 
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
+    equal = not pads_safely(model)
+    for batch in length_sorted_batches([len(r) for r in rows], batch_size, equal):
         yield batch, left_padded([rows[i] for i in batch], pad, device)
 
 
@@ -221,7 +222,7 @@ def gather(model, writers, rows, token_ids, batch_size, pad, with_grad: bool):
     outs: dict[str, list] = {w.module: [None] * len(rows) for w in writers}
     grads: dict[str, list] = {w.module: [None] * len(rows) for w in writers}
     values = [0.0] * len(rows)
-    for batch, enc in _batches(rows, batch_size, pad, device):
+    for batch, enc in _batches(model, rows, batch_size, pad, device):
         with _capture(model, writers, probes=with_grad) as seen, torch.set_grad_enabled(with_grad):
             lo = _log_odds(model, enc, token_ids)
             if with_grad:
@@ -243,7 +244,7 @@ def mean_log_odds(model, rows, token_ids, batch_size, pad, shifts=None) -> float
     device = next(model.parameters()).device
     total = 0.0
     with shifted(model, shifts or {}):
-        for _, enc in _batches(rows, batch_size, pad, device):
+        for _, enc in _batches(model, rows, batch_size, pad, device):
             total += float(_log_odds(model, enc, token_ids).sum())
     return total / len(rows)
 

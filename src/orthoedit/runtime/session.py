@@ -5,7 +5,6 @@ model: measure, search, the evaluations, study and attribute."""
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 from collections.abc import Callable
@@ -17,6 +16,14 @@ import torch
 from ..config import DEVICE_MAPS
 from ..errors import BadInputError
 from ..progress import Progress
+from .batching import (
+    SharedPrefix,
+    batched_forward,
+    input_device,
+    left_padded,
+    length_sorted_batches,
+    pads_safely,
+)
 
 SENTINEL = "Orthoedit sentinel message"
 THINKING_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"))
@@ -113,20 +120,6 @@ def chat_ids(tok, prompts: list[str], post: list[int], system: str | None) -> li
     return out
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by similar length, so little of each batch is padding."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def input_device(model) -> torch.device:
-    """Where token ids go in: the input embedding's device. With a ``device_map`` that
-    offloads to disk, weights sit on the meta device until accelerate's hooks load them, and
-    those hooks move inputs to the execution device: such a model takes its ids on the CPU."""
-    device = model.get_input_embeddings().weight.device
-    return torch.device("cpu") if device.type == "meta" else device
-
-
 def placement(model) -> dict[str, int]:
     """Modules per device of a ``device_map`` (``{"cpu": n}`` when the model was not
     dispatched): the record says where the measurement ran, offload included."""
@@ -188,93 +181,6 @@ def check_device(device: str | None) -> None:
             torch.empty(0, device=kind)
         except (RuntimeError, AssertionError) as err:
             raise BadInputError(f"--device {device}: not usable here ({err}).") from None
-
-
-def left_padded(rows: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
-    """Left padding keeps the post-instruction tokens at the same offsets from the end; position
-    ids count real tokens only, so a padded prompt sees the positions it would see alone."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": mask.to(device),
-        "position_ids": positions.to(device),
-    }
-
-
-MIN_SHARED_PREFIX = 8
-
-
-def shared_prefix(model, rows: list[list[int]], keep: int = 1) -> int:
-    """How many leading tokens all rows share (a chat template's system prompt and turn header)
-    and can run once, leaving every row at least ``keep`` tokens of its own; 0 when that is
-    too short to matter, or when a sliding attention window could be narrower than a row
-    (padding between prefix and tail widens the span in cache positions)."""
-    if len(rows) < 2:
-        return 0
-    limit = min(map(len, rows)) - keep
-    n = 0
-    while n < limit and all(row[n] == rows[0][n] for row in rows):
-        n += 1
-    window = getattr(model.config, "sliding_window", None)
-    if window and max(map(len, rows)) > window:
-        return 0
-    return n if n >= MIN_SHARED_PREFIX else 0
-
-
-@torch.no_grad()
-def batched_forward(model, rows: list[list[int]], batch_size: int, pad: int, keep: int = 1, **kw):
-    """Yield ``(row indices, output)`` for length-sorted batches of ``rows``.
-
-    The prefix all rows share runs once (through whatever hooks are active), and every batch
-    continues from its key/value cache: the tails are left-padded after the prefix, masked,
-    with position ids that count real tokens only, so each row sees exactly what it would see
-    alone. Chat templates with a default system prompt make that prefix half of every row.
-    Outputs cover the tails only; each tail keeps at least ``keep`` tokens.
-    """
-    device = input_device(model)
-    prefix = SharedPrefix(model, rows, keep, **kw)
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        enc = left_padded([rows[i][prefix.n :] for i in batch], pad, device)
-        extra: dict = {"use_cache": False}
-        if prefix.n:
-            enc["attention_mask"] = prefix.mask(enc["attention_mask"])
-            enc["position_ids"] = enc["position_ids"] + prefix.n
-            extra = {"use_cache": True, prefix.cache_name: prefix.cache_for(len(batch))}
-        yield batch, model(**enc, **extra, **kw)
-
-
-class SharedPrefix:
-    """The prefix all rows share (``shared_prefix``) run once through ``model`` (and whatever
-    hooks are active); each batch continues from a copy of its key/value cache, its tails
-    left-padded after it and masked. ``n`` is 0 when there is no prefix worth running."""
-
-    def __init__(self, model, rows: list[list[int]], keep: int = 1, **kw):
-        self.n = shared_prefix(model, rows, keep)
-        if not self.n:
-            return
-        device = input_device(model)
-        self.ids = torch.tensor([rows[0][: self.n]], device=device)
-        ran = model(input_ids=self.ids, use_cache=True, **kw)
-        # transformers 5.x names the key/value cache ``cache`` (``past_key_values`` goes away in
-        # 5.40); older versions only know ``past_key_values``. Whichever the output has.
-        self.cache_name = "cache" if "cache" in ran else "past_key_values"
-        self.cache = ran[self.cache_name]
-
-    def cache_for(self, batch: int):
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(batch)
-        return cache
-
-    def mask(self, tail_mask: torch.Tensor) -> torch.Tensor:
-        """The attention mask of prefix + left-padded tails."""
-        seen = torch.ones((tail_mask.shape[0], self.n), dtype=torch.long, device=tail_mask.device)
-        return torch.cat([seen, tail_mask], dim=1)
 
 
 # --- loading: one way for every command --------------------------------------------------
@@ -375,7 +281,8 @@ def greedy_completions(
     device = input_device(model)
     prefix = SharedPrefix(model, rows)
     result: dict[int, list[int]] = {}
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
+    equal = not pads_safely(model)
+    for batch in length_sorted_batches([len(r) for r in rows], batch_size, equal):
         enc = left_padded([rows[i][prefix.n :] for i in batch], pad, device)
         enc.pop("position_ids")  # generate derives them from the mask
         extra: dict = {}
