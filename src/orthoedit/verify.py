@@ -80,7 +80,8 @@ def quant_tolerance(fmt: QuantFormat) -> Tolerance:
     checkpoints"). The reference runs the dequantized source, whose writers carry the source's
     own rounding (at most ε of each weight, relative); the edited checkpoint carries one fresh
     requantization (again at most ε): between them 2ε, so logits within 2ε relative and KL
-    within (2ε)² (second order in the logit change). The
+    within (2ε)² (second order in the logit change). Per weight, not per logit: these are the
+    floors under the measured bounds (``logit_bounds``, ``rounding_effect``). The
     weight check is judged against the format's own rounding: ‖U E‖ for the requantization error
     E is at most ``ROUNDING_MULTIPLE`` × sqrt(Σ U² δ²), δ the largest rounding error of each
     element (its root mean square is δ/√3); ‖U W'‖/‖W‖ itself is reported, bounded by ε."""
