@@ -21,9 +21,17 @@ from orthoedit.edit.plan import Plan
 from orthoedit.errors import UnsupportedModelError
 from orthoedit.model import quant
 from orthoedit.model.checkpoint import INDEX_NAME, Checkpoint
+from orthoedit.model.direction import save_direction
 from orthoedit.runtime.hooks import plan_hooks
-from orthoedit.runtime.session import load_model
-from orthoedit.verify import quant_tolerance, verify
+from orthoedit.runtime.rounding import rounded_again
+from orthoedit.runtime.session import load_model, load_tokenizer
+from orthoedit.verify import (
+    DEFAULT_PROMPTS,
+    MEASURED_MULTIPLE,
+    encode_prompts,
+    quant_tolerance,
+    verify,
+)
 from quantize import fp8_dequantize, fp8_quantize, quantize_fp8
 from test_bad_inputs import edit_config, expect_bad, outdir, shard_of  # noqa: F401
 
@@ -119,6 +127,23 @@ def test_logits_match_hooks_on_dequantized_source(fp8_edit):
     assert err <= 2 * own
 
 
+@torch.no_grad()
+def test_rounded_again_in_place_and_put_back(fp8_edit):
+    """Inside ``rounded_again`` each planned FP8 weight moves by at most one rounding (ε of
+    itself, a little more at the bottom of the range); on exit it is the source's again."""
+    _, source, edited = fp8_edit
+    plan, model = Plan.load(edited), load_model(source)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with rounded_again(model, plan, Checkpoint.open(source, FP8), 2.0**0.5) as missing:
+        assert not missing
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert moved == {op.tensor for op in plan.ops if op.scales}
+        for name in moved:
+            p, w = model.get_parameter(name), before[name]
+            assert float((p - w).abs().max()) <= 2 * FP8.epsilon * float(w.abs().max())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_verify_passes_and_catches_tampering(fp8_edit, tmp_path):
     _, source, edited = fp8_edit
     report = verify(VerifyConfig(source=str(source), edited=edited), log=lambda _: None)
@@ -129,19 +154,94 @@ def test_verify_passes_and_catches_tampering(fp8_edit, tmp_path):
 
     tampered = tmp_path / "tampered"
     shutil.copytree(edited, tampered)
-    src, out = Checkpoint.open(source), Checkpoint.open(tampered)
-    info = src.tensors[O_PROJ]  # the unedited weight, with its own (unedited) scales
-    for name in (O_PROJ, O_PROJ + "_scale_inv"):
-        a, b = src.tensors[name], out.tensors[name]
-        with open(b.file, "r+b") as f:
-            f.seek(b.start)
-            f.write(bytes(src.shard(a).bytes(a)))
-    assert info.dtype == "F8_E4M3"
+    # the unedited weight, with its own (unedited) scales
+    _put_back(source, tampered, [O_PROJ, O_PROJ + "_scale_inv"])
+    assert Checkpoint.open(source).tensors[O_PROJ].dtype == "F8_E4M3"
     report = verify(VerifyConfig(source=str(source), edited=tampered), log=lambda _: None)
     assert not report.passed and report.worst_tensor == O_PROJ
     assert report.max_rounding_ratio > quant_tolerance(FP8).rounding_multiple
     result = CliRunner().invoke(app, ["verify", str(source), str(tampered)])
     assert result.exit_code == 1
+
+
+#: Families whose tiny FP8 instances (every decoder Linear in 8×8 blocks) verify checks
+#: against the measured rounding: dense, mixture of experts (fused in the model, one tensor per
+#: expert on disk), hybrid linear attention.
+MEASURED = ["llama", "deepseek_v3", "qwen3_5", "glm4_moe"]
+
+
+@pytest.fixture(scope="module", params=MEASURED)
+def fp8_family(request, tiny_model, direction_file, tmp_path_factory):
+    """(float32 original, its FP8 copy, the copy edited, verify's report on it)."""
+    root = tmp_path_factory.mktemp(f"fp8-{request.param}")
+    original = tiny_model(request.param)
+    source = quantize_fp8(original, root / "fp8", (8, 8))
+    edited = root / "edited"
+    apply(ApplyConfig(model=str(source), direction=direction_file, out=edited, tied="untie"))
+    report = verify(VerifyConfig(source=str(source), edited=edited), log=lambda _: None)
+    return original, source, edited, report
+
+
+def test_verify_judges_logits_against_the_measured_rounding(fp8_family):
+    """E (edited vs hooks) within MEASURED_MULTIPLE × R (one fresh rounding of the planned
+    weights, measured), R above the ε bound it replaces; the source model is put back."""
+    *_, report = fp8_family
+    e, r = report.max_logit_diff, report.rounding_max_logit_diff
+    print(f"E {e:.3g} R {r:.3g} KL {report.mean_kl:.3g} R's KL {report.rounding_mean_kl:.3g}")
+    assert report.passed, report.failures
+    assert 0 < e <= MEASURED_MULTIPLE * r
+    assert report.mean_kl <= MEASURED_MULTIPLE**2 * report.rounding_mean_kl
+    floor = quant_tolerance(FP8).max_logit_diff * max(1.0, report.max_abs_logit)
+    assert report.max_logit_bound == max(floor, MEASURED_MULTIPLE * r)
+
+
+def test_measured_tolerance_catches_a_wrong_edit(fp8_family, direction_file, tmp_path):
+    """Not vacuous: the checkpoint edited along another direction (with the right plan.json),
+    or with every quantized tensor left unedited, fails on its logits, not just its weights."""
+    _, source, edited, _ = fp8_family
+    other = tmp_path / "other.safetensors"
+    save_direction(other, torch.randn(32, generator=torch.Generator().manual_seed(99)), {})
+    wrong = tmp_path / "wrong"
+    apply(ApplyConfig(model=str(source), direction=other, out=wrong, tied="untie"))
+    shutil.copy(edited / "plan.json", wrong / "plan.json")
+    unedited = tmp_path / "unedited"
+    shutil.copytree(edited, unedited)
+    quantized = [n for op in Plan.load(edited).ops if op.scales for n in (op.tensor, op.scales)]
+    _put_back(source, unedited, quantized)
+    for folder in (wrong, unedited):
+        report = verify(VerifyConfig(source=str(source), edited=folder), log=lambda _: None)
+        print(folder.name, report.failures[:2])
+        assert any(f.startswith(("max |Δlogit|", "mean KL")) for f in report.failures)
+
+
+def _put_back(source: Path, folder: Path, names: list[str]) -> None:
+    """Tensors of ``folder`` overwritten in place with the source's bytes."""
+    src, out = Checkpoint.open(source), Checkpoint.open(folder)
+    for name in names:
+        a, b = src.tensors[name], out.tensors[name]
+        with open(b.file, "r+b") as f:
+            f.seek(b.start)
+            f.write(bytes(src.shard(a).bytes(a)))
+
+
+@torch.no_grad()
+def test_edit_error_of_the_size_of_quantizing_the_float_model(fp8_family):
+    """E against Q, the logit change that quantizing the float model to FP8 made in the first
+    place (both unedited, verify's prompts): the format's own rounding of the unedited weights.
+    Both are one draw of a rounding's effect: E is within MEASURED_MULTIPLE × Q, and its mean
+    KL within Q's."""
+    original, source, _, report = fp8_family
+    inputs = encode_prompts(load_tokenizer(source), DEFAULT_PROMPTS)
+    before, after = load_model(original), load_model(source)
+    diff, kls = 0.0, []
+    for ids in inputs:
+        a, b = before(input_ids=ids).logits[0].double(), after(input_ids=ids).logits[0].double()
+        diff = max(diff, float((a - b).abs().max()))
+        kls.append((a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1))
+    kl = float(torch.cat(kls).mean())
+    print(f"E {report.max_logit_diff:.3g} KL {report.mean_kl:.3g}; Q {diff:.3g} KL {kl:.3g}")
+    assert report.max_logit_diff <= MEASURED_MULTIPLE * diff
+    assert report.mean_kl <= kl
 
 
 def _fp8_copy(tiny_model, tmp_path: Path) -> Path:

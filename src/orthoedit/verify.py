@@ -63,6 +63,13 @@ TOLERANCES = {
 #: each round by at most ε relative (FP8 e4m3, 3 mantissa bits: ε = 2⁻⁴; MXFP4 e2m1, 1 bit:
 #: ε = 2⁻²). See ``quant_tolerance``.
 ROUNDING_MULTIPLE = 2.0
+#: Quantized formats: the logits may differ from the reference by this multiple of R, the
+#: measured effect of one fresh rounding of the planned weights (``rounding_reference``), and
+#: the mean KL by its square. The edit's error E is a rounding of the same tensors at the same
+#: relative precision, one draw against R's largest of three: E/R was 0.18-1.27 (KL ratio
+#: 0.16-1.28) over 30 tiny FP8 instances (docs/design.md), so 2 leaves room for the draw while
+#: a wrong direction's edit still fails.
+MEASURED_MULTIPLE = 2.0
 #: ``--dtype`` -> the storage dtype whose tolerances its arithmetic needs.
 #: float64 arithmetic leaves the storage dtype's rounding alone: fp32's tolerances, for models
 #: whose float32 kernels (the torch fallbacks of Gated DeltaNet, say) are noisier than them.
@@ -74,7 +81,8 @@ def quant_tolerance(fmt: QuantFormat) -> Tolerance:
     checkpoints"). The reference runs the dequantized source, whose writers carry the source's
     own rounding (at most ε of each weight, relative); the edited checkpoint carries one fresh
     requantization (again at most ε): between them 2ε, so logits within 2ε relative and KL
-    within (2ε)² (second order in the logit change). The
+    within (2ε)² (second order in the logit change). Per weight, not per logit: these are the
+    floors under the measured bounds (``logit_bounds``, ``rounding_effect``). The
     weight check is judged against the format's own rounding: ‖U E‖ for the requantization error
     E is at most ``ROUNDING_MULTIPLE`` × sqrt(Σ U² δ²), δ the largest rounding error of each
     element (its root mean square is δ/√3); ‖U W'‖/‖W‖ itself is reported, bounded by ε."""
@@ -111,6 +119,10 @@ class VerifyReport:
     byte_mismatches: list[str] = field(default_factory=list)
     max_norm_change: float | None = None  # norm-preserving only
     max_rounding_ratio: float | None = None  # quantized: ‖U E‖ / its bound from the format
+    rounding_max_logit_diff: float | None = None  # quantized: R, one fresh rounding's effect
+    rounding_mean_kl: float | None = None  # quantized: its mean KL
+    max_logit_bound: float = math.nan  # what max |Δlogit| was judged against
+    mean_kl_bound: float = math.nan  # and the mean KL
     paper_ablation_max_logit_diff: float | None = None
     paper_ablation_kl: float | None = None
     contribution_kl: float | None = None
@@ -281,7 +293,9 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     log("running prompts through the source model with the plan's hooks")
     inputs = encode_prompts(load_tokenizer(folder), prompts)
     residual_checked = plan.full and plan.shared  # per-layer rows: no one span to remove
-    ref, paper, contrib = _references(cfg, folder, plan, table, source, inputs, residual_checked)
+    ref, paper, contrib, rounding = _references(
+        cfg, folder, plan, table, source, inputs, residual_checked, log
+    )
 
     log("running prompts through the edited checkpoint")
     new_model = load_placed(cfg.edited, cfg)
@@ -292,6 +306,8 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
         report.paper_ablation_max_logit_diff, report.paper_ablation_kl = _compare(paper, out)
     if contrib is not None:
         report.contribution_kl = _compare(contrib, out)[1]
+    if rounding is not None:
+        report.rounding_max_logit_diff, report.rounding_mean_kl = rounding
     report.residual_leak = _leak(new_model, table, inputs, plan.basis(None), plan.n_layers)
     report.leak_checked = residual_checked
     _judge(report, tol, exact=plan.exact)
@@ -313,15 +329,17 @@ def _check_plan(cfg: VerifyConfig, plan: Plan, table) -> None:
         raise BadInputError(f"{cfg.edited}/plan.json is inconsistent (direction size).")
 
 
-def _references(cfg, folder, plan: Plan, table, source, inputs, residual_checked: bool):
+def _references(cfg, folder, plan: Plan, table, source, inputs, residual_checked: bool, log):
     """The source model's logits (placed as ``cfg`` says) with the plan's hooks; with residual
-    ablation of the direction (pre-norm, one span), and with each writer's contribution
-    projected (post-norm); None where not computed."""
+    ablation of the direction (pre-norm, one span), with each writer's contribution projected
+    (post-norm), and with the hooks and the planned quantized weights rounded once more
+    (``rounding_reference``); None where not computed."""
     from .runtime.session import load_placed
 
     model = load_placed(folder, cfg)
     with plan_hooks(model, plan, source):
         ref = _logits(model, inputs)
+        rounding = rounding_effect(model, plan, source, inputs, ref, log)
     paper = contrib = None
     if residual_checked and not table.post_norm:
         with ablation_hooks(model, table, plan.vectors(None), plan.n_layers):
@@ -329,22 +347,60 @@ def _references(cfg, folder, plan: Plan, table, source, inputs, residual_checked
     if table.post_norm:
         with contribution_hooks(model, plan, source):
             contrib = _logits(model, inputs)
-    return ref, paper, contrib
+    return ref, paper, contrib, rounding
+
+
+def rounding_effect(model, plan: Plan, source: Checkpoint, inputs, ref, log=print):
+    """R: (max |Δlogit|, mean KL) from ``ref`` (the plan's hooks, on) when every planned
+    quantized weight is rounded once more in its own format on a shifted grid
+    (``model.quant.regrid``, in place, put back after), the largest over the grids of
+    ``REGRID_FACTORS``: the format's own rounding of these weights as this model's logits see
+    it. One draw scatters (a mixture of experts' routing flips with it), so the largest of
+    three. None for a float plan, or when a planned weight is not in memory as loaded
+    (offloaded, say): then the format's ε alone is the tolerance."""
+    from .model.quant import REGRID_FACTORS
+    from .runtime.rounding import rounded_again
+
+    if source.quant is None or not any(op.scales for op in plan.ops):
+        return None
+    log("running prompts with the planned weights rounded once more (the format's rounding)")
+    worst = (0.0, 0.0)
+    for factor in REGRID_FACTORS:
+        with rounded_again(model, plan, source, factor) as missing:
+            if missing:
+                log(f"not measured: {missing[0]} is not in memory; judged by the format's ε")
+                return None
+            diff, kl = _compare(ref, _logits(model, inputs))
+        worst = (max(worst[0], diff), max(worst[1], kl))
+    return worst
+
+
+def logit_bounds(report: VerifyReport, tol: Tolerance) -> tuple[float, float]:
+    """(max |Δlogit|, mean KL) the edited checkpoint may differ from the reference by: the
+    tolerance's, relative to max(1, max |logit|); for a quantized checkpoint with R measured,
+    ``MEASURED_MULTIPLE`` × R (its square × R's KL) where that is larger."""
+    logit = tol.max_logit_diff * max(1.0, report.max_abs_logit)
+    kl = tol.mean_kl
+    if report.rounding_max_logit_diff is not None:
+        logit = max(logit, MEASURED_MULTIPLE * report.rounding_max_logit_diff)
+        kl = max(kl, MEASURED_MULTIPLE**2 * (report.rounding_mean_kl or 0.0))
+    return logit, kl
 
 
 def _judge(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:
     """Failures. A non-exact method (norm-preserving) is not equal to run-time ablation by
     design: its logits and KL against the hooks are reported, not judged; its weights still
     are (no component along u left, every vector's length kept)."""
-    scale = max(1.0, report.max_abs_logit)
+    logit_bound, kl_bound = logit_bounds(report, tol)
     checks = []
     if exact:
+        report.max_logit_bound, report.mean_kl_bound = logit_bound, kl_bound
         checks += [
             (
-                report.max_logit_diff <= tol.max_logit_diff * scale,
-                f"max |Δlogit| {report.max_logit_diff:.3g} > {tol.max_logit_diff * scale:.3g}",
+                report.max_logit_diff <= logit_bound,
+                f"max |Δlogit| {report.max_logit_diff:.3g} > {logit_bound:.3g}",
             ),
-            (report.mean_kl <= tol.mean_kl, f"mean KL {report.mean_kl:.3g} > {tol.mean_kl:.3g}"),
+            (report.mean_kl <= kl_bound, f"mean KL {report.mean_kl:.3g} > {kl_bound:.3g}"),
         ]
     if report.max_norm_change is not None:
         checks.append(
@@ -381,7 +437,7 @@ def _judge(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:
     if exact and report.paper_ablation_max_logit_diff is not None:
         checks.append(
             (
-                report.paper_ablation_max_logit_diff <= tol.max_logit_diff * scale,
+                report.paper_ablation_max_logit_diff <= logit_bound,
                 f"differs from residual-stream ablation: max |Δlogit| "
                 f"{report.paper_ablation_max_logit_diff:.3g}",
             )

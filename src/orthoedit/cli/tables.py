@@ -36,8 +36,8 @@ def verify(result, edited) -> Table:
     table.add_column("value", justify="right")
     leak = f"{result.residual_leak:.3g}" + ("" if result.leak_checked else " (partial plan)")
     rows = [
-        ("max |Δlogit| vs plan hooks", f"{result.max_logit_diff:.3g}"),
-        ("mean KL vs plan hooks", f"{result.mean_kl:.3g}"),
+        ("max |Δlogit| vs plan hooks", _bounded(result.max_logit_diff, result.max_logit_bound)),
+        ("mean KL vs plan hooks", _bounded(result.mean_kl, result.mean_kl_bound)),
         ("max ‖uᵀW‖/‖W‖ (edited tensors)", f"{result.max_weight_residual:.3g}"),
         ("residual leak max |r̂ᵀx|/‖x‖", leak),
         ("unedited tensors byte-identical", str(result.unedited_identical)),
@@ -47,6 +47,8 @@ def verify(result, edited) -> Table:
         ("max |Δlogit| vs residual ablation", result.paper_ablation_max_logit_diff),
         ("KL vs contribution projection (post-norm)", result.contribution_kl),
         ("max change of a written vector's length", result.max_norm_change),
+        ("max |Δlogit| from one fresh rounding (R)", result.rounding_max_logit_diff),
+        ("mean KL from one fresh rounding", result.rounding_mean_kl),
     )
     rows += [(name, f"{value:.3g}") for name, value in optional if value is not None]
     if result.method == "norm-preserving":
@@ -57,6 +59,11 @@ def verify(result, edited) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _bounded(value: float, bound: float) -> str:
+    """A judged value and what it was judged against."""
+    return f"{value:.3g}" + ("" if bound != bound else f" (≤ {bound:.3g})")  # NaN: not judged
 
 
 def scores(selection) -> Table:

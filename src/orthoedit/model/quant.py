@@ -41,6 +41,10 @@ E8M0_BIAS = 127
 MX_BLOCK = 32
 #: Scale dtypes accepted for FP8 ``_scale_inv`` tensors, as numpy types (ue8m0 scales are not).
 FP8_SCALES: dict[str, type] = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+#: Shifted grids' block scales, in units of the stored ones (``regrid``): evenly spaced in
+#: log between 1 (the stored grid) and 2 (the stored grid one binade up, which holds every
+#: normal FP8 value again), both excluded.
+REGRID_FACTORS = (2.0**0.25, 2.0**0.5, 2.0**0.75)
 #: What to tell users of any other quantization.
 DEQUANTIZE_FIRST = (
     "orthoedit edits float checkpoints and FP8 block-scaled or MXFP4 ones. Use the unquantized "
@@ -171,6 +175,33 @@ def encode(fmt: QuantFormat, w: np.ndarray, scale_dtype: str) -> tuple[np.ndarra
     per = np.repeat(np.repeat(inv.astype(np.float32), bo, axis=0)[:rows], bi, axis=1)[:, :cols]
     q = np.clip(w / per, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)  # nearest even
     return q.view(np.uint8), np.ascontiguousarray(inv).view(np.uint8)
+
+
+def round_elements(fmt: QuantFormat, x: np.ndarray) -> np.ndarray:
+    """Values in units of their block scale, rounded to the nearest element of the format
+    (float32; E4M3 ties to even, E2M1 ties to the smaller magnitude, both clipped to range)."""
+    if fmt.method == "mxfp4":
+        code = np.searchsorted(FP4_MIDPOINTS, np.minimum(np.abs(x), FP4_MAX))
+        return np.copysign(FP4_VALUES[code], x)
+    clipped = np.clip(x, -FP8_MAX, FP8_MAX).astype(np.float32)
+    return clipped.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def regrid(fmt: QuantFormat, values: np.ndarray, scales: np.ndarray, factor: float):
+    """Weights already on the format's grid (``decode``: values and per-element scales),
+    rounded once more to the same format on a grid whose block scales are ``factor`` (one of
+    ``REGRID_FACTORS``, in (1, 2)) times the stored ones.
+
+    This is one fresh rounding of the tensor, of the kind requantizing an edited weight makes:
+    the edit rounds PW, a tensor off the grid, to the nearest element at relative precision ε.
+    Rounding a weight on its own grid changes nothing, and so does the grid scaled by 2 for
+    FP8 (q/2 is an E4M3 value for every normal q); at 2^(1/4), 2^(1/2), 2^(3/4) every q/factor
+    is off the grid (an irrational mantissa), so each element moves by a rounding error of at
+    most ε of itself, spread over the interval as a projected weight's is. The block maximum
+    lands at 448/factor (6/factor for E2M1), so nothing clips; deterministic, so verify's
+    tolerance is reproducible."""
+    shifted = scales * np.float32(factor)
+    return round_elements(fmt, values / shifted) * shifted
 
 
 def _encode_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
