@@ -280,3 +280,25 @@ def test_in_process_model_gives_the_same_results(tmp_path):
     (row,) = result.rows
     assert row.base == row.edited and row.base > 0.9
     assert result.settings["edited"] == "organism (in memory)"
+
+
+def test_a_multimodal_checkpoint_is_benchmarked_whole(tmp_path, tiny_model):
+    """lm-eval's hf backend loads through AutoModelForCausalLM, which has no Mistral 3: such
+    a checkpoint is loaded as every stage loads it (its class, towers included) and scored in
+    process, the same as its own weights loaded by hand."""
+    from orthoedit.evaluate.bench import eval_bench
+    from orthoedit.runtime.session import load_model, load_tokenizer
+
+    folder = tiny_model("mistral3")
+    cfg = EvalBenchConfig(
+        base=str(folder), edited=str(folder), out=tmp_path / "r", tasks=[TASK], limit=8,
+        dtype="float32", offline=True, chat_template=False,
+    )  # fmt: skip
+    result = eval_bench(cfg, log=lambda _: None)
+    (row,) = result.rows
+    again = eval_bench(
+        cfg.model_copy(update={"out": tmp_path / "s"}),
+        log=lambda _: None,
+        loaded={"edited": (load_model(folder), load_tokenizer(folder))},
+    )
+    assert row.base == row.edited == again.rows[0].edited
