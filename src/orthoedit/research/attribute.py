@@ -51,6 +51,7 @@ from .components import (
     _shifts_for,
     gather,
     mean_log_odds,
+    running,
     shifted,
     writers_of,
 )
@@ -140,7 +141,7 @@ def attribute(
         )
 
     token_ids = refusal_token_ids(tok, cfg.direction, cfg.refusal_tokens, completions)
-    writers = writers_of(model, table, plan, checkpoint)
+    writers = running(model, writers_of(model, table, plan, checkpoint), rows["harmful"][0])
     components = [c for w in writers for c in w.components]
     log(f"{len(components)} components in {len(writers)} writers; {len(token_ids)} refusal tokens")
 

@@ -108,6 +108,26 @@ def writers_of(model, table, plan, checkpoint) -> list[Writer]:
     return list(writers.values())
 
 
+@torch.no_grad()
+def running(model, writers: list[Writer], row: list[int]) -> list[Writer]:
+    """The writers whose module runs on a text prompt (``row``): a multimodal projector
+    writes image tokens only, and has no output to attribute on text."""
+    from ..runtime.batching import input_device
+    from ..runtime.hooks import resolve
+
+    fired: set[str] = set()
+    handles = [
+        resolve(model, w.module).register_forward_hook(lambda *_, name=w.module: fired.add(name))
+        for w in writers
+    ]
+    try:
+        model(input_ids=torch.tensor([row], device=input_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return [w for w in writers if w.module in fired]
+
+
 def _by_position(y: torch.Tensor, batch: int) -> torch.Tensor:
     """``[batch, seq, d]`` view of a module output; mixture-of-experts modules return their
     tokens flattened to ``[batch * seq, d]``."""
