@@ -21,8 +21,8 @@ from .config import VerifyConfig
 from .edit.ortho import norm_factors
 from .edit.plan import Plan, op_basis
 from .errors import BadInputError
-from .model.architectures import table_for_config
 from .model.checkpoint import Checkpoint, TensorInfo
+from .model.derive import table_or_derived
 from .model.source import read_config, resolve_model
 from .output import check_file_target, inputs_of, write_file
 from .runtime.hooks import ablation_hooks, contribution_hooks, input_hooks, plan_hooks
@@ -221,7 +221,7 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     folder, _ = resolve_model(cfg.source, cfg.revision)
     source, edited = Checkpoint.open(folder), Checkpoint.open(cfg.edited)
     config = read_config(folder)
-    table = table_for_config(config)
+    table = table_or_derived(config)
     _check_plan(cfg, plan, table)
     dtype = storage_dtype(plan, edited)
     tol = tolerance_for(dtype, cfg.dtype)
