@@ -35,8 +35,11 @@ from tiny import _reinit, build_tokenizer
 
 #: Tabled families whose derived table must plan what the shipped one plans: pre-norm, experts
 #: (a tensor per expert on disk), post-norm x · (1 + w) and x · w, a hybrid with two token
-#: mixers, and a chain of two norms with fused experts and per-layer inputs.
-TABLED = ("llama", "qwen3_moe", "gemma3", "olmo2", "qwen3_5", "gemma4_text_moe")
+#: mixers, a chain of two norms with fused experts and per-layer inputs, GPT-2's Conv1D and
+#: learned positions, gpt-oss's [experts, in, d_model] with biases, Nemotron-H's one mixer per
+#: block, DeepSeek V3's latent attention (whose kv heads must not shrink: put back).
+TABLED = ("llama", "qwen3_moe", "gemma3", "olmo2", "qwen3_5", "gemma4_text_moe", "gpt2", "gpt_oss",
+          "nemotron_h", "deepseek_v3")  # fmt: skip
 
 
 def _ops(plan) -> set:
@@ -150,34 +153,27 @@ def test_a_name_that_is_no_transformers_class_is_refused(tmp_path, direction_fil
 def test_an_unclassifiable_writer_is_refused_naming_its_module(
     tmp_path, direction_file, monkeypatch
 ):
-    """A block whose attention output is LayerNorm'd before the residual add: no weight edit
-    is exact, and the refusal names the norm."""
+    """Attention whose output is LayerNorm'd before the residual add: no weight edit is exact,
+    and the refusal names the norm."""
     from transformers.models.starcoder2 import modeling_starcoder2 as m
 
-    init, forward = m.Starcoder2DecoderLayer.__init__, m.Starcoder2DecoderLayer.forward
+    init, forward = m.Starcoder2Attention.__init__, m.Starcoder2Attention.forward
 
-    def patched_init(self, config, layer_idx):
+    def patched_init(self, config, layer_idx=None):
         init(self, config, layer_idx)
-        self.attn_out_norm = torch.nn.LayerNorm(config.hidden_size)
+        self.out_norm = torch.nn.LayerNorm(config.hidden_size)
 
-    def patched_attn(self, *args, **kwargs):
-        out = attn_forward(self, *args, **kwargs)
-        return (self._layer.attn_out_norm(out[0]), *out[1:])
+    def patched_forward(self, *args, **kwargs):
+        out, *rest = forward(self, *args, **kwargs)
+        return (self.out_norm(out), *rest)
 
-    attn_forward = m.Starcoder2Attention.forward
-    monkeypatch.setattr(m.Starcoder2DecoderLayer, "__init__", patched_init)
-
-    def patched_forward(self, hidden_states, *args, **kwargs):
-        self.self_attn._layer = self
-        return forward(self, hidden_states, *args, **kwargs)
-
-    monkeypatch.setattr(m.Starcoder2DecoderLayer, "forward", patched_forward)
-    monkeypatch.setattr(m.Starcoder2Attention, "forward", patched_attn)
+    monkeypatch.setattr(m.Starcoder2Attention, "__init__", patched_init)
+    monkeypatch.setattr(m.Starcoder2Attention, "forward", patched_forward)
     monkeypatch.setattr(derive, "_DERIVED", {})  # not the unpatched class's derivation
     src = _untabled_model(tmp_path / "src")
     out = _refused(["apply", str(src), "--direction", str(direction_file),
                     "--out", str(tmp_path / "out")], tmp_path)  # fmt: skip
-    assert "model.layers.0.attn_out_norm" in out and "not an RMSNorm" in out
+    assert "model.layers.0.self_attn.out_norm (LayerNorm)" in out and "not an RMSNorm" in out
 
 
 @pytest.mark.usefixtures("wide_consoles")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import UnsupportedModelError
-from .instance import _EXPERT_KEYS, _LAYER_KEYS, _TOKENS
+from .instance import _EXPERT_KEYS, _LAYER_KEYS, _PER_LAYER_LISTS, _TOKENS, _layer_count
 from .probe import (
     Found,
     Probe,
@@ -166,11 +166,11 @@ def _condition(entry: _Entry, others: list[_Entry], layers: dict, disk: DiskName
 
 
 def _unify_sites(per_layer: list[dict]) -> list[dict]:
-    """A branch mixes tokens if it does in any layer (a layer that reuses an earlier layer's
+    """A writer mixes tokens if it does in any layer (a layer that reuses an earlier layer's
     keys and values mixes none of its own input)."""
-    mixing = {e.branch for entries in per_layer for e in entries if e.site == "attn"}
+    mixing = {e.tensor for entries in per_layer for e in entries if e.site == "attn"}
     return [
-        {replace(e, site="attn" if e.branch in mixing else "mlp"): b for e, b in entries.items()}
+        {replace(e, site="attn" if e.tensor in mixing else "mlp"): b for e, b in entries.items()}
         for entries in per_layer
     ]
 
@@ -218,7 +218,7 @@ def _probe(model, small: dict, d: int) -> Probe:
     gen = torch.Generator().manual_seed(2)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, max(vocab, 4), _TOKENS, generator=gen)
-    n_layers = next(small[k] for k in _LAYER_KEYS if isinstance(small.get(k), int))
+    n_layers = _layer_count(small)
     probe = Probe(model, d, ids, find_blocks(model, d, n_layers, ids), n_layers)
     probe.base = {i: probe.observe(i) for i in range(n_layers)}
     return probe
@@ -269,7 +269,8 @@ def _table_dict(config, probe, writers, head_name, head_path, tied_to, per_layer
     keys = {
         "hidden_size": next((k for k in ("hidden_size", "n_embd", "d_model") if k in config),
                             "hidden_size"),
-        "num_layers": [k for k in _LAYER_KEYS if k in config] or ["num_hidden_layers"],
+        "num_layers": [k for k in (*_PER_LAYER_LISTS, *_LAYER_KEYS) if k in config]
+        or ["num_hidden_layers"],
         "tie_default": bool(tied),
     }  # fmt: skip
     return {

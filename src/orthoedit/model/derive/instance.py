@@ -26,10 +26,19 @@ _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num
 _TOKENS = (2, 24)  # the instance's batch and length: enough tokens to route every expert
 
 
+def _layer_count(config: dict) -> int:
+    """The number of blocks config.json gives: a count, or a list of per-block kinds."""
+    for key in (*_LAYER_KEYS, *_PER_LAYER_LISTS):
+        value = config.get(key)
+        if isinstance(value, int) or (isinstance(value, list | str) and value):
+            return value if isinstance(value, int) else len(value)
+    raise UnsupportedModelError("config.json gives no number of layers (num_hidden_layers).")
+
+
 def _n_layers(config: dict) -> int:
     """Enough layers for every kind listed per layer (a prefix: offsets like first_k_dense
     stay valid), and past the first dense / interleaved ones."""
-    total = next((config[k] for k in _LAYER_KEYS if isinstance(config.get(k), int)), 2)
+    total = _layer_count(config)
     need = 2
     for key in _PER_LAYER_LISTS:
         kinds = config.get(key)
@@ -95,7 +104,7 @@ def build_instance(config: dict):
     changed = [k for k in small if small[k] != config.get(k)]
     while True:
         try:
-            return _build(cls, small), small
+            return _runs(_build(cls, small), small), small
         except Exception as err:
             if not changed:
                 raise UnsupportedModelError(
@@ -105,10 +114,30 @@ def build_instance(config: dict):
             small[key] = copy.deepcopy(config[key])
 
 
+def _floats(value):
+    """config.json's spelling of Infinity and NaN (``{"__float__": "Infinity"}``) as floats."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+            return float(value["__float__"])
+        return {k: _floats(v) for k, v in value.items()}
+    return [_floats(v) for v in value] if isinstance(value, list) else value
+
+
+def _runs(model, small: dict):
+    """The instance, once a forward pass succeeds (some shrunk sizes fail only there)."""
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        model(input_ids=torch.arange(8).reshape(1, 8) % vocab)
+    return model
+
+
 def _build(cls, small: dict):
     import torch
 
-    conf = cls.config_class.from_dict({k: v for k, v in small.items() if k != "architectures"})
+    fields = {k: _floats(v) for k, v in small.items() if k != "architectures"}
+    conf = cls.config_class.from_dict(fields)
     torch.manual_seed(0)
     model = cls._from_config(
         conf, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32

@@ -23,6 +23,10 @@ def _first(output):
     return output[0] if isinstance(output, tuple | list) else output
 
 
+class _Stop(Exception):
+    """Raised once the observed block has run."""
+
+
 @dataclass
 class Probe:
     """The instance and what a block looks like to the perturbations."""
@@ -53,6 +57,7 @@ class Probe:
 
         def out(_m, _args, output):
             seen["<out>"] = [_first(output).detach().reshape(-1, self.d).clone()]
+            raise _Stop  # nothing after the block is observed: the rest of the model is skipped
 
         with contextlib.ExitStack() as stack:
             for path, mod in block.named_modules():
@@ -63,7 +68,8 @@ class Probe:
                 register = getattr(module, f"register_forward_{kind}")
                 kwargs = {"with_kwargs": True} if kind == "pre_hook" else {}
                 stack.callback(register(fn, **kwargs).remove)
-            self.model(input_ids=self.ids)
+            with contextlib.suppress(_Stop):
+                self.model(input_ids=self.ids)
         return {k: __import__("torch").cat(v) for k, v in seen.items()}
 
     def changed_along(self, layer: int, after: dict, v) -> set[str]:
@@ -364,14 +370,11 @@ def _mixes_tokens(probe: Probe, layer: int, child: str) -> bool:
         y[:, 0] += 1.0
         return ((y, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
 
-    keep = mod.register_forward_hook(lambda _m, _a, o: outputs.append(_first(o).detach()))
-    try:
-        probe.model(input_ids=probe.ids)
-        with contextlib.ExitStack() as stack:
-            stack.callback(mod.register_forward_pre_hook(bump, with_kwargs=True).remove)
-            probe.model(input_ids=probe.ids)
-    finally:
-        keep.remove()
+    def keep(_m, _a, output):
+        outputs.append(_first(output).detach())
+
+    probe.observe(layer, [(mod, "hook", keep)])
+    probe.observe(layer, [(mod, "pre_hook", bump), (mod, "hook", keep)])
     base, bumped = outputs[0], outputs[-1]
     if base.ndim != 3 or base.shape != bumped.shape:
         return False
