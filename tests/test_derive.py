@@ -190,3 +190,16 @@ def test_architectures_derives_one_config_without_weights(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
     listed = flat(cli("architectures").output)
     assert "any other" in listed and "derived" in listed and "refused" in listed
+
+
+def test_a_tensor_kind_the_instance_lacked_is_refused(tmp_path, untabled):
+    """The instance may not have built every layer kind of the real checkpoint: a tensor of a
+    kind it never saved could write unseen, so apply refuses it rather than leave it."""
+    src = _untabled_model(tmp_path / "src")
+    table = derive.table_or_derived(read_config(src))
+    names = list(Checkpoint.open(src).tensors)
+    derive.check_coverage(table, [*names, "model.layers.7.mlp.c_proj.weight"])  # more layers
+    with pytest.raises(
+        UnsupportedModelError, match=r"model\.layers\.3\.cross_attn\.o_proj\.weight"
+    ):
+        derive.check_coverage(table, [*names, "model.layers.3.cross_attn.o_proj.weight"])

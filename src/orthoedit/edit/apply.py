@@ -41,7 +41,7 @@ class Prepared:
 def prepare(cfg: ApplyConfig, table: ArchitectureTable | None = None) -> Prepared:
     """Resolve the model, validate every input and build the plan; writes nothing. ``table``:
     the model's own (a shipped or derived one) unless given."""
-    from ..model.derive import table_or_derived
+    from ..model.derive import check_coverage, table_or_derived
 
     is_local = Path(cfg.model).expanduser().exists()
     if not cfg.dry_run:  # before any download: a bad --out must not cost a model fetch
@@ -50,6 +50,7 @@ def prepare(cfg: ApplyConfig, table: ArchitectureTable | None = None) -> Prepare
     config = read_config(folder)
     table = table or table_or_derived(config)
     checkpoint = Checkpoint.open(folder)
+    check_coverage(table, checkpoint.tensors)
     d_model, n_layers, _ = table.dims(config)
     direction = load_directions(
         cfg.direction, d_model, n_layers, cfg.direction_layer, cfg.per_layer

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -117,7 +118,35 @@ def derive_table(config: dict) -> ArchitectureTable:
         with torch.no_grad():
             table = _classified(model, small, config, folder)
         prove(table, folder, Path(tmp))
+        _SEEN[table.family] = {_kind(name) for name in _saved_names(folder)}
     return table
+
+
+def _kind(name: str) -> str:
+    """A tensor name with every index (layer, expert) replaced by ``#``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "#", name)
+
+
+def _saved_names(folder: Path) -> list[str]:
+    from .assemble import DiskNames
+
+    return sorted(DiskNames(folder).names)
+
+
+def check_coverage(table: ArchitectureTable, names) -> None:
+    """A derived table was read off a tiny instance: a checkpoint tensor of a kind that
+    instance did not have (a layer kind it did not build, extra modules) may write into the
+    residual stream unseen, so the edit is refused rather than leave it unedited."""
+    seen = _SEEN.get(table.family)
+    if not table.derived or seen is None:
+        return
+    unseen = sorted(n for n in names if _kind(n) not in seen)
+    if unseen:
+        raise UnsupportedModelError(
+            f"{unseen[0]} (and {len(unseen) - 1} more) is of a kind the tiny instance of "
+            f"{table.architectures[0]} did not have, so derivation cannot tell whether it writes "
+            "into the residual stream; this family needs a table."
+        )
 
 
 def _classified(model, small: dict, config: dict, folder: Path) -> ArchitectureTable:
@@ -141,6 +170,8 @@ def _classified(model, small: dict, config: dict, folder: Path) -> ArchitectureT
 
 
 _DERIVED: dict[tuple[str, str], ArchitectureTable] = {}
+#: Per derived family, the kinds of tensor its tiny instance saved (indices as ``#``).
+_SEEN: dict[str, set[str]] = {}
 
 
 def table_or_derived(config: dict) -> ArchitectureTable:

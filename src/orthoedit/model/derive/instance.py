@@ -35,13 +35,13 @@ def _layer_count(config: dict) -> int:
     raise UnsupportedModelError("config.json gives no number of layers (num_hidden_layers).")
 
 
-def _n_layers(config: dict) -> int:
+def _n_layers(config: dict, computed: list | None = None) -> int:
     """Enough layers for every kind listed per layer (a prefix: offsets like first_k_dense
-    stay valid), and past the first dense / interleaved ones."""
+    stay valid), and past the first dense / interleaved ones. ``computed``: the kinds the
+    config class computes from periods and offsets (Jamba's attention every 8th layer)."""
     total = _layer_count(config)
     need = 2
-    for key in _PER_LAYER_LISTS:
-        kinds = config.get(key)
+    for kinds in [config.get(key) for key in _PER_LAYER_LISTS] + [computed]:
         if isinstance(kinds, list | str) and kinds:
             need = max(need, max(list(kinds).index(k) for k in set(kinds)) + 1)
     for key in ("first_k_dense_replace", "num_dense_layers"):
@@ -50,14 +50,28 @@ def _n_layers(config: dict) -> int:
     return min(total, need)
 
 
-def shrunk_config(config: dict) -> dict:
+def computed_kinds(cls, config: dict) -> list | None:
+    """The per-layer kinds the config class computes (``layers_block_type``, ``layer_types``)
+    where config.json does not list them."""
+    try:
+        conf = cls.config_class.from_dict(_floats(dict(config)))
+    except Exception:  # the shrunk build reports what is wrong with the config
+        return None
+    for key in _PER_LAYER_LISTS:
+        kinds = getattr(conf, key, None)
+        if isinstance(kinds, list | tuple) and kinds and key not in config:
+            return [str(k) for k in kinds]
+    return None
+
+
+def shrunk_config(config: dict, computed: list | None = None) -> dict:
     """A copy of config.json sized for a tiny instance (never larger than the original)."""
     small = copy.deepcopy(config)
     small.pop("quantization_config", None)  # the instance is plain floats; apply checks dtypes
     for key, limit in _SHRINK.items():
         if isinstance(small.get(key), int) and small[key] > limit:
             small[key] = limit
-    n = _n_layers(config)
+    n = _n_layers(config, computed)
     for key in _LAYER_KEYS:
         if isinstance(small.get(key), int):
             small[key] = n
@@ -100,7 +114,7 @@ def build_instance(config: dict):
     """(model in float64 on the CPU, the shrunk config dict). A shrunk size that the config
     class or the model rejects is put back to its original value, one key at a time."""
     cls = model_class(config)
-    small = shrunk_config(config)
+    small = shrunk_config(config, computed_kinds(cls, config))
     changed = [k for k in small if small[k] != config.get(k)]
     while True:
         try:
