@@ -21,8 +21,8 @@ from .config import VerifyConfig
 from .edit.ortho import norm_factors
 from .edit.plan import Plan, op_basis
 from .errors import BadInputError
-from .model.architectures import table_for_config
 from .model.checkpoint import Checkpoint, TensorInfo
+from .model.derive import table_or_derived
 from .model.quant import QuantFormat, quant_format
 from .model.source import read_config, resolve_model
 from .output import check_file_target, inputs_of, write_file
@@ -278,7 +278,7 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     config = read_config(folder)
     quant = quant_format(config, folder)
     source, edited = Checkpoint.open(folder, quant), Checkpoint.open(cfg.edited, quant)
-    table = table_for_config(config)
+    table = table_or_derived(config)
     _check_plan(cfg, plan, table)
     dtype = storage_dtype(plan, edited)
     tol = tolerance_for(dtype, cfg.dtype, None if dtype in TOLERANCES else quant)

@@ -195,4 +195,7 @@ def architectures(cfg: ArchitecturesConfig) -> None:
         return
     found = ui.guarded(lambda: catalog.check_model(cfg.model, cfg.revision))
     ui.out.print(tables.model_check(found))
-    ui.out.print(f"[green]supported[/green]: {escape(cfg.model)} is edited as {found.family}")
+    how = " (a derived table, proved on a tiny instance of its class)" * (found.status == "derived")
+    ui.out.print(
+        f"[green]supported[/green]: {escape(cfg.model)} is edited as {escape(found.family)}{how}"
+    )

@@ -18,7 +18,8 @@ def plan(plan) -> Table:
     """apply --dry-run: every planned tensor, by full name (the plan must stay greppable)."""
     k = len(plan.directions) + len(plan.per_layer_directions)
     span = "" if plan.single else f", span of {k} directions" + (" per layer" * (not plan.shared))
-    title = f"plan: {len(plan.ops)} tensors ({plan.family}, d_model {plan.d_model}{span})"
+    derived = ", table derived" if plan.derived else ""
+    title = f"plan: {len(plan.ops)} tensors ({plan.family}{derived}, d_model {plan.d_model}{span})"
     table = Table(title=title)
     for col in ("tensor", "site", "layer", "axis", "scale", "vector"):
         table.add_column(col, overflow="fold")
@@ -300,6 +301,7 @@ def model_check(found) -> Table:
         ("architecture", found.architecture),
         ("model_type", found.model_type),
         ("family", found.family),
+        ("table", found.status),
         ("d_model", found.d_model),
         ("layers", found.n_layers),
         ("tied embeddings", tied),

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import ApplyConfig
 from ..errors import BadInputError
-from ..model.architectures import table_for_config
+from ..model.architectures import ArchitectureTable
 from ..model.checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from ..model.direction import DirectionSet, biproject, harmless_mean, load_directions
 from ..model.quant import quant_format
@@ -39,15 +39,19 @@ class Prepared:
     reads: list[Path]  # every local input: no output may be, hold or lie inside one
 
 
-def prepare(cfg: ApplyConfig) -> Prepared:
-    """Resolve the model, validate every input and build the plan; writes nothing."""
+def prepare(cfg: ApplyConfig, table: ArchitectureTable | None = None) -> Prepared:
+    """Resolve the model, validate every input and build the plan; writes nothing. ``table``:
+    the model's own (a shipped or derived one) unless given."""
+    from ..model.derive import check_coverage, table_or_derived
+
     is_local = Path(cfg.model).expanduser().exists()
     if not cfg.dry_run:  # before any download: a bad --out must not cost a model fetch
         check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
-    table = table_for_config(config)
+    table = table or table_or_derived(config)
     checkpoint = Checkpoint.open(folder, quant_format(config))
+    check_coverage(table, checkpoint.tensors)
     d_model, n_layers, _ = table.dims(config)
     direction = load_directions(
         cfg.direction, d_model, n_layers, cfg.direction_layer, cfg.per_layer
@@ -137,9 +141,11 @@ def copy_directions(paths: list[Path], folder: Path) -> None:
             shutil.copyfile(record, folder / (name.rsplit(".", 1)[0] + ".json"))
 
 
-def apply(cfg: ApplyConfig, progress: OnBytes | None = None) -> tuple[Plan, Path | None]:
+def apply(
+    cfg: ApplyConfig, progress: OnBytes | None = None, table: ArchitectureTable | None = None
+) -> tuple[Plan, Path | None]:
     """Library entry point: the plan, and the output folder (None on a dry run)."""
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, table)
     if cfg.dry_run:
         return prepared.plan, None
     return prepared.plan, execute(prepared, cfg.out, cfg.overwrite, progress)

@@ -157,7 +157,7 @@ may change too; evaluate it before use (see Evaluation below).
 
 ## Edit
 
-- family: `{plan.family}` (d_model {plan.d_model}, {plan.n_layers} layers)
+- family: `{plan.family}` (d_model {plan.d_model}, {plan.n_layers} layers){_derived(plan)}
 {_site_summary(plan)}
 - embeddings: {tied}
 - method: {_method(plan)}
@@ -300,3 +300,12 @@ def with_evaluation(card: str, section: str) -> str:
     if begin == -1 or end < begin:
         return card.rstrip("\n") + f"\n\n## Evaluation\n\n{block}\n"
     return card[:begin] + block + card[end + len(EVAL_END) :]
+
+
+def _derived(plan: Plan) -> str:
+    if not plan.derived:
+        return ""
+    return (
+        "\n- table: derived (its residual writers were read off a tiny instance of the class and "
+        "the edit proved exact there; no reviewed table ships for this family)"
+    )

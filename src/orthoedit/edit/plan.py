@@ -106,6 +106,11 @@ class Plan(BaseModel):
     revision: str | None = None
     base_model: str | None = Field(default=None, description="Hub id recorded in the card.")
     family: str
+    derived: bool = Field(
+        default=False,
+        description="The family's table was derived from its transformers class on a tiny "
+        "instance (model/derive.py), not a shipped, reviewed one.",
+    )
     d_model: int
     n_layers: int
     directions: list[list[float]] = Field(
@@ -470,6 +475,7 @@ def build_plan(
         revision=revision,
         base_model=base_model,
         family=table.family,
+        derived=table.derived,
         d_model=d_model,
         n_layers=n_layers,
         directions=found.shared.tolist(),

@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from ..config import MeasureConfig
 from ..errors import BadInputError
-from ..model.architectures import table_for_config
+from ..model.derive import table_or_derived
 from ..model.direction import save_direction, save_stable
 from ..model.source import read_config, resolve_model
 from ..output import check_target, inputs_of, staged_output
@@ -174,7 +174,7 @@ def measure(
     progress = start_stage(cfg.device, progress)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
-    table = table_for_config(config)
+    table = table_or_derived(config)
     _, n_layers, _ = table.dims(config)
     target = check_target(cfg.out, [folder, *inputs_of(cfg)], cfg.overwrite)
     _check_choice(cfg, n_layers)

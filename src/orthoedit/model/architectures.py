@@ -241,6 +241,11 @@ class ArchitectureTable(_Strict):
     unsupported_architectures: dict[str, str] = Field(
         default_factory=dict, description="Architecture name -> why it is refused."
     )
+    derived: bool = Field(
+        default=False,
+        description="Read off a tiny instance of the class (model/derive.py), not reviewed; "
+        "never set in a shipped table.",
+    )
 
     @model_validator(mode="after")
     def _sites_covered(self) -> ArchitectureTable:

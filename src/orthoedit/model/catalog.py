@@ -1,11 +1,12 @@
 """What orthoedit can edit: every family it has a table for, the architectures it refuses and
-why, and one model's config checked without its weights (``orthoedit architectures``)."""
+why, any other transformers class by a derived table (model/derive), and one model's config
+checked without its weights (``orthoedit architectures``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .architectures import ArchitectureTable, Writer, load_tables, table_for_config
+from .architectures import ArchitectureTable, Writer, load_tables
 from .source import read_config, resolve_config
 
 
@@ -14,7 +15,7 @@ class Family:
     """One row of the catalogue: a tabled family, or an architecture refused with a reason."""
 
     family: str
-    status: str  # "tabled" or "refused"
+    status: str  # "tabled", "derived" or "refused"
     architectures: list[str]
     writers: list[str] = field(default_factory=list)
     norms: str = ""
@@ -44,25 +45,42 @@ def _norms(table: ArchitectureTable) -> str:
     return f"post-norm (gain {gains})"
 
 
+#: The catalogue's row for every transformers class without a table.
+DERIVED_ROW = Family(
+    "any other",
+    "derived",
+    ["a transformers model class without a table"],
+    reason="writers read off a tiny instance of the class and proved exact there before the "
+    "edit (orthoedit architectures MODEL runs that on the config alone); refused with the "
+    "module it could not classify, and for multimodal wrappers",
+)
+
+
+def _row(table: ArchitectureTable) -> Family:
+    return Family(
+        table.family,
+        "derived" if table.derived else "tabled",
+        table.architectures,
+        list(dict.fromkeys(writer_label(w) for w in table.writers)),
+        _norms(table),
+        table.tied_default,
+    )
+
+
 def catalog() -> list[Family]:
-    """Every tabled family, then every refused architecture, each with its reason."""
+    """Every tabled family, the derived ones (those derived in this process, and a row for
+    any other class), then every refused architecture, each with its reason."""
+    from .derive import derived_tables
+
     rows, refused = [], []
     for table in load_tables().values():
-        rows.append(
-            Family(
-                table.family,
-                "tabled",
-                table.architectures,
-                list(dict.fromkeys(writer_label(w) for w in table.writers)),
-                _norms(table),
-                table.tied_default,
-            )
-        )
+        rows.append(_row(table))
         refused += [
             Family(table.family, "refused", [arch], reason=why)
             for arch, why in table.unsupported_architectures.items()
         ]
-    return rows + refused
+    derived = [_row(t) for t in derived_tables()]
+    return rows + derived + [DERIVED_ROW] + refused
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class ModelCheck:
     architecture: str | None
     model_type: str | None
     family: str | None
+    status: str = "tabled"
     d_model: int | None = None
     n_layers: int | None = None
     tied: bool | None = None
@@ -82,17 +101,20 @@ class ModelCheck:
 
 def check_model(model: str, revision: str | None = None) -> ModelCheck:
     """Read MODEL's config.json (a local folder, or that one file from the Hub: no weights)
-    and choose its table; raises ``UnsupportedModelError`` with the reason where orthoedit
-    would refuse it."""
+    and choose its table, or derive one on a tiny instance built from that config; raises
+    ``UnsupportedModelError`` with the reason where orthoedit would refuse it."""
+    from .derive import table_or_derived
+
     config = read_config(resolve_config(model, revision))
     archs = config.get("architectures") or [None]
-    table = table_for_config(config)
+    table = table_or_derived(config)
     d_model, n_layers, tied = table.dims(config)
     return ModelCheck(
         model,
         archs[0],
         config.get("model_type"),
         table.family,
+        "derived" if table.derived else "tabled",
         d_model,
         n_layers,
         tied,

@@ -186,7 +186,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
 
     from ..evaluate.safety import check_judge, load_sets
     from ..measure.select import measured_refusal_openings, parse_refusal_tokens
-    from ..model.architectures import table_for_config
+    from ..model.derive import table_or_derived
     from ..model.direction import load_direction
     from ..model.source import read_config, resolve_model
     from ..runtime.session import chat_ids, post_instruction_ids
@@ -194,7 +194,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     safety_judge = check_judge(cfg)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
-    table = table_for_config(config)
+    table = table_or_derived(config)
     d_model, n_layers, _ = table.dims(config)
     direction = load_direction(cfg.direction, d_model, n_layers, cfg.direction_layer)
     prompts = load_sets(cfg)

@@ -110,8 +110,8 @@ def prepare(cfg: SearchConfig) -> Ready:
     """Validate every input; loads only the tokenizer."""
 
     from ..evaluate.safety import check_judge
-    from ..model.architectures import table_for_config
     from ..model.checkpoint import Checkpoint
+    from ..model.derive import table_or_derived
     from ..model.direction import load_direction
     from ..model.source import read_config, resolve_model
     from ..runtime.session import chat_ids, post_instruction_ids
@@ -125,7 +125,7 @@ def prepare(cfg: SearchConfig) -> Ready:
     folder_in = _measure_folder(cfg.candidates)
     folder, revision = resolve_model(cfg.model, cfg.revision)
     config = read_config(folder)
-    table = table_for_config(config)
+    table = table_or_derived(config)
     d_model, n_layers, _ = table.dims(config)
     candidates = _read_candidates(folder_in / "candidates.safetensors", d_model, n_layers)
     baseline = load_direction(folder_in / "direction.safetensors", d_model, n_layers)
