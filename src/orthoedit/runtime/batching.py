@@ -1,5 +1,6 @@
-"""Running many token rows through a model at once: length-sorted batches, left padding with
-positions that count real tokens, and the prefix every row shares run once, its cache reused.
+"""Running many token rows through a model at once (docs/design.md §9): length-sorted batches,
+left padding with positions that count real tokens, and the prefix every row shares run once,
+its cache reused.
 
 Not every model allows both. Recurrent mixers (Mamba, short convolutions) carry left padding
 into their state where they do not mask it, and their caches (and chunked attention's) cannot
