@@ -157,6 +157,8 @@ def _probe(model, check) -> bool:
         try:
             memo[check.__name__] = bool(check(model, rows))
         except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError):
+            # a cache without batch_repeat_interleave, a mask the mixer rejects: the slower,
+            # always-right way (rows of one length, the prefix run with every row)
             memo[check.__name__] = False
     return memo[check.__name__]
 
