@@ -6,7 +6,8 @@ not write.
   a folder that has one (or an empty one).
 - No output may be, contain or lie inside anything the command reads (``inputs_of``), the
   working folder or one of its parents, or the home folder.
-- A file output is written to a temporary file beside it and renamed (``write_file``).
+- A file output is written to a temporary file beside it and renamed (``write_file``; a big
+  one in a staging folder, ``staged_file``).
 - Staging folders are named after the process that made them, so a later run of the same
   target removes those of processes that no longer exist (a SIGKILL leaves them behind).
 """
@@ -221,6 +222,35 @@ def staged_output(target: Path) -> Iterator[Path]:
             raise _os_error(err, target) from err
         raise
     _remove(old)
+
+
+@contextlib.contextmanager
+def staged_file(target: Path) -> Iterator[Path]:
+    """Yield a path in a staging folder beside ``target`` (named as ``staged_output``'s, so a
+    killed run's is cleaned up later); on success the file becomes ``target``, replacing the
+    file there. On any error nothing is left and ``target`` is as it was."""
+    parent = target.parent
+    created = next((p for p in reversed([parent, *parent.parents]) if not p.exists()), None)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.orthoedit-{os.getpid()}-", dir=parent))
+    except OSError as err:
+        _remove(created)
+        raise _os_error(err, parent) from err
+    try:
+        yield tmp / target.name
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp / target.name, 0o666 & ~mask)
+        os.replace(tmp / target.name, target)
+    except BaseException as err:
+        _remove(tmp)
+        _remove(created)
+        if isinstance(err, OSError):
+            raise _os_error(err, target) from err
+        raise
+    _remove(tmp)
 
 
 def remove_output(folder: Path) -> bool:

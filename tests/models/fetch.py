@@ -8,8 +8,10 @@ and skip when it is absent. Running it again on a finished folder does nothing.
     python tests/models/fetch.py smollm [OUT]  # SmolLM2-135M-Instruct (default OUT below)
     python tests/models/fetch.py qwen [OUT]    # Qwen2.5-Coder-0.5B-Instruct
     python tests/models/fetch.py gemma3 [OUT]  # Gemma 3 270M (the base model, not -it)
+    python tests/models/fetch.py qwen --gguf [OUT]  # the GGUF itself, as shipped
 
-The default OUT is ``models/<folder>`` of the model's spec below.
+The default OUT is ``models/<folder>`` of the model's spec below (``models/<folder>.gguf`` with
+``--gguf``).
 """
 
 from __future__ import annotations
@@ -114,6 +116,18 @@ def _gguf(spec: Spec, tmp: Path) -> Path:
     return gguf
 
 
+def fetch_gguf(name: str, out: Path | None = None) -> Path:
+    """The model's GGUF as shipped (no conversion): ``models/<folder>.gguf`` by default."""
+    spec = SPECS[name]
+    out = out or MODELS_DIR / f"{spec.folder}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        _gguf(spec, Path(tmp)).rename(out)
+    return out
+
+
 def fetch(name: str, out: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -146,6 +160,8 @@ def fetch(name: str, out: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in SPECS:
-        raise SystemExit(f"usage: fetch.py {{{','.join(SPECS)}}} [OUT]")
-    print(fetch(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) > 2 else None))
+    args = [a for a in sys.argv[1:] if a != "--gguf"]
+    if not args or args[0] not in SPECS:
+        raise SystemExit(f"usage: fetch.py {{{','.join(SPECS)}}} [--gguf] [OUT]")
+    get = fetch_gguf if "--gguf" in sys.argv else fetch
+    print(get(args[0], Path(args[1]) if len(args) > 1 else None))

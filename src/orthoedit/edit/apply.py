@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..config import ApplyConfig
-from ..errors import BadInputError
 from ..model.architectures import ArchitectureTable
 from ..model.checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
-from ..model.direction import DirectionSet, biproject, harmless_mean, load_directions
+from ..model.gguf import is_gguf
 from ..model.quant import quant_format
 from ..model.source import read_config, resolve_model
 from ..output import check_target, inputs_of, staged_output
 from .card import artifact_names, render_card, source_metadata
-from .plan import Plan, build_plan
-from .scope import load_scales
+from .plan import Plan
+from .planning import plan_for
 from .writer import OnBytes, stream_edit, total_bytes
 
 #: Where the direction artifact goes in the output: a subfolder, so that no tool takes a
@@ -41,9 +38,14 @@ class Prepared:
 
 def prepare(cfg: ApplyConfig, table: ArchitectureTable | None = None) -> Prepared:
     """Resolve the model, validate every input and build the plan; writes nothing. ``table``:
-    the model's own (a shipped or derived one) unless given."""
+    the model's own (a shipped or derived one) unless given. A ``.gguf`` MODEL is prepared by
+    ``gguf_apply``."""
     from ..model.derive import check_coverage, table_or_derived
 
+    if is_gguf(cfg.model):
+        from .gguf_apply import prepare_gguf
+
+        return prepare_gguf(cfg, table)
     is_local = Path(cfg.model).expanduser().exists()
     if not cfg.dry_run:  # before any download: a bad --out must not cost a model fetch
         check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
@@ -52,51 +54,12 @@ def prepare(cfg: ApplyConfig, table: ArchitectureTable | None = None) -> Prepare
     table = table or table_or_derived(config)
     checkpoint = Checkpoint.open(folder, quant_format(config))
     check_coverage(table, checkpoint.tensors)
-    d_model, n_layers, _ = table.dims(config)
-    direction = load_directions(
-        cfg.direction, d_model, n_layers, cfg.direction_layer, cfg.per_layer
-    )
-    details: dict = {}
-    if cfg.harmless_mean is not None and cfg.method != "biprojected":
-        raise BadInputError("--harmless-mean is for --method biprojected.")
-    if cfg.method == "biprojected":
-        direction, details = _biprojected(direction, cfg, d_model, n_layers)
-    plan = build_plan(
-        table=table,
-        checkpoint=checkpoint,
-        config=config,
-        direction=direction,
-        source=str(folder) if is_local else cfg.model,
-        revision=revision,
-        base_model=cfg.base_model or (None if is_local else cfg.model),
-        sites=cfg.sites,
-        layers=cfg.layers,
-        scales=load_scales(cfg.scales, n_layers),
-        tied_policy=cfg.tied,
-        method=cfg.method,
-        method_details=details,
-    )
+    source = str(folder) if is_local else cfg.model
+    base_model = cfg.base_model or (None if is_local else cfg.model)
+    plan = plan_for(cfg, table, checkpoint, config, source, revision, base_model)
     return Prepared(
         plan, folder, checkpoint, config, list(cfg.direction), [folder, *inputs_of(cfg)]
     )
-
-
-def _biprojected(found: DirectionSet, cfg: ApplyConfig, d_model: int, n_layers: int):
-    """Every shared vector made orthogonal to the harmless mean (one mean: per-layer rows
-    would each need their own layer's mean, which is not measured per file)."""
-    if found.per_layer.shape[0]:
-        raise BadInputError(
-            "--method biprojected takes single or span directions, not --per-layer ones."
-        )
-    mean, where = harmless_mean(found.sources[0], cfg.harmless_mean, d_model, n_layers)
-    pairs = [biproject(v, mean) for v in found.shared]
-    cosines = [round(c, 6) for _, c in pairs]
-    shared = np.stack([v for v, _ in pairs])
-    details = {
-        "harmless_mean": where,
-        "cosine_with_harmless_mean": cosines[0] if len(cosines) == 1 else cosines,
-    }
-    return replace(found, shared=shared), details
 
 
 def copy_small_files(source: Path, out: Path, config: dict, untie: bool) -> None:
@@ -115,7 +78,12 @@ def copy_small_files(source: Path, out: Path, config: dict, untie: bool) -> None
 
 
 def execute(prepared: Prepared, out: Path, overwrite: bool, progress: OnBytes | None = None):
-    """Write the edited checkpoint to ``out`` atomically. Returns the output folder."""
+    """Write the edited checkpoint to ``out`` atomically. Returns the output folder (the
+    output file of a GGUF edit)."""
+    if not isinstance(prepared, Prepared):
+        from .gguf_apply import execute_gguf
+
+        return execute_gguf(prepared, out, overwrite, progress)
     target = check_target(out, prepared.reads, overwrite)
     plan = prepared.plan
     with staged_output(target) as tmp:
@@ -152,4 +120,6 @@ def apply(
 
 
 def edit_size(prepared: Prepared) -> int:
+    if not isinstance(prepared, Prepared):
+        return prepared.size
     return total_bytes(prepared.plan, prepared.checkpoint)

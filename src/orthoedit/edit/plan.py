@@ -285,7 +285,7 @@ class _Names:
 
 def _check_tensor(ckpt: Checkpoint, name: str, axis: int, d_model: int, ndim: int) -> None:
     info = ckpt.tensors[name]
-    if info.dtype not in DTYPES:
+    if info.dtype not in getattr(ckpt, "editable", DTYPES):  # a GGUF decodes every GGML type
         raise UnsupportedModelError(
             f"tensor {name} is stored as {info.dtype}; orthoedit edits float32/float16/bfloat16 "
             "checkpoints only (dequantize FP8/int checkpoints first)."

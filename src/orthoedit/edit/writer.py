@@ -63,16 +63,19 @@ def _write_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def copy_bytes(src: int, dst: int, offset: int, length: int, stop: threading.Event) -> None:
-    """Copy ``[offset, offset + length)`` of fd ``src`` to the same offset of fd ``dst``."""
-    end = offset + length
+def copy_bytes(
+    src: int, dst: int, offset: int, length: int, stop: threading.Event, to: int | None = None
+) -> None:
+    """Copy ``[offset, offset + length)`` of fd ``src`` to fd ``dst`` at offset ``to`` (the
+    same offset unless given)."""
+    end, to = offset + length, offset if to is None else to
     if hasattr(os, "copy_file_range"):
         try:
             while offset < end and not stop.is_set():
-                n = os.copy_file_range(src, dst, min(COPY_BLOCK, end - offset), offset, offset)
+                n = os.copy_file_range(src, dst, min(COPY_BLOCK, end - offset), offset, to)
                 if n == 0:
                     raise OSError(errno.EIO, "source file ended early")
-                offset += n
+                offset, to = offset + n, to + n
             return
         except OSError as err:
             if err.errno not in _NO_OFFLOAD:
@@ -81,8 +84,8 @@ def copy_bytes(src: int, dst: int, offset: int, length: int, stop: threading.Eve
         block = os.pread(src, min(COPY_BLOCK, end - offset), offset)
         if not block:
             raise OSError(errno.EIO, "source file ended early")
-        _write_all(dst, block, offset)
-        offset += len(block)
+        _write_all(dst, block, to)
+        offset, to = offset + len(block), to + len(block)
 
 
 class Workspace:

@@ -38,7 +38,7 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, str | 
     from huggingface_hub import snapshot_download
 
     folder = Path(
-        _from_hub(model, revision, snapshot_download, ignore_patterns=HUB_IGNORE, what="download")
+        from_hub(model, revision, snapshot_download, ignore_patterns=HUB_IGNORE, what="download")
     )
     return folder, folder.name  # snapshot folders are named after the commit
 
@@ -52,7 +52,7 @@ def resolve_config(model: str, revision: str | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(
-        _from_hub(model, revision, hf_hub_download, "config.json", what="reading config.json")
+        from_hub(model, revision, hf_hub_download, "config.json", what="reading config.json")
     ).parent
 
 
@@ -70,8 +70,11 @@ def _local(model: str, revision: str | None) -> Path | None:
     return None
 
 
-def _from_hub(repo_id: str, revision: str | None, fetch, *args, what: str, **kwargs) -> str:
-    """``fetch(repo_id, *args, revision=...)`` with the Hub's failures as one-line errors."""
+def from_hub(
+    repo_id: str, revision: str | None, fetch, *args, what: str, missing: str = "", **kwargs
+) -> str:
+    """``fetch(repo_id, *args, revision=...)`` with the Hub's failures as one-line errors
+    (``missing``: the message for a file the repository does not have)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -94,7 +97,9 @@ def _from_hub(repo_id: str, revision: str | None, fetch, *args, what: str, **kwa
             f"{repo_id}: not in the local cache and the Hub cannot be reached; pass a local folder."
         ) from err
     except EntryNotFoundError as err:  # after its subclass LocalEntryNotFoundError
-        raise BadInputError(f"{repo_id} has no config.json; is it a transformers model?") from err
+        raise BadInputError(
+            missing or f"{repo_id} has no config.json; is it a transformers model?"
+        ) from err
     except HfHubHTTPError as err:
         raise BadInputError(f"{repo_id}: {what} failed ({err}).") from err
 
