@@ -38,9 +38,7 @@ def _state(folder: Path) -> dict[str, np.ndarray]:
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's q/k permutation (transformers reverses it on load)."""
     return (
-        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
 
 
@@ -136,6 +134,30 @@ def _metadata(writer: gguf.GGUFWriter, config: dict, arch: str) -> None:
         writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
 
 
+def _quantize(value: np.ndarray, kind: str) -> np.ndarray:
+    """gguf's quantizer; for Q4_K, llama.cpp's where installed, else valid Q4_K blocks with
+    seeded contents (the tests compare edits with the dequantized source, whatever it is)."""
+    from orthoedit.edit import gguf_types
+
+    if kind == "F32":
+        return value
+    if kind in gguf_types.NUMPY_TYPES:
+        return gguf.quants.quantize(value, _TYPE[kind])
+    if gguf_types.ggml() is not None:
+        return (
+            gguf_types.ggml()
+            .quantize(value.reshape(-1, value.shape[-1]), kind)
+            .reshape(*value.shape[:-1], -1)
+        )
+    assert kind == "Q4_K", kind
+    rng = np.random.default_rng(value.size)
+    blocks = value.size // 256
+    raw = rng.integers(0, 256, size=(blocks, 144), dtype=np.uint8)
+    raw[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    raw[:, 2:4] = np.frombuffer(np.float16(0.005).tobytes(), dtype=np.uint8)
+    return raw.reshape(*value.shape[:-1], -1)
+
+
 def write_tiny_gguf(folder: Path, out: Path, types: str | dict[str, str] = "F32") -> Path:
     """A GGUF of the tiny checkpoint in ``folder``. ``types``: one type for every matrix, or
     ``{substring of the GGUF name: type}`` (first match; "*" for the rest); vectors stay F32,
@@ -150,9 +172,10 @@ def write_tiny_gguf(folder: Path, out: Path, types: str | dict[str, str] = "F32"
         kind = next((t for k, t in rules.items() if k != "*" and k in name), rules.get("*", "F32"))
         if value.ndim == 1:
             kind = "F32"
+        if value.shape[-1] % gguf.GGML_QUANT_SIZES[_TYPE[kind]][0]:  # as llama.cpp falls back
+            kind = "Q8_0" if value.shape[-1] % 32 == 0 else "F32"
         qtype = _TYPE[kind]
-        data = gguf.quants.quantize(value, qtype) if kind != "F32" else value
-        writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.add_tensor(name, _quantize(value, kind), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -20,11 +20,13 @@ import numpy as np
 
 from ..model.gguf import GgufCheckpoint, GgufLayout, GgufTensor, dequantized
 from . import gguf_types
-from .ortho import column_pass, remove_columns_, remove_rows_, row_blocks
+from .ortho import column_coefficients, norm_factors, remove_columns_, remove_rows_, row_blocks
 from .plan import EditOp, Plan, op_basis
 from .writer import OnBytes, _projected_vector, _write_all, copy_bytes
 
 BLOCK_BYTES = 32 * 1024 * 1024  # float rows dequantized, projected and requantized at once
+WORKERS = max(1, min(8, os.cpu_count() or 1))
+_POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="orthoedit-gguf")
 _STRING = 8
 
 
@@ -46,7 +48,7 @@ def entries(plan: Plan, ckpt: GgufCheckpoint) -> tuple[list[Entry], list[str]]:
     for op in plan.ops:
         tensor, expert = ckpt.source[op.tensor]
         edits.setdefault(tensor.name, []).append((expert, op))
-    out, notes = [], []
+    out, retyped = [], {}
     for tensor in ckpt.layout.tensors:
         ops = tuple(edits.get(tensor.name, ()))
         if not ops:
@@ -56,15 +58,26 @@ def entries(plan: Plan, ckpt: GgufCheckpoint) -> tuple[list[Entry], list[str]]:
         rows = int(np.prod(tensor.shape[:-1]))
         nbytes = rows * gguf_types.row_bytes(kind, tensor.shape[-1])
         if kind != tensor.type_name:
-            notes.append(
-                f"{tensor.name}: {tensor.type_name} written as {kind} ({how}); "
-                f"{tensor.nbytes / 1e6:.1f} MB -> {nbytes / 1e6:.1f} MB"
-            )
+            retyped.setdefault((kind, how), []).append((tensor.type_name, tensor.nbytes, nbytes))
         out.append(Entry(tensor.name, tensor, kind, nbytes, ops))
+    notes = [_note(kind, how, found) for (kind, how), found in retyped.items()]
     if plan.write_lm_head:  # untie: the output matrix is the original embedding
         embedding = ckpt.source[plan.tied_embedding][0]
         out.append(Entry("output.weight", embedding, embedding.type_name, embedding.nbytes))
     return out, notes
+
+
+def _note(kind: str, how: str, found: list[tuple[str, int, int]]) -> str:
+    """One line for the edited tensors written in ``kind`` instead of their own type."""
+    counts: dict[str, int] = {}
+    for source, _, _ in found:
+        counts[source] = counts.get(source, 0) + 1
+    types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    before, after = sum(f[1] for f in found), sum(f[2] for f in found)
+    return (
+        f"{len(found)} edited tensors ({types}) written as {kind}: {how}; "
+        f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB"
+    )
 
 
 def _string(value: str) -> bytes:
@@ -164,11 +177,12 @@ def _edit(plan, ckpt, entry: Entry, fd: int, offset: int, preserve: bool, progre
 
 def _edit_rows(ckpt, tensor, first, rows, op, basis, kind, preserve, write) -> None:
     """Rows ``first:first+rows`` of a tensor (one matrix): ``[d_model, in]`` (residual axis 0,
-    a first pass for ``U W``) or independent rows (an embedding, residual axis 1)."""
+    a first pass for ``U W``) or independent rows (an embedding, residual axis 1). Row blocks
+    run on every core (numpy and ggml release the GIL; each block is written at its offset)."""
     cols = tensor.shape[-1]
     math = np.float64 if tensor.type_name == "F32" else np.float32
     q = basis.astype(math)
-    step = max(1, BLOCK_BYTES // (cols * np.dtype(math).itemsize))
+    step = max(1, BLOCK_BYTES // (cols * np.dtype(math).itemsize) // WORKERS)
 
     def load(i0: int, i1: int) -> np.ndarray:
         block = dequantized(ckpt.layout, tensor, slice(first + i0, first + i1))
@@ -176,12 +190,28 @@ def _edit_rows(ckpt, tensor, first, rows, op, basis, kind, preserve, write) -> N
 
     axis = op.axis if len(tensor.shape) == 2 else op.axis - 1
     coeff = factors = None
+    blocks = row_blocks(rows, step)
     if axis == 0:
-        coeff, factors = column_pass(load, rows, cols, step, q, op.scale, preserve)
-    for i0, i1 in row_blocks(rows, step):
+
+        def partial(block_range: tuple[int, int]):
+            i0, i1 = block_range
+            block = load(i0, i1)
+            sq = np.einsum("ij,ij->j", block, block) if preserve else None
+            return column_coefficients(block, q[:, i0:i1]), sq
+
+        parts = list(_POOL.map(partial, blocks))
+        coeff = sum(c for c, _ in parts)
+        if preserve:
+            sq = sum(s for _, s in parts)
+            factors = norm_factors(sq, np.einsum("kj,kj->j", coeff, coeff), op.scale)
+
+    def one(block_range: tuple[int, int]) -> None:
+        i0, i1 = block_range
         block = load(i0, i1)
         if axis == 1:
             remove_rows_(block, q, op.scale, preserve)
         else:
             remove_columns_(block, q[:, i0:i1], coeff, op.scale, factors)
         write(gguf_types.quantize(block, kind), first + i0)
+
+    list(_POOL.map(one, blocks))
