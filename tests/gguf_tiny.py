@@ -129,6 +129,9 @@ def _metadata(writer: gguf.GGUFWriter, config: dict, arch: str) -> None:
             writer.add_uint32(key, value)
         elif isinstance(value, float):
             writer.add_float32(key, value)
+    if config.get("head_dim"):  # as the converter writes it (llama.cpp reads these)
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
     if arch == "llama" and config.get("head_dim") is None:
         head_dim = config["hidden_size"] // config["num_attention_heads"]
         writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)

@@ -239,7 +239,10 @@ class VerifyConfig(_Placed):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     source: str = Field(description="The source model (folder or Hub id) the edit was made from.")
-    edited: Path = Field(description="The edited checkpoint folder written by apply.")
+    edited: Path = Field(
+        description="The edited checkpoint folder written by apply, or an edited or exported "
+        ".gguf file."
+    )
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
         default="float32",
         description="Dtype to run the models in. float64 checks a float32 checkpoint beyond the "

@@ -172,11 +172,20 @@ def apply(cfg: ApplyConfig) -> None:
     cli={"dtype": Cli(help=" Tolerances: the looser of the storage dtype's and this one's.")},
 )
 def verify(cfg: VerifyConfig) -> None:
-    """Check an edited checkpoint against the source model with the plan applied by hooks."""
-    from ..verify import verify as run_verify
+    """Check an edited checkpoint against the source model with the plan applied by hooks (an
+    edited GGUF: in transformers and in llama.cpp where installed)."""
+    from ..model.gguf import is_gguf
 
+    if is_gguf(cfg.edited):
+        from ..verify_gguf import verify_gguf as run_verify
+
+        show = tables.verify_gguf
+    else:
+        from ..verify import verify as run_verify
+
+        show = tables.verify
     result = ui.guarded(lambda: run_verify(cfg, log=ui.log), cfg.report)
-    ui.out.print(tables.verify(result, cfg.edited))
+    ui.out.print(show(result, cfg.edited))
     if not result.passed:
         for failure in result.failures:
             ui.error(failure, label="FAIL")

@@ -62,6 +62,30 @@ def verify(result, edited) -> Table:
     return table
 
 
+def verify_gguf(result, edited) -> Table:
+    """verify's checks of a GGUF: each reader's logits against the reference."""
+    types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items()))
+    table = Table(
+        title=f"verify {escape(str(edited))} ({result.mode}; {types}; ε {result.epsilon:.3g})"
+    )
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    what = "plan hooks" if result.mode == "gguf-to-gguf" else "the safetensors model"
+    for r in result.readers:
+        table.add_row(f"{r.reader}: max |Δlogit| vs {what}",
+                      _bounded(r.max_logit_diff, r.max_logit_bound))  # fmt: skip
+        table.add_row(f"{r.reader}: mean KL vs {what}", _bounded(r.mean_kl, r.mean_kl_bound))
+        if r.own_max_logit_diff:
+            table.add_row(f"{r.reader}: its own max |Δlogit| on the source (C)",
+                          f"{r.own_max_logit_diff:.3g}")  # fmt: skip
+    if result.mode == "gguf-to-gguf":
+        table.add_row("unedited tensors byte-identical", str(result.unedited_identical))
+        table.add_row("source metadata verbatim", str(result.metadata_identical))
+    if result.skipped:
+        table.caption = "not run: " + "; ".join(result.skipped)
+    return table
+
+
 def _bounded(value: float, bound: float) -> str:
     """A judged value and what it was judged against."""
     return f"{value:.3g}" + ("" if bound != bound else f" (≤ {bound:.3g})")  # NaN: not judged
