@@ -39,7 +39,7 @@ Device = Annotated[str | None, AfterValidator(_device)]
 DType = Literal["float32", "bfloat16", "float16"]
 EditMethod = Literal["project", "norm-preserving", "biprojected"]
 PushMethod = Literal["auto", "commit", "large"]
-Backend = Literal["hf", "vllm"]
+Backend = Literal["hf", "vllm", "llama.cpp"]
 #: A prompt source (orthoedit.prompts.load_prompts): a name, a file or a dataset; a Path is
 #: taken as its string.
 PromptSource = Annotated[
@@ -114,8 +114,8 @@ class _Generated(BaseModel):
 
     backend: Backend = Field(
         default="hf",
-        description="Generation backend: hf (transformers), or vllm for GPUs (falls back to hf, "
-        "saying so, where vLLM is not installed).",
+        description="Generation backend: hf (transformers), vllm for GPUs, or llama.cpp for "
+        "GGUF models (each falls back to hf, saying so, where it is not installed).",
     )
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="vllm: GPUs per model replica (tensor parallel)."
@@ -135,7 +135,7 @@ class _Generated(BaseModel):
 
     @model_validator(mode="after")
     def _parallel_is_vllm(self):
-        if self.backend == "hf" and max(self.tensor_parallel_size, self.data_parallel_size) > 1:
+        if self.backend != "vllm" and max(self.tensor_parallel_size, self.data_parallel_size) > 1:
             raise ValueError(
                 "--tensor-parallel-size and --data-parallel-size are vLLM's: add --backend vllm "
                 "(with transformers, --device auto spreads a model over the GPUs)"

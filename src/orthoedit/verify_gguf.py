@@ -192,8 +192,7 @@ def _llama_cpp(report, cfg, inputs, ref, base, source_file, log, compare) -> Non
     from .runtime import llama_cpp
 
     if not llama_cpp.available():
-        report.skipped.append("llama.cpp: llama-cpp-python is not installed (pip install "
-                              "'orthoedit[llama]')")  # fmt: skip
+        report.skipped.append(f"llama.cpp: {llama_cpp.MISSING}")
         return
     log("running prompts through the edited GGUF in llama.cpp")
     out = llama_cpp.logits(Path(cfg.edited), inputs)

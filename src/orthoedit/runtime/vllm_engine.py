@@ -35,6 +35,13 @@ def available() -> bool:
 def resolved(cfg, log):
     """``cfg``; or, where it asks for vLLM and vLLM is not installed, a copy that runs with
     transformers (said in one line). Data parallel without Ray is bad input."""
+    if cfg.backend == "llama.cpp":
+        from . import llama_cpp
+
+        if llama_cpp.available():
+            return cfg
+        log(f"--backend llama.cpp: {llama_cpp.MISSING}; generating with transformers instead")
+        return cfg.model_copy(update={"backend": "hf"})
     if cfg.backend != "vllm":
         return cfg
     if not available():
@@ -52,9 +59,17 @@ def resolved(cfg, log):
 
 def open_session(folder: Path, cfg, tok=None):
     """The session that answers for ``cfg`` (already ``resolved``): vLLM's with
-    ``--backend vllm``, else transformers' (``Session.open``)."""
+    ``--backend vllm``, llama.cpp's with ``--backend llama.cpp`` (a GGUF), else transformers'
+    (``Session.open``)."""
     if getattr(cfg, "backend", "hf") == "vllm":
         return VllmSession.open(folder, cfg, tok)
+    if getattr(cfg, "backend", "hf") == "llama.cpp":
+        from ..model.gguf import is_gguf
+        from .llama_cpp import LlamaCppSession
+
+        if not is_gguf(folder):
+            raise BadInputError(f"--backend llama.cpp runs GGUF files; {folder} is not one.")
+        return LlamaCppSession.open(folder, cfg, tok)
     return Session.open(folder, cfg, tok=tok)
 
 
