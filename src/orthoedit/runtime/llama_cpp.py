@@ -104,12 +104,19 @@ class LlamaCppSession:
             self.llm.eval(list(row))
             nats = 0.0
             for token in done:
-                logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+                logits = self._last_logits()
                 top = logits.max()
                 nats += float(top + np.log(np.exp(logits - top).sum()) - logits[token])
                 self.llm.eval([int(token)])
             out.append(nats / len(done))
         return out
+
+    def _last_logits(self) -> np.ndarray:
+        """The logits after the last token evaluated (the session keeps no others)."""
+        import llama_cpp
+
+        found = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(found, shape=(self.vocab_size,)).astype(np.float64)
 
     def close(self) -> None:
         if self.llm is not None:
