@@ -38,9 +38,7 @@ def _state(folder: Path) -> dict[str, np.ndarray]:
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's q/k permutation (transformers reverses it on load)."""
     return (
-        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
 
 
@@ -136,14 +134,19 @@ def _metadata(writer: gguf.GGUFWriter, config: dict, arch: str) -> None:
         writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
 
 
-def write_tiny_gguf(folder: Path, out: Path, types: str | dict[str, str] = "F32") -> Path:
+def write_tiny_gguf(
+    folder: Path, out: Path, types: str | dict[str, str] = "F32", file_type: int | None = None
+) -> Path:
     """A GGUF of the tiny checkpoint in ``folder``. ``types``: one type for every matrix, or
     ``{substring of the GGUF name: type}`` (first match; "*" for the rest); vectors stay F32,
-    as llama.cpp keeps them."""
+    as llama.cpp keeps them. ``file_type``: the ``general.file_type`` to record (none if
+    None)."""
     config = json.loads((folder / "config.json").read_text())
     arch = ARCH[config["model_type"]]
     writer = gguf.GGUFWriter(out, arch)
     _metadata(writer, config, arch)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     _tokenizer(writer, folder, config)
     rules = {"*": types} if isinstance(types, str) else types
     for name, value in _tensors(config, _state(folder), arch):

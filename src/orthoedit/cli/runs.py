@@ -29,8 +29,8 @@ def run(
 ) -> None:
     """Run a recipe's stages in order (measure or a fixed direction, apply, verify, eval bench,
     eval safety, export gguf, push) into one folder, skipping stages that are up to date;
-    rerunning after an interruption resumes. Exit 1 when verify fails or the benchmark regresses (nothing is
-    published then)."""
+    rerunning after an interruption resumes. Exit 1 when verify fails or the benchmark
+    regresses (nothing is published then)."""
     from ..pipeline.run import run as run_recipe
 
     with ui.bar() as display:

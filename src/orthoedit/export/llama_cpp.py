@@ -86,15 +86,19 @@ def canonical_type(text: str) -> str:
     )
 
 
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def missing_tools(types: list[str]) -> str | None:
     """What the requested types need that is not installed, as the sentence to print."""
-    if importlib.util.find_spec("sentencepiece") is None:
+    if not installed("sentencepiece"):
         return (
             "llama.cpp's converter imports sentencepiece, which is not installed: "
             "pip install 'orthoedit[export]'."
         )
     quantized = [t for t in types if t in QUANTIZED]
-    if quantized and importlib.util.find_spec("llama_cpp") is None:
+    if quantized and not installed("llama_cpp"):
         return (
             f"--type {quantized[0]} is written by llama.cpp's quantizer, which is not installed: "
             f"pip install 'orthoedit[llama]' (or export only {', '.join(CONVERTED)})."
