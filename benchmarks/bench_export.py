@@ -4,7 +4,8 @@ how far each GGUF's logits are from the edited safetensors checkpoint's.
 The model (``make qwen``: Qwen2.5-Coder-0.5B-Instruct, bf16) is edited along a seeded random
 unit direction (what is measured here is the conversion, not the edit), then exported once
 per type, each in its own ``orthoedit export gguf`` process (the first run converts the BF16
-file the quantizer starts from). Each GGUF is then run on the same chat-templated prompts,
+file the quantizer starts from; a type exported by an earlier run is not exported again). Each
+GGUF is then run on the same chat-templated prompts,
 next to the edited safetensors checkpoint in transformers (float32):
 
 * ``hf``: the GGUF loaded by transformers (``gguf_file=``, dequantized to float32);
@@ -63,6 +64,10 @@ def export(edited: Path, types: list[str]) -> dict[str, dict]:
     found = {}
     for kind in types:
         out = edited.parent / f"gguf-{kind}"
+        done = out / "timing.json"
+        if done.is_file():  # exported by an earlier run: its time is kept
+            found[kind] = json.loads(done.read_text())
+            continue
         began = time.perf_counter()
         cli = [sys.executable, "-m", "orthoedit.cli", "export", "gguf", str(edited)]
         cli += ["--type", kind, "--out", str(out), "--overwrite"]
@@ -82,10 +87,13 @@ def token_rows(edited: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(edited)
-    return [
-        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
         for p in PROMPTS
     ]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def hf_logits(folder: Path, rows, gguf_file: str | None = None) -> list[np.ndarray]:
