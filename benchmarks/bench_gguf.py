@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_apply import BIN, HERE, machine, measure, prefault, warm  # noqa: E402
-
-from orthoedit.edit import gguf_types  # noqa: E402
-from orthoedit.model.direction import save_direction  # noqa: E402
+from bench_apply import BIN, HERE, machine, measure, prefault, warm
+from orthoedit.edit import gguf_types
+from orthoedit.model.direction import save_direction
 
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 HEAD = HIDDEN // HEADS
@@ -52,7 +51,7 @@ def tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
             (b + "ffn_up.weight", (INTER, HIDDEN)),
             (b + "ffn_down.weight", (HIDDEN, INTER)),
         ]
-    return out + [("output_norm.weight", (HIDDEN,)), ("output.weight", (VOCAB, HIDDEN))]
+    return [*out, ("output_norm.weight", (HIDDEN,)), ("output.weight", (VOCAB, HIDDEN))]
 
 
 def build(path: Path, n_layers: int, kind: str) -> None:
@@ -65,7 +64,6 @@ def build(path: Path, n_layers: int, kind: str) -> None:
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     rng = np.random.default_rng(0)
     qtype = gguf.GGMLQuantizationType[kind]
-    data = {}
     for name, shape in tensors(n_layers):
         if len(shape) == 1:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
@@ -75,7 +73,7 @@ def build(path: Path, n_layers: int, kind: str) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, shape in tensors(n_layers):
+    for _, shape in tensors(n_layers):
         values = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
         if len(shape) == 1:
             writer.write_tensor_data(np.ones(shape, dtype=np.float32))
@@ -99,8 +97,10 @@ def main() -> None:
     model = src / f"llama-{args.layers}l-{args.type}.gguf"
     if not model.exists():
         build(model, args.layers, args.type)
-    direction = save_direction(work / "direction.safetensors",
-                               torch.randn(HIDDEN, generator=torch.Generator().manual_seed(0)))  # fmt: skip
+    seeded = torch.Generator().manual_seed(0)
+    direction = save_direction(
+        work / "direction.safetensors", torch.randn(HIDDEN, generator=seeded)
+    )
     size = model.stat().st_size
     prefault_gib = args.prefault_gib if args.prefault_gib is not None else size / 2**30 + 1
     runs: dict[str, list[dict]] = {"copy": [], "apply": []}

@@ -161,14 +161,19 @@ def _quantize(value: np.ndarray, kind: str) -> np.ndarray:
     return raw.reshape(*value.shape[:-1], -1)
 
 
-def write_tiny_gguf(folder: Path, out: Path, types: str | dict[str, str] = "F32") -> Path:
+def write_tiny_gguf(
+    folder: Path, out: Path, types: str | dict[str, str] = "F32", file_type: int | None = None
+) -> Path:
     """A GGUF of the tiny checkpoint in ``folder``. ``types``: one type for every matrix, or
     ``{substring of the GGUF name: type}`` (first match; "*" for the rest); vectors stay F32,
-    as llama.cpp keeps them."""
+    as llama.cpp keeps them. ``file_type``: the ``general.file_type`` to record (none if
+    None)."""
     config = json.loads((folder / "config.json").read_text())
     arch = ARCH[config["model_type"]]
     writer = gguf.GGUFWriter(out, arch)
     _metadata(writer, config, arch)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     _tokenizer(writer, folder, config)
     rules = {"*": types} if isinstance(types, str) else types
     for name, value in _tensors(config, _state(folder), arch):

@@ -21,6 +21,7 @@ from hubstub import FAKE_TOKEN, is_lfs_put
 from orthoedit.config import ApplyConfig, PushConfig
 from orthoedit.edit.apply import apply
 from orthoedit.edit.card import EVAL_BEGIN, EVAL_END
+from orthoedit.errors import BadInputError
 from orthoedit.model.checkpoint import INDEX_NAME
 from orthoedit.publish import plan_push
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
@@ -338,3 +339,67 @@ def test_recipe_does_not_publish_a_failed_check(
     again = cli("run", recipe, "--out", out)
     assert again.exit_code == 1 and "publish: not run" in again.stderr
     assert hub.requests == []
+
+
+# --- GGUF files of export gguf ------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(edited, tmp_path, monkeypatch) -> Path:
+    """A copy of the edited checkpoint with an F16 and a BF16 GGUF in its gguf/ folder (the
+    stand-in converter of tests/fake_llama_cpp)."""
+    from orthoedit.config import ExportGgufConfig
+    from orthoedit.export import llama_cpp
+    from orthoedit.export.gguf import export_gguf
+
+    monkeypatch.setattr(llama_cpp, "installed", lambda name: True)
+    model = tmp_path / "exported"
+    shutil.copytree(edited, model)
+    fake = Path(__file__).resolve().parent / "fake_llama_cpp"
+    cfg = ExportGgufConfig(model_dir=model, types=["F16", "BF16"], llama_cpp=fake, name="tiny")
+    export_gguf(cfg, log=lambda m: None)
+    return model
+
+
+def test_plan_takes_the_gguf_files_and_the_card_lists_their_types(exported):
+    plan = plan_push(PushConfig(model_dir=exported, repo_id=REPO))
+    paths = [i.path_in_repo for i in plan.items]
+    gguf = [p for p in paths if p.startswith("gguf/")]
+    assert gguf == ["gguf/export.json", "gguf/tiny-BF16.gguf", "gguf/tiny-F16.gguf"]  # no marker
+    card = plan.card
+    section = card[card.index("## GGUF files") : card.index("## License")]
+    for name, kind in (("tiny-F16.gguf", "F16"), ("tiny-BF16.gguf", "BF16")):
+        size = (exported / "gguf" / name).stat().st_size
+        assert f"| [gguf/{name}](gguf/{name}) | {kind} | {size / 1e6:.1f} MB |" in section
+    assert "local llama.cpp" in section  # the record's converter, not a local path
+    assert plan.card.replace(section, "") == (exported / "README.md").read_text()
+
+
+def test_gguf_from_another_folder(exported, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (exported / "gguf").rename(elsewhere)
+    plan = plan_push(PushConfig(model_dir=exported, repo_id=REPO, gguf=elsewhere))
+    assert "gguf/tiny-F16.gguf" in [i.path_in_repo for i in plan.items]
+    shutil.copytree(elsewhere, exported / "gguf")
+    with pytest.raises(BadInputError, match="holds GGUF files too"):
+        plan_push(PushConfig(model_dir=exported, repo_id=REPO, gguf=elsewhere))
+    for path in (exported / "gguf").glob("*.gguf"):
+        path.unlink()
+    with pytest.raises(BadInputError, match=r"holds no \.gguf files"):
+        plan_push(PushConfig(model_dir=exported, repo_id=REPO))
+    (exported / "gguf" / "x.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(BadInputError, match="not a readable GGUF"):
+        plan_push(PushConfig(model_dir=exported, repo_id=REPO))
+
+
+def test_push_uploads_the_gguf_files_and_a_repush_without_them_deletes_them(hub, exported):
+    result = cli("push", exported, REPO)
+    assert result.exit_code == 0, result.output
+    plan = plan_push(PushConfig(model_dir=exported, repo_id=REPO))
+    assert hub.files(REPO) == _expected(plan)
+    assert "## GGUF files" in hub.files(REPO)["README.md"].decode()
+    shutil.rmtree(exported / "gguf")
+    again = cli("push", exported, REPO)
+    assert again.exit_code == 0, again.output
+    assert "deleted stale gguf/tiny-F16.gguf" in again.stderr
+    assert not [p for p in hub.files(REPO) if p.startswith("gguf/")]

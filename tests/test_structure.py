@@ -242,6 +242,7 @@ def test_every_stage_option_is_its_config_field_in_one_order():
         "eval safety": (config.EvalSafetyConfig, ("model",)),
         "compare": (config.CompareConfig, ("base", "edited")),
         "push": (config.PushConfig, ("model_dir", "repo_id")),
+        "export gguf": (config.ExportGgufConfig, ("model_dir",)),
         "study sites": (config.StudySitesConfig, ("model",)),
         "attribute": (config.AttributeConfig, ("model",)),
     }

@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from .export.llama_cpp import CONVERTED, ENV, LLAMA_CPP_PYTHON, QUANTIZED, canonical_type
 from .model.architectures import Site, TiedPolicy
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -504,6 +505,11 @@ class PushConfig(BaseModel):
         description="commit: one atomic commit (upload_folder style); large: resumable, in "
         "several commits (upload_large_folder); auto: large above 10 GB.",
     )
+    gguf: Path | None = Field(
+        default=None,
+        description="A folder written by export gguf: its GGUF files go under gguf/ in the "
+        "repo and into the card (default: MODEL_DIR/gguf, when there is one).",
+    )
     message: str | None = Field(default=None, description="Commit message.")
     dry_run: bool = Field(
         default=False, description="List the files and print the card; no network, no writes."
@@ -512,6 +518,50 @@ class PushConfig(BaseModel):
         default=False,
         description="Push even though the repo name breaks the source license's naming rule.",
     )
+
+
+def _file_stem(value: str | None) -> str | None:
+    if value is not None and (
+        not value.strip() or value.startswith(".") or "/" in value or "\\" in value
+    ):
+        raise ValueError(f"--name {value!r}: give a file name stem, without folders")
+    return value
+
+
+class ExportGgufConfig(BaseModel):
+    """Options of ``orthoedit export gguf``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    model_dir: Path = Field(description="The edited checkpoint folder written by apply.")
+    types: list[Annotated[str, AfterValidator(canonical_type)]] = Field(
+        default=["Q8_0"],
+        min_length=1,
+        description=f"GGUF type to write, one file each; give it more than once. "
+        f"{', '.join(CONVERTED)}: written by llama.cpp's converter; {', '.join(QUANTIZED)}: by "
+        "llama.cpp's quantizer (orthoedit[llama]), from the checkpoint's own float type.",
+    )
+    out: Path | None = Field(
+        default=None,
+        description="Folder for the GGUF files (default: MODEL_DIR/gguf, where push finds them).",
+    )
+    name: Annotated[str | None, AfterValidator(_file_stem)] = Field(
+        default=None,
+        description="File name stem: NAME-Q8_0.gguf, ... (default: the source model's name "
+        "with -orthoedit).",
+    )
+    llama_cpp: Path | None = Field(
+        default=None,
+        description=f"Folder of llama.cpp's converter: a llama.cpp checkout or an unpacked "
+        f"llama-cpp-python sdist (default: ${ENV}, else llama-cpp-python {LLAMA_CPP_PYTHON}'s "
+        "sdist, fetched once from PyPI into ~/.cache/orthoedit and checked by its sha256).",
+    )
+    overwrite: OverwriteFolder = False
+
+    @field_validator("types")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class AttributeConfig(_Running):

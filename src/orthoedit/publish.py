@@ -5,7 +5,9 @@ Evaluation section filled from the reports of a run; those reports (bench and sa
 summaries, verify.json) go under ``orthoedit/eval`` and ``orthoedit/``; and a direction
 file that an older apply left at the top level moves to ``orthoedit/``, since serving tools
 take every top-level ``*.safetensors`` for weights. The answers of eval safety
-(``completions.jsonl`` and the samples in its report.md) are never uploaded.
+(``completions.jsonl`` and the samples in its report.md) are never uploaded. The GGUF files of
+``orthoedit export gguf`` (``MODEL_DIR/gguf``, or ``--gguf``) go under ``gguf/``, with their
+record, and the card lists them with their types.
 
 Everything up to the upload (file selection, the card, the license's naming rule) is decided
 without network access, so ``--dry-run`` shows exactly what would be sent. The token comes
@@ -25,9 +27,11 @@ from pathlib import Path
 
 from .config import PushConfig
 from .edit.apply import ARTIFACT_DIR
-from .edit.card import evaluation_markdown, with_evaluation
+from .edit.card import evaluation_markdown, gguf_markdown, with_evaluation, with_gguf
 from .edit.licenses import name_problem
 from .errors import BadInputError, RemoteError
+from .export.gguf import FOLDER as GGUF_FOLDER
+from .export.gguf import RECORD as GGUF_RECORD
 from .model.checkpoint import INDEX_NAME
 
 #: Above this, ``--method auto`` uploads with upload_large_folder (resumable).
@@ -44,7 +48,7 @@ REPORTS = (
 )
 #: Files on the branch that a push replaces as a set: stale ones are deleted in the same
 #: commit (a checkpoint re-sharded since the last push must not keep its old shards).
-OWNED = ("*.safetensors", INDEX_NAME, f"{ARTIFACT_DIR}/*")
+OWNED = ("*.safetensors", INDEX_NAME, f"{ARTIFACT_DIR}/*", f"{GGUF_FOLDER}/*")
 
 
 @dataclass
@@ -130,6 +134,8 @@ def _model_files(folder: Path) -> list[Item]:
         rel = path.relative_to(folder)
         if not path.is_file() or any(p.startswith(".") for p in rel.parts):
             continue
+        if rel.parts[0] == GGUF_FOLDER and len(rel.parts) > 1:
+            continue  # export gguf's folder: its own items (_gguf)
         name = rel.as_posix()
         if name == "README.md":
             continue  # the card is generated
@@ -210,6 +216,8 @@ def plan_push(cfg: PushConfig) -> PushPlan:
         other = _evaluated_other_model(bench, safety, folder)
         if other:
             warnings.append(other)
+    exported, card = _gguf(cfg, folder, card)
+    items += exported
     items.append(Item("README.md", data=card.encode("utf-8")))
     items.sort(key=lambda i: i.path_in_repo)
     from huggingface_hub import metadata_load
@@ -225,6 +233,34 @@ def plan_push(cfg: PushConfig) -> PushPlan:
     total = sum(i.size for i in items)
     method = cfg.method if cfg.method != "auto" else ("large" if total > LARGE_BYTES else "commit")
     return PushPlan(cfg.repo_id, cfg.revision or "main", items, card, method, warnings)
+
+
+def _gguf(cfg: PushConfig, folder: Path, card: str) -> tuple[list[Item], str]:
+    """The GGUF files of an export (``--gguf``, else ``MODEL_DIR/gguf``) under ``gguf/`` in
+    the repo, with their record, and the card listing them."""
+    from .export.gguf import read_export
+
+    inside = folder / GGUF_FOLDER
+    given = Path(cfg.gguf).expanduser() if cfg.gguf is not None else None
+    if given is None and not inside.is_dir():
+        return [], card
+    if given is not None and inside.is_dir() and given.resolve() != inside.resolve():
+        raise BadInputError(
+            f"--gguf {given}: {inside} holds GGUF files too; push one export (move the other)."
+        )
+    if given is not None and not given.is_dir():
+        raise BadInputError(f"--gguf {given}: no such folder.")
+    export = read_export(given or inside)
+    if not export.files:
+        raise BadInputError(
+            f"{export.folder} holds no .gguf files; run orthoedit export gguf {folder} again."
+        )
+    items = [Item(f"{GGUF_FOLDER}/{f.name}", local=export.folder / f.name) for f in export.files]
+    if (export.folder / GGUF_RECORD).is_file():
+        items.append(Item(f"{GGUF_FOLDER}/{GGUF_RECORD}", local=export.folder / GGUF_RECORD))
+    rows = [(f"{GGUF_FOLDER}/{f.name}", f.type, f.size) for f in export.files]
+    tools = [export.record[k] for k in ("converter", "quantizer") if export.record.get(k)]
+    return items, with_gguf(card, gguf_markdown(rows, tools))
 
 
 def _card_metadata(path: Path, metadata_load) -> dict:

@@ -27,8 +27,15 @@ eval_app = typer.Typer(
     no_args_is_help=True,
 )
 study_app = typer.Typer(cls=Group, help="Research: where refusal lives.", no_args_is_help=True)
+export_app = typer.Typer(
+    cls=Group,
+    help="Export an edited checkpoint for other runtimes: GGUF files for llama.cpp and the "
+    "runtimes built on it.",
+    no_args_is_help=True,
+)
 app.add_typer(eval_app, name="eval")
 app.add_typer(study_app, name="study")
+app.add_typer(export_app, name="export")
 
 
 def _version(value: bool) -> None:

@@ -28,9 +28,9 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe's stages in order (measure or a fixed direction, apply, verify, eval bench,
-    eval safety, push) into one folder, skipping stages that are up to date; rerunning after an
-    interruption resumes. Exit 1 when verify fails or the benchmark regresses (nothing is
-    published then)."""
+    eval safety, export gguf, push) into one folder, skipping stages that are up to date;
+    rerunning after an interruption resumes. Exit 1 when verify fails or the benchmark
+    regresses (nothing is published then)."""
     from ..pipeline.run import run as run_recipe
 
     with ui.bar() as display:
@@ -75,7 +75,8 @@ def demo(
 @command(app, "push", PushConfig, arguments=("model_dir", "repo_id"))
 def push(cfg: PushConfig) -> None:
     """Publish an edited checkpoint to the Hugging Face Hub: weights, config, tokenizer, the
-    card (with evaluation results from --eval) and the direction under orthoedit/. The token
+    card (with evaluation results from --eval), the direction under orthoedit/ and the GGUF
+    files of export gguf under gguf/ (listed in the card with their types). The token
     comes from HF_TOKEN or `hf auth login`. Exit 1 when the upload breaks off (rerun to
     resume), 2 for bad input."""
     from ..publish import push as run_push

@@ -303,6 +303,18 @@ def upload(plan) -> Table:
     return table
 
 
+def gguf_files(export) -> Table:
+    """export gguf: each file, its type (as its header says), size and what wrote it."""
+    table = Table(title=f"GGUF files in {escape(str(export.folder))}")
+    for name, justify in (("file", "left"), ("type", "left"), ("MB", "right"), ("by", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    written = export.record.get("files", {})
+    for file in export.files:
+        by = written.get(file.name, {}).get("by", "")
+        table.add_row(escape(file.name), file.type, f"{file.size / 1e6:,.1f}", escape(by))
+    return table
+
+
 def families(rows) -> Table:
     names = ("family", "status", "architectures", "writers", "norms", "tied")
     table = _columns(Table(title="Architectures"), names, left=names)

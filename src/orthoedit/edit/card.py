@@ -309,3 +309,37 @@ def _derived(plan: Plan) -> str:
         "\n- table: derived (its residual writers were read off a tiny instance of the class and "
         "the edit proved exact there; no reviewed table ships for this family)"
     )
+
+
+#: The card's section on the GGUF files push uploads beside the weights.
+GGUF_HEADING = "## GGUF files"
+
+
+def gguf_markdown(files: list[tuple[str, str, int]], tools: list[str]) -> str:
+    """The GGUF section: each file (repo path, type as its header says, bytes) and what wrote
+    them (``tools``: the converter and quantizer of ``orthoedit export gguf``'s record)."""
+    by = f", written by {' and '.join(tools)}" if tools else ""
+    lines = [
+        GGUF_HEADING,
+        "",
+        "This checkpoint as GGUF files, for llama.cpp and the runtimes built on it (`orthoedit "
+        f"export gguf`{by}). A quantized file is this checkpoint rounded to its type: "
+        "`orthoedit verify` checks the safetensors weights, not the rounding.",
+        "",
+        "| file | type | size |",
+        "|---|---|---|",
+        *(f"| [{path}]({path}) | {kind} | {_size(size)} |" for path, kind, size in files),
+    ]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def with_gguf(card: str, section: str) -> str:
+    """The card with the GGUF section before its License section (at the end without one)."""
+    at = card.find("\n## License")
+    if at == -1:
+        return card.rstrip("\n") + f"\n\n{section}\n"
+    return card[:at] + f"\n{section}\n" + card[at:]

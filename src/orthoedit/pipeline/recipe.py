@@ -14,6 +14,8 @@ models as the CLI; the run fills in what connects the stages (model, paths):
     bench: {tasks: [mmlu]}         # orthoedit eval bench options (null: skip)
     safety: {judge: hf:...}        # orthoedit eval safety options (null: skip)
     kl: {n: 64}                    # orthoedit eval kl options (null: skip)
+    gguf: {types: [Q8_0, Q4_K_M]}  # orthoedit export gguf options (null: skip, the default);
+                                   # publish then uploads the files beside the weights
     publish: {repo_id: you/name}   # orthoedit push options (null: skip)
 
 Relative paths in a recipe are relative to the recipe's folder. ``pipeline.run`` runs it.
@@ -32,6 +34,7 @@ from ..config import (
     EvalBenchConfig,
     EvalKLConfig,
     EvalSafetyConfig,
+    ExportGgufConfig,
     MeasureConfig,
     PushConfig,
     SearchConfig,
@@ -42,7 +45,7 @@ from ..errors import BadInputError
 if TYPE_CHECKING:
     pass
 
-STAGES = ("direction", "search", "model", "verify", "bench", "safety", "kl", "publish")
+STAGES = ("direction", "search", "model", "verify", "bench", "safety", "kl", "gguf", "publish")
 SECTIONS = {
     "measure": (MeasureConfig, {"model", "out", "overwrite", "revision"}),
     "search": (SearchConfig, {"model", "candidates", "out", "overwrite", "revision"}),
@@ -51,7 +54,8 @@ SECTIONS = {
     "bench": (EvalBenchConfig, {"base", "edited", "out", "overwrite"}),
     "safety": (EvalSafetyConfig, {"model", "base", "out", "overwrite"}),
     "kl": (EvalKLConfig, {"base", "edited", "report", "overwrite"}),
-    "publish": (PushConfig, {"model_dir", "eval"}),
+    "gguf": (ExportGgufConfig, {"model_dir", "out", "overwrite"}),
+    "publish": (PushConfig, {"model_dir", "eval", "gguf"}),
 }
 # Options that may name a file; a relative one is taken relative to the recipe.
 PATH_KEYS = {
@@ -63,6 +67,7 @@ PATH_KEYS = {
     "template",
     "prompts",
     "phrases",
+    "llama_cpp",
 }
 
 
@@ -79,6 +84,7 @@ class Recipe(BaseModel):
     bench: dict | None = None
     safety: dict | None = None
     kl: dict | None = None
+    gguf: dict | None = None
     publish: dict | None = None
 
 
@@ -178,9 +184,11 @@ def _filled(recipe: Recipe, model: str, out: Path) -> dict[str, dict]:
         "bench": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "bench"},
         "safety": {"model": str(out / "model"), "base": model, "out": out / "eval" / "safety"},
         "kl": {"base": model, "edited": str(out / "model"), "report": out / "eval" / "kl.json"},
+        "gguf": {"model_dir": out / "model", "out": out / "gguf"},
         "publish": {
             "model_dir": out / "model",
             "eval": out if any(getattr(recipe, s) is not None for s in EVALUATED) else None,
+            "gguf": out / "gguf" if recipe.gguf is not None else None,
         },
     }
     if recipe.search is not None:

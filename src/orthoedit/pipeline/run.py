@@ -1,7 +1,7 @@
 """``orthoedit run``: the stages of a recipe (``pipeline.recipe``), resumable, into one folder.
 
 Stages run in order into ``OUT/direction``, ``OUT/search``, ``OUT/model``, ``OUT/verify.json``,
-``OUT/eval/bench``, ``OUT/eval/safety``, ``OUT/eval/kl.json``, ``OUT/publish.json``;
+``OUT/eval/bench``, ``OUT/eval/safety``, ``OUT/eval/kl.json``, ``OUT/gguf``, ``OUT/publish.json``;
 ``OUT/run.json`` records each finished stage with the hash of its inputs (its options and the
 hashes of the outputs it reads) and of its outputs. A stage whose recorded inputs and outputs
 still match is skipped, so a run that was interrupted resumes where it stopped; each stage
@@ -51,6 +51,7 @@ OUTPUTS = {
     "bench": "eval/bench",
     "safety": "eval/safety",
     "kl": "eval/kl.json",
+    "gguf": "gguf",
     "publish": "publish.json",
 }
 UPSTREAM = {
@@ -60,7 +61,8 @@ UPSTREAM = {
     "bench": ["model"],
     "safety": ["model"],
     "kl": ["model"],
-    "publish": ["model", *EVALUATED],
+    "gguf": ["model"],
+    "publish": ["model", *EVALUATED, "gguf"],
 }
 
 
@@ -322,6 +324,13 @@ def _kl(cfg, target: Path, log, progress) -> dict:
     return {"first_token_kl": report.first_token_kl}
 
 
+def _gguf(cfg, target: Path, log, progress) -> dict:
+    from ..export.gguf import export_gguf
+
+    exported = export_gguf(cfg, log=log, progress=progress)
+    return {"files": {f.name: f.type for f in exported.files}}
+
+
 def _publish(cfg, target: Path, log, progress) -> dict:
     from ..publish import push
 
@@ -338,5 +347,6 @@ _RUNNERS = {
     "bench": _bench,
     "safety": _safety,
     "kl": _kl,
+    "gguf": _gguf,
     "publish": _publish,
 }
