@@ -556,6 +556,7 @@ def build_tiny_model(
     hidden: int = 32,
     seed: int = 0,
     max_shard_size: str | int = "20KB",
+    intermediate: int | None = None,
 ) -> Path:
     """Build, save (safetensors, config.json, generation_config.json, tokenizer + chat template)
     and return ``out_dir``.
@@ -564,7 +565,8 @@ def build_tiny_model(
     ``bias=True`` (llama only) sets ``attention_bias`` and ``mlp_bias``, so ``o_proj`` and
     ``down_proj`` carry biases. The default ``max_shard_size`` of 20KB saves even a 2-layer
     model as several shards with ``model.safetensors.index.json``; pass e.g. "1GB" for a single
-    ``model.safetensors``. Weights are a deterministic function of ``seed``.
+    ``model.safetensors``. Weights are a deterministic function of ``seed``. ``intermediate``
+    replaces the MLPs' width (gpt-oss's MXFP4 packs the experts' inputs in blocks of 32).
     """
     if family not in FAMILIES + NEW_FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -585,6 +587,8 @@ def build_tiny_model(
     config = _config(family, hidden=hidden, n_layers=n_layers, vocab=vocab, ids=ids, bias=bias)
     if tie is not None:
         config.tie_word_embeddings = tie
+    if intermediate is not None:
+        config.intermediate_size = intermediate
 
     torch.manual_seed(seed)
     cls = getattr(transformers, CLASSES[family]) if family in CLASSES else AutoModelForCausalLM

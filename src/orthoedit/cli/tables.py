@@ -48,6 +48,8 @@ def verify(result, edited) -> Table:
         ("max |Δlogit| vs residual ablation", result.paper_ablation_max_logit_diff),
         ("KL vs contribution projection (post-norm)", result.contribution_kl),
         ("max change of a written vector's length", result.max_norm_change),
+        ("max ‖uᵀW‖/‖W‖ (planned tensors stored in float)", result.max_float_weight_residual),
+        ("max ‖U(W' − PW)‖ / the format's rounding bound", result.max_rounding_ratio),
         ("max |Δlogit| from one fresh rounding (R)", result.rounding_max_logit_diff),
         ("mean KL from one fresh rounding", result.rounding_mean_kl),
     )

@@ -114,16 +114,18 @@ def quantized_along(
     fmt: QuantFormat, src: tuple[SafetensorsFile, TensorInfo], scales, basis: np.ndarray, axis
 ):
     """Like ``Checkpoint.along_and_lengths`` on the dequantized tensor (float64 components in
-    ``basis``, squared lengths of the vectors along the residual axis), plus the squared size
-    of the component the format's own rounding could leave in the basis:
+    ``basis``, squared lengths of the vectors along the residual axis, the matrices' vectors
+    one after the other), plus, per matrix (each expert of a fused tensor), the squared size of
+    the component the format's own rounding could leave in the basis:
     ``Σ_k Σ_j Σ_i U_ki² δ_ij²`` with δ the largest rounding error of each element
     (``QuantFormat.rounding_bound``)."""
     q = np.atleast_2d(np.asarray(basis, dtype=np.float64))
-    coeffs, sqs, bound = [], [], 0.0
+    coeffs, sqs, bounds = [], [], []
     for m in matrices(fmt, *src, *scales):
         columns = axis == 0 or fmt.method == "mxfp4"
         coeff = np.zeros((q.shape[0], m.cols)) if columns else []
         sq = np.zeros(m.cols) if columns else []
+        bound = 0.0
         for i0, i1 in row_blocks(m.rows, m.step):
             values, block_scales = m.load(i0, i1)
             delta2 = np.square(fmt.rounding_bound(values, block_scales), dtype=np.float64)
@@ -138,4 +140,5 @@ def quantized_along(
                 bound += float(np.sum(delta2 @ np.square(q).T))
         coeffs.append(coeff if columns else np.concatenate(coeff).T)
         sqs.append(sq if columns else np.concatenate(sq))
-    return np.concatenate(coeffs, axis=-1), np.concatenate(sqs), bound
+        bounds.append(bound)
+    return np.concatenate(coeffs, axis=-1), np.concatenate(sqs), np.array(bounds)

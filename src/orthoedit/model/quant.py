@@ -12,9 +12,10 @@ and dtype, so the shard header does not change.
   ``q = round(w / scale_inv)`` (transformers/integrations/finegrained_fp8.py).
 - ``mxfp4``: gpt-oss experts: ``<name>_blocks`` ``[..., rows, cols/32, 16]`` uint8, two E2M1
   values per byte (low nibble first), and ``<name>_scales`` ``[..., rows, cols/32]`` uint8 E8M0
-  exponents (bias 127) per 32 elements (transformers/integrations/mxfp4.py). Requantized with
-  the exponent rounded up so the block maximum fits (no clipping), as triton_kernels'
-  ``downcast_to_mxfp`` does by default.
+  exponents (bias 127) per 32 elements (transformers/integrations/mxfp4.py). Requantized as
+  triton_kernels' ``downcast_to_mxfp_torch`` does by default (transformers' ``Mxfp4Quantize``
+  calls it): the scale is amax/6 rounded up to a power of two (no clipping), each element
+  rounded to the nearest E2M1 value, ties away from zero.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3,
 #: Largest E2M1 magnitude, and the midpoints between consecutive magnitudes (for rounding).
 FP4_MAX = 6.0
 FP4_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], "f4")
-#: E8M0 exponent bias: a scale byte b means 2**(b - 127).
+#: E8M0 exponent bias: a scale byte b means 2**(b - 127); triton_kernels gives a block of zeros
+#: byte 0 and any other block an exponent of at least -126.
 E8M0_BIAS = 127
+E8M0_MIN = -126
 #: MXFP4 elements per scale.
 MX_BLOCK = 32
 #: Scale dtypes accepted for FP8 ``_scale_inv`` tensors, as numpy types (ue8m0 scales are not).
@@ -179,10 +182,9 @@ def encode(fmt: QuantFormat, w: np.ndarray, scale_dtype: str) -> tuple[np.ndarra
 
 def round_elements(fmt: QuantFormat, x: np.ndarray) -> np.ndarray:
     """Values in units of their block scale, rounded to the nearest element of the format
-    (float32; E4M3 ties to even, E2M1 ties to the smaller magnitude, both clipped to range)."""
+    (float32; E4M3 ties to even, E2M1 ties away from zero, both clipped to range)."""
     if fmt.method == "mxfp4":
-        code = np.searchsorted(FP4_MIDPOINTS, np.minimum(np.abs(x), FP4_MAX))
-        return np.copysign(FP4_VALUES[code], x)
+        return np.copysign(FP4_VALUES[_e2m1_code(x)], x)
     clipped = np.clip(x, -FP8_MAX, FP8_MAX).astype(np.float32)
     return clipped.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
@@ -204,16 +206,22 @@ def regrid(fmt: QuantFormat, values: np.ndarray, scales: np.ndarray, factor: flo
     return round_elements(fmt, values / shifted) * shifted
 
 
+def _e2m1_code(x: np.ndarray) -> np.ndarray:
+    """The E2M1 magnitude code (0-7) nearest to ``|x|``, ties away from zero, clipped at 6."""
+    return np.searchsorted(FP4_MIDPOINTS, np.minimum(np.abs(x), FP4_MAX), side="right")
+
+
 def _encode_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per 32 elements the exponent e with amax / 2**e ≤ 6, each element rounded to the
-    nearest E2M1 value (ties to the smaller magnitude), packed two per byte."""
+    """Per 32 elements the exponent e = ⌈log2(amax/6)⌉ (so amax / 2**e ≤ 6), each element
+    rounded to the nearest E2M1 value (ties away from zero), packed two per byte."""
     rows, cols = w.shape
     blocks = np.asarray(w, dtype=np.float32).reshape(rows, cols // MX_BLOCK, MX_BLOCK)
     amax = np.abs(blocks).max(axis=-1)
-    exp = np.ceil(np.log2(np.maximum(amax, np.float32(2.0**-126)) / FP4_MAX))
-    exp = np.clip(exp, -E8M0_BIAS, E8M0_BIAS).astype(np.int32)
+    mantissa, exp = np.frexp(amax / np.float32(FP4_MAX))  # exact: mantissa in [0.5, 1)
+    exp = np.where(mantissa == 0.5, exp - 1, exp)  # a power of two is its own ceiling
+    exp = np.where(amax > 0, np.clip(exp, E8M0_MIN, E8M0_BIAS), -E8M0_BIAS).astype(np.int32)
     scaled = blocks / np.ldexp(np.float32(1), exp)[..., None]
-    code = np.searchsorted(FP4_MIDPOINTS, np.minimum(np.abs(scaled), FP4_MAX)).astype(np.uint8)
+    code = _e2m1_code(scaled).astype(np.uint8)
     code |= np.signbit(scaled).astype(np.uint8) << 3
     code = code.reshape(rows, cols)
     packed = code[:, 0::2] | (code[:, 1::2] << 4)
