@@ -38,9 +38,7 @@ def _state(folder: Path) -> dict[str, np.ndarray]:
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's q/k permutation (transformers reverses it on load)."""
     return (
-        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
 
 

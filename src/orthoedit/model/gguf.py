@@ -49,7 +49,7 @@ def resolve_gguf(model: str, revision: str | None = None) -> Path:
         )
     from huggingface_hub import hf_hub_download
 
-    from .source import from_hub
+    from .hub import from_hub
 
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     found = from_hub(
@@ -233,7 +233,8 @@ def _check_whole(layout: GgufLayout) -> None:
 
 def layout_config(layout: GgufLayout) -> dict:
     """The config fields orthoedit's tables read, from the GGUF metadata through transformers'
-    own key mapping (``GGUF_CONFIG_MAPPING``); ``gguf_config`` is the whole config."""
+    own key mapping (``GGUF_CONFIG_MAPPING``). (transformers builds its own, fuller config when
+    it loads the model: this one plans the edit and chooses the table, exactly as apply does.)"""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     arch = str(layout.get("general.architecture", ""))
@@ -251,6 +252,35 @@ def layout_config(layout: GgufLayout) -> dict:
     names = {t.name for t in layout.tensors}
     config["tie_word_embeddings"] = "output.weight" not in names
     return config
+
+
+def gguf_table(config: dict, path: Path):
+    """The shipped table of a GGUF's architecture. GGUFs are never given a derived table:
+    derivation builds the transformers class from config.json, which a GGUF does not have."""
+    from .architectures import table_for_config
+
+    try:
+        return table_for_config(config)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(
+            f"{path}: GGUF of architecture {config['model_type']!r}, which orthoedit has no "
+            "table for (GGUFs are edited with shipped tables only): see orthoedit architectures."
+        ) from err
+
+
+def gguf_config(path: Path) -> dict:
+    """A GGUF's config (``layout_config``) once the file is known to be whole and its
+    architecture to have a shipped table (``gguf_table``): what ``read_config`` gives for a
+    GGUF, so that every stage refuses the same files in the same words."""
+    config = layout_config(read_layout(path))
+    gguf_table(config, path)
+    return config
+
+
+def open_gguf(path: Path) -> GgufCheckpoint:
+    """The tensors of the GGUF at ``path`` under transformers names (``GgufCheckpoint``)."""
+    layout = read_layout(path)
+    return GgufCheckpoint.open(layout, int(layout_config(layout).get("num_hidden_layers", 0)))
 
 
 def tensor_values(layout: GgufLayout, tensor: GgufTensor, rows: slice | None = None):
