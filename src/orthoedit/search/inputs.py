@@ -116,6 +116,10 @@ def prepare(cfg: SearchConfig) -> Ready:
     from ..runtime.session import chat_ids, post_instruction_ids
 
     safety_judge = check_judge(cfg)
+    if cfg.confirm:  # the confirmation's backend, refused now rather than after the trials
+        from ..runtime.vllm_engine import resolved
+
+        resolved(cfg, lambda _: None)
     eval_task = None
     if cfg.eval_task is not None:  # built now: an unknown task is bad input before any loading
         from ..evaluate.bench import load_task
