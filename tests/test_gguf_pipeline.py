@@ -78,6 +78,28 @@ def test_the_loader_reads_a_gguf_as_its_checkpoint(pair):
     assert np.array_equal(checkpoint.read(name), open_checkpoint(folder).read(name))
 
 
+def test_a_gguf_on_the_hub_resolves_to_its_cached_file_and_commit(pair, tmp_path, monkeypatch):
+    """``OWNER/REPO/FILE.gguf`` (the file in a folder of the repository, here) goes through
+    huggingface_hub's cache, offline, and gives the commit it was fetched at."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = tmp_path / "hub" / "models--orthoedit-test--tiny-gguf"
+    (storage / "snapshots" / commit / "f32").mkdir(parents=True)
+    shutil.copyfile(pair[1], storage / "snapshots" / commit / "f32" / "tiny.gguf")
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    path, revision = resolve_model("orthoedit-test/tiny-gguf/f32/tiny.gguf")
+    assert path == storage / "snapshots" / commit / "f32" / "tiny.gguf" and revision == commit
+    assert read_config(path) == read_config(pair[1])
+    line = error_line(
+        cli("measure", "orthoedit-test/tiny-gguf/f16/tiny.gguf", "--out", tmp_path / "m")
+    )
+    assert "f16/tiny.gguf" in line and not (tmp_path / "m").exists()
+
+
 def test_measure_on_a_gguf_is_measure_on_its_checkpoint(measured):
     """The means, every candidate, every score (the plan's hooks, planned on the GGUF's
     tensors) and the direction chosen are those of the safetensors checkpoint."""
@@ -202,6 +224,50 @@ def test_eval_bench_scores_a_gguf_as_its_checkpoint(pair, tmp_path):
     assert (args["pretrained"], args["gguf_file"]) == (str(gguf.parent.resolve()), gguf.name)
     (row,) = eval_bench(cfg, log=lambda _: None).rows
     assert row.base == row.edited
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16"])
+def test_verify_checks_the_edit_of_a_gguf(kind, pair, measured, tmp_path):
+    """apply GGUF to GGUF, then verify against the source GGUF: the plan read from the file,
+    unedited tensors byte-identical, edited ones orthogonal, logits those of the plan's hooks
+    within the storage type's tolerance; a byte changed in an unedited tensor fails (exit 1)."""
+    from orthoedit.model.gguf import read_layout
+
+    source = write_tiny_gguf(pair[0], tmp_path / f"{kind}.gguf", kind)
+    edited = tmp_path / "edited.gguf"
+    direction = measured["gguf"] / "direction.safetensors"
+    assert cli("apply", source, "--direction", direction, "--out", edited).exit_code == 0
+    report = tmp_path / "verify.json"
+    result = cli("verify", source, edited, "--report", report)
+    assert result.exit_code == 0, result.output
+    found = json.loads(report.read_text())
+    assert found["storage_dtype"] == kind and found["passed"]
+    assert found["unedited_identical"] and found["headers_identical"]
+    assert found["max_weight_residual"] < (1e-6 if kind == "F32" else 5e-4)
+
+    untouched = next(t for t in read_layout(edited).tensors if t.name == "blk.0.attn_q.weight")
+    with edited.open("r+b") as f:
+        f.seek(untouched.start)
+        first = f.read(1)
+        f.seek(untouched.start)
+        f.write(bytes([first[0] ^ 1]))
+    result = cli("verify", source, edited, "--report", report, "--overwrite")
+    assert result.exit_code == 1, result.output
+    assert json.loads(report.read_text())["byte_mismatches"] == ["blk.0.attn_q.weight"]
+
+
+def test_verify_refuses_a_requantized_edit_and_mixed_inputs(pair, measured, tmp_path):
+    """An edit requantized (Q8_0 here) has no tolerance yet: one line. A GGUF's edit is
+    checked against its GGUF, not against the checkpoint folder."""
+    source = write_tiny_gguf(pair[0], tmp_path / "q.gguf", {"token_embd": "Q8_0", "*": "F32"})
+    edited = tmp_path / "edited.gguf"
+    direction = measured["gguf"] / "direction.safetensors"
+    assert cli("apply", source, "--direction", direction, "--out", edited).exit_code == 0
+    report = tmp_path / "verify.json"
+    line = error_line(cli("verify", source, edited, "--report", report))
+    assert "requantized tensors to Q8_0" in line and not report.exists()
+    line = error_line(cli("verify", pair[0], edited, "--report", report))
+    assert "verify checks a GGUF's edit" in line and not report.exists()
 
 
 # --- bad GGUFs: one line, exit 2, nothing written, the source untouched ----------------------

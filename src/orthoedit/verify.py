@@ -4,7 +4,9 @@
 A number beats a look: max |Δlogit| and KL against plan hooks, ``‖uᵀW‖/‖W‖`` for every edited
 tensor (``‖U W‖/‖W‖`` over the whole span for several directions), the largest ``|r̂ᵀx|/‖x‖``
 in the residual stream, and byte identity of everything the plan did not touch. Tolerances
-depend on the storage dtype; above them verify exits 1.
+depend on the storage dtype; above them verify exits 1. The edit of a GGUF (a GGUF) is checked
+against its source GGUF alike (``edit.gguf_check`` reads it), where its edited tensors are
+stored as floats.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import numpy as np
 import torch
 
 from .config import VerifyConfig
+from .edit.gguf_check import check_gguf_bytes, load_plan, storage_type
 from .edit.ortho import norm_factors
 from .edit.plan import Plan, op_basis
 from .errors import BadInputError
 from .model.checkpoint import Checkpoint, TensorInfo
 from .model.derive import table_or_derived
+from .model.gguf import GgufCheckpoint, is_gguf
 from .model.quant import QuantFormat, quant_format
-from .model.source import read_config, resolve_model
+from .model.source import open_checkpoint, read_config, resolve_model
 from .output import check_file_target, inputs_of, write_file
 from .runtime.batching import input_device
 from .runtime.hooks import ablation_hooks, contribution_hooks, input_hooks, plan_hooks
@@ -260,7 +264,9 @@ def _leak(model, table, inputs: list[torch.Tensor], basis: np.ndarray, n_layers:
     return worst[0]
 
 
-def storage_dtype(plan: Plan, edited: Checkpoint) -> str:
+def storage_dtype(plan: Plan, edited: Checkpoint | GgufCheckpoint) -> str:
+    if isinstance(edited, GgufCheckpoint):
+        return storage_type(plan, edited)
     if edited.quant is not None and any(op.scales for op in plan.ops):
         return edited.quant.method.upper()
     dtypes = {edited.tensors[op.tensor].dtype for op in plan.ops}
@@ -273,11 +279,8 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     start_stage(cfg.device)  # verify reports its own steps
     if cfg.report is not None:
         check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite, "--report")
-    plan = Plan.load(cfg.edited)
-    folder, _ = resolve_model(cfg.source, cfg.revision)
-    config = read_config(folder)
-    quant = quant_format(config, folder)
-    source, edited = Checkpoint.open(folder, quant), Checkpoint.open(cfg.edited, quant)
+    plan, folder, config, quant = _inputs(cfg)
+    source, edited = open_checkpoint(folder, quant), open_checkpoint(cfg.edited, quant)
     table = table_or_derived(config)
     _check_plan(cfg, plan, table)
     dtype = storage_dtype(plan, edited)
@@ -286,7 +289,8 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     report = VerifyReport(str(cfg.edited), dtype, asdict(tol), len(prompts), plan.method, cfg.dtype)
 
     log("checking bytes of unedited tensors")
-    check_bytes(plan, source, edited, report)
+    check = check_gguf_bytes if isinstance(source, GgufCheckpoint) else check_bytes
+    check(plan, source, edited, report)
     log("checking edited tensors against the direction")
     check_weights(plan, source, edited, report)
 
@@ -314,6 +318,21 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     if cfg.report is not None:
         write_file(cfg.report, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _inputs(cfg: VerifyConfig):
+    """(plan, the source's local path, its config, its quantized format): of a checkpoint
+    folder's edit (plan.json), or of a GGUF's (its orthoedit.plan key; the source a GGUF)."""
+    gguf = is_gguf(cfg.edited)
+    plan = load_plan(cfg.edited) if gguf else Plan.load(cfg.edited)
+    folder, _ = resolve_model(cfg.source, cfg.revision)
+    if is_gguf(folder) != gguf:
+        raise BadInputError(
+            f"--edited {cfg.edited} and {cfg.source}: verify checks a GGUF's edit (a .gguf "
+            "written by apply) against that GGUF, a checkpoint folder's against its folder."
+        )
+    config = read_config(folder)
+    return plan, folder, config, None if gguf else quant_format(config, folder)
 
 
 def _check_plan(cfg: VerifyConfig, plan: Plan, table) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError, UnsupportedModelError
-from .checkpoint import TensorInfo
+from .checkpoint import TensorInfo, along_blocks, along_vector, concat_experts
 
 SUFFIX = ".gguf"
 _SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -54,7 +54,7 @@ def resolve_gguf(model: str, revision: str | None = None) -> Path:
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     found = from_hub(
         repo, revision, hf_hub_download, filename, what=f"downloading {filename}",
-        missing=f"{repo} has no file {filename}.",
+        missing=f"{repo} has no file {filename}.", local=f"a local copy of {filename}",
     )  # fmt: skip
     return Path(found)
 
@@ -360,6 +360,37 @@ class GgufCheckpoint:
         if self.arch in _NORM_PLUS_ONE and "norm" in tensor.name and values.ndim == 1:
             values = values - 1.0
         return values.reshape(self.tensors[name].shape)
+
+    def along_and_lengths(
+        self, name: str, basis: np.ndarray, axis: int, block_bytes: int = 64 << 20
+    ):
+        """As ``Checkpoint.along_and_lengths``, of the dequantized tensor, a block of rows at a
+        time (verify's check of an edited tensor)."""
+        tensor, expert = self.source[name]
+        shape = self.tensors[name].shape
+        if len(shape) == 1:
+            return along_vector(self._rows(tensor, 0, 1).reshape(-1), basis)
+        if len(shape) == 3 and axis == 1:  # fused [experts, out, in]: each expert's columns
+            n = shape[0]
+            return concat_experts([self._along(tensor, e, shape[1:], basis, 0, block_bytes)
+                                   for e in range(n)])  # fmt: skip
+        if len(shape) != 2:
+            raise UnsupportedModelError(f"{name}: no check of a {shape} tensor along axis {axis}.")
+        return self._along(tensor, expert or 0, shape, basis, axis, block_bytes)
+
+    def _along(self, tensor: GgufTensor, expert: int, shape, basis, axis: int, block_bytes: int):
+        """Of the matrix ``shape`` (expert ``expert`` of a fused tensor, else the tensor): the
+        components and squared lengths of its rows (``axis`` 1) or its columns (``axis`` 0)."""
+        n, cols = shape
+        step, first = max(1, block_bytes // (cols * 8)), expert * n
+        rows = range(first, first + n, step)
+        blocks = (self._rows(tensor, i, min(i + step, first + n)) for i in rows)
+        return along_blocks(blocks, basis, axis)
+
+    def _rows(self, tensor: GgufTensor, i0: int, i1: int) -> np.ndarray:
+        """Rows ``i0:i1`` of the tensor's flattened ``[rows, row]`` view, in float64."""
+        values = dequantized(self.layout, tensor, slice(i0, i1)).astype(np.float64)
+        return values.reshape(i1 - i0, tensor.shape[-1])
 
 
 def _views(name: str, tensor: GgufTensor) -> list[tuple[str, int | None, tuple[int, ...]]]:

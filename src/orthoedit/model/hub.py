@@ -6,10 +6,18 @@ from ..errors import BadInputError
 
 
 def from_hub(
-    repo_id: str, revision: str | None, fetch, *args, what: str, missing: str = "", **kwargs
+    repo_id: str,
+    revision: str | None,
+    fetch,
+    *args,
+    what: str,
+    missing: str = "",
+    local: str = "a local folder",
+    **kwargs,
 ) -> str:
     """``fetch(repo_id, *args, revision=...)`` with the Hub's failures as one-line errors
-    (``missing``: the message for a file the repository does not have)."""
+    (``missing``: the message for a file the repository does not have; ``local``: what to
+    pass instead when the Hub cannot be reached)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -29,7 +37,7 @@ def from_hub(
         raise BadInputError(f"{repo_id}: revision {revision!r} not found.") from err
     except LocalEntryNotFoundError as err:
         raise BadInputError(
-            f"{repo_id}: not in the local cache and the Hub cannot be reached; pass a local folder."
+            f"{repo_id}: not in the local cache and the Hub cannot be reached; pass {local}."
         ) from err
     except EntryNotFoundError as err:  # after its subclass LocalEntryNotFoundError
         raise BadInputError(
