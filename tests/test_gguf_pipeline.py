@@ -207,6 +207,30 @@ def test_study_compare_and_kl_run_on_a_gguf_and_its_edit(measured, pair, tmp_pat
     sites = json.loads((tmp_path / "sites" / "sites.json").read_text())
     whole = next(c for c in sites["conditions"] if (c["kind"], c["name"]) == ("weight edit", "all"))
     assert json.loads(kl.read_text())["first_token_kl"] > 0 and whole["kl"] > 0
+    args = ["eval", "safety", edited, "--base", gguf, "--n", "1", "--max-new-tokens", "2"]
+    result = cli(*args, "--out", tmp_path / "safety")
+    assert result.exit_code == 0, result.output
+    records = (tmp_path / "safety" / "completions.jsonl").read_text().splitlines()
+    assert len(records) == 4  # harmful and harmless, base and edited
+
+
+def test_search_confirmation_stages_the_edit_of_a_gguf_as_a_gguf(pair, measured, tmp_path):
+    """search --confirm applies the chosen edit to a temporary model that eval safety judges:
+    for a GGUF, ``model.gguf`` in a folder marked as orthoedit's, which it then removes."""
+    from orthoedit.config import ApplyConfig
+    from orthoedit.edit import apply as stage
+    from orthoedit.model.gguf import read_layout
+    from orthoedit.output import MARKER, remove_output
+    from orthoedit.progress import Progress
+    from orthoedit.search.confirm import GGUF_NAME, STAGING, _write_edit
+
+    staging = tmp_path / STAGING
+    edited = staging / GGUF_NAME
+    direction = measured["gguf"] / "direction.safetensors"
+    cfg = ApplyConfig(model=str(pair[1]), direction=[direction], out=edited, overwrite=True)
+    _write_edit(stage, stage.prepare(cfg), staging, edited, Progress())
+    assert (staging / MARKER).is_file() and read_layout(edited).get("orthoedit.plan")
+    assert remove_output(staging) and leftovers(tmp_path) == []
 
 
 def test_eval_bench_scores_a_gguf_as_its_checkpoint(pair, tmp_path):
