@@ -1,5 +1,5 @@
 """Resolve MODEL to a local path and read its config and weights: a checkpoint folder (local or
-a Hub id), or a GGUF file (local, or ``OWNER/REPO/FILE.gguf`` on the Hub; ``model.gguf``).
+a Hub id), or a GGUF file (local, or ``OWNER/REPO/FILE.gguf`` on the Hub; ``model/gguf.py``).
 Every stage goes through here, so a GGUF is accepted, or refused, by each in the same words."""
 
 from __future__ import annotations

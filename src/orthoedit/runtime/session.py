@@ -230,18 +230,23 @@ def load_model(
     where, options = pretrained(folder)  # a GGUF: checked whole; transformers dequantizes it
     if not is_gguf(folder):
         options |= dequantized(folder)  # FP8 and MXFP4: loaded dequantized
-    with _quiet_gguf():
+    with _quiet_gguf(folder):
         return model_class(folder).from_pretrained(where, **kwargs, **options).eval()
 
 
-def _quiet_gguf():
+def _quiet_gguf(folder: Path):
     """transformers' GGUF loader draws a tqdm bar of its own, which its logging settings do
     not reach; turned off, so that the stage's progress stays the only one shown."""
+    import contextlib
     import functools
     from unittest import mock
 
+    if not is_gguf(folder):
+        return contextlib.nullcontext()
     import transformers.modeling_gguf_pytorch_utils as loader
 
+    if not hasattr(loader, "tqdm"):  # another transformers: nothing to quiet
+        return contextlib.nullcontext()
     return mock.patch.object(loader, "tqdm", functools.partial(loader.tqdm, disable=True))
 
 
