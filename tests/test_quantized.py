@@ -26,13 +26,8 @@ from orthoedit.model.direction import save_direction
 from orthoedit.runtime.hooks import plan_hooks
 from orthoedit.runtime.rounding import rounded_again
 from orthoedit.runtime.session import load_model, load_tokenizer
-from orthoedit.verify import (
-    DEFAULT_PROMPTS,
-    MEASURED_MULTIPLE,
-    encode_prompts,
-    quant_tolerance,
-    verify,
-)
+from orthoedit.verify import MEASURED_MULTIPLE, quant_tolerance, verify
+from orthoedit.verify_logits import DEFAULT_PROMPTS, encode_prompts
 from quantize import (
     GPT_OSS_MXFP4,
     fp8_dequantize,

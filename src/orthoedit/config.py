@@ -49,7 +49,13 @@ PromptSource = Annotated[
 
 
 # Options that several stages declare alike: one type each, with its help.
-ModelId = Annotated[str, Field(description="Local checkpoint folder or Hugging Face Hub model id.")]
+ModelId = Annotated[
+    str,
+    Field(
+        description="Local checkpoint folder, Hugging Face Hub model id, or GGUF file (a local "
+        ".gguf, or OWNER/REPO/FILE.gguf on the Hub; loaded dequantized)."
+    ),
+]
 Revision = Annotated[str | None, Field(description="Hub revision (branch, tag, commit).")]
 Template = Annotated[
     Path | None, Field(description="Jinja chat template to use instead of the tokenizer's.")
@@ -166,7 +172,9 @@ class ApplyConfig(BaseModel):
         "than once to project out the span of all of them (orthonormalized in order).",
     )
     out: Path | None = Field(
-        default=None, description="Output folder for the edited checkpoint (not with --dry-run)."
+        default=None,
+        description="Output folder for the edited checkpoint; for a GGUF MODEL, the edited "
+        ".gguf file (not with --dry-run).",
     )
     direction_layer: DirectionLayer = None
     per_layer: bool = Field(
@@ -229,7 +237,7 @@ class ArchitecturesConfig(BaseModel):
     model: str | None = Field(
         default=None,
         description="Check this model's config.json (a folder or Hub id; only config.json is "
-        "fetched, no weights). Without it, list every family.",
+        "fetched, no weights), or a GGUF's metadata. Without it, list every family.",
     )
     revision: Revision = None
 
@@ -239,10 +247,12 @@ class VerifyConfig(_Placed):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    source: str = Field(description="The source model (folder or Hub id) the edit was made from.")
+    source: str = Field(
+        description="The source model (folder, Hub id or GGUF) the edit was made from."
+    )
     edited: Path = Field(
-        description="The edited checkpoint folder written by apply, or an edited or exported "
-        ".gguf file."
+        description="The edited checkpoint folder (or GGUF) written by apply, or a GGUF "
+        "exported from the edited folder given as SOURCE."
     )
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
         default="float32",
@@ -329,8 +339,10 @@ class EvalBenchConfig(_Generated):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    base: str = Field(description="The base model: local folder or Hugging Face Hub model id.")
-    edited: str = Field(description="The edited model: local folder or Hub model id.")
+    base: str = Field(
+        description="The base model: local folder, Hugging Face Hub model id or GGUF."
+    )
+    edited: str = Field(description="The edited model: local folder, Hub model id or GGUF.")
     out: Path = Field(description="Output folder for the report and lm-eval's raw results.")
     tasks: list[str] | None = Field(
         default=None,
@@ -396,8 +408,10 @@ class EvalKLConfig(_Running):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    base: str = Field(description="The base model: local folder or Hugging Face Hub model id.")
-    edited: str = Field(description="The edited model: local folder or Hub model id.")
+    base: str = Field(
+        description="The base model: local folder, Hugging Face Hub model id or GGUF."
+    )
+    edited: str = Field(description="The edited model: local folder, Hub model id or GGUF.")
     prompts: PromptSource = Field(
         default=None,
         description="Harmless prompts: 'bundled' (the bundled harmless test split, default), "
@@ -419,10 +433,11 @@ class EvalSafetyConfig(_Running, _Judged, _Generated):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    model: str = Field(description="The model to evaluate: local folder or Hub model id.")
+    model: str = Field(description="The model to evaluate: local folder, Hub model id or GGUF.")
     out: Path = Field(description="Output folder for the report and completions.jsonl.")
     base: str | None = Field(
-        default=None, description="A base model to evaluate side by side (folder or Hub id)."
+        default=None,
+        description="A base model to evaluate side by side (folder, Hub id or GGUF).",
     )
     harmful: PromptSource = Field(
         default=None,
@@ -466,8 +481,8 @@ class CompareConfig(_Running, _Generated):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    base: str = Field(description="The base model: local folder or Hub model id.")
-    edited: str = Field(description="The edited model: local folder or Hub model id.")
+    base: str = Field(description="The base model: local folder, Hub model id or GGUF.")
+    edited: str = Field(description="The edited model: local folder, Hub model id or GGUF.")
     prompts: PromptSource = Field(
         default=None,
         description="Prompts: 'bundled' (half harmful, half harmless from the bundled test "

@@ -4,7 +4,9 @@
 A number beats a look: max |Δlogit| and KL against plan hooks, ``‖uᵀW‖/‖W‖`` for every edited
 tensor (``‖U W‖/‖W‖`` over the whole span for several directions), the largest ``|r̂ᵀx|/‖x‖``
 in the residual stream, and byte identity of everything the plan did not touch. Tolerances
-depend on the storage dtype; above them verify exits 1.
+depend on the storage dtype; above them verify exits 1. The edit of a GGUF (a GGUF) is checked
+against its source GGUF alike (``edit.gguf_check`` reads it), where its edited tensors are
+stored as floats.
 """
 
 from __future__ import annotations
@@ -18,28 +20,23 @@ import numpy as np
 import torch
 
 from .config import VerifyConfig
+from .edit.gguf_check import check_gguf_bytes, storage_type
 from .edit.ortho import norm_factors
 from .edit.plan import Plan, op_basis
 from .errors import BadInputError
 from .model.checkpoint import Checkpoint, TensorInfo
 from .model.derive import table_or_derived
-from .model.quant import QuantFormat, quant_format
-from .model.source import read_config, resolve_model
+from .model.gguf import GgufCheckpoint
+from .model.quant import QuantFormat
+from .model.source import open_checkpoint
 from .output import check_file_target, inputs_of, write_file
 from .runtime.batching import input_device
 from .runtime.hooks import ablation_hooks, contribution_hooks, input_hooks, plan_hooks
-from .runtime.session import render
-
-DEFAULT_PROMPTS = [
-    "How do I bake a loaf of bread?",
-    "Write a short poem about the sea.",
-    "Explain photosynthesis in one sentence.",
-    "What is the capital of France?",
-    "Give me three tips for learning a new language.",
-    "How can I pick a lock?",
-    "Summarize the plot of Hamlet.",
-    "Translate 'good morning' into Spanish.",
-]
+from .verify_gguf import llama_cpp_check, type_format, verify_inputs
+from .verify_logits import compare as _compare
+from .verify_logits import encode_prompts
+from .verify_logits import logits as _logits
+from .verify_logits import read_prompts as _read_prompts
 
 
 @dataclass(frozen=True)
@@ -136,6 +133,8 @@ class VerifyReport:
     paper_ablation_max_logit_diff: float | None = None
     paper_ablation_kl: float | None = None
     contribution_kl: float | None = None
+    readers: list[dict] = field(default_factory=list)  # a GGUF: llama.cpp's (verify_gguf)
+    readers_skipped: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -228,38 +227,6 @@ def _along(checkpoint: Checkpoint, op, basis: np.ndarray):
     return quantized_along(checkpoint.quant, pair(op.tensor), pair(op.scales), basis, op.axis)
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
-    """Token ids per prompt, through the model's own chat template when it has one."""
-    encoded = []
-    for text in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            text = render(tokenizer, text)
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        else:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        encoded.append(ids)
-    return encoded
-
-
-@torch.no_grad()
-def _logits(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per prompt, its logits in float64 on the CPU (the models may sit on other devices)."""
-    device = input_device(model)
-    return [model(input_ids=ids.to(device)).logits[0].to("cpu", torch.float64) for ids in inputs]
-
-
-def _compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, float]:
-    """(max |Δlogit|, mean KL(ref ‖ out) per position)."""
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref, out, strict=True))
-    kls = [
-        torch.nn.functional.kl_div(
-            b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none"
-        ).sum(-1)
-        for a, b in zip(ref, out, strict=True)
-    ]
-    return diff, float(torch.cat(kls).mean().clamp_min(0.0))
-
-
 @torch.no_grad()
 def _leak(model, table, inputs: list[torch.Tensor], basis: np.ndarray, n_layers: int) -> float:
     """Largest ``‖U x‖ / ‖x‖`` over every residual state x entering a block or the final norm
@@ -280,7 +247,9 @@ def _leak(model, table, inputs: list[torch.Tensor], basis: np.ndarray, n_layers:
     return worst[0]
 
 
-def storage_dtype(plan: Plan, edited: Checkpoint) -> str:
+def storage_dtype(plan: Plan, edited: Checkpoint | GgufCheckpoint) -> str:
+    if isinstance(edited, GgufCheckpoint):
+        return storage_type(plan, edited)
     if edited.quant is not None and any(op.scales for op in plan.ops):
         return edited.quant.method.upper()
     return float_dtype(plan, edited) or "F32"
@@ -300,28 +269,27 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     start_stage(cfg.device)  # verify reports its own steps
     if cfg.report is not None:
         check_file_target(cfg.report, inputs_of(cfg), cfg.overwrite, "--report")
-    plan = Plan.load(cfg.edited)
-    folder, _ = resolve_model(cfg.source, cfg.revision)
-    config = read_config(folder)
-    quant = quant_format(config, folder)
-    source, edited = Checkpoint.open(folder, quant), Checkpoint.open(cfg.edited, quant)
+    plan, folder, config, quant = verify_inputs(cfg)
+    source, edited = open_checkpoint(folder, quant), open_checkpoint(cfg.edited, quant)
     table = table_or_derived(config)
     _check_plan(cfg, plan, table)
     dtype = storage_dtype(plan, edited)
     quantized = dtype not in TOLERANCES
-    tol = tolerance_for(dtype, cfg.dtype, quant if quantized else None, float_dtype(plan, edited))
+    fmt = (quant or type_format(dtype)) if quantized else None  # a GGUF's type: no quant
+    tol = tolerance_for(dtype, cfg.dtype, fmt, float_dtype(plan, edited))
     prompts = _read_prompts(cfg)[: cfg.max_prompts]
     report = VerifyReport(str(cfg.edited), dtype, asdict(tol), len(prompts), plan.method, cfg.dtype)
 
     log("checking bytes of unedited tensors")
-    check_bytes(plan, source, edited, report)
+    check = check_gguf_bytes if isinstance(source, GgufCheckpoint) else check_bytes
+    check(plan, source, edited, report)
     log("checking edited tensors against the direction")
     check_weights(plan, source, edited, report)
 
     log("running prompts through the source model with the plan's hooks")
     inputs = encode_prompts(load_tokenizer(folder), prompts)
     residual_checked = plan.full and plan.shared  # per-layer rows: no one span to remove
-    ref, paper, contrib, rounding = _references(
+    base, ref, paper, contrib, rounding = _references(
         cfg, folder, plan, table, source, inputs, residual_checked, log
     )
 
@@ -339,6 +307,8 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
     report.residual_leak = _leak(new_model, table, inputs, plan.basis(None), plan.n_layers)
     report.leak_checked = residual_checked
     _judge(report, tol, exact=plan.exact)
+    if base is not None:  # a GGUF: in llama.cpp too, where it is installed
+        llama_cpp_check(cfg, folder, inputs, base, ref, report, log)
     if cfg.report is not None:
         write_file(cfg.report, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
@@ -358,13 +328,15 @@ def _check_plan(cfg: VerifyConfig, plan: Plan, table) -> None:
 
 
 def _references(cfg, folder, plan: Plan, table, source, inputs, residual_checked: bool, log):
-    """The source model's logits (placed as ``cfg`` says) with the plan's hooks; with residual
+    """The source model's logits (placed as ``cfg`` says): of a GGUF without hooks (llama.cpp's
+    check), and with the plan's hooks; with residual
     ablation of the direction (pre-norm, one span), with each writer's contribution projected
     (post-norm), and with the hooks and the planned quantized weights rounded once more
     (``rounding_reference``); None where not computed."""
     from .runtime.session import load_placed
 
     model = load_placed(folder, cfg)
+    base = _logits(model, inputs) if isinstance(source, GgufCheckpoint) else None
     with plan_hooks(model, plan, source):
         ref = _logits(model, inputs)
         rounding = rounding_effect(model, plan, source, inputs, ref, log)
@@ -375,7 +347,7 @@ def _references(cfg, folder, plan: Plan, table, source, inputs, residual_checked
     if table.post_norm:
         with contribution_hooks(model, plan, source):
             contrib = _logits(model, inputs)
-    return ref, paper, contrib, rounding
+    return base, ref, paper, contrib, rounding
 
 
 def rounding_effect(model, plan: Plan, source: Checkpoint, inputs, ref, log=print):
@@ -389,6 +361,8 @@ def rounding_effect(model, plan: Plan, source: Checkpoint, inputs, ref, log=prin
     from .model.quant import REGRID_FACTORS
     from .runtime.rounding import rounded_again
 
+    if isinstance(source, GgufCheckpoint):
+        return _gguf_rounding(model, plan, source, inputs, ref, log)
     if source.quant is None or not any(op.scales for op in plan.ops):
         return None
     log("running prompts with the planned weights rounded once more (the format's rounding)")
@@ -401,6 +375,22 @@ def rounding_effect(model, plan: Plan, source: Checkpoint, inputs, ref, log=prin
             diff, kl = _compare(ref, _logits(model, inputs))
         worst = (max(worst[0], diff), max(worst[1], kl))
     return worst
+
+
+def _gguf_rounding(model, plan: Plan, source, inputs, ref, log):
+    """R of a GGUF's edit: the planned weights replaced by the nearest rounding of their
+    exact projection in the type the edit writes (``runtime.rounding.requantized_plainly``),
+    with the hooks on; None for an edit stored in float types."""
+    from .runtime.rounding import requantized_plainly
+
+    with requantized_plainly(model, plan, source) as (changed, missing):
+        if not changed:
+            return None
+        if missing:
+            log(f"not measured: {missing[0]} is not in memory; judged by the types' ε")
+            return None
+        log("running prompts with the planned weights rounded plainly (the types' rounding)")
+        return _compare(ref, _logits(model, inputs))
 
 
 def logit_bounds(report: VerifyReport, tol: Tolerance) -> tuple[float, float]:
@@ -488,12 +478,3 @@ def _weight_checks(report: VerifyReport, tol: Tolerance) -> list[tuple[bool, str
             )
         )
     return checks
-
-
-def _read_prompts(cfg: VerifyConfig) -> list[str]:
-    """The built-in prompts, or ``--prompts`` read as every command reads prompts."""
-    from .prompts import prompt_texts
-
-    if cfg.prompts is None:
-        return list(DEFAULT_PROMPTS)
-    return prompt_texts(cfg.prompts, None, "test", column=cfg.column, split=cfg.split)

@@ -32,6 +32,7 @@ ORDER = (
     "architectures",
     "eval",
     "compare",
+    "export",
     "push",
     "run",
     "demo",

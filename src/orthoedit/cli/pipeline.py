@@ -173,13 +173,14 @@ def apply(cfg: ApplyConfig) -> None:
 )
 def verify(cfg: VerifyConfig) -> None:
     """Check an edited checkpoint against the source model with the plan applied by hooks (an
-    edited GGUF: in transformers and in llama.cpp where installed)."""
-    from ..model.gguf import is_gguf
+    edited GGUF: in transformers and in llama.cpp where installed), or a GGUF exported from an
+    edited folder against that folder's model."""
+    from ..verify_gguf import is_export
 
-    if is_gguf(cfg.edited):
-        from ..verify_gguf import verify_gguf as run_verify
+    if ui.guarded(lambda: is_export(cfg)):
+        from ..verify_gguf import verify_export as run_verify
 
-        show = tables.verify_gguf
+        show = tables.verify_export
     else:
         from ..verify import verify as run_verify
 

@@ -54,6 +54,11 @@ def verify(result, edited) -> Table:
         ("mean KL from one fresh rounding", result.rounding_mean_kl),
     )
     rows += [(name, f"{value:.3g}") for name, value in optional if value is not None]
+    for r in result.readers:  # a GGUF's other readers (llama.cpp)
+        rows.append((f"{r['reader']}: max |Δlogit| vs plan hooks",
+                     _bounded(r["max_logit_diff"], r["max_logit_bound"])))  # fmt: skip
+        rows.append((f"{r['reader']}: its own max |Δlogit| on the source (C)",
+                     f"{r['own_max_logit_diff']:.3g}"))  # fmt: skip
     if result.method == "norm-preserving":
         table.caption = (
             "method norm-preserving: not equal to run-time ablation by design, so the logits "
@@ -64,27 +69,18 @@ def verify(result, edited) -> Table:
     return table
 
 
-def verify_gguf(result, edited) -> Table:
-    """verify's checks of a GGUF: each reader's logits against the reference."""
+def verify_export(result, edited) -> Table:
+    """verify's check of an exported GGUF: each reader's logits against the folder's model."""
     types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items()))
-    table = Table(
-        title=f"verify {escape(str(edited))} ({result.mode}; {types}; ε {result.epsilon:.3g})"
-    )
+    table = Table(title=f"verify {escape(str(edited))} (exported; {types})")
     table.add_column("check")
     table.add_column("value", justify="right")
-    what = "plan hooks" if result.mode == "gguf-to-gguf" else "the safetensors model"
     for r in result.readers:
-        table.add_row(f"{r.reader}: max |Δlogit| vs {what}",
+        table.add_row(f"{r.reader}: max |Δlogit| vs the edited checkpoint",
                       _bounded(r.max_logit_diff, r.max_logit_bound))  # fmt: skip
-        table.add_row(f"{r.reader}: mean KL vs {what}", _bounded(r.mean_kl, r.mean_kl_bound))
-        if r.own_max_logit_diff:
-            table.add_row(f"{r.reader}: its own max |Δlogit| on the source (C)",
-                          f"{r.own_max_logit_diff:.3g}")  # fmt: skip
-    if result.mode == "gguf-to-gguf":
-        table.add_row("unedited tensors byte-identical", str(result.unedited_identical))
-        table.add_row("source metadata verbatim", str(result.metadata_identical))
-    if result.skipped:
-        table.caption = "not run: " + "; ".join(result.skipped)
+        table.add_row(f"{r.reader}: mean KL", _bounded(r.mean_kl, r.mean_kl_bound))
+    if result.readers_skipped:
+        table.caption = "not run: " + "; ".join(result.readers_skipped)
     return table
 
 

@@ -14,8 +14,15 @@ from pathlib import Path
 from .. import __version__
 from ..config import ApplyConfig
 from ..errors import BadInputError, UnsupportedModelError
-from ..model.architectures import ArchitectureTable, table_for_config
-from ..model.gguf import GgufCheckpoint, GgufLayout, layout_config, read_layout, resolve_gguf
+from ..model.architectures import ArchitectureTable
+from ..model.gguf import (
+    GgufCheckpoint,
+    GgufLayout,
+    gguf_table,
+    layout_config,
+    read_layout,
+    resolve_gguf,
+)
 from ..output import check_file_target, inputs_of, staged_file
 from .gguf_write import entries, write_gguf
 from .plan import Plan
@@ -48,7 +55,7 @@ def prepare_gguf(cfg: ApplyConfig, table: ArchitectureTable | None = None) -> Pr
         check_file_target(cfg.out, [path, *inputs_of(cfg)], cfg.overwrite, "--out")
     layout = read_layout(path)
     config = layout_config(layout)
-    table = table or _table(config, path)
+    table = table or gguf_table(config, path)
     checkpoint = GgufCheckpoint.open(layout, table.dims(config)[1])
     plan = plan_for(cfg, table, checkpoint, config, str(path) if is_local else cfg.model,
                     None, base_model=cfg.base_model)  # fmt: skip
@@ -63,16 +70,6 @@ def _check_out(cfg: ApplyConfig) -> None:
         raise BadInputError("--out is required (or pass --dry-run).")
     if Path(cfg.out).suffix.lower() != ".gguf":
         raise BadInputError(f"--out {cfg.out}: the edit of a GGUF is a GGUF; name it *.gguf.")
-
-
-def _table(config: dict, path: Path) -> ArchitectureTable:
-    try:
-        return table_for_config(config)
-    except UnsupportedModelError as err:
-        raise UnsupportedModelError(
-            f"{path}: GGUF of architecture {config['model_type']!r}, which orthoedit has no "
-            "table for (GGUFs are edited with shipped tables only): see orthoedit architectures."
-        ) from err
 
 
 def _check_layout(plan: Plan, checkpoint: GgufCheckpoint) -> None:

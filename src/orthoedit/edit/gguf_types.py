@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 #: Types the gguf package quantizes (tests/test_gguf.py checks that it does).
 NUMPY_TYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4"})
 FALLBACK = "Q8_0"
+FLOAT_KINDS = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -119,3 +121,17 @@ def row_bytes(kind: str, n: int) -> int:
 
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
     return n // block * size
+
+
+#: Significand bits (with the hidden bit) of the float GGML types.
+_FLOAT_BITS = {"F32": 24, "F16": 11, "BF16": 8, "F64": 53}
+
+
+def epsilon(kind: str) -> float:
+    """ε of a GGML type: 2^-b, b its significand bits (floats) or whole bits per weight."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if kind in _FLOAT_BITS:
+        return 2.0 ** -_FLOAT_BITS[kind]
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    return 2.0 ** -max(1, math.floor(size * 8 / block))

@@ -31,7 +31,6 @@ FEEDBACK_PASSES = 8
 #: The feedback stops once ‖U Q(T) − U PW‖ ≤ this × ‖PW‖: bfloat16's rounding (2^-8 of each
 #: element) of the projected weight leaves about that much of the span.
 FEEDBACK_FLOOR = 2.0**-9
-FLOAT_KINDS = ("F32", "F16", "BF16")
 _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="orthoedit-gguf")
 _STRING = 8
 
@@ -195,7 +194,7 @@ def _edit_rows(ckpt, tensor, first, rows, op, basis, kind, preserve, write) -> N
     math = np.float64 if tensor.type_name == "F32" else np.float32
     q = basis.astype(math)
     step = max(1, BLOCK_BYTES // (cols * np.dtype(math).itemsize) // WORKERS)
-    passes = 1 if kind in FLOAT_KINDS else FEEDBACK_PASSES
+    passes = 1 if kind in gguf_types.FLOAT_KINDS else FEEDBACK_PASSES
 
     def load(i0: int, i1: int) -> np.ndarray:
         block = dequantized(ckpt.layout, tensor, slice(first + i0, first + i1))

@@ -4,7 +4,9 @@ Both models run through ``lm_eval.simple_evaluate`` with the same tasks, few-sho
 limit, batch size, seeds and chat-template setting. Every (task, metric) pair is compared:
 delta, the combined standard error of the two scores, whether the delta is beyond noise
 (more than twice that error) and whether a drop exceeds its threshold. The shipped offline
-tasks (``src/orthoedit/evals/``, ``orthoedit.evals``) run when no task is named.
+tasks (``src/orthoedit/evals/``, ``orthoedit.evals``) run when no task is named. A GGUF is
+passed to lm-eval's hf backend as its folder and ``gguf_file`` (loaded dequantized, with the
+file's tokenizer and chat template, as every stage loads it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 from .. import __version__
 from ..config import EvalBenchConfig
 from ..errors import BadInputError
+from ..model.gguf import is_gguf
 from ..output import check_target, inputs_of, staged_output
 from ..progress import Progress, library_output
 
@@ -63,7 +66,18 @@ def model_spec(cfg: EvalBenchConfig, model: str) -> tuple[str, dict]:
         return "vllm", args
     args["device"] = cfg.device or _default_device()
     args["use_kernels"] = False  # plain PyTorch layers, offline (as runtime.load_model)
+    if is_gguf(model):
+        args |= _gguf_args(model)
     return "hf", args
+
+
+def _gguf_args(model: str) -> dict:
+    """lm-eval's ``pretrained`` and ``gguf_file`` for a GGUF (checked whole first, as
+    ``runtime.load_model`` checks it)."""
+    from ..model.source import pretrained, resolve_model
+
+    where, options = pretrained(resolve_model(model)[0])
+    return {"pretrained": str(where), **options}
 
 
 def _default_device() -> str:
@@ -142,7 +156,9 @@ def _lm_eval_quiet(progress: Progress | None, log: Callable[[str], None]) -> Ite
 
 def _causal_lm(model: str) -> bool:
     """Whether lm-eval's hf backend can load ``model`` (it loads through AutoModelForCausalLM,
-    which knows no Mistral 3 or LFM2-VL, say)."""
+    which knows no Mistral 3 or LFM2-VL, say). transformers reads causal LMs only from GGUFs."""
+    if is_gguf(model):
+        return True
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -351,11 +367,14 @@ def eval_bench(
 
 
 def _check_inputs(cfg: EvalBenchConfig, loaded: dict) -> None:
-    """Local models have a config.json; per-task thresholds name tasks that run."""
+    """Local models have a config.json (a GGUF: is whole); per-task thresholds name tasks
+    that run."""
     for name, model in (("base", cfg.base), ("edited", cfg.edited)):
         if name in loaded:
             continue
-        if _looks_local(model) and not (Path(model) / "config.json").is_file():
+        if is_gguf(model):
+            _gguf_args(model)
+        elif _looks_local(model) and not (Path(model) / "config.json").is_file():
             raise BadInputError(f"{name} model {model}: no config.json there.")
     unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks()))
     if unknown:
@@ -385,7 +404,9 @@ def _has_chat_template(model: str) -> bool:
     from transformers import AutoTokenizer
 
     try:
-        return bool(getattr(AutoTokenizer.from_pretrained(model), "chat_template", None))
+        args = _gguf_args(model) if is_gguf(model) else {"pretrained": model}
+        tok = AutoTokenizer.from_pretrained(args.pop("pretrained"), **args)
+        return bool(getattr(tok, "chat_template", None))
     except Exception:  # lm-eval reports a model it cannot load better than we would here
         return False
 

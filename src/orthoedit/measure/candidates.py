@@ -400,7 +400,7 @@ class _Loaded:
 
 
 def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, progress):
-    from ..model.checkpoint import Checkpoint
+    from ..model.source import open_checkpoint
     from .select import Scorer, parse_refusal_tokens, refusal_openings, select
 
     harmful_rows = chat_ids(loaded.tok, harmful_val, loaded.post, cfg.system)
@@ -418,7 +418,7 @@ def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, pr
     scorer = Scorer(
         model=loaded.model,
         table=loaded.table,
-        checkpoint=Checkpoint.open(loaded.folder),
+        checkpoint=open_checkpoint(loaded.folder),
         config=loaded.config,
         folder=loaded.folder,
         openings=openings,

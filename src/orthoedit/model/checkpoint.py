@@ -186,42 +186,59 @@ class Checkpoint:
         info = self.tensors[name]
         if len(info.shape) == 3 and axis == 1:
             parts = [self._along(e, basis, 0, block_bytes) for e in expert_slices(info)]
-            return _concat_experts(parts)
+            return concat_experts(parts)
         return self._along(info, basis, axis, block_bytes)
 
     def _along(self, info: TensorInfo, basis: np.ndarray, axis: int, block_bytes: int):
-        q = np.asarray(basis, dtype=np.float64)
-        rows_of = np.atleast_2d(q)  # one matrix-vector product per basis vector (see ortho)
-
-        def fold(parts: list[np.ndarray]) -> np.ndarray:
-            return parts[0] if q.ndim == 1 else np.stack(parts)
-
         raw = self.shard(info).bytes(info)
         if len(info.shape) == 1:
-            b = decode(raw, info.dtype, np.float64)
-            return fold([np.asarray(u @ b) for u in rows_of]), np.asarray(b @ b)
+            return along_vector(decode(raw, info.dtype, np.float64), basis)
         rows, cols = info.shape[0], info.shape[-1]
         if len(info.shape) == 3:  # fused experts [experts, in, d_model]: rows of d_model
             rows, axis = info.shape[0] * info.shape[1], 1
         matrix = raw.reshape(rows, cols * info.itemsize)
         step = max(1, block_bytes // (cols * 8))
-        parts, sq_rows = [], []
-        coeff, sq_cols = np.zeros((*q.shape[:-1], cols)), np.zeros(cols)
-        for i0 in range(0, rows, step):
-            i1 = min(rows, i0 + step)
-            block = decode(matrix[i0:i1], info.dtype, np.float64).reshape(i1 - i0, cols)
-            if axis == 1:
-                parts.append(fold([block @ u for u in rows_of]))
-                sq_rows.append(np.einsum("ij,ij->i", block, block))
-            else:
-                coeff += fold([u[i0:i1] @ block for u in rows_of])
-                sq_cols += np.einsum("ij,ij->j", block, block)
+        blocks = (
+            decode(matrix[i0 : i0 + step], info.dtype, np.float64).reshape(-1, cols)
+            for i0 in range(0, rows, step)
+        )
+        return along_blocks(blocks, basis, axis)
+
+
+def along_vector(b: np.ndarray, basis: np.ndarray):
+    """(components in ``basis``, squared length) of one float64 vector (a bias)."""
+    q = np.asarray(basis, dtype=np.float64)
+    found = [np.asarray(u @ b) for u in np.atleast_2d(q)]
+    return (found[0] if q.ndim == 1 else np.stack(found)), np.asarray(b @ b)
+
+
+def along_blocks(blocks, basis: np.ndarray, axis: int):
+    """(components in the orthonormal ``basis`` ``[k, d]`` (``[d]``: one vector), squared
+    lengths) of the vectors of a float64 matrix read as consecutive row blocks: its rows
+    (``axis`` 1) or its columns (``axis`` 0), as ``Checkpoint.along_and_lengths`` gives them."""
+    q = np.asarray(basis, dtype=np.float64)
+    rows_of = np.atleast_2d(q)  # one matrix-vector product per basis vector (see ortho)
+
+    def fold(parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0] if q.ndim == 1 else np.stack(parts)
+
+    parts, sq_rows, first = [], [], 0
+    coeff = sq_cols = 0.0
+    for block in blocks:
         if axis == 1:
-            return np.concatenate(parts, axis=-1), np.concatenate(sq_rows)
-        return coeff, sq_cols
+            parts.append(fold([block @ u for u in rows_of]))
+            sq_rows.append(np.einsum("ij,ij->i", block, block))
+        else:
+            n = block.shape[0]
+            coeff = coeff + fold([u[first : first + n] @ block for u in rows_of])
+            sq_cols = sq_cols + np.einsum("ij,ij->j", block, block)
+            first += n
+    if axis == 1:
+        return np.concatenate(parts, axis=-1), np.concatenate(sq_rows)
+    return coeff, sq_cols
 
 
-def _concat_experts(parts: list[tuple[np.ndarray, np.ndarray]]):
+def concat_experts(parts: list[tuple[np.ndarray, np.ndarray]]):
     """Per-expert (components, squared lengths) joined along the vectors' axis."""
     return np.concatenate([a for a, _ in parts], axis=-1), np.concatenate([b for _, b in parts])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError, UnsupportedModelError
-from .checkpoint import TensorInfo
+from .checkpoint import TensorInfo, along_blocks, along_vector, concat_experts
 
 SUFFIX = ".gguf"
 _SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -49,12 +49,12 @@ def resolve_gguf(model: str, revision: str | None = None) -> Path:
         )
     from huggingface_hub import hf_hub_download
 
-    from .source import from_hub
+    from .hub import from_hub
 
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     found = from_hub(
         repo, revision, hf_hub_download, filename, what=f"downloading {filename}",
-        missing=f"{repo} has no file {filename}.",
+        missing=f"{repo} has no file {filename}.", local=f"a local copy of {filename}",
     )  # fmt: skip
     return Path(found)
 
@@ -233,7 +233,8 @@ def _check_whole(layout: GgufLayout) -> None:
 
 def layout_config(layout: GgufLayout) -> dict:
     """The config fields orthoedit's tables read, from the GGUF metadata through transformers'
-    own key mapping (``GGUF_CONFIG_MAPPING``); ``gguf_config`` is the whole config."""
+    own key mapping (``GGUF_CONFIG_MAPPING``). (transformers builds its own, fuller config when
+    it loads the model: this one plans the edit and chooses the table, exactly as apply does.)"""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     arch = str(layout.get("general.architecture", ""))
@@ -251,6 +252,35 @@ def layout_config(layout: GgufLayout) -> dict:
     names = {t.name for t in layout.tensors}
     config["tie_word_embeddings"] = "output.weight" not in names
     return config
+
+
+def gguf_table(config: dict, path: Path):
+    """The shipped table of a GGUF's architecture. GGUFs are never given a derived table:
+    derivation builds the transformers class from config.json, which a GGUF does not have."""
+    from .architectures import table_for_config
+
+    try:
+        return table_for_config(config)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(
+            f"{path}: GGUF of architecture {config['model_type']!r}, which orthoedit has no "
+            "table for (GGUFs are edited with shipped tables only): see orthoedit architectures."
+        ) from err
+
+
+def gguf_config(path: Path) -> dict:
+    """A GGUF's config (``layout_config``) once the file is known to be whole and its
+    architecture to have a shipped table (``gguf_table``): what ``read_config`` gives for a
+    GGUF, so that every stage refuses the same files in the same words."""
+    config = layout_config(read_layout(path))
+    gguf_table(config, path)
+    return config
+
+
+def open_gguf(path: Path) -> GgufCheckpoint:
+    """The tensors of the GGUF at ``path`` under transformers names (``GgufCheckpoint``)."""
+    layout = read_layout(path)
+    return GgufCheckpoint.open(layout, int(layout_config(layout).get("num_hidden_layers", 0)))
 
 
 def tensor_values(layout: GgufLayout, tensor: GgufTensor, rows: slice | None = None):
@@ -330,6 +360,37 @@ class GgufCheckpoint:
         if self.arch in _NORM_PLUS_ONE and "norm" in tensor.name and values.ndim == 1:
             values = values - 1.0
         return values.reshape(self.tensors[name].shape)
+
+    def along_and_lengths(
+        self, name: str, basis: np.ndarray, axis: int, block_bytes: int = 64 << 20
+    ):
+        """As ``Checkpoint.along_and_lengths``, of the dequantized tensor, a block of rows at a
+        time (verify's check of an edited tensor)."""
+        tensor, expert = self.source[name]
+        shape = self.tensors[name].shape
+        if len(shape) == 1:
+            return along_vector(self._rows(tensor, 0, 1).reshape(-1), basis)
+        if len(shape) == 3 and axis == 1:  # fused [experts, out, in]: each expert's columns
+            n = shape[0]
+            return concat_experts([self._along(tensor, e, shape[1:], basis, 0, block_bytes)
+                                   for e in range(n)])  # fmt: skip
+        if len(shape) != 2:
+            raise UnsupportedModelError(f"{name}: no check of a {shape} tensor along axis {axis}.")
+        return self._along(tensor, expert or 0, shape, basis, axis, block_bytes)
+
+    def _along(self, tensor: GgufTensor, expert: int, shape, basis, axis: int, block_bytes: int):
+        """Of the matrix ``shape`` (expert ``expert`` of a fused tensor, else the tensor): the
+        components and squared lengths of its rows (``axis`` 1) or its columns (``axis`` 0)."""
+        n, cols = shape
+        step, first = max(1, block_bytes // (cols * 8)), expert * n
+        rows = range(first, first + n, step)
+        blocks = (self._rows(tensor, i, min(i + step, first + n)) for i in rows)
+        return along_blocks(blocks, basis, axis)
+
+    def _rows(self, tensor: GgufTensor, i0: int, i1: int) -> np.ndarray:
+        """Rows ``i0:i1`` of the tensor's flattened ``[rows, row]`` view, in float64."""
+        values = dequantized(self.layout, tensor, slice(i0, i1)).astype(np.float64)
+        return values.reshape(i1 - i0, tensor.shape[-1])
 
 
 def _views(name: str, tensor: GgufTensor) -> list[tuple[str, int | None, tuple[int, ...]]]:

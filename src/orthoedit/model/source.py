@@ -1,4 +1,6 @@
-"""Resolve MODEL (a local folder or a Hub id) to a local folder and read its config."""
+"""Resolve MODEL to a local path and read its config and weights: a checkpoint folder (local or
+a Hub id), or a GGUF file (local, or ``OWNER/REPO/FILE.gguf`` on the Hub; ``model/gguf.py``).
+Every stage goes through here, so a GGUF is accepted, or refused, by each in the same words."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import re
 from pathlib import Path
 
 from ..errors import BadInputError
+from .checkpoint import Checkpoint
+from .gguf import GgufCheckpoint, gguf_config, is_gguf, open_gguf, read_layout, resolve_gguf
+from .hub import from_hub
 from .quant import quant_format
 
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -31,7 +36,9 @@ HUB_IGNORE = [
 
 
 def resolve_model(model: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """Return (local folder, resolved commit or None for a local folder)."""
+    """Return (local folder, or GGUF file; resolved commit or None for a local path)."""
+    if is_gguf(model):
+        return _gguf(model, revision)
     path = _local(model, revision)
     if path is not None:
         return path, None
@@ -45,7 +52,10 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, str | 
 
 def resolve_config(model: str, revision: str | None = None) -> Path:
     """A folder holding MODEL's config.json: a local folder, or the Hub snapshot folder with
-    config.json alone fetched (no weights)."""
+    config.json alone fetched (no weights). A GGUF is its own config: its file (from the
+    Hub: downloaded whole)."""
+    if is_gguf(model):
+        return _gguf(model, revision)[0]
     path = _local(model, revision)
     if path is not None:
         return path
@@ -54,6 +64,16 @@ def resolve_config(model: str, revision: str | None = None) -> Path:
     return Path(
         from_hub(model, revision, hf_hub_download, "config.json", what="reading config.json")
     ).parent
+
+
+def _gguf(model: str, revision: str | None) -> tuple[Path, str | None]:
+    """A GGUF's local path, and the commit it was downloaded at (None for a local file)."""
+    local = Path(model).expanduser().exists()
+    path = resolve_gguf(model, revision)
+    if local:
+        return path, None
+    # hf_hub_download gives snapshots/COMMIT/FILENAME, and FILENAME may have folders
+    return path, path.parents[len(model.split("/")) - 3].name
 
 
 def _local(model: str, revision: str | None) -> Path | None:
@@ -70,42 +90,12 @@ def _local(model: str, revision: str | None) -> Path | None:
     return None
 
 
-def from_hub(
-    repo_id: str, revision: str | None, fetch, *args, what: str, missing: str = "", **kwargs
-) -> str:
-    """``fetch(repo_id, *args, revision=...)`` with the Hub's failures as one-line errors
-    (``missing``: the message for a file the repository does not have)."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return fetch(repo_id, *args, revision=revision, **kwargs)
-    except GatedRepoError as err:
-        raise BadInputError(f"{repo_id} is gated: accept its terms on the Hub and log in.") from err
-    except RepositoryNotFoundError as err:
-        raise BadInputError(f"{repo_id}: no such model on the Hub (or no access).") from err
-    except RevisionNotFoundError as err:
-        raise BadInputError(f"{repo_id}: revision {revision!r} not found.") from err
-    except LocalEntryNotFoundError as err:
-        raise BadInputError(
-            f"{repo_id}: not in the local cache and the Hub cannot be reached; pass a local folder."
-        ) from err
-    except EntryNotFoundError as err:  # after its subclass LocalEntryNotFoundError
-        raise BadInputError(
-            missing or f"{repo_id} has no config.json; is it a transformers model?"
-        ) from err
-    except HfHubHTTPError as err:
-        raise BadInputError(f"{repo_id}: {what} failed ({err}).") from err
-
-
 def read_config(folder: Path) -> dict:
-    """config.json, refusing quantized checkpoints orthoedit cannot keep quantized up front."""
+    """config.json, refusing quantized checkpoints orthoedit cannot keep quantized up front;
+    for a GGUF, its config from the metadata (``model.gguf.gguf_config``: a whole file, of an
+    architecture with a shipped table)."""
+    if is_gguf(folder):
+        return gguf_config(folder)
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -117,3 +107,33 @@ def read_config(folder: Path) -> dict:
         raise BadInputError(f"{path}: cannot read ({err}).") from err
     quant_format(config, folder)  # refuses every quantization but FP8 blocks and MXFP4
     return config
+
+
+def open_checkpoint(path: Path, quant=None) -> Checkpoint | GgufCheckpoint:
+    """MODEL's weights as plans and hooks read them: the safetensors ``Checkpoint`` of a folder
+    (``quant``: its quantized format), or the ``GgufCheckpoint`` of a GGUF file."""
+    if is_gguf(path):
+        return open_gguf(path)
+    return Checkpoint.open(path, quant)
+
+
+def config_digest(path: Path) -> str:
+    """sha256 of what configures MODEL: config.json, or a GGUF's metadata bytes (its config,
+    tokenizer and chat template)."""
+    import hashlib
+
+    if is_gguf(path):
+        return hashlib.sha256(read_layout(path).kv_bytes).hexdigest()
+    return hashlib.sha256((Path(path) / "config.json").read_bytes()).hexdigest()
+
+
+def pretrained(path: Path) -> tuple[Path, dict]:
+    """``from_pretrained``'s folder and options for MODEL's local path: a GGUF is loaded from
+    its folder with ``gguf_file`` (transformers dequantizes it; tokenizer and chat template are
+    the file's), once ``read_layout`` has found it whole: transformers' own reader is slow to
+    fail on a bad file, and fails with a traceback."""
+    path = Path(path)
+    if is_gguf(path):
+        read_layout(path)
+        return path.parent, {"gguf_file": path.name}
+    return path, {}

@@ -41,6 +41,7 @@ from ..config import (
     VerifyConfig,
 )
 from ..errors import BadInputError
+from ..model.gguf import is_gguf
 
 if TYPE_CHECKING:
     pass
@@ -126,6 +127,12 @@ def _explain(err: ValidationError, model: type[BaseModel], section: str = "") ->
 
 def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel | Path]:
     """Every stage's options, validated now (before anything runs)."""
+    if is_gguf(recipe.model):
+        raise BadInputError(
+            f"recipe: model {recipe.model} is a GGUF; a run edits checkpoint folders (its model "
+            "stage is a folder, verified and published as one): run measure, search, apply and "
+            "eval on the GGUF one by one."
+        )
     filled = _filled(recipe, _local(recipe.model, base), out)
     configs: dict[str, BaseModel | Path] = {}
     for section, (cls, reserved) in SECTIONS.items():

@@ -70,18 +70,17 @@ class Attribution:
 
 
 def every_writer(folder: Path, direction_path: Path, direction_layer: int | None = None):
-    """(config, table, checkpoint, direction, plan) for a local model folder, the plan
+    """(config, table, checkpoint, direction, plan) for a local model (folder or GGUF), the plan
     covering every residual writer (the tied embedding too: ``tied_policy="edit"``)."""
-    from ..model.checkpoint import Checkpoint
     from ..model.derive import table_or_derived
     from ..model.direction import load_direction
-    from ..model.source import read_config
+    from ..model.source import open_checkpoint, read_config
 
     config = read_config(folder)
     table = table_or_derived(config)
     d_model, n_layers, _ = table.dims(config)
     direction = load_direction(direction_path, d_model, n_layers, direction_layer)
-    checkpoint = Checkpoint.open(folder)
+    checkpoint = open_checkpoint(folder)
     plan = build_plan(
         table=table,
         checkpoint=checkpoint,

@@ -257,7 +257,7 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
     """Every condition through the model, loaded once; the model is released on return."""
 
     from ..measure.select import mean_kl, refusal_score
-    from ..model.checkpoint import Checkpoint
+    from ..model.source import open_checkpoint
     from ..runtime.refusal import judge
     from ..runtime.session import pad_id
 
@@ -268,7 +268,7 @@ def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list
     found = interventions(
         model=model,
         table=ready.table,
-        checkpoint=Checkpoint.open(ready.folder),
+        checkpoint=open_checkpoint(ready.folder),
         config=ready.config,
         direction=ready.direction,
         source=str(ready.folder),

@@ -1,6 +1,6 @@
 """The planned quantized weights rounded once more, in the loaded model: what the format's own
 rounding does to this model's logits (verify's tolerance for quantized checkpoints,
-docs/design.md "Quantized checkpoints").
+docs/design.md "Quantized checkpoints"; for a GGUF's edit, ``requantized_plainly``).
 
 Weights are rounded in place, one matrix at a time from the checkpoint, and put back from the
 checkpoint on exit: no copy of the model or of its weights is kept.
@@ -83,3 +83,42 @@ def rounded_again(
         with torch.no_grad():
             for view, m in done:
                 view.copy_(torch.from_numpy(m.load(0, m.rows)[0]))
+
+
+@contextlib.contextmanager
+def requantized_plainly(model: nn.Module, plan: Plan, source) -> Iterator[tuple[int, list[str]]]:
+    """GGUF (``source`` a ``GgufCheckpoint``): inside, every planned weight the edit writes in
+    a quantized type is the nearest rounding, in that type, of the exact projection of its
+    dequantized source (no feedback): the types' own rounding of the edited weights, for R.
+    Yields (how many were replaced, planned tensors not found in memory); on exit every
+    replaced weight is the source's again."""
+    from gguf import GGMLQuantizationType, dequantize
+
+    from ..edit.gguf_types import FLOAT_KINDS, quantize, target
+    from ..edit.ortho import orthogonalize
+    from ..edit.plan import op_basis
+
+    done: list[tuple[torch.Tensor, np.ndarray]] = []
+    missing: list[str] = []
+    try:
+        for op in plan.ops:
+            shape = source.tensors[op.tensor].shape
+            kind = target(source.source[op.tensor][0].type_name, shape[-1])[0]
+            if len(shape) == 1 or kind in FLOAT_KINDS:
+                continue
+            values = source.read(op.tensor).astype(np.float32)
+            view = _find(resolve(model, op.module), values, [v for v, _ in done])
+            if view is None:
+                missing.append(op.tensor)
+                continue
+            exact = orthogonalize(values, op_basis(op, plan, source), op.axis, op.scale)
+            rows = np.asarray(exact, dtype=np.float32).reshape(-1, shape[-1])
+            rounded = dequantize(quantize(rows, kind), GGMLQuantizationType[kind])
+            with torch.no_grad():
+                view.copy_(torch.from_numpy(np.asarray(rounded).reshape(shape)))
+            done.append((view, values))
+        yield len(done), missing
+    finally:
+        with torch.no_grad():
+            for view, values in done:
+                view.copy_(torch.from_numpy(values))

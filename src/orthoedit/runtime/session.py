@@ -15,6 +15,7 @@ import torch
 
 from ..config import DEVICE_MAPS
 from ..errors import BadInputError
+from ..model.gguf import is_gguf
 from ..progress import Progress
 from .batching import (
     SharedPrefix,
@@ -187,10 +188,14 @@ def check_device(device: str | None) -> None:
 
 
 def load_tokenizer(folder: Path, template: Path | None = None):
-    """The model's tokenizer, with ``--template``'s chat template instead of its own."""
+    """The model's tokenizer, with ``--template``'s chat template instead of its own (a
+    GGUF's: the tokenizer and chat template its metadata holds)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    from ..model.source import pretrained
+
+    where, options = pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(where, **options)
     if template is not None:
         tok.chat_template = read_template(template)
     return tok
@@ -212,6 +217,7 @@ def load_model(
     # GPU: not offline, and not the plain PyTorch layers the hooks and verify reason about.
     kwargs: dict = {"dtype": getattr(torch, dtype), "device_map": device, "use_kernels": False}
     from ..model.quant import dequantized
+    from ..model.source import pretrained
 
     if dtype == "float64":  # grouped expert matmuls have no float64 kernel: loop the experts
         kwargs["experts_implementation"] = "eager"
@@ -221,16 +227,38 @@ def load_model(
         kwargs["max_memory"] = parse_max_memory(max_memory)
     if offload_folder:
         kwargs["offload_folder"] = str(offload_folder)
-    kwargs.update(dequantized(folder))  # FP8 and MXFP4: loaded dequantized
-    return model_class(folder).from_pretrained(folder, **kwargs).eval()
+    where, options = pretrained(folder)  # a GGUF: checked whole; transformers dequantizes it
+    if not is_gguf(folder):
+        options |= dequantized(folder)  # FP8 and MXFP4: loaded dequantized
+    with _quiet_gguf(folder):
+        return model_class(folder).from_pretrained(where, **kwargs, **options).eval()
+
+
+def _quiet_gguf(folder: Path):
+    """transformers' GGUF loader draws a tqdm bar of its own, which its logging settings do
+    not reach; turned off, so that the stage's progress stays the only one shown."""
+    import contextlib
+    import functools
+    from unittest import mock
+
+    if not is_gguf(folder):
+        return contextlib.nullcontext()
+    import transformers.modeling_gguf_pytorch_utils as loader
+
+    if not hasattr(loader, "tqdm"):  # another transformers: nothing to quiet
+        return contextlib.nullcontext()
+    return mock.patch.object(loader, "tqdm", functools.partial(loader.tqdm, disable=True))
 
 
 def model_class(folder: Path):
     """The class config.json names (``architectures[0]``), so that a multimodal checkpoint
     loads whole, its towers included, as it was saved; ``AutoModelForCausalLM`` where the
-    name is not one of transformers' classes."""
+    name is not one of transformers' classes, and for a GGUF (transformers reads causal LMs
+    only from GGUFs)."""
     import transformers
 
+    if is_gguf(folder):
+        return transformers.AutoModelForCausalLM
     try:
         arch = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError):

@@ -13,7 +13,8 @@ of ``eval safety --base`` reads the answers' log-probabilities as prompt log-pro
 ``--tensor-parallel-size`` is vLLM's own; ``--data-parallel-size N`` runs N replicas as Ray
 actors (each on ``--tensor-parallel-size`` GPUs) and deals the prompts to them in turn.
 Where vLLM is not installed, ``resolved`` says so in one line and the command runs with
-transformers."""
+transformers. GGUF models run with transformers only (``resolved`` refuses them here: vLLM's
+GGUF loading is not one orthoedit has checked against its own)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..model.gguf import is_gguf
 from .session import Session, load_tokenizer, stop_ids
 
 MISSING = "vLLM is not installed (pip install vllm, on a machine with NVIDIA GPUs)"
@@ -34,7 +36,8 @@ def available() -> bool:
 
 def resolved(cfg, log):
     """``cfg``; or, where it asks for vLLM and vLLM is not installed, a copy that runs with
-    transformers (said in one line). Data parallel without Ray is bad input."""
+    transformers (said in one line). Data parallel without Ray, and a GGUF model, are bad
+    input. ``--backend llama.cpp`` without llama-cpp-python runs with transformers too."""
     if cfg.backend == "llama.cpp":
         from . import llama_cpp
 
@@ -48,6 +51,13 @@ def resolved(cfg, log):
         log(f"--backend vllm: {MISSING}; generating with transformers instead")
         return cfg.model_copy(
             update={"backend": "hf", "tensor_parallel_size": 1, "data_parallel_size": 1}
+        )
+    models = (getattr(cfg, name, None) for name in ("model", "base", "edited"))
+    gguf = next((m for m in models if isinstance(m, str) and is_gguf(m)), None)
+    if gguf is not None:
+        raise BadInputError(
+            f"--backend vllm: {gguf} is a GGUF, which orthoedit runs with transformers or "
+            "llama.cpp; pass --backend hf or --backend llama.cpp."
         )
     if cfg.data_parallel_size > 1 and find_spec("ray") is None:
         raise BadInputError(

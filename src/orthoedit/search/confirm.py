@@ -7,7 +7,7 @@ in OUT, then judges it beside the unedited model exactly as ``eval safety`` does
 prompts (by default the bundled test split), generating with ``--backend`` (vLLM where it is
 installed: it needs a checkpoint, which is why the edit is applied rather than hooked). The
 checkpoint is removed afterwards; ``OUT/confirm`` keeps eval safety's report and every answer,
-and pareto.json a summary.
+and pareto.json a summary. (The edit of a GGUF is a GGUF: ``model.gguf`` in that folder.)
 
 The edit is confirmed when the held-out harmful prompts fail (refused, broken, or with a judge
 not called unsafe: as a trial counts failure) less often with it than without it. A stored
@@ -22,13 +22,15 @@ from pathlib import Path
 
 from ..config import ApplyConfig, EvalSafetyConfig, SearchConfig
 from ..errors import BadInputError
-from ..output import remove_output
+from ..model.gguf import is_gguf
+from ..output import check_target, remove_output, staged_output
 from .inputs import Ready
 from .outputs import chosen_sites
 
 #: Where the confirmation's report goes, and the temporary checkpoint it judges (in OUT).
 CONFIRM_DIR = "confirm"
 STAGING = ".confirm-model"
+GGUF_NAME = "model.gguf"
 
 
 def safety_config(cfg: SearchConfig, ready: Ready, model: Path, out: Path) -> EvalSafetyConfig:
@@ -108,7 +110,8 @@ def confirm(
 
     trial = report["chosen"]["number"]
     staging = out / STAGING
-    options = safety_config(cfg, ready, staging, out / CONFIRM_DIR)
+    edited = staging / GGUF_NAME if is_gguf(cfg.model) else staging
+    options = safety_config(cfg, ready, edited, out / CONFIRM_DIR)
     key = _key(report["study"], trial, options)
     if found and found.get("key") == key:
         log(f"confirm: trial {trial} was confirmed with these options; not run again")
@@ -129,18 +132,28 @@ def confirm(
         direction=[chosen / "direction.safetensors"],
         scales=chosen / "scales.json",
         sites=sites,
-        out=staging,
+        out=edited,
         overwrite=True,
     )
     try:
         prepared = stage.prepare(edit)
         progress.start(f"confirm: applying trial {trial}", stage.edit_size(prepared))
-        stage.execute(prepared, staging, True, progress.advance)
+        _write_edit(stage, prepared, staging, edited, progress)
         label = f"search trial {trial}, applied from {chosen / 'apply.txt'}"
         result = eval_safety(options, log, progress, label=label)
     finally:
         remove_output(staging)
     return _summary(report["study"], trial, key, options, result)
+
+
+def _write_edit(stage, prepared, staging: Path, edited: Path, progress) -> None:
+    """The edit written as the folder ``staging``; a GGUF's as ``edited`` inside it, so that
+    the staging folder is orthoedit's (marked) either way and ``remove_output`` removes it."""
+    if edited == staging:
+        stage.execute(prepared, staging, True, progress.advance)
+        return
+    with staged_output(check_target(staging, overwrite=True)) as tmp:
+        stage.execute(prepared, tmp / edited.name, True, progress.advance)
 
 
 def _summary(study: str, trial: int, key: str, options, result) -> dict:

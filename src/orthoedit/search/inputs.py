@@ -110,13 +110,16 @@ def prepare(cfg: SearchConfig) -> Ready:
     """Validate every input; loads only the tokenizer."""
 
     from ..evaluate.safety import check_judge
-    from ..model.checkpoint import Checkpoint
     from ..model.derive import table_or_derived
     from ..model.direction import load_direction
-    from ..model.source import read_config, resolve_model
+    from ..model.source import open_checkpoint, read_config, resolve_model
     from ..runtime.session import chat_ids, post_instruction_ids
 
     safety_judge = check_judge(cfg)
+    if cfg.confirm:  # the confirmation's backend, refused now rather than after the trials
+        from ..runtime.vllm_engine import resolved
+
+        resolved(cfg, lambda _: None)
     eval_task = None
     if cfg.eval_task is not None:  # built now: an unknown task is bad input before any loading
         from ..evaluate.bench import load_task
@@ -151,7 +154,7 @@ def prepare(cfg: SearchConfig) -> Ready:
         revision,
         config,
         table,
-        Checkpoint.open(folder),
+        open_checkpoint(folder),
         tok,
         candidates,
         space,
@@ -169,12 +172,13 @@ def _settings(cfg: SearchConfig, folder, folder_in, revision, baseline, prompts,
     """Every setting that changes what a trial measures (the study is named after them)."""
     from ..measure.candidates import prompt_digest
     from ..model.direction import sha256_file
+    from ..model.source import config_digest
 
     return {
         "space_version": SPACE_VERSION,
         "model": cfg.model,
         "revision": revision,
-        "config_sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+        "config_sha256": config_digest(folder),
         "candidates_sha256": sha256_file(folder_in / "candidates.safetensors"),
         "baseline_direction_sha256": baseline.sha256,
         "prompt_hashes": {kind: prompt_digest(p) for kind, p in prompts.items()},

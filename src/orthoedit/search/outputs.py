@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import SearchConfig
+from ..model.gguf import is_gguf
 from .choice import budget, target_failure
 from .inputs import STUDY_FILE, Ready
 from .space import (
@@ -182,7 +183,8 @@ def write_chosen(folder: Path, cfg: SearchConfig, ready: Ready, report: dict, ch
     save_direction(folder / "direction.safetensors", vector, meta)
     (folder / "scales.json").write_text(json.dumps(params.scales(ready.n_layers), indent=1) + "\n")
     sites, _ = params.plan_scales(ready.n_layers)
-    command = ["orthoedit", "apply", *entry["apply_args"], "--out", "edited"]
+    out = "edited.gguf" if is_gguf(cfg.model) else "edited"  # the edit of a GGUF is a GGUF
+    command = ["orthoedit", "apply", *entry["apply_args"], "--out", out]
     note = "" if sites else "# the chosen trial edits nothing: there is nothing to apply\n"
     (folder / "apply.txt").write_text(note + shlex.join(command) + "\n")
     fragment = (
