@@ -13,7 +13,9 @@ GGUF edit (``gguf_write``) and FP8 / MXFP4 safetensors (``requant``) pass their 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,6 +26,9 @@ PASSES = 8
 #: The feedback stops once ‖U Q(T) − U PW‖ ≤ this × ‖W‖: bfloat16's rounding (2^-8 of each
 #: element) of the projected weight leaves about that much of the span.
 FLOOR = 2.0**-9
+#: Threads that round row blocks at once (numpy and ggml release the GIL).
+WORKERS = max(1, min(8, os.cpu_count() or 1))
+POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="orthoedit-round")
 
 #: ``rounded(block, i0)``: rows ``i0:`` of the target rounded to the format and written;
 #: returns them as stored (dequantized), or None where the storage is float (no feedback).
@@ -38,12 +43,14 @@ def columns(
     preserve: bool,
     rounded: Rounded,
     passes: int = PASSES,
-    map_: Callable[..., Iterable] = map,
+    map_: Callable[..., Iterable] = POOL.map,
+    floor: float = FLOOR,
 ) -> None:
     """A ``[d_model, in]`` weight in row blocks (``load(i0, i1)``, fresh each time: a pass
     projects in place): ``U W`` and the column norms from every block, then the projection
     rounded a block at a time (``rounded``), once per pass; each pass writes every block, and
-    the last pass writes the best. ``map_`` runs the blocks (a thread pool's map, or in turn)."""
+    the last pass writes the best. ``map_`` runs the blocks (on every core, or in turn);
+    ``floor``: the leftover, relative to ‖W‖, below which no pass follows."""
 
     def first_pass(block_range: tuple[int, int]):
         i0, i1 = block_range
@@ -70,8 +77,7 @@ def columns(
     def run(shift: np.ndarray) -> np.ndarray:
         return sum(map_(lambda b: one(shift, b), blocks)) - target
 
-    floor = FLOOR * float(np.sqrt(sq.sum()))
-    best = drive(run, np.zeros_like(coeff), passes, floor, axis=1)
+    best = drive(run, np.zeros_like(coeff), passes, floor * float(np.sqrt(sq.sum())), axis=1)
     if best is not None:
         run(best)
 
@@ -83,6 +89,7 @@ def rows(
     preserve: bool,
     requantize: Callable[[np.ndarray], tuple[object, np.ndarray | None]],
     passes: int = PASSES,
+    floor: float = FLOOR,
 ):
     """Rows that are writers each (an embedding's), projected in place, then requantized with
     feedback within the block: ``requantize(values)`` gives (what to write, the values as
@@ -98,8 +105,7 @@ def rows(
             return np.zeros_like(target)
         return back.astype(base.dtype) @ q.T - target
 
-    floor = FLOOR * float(np.linalg.norm(base))
-    best = drive(run, np.zeros_like(target), passes, floor, axis=0)
+    best = drive(run, np.zeros_like(target), passes, floor * float(np.linalg.norm(base)), axis=0)
     if best is not None:
         run(best)
     return kept["data"]

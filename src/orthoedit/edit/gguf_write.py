@@ -26,9 +26,9 @@ from .plan import EditOp, Plan, op_basis
 from .writer import OnBytes, _projected_vector, _write_all, copy_bytes
 
 BLOCK_BYTES = 32 * 1024 * 1024  # float rows dequantized, projected and requantized at once
-WORKERS = max(1, min(8, os.cpu_count() or 1))
+WORKERS = feedback.WORKERS
 FLOAT_KINDS = ("F32", "F16", "BF16")
-_POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="orthoedit-gguf")
+_POOL = feedback.POOL
 _STRING = 8
 
 

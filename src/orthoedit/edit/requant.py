@@ -3,9 +3,10 @@
 A quantized weight is one or more matrices (an FP8 ``[rows, cols]`` weight; each expert of an
 MXFP4 ``[experts, d_model, in]`` tensor), each with its grid of block scales. Rows are
 dequantized to float32 in chunks of whole scale blocks, projected with the same math as float
-weights (two passes when the rows are d_model), requantized with fresh scales and written at
-their offsets: the weight and its scale tensor keep their shapes, dtypes and places in the
-shard, so peak memory is one chunk, as for float weights.
+weights (two passes when the rows are d_model), requantized with feedback (``feedback``; a
+block keeps its stored scale while its values fit it) and written at their offsets: the weight
+and its scale tensor keep their shapes, dtypes and places in the shard, so peak memory is one
+chunk per thread, as for float weights.
 """
 
 from __future__ import annotations
@@ -113,9 +114,16 @@ def requantize(
     target, so that nearest rounding does not put the component back). Rows of d_model
     (``op.axis`` 0 of an FP8 ``[d_model, in]``; MXFP4 experts ``[experts, d_model, in]``) are
     rounded once per pass over all their chunks, every pass written and the best written last;
-    independent rows (an FP8 embedding) a chunk at a time."""
+    independent rows (an FP8 embedding) a chunk at a time.
+
+    The feedback stops below bfloat16's floor or half the component that the format's own
+    rounding of a float weight leaves, ε‖W‖/√d_model (what verify bounds at twice that,
+    ``verify.ROUNDING_MULTIPLE``), whichever is lower: FP8's beyond d_model 256, MXFP4's beyond
+    4096."""
     q = np.atleast_2d(basis).astype(np.float32)
     columns = op.axis == 0 or fmt.method == "mxfp4"
+    d_model = q.shape[1]
+    floor = min(feedback.FLOOR, fmt.epsilon / (2 * d_model**0.5))
     for m in matrices(fmt, *src, *scales):
         blocks = row_blocks(m.rows, m.step)
         if columns:
@@ -124,7 +132,7 @@ def requantize(
                 return m.decode(*_stored(m, i0, block, write))
 
             load = lambda i0, i1, m=m: m.load(i0, i1)[0]  # noqa: E731
-            feedback.columns(load, blocks, q, op.scale, preserve_norm, rounded)
+            feedback.columns(load, blocks, q, op.scale, preserve_norm, rounded, floor=floor)
             continue
         for i0, i1 in blocks:
 
@@ -132,7 +140,8 @@ def requantize(
                 qs = m.encode(i0, values)
                 return qs, m.decode(*qs)
 
-            qs = feedback.rows(m.load(i0, i1)[0], q, op.scale, preserve_norm, stored)
+            base = m.load(i0, i1)[0]
+            qs = feedback.rows(base, q, op.scale, preserve_norm, stored, floor=floor)
             write(*m.place(i0, *qs))
 
 

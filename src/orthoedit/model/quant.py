@@ -3,8 +3,9 @@
 Formats are data: each is a block of weight elements sharing one scale, an element codec
 (numpy, no torch), and a unit roundoff ε (the largest relative rounding error of a value in the
 format's normal range). A planned quantized tensor is dequantized, projected and requantized in
-its own format with fresh scales, whole scale blocks at a time; the scale tensor keeps its shape
-and dtype, so the shard header does not change.
+its own format (a block keeps its scale while its edited values fit it, else a fresh one),
+whole scale blocks at a time; the scale tensor keeps its shape and dtype, so the shard header
+does not change.
 
 - ``fp8``: transformers' FineGrainedFP8 (DeepSeek V3, Qwen3-FP8): a weight ``[rows, cols]`` of
   F8_E4M3 values q and a sibling ``<weight>_scale_inv`` ``[⌈rows/bo⌉, ⌈cols/bi⌉]``; the block's
