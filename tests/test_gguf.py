@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from gguf_tiny import write_tiny_gguf
 from orthoedit.cli import app
 from orthoedit.config import ApplyConfig
-from orthoedit.edit import gguf_types, gguf_write
+from orthoedit.edit import feedback, gguf_types
 from orthoedit.edit.apply import apply
 from orthoedit.edit.ortho import orthogonalize
 from orthoedit.edit.plan import Plan
@@ -165,7 +165,7 @@ def test_quantized_tensors_stay_in_their_type(built, kind, tmp_path):
         own = np.linalg.norm(rounded - exact)
         assert np.linalg.norm(got - exact) <= 1.25 * own + 1e-6 * np.linalg.norm(exact)
         left, plain = _component(got, r, op.axis), _component(rounded, r, op.axis)
-        floor = gguf_write.FEEDBACK_FLOOR * np.linalg.norm(exact)
+        floor = feedback.FLOOR * np.linalg.norm(exact)
         assert left <= max(plain, floor) + 1e-9, (op.tensor, left, plain)
         lefts, plains, floors = [*lefts, left], [*plains, plain], [*floors, floor]
     if kind not in ("F16", "BF16"):  # the feedback: half of plain rounding's, or bf16's floor

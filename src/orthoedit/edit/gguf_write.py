@@ -20,18 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from ..model.gguf import GgufCheckpoint, GgufLayout, GgufTensor, dequantized
-from . import gguf_types
-from .ortho import column_coefficients, norm_factors, remove_columns_, remove_rows_, row_blocks
+from . import feedback, gguf_types
+from .ortho import row_blocks
 from .plan import EditOp, Plan, op_basis
 from .writer import OnBytes, _projected_vector, _write_all, copy_bytes
 
 BLOCK_BYTES = 32 * 1024 * 1024  # float rows dequantized, projected and requantized at once
-WORKERS = max(1, min(8, os.cpu_count() or 1))
-FEEDBACK_PASSES = 8
-#: The feedback stops once ‖U Q(T) − U PW‖ ≤ this × ‖PW‖: bfloat16's rounding (2^-8 of each
-#: element) of the projected weight leaves about that much of the span.
-FEEDBACK_FLOOR = 2.0**-9
-_POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="orthoedit-gguf")
+WORKERS = feedback.WORKERS
+_POOL = feedback.POOL
 _STRING = 8
 
 
@@ -184,127 +180,41 @@ def _edit_rows(ckpt, tensor, first, rows, op, basis, kind, preserve, write) -> N
     """Rows ``first:first+rows`` of a tensor (one matrix): ``[d_model, in]`` (residual axis 0,
     a first pass for ``U W``) or independent rows (an embedding, residual axis 1). Row blocks
     run on every core (numpy and ggml release the GIL; each block is written at its offset).
-
-    A quantized type is requantized with feedback: rounding the projected weight to its grid
-    puts back much of the component the projection removed (the edit of an element is small
-    against the grid's step: 62% of it stayed in Q4_K on the development model), so what is
-    left, ``U Q(T) − U PW``, is subtracted from the target T and the tensor rounded again,
-    until it stops shrinking (``FEEDBACK_PASSES`` at most; the best pass is what stays)."""
+    A quantized type is requantized with feedback (``feedback``: the leftover along the basis
+    fed back into the target until it stops shrinking; the best pass is what stays)."""
     cols = tensor.shape[-1]
     math = np.float64 if tensor.type_name == "F32" else np.float32
     q = basis.astype(math)
     step = max(1, BLOCK_BYTES // (cols * np.dtype(math).itemsize) // WORKERS)
-    passes = 1 if kind in gguf_types.FLOAT_KINDS else FEEDBACK_PASSES
+    exact = kind in gguf_types.FLOAT_KINDS
 
     def load(i0: int, i1: int) -> np.ndarray:
         block = dequantized(ckpt.layout, tensor, slice(first + i0, first + i1))
         return block.astype(math, copy=False)
 
+    def requantize(values: np.ndarray):
+        data = gguf_types.quantize(values, kind)
+        return data, None if exact else _back(data, kind, values.dtype)
+
     blocks = row_blocks(rows, step)
     if (op.axis if len(tensor.shape) == 2 else op.axis - 1) == 1:
-        rows_job = partial(
-            _independent_rows, load, q, op.scale, preserve, kind, passes, write, first
-        )
+        rows_job = partial(_independent_rows, load, q, op.scale, preserve, requantize, write, first)
         list(_POOL.map(rows_job, blocks))
         return
-    _columns(load, blocks, q, op.scale, preserve, kind, passes, lambda d, r: write(d, first + r))
+
+    def rounded(block: np.ndarray, i0: int):
+        data, back = requantize(block)
+        write(data, first + i0)
+        return back
+
+    feedback.columns(load, blocks, q, op.scale, preserve, rounded, map_=_POOL.map)
 
 
-def _columns(load, blocks, q, scale, preserve, kind, passes, write) -> None:
-    """A ``[d_model, in]`` weight: ``U W`` from every row block, then the projection (with
-    feedback) a block at a time; each pass writes, the last pass writes the best."""
-
-    def first_pass(block_range: tuple[int, int]):
-        i0, i1 = block_range
-        block = load(i0, i1)
-        sq = np.einsum("ij,ij->j", block, block)
-        return column_coefficients(block, q[:, i0:i1]), sq
-
-    parts = list(_POOL.map(first_pass, blocks))
-    coeff = np.atleast_2d(sum(c for c, _ in parts))
-    sq = sum(s for _, s in parts)
-    factors = None
-    if preserve:
-        factors = norm_factors(sq, np.einsum("kj,kj->j", coeff, coeff), scale)
-    target = (1.0 - scale) * coeff * (1.0 if factors is None else factors)
-
-    def one(shift: np.ndarray, block_range: tuple[int, int]) -> np.ndarray:
-        i0, i1 = block_range
-        block = load(i0, i1)
-        remove_columns_(block, q[:, i0:i1], coeff + shift / scale, scale, factors)
-        data = gguf_types.quantize(block, kind)
-        write(data, i0)
-        if passes == 1:
-            return np.zeros_like(coeff)
-        return column_coefficients(_back(data, kind, block.dtype), q[:, i0:i1])
-
-    def run(shift: np.ndarray) -> np.ndarray:
-        return np.atleast_2d(sum(_POOL.map(partial(one, shift), blocks))) - target
-
-    floor = FEEDBACK_FLOOR * float(np.sqrt(sq.sum()))
-    best = _feedback(run, np.zeros_like(coeff), passes, floor, axis=1)
-    if best is not None:
-        run(best)
-
-
-def _independent_rows(load, q, scale, preserve, kind, passes, write, first, block_range) -> None:
+def _independent_rows(load, q, scale, preserve, requantize, write, first, block_range) -> None:
     """Rows that are writers each (an embedding's): projected, then requantized with feedback
     within the block."""
     i0, i1 = block_range
-    base = load(i0, i1)
-    remove_rows_(base, q, scale, preserve)
-    target = base @ q.T
-    kept: dict = {}
-
-    def run(shift: np.ndarray) -> np.ndarray:
-        data = gguf_types.quantize(base - shift @ q, kind)
-        kept["data"] = data
-        if passes == 1:
-            return np.zeros_like(target)
-        return _back(data, kind, base.dtype) @ q.T - target
-
-    floor = FEEDBACK_FLOOR * float(np.linalg.norm(base))
-    best = _feedback(run, np.zeros_like(target), passes, floor, axis=0)
-    if best is not None:
-        run(best)
-    write(kept["data"], first + i0)
-
-
-def _feedback(run, shift: np.ndarray, passes: int, floor: float, axis: int):
-    """Drive ``run(shift)`` (requantize with the target moved by ``shift``; returns the
-    component left, one row or column per written vector along ``axis``) towards none.
-
-    Each pass tries, per vector, its best shift so far plus ``gain`` times its leftover. A
-    vector whose leftover shrinks keeps its trial; one whose rounding did not change at all
-    doubles its gain (the push was too small to move any element across a rounding boundary),
-    one that overshot halves it. Stops at ``floor`` (what rounding the projection to bfloat16
-    would leave), at a hundredth of the first leftover, or after ``passes``. Returns the best
-    shifts when the last run was not them (the caller runs them once more), else None."""
-    left = run(shift)
-    other = 1 - axis
-
-    def per_vector(a: np.ndarray) -> np.ndarray:
-        return np.linalg.norm(a, axis=other)
-
-    first = float(np.linalg.norm(left))
-    best_shift, best_left, best = shift.copy(), left, per_vector(left)
-    gain = np.ones_like(best)
-    last_best = True
-    for _ in range(passes - 1):
-        if float(np.linalg.norm(best_left)) <= max(0.01 * first, floor):
-            break
-        g = np.expand_dims(gain, other)
-        trial = best_shift + g * best_left
-        left = run(trial)
-        now = per_vector(left)
-        better, same = now < best, now == best
-        take = np.expand_dims(better, other)
-        best_shift = np.where(take, trial, best_shift)
-        best_left = np.where(take, left, best_left)
-        best = np.where(better, now, best)
-        gain = np.where(better, gain, np.where(same, gain * 2.0, gain * 0.5))
-        last_best = bool(better.all())
-    return None if last_best else best_shift
+    write(feedback.rows(load(i0, i1), q, scale, preserve, requantize), first + i0)
 
 
 def _back(data: np.ndarray, kind: str, dtype) -> np.ndarray:

@@ -3,21 +3,23 @@
 A quantized weight is one or more matrices (an FP8 ``[rows, cols]`` weight; each expert of an
 MXFP4 ``[experts, d_model, in]`` tensor), each with its grid of block scales. Rows are
 dequantized to float32 in chunks of whole scale blocks, projected with the same math as float
-weights (two passes when the rows are d_model), requantized with fresh scales and written at
-their offsets: the weight and its scale tensor keep their shapes, dtypes and places in the
-shard, so peak memory is one chunk, as for float weights.
+weights (two passes when the rows are d_model), requantized with feedback (``feedback``; a
+block keeps its stored scale while its values fit it) and written at their offsets: the weight
+and its scale tensor keep their shapes, dtypes and places in the shard, so peak memory is one
+chunk per thread, as for float weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..model.checkpoint import DTYPES, SafetensorsFile, TensorInfo
 from ..model.quant import QuantFormat, decode, encode, logical_shape
-from .ortho import column_pass, remove_columns_, remove_rows_, row_blocks
+from . import feedback
+from .ortho import row_blocks
 from .plan import EditOp
 
 #: Float32 bytes of rows dequantized, projected and requantized at a time (whole blocks).
@@ -55,9 +57,21 @@ class QuantMatrix:
         s = self.s[i0 // bo : -(-i1 // bo)]
         return decode(self.fmt, self.q[i0:i1], s, self.cols, self.scale_dtype)
 
-    def store(self, i0: int, values: np.ndarray) -> tuple[int, np.ndarray, int, np.ndarray]:
-        """Rows from ``i0`` requantized: (file offset, their bytes, offset, their scales')."""
-        q, s = encode(self.fmt, values, self.scale_dtype)
+    def encode(self, i0: int, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows from ``i0`` (whole scale blocks) requantized: (element bytes, scales'); a block
+        keeps its stored scale while its elements fit its grid (``model.quant.encode``)."""
+        bo = self.fmt.block[0]
+        stored = self.s[i0 // bo : -(-(i0 + len(values)) // bo)]
+        return encode(self.fmt, values, self.scale_dtype, stored)
+
+    def decode(self, q: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """``encode``'s bytes back to float32 rows."""
+        return decode(self.fmt, q, s, self.cols, self.scale_dtype)[0]
+
+    def place(
+        self, i0: int, q: np.ndarray, s: np.ndarray
+    ) -> tuple[int, np.ndarray, int, np.ndarray]:
+        """Rows from ``i0`` as stored: (file offset, their bytes, offset, their scales')."""
         s_offset = self.s_start + i0 // self.fmt.block[0] * self.s.shape[1]
         return self.q_start + i0 * self.q.shape[1], q, s_offset, s
 
@@ -82,32 +96,60 @@ def matrices(
         )
 
 
-def requantized(
+#: ``write(offset, bytes, scale offset, scale bytes)``: one requantized chunk, at its offsets.
+Write = Callable[[int, np.ndarray, int, np.ndarray], None]
+
+
+def requantize(
     fmt: QuantFormat,
     src: tuple[SafetensorsFile, TensorInfo],
     scales: tuple[SafetensorsFile, TensorInfo],
     op: EditOp,
     basis: np.ndarray,
+    write: Write,
     preserve_norm: bool = False,
-) -> Iterator[tuple[int, np.ndarray, int, np.ndarray]]:
-    """The projected tensor against ``basis`` ``[k, d_model]``, requantized chunk by chunk:
-    (offset in the weight's file, bytes, offset in the scales' file, bytes) to write. Rows of
-    d_model (``op.axis`` 0 of an FP8 ``[d_model, in]``; MXFP4 experts ``[experts, d_model,
-    in]``) take two passes, independent rows (an FP8 embedding) one."""
+) -> None:
+    """The projected tensor against ``basis`` ``[k, d_model]``, requantized chunk by chunk
+    with feedback (``feedback``: the rounding's leftover along the basis fed back into the
+    target, so that nearest rounding does not put the component back). Rows of d_model
+    (``op.axis`` 0 of an FP8 ``[d_model, in]``; MXFP4 experts ``[experts, d_model, in]``) are
+    rounded once per pass over all their chunks, every pass written and the best written last;
+    independent rows (an FP8 embedding) a chunk at a time.
+
+    The feedback stops below bfloat16's floor or half the component that the format's own
+    rounding of a float weight leaves, ε‖W‖/√d_model (what verify bounds at twice that,
+    ``verify.ROUNDING_MULTIPLE``), whichever is lower: FP8's beyond d_model 256, MXFP4's beyond
+    4096."""
     q = np.atleast_2d(basis).astype(np.float32)
     columns = op.axis == 0 or fmt.method == "mxfp4"
+    d_model = q.shape[1]
+    floor = min(feedback.FLOOR, fmt.epsilon / (2 * d_model**0.5))
     for m in matrices(fmt, *src, *scales):
-        coeff = factors = None
+        blocks = row_blocks(m.rows, m.step)
         if columns:
+
+            def rounded(block: np.ndarray, i0: int, m=m) -> np.ndarray:
+                return m.decode(*_stored(m, i0, block, write))
+
             load = lambda i0, i1, m=m: m.load(i0, i1)[0]  # noqa: E731
-            coeff, factors = column_pass(load, m.rows, m.cols, m.step, q, op.scale, preserve_norm)
-        for i0, i1 in row_blocks(m.rows, m.step):
-            block = m.load(i0, i1)[0]
-            if columns:
-                remove_columns_(block, q[:, i0:i1], coeff, op.scale, factors)
-            else:
-                remove_rows_(block, q, op.scale, preserve_norm)
-            yield m.store(i0, block)
+            feedback.columns(load, blocks, q, op.scale, preserve_norm, rounded, floor=floor)
+            continue
+        for i0, i1 in blocks:
+
+            def stored(values: np.ndarray, m=m, i0=i0):
+                qs = m.encode(i0, values)
+                return qs, m.decode(*qs)
+
+            base = m.load(i0, i1)[0]
+            qs = feedback.rows(base, q, op.scale, preserve_norm, stored, floor=floor)
+            write(*m.place(i0, *qs))
+
+
+def _stored(m: QuantMatrix, i0: int, values: np.ndarray, write: Write):
+    """Rows of ``m`` from ``i0`` requantized and written; returns (elements, scales) bytes."""
+    qs = m.encode(i0, values)
+    write(*m.place(i0, *qs))
+    return qs
 
 
 def quantized_along(

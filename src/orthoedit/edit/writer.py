@@ -42,7 +42,7 @@ from .ortho import (
     row_blocks,
 )
 from .plan import EditOp, Plan, op_basis
-from .requant import requantized
+from .requant import requantize
 
 #: Told the bytes written since its last call (the streaming edit takes no progress display:
 #: ``orthoedit.progress.Progress.advance`` or a rich bar's advance is passed in).
@@ -289,11 +289,12 @@ def _edit_quantized(where: dict, op: EditOp, basis: np.ndarray, preserve_norm: b
     scales = (scale_shard, scale_shard.tensors[op.scales])
     fd, scale_fd = os.open(dst, os.O_WRONLY), os.open(scale_dst, os.O_WRONLY)
     try:
-        for offset, data, scale_offset, scale_data in requantized(
-            fmt, src, scales, op, basis, preserve_norm
-        ):
+
+        def write(offset: int, data, scale_offset: int, scale_data) -> None:
             _write_all(fd, data, offset)
             _write_all(scale_fd, scale_data, scale_offset)
+
+        requantize(fmt, src, scales, op, basis, write, preserve_norm)
     finally:
         os.close(fd)
         os.close(scale_fd)

@@ -3,8 +3,9 @@
 Formats are data: each is a block of weight elements sharing one scale, an element codec
 (numpy, no torch), and a unit roundoff ε (the largest relative rounding error of a value in the
 format's normal range). A planned quantized tensor is dequantized, projected and requantized in
-its own format with fresh scales, whole scale blocks at a time; the scale tensor keeps its shape
-and dtype, so the shard header does not change.
+its own format (a block keeps its scale while its edited values fit it, else a fresh one),
+whole scale blocks at a time; the scale tensor keeps its shape and dtype, so the shard header
+does not change.
 
 - ``fp8``: transformers' FineGrainedFP8 (DeepSeek V3, Qwen3-FP8): a weight ``[rows, cols]`` of
   F8_E4M3 values q and a sibling ``<weight>_scale_inv`` ``[⌈rows/bo⌉, ⌈cols/bi⌉]``; the block's
@@ -44,6 +45,11 @@ E8M0_MIN = -126
 MX_BLOCK = 32
 #: Scale dtypes accepted for FP8 ``_scale_inv`` tensors, as numpy types (ue8m0 scales are not).
 FP8_SCALES: dict[str, type] = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+#: Largest element, in units of the block scale, that keeps a block's stored scale when it is
+#: requantized after an edit (``encode``): the format's largest value plus half its top step
+#: (E2M1: 6 + 1; E4M3: 448 + 16), so that the clipped element is off by no more than a
+#: rounding error of the top binade.
+KEEP_LIMIT = {"mxfp4": 7.0, "fp8": 464.0}
 #: Shifted grids' block scales, in units of the stored ones (``regrid``): evenly spaced in
 #: log between 1 (the stored grid) and 2 (the stored grid one binade up, which holds every
 #: normal FP8 value again), both excluded.
@@ -163,11 +169,19 @@ def decode(fmt: QuantFormat, q: np.ndarray, s: np.ndarray, cols: int, scale_dtyp
     return values, scales
 
 
-def encode(fmt: QuantFormat, w: np.ndarray, scale_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    fmt: QuantFormat, w: np.ndarray, scale_dtype: str, stored: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """float ``[rows, cols]`` weights -> (uint8 element rows, uint8 scale rows) with fresh
-    scales per block; the inverse of ``decode`` up to the format's rounding."""
+    scales per block; the inverse of ``decode`` up to the format's rounding.
+
+    ``stored``: the scale rows' bytes the weights had before an edit. A block keeps its stored
+    scale while its largest element still rounds onto that grid (within half the grid's top
+    step above its largest value, ``KEEP_LIMIT``): its elements then round back to their old
+    values unless the edit moved them past a rounding boundary, where a fresh scale (one binade
+    up as soon as one element grew, for MXFP4) would re-round the whole block."""
     if fmt.method == "mxfp4":
-        return _encode_mxfp4(w)
+        return _encode_mxfp4(w, stored)
     bo, bi = fmt.block
     rows, cols = w.shape
     mag = np.abs(w, dtype=np.float32)
@@ -175,6 +189,10 @@ def encode(fmt: QuantFormat, w: np.ndarray, scale_dtype: str) -> tuple[np.ndarra
     amax = np.maximum.reduceat(amax, np.arange(0, rows, bo), axis=0)
     # a block of zeros keeps scale 1 (as transformers does); stored scales are rounded once
     inv = np.where(amax > 0, amax / np.float32(FP8_MAX), 1).astype(FP8_SCALES[scale_dtype])
+    if stored is not None:
+        old = stored.view(FP8_SCALES[scale_dtype]).reshape(inv.shape)
+        limit = np.float32(KEEP_LIMIT["fp8"]) * old.astype(np.float32)
+        inv = np.where((old > 0) & (amax <= limit), old, inv)
     per = np.repeat(np.repeat(inv.astype(np.float32), bo, axis=0)[:rows], bi, axis=1)[:, :cols]
     q = np.clip(w / per, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)  # nearest even
     return q.view(np.uint8), np.ascontiguousarray(inv).view(np.uint8)
@@ -211,15 +229,20 @@ def _e2m1_code(x: np.ndarray) -> np.ndarray:
     return np.searchsorted(FP4_MIDPOINTS, np.minimum(np.abs(x), FP4_MAX), side="right")
 
 
-def _encode_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _encode_mxfp4(w: np.ndarray, stored: np.ndarray | None = None):
     """Per 32 elements the exponent e = ⌈log2(amax/6)⌉ (so amax / 2**e ≤ 6), each element
-    rounded to the nearest E2M1 value (ties away from zero), packed two per byte."""
+    rounded to the nearest E2M1 value (ties away from zero), packed two per byte; with
+    ``stored`` exponents, those kept where amax / 2**e ≤ ``KEEP_LIMIT`` (``encode``)."""
     rows, cols = w.shape
     blocks = np.asarray(w, dtype=np.float32).reshape(rows, cols // MX_BLOCK, MX_BLOCK)
     amax = np.abs(blocks).max(axis=-1)
     mantissa, exp = np.frexp(amax / np.float32(FP4_MAX))  # exact: mantissa in [0.5, 1)
     exp = np.where(mantissa == 0.5, exp - 1, exp)  # a power of two is its own ceiling
     exp = np.where(amax > 0, np.clip(exp, E8M0_MIN, E8M0_BIAS), -E8M0_BIAS).astype(np.int32)
+    if stored is not None:
+        old = stored.reshape(exp.shape).astype(np.int32) - E8M0_BIAS
+        limit = np.ldexp(np.float32(KEEP_LIMIT["mxfp4"]), old)
+        exp = np.where((old > -E8M0_BIAS) & (amax <= limit), old, exp)
     scaled = blocks / np.ldexp(np.float32(1), exp)[..., None]
     code = _e2m1_code(scaled).astype(np.uint8)
     code |= np.signbit(scaled).astype(np.uint8) << 3
