@@ -188,9 +188,13 @@ def _write(job: Job, tmp: Path, logs: Path, log, progress) -> dict:
 
 
 def _quantizer() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"llama.cpp's quantizer from llama-cpp-python {version('llama-cpp-python')}"
+    try:
+        found = version("llama-cpp-python")
+    except PackageNotFoundError:  # a llama_cpp module without its distribution's metadata
+        found = "(version unknown)"
+    return f"llama.cpp's quantizer from llama-cpp-python {found}"
 
 
 def read_export(folder: Path) -> GgufExport:
