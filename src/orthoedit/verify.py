@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, astuple, dataclass, field, replace
 
 import numpy as np
@@ -24,7 +23,7 @@ from .edit.gguf_check import check_gguf_bytes, storage_type
 from .edit.ortho import norm_factors
 from .edit.plan import Plan, op_basis
 from .errors import BadInputError
-from .model.checkpoint import Checkpoint, TensorInfo
+from .model.checkpoint import Checkpoint, TensorInfo, same_bytes
 from .model.derive import table_or_derived
 from .model.gguf import GgufCheckpoint
 from .model.quant import QuantFormat
@@ -145,15 +144,10 @@ class VerifyReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def _same_bytes(a: TensorInfo, b: TensorInfo, block: int = 64 << 20) -> bool:
+def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    with open(a.file, "rb", buffering=0) as fa, open(b.file, "rb", buffering=0) as fb:
-        for off in range(0, a.nbytes, block):
-            n = min(block, a.nbytes - off)
-            if os.pread(fa.fileno(), n, a.start + off) != os.pread(fb.fileno(), n, b.start + off):
-                return False
-    return True
+    return same_bytes(a.file, a.start, b.file, b.start, a.nbytes)
 
 
 def check_bytes(plan: Plan, source: Checkpoint, edited: Checkpoint, report: VerifyReport) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..model.checkpoint import same_bytes
 from ..model.gguf import GgufCheckpoint, GgufTensor, read_layout
 from .gguf_types import epsilon
 from .plan import Plan
@@ -59,12 +60,4 @@ def check_gguf_bytes(plan: Plan, source: GgufCheckpoint, edited: GgufCheckpoint,
 def _same(a: GgufCheckpoint, ta: GgufTensor, b: GgufCheckpoint, tb: GgufTensor) -> bool:
     if (ta.type, ta.shape, ta.nbytes) != (tb.type, tb.shape, tb.nbytes):
         return False
-    step = 64 << 20
-    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
-        for off in range(0, ta.nbytes, step):
-            n = min(step, ta.nbytes - off)
-            fa.seek(ta.start + off)
-            fb.seek(tb.start + off)
-            if fa.read(n) != fb.read(n):
-                return False
-    return True
+    return same_bytes(a.path, ta.start, b.path, tb.start, ta.nbytes)

@@ -7,6 +7,7 @@ bytes. orthoedit never parses tensors it does not edit: it copies their bytes.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,16 @@ def expert_slices(info: TensorInfo) -> list[TensorInfo]:
                    info.start + (e + 1) * step)
         for e in range(n)
     ]  # fmt: skip
+
+
+def same_bytes(a: Path, a_start: int, b: Path, b_start: int, n: int, block: int = 64 << 20) -> bool:
+    """Whether ``n`` bytes of file ``a`` at ``a_start`` equal those of ``b`` at ``b_start``."""
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        for off in range(0, n, block):
+            k = min(block, n - off)
+            if os.pread(fa.fileno(), k, a_start + off) != os.pread(fb.fileno(), k, b_start + off):
+                return False
+    return True
 
 
 def stored(raw: np.ndarray, dtype: str) -> np.ndarray:
