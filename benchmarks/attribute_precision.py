@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from orthoedit.config import AttributeConfig
-from orthoedit.evaluate.safety import load_sets
+from orthoedit.prompts import load_sets
 from orthoedit.research.attribute import every_writer, refusal_token_ids
 from orthoedit.research.components import _shifts_for, gather, mean_log_odds, writers_of
 from orthoedit.runtime.session import Session

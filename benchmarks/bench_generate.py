@@ -3,7 +3,7 @@
 On the model organism (float32, 2 CPU cores), with its 480 harmful + harmless test prompts and
 the default budget of 256 new tokens (the organism ends its answers itself):
 
-* **batched generation** (``refusal.refusal_run``, length-sorted batches of 32) against
+* **batched generation** (``judging.answers.answer_prompts``, length-sorted batches of 32) against
   **one prompt at a time** (batch size 1) on the same prompts: prompts per second, the
   speed-up, and how many answers are identical (greedy decoding, so they should all be);
 * **judge throughput**: the organism guard as an ``hf:`` judge on those 480 (request, answer)
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from orthoedit.evaluate.safety import HFJudge
+from orthoedit.judging.answers import answer_prompts
+from orthoedit.judging.judges import HFJudge
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, load_prompts
-from orthoedit.runtime.refusal import refusal_run
-from orthoedit.runtime.session import load_model, load_tokenizer
+from orthoedit.runtime.session import Placement, Session, load_model, load_tokenizer, pad_id
 
 HERE = Path(__file__).resolve().parent
 BUDGET = 256
@@ -54,11 +54,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     tok, model = load_tokenizer(CHAT_MODEL), load_model(CHAT_MODEL)
     prompts = [i["prompt"] for kind in ("harmful", "harmless") for i in load_prompts(kind)]
-    judge_batched = HFJudge(GUARD_MODEL, "float32", None, args.batch_size)
-    judge_single = HFJudge(GUARD_MODEL, "float32", None, 1)
+    judge_batched = HFJudge(GUARD_MODEL, Placement(), args.batch_size)
+    judge_single = HFJudge(GUARD_MODEL, Placement(), 1)
 
     def generate(batch_size):
-        return refusal_run(model, tok, prompts, max_new_tokens=BUDGET, batch_size=batch_size)
+        session = Session(CHAT_MODEL, model, tok, None, batch_size, [], pad_id(tok))
+        return answer_prompts(session, prompts, max_new_tokens=BUDGET)
 
     times: dict[str, list[float]] = {
         "batched": [],

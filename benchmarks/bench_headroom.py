@@ -30,8 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_search  # noqa: E402
 from orthoedit.model.direction import Direction  # noqa: E402
-from orthoedit.runtime.session import load_model  # noqa: E402
-from orthoedit.search import make_judge, measure_hooks, prepare, ready_hooks  # noqa: E402
+from orthoedit.search import measure_hooks, open_runner, prepare, ready_hooks  # noqa: E402
 from orthoedit.search.space import blend  # noqa: E402
 
 PROMPTS = bench_search.CHAT_MODEL.parent / "prompts"
@@ -50,8 +49,8 @@ def parse_args(argv):
 def free_scales(cfg, trials: int) -> dict:
     """Search 2 (see the module docs); returns measure's and the best trial's test numbers."""
     ready = prepare(cfg)
-    model = load_model(ready.folder)
-    judge = make_judge(cfg, ready, model)
+    judge = open_runner(cfg, ready)
+    model = judge.model
     measure = judge(measure_hooks(model, ready))
     writers = [f"{site}:{i}" for site in ("attn", "mlp") for i in range(ready.n_layers)]
 

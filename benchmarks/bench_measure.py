@@ -45,21 +45,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from orthoedit.judging.openings import parse_refusal_tokens
 from orthoedit.measure.candidates import mean_activations
-from orthoedit.measure.select import (
-    NoCandidateError,
-    Scorer,
-    first_token_logprobs,
-    parse_refusal_tokens,
-    select,
-)
+from orthoedit.measure.select import NoCandidateError, Scorer, select
 from orthoedit.model.architectures import table_for_config
 from orthoedit.model.checkpoint import Checkpoint
 from orthoedit.pools import load_pool
-from orthoedit.runtime.refusal import greedy_completions
+from orthoedit.runtime.scores import first_token_logprobs
 from orthoedit.runtime.session import (
     batched_forward,
     chat_ids,
+    greedy_completions,
     left_padded,
     length_sorted_batches,
     load_model,

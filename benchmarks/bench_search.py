@@ -54,12 +54,12 @@ import torch
 from orthoedit.config import MeasureConfig, SearchConfig
 from orthoedit.measure.candidates import measure
 from orthoedit.organism import CHAT_MODEL, load_prompts
-from orthoedit.runtime.session import chat_ids, load_model, post_instruction_ids
+from orthoedit.runtime.session import Session, chat_ids, post_instruction_ids
 from orthoedit.search import (
-    Judge,
+    TrialRunner,
     edit_hooks,
-    make_judge,
     measure_hooks,
+    open_runner,
     prepare,
     search,
 )
@@ -123,8 +123,8 @@ def one_pass(cfg: SearchConfig, repeats: int = 3) -> dict:
     first-token pass, unedited (whose refusals are short, so generation stops early) and with
     measure's edit through the plan's hooks (answers run to the budget, as most trials')."""
     ready = prepare(cfg)
-    model = load_model(ready.folder, cfg.dtype)
-    judge = make_judge(cfg, ready, model)
+    judge = open_runner(cfg, ready)
+    model = judge.model
     judge(contextlib.nullcontext)  # warm up
     generation = statistics.median(timed(judge.answers)[0] for _ in range(repeats))
     full = statistics.median(judge(contextlib.nullcontext).seconds for _ in range(repeats))
@@ -172,8 +172,9 @@ def test_split(cfg: SearchConfig, result) -> dict:
         kind: chat_ids(tok, [i["prompt"] for i in load_prompts(kind)], post, None)
         for kind in ("harmful", "harmless")
     }
-    model = load_model(ready.folder)
-    judge = Judge(model, tok, rows["harmful"], rows["harmless"], cfg.batch_size, TEST_TOKENS)
+    session = Session.open(ready.folder, cfg, tok=tok)
+    model, prompts = session.model, [i["prompt"] for i in load_prompts("harmful")]
+    judge = TrialRunner(session, prompts, rows["harmless"], TEST_TOKENS)
     params = params_of(result.chosen.params)
     edits = {
         "unedited": contextlib.nullcontext,

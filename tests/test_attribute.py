@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orthoedit.measure.select import first_token_logprobs, log_odds
 from orthoedit.organism import CHAT_MODEL
 from orthoedit.prompts import load_prompt_file
 from orthoedit.research.attribute import every_writer
 from orthoedit.research.components import _capture, mean_log_odds, writers_of
 from orthoedit.runtime.hooks import plan_hooks
+from orthoedit.runtime.scores import first_token_logprobs, log_odds
 from orthoedit.runtime.session import chat_ids, pad_id, post_instruction_ids
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 from tiny import FAMILIES

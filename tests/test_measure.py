@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import folder_digest
 from orthoedit.errors import BadInputError
 from orthoedit.measure.candidates import mean_activations
-from orthoedit.measure.select import first_token_logprobs
 from orthoedit.model.architectures import table_for_config
 from orthoedit.organism import CHAT_MODEL, PROMPTS, load_prompts
 from orthoedit.organism.evaluate import capability_score, refusal_rate
@@ -31,6 +30,7 @@ from orthoedit.runtime.batching import (
     shares_prefix,
 )
 from orthoedit.runtime.hooks import addition_hooks
+from orthoedit.runtime.scores import first_token_logprobs
 from orthoedit.runtime.session import chat_ids, load_model, post_instruction_ids, render
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 from tiny import FAMILIES, build_tokenizer

@@ -18,9 +18,9 @@ import pytest
 from conftest import folder_digest
 from orthoedit.config import ApplyConfig, MeasureConfig, VerifyConfig
 from orthoedit.edit.apply import apply
+from orthoedit.judging.phrases import opening_refusal
 from orthoedit.measure.candidates import measure
 from orthoedit.measure.select import NoCandidateError
-from orthoedit.runtime.refusal import reads_as_refusal
 from orthoedit.verify import TOLERANCES, verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_refusal_openings_read_as_refusals_and_score_the_gap(measured):
     scores = json.loads((measured / "scores.json").read_text())
     tok = AutoTokenizer.from_pretrained(QWEN)
     openings = [tok.convert_tokens_to_string(o) for o in scores["refusal_openings"]]
-    assert openings and all(reads_as_refusal(o) for o in openings), openings
+    assert openings and all(opening_refusal(o) for o in openings), openings
     # shortest refusing prefixes: none is a prefix of another, so their probabilities add up
     ids = [tuple(tok.convert_tokens_to_ids(o)) for o in scores["refusal_openings"]]
     assert not any(a != b and b[: len(a)] == a for a in ids for b in ids)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import folder_digest
 from judgeserver import JudgeServer
-from orthoedit.evaluate.safety import HFJudge, parse_guard
+from orthoedit.judging.judges import HFJudge, parse_guard
 from orthoedit.organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
@@ -210,7 +210,9 @@ def test_openai_judge_against_a_local_server(tmp_path, monkeypatch):
     server = JudgeServer("guard")
     try:
         out = tmp_path / "r"
-        result = _safety_with(server.url, out, "--judge-api-key-env", "ORTHOEDIT_TEST_KEY")
+        result = _safety_with(
+            server.url, out, "--judge-api-key-env", "ORTHOEDIT_TEST_KEY", "--judge-style", "guard"
+        )
     finally:
         server.close()
     assert result.exit_code == 0, result.output
@@ -238,10 +240,67 @@ def test_openai_judge_failures_are_errors_with_bounded_retries(tmp_path, mode):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     for kind in ("harmful", "harmless"):
         overall = report["summary"]["model"][kind]["overall"]
-        assert overall["judge_errors"] == 6 and overall["unsafe"] is None  # never scored
+        assert overall["judge_errors"] == 6 and overall.get("unsafe") is None  # never scored
+        assert overall["complied"] == 0  # no verdict is never compliance
     assert report["settings"]["judge_failed_tries"] == 24  # 12 answers x (1 try + 1 retry)
     if server:
         assert server.requests == 24
+
+
+def test_a_rubric_judge_reports_refused_evasive_and_complied_apart(edited_organism, tmp_path):
+    """The default style of an openai: judge is the rubric (its prompt, ``rubric.md``, as the
+    system message): on the edited organism it finds answers with substance and evasions, and
+    the report gives refused / evasive / complied / broken apart; the failure rate counts all
+    but compliance."""
+    from orthoedit.judging.judges import RUBRIC
+
+    server = JudgeServer("rubric")
+    try:
+        result = cli(
+            "eval", "safety", edited_organism, "--out", tmp_path / "r", "--harmful", "organism",
+            "--harmless", "organism", "--n", "16", "--judge", f"openai:{server.url}",
+            "--judge-model", "organism-guard", "--judge-timeout", "5",
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    assert set(server.systems) == {RUBRIC}
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["settings"]["judge_style"] == "rubric"
+    harmful = report["summary"]["model"]["harmful"]["overall"]
+    shares = [harmful[k] for k in ("refusal", "evasive", "complied", "broken", "unjudged")]
+    assert sum(shares) == pytest.approx(1.0)
+    assert harmful["complied"] > 0 and harmful["failure"] == pytest.approx(1 - harmful["complied"])
+    rows = [json.loads(line) for line in (tmp_path / "r" / "completions.jsonl").open()]
+    for row in rows:  # the judge's word decides a complied answer, and nothing else
+        if row["verdict"] == "complied":
+            assert row["judge"] == "substantive"
+        if row["verdict"] == "evasive":
+            assert row["judge"] == "evasive" and row["reason"] == "judge: evasive"
+        if row["verdict"] == "refused" and not row["reason"].startswith("phrase"):
+            assert row["judge"] == "refused"
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "evasive (judge)" in text and "complied (with substance)" in text
+
+
+def test_a_local_chat_model_as_rubric_judge_that_cannot_follow_it_leaves_answers_unjudged(
+    edited_organism, tmp_path
+):
+    """``--judge hf:MODEL --judge-style rubric``: a local chat model gets the rubric as its
+    system prompt; the organism cannot write the three lines, so every answer the phrases
+    call complied is unjudged, and none is compliance."""
+    out = tmp_path / "r"
+    result = cli(
+        "eval", "safety", edited_organism, "--out", out, "--harmful", "organism",
+        "--harmless", "organism", "--n", "6", "--judge", f"hf:{CHAT_MODEL}",
+        "--judge-style", "rubric",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["judge_style"] == "rubric"
+    overall = report["summary"]["model"]["harmful"]["overall"]
+    assert overall["complied"] == 0 and overall["unjudged"] > 0
+    assert overall["failure"] == 1.0
 
 
 def test_openai_judge_needs_a_model_name(tmp_path):

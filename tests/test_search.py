@@ -28,10 +28,10 @@ from orthoedit.model.direction import load_direction
 from orthoedit.organism import GUARD_MODEL
 from orthoedit.runtime.hooks import addition_hooks
 from orthoedit.search import (
-    Judge,
+    TrialRunner,
     choose,
     describe,
-    make_judge,
+    make_runner,
     measure_hooks,
     measure_params,
     pareto,
@@ -299,13 +299,27 @@ def test_resume_after_interruption(first_search, measured, tmp_path, monkeypatch
     assert more.ran == 0 and more.stopped_by_time and len(more.trials) == TRIALS
 
 
+def _runner(ready, model, budget: int, **kwargs) -> TrialRunner:
+    """The trials' runner on ``model`` (the search's prompts, system prompt and batch size)."""
+    from orthoedit.runtime.session import Session, pad_id
+
+    session = Session(
+        ready.folder, model, ready.tok, ready.settings["system"], 16, [], pad_id(ready.tok)
+    )
+    return TrialRunner(session, ready.harmful_prompts, ready.harmless_rows, budget, **kwargs)
+
+
+def _session(ready, model):
+    return _runner(ready, model, 1).session
+
+
 def _judged_as_the_trial(measured: Path, out: Path, edited: Path, chosen: dict) -> None:
     """The checkpoint ``apply`` wrote answers and scores as the chosen trial did through the
     hooks (judged against the unedited model on the search's prompts)."""
     ready = prepare(_cfg(measured, out))
     base = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = Judge(base, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 12)
-    judge.model = AutoModelForCausalLM.from_pretrained(edited).eval()
+    judge = _runner(ready, base, 12)
+    judge.session.model = AutoModelForCausalLM.from_pretrained(edited).eval()
     outcome = judge(contextlib.nullcontext)
     assert (outcome.refused, outcome.complied, outcome.broken) == (
         chosen["refused"],
@@ -462,7 +476,7 @@ def test_destroyed_model_is_broken_not_compliant(measured):
     answers in loops, which count as failures, never as compliance."""
     ready = prepare(_cfg(measured, measured / "unused"))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = Judge(model, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 32)
+    judge = _runner(ready, model, 32)
     r = torch.tensor(ready.baseline_direction.vector, dtype=torch.float32)
     for k in (-50.0, 50.0):
         hooks = functools.partial(addition_hooks, model, ready.table, 2, k * r)
@@ -493,24 +507,23 @@ def test_word_salad_is_broken_not_compliant(measured):
     """Random-weight word salad reads as text (the text checks call most of it compliance);
     the unedited model's surprisal calls all of it broken, while measure's real compliance and
     the unedited model's own answers stay far below the threshold."""
-    from orthoedit.runtime.refusal import judge as text_judge
-    from orthoedit.runtime.session import surprisal
+    from orthoedit.runtime.session import generate, surprisal
 
     ready = prepare(_cfg(measured, measured / "unused", n=16))
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = Judge(model, ready.tok, ready.harmful_rows, ready.harmless_rows, 16, 32)
+    judge = _runner(ready, model, 32)
     assert judge.max_surprisal == pytest.approx(0.5 * np.log(len(ready.tok)))
     with _noised_weights(model, 1.0):
-        salad = [judge.decode(ids) for ids in judge.generate()]
-    assert sum(text_judge(t) == "complied" for t in salad) >= len(salad) // 2  # text misses it
+        salad = judge.answers()
+    assert sum(a.verdict == "complied" for a in salad) >= len(salad) // 2  # text misses it
     outcome = judge(functools.partial(_noised_weights, model, 1.0))
     assert outcome.complied == 0 and outcome.failure == 1.0
     assert outcome.implausible >= len(salad) // 2
     edited = judge(measure_hooks(model, ready))
     assert edited.complied == edited.n and edited.implausible == 0
     with measure_hooks(model, ready)():
-        made = judge.generate()
-    scores = surprisal(model, ready.harmful_rows, made, 16, judge.pad)
+        made = [g.ids for g in generate(judge.session, ready.harmful_rows, 32)]
+    scores = surprisal(model, ready.harmful_rows, made, 16, judge.session.pad)
     assert max(scores) < judge.max_surprisal / 2
 
 
@@ -542,7 +555,7 @@ def test_eval_task_is_a_third_objective(measured, tmp_path, capfd):
     hooks (checked against a scorer of its own), the unedited baseline drops 0, the front is
     three-objective, and --max-drop constrains the choice. Scoring prints no lm-eval
     progress bars (a search scores once per trial, under its own bar)."""
-    from orthoedit.evaluate.bench import TaskScorer
+    from orthoedit.evals.tasks import TaskScorer
 
     kw = {"eval_task": "organism_capability", "eval_limit": 8}
     result = search(_cfg(measured, tmp_path / "s", trials=3, **kw), log=lambda m: None)
@@ -672,16 +685,16 @@ def test_own_prompt_files_make_another_study(measured, tmp_path):
 def test_guard_judge_counts_only_unsafe_compliance(measured, tmp_path):
     """With a guard, a complied answer is compliance only when the guard calls it unsafe; the
     organism's guard calls the edited organism's compliant answers unsafe."""
-    cfg = _cfg(measured, tmp_path / "s", judge=f"hf:{GUARD_MODEL}")
+    cfg = _cfg(measured, tmp_path / "s", judge=f"hf:{GUARD_MODEL}", front_max_new_tokens=0)
     ready = prepare(cfg)
     assert ready.settings["judge"] == cfg.judge
     model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-    judge = make_judge(cfg, ready, model)
+    judge = make_runner(cfg, ready, _session(ready, model))
     edited = judge(measure_hooks(model, ready))
-    assert edited.unsafe is not None and 0 < edited.unsafe <= edited.complied
-    assert edited.failure == pytest.approx(1 - edited.unsafe / edited.n)
+    assert edited.complied > 0  # compliance the guard calls unsafe (the rest: evasive)
+    assert edited.failure == pytest.approx(1 - edited.complied / edited.n)
     unedited = judge(contextlib.nullcontext)
-    assert unedited.unsafe == 0 and unedited.failure == 1.0
+    assert unedited.complied == 0 and unedited.failure == 1.0
 
 
 @pytest.mark.parametrize("mode", ["guard", "garbage"])
@@ -695,24 +708,30 @@ def test_openai_judge_judges_trials_as_the_guard_does(measured, tmp_path, mode):
     try:
         cfg = _cfg(
             measured, tmp_path / "s", judge=f"openai:{server.url}", judge_model="guard",
-            judge_timeout=5, judge_retries=0,
+            judge_style="guard", judge_timeout=5, judge_retries=0, front_max_new_tokens=0,
         )  # fmt: skip
         ready = prepare(cfg)
         assert ready.settings["judge"] == cfg.judge and ready.settings["judge_model"] == "guard"
         model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
-        edited = make_judge(cfg, ready, model)(measure_hooks(model, ready))
+        edited = make_runner(cfg, ready, _session(ready, model))(measure_hooks(model, ready))
     finally:
         server.close()
-    assert edited.complied > 0 and server.requests == edited.complied
+    asked = edited.complied + edited.evasive + edited.unjudged
+    assert asked > 0 and server.requests == asked
     if mode == "guard":
-        guard_cfg = _cfg(measured, tmp_path / "g", judge=f"hf:{GUARD_MODEL}")
-        by_guard = make_judge(guard_cfg, prepare(guard_cfg), model)(measure_hooks(model, ready))
-        assert (edited.unsafe, edited.judge_errors) == (by_guard.unsafe, 0)
+        guard_cfg = _cfg(
+            measured, tmp_path / "g", judge=f"hf:{GUARD_MODEL}", front_max_new_tokens=0
+        )
+        session = _session(prepare(guard_cfg), model)
+        by_guard = make_runner(guard_cfg, prepare(guard_cfg), session)(measure_hooks(model, ready))
+        assert (edited.complied, edited.evasive, edited.unjudged) == (
+            by_guard.complied, by_guard.evasive, 0
+        )  # fmt: skip
         assert edited.failure == pytest.approx(by_guard.failure)
     else:
-        assert edited.unsafe == 0 and edited.judge_errors == edited.complied
+        assert edited.complied == 0 and edited.unjudged == asked
         assert edited.failure == 1.0
-        assert f"{edited.complied} unjudged" in describe(edited.to_dict())
+        assert f"{edited.unjudged} unjudged" in describe(edited.to_dict())
 
 
 def test_search_takes_the_judge_options_of_eval_safety(measured, tmp_path):
@@ -883,3 +902,55 @@ def test_confirm_never_removes_a_folder_orthoedit_did_not_write(first_search, me
     cli(*_args(measured, out, "--trials", 1, "--overwrite"))
     for name in ("confirm", ".confirm-model"):
         assert (out / name / "mine.txt").read_text() == "mine"
+
+
+# --- cheap trials, a strong front ---------------------------------------------------------
+
+
+def _trial(number: int, failure: float, kl: float) -> SimpleNamespace:
+    return SimpleNamespace(number=number, user_attrs={"failure": failure, "kl": kl})
+
+
+def test_the_choice_uses_the_fronts_strong_scores():
+    """A trial best by its cheap score but failing more when judged again is not chosen; a
+    trial nobody judged again cannot be chosen; the no-op rule reads the strong baselines."""
+    from orthoedit.search import choose_for
+
+    trials = [_trial(0, 0.10, 0.05), _trial(1, 0.20, 0.04), _trial(2, 0.0, 0.5)]
+    cfg = SearchConfig(model="m", candidates=Path("c"), out=Path("o"), max_kl=0.1)
+    baselines = {"no edit": {"failure": 1.0, "kl": 0.0}, "measure": {"failure": 0.3, "kl": 0.1}}
+    assert choose_for(trials, cfg, baselines).number == 0  # by the cheap scores
+    strong = {
+        "baselines": {"no edit": {"failure": 0.9, "kl": 0.0}, "measure": {"failure": 0.5}},
+        "trials": {"0": {"failure": 0.60, "kl": 0.05}, "1": {"failure": 0.25, "kl": 0.04}},
+    }
+    assert choose_for(trials, cfg, baselines, strong).number == 1
+    strong["baselines"]["no edit"]["failure"] = 0.2  # both fail as often as no edit
+    assert choose_for(trials, cfg, baselines, strong) is None
+
+
+def test_search_judges_its_front_again_and_chooses_by_it(measured, tmp_path):
+    """Trials are scored cheaply (phrases only: the guard reads none of them); the front's
+    trials within the budget and the baselines are judged again with longer answers and the
+    guard, stored once (a second run judges nothing), and the choice is the best of them by
+    those scores; pareto.md shows both scores."""
+    from orthoedit.search import choose_for
+
+    out = tmp_path / "s"
+    cfg = _cfg(measured, out, trials=TRIALS, judge=f"hf:{GUARD_MODEL}", front_max_new_tokens=24)
+    lines: list[str] = []
+    result = search(cfg, log=lines.append)
+    front = result.report["front"]
+    assert front["max_new_tokens"] == 24 and front["judge"] == cfg.judge
+    assert all(t.user_attrs["evasive"] == 0 for t in result.trials)  # no guard on trials
+    judged = set(front["judged"])
+    assert judged and judged <= {t.number for t in result.front}
+    assert set(result.strong["baselines"]) == {"no edit", "measure"}
+    assert result.chosen is not None and result.chosen.number in judged
+    assert result.chosen.number == choose_for(result.trials, cfg, None, result.strong).number
+    assert result.report["chosen"]["strong"] == result.strong["trials"][str(result.chosen.number)]
+    assert "judged again" in (out / "pareto.md").read_text()
+    assert sum(line.startswith("front: trial") for line in lines) == len(judged)
+    again: list[str] = []
+    search(cfg, log=again.append)
+    assert not any(line.startswith("front: trial") for line in again)

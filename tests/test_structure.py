@@ -2,6 +2,8 @@
 unchanged):
 
 * the import graph of ``src/orthoedit``, counting imports inside functions, has no cycle;
+* no stage imports another stage (``STAGES``), and the layers below the stages (``runtime``,
+  ``judging``, ``model``, ``edit``) import no stage;
 * ``import orthoedit.cli`` and ``orthoedit apply --help`` load no torch;
 * every ``docs/design.md §N`` a docstring cites is a section of the design document;
 * no module is over 500 lines and no function over 60, except the declarative tables of
@@ -150,6 +152,106 @@ def test_the_length_check_sees_long_functions_and_modules(tmp_path):
 def test_no_long_module_or_function():
     found = long_code(_modules())
     assert not found, f"over the house plan's lengths: {found}"
+
+
+#: The stages (docs/design.md, layout): each imports the layers below it, never another stage;
+#: only ``cli`` and ``pipeline`` know every stage.
+STAGES = {
+    "measure": "orthoedit.measure",
+    "search": "orthoedit.search",
+    "evaluate": "orthoedit.evaluate",
+    "research": "orthoedit.research",
+    "verify": "orthoedit.verify",
+    "export": "orthoedit.export",
+}
+BELOW = ("orthoedit.runtime", "orthoedit.judging", "orthoedit.model", "orthoedit.edit")
+
+
+def _stage_of(module: str) -> str | None:
+    for stage, prefix in STAGES.items():
+        if module == prefix or module.startswith(prefix + ".") or module.startswith(prefix + "_"):
+            return stage
+    return None
+
+
+def stage_crossings(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a stage imports another stage, or a layer below the
+    stages imports a stage."""
+    found = []
+    for module, targets in graph.items():
+        mine = _stage_of(module)
+        below = module.startswith(BELOW)
+        for target in targets:
+            theirs = _stage_of(target)
+            if theirs is not None and (below or (mine is not None and theirs != mine)):
+                found.append((module, target))
+    return sorted(found)
+
+
+def test_no_stage_imports_another():
+    assert stage_crossings(import_graph()) == []
+
+
+def test_the_stage_rule_sees_a_crossing():
+    graph = {
+        "orthoedit.search.confirm": {"orthoedit.evaluate.safety"},
+        "orthoedit.judging.answers": {"orthoedit.measure.select"},
+        "orthoedit.pipeline.run": {"orthoedit.search", "orthoedit.measure.candidates"},
+        "orthoedit.verify_gguf": {"orthoedit.verify"},
+    }
+    assert stage_crossings(graph) == [
+        ("orthoedit.judging.answers", "orthoedit.measure.select"),
+        ("orthoedit.search.confirm", "orthoedit.evaluate.safety"),
+    ]
+
+
+def unresolved_imports(roots: list[Path]) -> list[str]:
+    """``from orthoedit.x import y`` (at any depth, relative ones in the package too) whose
+    module or name does not exist: what a move leaves behind in a function-level import."""
+    import importlib
+
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            package = None
+            if SRC in path.parents:
+                parts = list(path.relative_to(SRC).with_suffix("").parts)
+                package = parts[:-1]
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.ImportFrom) or (node.level and package is None):
+                    continue
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                if not module.startswith("orthoedit"):
+                    continue
+                try:
+                    imported = importlib.import_module(module)
+                except ImportError as err:
+                    found.append(f"{path.name}:{node.lineno}: {module} ({err})")
+                    continue
+                for alias in node.names:
+                    if not hasattr(imported, alias.name):
+                        try:
+                            importlib.import_module(f"{module}.{alias.name}")
+                        except ImportError:
+                            found.append(f"{path.name}:{node.lineno}: {module}.{alias.name}")
+    return found
+
+
+def test_every_import_of_the_project_resolves():
+    """Function-level imports (which nothing runs until their function does) and the
+    benchmarks' imports name modules and names that exist."""
+    roots = [SRC / "orthoedit", SRC.parent / "benchmarks", SRC.parent / "tests"]
+    assert unresolved_imports(roots) == []
+
+
+def test_the_import_check_sees_a_moved_name(tmp_path):
+    (tmp_path / "late.py").write_text(
+        "def f():\n    from orthoedit.measure.select import first_tokens\n"
+        "    from orthoedit.runtime.gone import x\n    from orthoedit.prompts import load_sets\n"
+    )
+    found = unresolved_imports([tmp_path])
+    assert len(found) == 2 and "first_tokens" in found[0] and "gone" in found[1]
 
 
 def test_no_import_cycle():

@@ -15,13 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import folder_digest
 from orthoedit.config import ApplyConfig
 from orthoedit.edit.apply import apply
-from orthoedit.measure.candidates import prompt_digest
 from orthoedit.model.architectures import table_for_config
 from orthoedit.model.checkpoint import Checkpoint
 from orthoedit.model.direction import load_direction, save_direction
 from orthoedit.model.source import read_config
 from orthoedit.organism import GUARD_MODEL
-from orthoedit.prompts import load_prompt_file
+from orthoedit.prompts import load_prompt_file, prompt_digest
 from orthoedit.research.sites import ONE_LAYER, interventions
 from orthoedit.verify import encode_prompts
 from test_cli import cli, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
@@ -101,7 +100,7 @@ def test_an_openai_judge_gives_the_guards_unsafe_rates(organism_run, tmp_path):
     try:
         by_server = cli(
             *args, "--out", tmp_path / "openai", "--judge", f"openai:{server.url}",
-            "--judge-model", "guard", "--judge-timeout", 5,
+            "--judge-model", "guard", "--judge-style", "guard", "--judge-timeout", 5,
         )  # fmt: skip
     finally:
         server.close()
@@ -110,7 +109,7 @@ def test_an_openai_judge_gives_the_guards_unsafe_rates(organism_run, tmp_path):
     reports = [json.loads((tmp_path / n / "sites.json").read_text()) for n in ("openai", "hf")]
     assert reports[0]["settings"]["judge_model"] == "guard"
     rates = [
-        {(c["kind"], c["name"]): (c["unsafe"], c["judge_errors"]) for c in r["conditions"]}
+        {(c["kind"], c["name"]): (c["unsafe"], c["unjudged"]) for c in r["conditions"]}
         for r in reports
     ]
     assert rates[0] == rates[1]

@@ -10,8 +10,10 @@ on a missing file or dataset, a missing column or split, non-UTF-8 bytes or an e
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import random
 from pathlib import Path
 
 from .errors import BadInputError
@@ -160,3 +162,25 @@ def is_prompt_file(source: str | Path) -> bool:
 def _first_line(err: Exception) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
+
+
+def prompt_digest(prompts: list[str]) -> str:
+    """sha256 of a prompt list, one per line in order (as ``direction.json`` records them)."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def load_set(source: str | None, kind: str, cfg) -> list[dict]:
+    """Held-out prompt items for one kind: the bundled test split, the organism's
+    (``organism``), or a file / dataset; ``cfg.n`` draws that many with ``cfg.seed`` (any
+    config with ``column``, ``split``, ``n`` and ``seed``)."""
+    items = load_prompts(source, kind, "test", column=cfg.column, split=cfg.split)
+    if cfg.n is not None and cfg.n < len(items):
+        items = random.Random(cfg.seed).sample(items, cfg.n)
+    return items
+
+
+def load_sets(cfg) -> dict[str, list[str]]:
+    """Harmful and harmless prompt texts from ``cfg.harmful``/``cfg.harmless`` as ``load_set``
+    draws them."""
+    sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
+    return {kind: [item["prompt"] for item in items] for kind, items in sets.items()}

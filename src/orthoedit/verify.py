@@ -300,7 +300,7 @@ def verify(cfg: VerifyConfig, log=print) -> VerifyReport:
         report.rounding_max_logit_diff, report.rounding_mean_kl = rounding
     report.residual_leak = _leak(new_model, table, inputs, plan.basis(None), plan.n_layers)
     report.leak_checked = residual_checked
-    _judge(report, tol, exact=plan.exact)
+    _check_bounds(report, tol, exact=plan.exact)
     if base is not None:  # a GGUF: in llama.cpp too, where it is installed
         llama_cpp_check(cfg, folder, inputs, base, ref, report, log)
     if cfg.report is not None:
@@ -399,7 +399,7 @@ def logit_bounds(report: VerifyReport, tol: Tolerance) -> tuple[float, float]:
     return logit, kl
 
 
-def _judge(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:
+def _check_bounds(report: VerifyReport, tol: Tolerance, exact: bool = True) -> None:
     """Failures. A non-exact method (norm-preserving) is not equal to run-time ablation by
     design: its logits and KL against the hooks are reported, not judged; its weights still
     are (no component along u left, every vector's length kept)."""

@@ -92,8 +92,8 @@ def search(cfg: SearchConfig) -> None:
     ui.wrote(f"{folder}/pareto.md, pareto.json, pareto.png")
     if result.chosen is None:
         ui.error(
-            f"{none_chosen(result.trials, cfg, result.baselines)}; see the front above, "
-            "loosen the budget or run more --trials."
+            none_chosen(result.trials, cfg, result.baselines, result.strong)
+            + "; see the front above, loosen the budget or run more --trials."
         )
         raise typer.Exit(1)
     chosen = result.chosen

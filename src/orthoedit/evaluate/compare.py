@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import CompareConfig
+from ..judging.answers import answer_prompts
 from ..model.source import resolve_model
 from ..output import check_file_target, inputs_of, write_file
-from ..runtime.refusal import refusal_run
 from ..runtime.session import start_stage
 from ..runtime.vllm_engine import open_session, resolved
 
@@ -52,7 +52,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[Pair
     for name, folder in folders.items():
         log(f"{name}: {len(prompts)} prompts, at most {cfg.max_new_tokens} tokens each")
         session = open_session(folder, cfg)
-        answers[name] = refusal_run(
+        answers[name] = answer_prompts(
             session, [p for p, _ in prompts], max_new_tokens=cfg.max_new_tokens
         )
         session.close()

@@ -24,7 +24,6 @@ from ..prompts import prompt_texts
 from ..runtime.session import (
     batched_forward,
     chat_ids,
-    load_placed,
     load_tokenizer,
     pad_id,
     post_instruction_ids,
@@ -81,9 +80,8 @@ def _prompts(cfg: EvalKLConfig) -> list[str]:
 
 
 def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageReport:
-    from ..measure.select import first_token_logprobs, mean_kl
-    from ..runtime.refusal import until_stop
-    from ..runtime.session import greedy_completions, stop_ids
+    from ..runtime.scores import first_token_logprobs, mean_kl
+    from ..runtime.session import Session, generate
 
     start_stage(cfg.device)
     if cfg.report is not None:
@@ -101,13 +99,13 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     first, ce, answers = {}, {}, None
     for name in ("base", "edited"):
         log(f"{name}: {len(rows)} prompts")
-        model = load_placed(folders[name], cfg)
+        session = Session.open(folders[name], cfg, tok=tok)
+        model = session.model
         first[name] = first_token_logprobs(model, rows, cfg.batch_size, pad)
-        if answers is None:
-            made = greedy_completions(model, rows, cfg.batch_size, pad, cfg.max_new_tokens)
-            stop = stop_ids(model, tok)
-            answers = [until_stop(ids, stop) or ids[:1] for ids in made]
+        if answers is None:  # the base's answers, scored under both
+            answers = [g.ids for g in generate(session, rows, cfg.max_new_tokens)]
         ce[name] = cross_entropy(model, rows, answers, cfg.batch_size, pad)
+        session.close()
         del model
     report = DamageReport(
         prompts=len(rows),

@@ -8,7 +8,6 @@ over harmful and harmless prompts; every (layer, position) difference of means i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -21,12 +20,13 @@ import torch
 from .. import __version__
 from ..config import MeasureConfig
 from ..errors import BadInputError
+from ..judging.openings import FILTER_TOKENS
 from ..model.derive import table_or_derived
 from ..model.direction import save_direction, save_stable
 from ..model.source import read_config, resolve_model
 from ..output import check_target, inputs_of, staged_output
 from ..progress import Progress
-from ..prompts import BUNDLED, ORGANISM, is_prompt_file, prompt_texts
+from ..prompts import BUNDLED, ORGANISM, is_prompt_file, prompt_digest, prompt_texts
 from ..runtime.hooks import capture_block_inputs
 from ..runtime.session import (
     Session,
@@ -97,9 +97,6 @@ def _prompts(cfg: MeasureConfig, what: str) -> tuple[list[str], list[str]]:
 
 
 MIN_REFUSED = 32
-# The filter's generation budget: enough for an opening refusal phrase (the judgement reads
-# the first 80 characters), short enough to run on a whole prompt pool.
-FILTER_TOKENS = 16
 
 
 def _check_filter(filtered: dict, n_train: int, log) -> None:
@@ -125,13 +122,13 @@ def completions_of(
 ) -> list[list[int]]:
     """Short greedy completions (token ids), generated once per prompt: the filter's serve
     again to derive the refusal tokens."""
-    from ..runtime.session import greedy_completions
+    from ..runtime.session import generate
 
     missing = [p for p in dict.fromkeys(prompts) if p not in loaded.completions]
     if missing:
         rows = chat_ids(loaded.tok, missing, loaded.post, system)
-        made = greedy_completions(loaded.model, rows, batch_size, loaded.pad, FILTER_TOKENS)
-        loaded.completions.update(zip(missing, made, strict=True))
+        made = generate(loaded.session, rows, FILTER_TOKENS)
+        loaded.completions.update((p, g.ids) for p, g in zip(missing, made, strict=True))
     return [loaded.completions[p] for p in prompts]
 
 
@@ -147,7 +144,7 @@ def keep_by_behaviour(
     """The first ``need`` prompts whose greedy completion (``FILTER_TOKENS`` long) is judged
     ``refused`` (``refused=True``) or ``complied`` (broken answers are kept by neither);
     returns (kept, how many were tried)."""
-    from ..runtime.refusal import judge
+    from ..judging.verdicts import text_verdict
 
     kept: list[str] = []
     tried = 0
@@ -158,7 +155,7 @@ def keep_by_behaviour(
         for prompt, ids in zip(
             chunk, completions_of(loaded, chunk, system, batch_size), strict=True
         ):
-            verdict = judge(loaded.tok.decode(ids, skip_special_tokens=True))
+            verdict, _ = text_verdict(loaded.tok.decode(ids, skip_special_tokens=True))
             if verdict == ("refused" if refused else "complied"):
                 kept.append(prompt)
         if len(kept) >= need:
@@ -184,7 +181,7 @@ def measure(
     _check_position(cfg, tok, post)
     log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
     session = Session.open(folder, cfg, tok=tok)
-    loaded = _Loaded(session.model, tok, table, folder, config, post, session.pad)
+    loaded = _Loaded(session.model, tok, table, folder, config, post, session.pad, session)
     drawn, filtered = _draw(cfg, loaded, pools, log, progress)
     means = {}
     for kind, (train, _) in drawn.items():
@@ -338,8 +335,8 @@ def _write(tmp: Path, loaded, model_name, r, record, drawn, selection, means, fa
     for kind, (_, prompts) in drawn.items():
         write_prompts(tmp / f"val-{kind}.jsonl", prompts)
     if selection is not None:
+        from ..judging.openings import first_tokens
         from .plots import plot_scores
-        from .select import first_tokens
 
         scores = selection.to_dict()
         openings = selection.openings
@@ -374,11 +371,6 @@ def _source_name(cfg: MeasureConfig, kind: str) -> str:
     return f"dataset {source} (split {cfg.split}, column {cfg.column})"
 
 
-def prompt_digest(prompts: list[str]) -> str:
-    """sha256 of a prompt list, one per line in order (as ``direction.json`` records them)."""
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-
-
 def write_prompts(path: Path, prompts: list[str]) -> None:
     """``{"prompt": ...}`` per line, in order: a prompt file ``--harmful``/``--harmless`` read
     back exactly (ASCII-escaped JSON, so no prompt can contain a line break)."""
@@ -396,12 +388,14 @@ class _Loaded:
     config: dict
     post: list[int]
     pad: int
+    session: Session
     completions: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _select(cfg, loaded: _Loaded, candidates, harmful_val, harmless_val, log, progress):
+    from ..judging.openings import parse_refusal_tokens, refusal_openings
     from ..model.source import open_checkpoint
-    from .select import Scorer, parse_refusal_tokens, refusal_openings, select
+    from .select import Scorer, select
 
     harmful_rows = chat_ids(loaded.tok, harmful_val, loaded.post, cfg.system)
     harmless_rows = chat_ids(loaded.tok, harmless_val, loaded.post, cfg.system)

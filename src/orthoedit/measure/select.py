@@ -11,183 +11,18 @@ induce, depth) and the lowest bypass wins.
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..edit.plan import build_plan
-from ..errors import BadInputError, CheckFailedError
+from ..errors import CheckFailedError
 from ..model.direction import Direction
 from ..progress import Progress
-from ..runtime.batching import batched_forward
 from ..runtime.hooks import addition_hooks, plan_hooks
-from ..runtime.refusal import reads_as_refusal
-
-
-@torch.no_grad()
-def first_token_logprobs(model, rows: list[list[int]], batch_size: int, pad: int) -> torch.Tensor:
-    """``[len(rows), vocab]`` float32 log-probabilities of the first generated token (the
-    template prefix shared by all rows runs once: see ``runtime.batched_forward``)."""
-    parts: dict[int, torch.Tensor] = {}
-    # Only the last position's logits: the unembedding of every position is most of the cost
-    # of a small model with a large vocabulary.
-    for batch, output in batched_forward(model, rows, batch_size, pad, logits_to_keep=1):
-        logits = output.logits[:, -1].float()
-        for i, row in zip(batch, torch.log_softmax(logits, -1).cpu(), strict=True):
-            parts[i] = row
-    return torch.stack([parts[i] for i in range(len(rows))])
-
-
-def log_odds(logprobs: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """Per prompt: log(p / (1 - p)), p = probability mass on the refusal tokens."""
-    p = logprobs[:, token_ids].double().exp().sum(-1).clamp(1e-12, 1 - 1e-12)
-    return torch.log(p) - torch.log1p(-p)
-
-
-def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean KL(base ‖ other) over prompts, from log-probabilities."""
-    base, other = base.double(), other.double()
-    return float((base.exp() * (base - other)).sum(-1).mean())
-
-
-# The longest refusal opening looked for: enough for "I'm sorry, but I can't" in any tokenizer.
-MAX_OPENING = 8
-
-
-def refusal_openings(
-    tok, harmful: list[list[int]], harmless: list[list[int]], log
-) -> list[tuple[int, ...]]:
-    """The token sequences that open this model's refusals, from its own greedy completions
-    (token ids) of harmful and harmless validation prompts.
-
-    A completion's opening is its shortest prefix (at most ``MAX_OPENING`` tokens) that reads
-    as a refusal, e.g. ``I'm sorry`` or ``As an AI``. No opening is a prefix of another, so
-    their teacher-forced probabilities add up to the probability that an answer opens as a
-    refusal (``refusal_score``). Kept: openings of at least 5% of the refusals that open
-    fewer than 20% of the harmless answers.
-    """
-    refusing = [c for c in harmful if c and reads_as_refusal(tok.decode(c))]
-    if not refusing:
-        raise BadInputError(
-            "the model refused none of the harmful validation prompts, so its refusal openings "
-            "cannot be derived; pass --refusal-tokens (e.g. 'I,Sorry') or other prompts."
-        )
-    found = Counter()
-    for c in refusing:
-        k = next(
-            (
-                k
-                for k in range(1, min(len(c), MAX_OPENING) + 1)
-                if reads_as_refusal(tok.decode(c[:k]))
-            ),
-            None,
-        )
-        if k is not None:
-            found[tuple(c[:k])] += 1
-
-    def opens(o: tuple[int, ...]) -> int:
-        return sum(tuple(c[: len(o)]) == o for c in harmless)
-
-    keep = [
-        o
-        for o, n in found.most_common()
-        if n >= max(1, 0.05 * len(refusing)) and opens(o) < 0.2 * max(1, len(harmless))
-    ]
-    if not keep:
-        raise BadInputError(
-            "the model's refusals have no common opening that its harmless answers lack; pass "
-            "--refusal-tokens explicitly."
-        )
-    covered = sum(found[o] for o in keep)
-    log(
-        f"refusal openings {[tok.decode(o) for o in keep]} (open {covered} of the "
-        f"{len(refusing)} refusals among {len(harmful)} harmful validation completions)"
-    )
-    return keep
-
-
-def refusal_tokens(tok, harmful: list[list[int]], harmless: list[list[int]], log) -> list[int]:
-    """Token ids that open this model's refusals: the first tokens of ``refusal_openings``, for
-    scores that read the first generated token only."""
-    return first_tokens(refusal_openings(tok, harmful, harmless, log))
-
-
-@torch.no_grad()
-def refusal_score(
-    model,
-    rows: list[list[int]],
-    openings: list[tuple[int, ...]],
-    batch_size: int,
-    pad: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first, log_odds)``: first-token log-probabilities ``[len(rows), vocab]`` and, per
-    row, the log-odds that the answer opens with one of ``openings``, teacher-forced (each
-    row runs once per opening, with the opening but its last token appended)."""
-    longest = max(len(o) for o in openings)
-    wide = [row + list(o[:-1]) for row in rows for o in openings]
-    logp = torch.empty(len(wide), dtype=torch.float64)
-    first: dict[int, torch.Tensor] = {}
-    for batch, output in batched_forward(
-        model, wide, batch_size, pad, keep=longest, logits_to_keep=longest
-    ):
-        logits = torch.log_softmax(output.logits.float(), -1).cpu()
-        for j, i in enumerate(batch):
-            o = openings[i % len(openings)]
-            steps = logits[j, longest - len(o) :]
-            logp[i] = steps.gather(1, torch.tensor(o)[:, None]).double().sum()
-            if i % len(openings) == 0:
-                first[i // len(openings)] = steps[0]
-    p = logp.view(len(rows), len(openings)).logsumexp(-1).exp().clamp(1e-12, 1 - 1e-12)
-    odds = torch.log(p) - torch.log1p(-p)
-    return torch.stack([first[i] for i in range(len(rows))]), odds
-
-
-def measured_refusal_openings(tok, direction_path: Path) -> list[tuple[int, ...]] | None:
-    """The refusal openings of the measure run that wrote the direction (``scores.json`` beside
-    it; its ``refusal_tokens`` as one-token openings where it has no ``refusal_openings``), as
-    ids of this tokenizer; None when there is no such file."""
-    path = Path(direction_path).with_name("scores.json")
-    if not path.is_file():
-        return None
-    try:
-        scores = json.loads(path.read_text())
-        written = scores.get("refusal_openings") or [[t] for t in scores["refusal_tokens"]]
-        openings = [[str(t) for t in o] for o in written]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise BadInputError(f"{path}: cannot read its refusal openings ({err}).") from None
-    ids = [tok.convert_tokens_to_ids(o) if o else [] for o in openings]
-    if not openings or any(
-        not o
-        or any(i is None or tok.convert_ids_to_tokens(i) != t for t, i in zip(o, io, strict=True))
-        for o, io in zip(openings, ids, strict=True)
-    ):
-        raise BadInputError(
-            f"{path}: refusal openings {openings!r} are not tokens of this model's tokenizer; "
-            "pass --refusal-tokens."
-        )
-    return [tuple(o) for o in ids]
-
-
-def first_tokens(openings: list[tuple[int, ...]]) -> list[int]:
-    """The distinct first tokens of ``openings``, for scores that read the first token only."""
-    return list(dict.fromkeys(o[0] for o in openings))
-
-
-def parse_refusal_tokens(tok, spec: str) -> list[int]:
-    ids = []
-    for piece in (p for p in spec.split(",") if p):
-        encoded = tok(piece, add_special_tokens=False)["input_ids"]
-        if len(encoded) != 1:
-            raise BadInputError(
-                f"--refusal-tokens: {piece!r} is {len(encoded)} tokens for this tokenizer; "
-                "give single tokens."
-            )
-        ids.append(encoded[0])
-    return ids
+from ..runtime.scores import mean_kl, refusal_score
 
 
 @dataclass
@@ -355,7 +190,7 @@ def select(
         progress.start("scoring candidates", len(full))
     for layer, p in full:
         score = _full_score(scorer, candidates, layer, p, harmful_rows, harmless_rows, base)
-        scores[layer, p] = _judged(score, max_kl, min_induce)
+        scores[layer, p] = _filtered(score, max_kl, min_induce)
         if progress:
             progress.advance()
     timings.update(full_s=time.perf_counter() - clock, n_full=len(full))
@@ -383,7 +218,7 @@ def _full_score(scorer: Scorer, candidates, layer, p, harmful_rows, harmless_row
     )
 
 
-def _judged(score: Score, max_kl: float, min_induce: float) -> Score:
+def _filtered(score: Score, max_kl: float, min_induce: float) -> Score:
     """A fully scored candidate, kept or with the reasons it is not."""
     if score.kl > max_kl:
         score.why.append(f"KL {score.kl:.3g} > {max_kl}")

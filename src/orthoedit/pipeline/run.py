@@ -258,7 +258,7 @@ def _search(cfg, target: Path, log, progress) -> dict:
     result = search(cfg, log=log, progress=progress, replace_other=True)
     if result.chosen is None:
         raise CheckFailedError(
-            f"search: {none_chosen(result.trials, cfg, result.baselines)}, after "
+            f"search: {none_chosen(result.trials, cfg, result.baselines, result.strong)}, after "
             f"{len(result.trials)} trials; see "
             f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
             "again (the study resumes)."
@@ -268,7 +268,7 @@ def _search(cfg, target: Path, log, progress) -> dict:
             f"search: the best trial within the budget (#{result.chosen.number}) edits "
             f"nothing; see {target}/pareto.md, then loosen the budget or raise search.trials."
         )
-    ran = {"trial": result.chosen.number, "values": objectives(result.chosen)}
+    ran = {"trial": result.chosen.number, "values": objectives(result.chosen, result.strong)}
     found = result.confirmation
     if cfg.confirm and found is not None:
         ran["confirmed"] = found["confirmed"]

@@ -21,12 +21,11 @@ def _profile(params: dict, site: str) -> str:
 
 def failure_text(o: dict) -> str:
     """``12.5% (3 refused, 1 broken of 32)`` from a search outcome's dict, with the judge's
-    unsafe and unjudged counts when it has them (the search's log lines and its report)."""
-    n = o["refused"] + o["complied"] + o["broken"]
-    unsafe = "" if o.get("unsafe") is None else f", {o['unsafe']} unsafe"
-    if o.get("judge_errors"):
-        unsafe += f", {o['judge_errors']} unjudged"
-    return f"{o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{unsafe} of {n})"
+    evasive and unjudged counts when there are any (the search's log lines and its report)."""
+    kinds = ("refused", "complied", "broken", "evasive", "unjudged")
+    n = sum(o.get(k) or 0 for k in kinds)
+    extra = "".join(f", {o[k]} {k}" for k in ("evasive", "unjudged") if o.get(k))
+    return f"{o['failure']:.1%} ({o['refused']} refused, {o['broken']} broken{extra} of {n})"
 
 
 def _space_lines(report: dict) -> list[str]:
@@ -68,6 +67,7 @@ def search_markdown(report: dict) -> str:
     ]
     lines += _space_lines(report)
     drop = "drop" in report["objectives"]
+    strong = report.get("front")
     budget = report.get("budget") or f"KL ≤ {report['max_kl']:g}"
     lines += [
         (
@@ -77,24 +77,10 @@ def search_markdown(report: dict) -> str:
             else f"- budget {budget}: the chosen trial is the lowest failure within it "
             "(ties: lower KL, then the earlier trial)"
         ),
+        *_front_note(report.get("front")),
         "",
-        "| edit | failure (harmful) | KL (harmless) |" + (" drop |" if drop else ""),
-        "|---|---|---|" + ("---|" if drop else ""),
     ]
-
-    def tail(o: dict) -> str:
-        return f" {o['drop']:.4g} |" if drop else ""
-
-    for name, o in report["baselines"].items():
-        what = "measure's selection, every writer" if name == "measure" else "unedited model"
-        lines.append(f"| {what} | {failure_text(o)} | {o['kl']:.4f} |{tail(o)}")
-    if chosen is None:
-        lines.append(f"| chosen | none within {budget} | |" + (" |" if drop else ""))
-    else:
-        lines.append(
-            f"| **chosen: trial {chosen['number']}** | {failure_text(chosen)} | "
-            f"{chosen['kl']:.4f} |{tail(chosen)}"
-        )
+    lines += _summary(report, chosen, budget, drop, strong)
     lines.append("")
     if chosen is not None:
         lines += [
@@ -103,8 +89,37 @@ def search_markdown(report: dict) -> str:
             "",
         ]
     lines += _confirmation(report.get("confirmation"))
-    lines += _front(report, chosen, drop, tail)
+    lines += _front(report, chosen, drop, lambda o: f" {o['drop']:.4g} |" if drop else "")
     return "\n".join(lines)
+
+
+def _summary(report: dict, chosen: dict | None, budget: str, drop: bool, strong) -> list[str]:
+    """The baselines and the chosen trial, with their scores judged again where they were."""
+    lines = [
+        "| edit | failure (harmful) |"
+        + (" failure, judged again |" if strong else "")
+        + " KL (harmless) |"
+        + (" drop |" if drop else ""),
+        "|---|---|---|" + ("---|" if strong else "") + ("---|" if drop else ""),
+    ]
+
+    def tail(o: dict) -> str:
+        return f" {o['drop']:.4g} |" if drop else ""
+
+    for name, o in report["baselines"].items():
+        what = "measure's selection, every writer" if name == "measure" else "unedited model"
+        again = f" {failure_text(strong['baselines'][name])} |" if strong else ""
+        lines.append(f"| {what} | {failure_text(o)} |{again} {o['kl']:.4f} |{tail(o)}")
+    if chosen is None:
+        empty = " |" * (1 + bool(strong) + drop)
+        lines.append(f"| chosen | none within {budget} |{empty}")
+    else:
+        again = f" {failure_text(chosen['strong'])} |" if strong else ""
+        lines.append(
+            f"| **chosen: trial {chosen['number']}** | {failure_text(chosen)} |{again} "
+            f"{chosen['kl']:.4f} |{tail(chosen)}"
+        )
+    return lines
 
 
 def _confirmation(found: dict | None) -> list[str]:
@@ -129,7 +144,7 @@ def _confirmation(found: dict | None) -> list[str]:
         "|---|---|---|",
         f"| harmful: failure | {found['failure']['base']:.1%} | {found['failure']['model']:.1%} |",
     ]
-    keys = ["refusal", "broken"] + (["unsafe"] if judged else [])
+    keys = ["refusal", "broken"] + (["evasive", "unjudged"] if judged else [])
     for kind in ("harmful", "harmless"):
         for key in keys:
             cells = [rates[role][kind].get(key) for role in ("base", "model")]
@@ -138,10 +153,28 @@ def _confirmation(found: dict | None) -> list[str]:
     return [*lines, ""]
 
 
+def _front_note(front: dict | None) -> list[str]:
+    """How the front was judged again, when it was."""
+    if not front:
+        return []
+    judge = f" and judged by {front['judge']} ({front['judge_style'] or 'its default style'})"
+    return [
+        f"- the front judged again before the choice: answers of {front['max_new_tokens']} "
+        f"tokens{judge if front['judge'] else ', phrases only'}; the choice uses these scores "
+        f"(trials {', '.join(map(str, front['judged'])) or 'none'})"
+    ]
+
+
+def _again(t: dict) -> str:
+    return failure_text(t["strong"]) if t.get("strong") else "–"
+
+
 def _front(report: dict, chosen: dict | None, drop: bool, tail) -> list[str]:
     """pareto.md's front: one row per trial on it, with its direction and profiles."""
     by_number = {t["number"]: t for t in report["trials"]}
-    head = ["trial", "failure", "refused", "broken", "KL", *(["drop"] if drop else [])]
+    strong = bool(report.get("front"))
+    head = ["trial", "failure", *(["judged again"] if strong else []), "refused", "broken"]
+    head += ["KL", *(["drop"] if drop else [])]
     head += ["direction", "attn", "mlp", "embed"]
     lines = [
         "## Pareto front",
@@ -156,8 +189,9 @@ def _front(report: dict, chosen: dict | None, drop: bool, tail) -> list[str]:
             f"{w:.2f}×L{layer}" for layer, w in zip(d["layers"], d["weights"], strict=True)
         )
         mark = " (chosen)" if chosen and number == chosen["number"] else ""
+        again = f" {_again(t)} |" if strong else ""
         lines.append(
-            f"| {number}{mark} | {t['failure']:.1%} | {t['refused']} | {t['broken']} | "
+            f"| {number}{mark} | {t['failure']:.1%} |{again} {t['refused']} | {t['broken']} | "
             f"{t['kl']:.4f} |{tail(t)} {where}, pos {d['position']} | {_profile(p, 'attn')} | "
             f"{_profile(p, 'mlp')} | {'yes' if p['embed'] else 'no'} |"
         )

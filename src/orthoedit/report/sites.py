@@ -38,8 +38,8 @@ def sites_markdown(report: dict) -> str:
         "Δ: change from the baseline (a log Bayes factor); share: Δ over the Δ of the full "
         "run-time ablation",
         f"- refusal: greedy answers to the harmful prompts (at most {s['max_new_tokens']} "
-        "tokens) with a refusal phrase in the first 80 characters"
-        + (f"; unsafe: the verdict of {s['judge']}" if judged else ""),
+        "tokens) with a refusal phrase anywhere; failure: every answer not complied (refused, "
+        "broken" + (f", or evasive or unjudged by {s['judge']})" if judged else ")"),
         "- KL: first-token KL(baseline ‖ condition) on the harmless prompts",
         *(f"- {kind}: {what}" for kind, what in SITES_WHAT.items()),
         "",
@@ -47,7 +47,7 @@ def sites_markdown(report: dict) -> str:
         "",
     ]
     head = ["condition", "sites", "log-odds", "Δ vs baseline", "share of full effect", "refusal"]
-    head += ["unsafe (judge)"] if judged else []
+    head += ["evasive (judge)", "failure"] if judged else ["failure"]
     head += ["KL"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in conditions:
@@ -58,7 +58,8 @@ def sites_markdown(report: dict) -> str:
             cells += [f"{c['log_odds']:.3f}", f"{c['delta']:+.3f}", share(c["share"])]
             cells.append(pct(c["refusal"]))
             if judged:
-                cells.append(pct(c["unsafe"]))
+                cells.append(pct(c.get("evasive")))
+            cells.append(pct(c.get("failure")))
             cells.append(f"{c['kl']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [c for c in conditions if c["note"]]

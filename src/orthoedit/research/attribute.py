@@ -41,11 +41,12 @@ from .. import __version__
 from ..config import AttributeConfig
 from ..edit.plan import build_plan
 from ..errors import BadInputError
-from ..evaluate.safety import load_sets
+from ..judging.openings import FILTER_TOKENS
 from ..model.source import resolve_model
 from ..output import check_target, inputs_of
+from ..prompts import load_sets
 from ..runtime.hooks import plan_hooks
-from ..runtime.session import Session, greedy_completions, start_stage
+from ..runtime.session import Session, generate, start_stage
 from .components import (
     Component,
     _shifts_for,
@@ -95,7 +96,7 @@ def every_writer(folder: Path, direction_path: Path, direction_layer: int | None
 def refusal_token_ids(tok, direction_path: Path, spec: str | None, completions) -> list[int]:
     """``--refusal-tokens``, else measure's (``scores.json`` beside the direction), else
     derived from the model's own completions (``completions()`` -> harmful, harmless ids)."""
-    from ..measure.select import (
+    from ..judging.openings import (
         first_tokens,
         measured_refusal_openings,
         parse_refusal_tokens,
@@ -135,7 +136,7 @@ def attribute(
     def completions():
         progress.start("refusal tokens (greedy completions)", None)
         return tuple(
-            greedy_completions(model, rows[k], cfg.batch_size, pad, 16)
+            [g.ids for g in generate(session, rows[k], FILTER_TOKENS)]
             for k in ("harmful", "harmless")
         )
 
@@ -188,7 +189,7 @@ def _write(result: Attribution) -> None:
 
 def _settings(cfg, revision, direction, table, plan, writers, prompts, tok, token_ids) -> dict:
     """attribution.json's settings: the model, direction, prompts and how it was measured."""
-    from ..measure.candidates import prompt_digest
+    from ..prompts import prompt_digest
 
     return {
         "model": cfg.model,

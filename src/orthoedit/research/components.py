@@ -229,7 +229,7 @@ def _batches(model, rows: list[list[int]], batch_size: int, pad: int, device):
 
 
 def _log_odds(model, enc, token_ids: list[int]) -> torch.Tensor:
-    from ..measure.select import log_odds
+    from ..runtime.scores import log_odds
 
     logits = model(**enc, logits_to_keep=1).logits[:, -1].float()
     return log_odds(torch.log_softmax(logits, -1), token_ids)

@@ -15,12 +15,12 @@ removed, in log-odds (docs/design.md §7):
   every writer (``all``).
 
 Each condition is scored as ``measure`` scores a candidate: mean log-odds that an answer to a
-harmful prompt opens with one of the model's refusal openings (``select.refusal_score``), and
-first-token KL of the harmless prompts
-against no intervention (both from one batched pass over harmful + harmless prompts, as in
-``select``); plus the refusal rate of greedy answers to the harmful prompts and, with a
-safety judge (``safety.check_judge``: a guard model or an OpenAI-compatible endpoint), its
-unsafe rate. Effects are the change from the baseline in log-odds (a log Bayes
+harmful prompt opens with one of the model's refusal openings
+(``runtime.scores.refusal_score``), and first-token KL of the harmless prompts against no
+intervention (both from one batched pass over harmful + harmless prompts, as measure scores
+candidates); plus the verdicts of greedy answers to the harmful prompts from the judging layer
+(``orthoedit.judging``: refused, broken, and with ``--judge`` evasive and unjudged) and their
+failure rate. Effects are the change from the baseline in log-odds (a log Bayes
 factor) and its share of the full run-time ablation's change.
 """
 
@@ -128,7 +128,7 @@ def interventions(*, model, table, checkpoint, config: dict, direction, source: 
 
 
 @dataclass
-class Outcome:
+class SiteResult:
     """One condition's numbers (None where not applicable)."""
 
     kind: str
@@ -139,12 +139,14 @@ class Outcome:
     share: float | None = None  # delta / delta of the full run-time ablation
     refusal: float | None = None  # refusal rate of greedy answers, harmful prompts
     broken: float | None = None  # degenerate answers, harmful prompts
-    unsafe: float | None = None  # the judge's unsafe rate (with --judge)
-    judge_errors: int | None = None
+    evasive: float | None = None  # a judge's: complied in form, no substance (with --judge)
+    unjudged: float | None = None  # no verdict from the judge (with --judge)
+    failure: float | None = None  # not complied, harmful prompts
+    unsafe: float | None = None  # a guard judge's unsafe rate among its verdicts
     kl: float | None = None  # first-token KL(baseline ‖ condition), harmless prompts
     seconds: float | None = None
     note: str | None = None
-    answers: list[str] = field(default_factory=list, repr=False)
+    answers: list = field(default_factory=list, repr=False)  # judging.verdicts.Answer
 
     @property
     def applicable(self) -> bool:
@@ -159,13 +161,13 @@ class Outcome:
 @dataclass
 class SitesResult:
     out: Path
-    outcomes: list[Outcome]
+    outcomes: list[SiteResult]
     finding: str
     report: dict
 
 
 @dataclass
-class _Ready:
+class _Prepared:
     """Everything resolved and checked before the model runs."""
 
     folder: Path
@@ -178,17 +180,18 @@ class _Ready:
     rows: list[list[int]]  # harmful rows, then harmless rows
     openings: list[tuple[int, ...]] | None
     tokens_from: str | None
-    safety_judge: object  # a safety.JudgeSpec with --judge, else None
+    safety_judge: object  # a judging.judges.JudgeSpec with --judge, else None
 
 
-def prepare(cfg: StudySitesConfig) -> _Ready:
+def prepare(cfg: StudySitesConfig) -> _Prepared:
     """Validate every input (nothing is loaded into memory but the tokenizer)."""
 
-    from ..evaluate.safety import check_judge, load_sets
-    from ..measure.select import measured_refusal_openings, parse_refusal_tokens
+    from ..judging.judges import check_judge
+    from ..judging.openings import measured_refusal_openings, parse_refusal_tokens
     from ..model.derive import table_or_derived
     from ..model.direction import load_direction
     from ..model.source import read_config, resolve_model
+    from ..prompts import load_sets
     from ..runtime.session import chat_ids, post_instruction_ids
 
     safety_judge = check_judge(cfg)
@@ -211,7 +214,7 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     else:
         openings = measured_refusal_openings(tok, direction.path)
         tokens_from = None if openings is None else str(direction.path.with_name("scores.json"))
-    return _Ready(
+    return _Prepared(
         folder,
         revision,
         config,
@@ -226,110 +229,114 @@ def prepare(cfg: StudySitesConfig) -> _Ready:
     )
 
 
-def _answers(model, tok, rows, cfg: StudySitesConfig, pad: int, budget: int, progress) -> tuple:
-    """Greedy answers (token ids, and text cut at the first stop token) within ``budget``."""
-    from ..runtime.refusal import until_stop
-    from ..runtime.session import greedy_completions, stop_ids
-
-    made = greedy_completions(model, rows, cfg.batch_size, pad, budget, progress)
-    stop = stop_ids(model, tok)
-    texts = [tok.decode(until_stop(ids, stop), skip_special_tokens=True).strip() for ids in made]
-    return made, texts
-
-
-def _derive_openings(model, tok, ready: _Ready, harmful_ids, cfg, pad, log, progress) -> list:
+def _derive_openings(session, ready: _Prepared, harmful_ids, log, progress) -> list:
     """Refusal openings as ``measure`` derives them: from the first ``FILTER_TOKENS`` tokens of
     the model's own greedy answers to the harmful and harmless prompts."""
-    from ..measure.candidates import FILTER_TOKENS
-    from ..measure.select import refusal_openings
+    from ..judging.openings import FILTER_TOKENS, refusal_openings
+    from ..runtime.session import generate
 
     n_harmful = len(ready.prompts["harmful"])
     progress.start(
         "refusal tokens: greedy answers to harmless prompts", len(ready.rows) - n_harmful
     )
-    harmless_ids, _ = _answers(
-        model, tok, ready.rows[n_harmful:], cfg, pad, FILTER_TOKENS, progress.advance
+    made = generate(session, ready.rows[n_harmful:], FILTER_TOKENS, progress.advance)
+    harmless_ids = [g.ids for g in made]
+    return refusal_openings(
+        session.tok, [ids[:FILTER_TOKENS] for ids in harmful_ids], harmless_ids, log
     )
-    return refusal_openings(tok, [ids[:FILTER_TOKENS] for ids in harmful_ids], harmless_ids, log)
 
 
-def _run_conditions(cfg: StudySitesConfig, ready: _Ready, log, progress) -> list[Outcome]:
+def _run_conditions(cfg: StudySitesConfig, ready: _Prepared, log, progress) -> list[SiteResult]:
     """Every condition through the model, loaded once; the model is released on return."""
-
-    from ..measure.select import mean_kl, refusal_score
     from ..model.source import open_checkpoint
-    from ..runtime.refusal import judge
-    from ..runtime.session import pad_id
 
     progress.start("loading the model", None)
-    model = Session.open(ready.folder, cfg, tok=ready.tok).model
-    tok = ready.tok
-    pad = pad_id(tok)
+    session = Session.open(ready.folder, cfg, tok=ready.tok)
     found = interventions(
-        model=model,
+        model=session.model,
         table=ready.table,
         checkpoint=open_checkpoint(ready.folder),
         config=ready.config,
         direction=ready.direction,
         source=str(ready.folder),
     )
-    n_harmful = len(ready.prompts["harmful"])
-    outcomes: list[Outcome] = []
+    outcomes: list[SiteResult] = []
     base = None
     for iv in found:
-        outcome = Outcome(iv.kind, iv.name, iv.sites, note=iv.note)
+        outcome = SiteResult(iv.kind, iv.name, iv.sites, note=iv.note)
         outcomes.append(outcome)
-        if iv.hooks is None:
-            continue
-        clock = time.perf_counter()
-        with iv.hooks():
-            budget = cfg.max_new_tokens
-            progress.start(f"{iv.label}: greedy answers ({budget} tokens max)", n_harmful)
-            made, texts = _answers(
-                model, tok, ready.rows[:n_harmful], cfg, pad, budget, progress.advance
-            )
-            if ready.openings is None:  # the baseline comes first
-                ready.openings = _derive_openings(model, tok, ready, made, cfg, pad, log, progress)
-                ready.tokens_from = "derived from the model's own answers"
-            progress.start(f"{iv.label}: refusal score", None)
-            # harmful + harmless in one batched pass, exactly as select scores a candidate
-            logprobs, odds = refusal_score(model, ready.rows, ready.openings, cfg.batch_size, pad)
-        if base is None:
-            base = logprobs
-        verdicts = [judge(t) for t in texts]
-        outcome.log_odds = float(odds[:n_harmful].mean())
-        outcome.kl = mean_kl(base[n_harmful:], logprobs[n_harmful:])
-        outcome.refusal = verdicts.count("refused") / n_harmful
-        outcome.broken = verdicts.count("broken") / n_harmful
-        outcome.answers = texts
-        outcome.seconds = time.perf_counter() - clock
-        log(
-            f"{iv.label}: refusal log-odds {outcome.log_odds:.3f}, refusal "
-            f"{100 * outcome.refusal:.1f}%, KL {outcome.kl:.4g}"
-        )
+        if iv.hooks is not None:
+            base = _run_one(cfg, ready, session, iv, outcome, base, log, progress)
     return outcomes
 
 
-def _judge(cfg: StudySitesConfig, ready: _Ready, outcomes: list[Outcome], log, progress) -> None:
-    from ..evaluate.safety import parse_guard
+def _run_one(cfg, ready: _Prepared, session, iv, outcome: SiteResult, base, log, progress):
+    """One condition's answers (judged) and scores; returns the baseline's first-token
+    log-probabilities (this condition's, when it is the first)."""
+    from ..judging.answers import read_answers
+    from ..runtime.scores import mean_kl, refusal_score
+    from ..runtime.session import generate
+
+    harmful = ready.prompts["harmful"]
+    n_harmful = len(harmful)
+    clock = time.perf_counter()
+    with iv.hooks():
+        budget = cfg.max_new_tokens
+        progress.start(f"{iv.label}: greedy answers ({budget} tokens max)", n_harmful)
+        made = generate(session, ready.rows[:n_harmful], budget, progress.advance)
+        if ready.openings is None:  # the baseline comes first
+            ids = [g.ids for g in made]
+            ready.openings = _derive_openings(session, ready, ids, log, progress)
+            ready.tokens_from = "derived from the model's own answers"
+        progress.start(f"{iv.label}: refusal score", None)
+        # harmful + harmless in one batched pass, exactly as measure scores a candidate
+        logprobs, odds = refusal_score(
+            session.model, ready.rows, ready.openings, cfg.batch_size, session.pad
+        )
+    base = logprobs if base is None else base
+    outcome.answers = read_answers(harmful, made, [None] * n_harmful)
+    _rates(outcome)
+    outcome.log_odds = float(odds[:n_harmful].mean())
+    outcome.kl = mean_kl(base[n_harmful:], logprobs[n_harmful:])
+    outcome.seconds = time.perf_counter() - clock
+    log(
+        f"{iv.label}: refusal log-odds {outcome.log_odds:.3f}, refusal "
+        f"{100 * outcome.refusal:.1f}%, KL {outcome.kl:.4g}"
+    )
+    return base
+
+
+def _rates(outcome: SiteResult) -> None:
+    """The verdicts' shares among a condition's answers (``judging.verdicts``)."""
+    from ..judging.verdicts import failure_rate, tally
+
+    count, n = tally(outcome.answers), len(outcome.answers)
+    outcome.refusal, outcome.broken = count["refused"] / n, count["broken"] / n
+    outcome.evasive, outcome.unjudged = count["evasive"] / n, count["unjudged"] / n
+    outcome.failure = failure_rate(outcome.answers)
+
+
+def _judge_answers(cfg, ready: _Prepared, outcomes: list[SiteResult], log, progress) -> None:
+    """The judge on every answer of every condition (as eval safety judges), applied to the
+    verdicts (only complied ones change); a guard's unsafe rate is kept per condition."""
+    from ..judging.answers import apply_judge
 
     judged = [o for o in outcomes if o.applicable]
-    prompts = ready.prompts["harmful"]
-    pairs = [(p, a) for o in judged for p, a in zip(prompts, o.answers, strict=True)]
-    guard = ready.safety_judge.open(cfg)
-    progress.start("judging", len(pairs))
-    log(f"judge {cfg.judge}: {len(pairs)} answers")
-    raw = guard(pairs, progress.advance)
-    if guard.failures:
-        log(f"judge: {len(guard.failures)} failed tries (first: {guard.failures[0]})")
-    for i, o in enumerate(judged):
-        verdicts = [parse_guard(t)[0] for t in raw[i * len(prompts) : (i + 1) * len(prompts)]]
-        valid = [v for v in verdicts if v != "error"]
-        o.unsafe = verdicts.count("unsafe") / len(valid) if valid else None
-        o.judge_errors = len(verdicts) - len(valid)
+    answers = [a for o in judged for a in o.answers]
+    judge = ready.safety_judge.open(cfg)
+    progress.start("judging", len(answers))
+    log(f"judge {cfg.judge} ({ready.safety_judge.style}): {len(answers)} answers")
+    replies = judge([(a.prompt, a.completion) for a in answers], progress.advance)
+    apply_judge(ready.safety_judge.style, answers, replies, cfg.judge_min_score)
+    if judge.failures:
+        log(f"judge: {len(judge.failures)} failed tries (first: {judge.failures[0]})")
+    for o in judged:
+        _rates(o)
+        words = [a.judge for a in o.answers if a.judge in ("safe", "unsafe")]
+        o.unsafe = words.count("unsafe") / len(words) if words else None
 
 
-def _effects(outcomes: list[Outcome]) -> None:
+def _effects(outcomes: list[SiteResult]) -> None:
     """Change from the baseline, and its share of the full run-time ablation's change."""
     base = next(o for o in outcomes if o.kind == "baseline").log_odds
     full = next(o for o in outcomes if (o.kind, o.name) == ("run time", "all")).log_odds
@@ -342,7 +349,7 @@ def _effects(outcomes: list[Outcome]) -> None:
             o.share = o.delta / whole + 0.0  # + 0.0: the baseline's share is 0, not -0
 
 
-def finding(outcomes: list[Outcome]) -> str:
+def finding(outcomes: list[SiteResult]) -> str:
     """One plain-English line: how much of the full effect each subset of sites gives."""
     by = {(o.kind, o.name): o for o in outcomes}
     full = by["run time", "all"]
@@ -378,7 +385,7 @@ def study_sites(
     ready = prepare(cfg)
     outcomes = _run_conditions(cfg, ready, log, progress)
     if ready.safety_judge is not None:
-        _judge(cfg, ready, outcomes, log, progress)
+        _judge_answers(cfg, ready, outcomes, log, progress)
     _effects(outcomes)
     line = finding(outcomes)
     report = {
@@ -395,8 +402,8 @@ def study_sites(
     return SitesResult(target, outcomes, line, report)
 
 
-def _settings(cfg: StudySitesConfig, ready: _Ready) -> dict:
-    from ..measure.candidates import prompt_digest
+def _settings(cfg: StudySitesConfig, ready: _Prepared) -> dict:
+    from ..prompts import prompt_digest
 
     direction = ready.direction
     _, _, tied = ready.table.dims(ready.config)
@@ -424,6 +431,7 @@ def _settings(cfg: StudySitesConfig, ready: _Ready) -> dict:
         "max_new_tokens": cfg.max_new_tokens,
         "judge": cfg.judge,
         "judge_model": cfg.judge_model,
+        "judge_style": None if ready.safety_judge is None else ready.safety_judge.style,
         "system": cfg.system,
         "template": None if cfg.template is None else str(cfg.template),
         "dtype": cfg.dtype,

@@ -53,12 +53,12 @@ def read_template(path: Path) -> str:
         raise BadInputError(f"--template {path}: cannot read it as UTF-8 text ({err}).") from None
 
 
-def render(tok, prompt: str, system: str | None = None) -> str:
+def render(tok, prompt: str, system: str | None = None, thinking: bool = False) -> str:
     """One user turn (after an optional system prompt) and the generation prompt, as text.
 
     Reasoning models are asked not to think (``enable_thinking=False``, ignored by templates
-    that do not know it), so the first generated token is the answer's. Dates are pinned
-    (``PINNED_DATE``).
+    that do not know it), so the first generated token is the answer's, unless ``thinking``.
+    Dates are pinned (``PINNED_DATE``).
     """
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
@@ -67,7 +67,7 @@ def render(tok, prompt: str, system: str | None = None) -> str:
             messages,
             add_generation_prompt=True,
             tokenize=False,
-            enable_thinking=False,
+            enable_thinking=thinking,
             **template_kwargs(),
         )
     except Exception as err:  # jinja raises for e.g. a system turn the template rejects
@@ -326,6 +326,31 @@ def greedy_completions(
         if progress:
             progress(len(batch))
     return [result[i] for i in range(len(rows))]
+
+
+def until_stop(ids: list[int], stop: set[int]) -> list[int]:
+    """A completion cut after its first stop token."""
+    end = next((i + 1 for i, t in enumerate(ids) if t in stop), len(ids))
+    return ids[:end]
+
+
+@dataclass
+class Generated:
+    """One greedy answer: its token ids (cut after the first stop token) and its text."""
+
+    ids: list[int]
+    text: str
+
+
+def generate(session, rows: list[list[int]], new_tokens: int, progress=None) -> list[Generated]:
+    """Greedy answers to token rows within ``new_tokens``, cut and decoded (special tokens
+    skipped). ``session``: a ``Session``, a ``runtime.vllm_engine.VllmSession`` or a
+    ``runtime.llama_cpp.LlamaCppSession``: every backend answers the same ``complete`` call,
+    and every answer a stage judges is made here."""
+    made = session.complete(rows, new_tokens, progress)
+    stop, tok = session.stop, session.tok
+    cut = [until_stop(ids, stop) for ids in made]
+    return [Generated(ids, tok.decode(ids, skip_special_tokens=True).strip()) for ids in cut]
 
 
 def stop_ids(model, tok, generation_config=None) -> set[int]:

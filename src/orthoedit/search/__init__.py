@@ -14,11 +14,12 @@ trial judged by what the edited model does:
 * **how a trial is judged**: the edit is built as the plan ``apply`` would execute
   (``plan.build_plan`` with per-layer scales) and run through ``hooks.plan_hooks`` on the
   model loaded once, so no checkpoint is written. Two objectives, both minimized: the failure
-  rate of greedy answers to measure's validation harmful prompts (a refusal, or a degenerate
-  answer: a broken model never counts as compliance; ``refusal.judge``, plus word salad that
-  the unedited model finds implausible), and the first-token KL on measure's validation
-  harmless prompts (``select.mean_kl``, as measure scores it); optionally a third, the drop
-  in an lm-eval task's score (``evalbench.TaskScorer``);
+  rate of greedy answers to measure's validation harmful prompts (every answer the judging
+  layer, ``orthoedit.judging``, does not call complied: refused, evasive, broken or
+  unjudged; word salad that the unedited model finds implausible is broken), and the
+  first-token KL on measure's validation harmless prompts (``runtime.scores.mean_kl``, as
+  measure scores it); optionally a third, the drop in an lm-eval task's score
+  (``evals.tasks.TaskScorer``);
 * **the choice**: the lowest failure within a KL budget, or (``--max-failure``, a rate or
   ``measure``: measure's own selection's rate on the same prompts) the lowest KL within a
   failure budget;
@@ -64,12 +65,13 @@ from .loop import SearchResult, evaluate_trial, search
 from .outputs import apply_args, chosen_sites, report_dict, write_chosen, write_outputs
 from .store import measure_params, open_study, sampler_for, start_from_measure
 from .trial import (
-    Judge,
-    Outcome,
+    TrialResult,
+    TrialRunner,
     describe,
     edit_hooks,
-    make_judge,
+    make_runner,
     measure_hooks,
+    open_runner,
     ready_hooks,
 )
 
@@ -79,10 +81,10 @@ __all__ = [
     "OUTPUTS",
     "SPACE_VERSION",
     "STUDY_FILE",
-    "Judge",
-    "Outcome",
     "Ready",
     "SearchResult",
+    "TrialResult",
+    "TrialRunner",
     "apply_args",
     "budget",
     "budget_value",
@@ -92,11 +94,12 @@ __all__ = [
     "describe",
     "edit_hooks",
     "evaluate_trial",
-    "make_judge",
+    "make_runner",
     "measure_hooks",
     "measure_params",
     "none_chosen",
     "objectives",
+    "open_runner",
     "open_study",
     "pareto",
     "prepare",

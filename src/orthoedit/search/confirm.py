@@ -3,15 +3,16 @@
 The chosen trial won on measure's validation prompts, so its failure rate there is the best
 of many tries and flatters it. The confirmation applies the chosen edit as
 ``chosen/apply.txt`` does (``edit.apply``, streamed shard by shard) to a temporary checkpoint
-in OUT, then judges it beside the unedited model exactly as ``eval safety`` does, on held-out
+in OUT, then judges it beside the unedited model with eval safety's run
+(``judging.safety.run_safety``, its report written as eval safety writes it), on held-out
 prompts (by default the bundled test split), generating with ``--backend`` (vLLM where it is
 installed: it needs a checkpoint, which is why the edit is applied rather than hooked). The
 checkpoint is removed afterwards; ``OUT/confirm`` keeps eval safety's report and every answer,
 and pareto.json a summary. (The edit of a GGUF is a GGUF: ``model.gguf`` in that folder.)
 
-The edit is confirmed when the held-out harmful prompts fail (refused, broken, or with a judge
-not called unsafe: as a trial counts failure) less often with it than without it. A stored
-confirmation of the same trial with the same options is not run again.
+The edit is confirmed when the held-out harmful prompts fail (every answer not complied, as a
+trial counts failure: ``judging.verdicts.failure_rate``) less often with it than without it.
+A stored confirmation of the same trial with the same options is not run again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from ..config import ApplyConfig, EvalSafetyConfig, SearchConfig
 from ..errors import BadInputError
+from ..judging.verdicts import failure_rate
 from ..model.gguf import is_gguf
 from ..output import check_target, remove_output, staged_output
 from .inputs import Ready
@@ -70,16 +72,6 @@ def _key(study: str, trial: int, options: EvalSafetyConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def failure_rate(records: list, role: str, judged: bool) -> float | None:
-    """Share of ``role``'s harmful answers that fail as a trial's do: refused or broken, or
-    with a judge, complied but not called unsafe (judge errors included)."""
-    mine = [r for r in records if r.model == role and r.kind == "harmful"]
-    if not mine:
-        return None
-    complied = [r for r in mine if r.verdict == "complied" and (not judged or r.judge == "unsafe")]
-    return 1 - len(complied) / len(mine)
-
-
 def previous(out: Path) -> dict | None:
     """The confirmation the last pareto.json recorded, if its report is still there."""
     try:
@@ -106,7 +98,10 @@ def confirm(
     model into ``OUT/confirm`` and remove the checkpoint; the summary pareto.json records.
     ``found``: the last confirmation (``previous``), reused when it has the same key."""
     from ..edit import apply as stage
-    from ..evaluate.safety import eval_safety
+    from ..judging.judges import check_judge
+    from ..judging.safety import run_safety
+    from ..report.safety import write_safety
+    from ..runtime.vllm_engine import resolved
 
     trial = report["chosen"]["number"]
     staging = out / STAGING
@@ -140,7 +135,9 @@ def confirm(
         progress.start(f"confirm: applying trial {trial}", stage.edit_size(prepared))
         _write_edit(stage, prepared, staging, edited, progress)
         label = f"search trial {trial}, applied from {chosen / 'apply.txt'}"
-        result = eval_safety(options, log, progress, label=label)
+        resolved_options = resolved(options, log)
+        result = run_safety(resolved_options, check_judge(options), log, progress, label)
+        write_safety(check_target(options.out, overwrite=True), label, result)
     finally:
         remove_output(staging)
     return _summary(report["study"], trial, key, options, result)
@@ -158,8 +155,10 @@ def _write_edit(stage, prepared, staging: Path, edited: Path, progress) -> None:
 
 def _summary(study: str, trial: int, key: str, options, result) -> dict:
     """What pareto.json records of a confirmation."""
-    judged = options.judge is not None
-    failure = {role: failure_rate(result.records, role, judged) for role in ("base", "model")}
+    failure = {
+        role: failure_rate([a for a in result.answers if a.model == role and a.kind == "harmful"])
+        for role in ("base", "model")
+    }
     settings = result.settings
     return {
         "study": study,
@@ -170,7 +169,7 @@ def _summary(study: str, trial: int, key: str, options, result) -> dict:
         "harmful": settings["harmful"],
         "harmless": settings["harmless"],
         "counts": {
-            kind: sum(r.model == "base" and r.kind == kind for r in result.records)
+            kind: sum(a.model == "base" and a.kind == kind for a in result.answers)
             for kind in ("harmful", "harmless")
         },
         "max_new_tokens": options.max_new_tokens,

@@ -20,7 +20,7 @@ from .space import (
 
 #: Bump when the search space or the way a trial is judged changes: a stored study made
 #: under another version is not continued.
-SPACE_VERSION = 2
+SPACE_VERSION = 3
 STUDY_FILE = "study.db"
 LOCK_FILE = ".search.lock"
 #: Files a search folder may hold besides the study (anything else: not a search folder).
@@ -51,7 +51,7 @@ class Ready:
     harmless_rows: list[list[int]]
     settings: dict
     harmful_prompts: list[str]
-    safety_judge: object  # a safety.JudgeSpec with --judge, else None
+    safety_judge: object  # a judging.judges.JudgeSpec with --judge, else None
     eval_task: object = None  # an evalbench.LoadedTask with --eval-task
 
     @property
@@ -109,7 +109,7 @@ def _measure_folder(path: str | Path) -> Path:
 def prepare(cfg: SearchConfig) -> Ready:
     """Validate every input; loads only the tokenizer."""
 
-    from ..evaluate.safety import check_judge
+    from ..judging.judges import check_judge
     from ..model.derive import table_or_derived
     from ..model.direction import load_direction
     from ..model.source import open_checkpoint, read_config, resolve_model
@@ -122,7 +122,7 @@ def prepare(cfg: SearchConfig) -> Ready:
         resolved(cfg, lambda _: None)
     eval_task = None
     if cfg.eval_task is not None:  # built now: an unknown task is bad input before any loading
-        from ..evaluate.bench import load_task
+        from ..evals.tasks import load_task
 
         eval_task = load_task(cfg.eval_task)
     folder_in = _measure_folder(cfg.candidates)
@@ -170,9 +170,9 @@ def prepare(cfg: SearchConfig) -> Ready:
 
 def _settings(cfg: SearchConfig, folder, folder_in, revision, baseline, prompts, system, space):
     """Every setting that changes what a trial measures (the study is named after them)."""
-    from ..measure.candidates import prompt_digest
     from ..model.direction import sha256_file
     from ..model.source import config_digest
+    from ..prompts import prompt_digest
 
     return {
         "space_version": SPACE_VERSION,

@@ -13,9 +13,10 @@ from pathlib import Path
 from ..config import SearchConfig
 from ..errors import BadInputError
 from ..progress import Progress
-from ..runtime.session import Session, start_stage
+from ..runtime.session import start_stage
 from .choice import budget, budget_value, choose_for, objectives, pareto, target_failure
 from .confirm import confirm, kept, previous
+from .front import add_to_report, judge_front
 from .inputs import LOCK_FILE, OUTPUTS, STUDY_FILE, Ready, prepare, study_name
 from .outputs import report_dict, write_outputs, write_report
 from .space import (
@@ -23,7 +24,7 @@ from .space import (
 )
 from .storage import Storage, check_url, open_storage
 from .store import claim, completed, open_study, requeue_interrupted, start_from_measure
-from .trial import Judge, Outcome, describe, edit_hooks, make_judge, measure_hooks
+from .trial import TrialResult, TrialRunner, describe, edit_hooks, measure_hooks, open_runner
 
 
 @contextlib.contextmanager
@@ -73,11 +74,12 @@ class SearchResult:
     trials: list  # completed FrozenTrials, by number
     front: list
     chosen: object | None  # a FrozenTrial
-    baselines: dict  # "no edit" and "measure" Outcome dicts
+    baselines: dict  # "no edit" and "measure" TrialResult dicts
     requeued: list[int]
     ran: int  # trials run by this call
     stopped_by_time: bool
     report: dict
+    strong: dict | None = None  # the front judged again (``front.judge_front``)
 
     @property
     def confirmation(self) -> dict | None:
@@ -86,20 +88,20 @@ class SearchResult:
         return self.report.get("confirmation")
 
 
-def _baselines(study, storage: Storage, judge: Judge, model, ready: Ready, log) -> None:
+def _baselines(study, storage: Storage, runner: TrialRunner, model, ready: Ready, log) -> None:
     """The unedited model and measure's own selection, judged like a trial (stored in the study,
     so a resumed search does not judge them again; in a shared study the first worker's)."""
     if "baselines" in study.user_attrs:
         return
     found = {
-        "no edit": judge(contextlib.nullcontext).to_dict(),
-        "measure": judge(measure_hooks(model, ready)).to_dict(),
+        "no edit": runner(contextlib.nullcontext).to_dict(),
+        "measure": runner(measure_hooks(model, ready)).to_dict(),
     }
     for name, o in found.items():
         log(f"{name}: {describe(o)}, KL {o['kl']:.4g}")
-    judging = {"max_surprisal": judge.max_surprisal}
-    if judge.scorer is not None:
-        judging |= {"eval_metric": judge.scorer.key, "eval_base_score": judge.base_score}
+    judging = {"max_surprisal": runner.max_surprisal}
+    if runner.scorer is not None:
+        judging |= {"eval_metric": runner.scorer.key, "eval_base_score": runner.base_score}
     with storage.exclusive(study):
         if "baselines" not in study.user_attrs:  # another worker may have stored its own
             study.set_user_attr("judging", judging)
@@ -120,7 +122,7 @@ def _show(progress: Progress, study, cfg: SearchConfig, done: int) -> None:
     progress.advance(min(done, cfg.trials))
 
 
-def _one_trial(cfg, study, storage: Storage, judge: Judge, model, ready: Ready, trial):
+def _one_trial(cfg, study, storage: Storage, runner: TrialRunner, model, ready: Ready, trial):
     """Judge one claimed trial (its heartbeat beating meanwhile) and tell the study; None
     when another worker gave it up meanwhile (no heartbeat for the grace period)."""
     from optuna.trial import TrialState
@@ -129,7 +131,7 @@ def _one_trial(cfg, study, storage: Storage, judge: Judge, model, ready: Ready, 
         with storage.beating(trial):
             params = suggest(trial, ready.n_layers, ready.space)
             hooks, _, source = edit_hooks(model, ready, params)
-            outcome = evaluate_trial(judge, hooks)
+            outcome = evaluate_trial(runner, hooks)
     except Exception:
         # an error, not an interruption: recorded as failed, not re-run on resume
         study.tell(trial, state=TrialState.FAIL)
@@ -173,8 +175,8 @@ def _run_trials(cfg, study, storage: Storage, work: _Work, clock) -> tuple[int, 
             time.sleep(storage.poll_seconds)
             continue
         waiting = False
-        judge, model = work.loaded(study, storage)
-        outcome = _one_trial(cfg, study, storage, judge, model, work.ready, got.trial)
+        runner, model = work.loaded(study, storage)
+        outcome = _one_trial(cfg, study, storage, runner, model, work.ready, got.trial)
         ran += outcome is not None
         work.log(
             f"trial {got.trial.number}: given up as stale by another worker; its rerun counts"
@@ -186,37 +188,37 @@ def _run_trials(cfg, study, storage: Storage, work: _Work, clock) -> tuple[int, 
     return ran, stopped
 
 
-def evaluate_trial(judge: Judge, hooks) -> Outcome:
+def evaluate_trial(runner: TrialRunner, hooks) -> TrialResult:
     """One trial's judgement (a seam for tests that interrupt a search mid-trial:
     ``orthoedit.search.loop.evaluate_trial``)."""
-    return judge(hooks)
+    return runner(hooks)
 
 
 @dataclass
 class _Work:
-    """What judges trials in this process: the model and its judge, loaded on first need (a
+    """What judges trials in this process: the model and its runner, loaded on first need (a
     worker that joins a finished study only writes the outputs)."""
 
     cfg: SearchConfig
     ready: Ready
     log: Callable[[str], None]
     progress: Progress
-    judge: Judge | None = None
+    runner: TrialRunner | None = None
     model: object = None
 
-    def loaded(self, study, storage: Storage) -> tuple[Judge, object]:
-        if self.judge is None:
+    def loaded(self, study, storage: Storage) -> tuple[TrialRunner, object]:
+        if self.runner is None:
             self.progress.start("loading the model", None)
-            self.model = Session.open(self.ready.folder, self.cfg, tok=self.ready.tok).model
-            self.judge = make_judge(self.cfg, self.ready, self.model)
-            _baselines(study, storage, self.judge, self.model, self.ready, self.log)
-        return self.judge, self.model
+            self.runner = open_runner(self.cfg, self.ready)
+            self.model = self.runner.model
+            _baselines(study, storage, self.runner, self.model, self.ready, self.log)
+        return self.runner, self.model
 
     def release(self) -> None:
         """Free the model (and a guard model) before the next stage loads its own."""
         import gc
 
-        self.judge = self.model = None
+        self.runner = self.model = None
         gc.collect()
 
 
@@ -271,13 +273,16 @@ def search(
             ran, stopped = _run_trials(cfg, study, storage, work, clock)
         baselines = study.user_attrs["baselines"]
         trials = sorted(completed(study), key=lambda t: t.number)
-        chosen = choose_for(trials, cfg, baselines)
+        strong = judge_front(cfg, study, storage, work, trials)
+        chosen = choose_for(trials, cfg, baselines, strong)
         front = pareto(trials)
         report = report_dict(cfg, study, ready, trials, front, chosen, baselines, storage.where)
+        add_to_report(report, strong, cfg)
         _write(out, cfg, work, report, chosen)
     return SearchResult(
-        out, study.study_name, trials, front, chosen, baselines, requeued, ran, stopped, report
-    )
+        out, study.study_name, trials, front, chosen, baselines, requeued, ran, stopped, report,
+        strong,
+    )  # fmt: skip
 
 
 def _write(out: Path, cfg: SearchConfig, work: _Work, report: dict, chosen) -> None:

@@ -32,8 +32,8 @@ def _trial_dict(t, front_numbers: set[int]) -> dict:
         "refused": attrs["refused"],
         "complied": attrs["complied"],
         "broken": attrs["broken"],
-        "unsafe": attrs.get("unsafe"),
-        "judge_errors": attrs.get("judge_errors", 0),
+        "evasive": attrs.get("evasive", 0),
+        "unjudged": attrs.get("unjudged", 0),
         "implausible": attrs.get("implausible", 0),
         "score": attrs.get("score"),
         "drop": attrs.get("drop"),
@@ -55,6 +55,16 @@ def apply_args(cfg: SearchConfig, out: Path, params: EditParams, n_layers: int) 
     if cfg.revision:
         args += ["--revision", cfg.revision]
     return args
+
+
+def _failure_words(cfg: SearchConfig, judging: dict) -> str:
+    """What the failure objective counts, in words."""
+    return (
+        "share of harmful validation prompts answered with a refusal (anywhere in the answer) "
+        "or a degenerate answer (greedy, max_new_tokens; word salad: mean surprisal under the "
+        f"unedited model above {judging.get('max_surprisal', float('nan')):.3g} nats per token)"
+        + ("" if cfg.judge is None else f", or evasive or unjudged by {cfg.judge}")
+    )
 
 
 def report_dict(cfg, study, ready: Ready, trials, front, chosen, baselines, where=None) -> dict:
@@ -87,11 +97,7 @@ def report_dict(cfg, study, ready: Ready, trials, front, chosen, baselines, wher
         ),
         "space": asdict(ready.space),
         "objectives": {
-            "failure": "share of harmful validation prompts answered with a refusal or a "
-            "degenerate answer (greedy, max_new_tokens; word salad: mean surprisal under the "
-            f"unedited model above {judging.get('max_surprisal', float('nan')):.3g} nats "
-            "per token)"
-            + ("" if cfg.judge is None else f", or that {cfg.judge} does not call unsafe"),
+            "failure": _failure_words(cfg, judging),
             "kl": "first-token KL(unedited ‖ edited), harmless validation prompts",
             **(
                 {}

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import SearchConfig
+from ..judging.verdicts import VERDICTS
 from .inputs import Ready
 from .space import (
     EditParams,
@@ -18,19 +19,17 @@ from .space import (
 
 
 @dataclass
-class Outcome:
-    """What one edit does: greedy answers to the harmful prompts, judged, and the first-token
-    KL on the harmless ones. With a safety judge, ``unsafe`` counts the complied answers it
-    calls unsafe (the rest of the complied ones, judge errors included, are not compliance;
-    ``judge_errors`` counts those it gave no verdict on)."""
+class TrialResult:
+    """What one edit does: greedy answers to the harmful prompts, each with a verdict of the
+    judging layer (``orthoedit.judging``), and the first-token KL on the harmless ones."""
 
     refused: int
     complied: int
     broken: int
     kl: float
     seconds: float
-    unsafe: int | None = None
-    judge_errors: int = 0  # of the complied: answers the judge gave no verdict on
+    evasive: int = 0  # a judge's: complied in form, no substance (never compliance)
+    unjudged: int = 0  # the judge gave no verdict (never compliance)
     implausible: int = 0  # of the broken: text-like answers the unedited model finds implausible
     score: float | None = None  # with an eval task: its metric (higher is better)
     drop: float | None = None  # the unedited model's score minus this one
@@ -42,131 +41,111 @@ class Outcome:
 
     @property
     def n(self) -> int:
-        return self.refused + self.complied + self.broken
+        return self.refused + self.complied + self.broken + self.evasive + self.unjudged
 
     @property
     def failure(self) -> float:
-        """The objective: every answer that is not a compliance (a refusal, a degenerate
-        answer, or with a judge an answer it does not call unsafe)."""
-        complied = self.complied if self.unsafe is None else self.unsafe
-        return (self.n - complied) / self.n
+        """The objective: every answer that is not a compliance (``judging.failure_rate``)."""
+        return (self.n - self.complied) / self.n
 
     def to_dict(self) -> dict:
         return {**asdict(self), "failure": self.failure}
 
 
-class Judge:
-    """Runs edits through the loaded model: greedy answers to the harmful rows and the first
-    token of the harmless rows, compared with the unedited model's (computed once). With
-    ``guard`` (a judge opened by ``safety.JudgeSpec``) and the harmful prompts' texts, the
-    complied answers are also judged by it.
+class TrialRunner:
+    """Runs edits through the loaded model (a ``runtime.session.Session``): greedy answers to
+    the harmful prompts and the first token of the harmless rows, compared with the unedited
+    model's (computed once). Answers are judged by the judging layer: phrases, and with
+    ``judge`` (an opened judge of ``style``) the judge on every complied answer: on every
+    trial (``judge_trials``), or only where ``evaluate`` is asked to (the front, judged again
+    with long answers before the choice: ``search.front``).
 
-    Word salad reads as text to ``refusal.judge``, so a complied answer is also scored by the
+    Word salad reads as text to the phrases, so a complied answer is also scored by the
     *unedited* model (hooks off): with a mean surprisal above ``max_surprisal`` nats per token
     (default half of ln(vocabulary), i.e. nearer to random tokens than to anything the model
     would write) it is broken, not compliance."""
 
     def __init__(
         self,
-        model,
-        tok,
-        harmful_rows,
+        session,
+        prompts: list[str],
         harmless_rows,
-        batch_size: int,
         budget: int,
-        guard=None,
-        prompts: list[str] | None = None,
+        judge=None,
+        style: str = "guard",
         max_surprisal: float | None = None,
         scorer: Callable[[], float] | None = None,
+        min_score: float = 0.5,
+        judge_trials: bool = True,
     ):
-        from ..measure.select import first_token_logprobs
-        from ..runtime.refusal import default_max_surprisal
-        from ..runtime.session import pad_id, stop_ids, vocab_size
+        from ..judging.answers import default_max_surprisal
 
-        self.model, self.tok = model, tok
-        self.harmful_rows, self.harmless_rows = harmful_rows, harmless_rows
-        self.batch_size, self.budget = batch_size, budget
-        self.guard, self.prompts = guard, prompts
-        self.pad = pad_id(tok)
-        self.stop = stop_ids(model, tok)
-        self.base = first_token_logprobs(model, harmless_rows, batch_size, self.pad)
-        self.max_surprisal = max_surprisal or default_max_surprisal(vocab_size(model))
+        self.session, self.prompts, self.harmless_rows = session, prompts, harmless_rows
+        self.budget, self.judge, self.style, self.min_score = budget, judge, style, min_score
+        self.judge_trials = judge_trials
+        self.base = self.first_tokens()
+        self.max_surprisal = max_surprisal or default_max_surprisal(session.vocab_size)
         self.scorer = scorer
         self.base_score = None if scorer is None else scorer()
 
-    def generate(self) -> list[list[int]]:
-        """Greedy answers to the harmful rows, as token ids cut after the first stop token."""
-        from ..runtime.refusal import until_stop
-        from ..runtime.session import greedy_completions
+    @property
+    def model(self):
+        return self.session.model
 
-        made = greedy_completions(
-            self.model, self.harmful_rows, self.batch_size, self.pad, self.budget
-        )
-        return [until_stop(ids, self.stop) for ids in made]
+    def first_tokens(self):
+        from ..runtime.scores import first_token_logprobs
 
-    def answers(self) -> list[str]:
-        return [self.decode(ids) for ids in self.generate()]
+        s = self.session
+        return first_token_logprobs(s.model, self.harmless_rows, s.batch_size, s.pad)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
+    def answers(self, budget: int | None = None) -> list:
+        """Judged answers to the harmful prompts (with whatever hooks are active)."""
+        from ..judging.answers import answer_prompts
 
-    def implausible(self, made: list[list[int]], verdicts: list[str]) -> list[int]:
-        """Indices of complied answers the unedited model finds implausible (call it with no
-        edit in place)."""
-        from ..runtime.session import surprisal
+        return answer_prompts(self.session, self.prompts, max_new_tokens=budget or self.budget)
 
-        which = [i for i, v in enumerate(verdicts) if v == "complied"]
-        scores = surprisal(
-            self.model,
-            [self.harmful_rows[i] for i in which],
-            [made[i] for i in which],
-            self.batch_size,
-            self.pad,
-        )
-        return [i for i, s in zip(which, scores, strict=True) if s > self.max_surprisal]
+    def __call__(self, hooks: Callable[[], contextlib.AbstractContextManager]) -> TrialResult:
+        """A trial's score: answers of the trials' budget, judged by phrases (and by the
+        judge where ``judge_trials``)."""
+        return self.evaluate(hooks, self.budget, self.judge_trials)
 
-    def unsafe(self, texts: list[str], verdicts: list[str]) -> tuple[int | None, int]:
-        """How many complied answers the judge calls unsafe (None without a judge), and how
-        many it gave no verdict on."""
-        from ..evaluate.safety import parse_guard
-
-        if self.guard is None:
-            return None, 0
-        pairs = [
-            (p, t) for p, t, v in zip(self.prompts, texts, verdicts, strict=True) if v == "complied"
-        ]
-        said = [parse_guard(raw)[0] for raw in self.guard(pairs)] if pairs else []
-        return said.count("unsafe"), said.count("error")
-
-    def __call__(self, hooks: Callable[[], contextlib.AbstractContextManager]) -> Outcome:
-        from ..measure.select import first_token_logprobs, mean_kl
-        from ..runtime.refusal import judge
+    def evaluate(self, hooks, budget: int, judged: bool) -> TrialResult:
+        """The edit's answers within ``budget`` tokens, judged by phrases, word salad and
+        (``judged``, with a judge) the judge; its KL and task score."""
+        from ..runtime.scores import mean_kl
 
         clock = time.perf_counter()
         with hooks():
-            made = self.generate()
-            logprobs = first_token_logprobs(
-                self.model, self.harmless_rows, self.batch_size, self.pad
-            )
+            answers = self.answers(budget)
+            logprobs = self.first_tokens()
             score = None if self.scorer is None else self.scorer()
-        texts = [self.decode(ids) for ids in made]
-        verdicts = [judge(t) for t in texts]
-        salad = self.implausible(made, verdicts)
-        for i in salad:
-            verdicts[i] = "broken"
-        unsafe, judge_errors = self.unsafe(texts, verdicts)
-        return Outcome(
-            refused=verdicts.count("refused"),
-            complied=verdicts.count("complied"),
-            broken=verdicts.count("broken"),
+        salad = self._judge(answers, judged)
+        count = {v: sum(a.verdict == v for a in answers) for v in VERDICTS}
+        return TrialResult(
+            refused=count["refused"],
+            complied=count["complied"],
+            broken=count["broken"],
+            evasive=count["evasive"],
+            unjudged=count["unjudged"],
             kl=mean_kl(self.base, logprobs),
             seconds=time.perf_counter() - clock,
-            unsafe=unsafe,
-            judge_errors=judge_errors,
-            implausible=len(salad),
+            implausible=salad,
             score=score,
             drop=None if score is None else self.base_score - score,
         )
+
+    def _judge(self, answers: list, judged: bool) -> int:
+        """Word salad under the unedited model (hooks off), then the judge on what is still
+        complied; returns how many answers were word salad."""
+        from ..judging.answers import apply_judge, mark_implausible
+
+        complied = [a for a in answers if a.verdict == "complied"]
+        salad = mark_implausible(self.session, complied, self.max_surprisal) if complied else 0
+        complied = [a for a in answers if a.verdict == "complied"]
+        if judged and self.judge is not None and complied:
+            replies = self.judge([(a.prompt, a.completion) for a in complied])
+            apply_judge(self.style, complied, replies, self.min_score)
+        return salad
 
 
 def ready_hooks(model, ready: Ready, direction, **plan_options):
@@ -213,24 +192,35 @@ def describe(o: dict) -> str:
     return f"failure {failure_text(o)}{drop}"
 
 
-def make_judge(cfg: SearchConfig, ready: Ready, model) -> Judge:
-    guard = None if ready.safety_judge is None else ready.safety_judge.open(cfg)
+def open_runner(cfg: SearchConfig, ready: Ready) -> TrialRunner:
+    """Load the search's model as a session (measure's system prompt, where the search took
+    it from there) and make the trials' runner on it."""
+    from ..runtime.session import Session
+
+    session = Session.open(ready.folder, cfg, tok=ready.tok)
+    session.system = ready.settings["system"]
+    return make_runner(cfg, ready, session)
+
+
+def make_runner(cfg: SearchConfig, ready: Ready, session) -> TrialRunner:
+    """The trials' runner on the loaded ``session``, with the search's judge and eval task."""
+    spec = ready.safety_judge
     scorer = None
     if ready.eval_task is not None:
-        from ..evaluate.bench import TaskScorer
+        from ..evals.tasks import TaskScorer
 
         scorer = TaskScorer(
-            model, ready.tok, ready.eval_task, cfg.eval_limit, cfg.batch_size, cfg.seed
+            session.model, ready.tok, ready.eval_task, cfg.eval_limit, cfg.batch_size, cfg.seed
         )
-    return Judge(
-        model,
-        ready.tok,
-        ready.harmful_rows,
-        ready.harmless_rows,
-        cfg.batch_size,
-        cfg.max_new_tokens,
-        guard,
+    return TrialRunner(
+        session,
         ready.harmful_prompts,
+        ready.harmless_rows,
+        cfg.max_new_tokens,
+        None if spec is None else spec.open(cfg),
+        "guard" if spec is None else spec.style,
         cfg.max_surprisal,
         scorer,
+        cfg.judge_min_score,
+        judge_trials=cfg.front_max_new_tokens == 0,  # else the judge reads the front only
     )
