@@ -19,6 +19,7 @@ _SHRINK = {
     "n_group": 1, "topk_group": 1, "vocab_size": 512, "max_position_embeddings": 256,
     "n_positions": 256, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 16, "v_head_dim": 24, "sliding_window": 64,
+    "vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 16,
 }  # fmt: skip
 _PER_LAYER_LISTS = ("layer_types", "layers_block_type", "hybrid_override_pattern")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -62,13 +63,21 @@ def _n_layers(config: dict, computed: list | None = None) -> int:
     config class computes from periods and offsets (Jamba's attention every 8th layer)."""
     total, config = _layer_count(config), text_part(config)
     need = 2
-    for kinds in [config.get(key) for key in _PER_LAYER_LISTS] + [computed]:
+    for kinds in [config.get(key) for key in _PER_LAYER_LISTS] + [computed, _overrides(config)]:
         if isinstance(kinds, list | str) and kinds:
             need = max(need, max(list(kinds).index(k) for k in set(kinds)) + 1)
     for key in ("first_k_dense_replace", "num_dense_layers"):
         need = max(need, int(config.get(key) or 0) + 1)
     need = max(need, int(config.get("interleave_moe_layer_step") or 0))
     return min(total, need)
+
+
+def _overrides(config: dict) -> list | None:
+    """Per layer, its entry of ``per_layer_config`` (layers whose sizes differ: Gemma 4's)."""
+    per_layer = config.get("per_layer_config")
+    if not isinstance(per_layer, dict) or not per_layer:
+        return None
+    return [repr(per_layer.get(str(i), per_layer.get(i))) for i in range(_layer_count(config))]
 
 
 def computed_kinds(cls, config: dict) -> list | None:
@@ -101,6 +110,8 @@ def shrunk_config(config: dict, computed: list | None = None) -> dict:
     for key in _PER_LAYER_LISTS:
         if isinstance(text.get(key), list | str):
             text[key] = text[key][:n]
+    if isinstance(text.get("per_layer_config"), dict):
+        text["per_layer_config"] = {k: v for k, v in text["per_layer_config"].items() if int(k) < n}
     if isinstance(text.get("mlp_only_layers"), list):
         text["mlp_only_layers"] = [i for i in text["mlp_only_layers"] if i < n]
     if isinstance(text.get("num_kv_shared_layers"), int):
@@ -177,20 +188,25 @@ def model_class(config: dict):
     return cls
 
 
-def _paths(config: dict, small: dict) -> list[str]:
-    """The dotted keys shrinking changed, the towers' first (put back first on failure)."""
-    changed = []
+def _paths(config: dict, small: dict) -> list[list[str]]:
+    """The dotted keys shrinking changed, in the groups they are put back in on failure: each
+    tower's sizes together first (its layer count stays), then one key at a time."""
+    groups = []
     for part in [*towers(small), TEXT, ""]:
         mine, theirs = (small, config) if not part else (small.get(part), config.get(part))
         if not isinstance(mine, dict) or not isinstance(theirs, dict):
             continue
         nested = part == "" and text_part(small) is not small
-        changed += [
+        changed = [
             f"{part}.{k}" if part else k
             for k in mine
             if mine[k] != theirs.get(k) and not (nested and k in (TEXT, *TOWERS))
         ]
-    return changed
+        if part in TOWERS:
+            groups.append([k for k in changed if k.rpartition(".")[2] not in _TOWER_LAYERS])
+        else:
+            groups += [[k] for k in changed]
+    return [group for group in groups if group]
 
 
 def _put_back(small: dict, config: dict, path: str) -> None:
@@ -207,33 +223,36 @@ def _put_back(small: dict, config: dict, path: str) -> None:
 def build_instance(config: dict, prompt=None):
     """(model in float32 on the CPU, the shrunk config dict, ``prompt(model, small)``: its
     media prompt, once it runs). A shrunk size that the config class or the model rejects is
-    put back to its original value, one key at a time (a tower's first), as long as the
-    instance stays tiny."""
+    put back to its original value (a tower's sizes together, then one key at a time), as long
+    as the instance stays tiny."""
     cls = model_class(config)
     small = shrunk_config(config, computed_kinds(cls, config))
-    changed = _paths(config, small)
+    changed, err = _paths(config, small), None
     while True:
+        if (size := _size(cls, small)) > _MAX_PARAMETERS:
+            why = f"{err}; " if err else ""
+            raise UnsupportedModelError(
+                f"{cls.__name__}: a tiny instance cannot be built from config.json ({why}with "
+                f"the sizes it needs it has {size / 1e6:.0f}M parameters); this family needs a "
+                "table."
+            ) from err
         try:
             model = _runs(_build(cls, small), small)
             return model, small, prompt(model, small) if prompt else None
         except UnsupportedModelError:
             raise
-        except Exception as err:
+        except Exception as error:
+            err = error
             if not changed:
-                raise _unbuilt(cls, err) from err
-            _put_back(small, config, changed.pop(0))
-            if _size(cls, small) > _MAX_PARAMETERS:
-                raise _unbuilt(cls, err) from err
+                raise UnsupportedModelError(
+                    f"{cls.__name__}: a tiny instance cannot be built from config.json ({err})."
+                ) from err
+            for path in changed.pop(0):
+                _put_back(small, config, path)
 
 
-def _unbuilt(cls, err) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"{cls.__name__}: a tiny instance cannot be built from config.json ({err})."
-    )
-
-
-#: The most parameters a "tiny" instance may have once sizes are put back (float64: 400 MB).
-_MAX_PARAMETERS = 50_000_000
+#: The most parameters a "tiny" instance may have once sizes are put back (float64: 800 MB).
+_MAX_PARAMETERS = 100_000_000
 
 
 def _size(cls, small: dict) -> int:
