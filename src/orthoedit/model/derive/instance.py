@@ -251,8 +251,10 @@ def build_instance(config: dict, prompt=None):
                 _put_back(small, config, path)
 
 
-#: The most parameters a "tiny" instance may have once sizes are put back (float64: 800 MB).
-_MAX_PARAMETERS = 100_000_000
+#: The most parameters an instance may have once sizes are put back (float64: 12 GB): not a
+#: target but a guard against building the model at full size (a put-back width and
+#: vocabulary); Bamba's default config needs 1.26B (its Mamba heads fix the width).
+_MAX_PARAMETERS = 1_500_000_000
 
 
 def _size(cls, small: dict) -> int:
