@@ -23,6 +23,7 @@ import orthoedit.model.architectures as architectures
 import orthoedit.model.derive as derive
 from orthoedit.config import ApplyConfig
 from orthoedit.edit.apply import apply
+from orthoedit.errors import UnsupportedModelError
 from orthoedit.model.checkpoint import Checkpoint
 from orthoedit.model.source import read_config
 from orthoedit.runtime.hooks import ablation_hooks, plan_hooks
@@ -224,3 +225,14 @@ def test_a_checkpoint_in_the_other_spelling_is_planned_and_covered(
     ops = _ops(_plan(derived, other, direction_file))
     assert ops == _ops(_plan(shipped, other, direction_file))
     assert {op[0].split(".")[0] for op in ops} == {"model"}  # every writer found respelled
+
+
+def test_the_proof_sees_a_projector_left_out(tiny_model, monkeypatch):
+    """Without its projector a table passes a text prompt but not the image prompt: the image
+    tokens' embeddings carry r into the first block."""
+    import orthoedit.model.derive.assemble as assemble
+
+    monkeypatch.setattr(assemble, "_media_writers", lambda *args: [])
+    config = read_config(tiny_model("mistral3"))
+    with pytest.raises(UnsupportedModelError, match=r"the media prompt.*residual leak"):
+        derive.derive_table(config)
