@@ -28,34 +28,36 @@ from orthoedit.model.checkpoint import Checkpoint
 from orthoedit.model.source import read_config
 from orthoedit.runtime.hooks import ablation_hooks, plan_hooks
 from test_cli import cli, flat, one_line_error
-from test_derive import _ops, _plan, untabled  # noqa: F401 (a fixture)
+from test_derive import _ops, _plan
 from test_equivalence import _load, _tensors
 from test_families import LEAK, leak
-from tiny import MULTIMODAL, image_prompt
+from tiny import CLASSES, MULTIMODAL, image_prompt
 
 TOWERS = ("vision", "visual", "audio", "projector")
-
-
-@pytest.fixture
-def hide(untabled):  # noqa: F811 (the imported fixture, requested)
-    """``hide(family)``: the shipped tables without that one (test_derive's fixture)."""
-    return untabled
+SHIPPED = architectures.load_tables()
+WRAPPERS = {t.family for t in SHIPPED.values() for f in MULTIMODAL if CLASSES[f] in t.architectures}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a loaded machine a second thread costs more than it gives."""
+def without_their_tables():
+    """The six wrappers' tables hidden for the whole module, each wrapper derived once and
+    kept; torch on one thread (tiny models: on a loaded machine a second thread costs more
+    than it gives)."""
+    kept = {k: v for k, v in SHIPPED.items() if k not in WRAPPERS}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(architectures, "load_tables", lambda: kept)
+        patch.setattr(derive, "load_tables", lambda: kept)
+        patch.setattr(derive, "_DERIVED", {})
+        yield
     torch.set_num_threads(threads)
 
 
-def _derived(src, hide):
-    """(the shipped table, the one derived with it hidden) for the tiny checkpoint ``src``."""
+def _derived(src):
+    """(the shipped table, the one derived without it) for the tiny checkpoint ``src``."""
     config = read_config(src)
-    shipped = architectures.table_for_config(config)
-    hide(shipped.family)
+    shipped = next(t for t in SHIPPED.values() if config["architectures"][0] in t.architectures)
     derived = derive.table_or_derived(config)
     assert derived.derived and derived.family.endswith("(derived)")
     return shipped, derived
@@ -68,9 +70,9 @@ def _projectors(table) -> dict:
 
 
 @pytest.mark.parametrize("family", MULTIMODAL)
-def test_a_wrapper_is_derived_as_its_table_plans_it(tiny_model, direction_file, hide, family):
+def test_a_wrapper_is_derived_as_its_table_plans_it(tiny_model, direction_file, family):
     src = tiny_model(family)
-    shipped, derived = _derived(src, hide)
+    shipped, derived = _derived(src)
     assert _ops(_plan(derived, src, direction_file)) == _ops(_plan(shipped, src, direction_file))
     for key in ("module", "final_norm"):
         assert getattr(derived.blocks, key) == getattr(shipped.blocks, key)
@@ -88,12 +90,12 @@ def test_a_wrapper_is_derived_as_its_table_plans_it(tiny_model, direction_file, 
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", MULTIMODAL)
-def test_the_derived_edit_is_exact_on_an_image(tiny_model, direction_file, tmp_path, hide, family):
+def test_the_derived_edit_is_exact_on_an_image(tiny_model, direction_file, tmp_path, family):
     """Applied with the derived table: on an image prompt (Gemma 4's with audio too), edited
     logits equal the plan's hooks and, pre-norm, the paper's ablation; no r enters a block; the
     towers are byte-identical, the projector's last layer edited."""
     src = tiny_model(family)
-    _, derived = _derived(src, hide)
+    _, derived = _derived(src)
     out = tmp_path / "out"
     plan, _ = apply(ApplyConfig(model=str(src), direction=[direction_file], out=out, tied="untie"))
     assert plan.derived and "table: derived" in (out / "README.md").read_text()
@@ -126,9 +128,11 @@ def test_the_derived_edit_is_exact_on_an_image(tiny_model, direction_file, tmp_p
 
 
 @pytest.mark.parametrize("family", ["mistral3", "gemma4"])
-def test_architectures_derives_a_wrapper_from_its_config_alone(tiny_model, tmp_path, hide, family):
+def test_architectures_derives_a_wrapper_from_its_config_alone(
+    tiny_model, tmp_path, monkeypatch, family
+):
+    monkeypatch.setattr(derive, "_DERIVED", {})  # derived here, from config.json alone
     src = tiny_model(family)
-    hide(architectures.table_for_config(read_config(src)).family)
     folder = tmp_path / "config-only"
     folder.mkdir()
     (folder / "config.json").write_text((src / "config.json").read_text())
@@ -141,7 +145,7 @@ def test_architectures_derives_a_wrapper_from_its_config_alone(tiny_model, tmp_p
 
 
 def test_a_projector_changed_after_its_last_layer_is_refused(
-    tiny_model, direction_file, tmp_path, hide, monkeypatch
+    tiny_model, direction_file, tmp_path, monkeypatch
 ):
     """The image tokens' embeddings reach the first block doubled: no module's output is
     them, so derivation names the nearest one and refuses, leaving nothing behind."""
@@ -156,7 +160,7 @@ def test_a_projector_changed_after_its_last_layer_is_refused(
 
     monkeypatch.setattr(m.Mistral3Model, "get_image_features", doubled)
     src = tiny_model("mistral3")
-    hide("mistral3")
+    monkeypatch.setattr(derive, "_DERIVED", {})  # not the unpatched class's derivation
     line = one_line_error(
         cli("apply", src, "--direction", direction_file, "--out", tmp_path / "out")
     )
@@ -208,13 +212,13 @@ def _respelled(src, dst, aliases: dict) -> None:
 
 
 def test_a_checkpoint_in_the_other_spelling_is_planned_and_covered(
-    tiny_model, direction_file, tmp_path, hide
+    tiny_model, direction_file, tmp_path
 ):
     """transformers saves Mistral 3's nesting as older checkpoints do and reads its own
     run-time spelling too: the derived prefix aliases find the writers either way, and the
     coverage check counts either spelling as the instance's."""
     src = tiny_model("mistral3")
-    shipped, derived = _derived(src, hide)
+    shipped, derived = _derived(src)
     assert derived.checkpoint_prefix_aliases == {
         "language_model.model.": ["model.language_model."],
         "multi_modal_projector.": ["model.multi_modal_projector."],
