@@ -12,15 +12,20 @@ and classifies its parameters by perturbation, never by name (docs/design.md §1
   (the edit is exactly such a change: ``W -= u uᵀ W``);
 * otherwise, if it changes the input of an RMSNorm that way, the writer passes through that
   norm, whose own output is tested the same way (a chain of norms, innermost first);
-* the gain convention of each norm (``x · w`` or ``x · (1 + w)``) is tested on the module.
+* the gain convention of each norm (``x · w`` or ``x · (1 + w)``) is tested on the module;
+* a multimodal wrapper (a vision or audio tower) is shown an image (and an audio clip): the
+  innermost module whose output is exactly the rows that reach the first block at those
+  tokens is its projector's last layer, an ``embed`` writer (media.py, projector.py).
 
 Each parameter is found among the tensors ``save_pretrained`` writes by its values, and the
 table is then proved on the instance: ``apply`` with it, edited logits equal the plan's hooks
-(≤ 1e-4, float64) and no block input nor the final norm's input carries r (≤ 1e-5).
+(≤ 1e-4, float64) and no block input nor the final norm's input carries r (≤ 1e-5), on a text
+prompt and on the media prompt (in float32 where a tower runs in no other dtype).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -33,6 +38,7 @@ from ...errors import UnsupportedModelError
 from ..architectures import ArchitectureTable, load_tables, table_for_config
 from .assemble import classify
 from .instance import _TOKENS, build_instance
+from .media import Media, media_prompt
 
 #: Tolerances of the proof: as tests/test_families.py holds the shipped tables to.
 PROOF_LOGITS, PROOF_LEAK = 1e-4, 1e-5
@@ -63,25 +69,54 @@ def _edit(table: ArchitectureTable, folder: Path, work: Path):
     out = work / "out"
     out.mkdir()
     stream_edit(plan, Checkpoint.open(folder), out)
-    (out / "config.json").write_text(json.dumps(config | {table.config.tie: False}))
+    untied = json.loads(json.dumps(config)) | {"tie_word_embeddings": False}
+    if isinstance(untied.get("text_config"), dict):  # as apply unties a wrapper
+        untied["text_config"]["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(untied))
     return plan, out, r
 
 
-def prove(table: ArchitectureTable, folder: Path, work: Path) -> None:
+def prove(table: ArchitectureTable, folder: Path, work: Path, media: Media | None = None) -> None:
     """Apply ``table``'s full plan to the instance in ``folder``; the edited logits must
-    equal the plan's hooks and the residual stream carry no r."""
+    equal the plan's hooks and the residual stream carry no r, on a text prompt and, for a
+    multimodal wrapper, on its media prompt (an image, and audio where it has a tower)."""
     import torch
 
-    from ...runtime.hooks import input_hooks, plan_hooks
     from ...runtime.session import load_model
     from ..checkpoint import Checkpoint
 
     plan, out, r = _edit(table, folder, work)
-    source, edited = load_model(folder, "float64"), load_model(out, "float64")
     ids = torch.randint(3, 200, _TOKENS, generator=torch.Generator().manual_seed(4))
-    ids = ids.clamp(max=source.get_input_embeddings().weight.shape[0] - 1)
-    with torch.no_grad(), plan_hooks(source, plan, Checkpoint.open(folder)):
-        hooked = source(input_ids=ids).logits
+    calls = {"float64": [{"input_ids": ids}]}
+    if media is not None:
+        calls.setdefault(media.dtype, []).append(media.call)
+    for dtype, prompts in calls.items():
+        source, edited = load_model(folder, dtype), load_model(out, dtype)
+        for call in prompts:
+            diff, leak = _compare(source, edited, plan, table, Checkpoint.open(folder), r, call)
+            if diff > PROOF_LOGITS or leak > PROOF_LEAK:
+                prompt = "a text" if set(call) == {"input_ids"} else "the media"
+                raise UnsupportedModelError(
+                    f"{table.architectures[0]}: the derived writers are not exact on a tiny "
+                    f"instance ({prompt} prompt, edited vs the plan's hooks: max |Δlogit| "
+                    f"{diff:.2g}; residual leak {leak:.2g}); a writer was missed or its norms "
+                    "misread."
+                )
+
+
+def _compare(source, edited, plan, table, checkpoint, r, call) -> tuple[float, float]:
+    """(max |Δlogit| between the edited model and the source with the plan's hooks, the
+    largest |r̂·x|/‖x‖ entering a block or the final norm of the edited model) on ``call``."""
+    import torch
+
+    from ...runtime.hooks import input_hooks, plan_hooks
+
+    dtype = next(source.parameters()).dtype
+    call = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
+    clamp = source.get_input_embeddings().weight.shape[0] - 1
+    call["input_ids"] = call["input_ids"].clamp(max=clamp)
+    with torch.no_grad(), plan_hooks(source, plan, checkpoint):
+        hooked = source(**call).logits
     unit, worst = (r / r.norm()).double(), [0.0]
 
     def seen(x):
@@ -90,36 +125,53 @@ def prove(table: ArchitectureTable, folder: Path, work: Path) -> None:
 
     paths = [table.blocks.module.format(layer=i) for i in range(plan.n_layers)]
     with torch.no_grad(), input_hooks(edited, [*paths, table.blocks.final_norm], seen):
-        diff = float((edited(input_ids=ids).logits - hooked).abs().max())
-    if diff > PROOF_LOGITS or worst[0] > PROOF_LEAK:
-        raise UnsupportedModelError(
-            f"{table.architectures[0]}: the derived writers are not exact on a tiny instance "
-            f"(edited vs the plan's hooks: max |Δlogit| {diff:.2g}; residual leak "
-            f"{worst[0]:.2g}); a writer was missed or its norms misread."
-        )
+        diff = float((edited(**call).logits - hooked).abs().max())
+    return diff, worst[0]
 
 
 def derive_table(config: dict) -> ArchitectureTable:
     """The table of ``config``'s class, derived on a tiny instance and proved there."""
     import torch
+
+    with _one_thread():
+        model, small, media = build_instance(config, media_prompt)
+        with tempfile.TemporaryDirectory(prefix="orthoedit-derive-") as tmp:
+            folder = Path(tmp) / "tiny"
+            _save(model, folder)
+            with torch.no_grad():
+                table = _classified(model, small, config, folder, media)
+            prove(table, folder, Path(tmp), media)
+            _SEEN[table.family] = {_kind(name) for name in _saved_names(folder)}
+    return table
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The tiny instance's matrices are too small for threads to help: on a loaded machine
+    they cost 50 times the work, so torch runs on one thread while deriving."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _save(model, folder: Path) -> None:
+    """``save_pretrained`` without its progress bar; the model then in float64."""
+    import torch
     from transformers.utils import logging as hf_logging
 
-    model, small = build_instance(config)
-    with tempfile.TemporaryDirectory(prefix="orthoedit-derive-") as tmp:
-        folder = Path(tmp) / "tiny"
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model.save_pretrained(folder)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-        model.to(torch.float64)
-        with torch.no_grad():
-            table = _classified(model, small, config, folder)
-        prove(table, folder, Path(tmp))
-        _SEEN[table.family] = {_kind(name) for name in _saved_names(folder)}
-    return table
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.to(torch.float64)
 
 
 def _kind(name: str) -> str:
@@ -136,11 +188,12 @@ def _saved_names(folder: Path) -> list[str]:
 def check_coverage(table: ArchitectureTable, names) -> None:
     """A derived table was read off a tiny instance: a checkpoint tensor of a kind that
     instance did not have (a layer kind it did not build, extra modules) may write into the
-    residual stream unseen, so the edit is refused rather than leave it unedited."""
+    residual stream unseen, so the edit is refused rather than leave it unedited. A name
+    spelled as one of the table's prefix aliases counts as the instance's spelling."""
     seen = _SEEN.get(table.family)
     if not table.derived or seen is None:
         return
-    unseen = sorted(n for n in names if _kind(n) not in seen)
+    unseen = sorted(n for n in names if _kind(_saved_spelling(table, n)) not in seen)
     if unseen:
         raise UnsupportedModelError(
             f"{unseen[0]} (and {len(unseen) - 1} more) is of a kind the tiny instance of "
@@ -149,11 +202,20 @@ def check_coverage(table: ArchitectureTable, names) -> None:
         )
 
 
-def _classified(model, small: dict, config: dict, folder: Path) -> ArchitectureTable:
+def _saved_spelling(table: ArchitectureTable, name: str) -> str:
+    """``name`` with a prefix alias put back to the prefix the instance saved."""
+    for prefix, aliases in table.checkpoint_prefix_aliases.items():
+        for alias in aliases:
+            if name.startswith(alias) and not name.startswith(prefix):
+                return prefix + name[len(alias) :]
+    return name
+
+
+def _classified(model, small: dict, config: dict, folder: Path, media) -> ArchitectureTable:
     """The table read off the instance; whatever goes wrong there is a refusal, with why."""
     arch = config["architectures"][0]
     try:
-        return ArchitectureTable.model_validate(classify(model, small, config, folder))
+        return ArchitectureTable.model_validate(classify(model, small, config, folder, media))
     except UnsupportedModelError:
         raise
     except ValidationError as err:

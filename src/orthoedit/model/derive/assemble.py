@@ -8,7 +8,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ...errors import UnsupportedModelError
-from .instance import _EXPERT_KEYS, _LAYER_KEYS, _PER_LAYER_LISTS, _TOKENS, _layer_count
+from .instance import (
+    _EXPERT_KEYS,
+    _LAYER_KEYS,
+    _PER_LAYER_LISTS,
+    _TOKENS,
+    _layer_count,
+    special_ids,
+    text_part,
+    text_prefix,
+)
 from .probe import (
     Found,
     Probe,
@@ -35,6 +44,10 @@ class DiskNames:
                 key = (array.shape, hashlib.sha1(np.ascontiguousarray(array).tobytes()).digest())
                 self.by_value.setdefault(key, []).append(name)
         self.names = {n for names in self.by_value.values() for n in names}
+
+    def name_of(self, param) -> str | None:
+        """The one name on disk holding exactly ``param``'s values (None if not one)."""
+        return self._one(param.detach().float().numpy())
 
     def _one(self, array) -> str | None:
         import numpy as np
@@ -184,7 +197,8 @@ def _writers(per_layer: list[dict], embed: list[dict], config: dict, disk) -> li
         for entry, bias in entries.items():
             layers.setdefault(entry, []).append(i)
             biases[entry] = bias or biases.get(entry)
-    experts = [k for k in _EXPERT_KEYS if isinstance(config.get(k), int)]
+    text, prefix = text_part(config), text_prefix(config)
+    experts = [prefix + k for k in _EXPERT_KEYS if isinstance(text.get(k), int)]
     writers = list(embed)
     for entry, where in layers.items():
         w = {"site": entry.site, "tensor": entry.tensor, "axis": entry.axis,
@@ -218,14 +232,16 @@ def _probe(model, small: dict, d: int) -> Probe:
     gen = torch.Generator().manual_seed(2)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, max(vocab, 4), _TOKENS, generator=gen)
+    ids[torch.isin(ids, torch.tensor(sorted(special_ids(small)) or [-1]))] = 3
     n_layers = _layer_count(small)
     probe = Probe(model, d, ids, find_blocks(model, d, n_layers, ids), n_layers)
     probe.base = {i: probe.observe(i) for i in range(n_layers)}
     return probe
 
 
-def classify(model, small: dict, config: dict, folder: Path) -> dict:
-    """The table (a dict for ``ArchitectureTable``) read off the instance saved in ``folder``."""
+def classify(model, small: dict, config: dict, folder: Path, media=None) -> dict:
+    """The table (a dict for ``ArchitectureTable``) read off the instance saved in ``folder``;
+    with ``media`` (a multimodal wrapper's prompt), the projectors' writers too."""
     import torch
 
     d = model.get_input_embeddings().weight.shape[1]
@@ -237,24 +253,83 @@ def classify(model, small: dict, config: dict, folder: Path) -> dict:
     for i in range(probe.n_layers):
         per_layer.append(_entries(probe, i, classify_block(probe, i, v, gen), disk))
     per_layer = _unify_sites(per_layer)
-    embed_param = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_path = _path_of(model, head)
+    embed, tied_to = _embed_writers(probe, v, gen, disk, head_path)
+    if media is not None:
+        embed += _media_writers(probe, media, v, gen, disk)
+    writers = _writers(per_layer, embed, config, disk)
+    head_name = f"{head_path}.weight"
+    if head.weight is not model.get_input_embeddings().weight:
+        head_name = disk.find(head_name, head.weight, 0)[0][0]
+    table = _table_dict(config, probe, writers, head_name, head_path, tied_to, per_layer)
+    table["checkpoint_prefix_aliases"] = aliases(model, disk, _templates(table))
+    return table
+
+
+def _embed_writers(probe: Probe, v, gen, disk: DiskNames, head_path: str) -> tuple[list, str]:
+    """The writers of the first block's input on a text prompt (the token embedding, learned
+    positions), and the token embedding's name on disk."""
+    model = probe.model
+    embed_param = model.get_input_embeddings().weight
     outside = classify_outside(probe, v, gen, skip={f"{head_path}.weight"})
     params = dict(model.named_parameters())
-    embed = []
+    embed, tied_to = [], None
     for f in outside:
         names, axis = disk.find(f.param, params[f.param], f.axis)
         embed.append({"site": "embed", "tensor": names[0], "axis": axis, "module": f.module})
         if params[f.param] is embed_param:
             tied_to = names[0]
-    if not any(params[f.param] is embed_param for f in outside):
+    if tied_to is None:
         raise UnsupportedModelError("the token embedding does not write into the first block.")
-    writers = _writers(per_layer, embed, config, disk)
-    head_name = f"{head_path}.weight"
-    if head.weight is not embed_param:
-        head_name = disk.find(head_name, head.weight, 0)[0][0]
-    return _table_dict(config, probe, writers, head_name, head_path, tied_to, per_layer)
+    return embed, tied_to
+
+
+def _media_writers(probe: Probe, media, v, gen, disk: DiskNames) -> list[dict]:
+    """An ``embed`` writer per kind of media token: its projector's last layer."""
+    from .projector import media_writers
+
+    params = dict(probe.model.named_parameters())
+    writers = []
+    for _kind, (weight, *bias) in media_writers(probe.model, media, probe.blocks, v, gen):
+        names, axis = disk.find(weight.param, params[weight.param], weight.axis)
+        w = {"site": "embed", "tensor": names[0], "axis": axis, "module": weight.module}
+        if bias:
+            w["bias"] = disk.find(bias[0].param, params[bias[0].param], 0)[0][0]
+        writers.append(w)
+    return writers
+
+
+def _templates(table: dict) -> set[str]:
+    """Every tensor name template the table holds."""
+    found = {table["unembed"]["tensor"], table["unembed"]["tied_to"]}
+    for w in table["writers"]:
+        found |= {w[k] for k in ("tensor", "bias", "when", "unless") if w.get(k)}
+        found |= {n["tensor"] for n in [w.get("post_norm"), *w.get("outer_norms", [])] if n}
+    return found
+
+
+def _prefixes(on_disk: str, at_run_time: str) -> tuple[str, str]:
+    """The leading parts in which two names of one tensor differ (at least one part each)."""
+    a, b = on_disk.split("."), at_run_time.split(".")
+    while len(a) > 1 and len(b) > 1 and a[-1] == b[-1]:
+        a, b = a[:-1], b[:-1]
+    return ".".join(a) + ".", ".".join(b) + "."
+
+
+def aliases(model, disk: DiskNames, templates: set[str]) -> dict[str, list[str]]:
+    """``checkpoint_prefix_aliases``: where ``save_pretrained`` spells a tensor the table
+    names otherwise than the model does at run time (a wrapper's nesting), checkpoints may
+    hold either spelling."""
+    found: dict[str, list[str]] = {}
+    for name, param in model.named_parameters():
+        on_disk = disk.name_of(param)
+        if on_disk is None or on_disk == name:
+            continue
+        a, b = _prefixes(on_disk, name)
+        if a != b and any(t.startswith(a) for t in templates) and b not in found.get(a, []):
+            found.setdefault(a, []).append(b)
+    return found
 
 
 def _table_dict(config, probe, writers, head_name, head_path, tied_to, per_layer) -> dict:
@@ -265,14 +340,7 @@ def _table_dict(config, probe, writers, head_name, head_path, tied_to, per_layer
             if e.branch not in branches[e.site]:
                 branches[e.site].append(e.branch)
     sites = [{e.site for e in entries} for entries in per_layer]
-    tied = probe.model.config.to_dict().get("tie_word_embeddings", False)
-    keys = {
-        "hidden_size": next((k for k in ("hidden_size", "n_embd", "d_model") if k in config),
-                            "hidden_size"),
-        "num_layers": [k for k in (*_PER_LAYER_LISTS, *_LAYER_KEYS) if k in config]
-        or ["num_hidden_layers"],
-        "tie_default": bool(tied),
-    }  # fmt: skip
+    keys = _config_keys(config, probe.model, head_path)
     return {
         "family": f"{model_type} (derived)",
         "description": f"{arch}: writers derived from a tiny instance of the class and proved "
@@ -294,3 +362,30 @@ def _table_dict(config, probe, writers, head_name, head_path, tied_to, per_layer
         "unembed": {"tensor": head_name, "module": head_path, "tied_to": tied_to},
         "derived": True,
     }
+
+
+def _config_keys(config: dict, model, head_path: str) -> dict:
+    """Where config.json keeps the sizes (a wrapper's under text_config) and which
+    tie_word_embeddings transformers obeys: that of the (sub)model whose tied-weights mapping
+    names the head."""
+    from ..architectures import config_value
+
+    text, prefix = text_part(config), text_prefix(config)
+    tie = "tie_word_embeddings"
+    for path, sub in model.named_modules():
+        mapping = getattr(sub, "_tied_weights_keys", None)
+        if isinstance(mapping, dict) and head_path + ".weight" in {
+            f"{path}.{k}" if path else k for k in mapping
+        }:
+            where = [k for k, c in vars(model.config).items() if c is sub.config]
+            tie = f"{where[0]}.{tie}" if sub.config is not model.config and where else tie
+            break
+    tied = config_value(model.config.to_dict(), tie)
+    return {
+        "hidden_size": prefix + next((k for k in ("hidden_size", "n_embd", "d_model") if k in text),
+                                     "hidden_size"),
+        "num_layers": [prefix + k for k in (*_PER_LAYER_LISTS, *_LAYER_KEYS) if k in text]
+        or [prefix + "num_hidden_layers"],
+        "tie": tie,
+        "tie_default": bool(tied),
+    }  # fmt: skip

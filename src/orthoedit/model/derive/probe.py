@@ -77,16 +77,19 @@ class Probe:
         found = set()
         for path, x in after.items():
             before = self.base[layer].get(path)
-            if before is None or before.shape != x.shape:
-                continue
-            delta = x - before
-            size = float(delta.norm())
-            if size <= 1e-9 * float(before.norm()):
-                continue
-            c = delta @ v / (v @ v)
-            if float((delta - c[:, None] * v).norm()) <= _PROPORTIONAL * size:
+            if before is not None and before.shape == x.shape and moved_along(before, x, v):
                 found.add(path)
         return found
+
+
+def moved_along(before, after, v) -> bool:
+    """Whether ``after - before`` (``[tokens, d]``) is a nonzero per-token multiple of v."""
+    delta = after - before
+    size = float(delta.norm())
+    if size <= 1e-9 * float(before.norm()):
+        return False
+    c = delta @ v / (v @ v)
+    return float((delta - c[:, None] * v).norm()) <= _PROPORTIONAL * size
 
 
 def _along_axis(v, shape, axis: int, gen):
