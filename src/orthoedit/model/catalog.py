@@ -51,8 +51,9 @@ DERIVED_ROW = Family(
     "derived",
     ["a transformers model class without a table"],
     reason="writers read off a tiny instance of the class and proved exact there before the "
-    "edit (orthoedit architectures MODEL runs that on the config alone); refused with the "
-    "module it could not classify, and for multimodal wrappers",
+    "edit (orthoedit architectures MODEL runs that on the config alone; a multimodal "
+    "wrapper's projector is found on an image prompt); refused with the module it could not "
+    "classify",
 )
 
 
