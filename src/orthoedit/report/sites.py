@@ -47,7 +47,8 @@ def sites_markdown(report: dict) -> str:
         "",
     ]
     head = ["condition", "sites", "log-odds", "Δ vs baseline", "share of full effect", "refusal"]
-    head += ["evasive (judge)", "failure"] if judged else ["failure"]
+    guard = judged and any(c.get("unsafe") is not None for c in conditions)
+    head += ["evasive (judge)"] * judged + ["unsafe (judge)"] * guard + ["failure"]
     head += ["KL"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in conditions:
@@ -57,8 +58,7 @@ def sites_markdown(report: dict) -> str:
         else:
             cells += [f"{c['log_odds']:.3f}", f"{c['delta']:+.3f}", share(c["share"])]
             cells.append(pct(c["refusal"]))
-            if judged:
-                cells.append(pct(c.get("evasive")))
+            cells += [pct(c.get("evasive"))] * judged + [pct(c.get("unsafe"))] * guard
             cells.append(pct(c.get("failure")))
             cells.append(f"{c['kl']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
