@@ -812,11 +812,12 @@ class SearchConfig(_Running, _Judged, _Generated):
         "per token) is word salad: broken, not compliance (default: half of ln(vocabulary)).",
     )
     front_max_new_tokens: int = Field(
-        default=256,
+        default=0,
         ge=0,
         description="Before choosing, judge the Pareto front again with answers of this many "
-        "tokens and --judge (trials are scored cheaply: --max-new-tokens, phrases); the "
-        "choice uses these scores. 0: no second judgement (--judge then reads every trial).",
+        "tokens (e.g. 256) and --judge (trials are then scored cheaply: --max-new-tokens, "
+        "phrases); the choice uses these scores. 0 (default): no second judgement, --judge "
+        "reads every trial.",
     )
     eval_task: str | None = Field(
         default=None,
