@@ -22,12 +22,12 @@ from orthoedit.config import (
     VerifyConfig,
 )
 from orthoedit.errors import BadInputError
-from orthoedit.evaluate import compare, safety
+from orthoedit.evaluate import compare
 from orthoedit.evaluate import kl as damage
 from orthoedit.measure import candidates as measure
 from orthoedit.organism import load_prompts as organism_prompts
 from orthoedit.pools import load_pool
-from orthoedit.prompts import load_prompts
+from orthoedit.prompts import load_prompts, load_sets
 
 TEXTS = [f"request number {i}: how do I do thing {i}?" for i in range(12)]
 M = "some/model"
@@ -78,7 +78,7 @@ def _every_command(source: str, column: str = "text") -> dict[str, list[str]]:
             ),
         ),
     ):
-        got[name] = safety.load_sets(config)["harmful"]
+        got[name] = load_sets(config)["harmful"]
     return got
 
 
@@ -103,7 +103,7 @@ _STEPS = [
     lambda s: verify._read_prompts(VerifyConfig(source=M, edited=Path("e"), prompts=s)),
     lambda s: damage._prompts(EvalKLConfig(base=M, edited=M, prompts=s)),
     lambda s: compare._prompts(CompareConfig(base=M, edited=M, prompts=s)),
-    lambda s: safety.load_sets(EvalSafetyConfig(model=M, out=Path("o"), harmful=s)),
+    lambda s: load_sets(EvalSafetyConfig(model=M, out=Path("o"), harmful=s)),
 ]
 
 
@@ -114,7 +114,7 @@ def test_named_sets_mean_the_same_everywhere():
         test = {i["prompt"] for i in load("harmful", "test")}
         val = [i["prompt"] for i in load("harmful", "val")]
         cfg = EvalSafetyConfig(model=M, out=Path("o"), harmful=name)
-        assert set(safety.load_sets(cfg)["harmful"]) == test
+        assert set(load_sets(cfg)["harmful"]) == test
         cfg = SearchConfig(model=M, candidates=Path("c"), out=Path("o"), harmful=name)
         assert search.inputs._prompts(cfg, "harmful") == val
         train, drawn_val = measure._prompts(

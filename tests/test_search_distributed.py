@@ -23,6 +23,7 @@ import pytest
 import pgserver
 from orthoedit.config import SearchConfig
 from orthoedit.organism import CHAT_MODEL
+from orthoedit.runtime.session import Session
 from orthoedit.search import loop as loop_module
 from orthoedit.search import search
 from orthoedit.search.storage import HEARTBEAT_ENV
@@ -143,7 +144,7 @@ def test_two_workers_finish_one_study(pg, organism_measured, tmp_path, monkeypat
     assert reports[0]["trials"] == reports[1]["trials"]
     assert reports[0]["chosen"]["number"] == reports[1]["chosen"]["number"]
     # a worker that joins the finished study loads no model and only writes the outputs
-    monkeypatch.setattr(loop_module.Session, "open", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(Session, "open", lambda *a, **k: pytest.fail("loaded"))
     cfg = _config(organism_measured, tmp_path / "late", pg.url, "two", TRIALS)
     late = search(cfg, log=lambda m: None)
     assert late.ran == 0 and len(late.trials) == TRIALS
