@@ -19,8 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
 from .. import __version__
 from ..config import EvalBenchConfig
 from ..errors import BadInputError
@@ -31,25 +29,21 @@ from ..progress import Progress, library_output
 NOISE_SIGMAS = 2.0
 
 
-def shipped_tasks() -> list[str]:
-    from ..evals import TASKS_DIR
+def shipped_tasks(default_only: bool = False) -> list[str]:
+    """The shipped offline tasks; ``default_only``: those that run when no task is named."""
+    from ..evals import TASKS_DIR, by_default, read_task
 
-    return sorted(yaml.safe_load(p.read_text())["task"] for p in TASKS_DIR.glob("*.yaml"))
+    tasks = [read_task(p) for p in TASKS_DIR.glob("*.yaml")]
+    return sorted(t["task"] for t in tasks if by_default(t) or not default_only)
 
 
 def prepare_shipped_tasks(folder: Path) -> Path:
     """Copy the shipped task YAMLs into ``folder`` with absolute ``data_files`` (lm-eval reads
     relative ones against the working directory, not the YAML's folder)."""
-    from ..evals import TASKS_DIR
+    from ..evals import TASKS_DIR, copy_task
 
     for path in sorted(TASKS_DIR.glob("*.yaml")):
-        task = yaml.safe_load(path.read_text())
-        files = task.get("dataset_kwargs", {}).get("data_files")
-        if isinstance(files, dict):
-            task["dataset_kwargs"]["data_files"] = {
-                split: str((TASKS_DIR / name).resolve()) for split, name in files.items()
-            }
-        (folder / path.name).write_text(yaml.safe_dump(task, sort_keys=False))
+        copy_task(path, folder)
     return folder
 
 
@@ -325,7 +319,7 @@ def eval_bench(
     cfg = _backend(cfg, log)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     _check_inputs(cfg, loaded)
-    tasks = list(cfg.tasks or shipped_tasks())
+    tasks = list(cfg.tasks or shipped_tasks(default_only=True))
     chat = cfg.chat_template
     if chat is None:
         if "base" in loaded:
@@ -376,7 +370,7 @@ def _check_inputs(cfg: EvalBenchConfig, loaded: dict) -> None:
             _gguf_args(model)
         elif _looks_local(model) and not (Path(model) / "config.json").is_file():
             raise BadInputError(f"{name} model {model}: no config.json there.")
-    unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks()))
+    unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks(default_only=True)))
     if unknown:
         raise BadInputError(f"--max-drop-task names task(s) not run: {', '.join(unknown)}.")
 
