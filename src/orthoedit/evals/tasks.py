@@ -11,31 +11,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from ..errors import BadInputError
 from ..progress import Progress, library_output
 
 
-def shipped_tasks() -> list[str]:
-    from ..evals import TASKS_DIR
+def shipped_tasks(default_only: bool = False) -> list[str]:
+    """The shipped offline tasks; ``default_only``: those that run when no task is named."""
+    from ..evals import TASKS_DIR, by_default, read_task
 
-    return sorted(yaml.safe_load(p.read_text())["task"] for p in TASKS_DIR.glob("*.yaml"))
+    tasks = [read_task(p) for p in TASKS_DIR.glob("*.yaml")]
+    return sorted(t["task"] for t in tasks if by_default(t) or not default_only)
 
 
 def prepare_shipped_tasks(folder: Path) -> Path:
     """Copy the shipped task YAMLs into ``folder`` with absolute ``data_files`` (lm-eval reads
     relative ones against the working directory, not the YAML's folder)."""
-    from ..evals import TASKS_DIR
+    from ..evals import TASKS_DIR, copy_task
 
     for path in sorted(TASKS_DIR.glob("*.yaml")):
-        task = yaml.safe_load(path.read_text())
-        files = task.get("dataset_kwargs", {}).get("data_files")
-        if isinstance(files, dict):
-            task["dataset_kwargs"]["data_files"] = {
-                split: str((TASKS_DIR / name).resolve()) for split, name in files.items()
-            }
-        (folder / path.name).write_text(yaml.safe_dump(task, sort_keys=False))
+        copy_task(path, folder)
     return folder
 
 

@@ -238,7 +238,7 @@ def eval_bench(
     cfg = _backend(cfg, log)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     _check_inputs(cfg, loaded)
-    tasks = list(cfg.tasks or shipped_tasks())
+    tasks = list(cfg.tasks or shipped_tasks(default_only=True))
     chat = cfg.chat_template
     if chat is None:
         if "base" in loaded:
@@ -289,7 +289,7 @@ def _check_inputs(cfg: EvalBenchConfig, loaded: dict) -> None:
             _gguf_args(model)
         elif _looks_local(model) and not (Path(model) / "config.json").is_file():
             raise BadInputError(f"{name} model {model}: no config.json there.")
-    unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks()))
+    unknown = sorted(set(cfg.max_drop_task) - set(cfg.tasks or shipped_tasks(default_only=True)))
     if unknown:
         raise BadInputError(f"--max-drop-task names task(s) not run: {', '.join(unknown)}.")
 
