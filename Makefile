@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow test-real test-gpu lint format demo bench bench-measure bench-generate bench-search bench-recipe public-tasks smollm qwen qwen-gguf llama-cpp gemma3 organism clean
+.PHONY: test test-slow test-real test-gpu lint format docs demo bench bench-measure bench-generate bench-search bench-recipe public-tasks smollm qwen qwen-gguf llama-cpp gemma3 organism clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks examples
 	$(BIN)/ruff check --fix src tests benchmarks examples
+
+# The command reference's options (docs/reference/*.md, below each page's marker line), from the
+# same Typer app and config models as --help; tests/test_docs.py fails while a page is stale.
+docs: $(STAMP)
+	$(BIN)/python -m orthoedit.docs
 
 demo: $(STAMP)
 	$(BIN)/orthoedit demo --out demo-out
