@@ -4,7 +4,8 @@ default, description), which ``cli/options.py`` makes from the stage's config mo
 
 A page holds prose written by hand above ``MARKER`` and the generated part below it; only
 the part below is rewritten (``python -m orthoedit.docs [FOLDER]``, ``make docs``) and
-checked (``stale_pages``, run by the tests).
+checked (``stale_pages``, run by the tests). The folder's ``README.md`` is the index: every
+command by the first sentence of its help, as ``orthoedit --help`` lists it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ MARKER = (
     "config model's descriptions in src/orthoedit/config.py, not the text below. -->"
 )
 FOLDER = Path("docs") / "reference"
+INDEX = "README.md"
 
 
 def commands() -> dict[str, object]:
-    """Every command under the app by its path (``eval bench``), groups left out."""
+    """Every command under the app by its path (``eval bench``), groups left out, in the
+    order ``--help`` lists them."""
     import typer.main
 
     from .cli import app
@@ -30,7 +33,8 @@ def commands() -> dict[str, object]:
     found = {}
 
     def walk(command, path: tuple[str, ...]) -> None:
-        for name, sub in getattr(command, "commands", {}).items():
+        for name in command.list_commands(None):
+            sub = command.commands[name]
             if getattr(sub, "commands", None):
                 walk(sub, (*path, name))
             else:
@@ -86,21 +90,46 @@ def generated(path: str, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+def index(found: dict[str, object]) -> str:
+    """The reference's README.md: a link and a line per command (the first sentence of its
+    help, as a group's --help lists it)."""
+    from .cli.helptext import first_sentence
+
+    lines = ["| command | what it does |", "|---|---|"]
+    for path, command in found.items():
+        line = _text(command.short_help or first_sentence(command.help))
+        lines.append(f"| [`orthoedit {path}`]({page_name(path)}) | {line} |")
+    return "\n".join(lines) + "\n"
+
+
+def pages(folder: Path) -> dict[Path, tuple[str, object]]:
+    """Every page of the reference and what makes its generated part: (path, command) for a
+    command's page, ("", the index's text) for the index."""
+    found = commands()
+    made: dict[Path, tuple[str, object]] = {folder / INDEX: ("", index(found))}
+    for path, command in found.items():
+        made[folder / page_name(path)] = (path, command)
+    return made
+
+
+def _generated(path: str, made) -> str:
+    return made if isinstance(made, str) else generated(path, made)
+
+
 def render(page: str | None, path: str, command) -> str:
     """A page with its hand-written part kept (a title only, for a new page) and the
     generated part made anew."""
-    prose = f"# orthoedit {path}\n\n"
+    prose = f"# orthoedit {path}\n\n" if path else "# Command reference\n\n"
     if page is not None and MARKER in page:
         prose = page.split(MARKER, 1)[0]
-    return prose + MARKER + "\n\n" + generated(path, command)
+    return prose + MARKER + "\n\n" + _generated(path, command)
 
 
 def write_pages(folder: Path = FOLDER) -> list[Path]:
     """Rewrite the generated part of every command's page; returns the pages changed."""
     folder.mkdir(parents=True, exist_ok=True)
     changed = []
-    for path, command in commands().items():
-        target = folder / page_name(path)
+    for target, (path, command) in pages(folder).items():
         page = target.read_text(encoding="utf-8") if target.is_file() else None
         made = render(page, path, command)
         if made != page:
@@ -112,11 +141,10 @@ def write_pages(folder: Path = FOLDER) -> list[Path]:
 def stale_pages(folder: Path = FOLDER) -> list[str]:
     """Pages missing, or whose generated part differs from what the app makes now."""
     stale = []
-    for path, command in commands().items():
-        target = folder / page_name(path)
+    for target, (path, command) in pages(folder).items():
         page = target.read_text(encoding="utf-8") if target.is_file() else ""
         below = page.split(MARKER, 1)[1] if MARKER in page else None
-        if below != "\n\n" + generated(path, command):
+        if below != "\n\n" + _generated(path, command):
             stale.append(str(target))
     return stale
 
