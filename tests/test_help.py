@@ -82,3 +82,15 @@ def test_commands_are_listed_in_pipeline_order():
 def test_reflow_keeps_paragraphs():
     assert reflow("one\n  two\n\nthree\nfour") == "one two\n\nthree four"
     assert reflow(None) is None
+
+
+@pytest.mark.parametrize(
+    "path", [p for p, c in COMMANDS if getattr(c, "commands", None)], ids=lambda p: " ".join(p)
+)
+def test_a_group_lists_each_command_on_one_line(path):
+    """The listing is each command's first sentence; the rest is the command's own --help."""
+    text = _help(path)
+    panel = text.split("Commands")[1].splitlines()[1:]
+    rows = panel[: next(i for i, row in enumerate(panel) if row.startswith("╰"))]
+    listed = [row for row in rows if re.match(r"^│ \w+ ", row)]
+    assert len(listed) == len(rows), rows

@@ -241,7 +241,7 @@ def unresolved_imports(roots: list[Path]) -> list[str]:
 def test_every_import_of_the_project_resolves():
     """Function-level imports (which nothing runs until their function does) and the
     benchmarks' imports name modules and names that exist."""
-    roots = [SRC / "orthoedit", SRC.parent / "benchmarks", SRC.parent / "tests"]
+    roots = [SRC / "orthoedit", *(SRC.parent / d for d in ("benchmarks", "tests", "examples"))]
     assert unresolved_imports(roots) == []
 
 

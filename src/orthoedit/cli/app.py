@@ -22,15 +22,16 @@ app = typer.Typer(
 )
 eval_app = typer.Typer(
     cls=Group,
-    help="Evaluate an edit: benchmark regression (lm-eval), safety (refusals, guard-model "
-    "verdicts) and damage metrics.",
+    help="Evaluate an edit: benchmark regression, safety and damage.\n\nBenchmarks through "
+    "lm-eval, safety by refusals and guard-model verdicts, damage by first-token KL and "
+    "cross-entropy.",
     no_args_is_help=True,
 )
 study_app = typer.Typer(cls=Group, help="Research: where refusal lives.", no_args_is_help=True)
 export_app = typer.Typer(
     cls=Group,
-    help="Export an edited checkpoint for other runtimes: GGUF files for llama.cpp and the "
-    "runtimes built on it.",
+    help="Export an edited checkpoint for other runtimes (GGUF for llama.cpp).\n\nGGUF "
+    "files for llama.cpp and the runtimes built on it.",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")

@@ -36,8 +36,10 @@ def _thresholds(given: list[str] | None) -> dict[str, float]:
     },
 )
 def bench(cfg: EvalBenchConfig) -> None:
-    """Run lm-eval on BASE and EDITED with identical settings and write a regression report
-    (report.md, report.json, report.png, lm_eval/). Exit 1 when a drop exceeds its threshold."""
+    """Benchmark regression: lm-eval on BASE and EDITED with identical settings.
+
+    It writes a regression report (report.md, report.json, report.png, lm_eval/). Exit 1 when a
+    drop exceeds its threshold."""
     from ..evaluate.bench import eval_bench
 
     with ui.progress() as progress:
@@ -52,8 +54,9 @@ def bench(cfg: EvalBenchConfig) -> None:
 
 @command(eval_app, "kl", EvalKLConfig, arguments=("base", "edited"))
 def kl(cfg: EvalKLConfig) -> None:
-    """First-token KL and cross-entropy on harmless prompts, base vs edited: how much the edit
-    moves what the model says where it should not."""
+    """First-token KL and cross-entropy on harmless prompts, base vs edited.
+
+    They say how much the edit moves what the model says where it should not."""
     from ..evaluate.kl import eval_kl
 
     report = ui.guarded(lambda: eval_kl(cfg, log=ui.log), cfg.report)
@@ -64,8 +67,10 @@ def kl(cfg: EvalKLConfig) -> None:
 
 @command(eval_app, "safety", EvalSafetyConfig)
 def safety(cfg: EvalSafetyConfig) -> None:
-    """Answer harmful and harmless prompts with MODEL (and BASE), judge every answer (refusal
-    phrases, degenerate output, a guard model) and write a report and every answer."""
+    """Judge MODEL's (and BASE's) answers to harmful and harmless prompts.
+
+    Every answer is judged (refusal phrases, degenerate output, a guard model); it writes a
+    report and every answer."""
     from ..evaluate.safety import eval_safety
 
     with ui.progress() as progress:
@@ -76,8 +81,9 @@ def safety(cfg: EvalSafetyConfig) -> None:
 
 @command(app, "compare", CompareConfig, arguments=("base", "edited"))
 def compare(cfg: CompareConfig) -> None:
-    """Both models' answers to the same prompts, side by side, in the terminal and as
-    Markdown: the first thing to look at before publishing an edit."""
+    """Both models' answers to the same prompts, side by side.
+
+    In the terminal and as Markdown: the first thing to look at before publishing an edit."""
     from ..evaluate.compare import compare as run_compare
 
     pairs = ui.guarded(lambda: run_compare(cfg, log=ui.log), cfg.report)

@@ -16,8 +16,10 @@ from .options import Cli, command
     cli={"types": Cli(type=list[str], flag="--type", metavar="TYPE")},
 )
 def gguf(cfg: ExportGgufConfig) -> None:
-    """Convert an edited checkpoint into GGUF files with llama.cpp's own converter and
-    quantizer (pinned: llama-cpp-python 0.3.36's), one file per --type, into MODEL_DIR/gguf
+    """Convert an edited checkpoint into GGUF files with llama.cpp's own tools.
+
+    llama.cpp's converter and quantizer (pinned: llama-cpp-python 0.3.36's) write one file
+    per --type, into MODEL_DIR/gguf
     (or --out), where push uploads them beside the safetensors and lists them in the card.
     Exit 2 for bad input, or a checkpoint llama.cpp cannot convert (its log is kept)."""
     from ..export.gguf import FOLDER, export_gguf

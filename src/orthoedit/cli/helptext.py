@@ -4,6 +4,8 @@ tree is built, so that a new command or option follows it without a word of its 
 * Commands are listed in pipeline order (``ORDER``), not in the order they are defined.
 * Help text is reflowed: a docstring's single line breaks are joined, so the terminal wraps
   whole sentences (paragraphs, separated by a blank line, stay apart).
+* A group lists each command by the first sentence of its help, one line; the rest of the
+  help is the command's own ``--help``.
 * A usage error (an unknown option, a missing argument, a value not among the choices) is
   one ``error:`` line, as every other bad input is.
 * Value names are words, not Python types: ``TEXT``, ``INT``, ``FLOAT``, ``PATH``; the choices
@@ -59,6 +61,14 @@ def reflow(text: str | None) -> str | None:
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
+def first_sentence(text: str | None) -> str | None:
+    """The first sentence of a help text's first paragraph: what a group lists a command by."""
+    if not text:
+        return text
+    paragraph = reflow(text).split("\n\n")[0]
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
+
+
 def value_name(param) -> str:
     """The word shown for what an option or argument takes."""
     if isinstance(param, TyperArgument):
@@ -91,7 +101,7 @@ def tidy(command) -> None:
         return
     command._tidy = True
     command.help = reflow(command.help)
-    command.short_help = reflow(command.short_help)
+    command.short_help = reflow(command.short_help) or first_sentence(command.help)
     for param in command.params:
         if isinstance(param, TyperArgument):
             _name_argument(param)

@@ -27,8 +27,10 @@ from .options import Cli, command, items
 
 @command(app, "measure", MeasureConfig)
 def measure(cfg: MeasureConfig) -> None:
-    """Measure difference-of-means candidates at every layer and post-instruction position,
-    and save the chosen one as a direction file for `orthoedit apply`."""
+    """Find the refusal direction and save it as a direction file for apply.
+
+    Difference-of-means candidates are measured at every layer and post-instruction position
+    and scored; the chosen one is saved as a direction file for `orthoedit apply`."""
     from ..measure.candidates import measure as run_measure
     from ..measure.select import NoCandidateError
 
@@ -72,13 +74,15 @@ def _span(text: str | None) -> list[str] | None:
     },
 )
 def search(cfg: SearchConfig) -> None:
-    """Search the edit (direction layer and position, per-layer attention and MLP weights,
-    embedding on or off) against measured refusal and damage, with run-time hooks; write the
-    Pareto front and the best edit within the KL budget, with the apply command that
-    reproduces it. Resumes the study in --out, or with --storage joins a study that several
-    workers share. With --judge, a complied answer counts as compliance only when the judge
-    calls it unsafe. With --confirm, the chosen edit is then applied and judged against the
-    unedited model on held-out prompts (eval safety's judgement)."""
+    """Search the edit against measured refusal and damage (KL).
+
+    The direction's layer and position, per-layer attention and MLP weights and the embedding on
+    or off are searched with run-time hooks; it writes the Pareto front and the best edit
+    within the KL budget, with the apply command that reproduces it. Resumes the study in
+    --out, or with --storage joins a study that several workers share. With --judge, a
+    complied answer counts as compliance only when the judge calls it unsafe. With
+    --confirm, the chosen edit is then applied and judged against the unedited model on
+    held-out prompts (eval safety's judgement)."""
     from ..search import none_chosen
     from ..search import search as run_search
 
@@ -136,8 +140,10 @@ def _sites(text: str) -> list[str]:
     cli={"sites": Cli(type=str, parse=_sites, default="embed,attn,mlp", help=" Comma-separated.")},
 )
 def apply(cfg: ApplyConfig) -> None:
-    """Orthogonalize every residual-stream writer of MODEL against a direction (or the span of
-    several)."""
+    """Orthogonalize MODEL's residual-stream writers against a direction.
+
+    Every residual-stream writer of MODEL is projected against a direction (or the span of
+    several), in a streaming pass."""
     from ..edit import apply as stage
 
     prepared = ui.guarded(lambda: stage.prepare(cfg))
@@ -172,9 +178,11 @@ def apply(cfg: ApplyConfig) -> None:
     cli={"dtype": Cli(help=" Tolerances: the looser of the storage dtype's and this one's.")},
 )
 def verify(cfg: VerifyConfig) -> None:
-    """Check an edited checkpoint against the source model with the plan applied by hooks (an
-    edited GGUF: in transformers and in llama.cpp where installed), or a GGUF exported from an
-    edited folder against that folder's model."""
+    """Check an edited checkpoint against the source model with the plan's hooks.
+
+    The source runs with the plan applied by hooks (an edited GGUF: in transformers and in
+    llama.cpp where installed); a GGUF exported from an edited folder is checked against that
+    folder's model."""
     from ..verify_gguf import is_export
 
     if ui.guarded(lambda: is_export(cfg)):
@@ -196,8 +204,10 @@ def verify(cfg: VerifyConfig) -> None:
 
 @command(app, "architectures", ArchitecturesConfig)
 def architectures(cfg: ArchitecturesConfig) -> None:
-    """List the model families orthoedit edits (their residual-stream writers and norms) and
-    the architectures it refuses, or check one model's config.json without its weights."""
+    """List the model families orthoedit edits, or check one model's config.json.
+
+    The families are listed with their residual-stream writers and norms, beside the
+    architectures it refuses; one model's config.json is checked without its weights."""
     from ..model import catalog
 
     if cfg.model is None:

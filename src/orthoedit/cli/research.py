@@ -10,10 +10,11 @@ from .options import command
 
 @command(study_app, "sites", StudySitesConfig)
 def sites(cfg: StudySitesConfig) -> None:
-    """Which sites must lose the direction to remove refusal: baseline, run-time ablation at
-    the block inputs, attention outputs, MLP outputs or all three, and the weight edits
-    apply would make (embed, attn, mlp, all); refusal log-odds, refusal rate and KL of each,
-    and with --judge the unsafe rate."""
+    """Which sites must lose the direction to remove refusal.
+
+    The conditions: baseline, run-time ablation at the block inputs, attention outputs, MLP
+    outputs or all three, and the weight edits apply would make (embed, attn, mlp, all);
+    refusal log-odds, refusal rate and KL of each, and with --judge the unsafe rate."""
     from ..research.sites import study_sites
 
     with ui.progress() as progress:
@@ -26,10 +27,12 @@ def sites(cfg: StudySitesConfig) -> None:
 
 @command(app, "attribute", AttributeConfig)
 def attribute(cfg: AttributeConfig) -> None:
-    """Which residual writers carry refusal: every embedding, attention head and MLP at the
-    last prompt token, ranked by the first-order change of the refusal log-odds when patched
-    from the harmful to the harmless mean, the top ones checked by real patching, with the
-    cumulative curve and a layer x head map."""
+    """Rank the heads and MLPs that carry refusal, checked by real patching.
+
+    Every embedding, attention head and MLP is read at the last prompt token, ranked by the
+    first-order change of the refusal log-odds when patched from the harmful to the harmless
+    mean, the top ones checked by real patching, with the cumulative curve and a layer x
+    head map."""
     from ..research.attribute import attribute as run_attribute
 
     with ui.progress() as progress:

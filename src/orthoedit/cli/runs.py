@@ -27,9 +27,11 @@ def run(
         Stage | None, typer.Option(metavar="STAGE", help="Rerun only this stage.")
     ] = None,
 ) -> None:
-    """Run a recipe's stages in order (measure or a fixed direction, apply, verify, eval bench,
-    eval safety, export gguf, push) into one folder, skipping stages that are up to date;
-    rerunning after an interruption resumes. Exit 1 when verify fails or the benchmark
+    """Run a recipe's stages in order into one folder, resuming where it stopped.
+
+    The stages (measure or a fixed direction, apply, verify, eval bench, eval safety, export
+    gguf, push) write into one folder; stages that are up to date are skipped, so rerunning
+    after an interruption resumes. Exit 1 when verify fails or the benchmark
     regresses (nothing is published then)."""
     from ..pipeline.run import run as run_recipe
 
@@ -63,8 +65,10 @@ def demo(
         "demo-out"
     ),
 ) -> None:
-    """Run the model organism's recipe end to end, offline, on a CPU (about 30 s): measure,
-    apply, verify, eval bench, eval safety; then print what changed and where the reports are."""
+    """Run the model organism's recipe end to end, offline, on a CPU (about 30 s).
+
+    The stages are measure, apply, verify, eval bench and eval safety; then it prints what
+    changed and where the reports are."""
     from ..pipeline.demo import main
 
     code = main(str(out_dir))
@@ -74,7 +78,9 @@ def demo(
 
 @command(app, "push", PushConfig, arguments=("model_dir", "repo_id"))
 def push(cfg: PushConfig) -> None:
-    """Publish an edited checkpoint to the Hugging Face Hub: weights, config, tokenizer, the
+    """Publish an edited checkpoint to the Hugging Face Hub.
+
+    It uploads the weights, config, tokenizer, the
     card (with evaluation results from --eval), the direction under orthoedit/ and the GGUF
     files of export gguf under gguf/ (listed in the card with their types). The token
     comes from HF_TOKEN or `hf auth login`. Exit 1 when the upload breaks off (rerun to
