@@ -10,6 +10,9 @@ its first N tokens, decoded. Each is judged twice by the judging layer's phrases
   counted anywhere, and still measure's filter on its 16-token answers);
 * **anywhere**: the judging layer's verdict (``judging.verdicts.text_verdict``).
 
+A GGUF ``MODEL`` runs in llama.cpp (the session of ``--backend llama.cpp``, one prompt at a
+time), which on a CPU is several times faster than transformers for long answers.
+
 Printed as Markdown and written to ``results-budget.json`` with a figure
 (``budget.png``): refused and broken rates per budget, both rules. The defaults of
 ``eval safety --max-new-tokens``, ``search --front-max-new-tokens`` and the recipe's safety
@@ -78,14 +81,26 @@ def answers(args, texts: list[str]) -> dict:
         if cached.get("key") == key:
             return cached
     from orthoedit.judging.answers import prompt_rows
+    from orthoedit.model.gguf import is_gguf
     from orthoedit.runtime.session import Session, generate
 
     where = SimpleNamespace(dtype=args.dtype, device=None, max_memory=None, offload_folder=None)
-    session = Session.open(Path(args.model), where)
-    session.batch_size = args.batch_size
+    if is_gguf(args.model):  # the file as llama.cpp runs it (--backend llama.cpp's session)
+        from orthoedit.runtime.llama_cpp import LlamaCppSession
+
+        session = LlamaCppSession.open(Path(args.model), where)
+    else:
+        session = Session.open(Path(args.model), where)
+        session.batch_size = args.batch_size
     rows, _ = prompt_rows(session, texts)
     clock = time.perf_counter()
-    made = generate(session, rows, args.budgets[-1])
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        print(f"  {done[0]}/{len(rows)} answered, {time.perf_counter() - clock:.0f} s", flush=True)
+
+    made = generate(session, rows, args.budgets[-1], progress)
     found = {"key": key, "ids": [g.ids for g in made], "seconds": time.perf_counter() - clock}
     if args.cache:
         args.cache.write_text(json.dumps(found))
