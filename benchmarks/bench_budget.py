@@ -184,7 +184,16 @@ def main(argv=None) -> dict:
 
     rows = judged(load_tokenizer(Path(args.model)), found["ids"], args.budgets)
     print(markdown(rows, args.model))
-    result = {"model": args.model, "dtype": args.dtype, "seconds": found["seconds"], "rows": rows}
+    from orthoedit.model.gguf import is_gguf
+
+    gguf = is_gguf(args.model)
+    result = {
+        "model": args.model,
+        "backend": "llama.cpp" if gguf else "hf",
+        "dtype": "the file's" if gguf else args.dtype,
+        "seconds": found["seconds"],
+        "rows": rows,
+    }
     if not args.smoke:
         args.results.write_text(json.dumps(result, indent=2) + "\n")
         figure(rows, args.results.with_name("budget.png"), args.model)
