@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import folder_digest
 from orthoedit import search as search_module
-from orthoedit.config import SearchConfig
+from orthoedit.config import FRONT_TOKENS, SearchConfig
 from orthoedit.edit.scope import load_scales
 from orthoedit.model.direction import load_direction
 from orthoedit.organism import GUARD_MODEL
@@ -909,6 +909,17 @@ def test_confirm_never_removes_a_folder_orthoedit_did_not_write(first_search, me
 
 def _trial(number: int, failure: float, kl: float) -> SimpleNamespace:
     return SimpleNamespace(number=number, user_attrs={"failure": failure, "kl": kl})
+
+
+def test_the_front_is_judged_again_by_default_only_with_a_judge():
+    """--front-max-new-tokens unset: off without a judge (phrases read every trial at the
+    trials' budget), on with one (the judge reads the front, not every trial); set, as set."""
+    base = {"model": "m", "candidates": Path("c"), "out": Path("o")}
+    assert SearchConfig(**base).front_budget() == 0
+    judged = SearchConfig(**base, judge="openai:http://127.0.0.1:9/v1", judge_model="g")
+    assert judged.front_budget() == FRONT_TOKENS > SearchConfig(**base).max_new_tokens
+    assert SearchConfig(**base, judge="hf:x", front_max_new_tokens=0).front_budget() == 0
+    assert SearchConfig(**base, front_max_new_tokens=96).front_budget() == 96
 
 
 def test_the_choice_uses_the_fronts_strong_scores():

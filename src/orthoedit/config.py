@@ -696,6 +696,10 @@ class StudySitesConfig(_Running, _Judged):
     overwrite: OverwriteFolder = False
 
 
+#: The front's answer budget when a search has a judge (``--front-max-new-tokens``).
+FRONT_TOKENS = 256
+
+
 class SearchConfig(_Running, _Judged, _Generated):
     """Options of ``orthoedit search``. The generation options (``--backend`` and vLLM's) are
     the confirmation's: trials run in transformers, with the edit's hooks."""
@@ -811,14 +815,23 @@ class SearchConfig(_Running, _Judged, _Generated):
         description="An answer the unedited model finds more surprising than this (mean nats "
         "per token) is word salad: broken, not compliance (default: half of ln(vocabulary)).",
     )
-    front_max_new_tokens: int = Field(
-        default=0,
+    front_max_new_tokens: int | None = Field(
+        default=None,
         ge=0,
         description="Before choosing, judge the Pareto front again with answers of this many "
-        "tokens (e.g. 256) and --judge (trials are then scored cheaply: --max-new-tokens, "
-        "phrases); the choice uses these scores. 0 (default): no second judgement, --judge "
-        "reads every trial.",
+        "tokens and --judge; trials are then scored cheaply (--max-new-tokens, phrases) and "
+        "the choice uses the front's scores. 0: no second judgement, --judge reads every "
+        f"trial (default: {FRONT_TOKENS} with --judge, else 0).",
     )
+
+    def front_budget(self) -> int:
+        """``--front-max-new-tokens`` resolved: its default is on with a judge only (on the
+        development model a refusal shows in the first 64 tokens or not at all, so phrases at
+        the trials' budget need no second look; a judge reads the front, not every trial)."""
+        if self.front_max_new_tokens is not None:
+            return self.front_max_new_tokens
+        return FRONT_TOKENS if self.judge else 0
+
     eval_task: str | None = Field(
         default=None,
         description="A third objective: the drop in this lm-eval task's first metric (a "

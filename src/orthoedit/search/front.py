@@ -24,7 +24,7 @@ FRONT = "front"
 def settings_key(cfg: SearchConfig) -> str:
     """What makes a strong score: its budget and its judge."""
     made = {
-        "max_new_tokens": cfg.front_max_new_tokens,
+        "max_new_tokens": cfg.front_budget(),
         "judge": cfg.judge,
         "judge_model": cfg.judge_model,
         "judge_style": cfg.judge_style,
@@ -55,7 +55,7 @@ def stored(study, cfg: SearchConfig) -> dict:
 def judge_front(cfg: SearchConfig, study, storage, work, trials: list) -> dict | None:
     """The strong scores of the candidates and baselines (judging the ones not yet stored);
     None when ``--front-max-new-tokens`` is 0."""
-    if cfg.front_max_new_tokens == 0:
+    if cfg.front_budget() == 0:
         return None
     strong = stored(study, cfg)
     todo = [t for t in candidates(trials, cfg) if str(t.number) not in strong["trials"]]
@@ -63,7 +63,7 @@ def judge_front(cfg: SearchConfig, study, storage, work, trials: list) -> dict |
     if not todo and not missing:
         return strong
     runner, model = work.loaded(study, storage)
-    budget = cfg.front_max_new_tokens
+    budget = cfg.front_budget()
     judge = f" and {cfg.judge}" if cfg.judge else ""
     work.progress.start(
         f"front: judging {len(todo)} trials and {len(missing)} baselines again "

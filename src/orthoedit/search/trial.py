@@ -222,5 +222,5 @@ def make_runner(cfg: SearchConfig, ready: Ready, session) -> TrialRunner:
         cfg.max_surprisal,
         scorer,
         cfg.judge_min_score,
-        judge_trials=cfg.front_max_new_tokens == 0,  # else the judge reads the front only
+        judge_trials=cfg.front_budget() == 0,  # else the judge reads the front only
     )
