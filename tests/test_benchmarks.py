@@ -58,7 +58,7 @@ def check_bench_apply(tmp_path):
 
 def check_bench_budget(tmp_path):
     out = _run("bench_budget.py").stdout
-    assert "|---" in out
+    assert "|---" in out and "| 16 |" in out  # budgets 4, 8, 16
 
 
 def check_bench_device(tmp_path):
