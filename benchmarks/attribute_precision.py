@@ -6,7 +6,10 @@ even steps of |estimate|), and compare each with the run's estimate and patched 
     .venv/bin/python benchmarks/attribute_precision.py ATTRIBUTION_DIR --dtype float32
 
 Uses the run's model, direction, prompts (n, seed) and refusal tokens (its settings); writes
-``precision-DTYPE.json`` beside ``attribution.json`` and prints one line per component."""
+``precision-DTYPE.json`` beside ``attribution.json`` and prints one line per component.
+``--smoke FOLDER`` first makes that run in FOLDER: the model organism measured at its
+selection on a few prompts, then ``attribute --patch-all`` on 8 + 8 prompts, and re-patches 4
+components (seconds; the test suite runs it)."""
 
 from __future__ import annotations
 
@@ -24,12 +27,39 @@ from orthoedit.research.components import _shifts_for, gather, mean_log_odds, wr
 from orthoedit.runtime.session import Session
 
 
+def smoke_run(folder: Path) -> None:
+    """--smoke: ``attribute --patch-all`` of the organism into ``folder``, along the direction
+    measure finds at its selection (layer 2, position -1) on 16 + 16 train prompts."""
+    from orthoedit.config import MeasureConfig
+    from orthoedit.folders import MeasureFolder
+    from orthoedit.measure.candidates import measure
+    from orthoedit.organism import CHAT_MODEL
+
+    prompts = CHAT_MODEL.parent / "prompts"
+    kinds = {k: str(prompts / f"{k}-train.jsonl") for k in ("harmful", "harmless")}
+    measured = folder.with_name(f"{folder.name}-direction")
+    given = {"filter": False, "layer": 2, "position": -1, "n_train": 16, "n_val": 8}
+    cfg = MeasureConfig(model=str(CHAT_MODEL), out=measured, overwrite=True, **kinds, **given)
+    measure(cfg, log=lambda m: None)
+    from orthoedit.research.attribute import attribute
+
+    direction = MeasureFolder(measured).direction
+    cfg = AttributeConfig(
+        model=str(CHAT_MODEL), direction=direction, out=folder, n=8, patch_all=True, **kinds
+    )
+    attribute(cfg.model_copy(update={"overwrite": True}), log=lambda m: None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="an attribute --patch-all output folder")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--count", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="make a small organism run in RUN first")
     args = p.parse_args()
+    if args.smoke:
+        smoke_run(args.run)
+        args.count = 4
     stored = json.loads((args.run / "attribution.json").read_text())
     settings = stored["settings"]
     gap = abs(stored["harmless_log_odds"] - stored["baseline_log_odds"])

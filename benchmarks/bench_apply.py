@@ -14,7 +14,10 @@ Start-up (interpreter + imports) is timed separately. The outputs of ``apply`` a
 compared tensor by tensor as a sanity check that both made the same edit. Results are printed
 as a Markdown table and written to ``benchmarks/results.json``.
 
-Usage: ``.venv/bin/python benchmarks/bench_apply.py [--sizes 0.75,1.5] [--repeats 2]``.
+Usage: ``.venv/bin/python benchmarks/bench_apply.py [--sizes 0.75,1.5] [--repeats 2]``;
+``--smoke`` runs every kind once on a tiny checkpoint (hidden 64, a few layers, 3 shards) and
+writes its results only to ``--results`` given (seconds; the test suite runs it, and with it
+``byte_copy.py`` and ``full_load.py``).
 """
 
 from __future__ import annotations
@@ -114,6 +117,13 @@ def mixtral_tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 TENSORS = {"llama": llama_tensors, "mixtral": mixtral_tensors}
+
+
+def smoke_shapes() -> None:
+    """--smoke: a Llama (or Mixtral) of hidden 64, small enough to build in a moment."""
+    global HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS, HEAD_DIM, EXPERT_INTERMEDIATE
+    HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 64, 128, 256, 4, 2
+    HEAD_DIM, EXPERT_INTERMEDIATE = HIDDEN // HEADS, 32
 
 
 def nbytes(shape: tuple[int, ...]) -> int:
@@ -322,12 +332,12 @@ STARTUP = {
 }
 
 
-def time_startup(code: str, repeats: int = 5) -> dict:
+def time_startup(code: str, repeats: int = 5, fault_gib: float = 2) -> dict:
     """Median wall time of ``python -c code``, and the RssAnon it ends with."""
     runs, anon = [], 0
     report = "; print(next(x for x in open('/proc/self/status') if x.startswith('RssAnon')))"
     for _ in range(repeats):
-        prefault(2)
+        prefault(fault_gib)
         t = time.perf_counter()
         out = subprocess.run(
             [sys.executable, "-c", code + report], check=True, capture_output=True, text=True
@@ -587,9 +597,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="project out a span of this many directions (a [k, d] file; use --order copy,apply)",
     )
-    ap.add_argument("--results", type=Path, default=HERE / "results.json")
+    ap.add_argument("--results", type=Path, default=None, help="default: results.json")
     ap.add_argument("--clean", action="store_true", help="also delete the source checkpoints")
+    ap.add_argument("--smoke", action="store_true", help="a tiny checkpoint, every kind once")
     args = ap.parse_args(argv)
+    if args.smoke:
+        smoke_shapes()
+        args.sizes, args.repeats, args.warmup, args.prefault_gib = "0.0003", 1, 0, 0
+        args.shard_mib = 1
+    elif args.results is None:
+        args.results = HERE / "results.json"
     args.sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     args.order = [k.strip() for k in args.order.split(",") if k.strip()]
     if set(args.order) - {"copy", "apply", "full"}:
@@ -612,7 +629,10 @@ def main(argv: list[str] | None = None) -> dict:
         meta = {"source": "bench_apply", "kind": "span"}
     direction = save_direction(args.work / "direction.safetensors", r, meta)
     u = torch.from_numpy(unit(r.numpy())) if args.span == 1 else None
-    startup = {label: time_startup(code) for label, code in STARTUP.items()}
+    if args.smoke:  # one start-up, not faulted in
+        startup = {"python -c pass": time_startup("pass", repeats=1, fault_gib=0)}
+    else:
+        startup = {label: time_startup(code) for label, code in STARTUP.items()}
     sizes = []
     try:
         for size in args.sizes:
@@ -631,7 +651,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["targets_met"] = evaluate(sizes)
     result["markdown"] = markdown(result)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    if args.results is not None:
+        args.results.write_text(json.dumps(result, indent=2) + "\n")
     print(result["markdown"])
     return result
 

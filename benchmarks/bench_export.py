@@ -18,7 +18,10 @@ agrees. Needs llama.cpp's converter (``--llama-cpp`` or ``$ORTHOEDIT_LLAMA_CPP``
 pinned sdist is fetched once), sentencepiece and llama-cpp-python.
 
 Usage: ``.venv/bin/python benchmarks/bench_export.py [--types BF16,Q8_0,Q4_K_M] [--model DIR]``;
-results go to ``benchmarks/results-export.json``.
+results go to ``benchmarks/results-export.json``. ``--smoke`` exports the tests' tiny Llama as
+F32 with their stand-in converter (``tests/fake_llama_cpp``, which lays out the checkpoint's
+own tensors as llama.cpp's converter does) unless ``$ORTHOEDIT_LLAMA_CPP`` names another, and
+writes its results only to ``--results`` given (seconds; the test suite runs it).
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ PROMPTS = [
 ]
 
 
+def tiny_llama(work: Path) -> Path:
+    """--smoke: the tests' tiny Llama (a BPE tokenizer, as the stand-in converter needs)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import build_tiny_model
+
+    folder = work / "tiny-llama"
+    return folder if (folder / "config.json").is_file() else build_tiny_model("llama", folder)
+
+
 def edit(model: Path, work: Path) -> Path:
     """The development model edited along a seeded random unit direction."""
     from orthoedit.model.direction import save_direction
@@ -52,7 +64,8 @@ def edit(model: Path, work: Path) -> Path:
     out = work / "edited"
     if (out / "plan.json").is_file():
         return out
-    d = torch.randn(896, generator=torch.Generator().manual_seed(0))
+    hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+    d = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
     direction = save_direction(work / "direction.safetensors", d / d.norm(), {"source": "bench"})
     cli = [sys.executable, "-m", "orthoedit.cli", "apply", str(model)]
     subprocess.run([*cli, "--direction", str(direction), "--out", str(out)], check=True)
@@ -136,7 +149,16 @@ def main() -> None:
     parser.add_argument("--types", default="BF16,F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M")
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "export")
+    parser.add_argument("--results", type=Path, default=None, help="default: results-export.json")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny Llama, F32, stand-in converter"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.types = tiny_llama(args.work), "F32"
+        os.environ.setdefault("ORTHOEDIT_LLAMA_CPP", str(ROOT / "tests" / "fake_llama_cpp"))
+    elif args.results is None:
+        args.results = ROOT / "benchmarks" / "results-export.json"
     args.work.mkdir(parents=True, exist_ok=True)
     edited = edit(args.model, args.work)
     files = export(edited, args.types.split(","))
@@ -157,9 +179,9 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "results": results,
     }
-    out = ROOT / "benchmarks" / "results-export.json"
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    if args.results is not None:
+        args.results.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

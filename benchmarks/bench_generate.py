@@ -12,7 +12,9 @@ the default budget of 256 new tokens (the organism ends its answers itself):
 Medians of ``--repeats`` runs, interleaved. Results: printed as Markdown and written to
 ``benchmarks/results-generate.json``.
 
-Usage: ``.venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--batch-size 32]``.
+Usage: ``.venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--batch-size 32]``;
+``--smoke`` runs once on 4 + 4 prompts with a budget of 8 tokens and writes its results only to
+``--results`` given (seconds; the test suite runs it).
 """
 
 from __future__ import annotations
@@ -40,8 +42,15 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--results", type=Path, default=HERE / "results-generate.json")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=None, help="default: results-generate.json")
+    p.add_argument("--smoke", action="store_true", help="4 + 4 prompts, 8 tokens, once")
+    args = p.parse_args(argv)
+    args.n, args.budget = (4, 8) if args.smoke else (None, BUDGET)
+    if args.smoke:
+        args.repeats, args.batch_size = 1, 4
+    elif args.results is None:
+        args.results = HERE / "results-generate.json"
+    return args
 
 
 def timed(fn):
@@ -53,13 +62,15 @@ def timed(fn):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tok, model = load_tokenizer(CHAT_MODEL), load_model(CHAT_MODEL)
-    prompts = [i["prompt"] for kind in ("harmful", "harmless") for i in load_prompts(kind)]
+    prompts = [
+        i["prompt"] for kind in ("harmful", "harmless") for i in load_prompts(kind)[: args.n]
+    ]
     judge_batched = HFJudge(GUARD_MODEL, Placement(), args.batch_size)
     judge_single = HFJudge(GUARD_MODEL, Placement(), 1)
 
     def generate(batch_size):
         session = Session(CHAT_MODEL, model, tok, None, batch_size, [], pad_id(tok))
-        return answer_prompts(session, prompts, max_new_tokens=BUDGET)
+        return answer_prompts(session, prompts, max_new_tokens=args.budget)
 
     times: dict[str, list[float]] = {
         "batched": [],
@@ -89,7 +100,7 @@ def main(argv=None) -> dict:
             "torch_threads": torch.get_num_threads(),
         },
         "prompts": n,
-        "budget": BUDGET,
+        "budget": args.budget,
         "batch_size": args.batch_size,
         "seconds": med,
         "seconds_all": times,
@@ -103,7 +114,8 @@ def main(argv=None) -> dict:
         "target_speedup": TARGET_SPEEDUP,
     }
     result["markdown"] = markdown(result)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    if args.results is not None:
+        args.results.write_text(json.dumps(result, indent=2) + "\n")
     print(result["markdown"])
     return result
 

@@ -9,7 +9,9 @@ package. Runs, interleaved, each in its own process, the file in the page cache:
 
 Wall time and peak RssAnon (bench_apply.py's ``measure``); medians over ``--repeats``. Results
 go to ``results-gguf.json``. Usage:
-``.venv/bin/python benchmarks/bench_gguf.py [--layers 8] [--type Q8_0] [--repeats 3]``.
+``.venv/bin/python benchmarks/bench_gguf.py [--layers 8] [--type Q8_0] [--repeats 3]``;
+``--smoke`` runs once, after no warm-up, on a 2-layer file of hidden 256, and writes its results
+only to ``--results`` given (seconds; the test suite runs it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from orthoedit.model.direction import save_direction
 
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 HEAD = HIDDEN // HEADS
+
+
+def smoke_shapes() -> None:
+    """--smoke: hidden 256 (K-quants pack rows in blocks of 256)."""
+    global HIDDEN, INTER, VOCAB, HEADS, KV_HEADS, HEAD
+    HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 256, 256, 256, 4, 2
+    HEAD = HIDDEN // HEADS
 
 
 def tensors(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -90,7 +99,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefault-gib", type=float, default=None)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--results", type=Path, default=None, help="default: results-gguf.json")
+    parser.add_argument("--smoke", action="store_true", help="a tiny file, once")
     args = parser.parse_args()
+    if args.smoke:
+        smoke_shapes()
+        args.layers, args.repeats, args.prefault_gib = 2, 1, 0
+    elif args.results is None:
+        args.results = HERE / "results-gguf.json"
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     src = work / "src"
     src.mkdir(parents=True, exist_ok=True)
@@ -104,7 +120,8 @@ def main() -> None:
     size = model.stat().st_size
     prefault_gib = args.prefault_gib if args.prefault_gib is not None else size / 2**30 + 1
     runs: dict[str, list[dict]] = {"copy": [], "apply": []}
-    for round_ in range(args.repeats + 1):  # the first round warms up, untimed
+    warmup = 0 if args.smoke else 1
+    for round_ in range(1 - warmup, args.repeats + 1):  # the first round warms up, untimed
         for name in runs:
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
@@ -130,7 +147,8 @@ def main() -> None:
         "apply_over_copy": round(med["apply"] / med["copy"], 2),
         "apply_peak_rss_anon_mb": max(r["peak_rss_anon_mb"] for r in runs["apply"]),
     }
-    (HERE / "results-gguf.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.results is not None:
+        args.results.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("file", "median_s", "apply_over_copy",
                                              "apply_peak_rss_anon_mb")}, indent=2))  # fmt: skip
 

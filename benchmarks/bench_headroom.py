@@ -13,7 +13,10 @@ can hope to reach there.
 Needs ``benchmarks/bench_search.py``'s measure folder (run it first, or pass ``--candidates``).
 Results: printed and written to ``benchmarks/results-headroom.json``.
 
-Usage: ``.venv/bin/python benchmarks/bench_headroom.py [--trials 150]``.
+Usage: ``.venv/bin/python benchmarks/bench_headroom.py [--trials 150]``; ``--smoke`` runs both
+searches with 2 trials on 8 + 8 test prompts (measuring the organism first, at its selection,
+when there is no measure folder) and writes its results only to ``--results`` given (seconds;
+the test suite runs it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_search  # noqa: E402
+from orthoedit.folders import MeasureFolder  # noqa: E402
 from orthoedit.model.direction import Direction  # noqa: E402
 from orthoedit.search import measure_hooks, open_runner, prepare, ready_hooks  # noqa: E402
 from orthoedit.search.space import blend  # noqa: E402
@@ -42,8 +46,14 @@ def parse_args(argv):
     p.add_argument("--trials", type=int, default=150)
     p.add_argument("--work", type=Path, default=HERE / "work" / "search")
     p.add_argument("--candidates", type=Path, default=None)
-    p.add_argument("--results", type=Path, default=HERE / "results-headroom.json")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=None, help="default: results-headroom.json")
+    p.add_argument("--smoke", action="store_true", help="2 trials each, on 8 + 8 prompts")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.trials = 2
+    elif args.results is None:
+        args.results = HERE / "results-headroom.json"
+    return args
 
 
 def free_scales(cfg, trials: int) -> dict:
@@ -74,6 +84,8 @@ def free_scales(cfg, trials: int) -> dict:
         study.enqueue_trial({"layer": 2.0, **{w: weight for w in writers}})
     study.optimize(objective, n_trials=trials)
     at_measure = [t for t in study.trials if t.user_attrs["outcome"]["refused"] <= measure.refused]
+    if not at_measure:  # (a run of a few trials)
+        return {"trials": trials, "measure": measure.to_dict(), "best_at_measure_refusal": None}
     best = min(at_measure, key=lambda t: (t.user_attrs["outcome"]["kl"], t.number))
     return {
         "trials": trials,
@@ -90,16 +102,22 @@ def free_scales(cfg, trials: int) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     folder = args.candidates or args.work / "organism" / "direction"
-    if not (folder / "candidates.safetensors").is_file():
+    if args.smoke and not MeasureFolder(folder).candidates.is_file():
+        bench_search.measure_organism(folder, smoke=True)
+    if not MeasureFolder(folder).candidates.is_file():
         raise SystemExit(f"{folder}: no measure folder; run benchmarks/bench_search.py first.")
     test = {kind: PROMPTS / f"{kind}-test.jsonl" for kind in ("harmful", "harmless")}
-    search_args = bench_search.parse_args(["--trials", str(args.trials), "--work", str(args.work)])
+    smoke = ["--smoke"] if args.smoke else []
+    search_args = bench_search.parse_args(
+        ["--trials", str(args.trials), "--work", str(args.work), *smoke]
+    )
     searched = bench_search.organism(search_args, folder, "search-on-test", as_measure=True, **test)
     cfg = bench_search.SearchConfig(
         model=str(bench_search.CHAT_MODEL),
         candidates=folder,
         out=args.work / "organism" / "unused",
-        max_new_tokens=bench_search.TEST_TOKENS,
+        max_new_tokens=search_args.test_tokens,
+        **({"n": 8} if args.smoke else {}),
         **test,
     )
     results = {
@@ -110,7 +128,8 @@ def main(argv=None) -> dict:
         },
         "free writer weights on the test split": free_scales(cfg, args.trials),
     }
-    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    if args.results is not None:
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return results
 

@@ -26,7 +26,11 @@ Then, each in its own process (wall time from spawn to exit, 2 cores):
 
 Results: printed as Markdown and written to ``benchmarks/results-measure.json``.
 
-Usage: ``.venv/bin/python benchmarks/bench_measure.py [--model DIR] [--repeats 3] [--skip-0p5b]``.
+Usage: ``.venv/bin/python benchmarks/bench_measure.py [--model DIR] [--repeats 3] [--skip-0p5b]``;
+``--smoke`` runs the in-process steps once on the model organism (16 + 16 train and 8 + 8
+validation prompts), one end-to-end measure of it at a given layer and position, and the
+generation of a 2-layer random model of its vocabulary in the 0.5B shape's place; it writes its
+results only to ``--results`` given (seconds; the test suite runs it).
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ QWEN_05B = {
     "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-6,
 }
+#: --smoke's end-to-end measure: few prompts, the choice given.
+SMOKE = ("--n-train", "16", "--n-val", "8", "--layer", "2", "--position", "-1")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TARGETS = {
     "capture_overhead_max": 0.10,
@@ -94,8 +100,21 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work", type=Path, default=HERE / "work")
     p.add_argument("--skip-0p5b", action="store_true", help="skip the 0.5B-shaped run")
-    p.add_argument("--results", type=Path, default=HERE / "results-measure.json")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=None, help="default: results-measure.json")
+    p.add_argument("--smoke", action="store_true", help="the organism, a few prompts, once")
+    args = p.parse_args(argv)
+    args.n_train, args.n_val, args.shape = 128, 32, QWEN_05B
+    if args.smoke:
+        from orthoedit.organism import CHAT_MODEL
+
+        args.model, args.repeats, args.n_train, args.n_val = CHAT_MODEL, 1, 16, 8
+        vocab = json.loads((CHAT_MODEL / "config.json").read_text())["vocab_size"]
+        small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+        small |= {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab}
+        args.shape = {**QWEN_05B, **small, "max_position_embeddings": 512}
+    elif args.results is None:
+        args.results = HERE / "results-measure.json"
+    return args
 
 
 def prompts(kind: str, split: str, n: int) -> list[str]:
@@ -137,8 +156,9 @@ def in_process(args) -> dict:
     n_layers = model.config.num_hidden_layers
     post = post_instruction_ids(tok)
     pad = pad_id(tok)
+    n = args.n_train
     train = chat_ids(
-        tok, prompts("harmful", "train", 128) + prompts("harmless", "train", 128), post, None
+        tok, prompts("harmful", "train", n) + prompts("harmless", "train", n), post, None
     )
     lengths = [len(r) for r in train]
     arrival = [list(range(i, min(i + BATCH, len(train)))) for i in range(0, len(train), BATCH)]
@@ -165,11 +185,11 @@ def in_process(args) -> dict:
         for part in (train[:half], train[half:])
     ]
     candidates = means[0] - means[1]
-    harmful_val = chat_ids(tok, prompts("harmful", "val", 32), post, None)
-    harmless_val = chat_ids(tok, prompts("harmless", "val", 32), post, None)
+    harmful_val = chat_ids(tok, prompts("harmful", "val", args.n_val), post, None)
+    harmless_val = chat_ids(tok, prompts("harmless", "val", args.n_val), post, None)
     both = harmful_val + harmless_val
     token_ids = parse_refusal_tokens(tok, "I,Sorry")
-    import orthoedit.runtime.session as runtime_module
+    import orthoedit.runtime.batching as runtime_module
 
     shared = runtime_module.MIN_SHARED_PREFIX
     runtime_module.MIN_SHARED_PREFIX = 10**9  # off: every row runs its whole prompt
@@ -226,11 +246,11 @@ def run_measure(model: Path, out: Path, *extra: str) -> dict:
     return {"wall_s": wall, "exit_code": done.returncode, "last_line": tail[0][:300]}
 
 
-def build_half_b(smollm: Path, folder: Path) -> Path:
+def build_half_b(smollm: Path, folder: Path, shape: dict = QWEN_05B) -> Path:
     if (folder / "config.json").exists():
         return folder
     torch.manual_seed(0)
-    config = Qwen2Config(**QWEN_05B)
+    config = Qwen2Config(**shape)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="500MB")
     for name in TOKENIZER_FILES:
@@ -240,10 +260,10 @@ def build_half_b(smollm: Path, folder: Path) -> Path:
 
 
 @torch.no_grad()
-def generation_rate(folder: Path) -> dict:
+def generation_rate(folder: Path, n: int = 32) -> dict:
     tok, model = load_tokenizer(folder), load_model(folder)
     post = post_instruction_ids(tok)
-    rows = chat_ids(tok, prompts("harmful", "train", 32), post, None)
+    rows = chat_ids(tok, prompts("harmful", "train", n), post, None)
     pad = pad_id(tok)
     seconds = timed(lambda: greedy_completions(model, rows, BATCH, pad))
     return {"prompts": len(rows), "new_tokens": 16, "seconds": seconds}
@@ -307,18 +327,24 @@ def main(argv=None) -> dict:
         sys.exit(f"{args.model} not found: run `make smollm` first (or pass --model).")
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "targets": TARGETS, "in_process": in_process(args)}
-    runs = {"SmolLM2-135M-Instruct, --no-filter": run_measure(args.model, args.work / "m-smol")}
+    if args.smoke:  # one short end-to-end run: the choice given, so no selection
+        runs = {"organism, --no-filter": run_measure(args.model, args.work / "m-smol", *SMOKE)}
+    else:
+        runs = {"SmolLM2-135M-Instruct, --no-filter": run_measure(args.model, args.work / "m-smol")}
     if not args.skip_0p5b:
-        half_b = build_half_b(args.model, args.work / "qwen2.5-0.5b-shaped")
-        runs["0.5B-shaped (random), --no-filter --refusal-tokens I,Sorry"] = run_measure(
-            half_b, args.work / "m-half-b", "--refusal-tokens", "I,Sorry"
-        )
-        result["half_b_generation"] = generation_rate(half_b)
+        shaped = "qwen2-tiny-shaped" if args.smoke else "qwen2.5-0.5b-shaped"
+        half_b = build_half_b(args.model, args.work / shaped, args.shape)
+        if not args.smoke:
+            runs["0.5B-shaped (random), --no-filter --refusal-tokens I,Sorry"] = run_measure(
+                half_b, args.work / "m-half-b", "--refusal-tokens", "I,Sorry"
+            )
+        result["half_b_generation"] = generation_rate(half_b, args.n_val)
     shutil.rmtree(args.work / "m-smol", ignore_errors=True)
     shutil.rmtree(args.work / "m-half-b", ignore_errors=True)
     result["end_to_end"] = runs
     result["markdown"] = markdown(result)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    if args.results is not None:
+        args.results.write_text(json.dumps(result, indent=2) + "\n")
     print(result["markdown"])
     return result
 

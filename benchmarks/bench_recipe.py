@@ -13,7 +13,10 @@ again, since ``run.json`` keeps each stage's seconds. Reported:
 
 Results: printed as Markdown and written to ``benchmarks/results-recipe.json``.
 
-Usage: ``.venv/bin/python benchmarks/bench_recipe.py [--recipe R] [--work DIR]``.
+Usage: ``.venv/bin/python benchmarks/bench_recipe.py [--recipe R] [--work DIR]``; ``--smoke``
+runs a short recipe of the model organism instead (measure at its selection on a few prompts,
+edit, verify, eval kl on 16 prompts) and writes its results only to ``--results`` given
+(seconds; the test suite runs it).
 """
 
 from __future__ import annotations
@@ -28,10 +31,31 @@ from pathlib import Path
 import torch
 
 from orthoedit.errors import CheckFailedError
+from orthoedit.folders import RunFolder
 from orthoedit.pipeline.run import run
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+
+#: --smoke's recipe: every stage's code path that a run folder's tables read, in seconds.
+SMOKE_RECIPE = """\
+model: {organism}/chat
+measure:
+  harmful: {organism}/prompts/harmful-train.jsonl
+  harmless: {organism}/prompts/harmless-train.jsonl
+  n_train: 16
+  n_val: 8
+  filter: false
+  layer: 2
+  position: -1
+edit: {{}}
+verify: {{}}
+kl:
+  prompts: {organism}/prompts/harmless-test.jsonl
+  n: 16
+  dtype: float32
+"""
 
 
 def parse_args(argv):
@@ -40,8 +64,18 @@ def parse_args(argv):
         "--recipe", type=Path, default=ROOT / "recipes" / "qwen2.5-coder-0.5b-instruct.yaml"
     )
     p.add_argument("--work", type=Path, default=HERE / "work" / "recipe")
-    p.add_argument("--results", type=Path, default=HERE / "results-recipe.json")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=None, help="default: results-recipe.json")
+    p.add_argument("--smoke", action="store_true", help="a short organism recipe")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.work.parent.mkdir(parents=True, exist_ok=True)
+        args.recipe = args.work.parent / f"{args.work.name}-smoke.yaml"
+        args.recipe.write_text(
+            SMOKE_RECIPE.format(organism=ROOT / "src" / "orthoedit" / "organism")
+        )
+    elif args.results is None:
+        args.results = HERE / "results-recipe.json"
+    return args
 
 
 def _json(path: Path) -> dict | None:
@@ -50,10 +84,11 @@ def _json(path: Path) -> dict | None:
 
 def collect(out: Path) -> dict:
     """Everything the tables show, from a run folder."""
-    state = json.loads((out / "run.json").read_text())
+    run = RunFolder(out)
+    state = json.loads(run.record.read_text())
     stages = {name: s["seconds"] for name, s in state["stages"].items()}
     result: dict = {"stages_s": stages, "total_s": sum(stages.values())}
-    search = _json(out / "search" / "pareto.json")
+    search = _json(run.search.pareto_json)
     if search:
         seconds = [t["seconds"] for t in search["trials"]]
         result["search"] = {
@@ -64,7 +99,7 @@ def collect(out: Path) -> dict:
             "chosen": search["chosen"]
             and {k: search["chosen"][k] for k in ("number", "failure", "kl")},
         }
-    safety = _json(out / "eval" / "safety" / "report.json")
+    safety = _json(run.safety.json)
     if safety:
         result["safety"] = {
             role: {
@@ -72,14 +107,14 @@ def collect(out: Path) -> dict:
             }
             for role in safety["summary"]
         }
-    result["kl"] = _json(out / "eval" / "kl.json")
-    bench = _json(out / "eval" / "bench" / "report.json")
+    result["kl"] = _json(run.kl)
+    bench = _json(run.bench.json)
     if bench:
         result["bench"] = [
             {k: r[k] for k in ("task", "metric", "base", "edited", "delta", "stderr", "regressed")}
             for r in bench["rows"]
         ]
-    direction = _json(out / "direction" / "direction.json")
+    direction = run.direction.read_record()
     if direction:
         result["direction"] = {k: direction.get(k) for k in ("layer", "position", "passed_filters")}
     return result
@@ -156,7 +191,8 @@ def main(argv=None) -> dict:
         "failed": failed,
         **collect(args.work),
     }
-    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    if args.results is not None:
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return results
 

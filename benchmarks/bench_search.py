@@ -34,7 +34,10 @@ runs some of the models and keeps the others' stored results.
 
 Usage: ``.venv/bin/python benchmarks/bench_search.py [--trials 100] [--smollm-trials 10]
 [--only qwen --qwen-candidates RUN/direction] [--only workers --workers-trials 60
---workers-repeats 1]``.
+--workers-repeats 1]``. ``--smoke`` runs the first organism search only, in small: measure at
+its selection (no filter), 2 trials with ``--max-kl 1`` on 8 + 8 prompts with 8-token answers,
+one pass once, the test split's first 8 + 8 prompts; it writes its results only to
+``--results`` given (seconds; the test suite runs it).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from pathlib import Path
 import torch
 
 from orthoedit.config import MeasureConfig, SearchConfig
+from orthoedit.folders import MeasureFolder, SearchFolder
 from orthoedit.measure.candidates import measure
 from orthoedit.organism import CHAT_MODEL, load_prompts
 from orthoedit.runtime.session import Session, chat_ids, post_instruction_ids
@@ -90,8 +94,16 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=HERE / "work" / "search")
-    p.add_argument("--results", type=Path, default=HERE / "results-search.json")
-    return p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=None, help="default: results-search.json")
+    p.add_argument("--smoke", action="store_true", help="one small organism search")
+    args = p.parse_args(argv)
+    args.repeats, args.test_n, args.test_tokens = 3, None, TEST_TOKENS
+    if args.smoke:
+        args.only, args.trials, args.max_new_tokens, args.max_kl = ["organism"], 2, 8, 1.0
+        args.repeats, args.test_n, args.test_tokens = 1, 8, 8
+    elif args.results is None:
+        args.results = HERE / "results-search.json"
+    return args
 
 
 def timed(fn):
@@ -106,15 +118,18 @@ def run_measure(model: Path, out: Path, **kw) -> Path:
     return measure(cfg, log=lambda m: None).out
 
 
-def measure_organism(out: Path) -> Path:
-    """measure on the organism, from its train prompts, as recipes/organism.yaml runs it."""
+def measure_organism(out: Path, smoke: bool = False) -> Path:
+    """measure on the organism, from its train prompts, as recipes/organism.yaml runs it
+    (with --smoke, at its selection: layer 2, position -1, no filter)."""
     prompts = CHAT_MODEL.parent / "prompts"
+    given = {"layer": 2, "position": -1, "filter": False} if smoke else {}
     return run_measure(
         CHAT_MODEL,
         out,
         harmful=str(prompts / "harmful-train.jsonl"),
         harmless=str(prompts / "harmless-train.jsonl"),
         max_kl=0.2,
+        **given,
     )
 
 
@@ -162,19 +177,19 @@ def timings(wall: float, result, single: dict) -> dict:
     }
 
 
-def test_split(cfg: SearchConfig, result) -> dict:
+def test_split(cfg: SearchConfig, result, n: int | None = None, tokens: int = TEST_TOKENS):
     """The unedited model, measure's selection and the chosen trial on the organism's held-out
-    test prompts, judged as trials are."""
+    test prompts (the first ``n``), judged as trials are."""
     ready = prepare(cfg)
     tok = ready.tok
     post = post_instruction_ids(tok, ready.settings["system"])
-    rows = {
-        kind: chat_ids(tok, [i["prompt"] for i in load_prompts(kind)], post, None)
-        for kind in ("harmful", "harmless")
+    texts = {
+        kind: [i["prompt"] for i in load_prompts(kind)][:n] for kind in ("harmful", "harmless")
     }
+    rows = {kind: chat_ids(tok, texts[kind], post, None) for kind in texts}
     session = Session.open(ready.folder, cfg, tok=tok)
-    model, prompts = session.model, [i["prompt"] for i in load_prompts("harmful")]
-    judge = TrialRunner(session, prompts, rows["harmless"], TEST_TOKENS)
+    model, prompts = session.model, texts["harmful"]
+    judge = TrialRunner(session, prompts, rows["harmless"], tokens)
     params = params_of(result.chosen.params)
     edits = {
         "unedited": contextlib.nullcontext,
@@ -215,15 +230,16 @@ def organism(
             "max_kl": args.max_kl,
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
+            **({"n": 8} if args.smoke else {}),
             **options,
         },
     )
-    single = one_pass(cfg)
+    single = one_pass(cfg, args.repeats)
     wall, result = run_search(cfg)
     if as_measure:
         cfg = cfg.model_copy(update={"max_failure": result.baselines["measure"]["failure"]})
         result = search(cfg, log=lambda m: None)
-    report = json.loads((cfg.out / "pareto.json").read_text())
+    report = json.loads(SearchFolder(cfg.out).pareto_json.read_text())
     out = {
         **timings(wall, result, single),
         "validation": {"baselines": report["baselines"], "chosen": report["chosen"]},
@@ -234,7 +250,7 @@ def organism(
         ],
     }
     if test and result.chosen is not None:
-        out["test"] = test_split(cfg, result)
+        out["test"] = test_split(cfg, result, args.test_n, args.test_tokens)
         out["acceptance"] = acceptance(out["test"])
     return out
 
@@ -329,10 +345,12 @@ def organisms(args) -> dict:
     prompts at measure's failure rate (plain and narrowed), and the --eval-task cost."""
     results = {}
     prompts = CHAT_MODEL.parent / "prompts"
-    folder = measure_organism(args.work / "organism" / "direction")
+    folder = measure_organism(args.work / "organism" / "direction", args.smoke)
     # measure's own validation prompts (32 + 32), then the organism's larger val split
     # (120 + 120; neither is the test split the acceptance point is judged on)
     results["organism"] = organism(args, folder, "search")
+    if args.smoke:
+        return results
     val = {kind: prompts / f"{kind}-val.jsonl" for kind in ("harmful", "harmless")}
     results["organism, val split"] = organism(args, folder, "search-val", **val)
     # Refusals as low as measure's edit, least damage (--max-failure), on prompts from both
@@ -355,7 +373,7 @@ def organisms(args) -> dict:
     # layer and the next at its position, no embedding edit (on these prompts measure's
     # edit without it refuses as often at a lower KL), one objective (KL plus 0.05 per
     # prompt failed beyond measure's rate), chosen at measure's rate.
-    record = json.loads((folder / "direction.json").read_text())
+    record = MeasureFolder(folder).read_record()
     layer, position = int(record["layer"]), int(record["position"])
     results["organism, val + train templates, narrowed, aimed at measure's failure"] = organism(
         args,
@@ -474,7 +492,8 @@ def workers_markdown(result: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     only = set(args.only or MODELS)
-    stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results_file = args.results is not None and args.results.is_file()
+    stored = json.loads(args.results.read_text()) if results_file else {}
     results = {
         **{k: v for k, v in stored.items() if k not in ("machine", "settings")},
         "machine": {
@@ -486,7 +505,8 @@ def main(argv=None) -> dict:
     }
 
     def save():  # after each model: what ran is kept if a later one fails
-        args.results.write_text(json.dumps(results, indent=2) + "\n")
+        if args.results is not None:
+            args.results.write_text(json.dumps(results, indent=2) + "\n")
 
     if "organism" in only:
         results.update(organisms(args))

@@ -219,12 +219,13 @@ def test_search_confirmation_stages_the_edit_of_a_gguf_as_a_gguf(pair, measured,
     for a GGUF, ``model.gguf`` in a folder marked as orthoedit's, which it then removes."""
     from orthoedit.config import ApplyConfig
     from orthoedit.edit import apply as stage
+    from orthoedit.folders import SearchFolder
     from orthoedit.model.gguf import read_layout
     from orthoedit.output import MARKER, remove_output
     from orthoedit.progress import Progress
-    from orthoedit.search.confirm import GGUF_NAME, STAGING, _write_edit
+    from orthoedit.search.confirm import GGUF_NAME, _write_edit
 
-    staging = tmp_path / STAGING
+    staging = SearchFolder(tmp_path).confirm_model
     edited = staging / GGUF_NAME
     direction = measured["gguf"] / "direction.safetensors"
     cfg = ApplyConfig(model=str(pair[1]), direction=[direction], out=edited, overwrite=True)

@@ -24,6 +24,7 @@ from conftest import folder_digest
 from orthoedit import search as search_module
 from orthoedit.config import FRONT_TOKENS, SearchConfig
 from orthoedit.edit.scope import load_scales
+from orthoedit.folders import SearchFolder
 from orthoedit.model.direction import load_direction
 from orthoedit.organism import GUARD_MODEL
 from orthoedit.runtime.hooks import addition_hooks
@@ -334,7 +335,7 @@ def _enqueue_partial(out: Path, weight: float) -> None:
     a quarter of the way to a neighbouring layer and every searched writer at ``weight``: a
     trial near measure's edit, so it edits (random trials on the organism often fail as often
     as the unedited model, and a no-op is never chosen)."""
-    storage = f"sqlite:///{out / search_module.STUDY_FILE}"
+    storage = f"sqlite:///{SearchFolder(out).study}"
     (name,) = optuna.get_all_study_names(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     first = min(study.get_trials(deepcopy=False), key=lambda t: t.number)

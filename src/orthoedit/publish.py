@@ -32,20 +32,11 @@ from .edit.licenses import name_problem
 from .errors import BadInputError, RemoteError
 from .export.gguf import FOLDER as GGUF_FOLDER
 from .export.gguf import RECORD as GGUF_RECORD
+from .folders import RunFolder
 from .model.checkpoint import INDEX_NAME
 
 #: Above this, ``--method auto`` uploads with upload_large_folder (resumable).
 LARGE_BYTES = 10 * 1000**3
-#: Reports of a run that are published: (path in the run folder, path in the repo).
-REPORTS = (
-    ("eval/bench/report.md", "orthoedit/eval/bench/report.md"),
-    ("eval/bench/report.json", "orthoedit/eval/bench/report.json"),
-    ("eval/bench/report.png", "orthoedit/eval/bench/report.png"),
-    ("eval/safety/report.json", "orthoedit/eval/safety/report.json"),
-    ("eval/safety/report.png", "orthoedit/eval/safety/report.png"),
-    ("eval/kl.json", "orthoedit/eval/kl.json"),
-    ("verify.json", "orthoedit/verify.json"),
-)
 #: Files on the branch that a push replaces as a set: stale ones are deleted in the same
 #: commit (a checkpoint re-sharded since the last push must not keep its old shards).
 OWNED = ("*.safetensors", INDEX_NAME, f"{ARTIFACT_DIR}/*", f"{GGUF_FOLDER}/*")
@@ -154,18 +145,25 @@ def _model_files(folder: Path) -> list[Item]:
 
 
 def find_reports(path: Path) -> tuple[dict[str, Path], Path]:
-    """The published reports of a run folder (or of its eval/ folder), by repo path."""
+    """The published reports of a run folder (or of its eval/ folder), by repo path (the
+    run folder's layout under the artifact folder)."""
     path = Path(path)
     if not path.is_dir():
         raise BadInputError(f"--eval {path}: no such folder.")
-    run = path if (path / "eval").is_dir() or (path / "verify.json").is_file() else path.parent
-    found = {repo: run / local for local, repo in REPORTS if (run / local).is_file()}
+    given = RunFolder(path)
+    run = given if given.eval.is_dir() or given.verify.is_file() else RunFolder(path.parent)
+    found = {_in_repo(run, p): p for p in run.reports() if p.is_file()}
     if not found:
         raise BadInputError(
             f"--eval {path}: no eval/bench, eval/safety or verify.json reports there; give "
             "the folder of an orthoedit run (or its eval/ folder)."
         )
-    return found, run
+    return found, run.path
+
+
+def _in_repo(run: RunFolder, path: Path) -> str:
+    """Where a report of the run folder is published."""
+    return f"{ARTIFACT_DIR}/{run.relative(path)}"
 
 
 def _load(path: Path | None) -> dict | None:
@@ -198,18 +196,19 @@ def plan_push(cfg: PushConfig) -> PushPlan:
     card = (folder / "README.md").read_text(encoding="utf-8")
     warnings = []
     if cfg.eval is not None:
-        reports, _ = find_reports(Path(cfg.eval).expanduser())
-        bench = _load(reports.get("orthoedit/eval/bench/report.json"))
-        safety = _load(reports.get("orthoedit/eval/safety/report.json"))
-        verify = _load(reports.get("orthoedit/verify.json"))
+        reports, found_in = find_reports(Path(cfg.eval).expanduser())
+        run = RunFolder(found_in)
+        bench = _load(reports.get(_in_repo(run, run.bench.json)))
+        safety = _load(reports.get(_in_repo(run, run.safety.json)))
+        verify = _load(reports.get(_in_repo(run, run.verify)))
         links = {
-            name: repo
-            for name, repo in (
-                ("benchmark report", "orthoedit/eval/bench/report.md"),
-                ("safety summary", "orthoedit/eval/safety/report.json"),
-                ("verify report", "orthoedit/verify.json"),
+            name: _in_repo(run, path)
+            for name, path in (
+                ("benchmark report", run.bench.md),
+                ("safety summary", run.safety.json),
+                ("verify report", run.verify),
             )
-            if repo in reports
+            if _in_repo(run, path) in reports
         }
         card = with_evaluation(card, evaluation_markdown(bench, safety, verify, links))
         items += [Item(repo, local=local) for repo, local in sorted(reports.items())]

@@ -20,6 +20,7 @@ from ..config import (
     VerifyConfig,
 )
 from ..errors import BadInputError
+from ..folders import SearchFolder
 from . import tables, ui
 from .app import app
 from .options import Cli, command, items
@@ -92,8 +93,9 @@ def search(cfg: SearchConfig) -> None:
             interrupted="interrupted: run the same command again to resume the search.",
         )
     ui.out.print(tables.front(result))
-    folder = str(result.out)
-    ui.wrote(f"{folder}/pareto.md, pareto.json, pareto.png")
+    folder = SearchFolder(result.out)
+    front = (folder.pareto_md, folder.pareto_json, folder.pareto_png)
+    ui.wrote(", ".join([str(front[0]), *(p.name for p in front[1:])]))
     if result.chosen is None:
         ui.error(
             none_chosen(result.trials, cfg, result.baselines, result.strong)
@@ -101,15 +103,18 @@ def search(cfg: SearchConfig) -> None:
         )
         raise typer.Exit(1)
     chosen = result.chosen
+    command = escape(str(folder.chosen.apply_command))
     ui.out.print(
         f"chosen: trial {chosen.number}, failure {chosen.user_attrs['failure']:.1%}, KL "
-        f"{chosen.user_attrs['kl']:.4g}; reproduce it with {escape(folder)}/chosen/apply.txt"
+        f"{chosen.user_attrs['kl']:.4g}; reproduce it with {command}"
     )
     confirmation = result.confirmation
     if not cfg.confirm or confirmation is None:
         return
     ui.out.print(tables.confirmation(confirmation))
-    ui.wrote(f"{folder}/confirm (report.md, report.json, report.png, completions.jsonl)")
+    report = folder.confirm
+    written = (report.md, report.json, report.png, report.completions)
+    ui.wrote(f"{report.path} ({', '.join(p.name for p in written)})")
     failure = confirmation["failure"]
     said = (
         f"on {confirmation['counts']['harmful']} held-out harmful prompts, trial "
@@ -118,7 +123,7 @@ def search(cfg: SearchConfig) -> None:
     )
     if not confirmation["confirmed"]:
         ui.error(
-            f"not confirmed: {said}; see {folder}/confirm/report.md, then search on more "
+            f"not confirmed: {said}; see {report.md}, then search on more "
             "prompts (--harmful) or with a tighter budget.",
             label="FAIL",
         )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ApplyConfig
+from ..folders import MeasureFolder
 from ..model.architectures import ArchitectureTable
 from ..model.checkpoint import INDEX_NAME, OTHER_WEIGHT_PATTERNS, Checkpoint
 from ..model.gguf import is_gguf
@@ -104,7 +105,7 @@ def copy_directions(paths: list[Path], folder: Path) -> None:
     folder.mkdir()
     for path, name in zip(paths, artifact_names(paths), strict=True):
         shutil.copyfile(path, folder / name)
-        record = path.with_name("direction.json")  # written by measure beside the tensor
+        record = MeasureFolder.of(path).record  # written by measure beside the tensor
         if record.is_file():
             shutil.copyfile(record, folder / (name.rsplit(".", 1)[0] + ".json"))
 

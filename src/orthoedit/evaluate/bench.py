@@ -27,6 +27,7 @@ from ..evals.tasks import (
     shipped_tasks,
     task_manager,
 )
+from ..folders import ReportFolder
 from ..model.gguf import is_gguf
 from ..output import check_target, inputs_of, staged_output
 from ..progress import Progress
@@ -304,9 +305,10 @@ def _write(target: Path, raw: dict, rows: list, settings: dict, title: str) -> N
             (out / "lm_eval" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
         record = {"settings": settings, "rows": [asdict(r) for r in rows]}
         record["regressions"] = [f"{r.task} {r.metric}" for r in rows if r.regressed]
-        (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / "report.md").write_text(bench_markdown(rows, settings))
-        bench_png(rows, out / "report.png", title)
+        report = ReportFolder(out)
+        report.json.write_text(json.dumps(record, indent=2) + "\n")
+        report.md.write_text(bench_markdown(rows, settings))
+        bench_png(rows, report.png, title)
 
 
 def _looks_local(model: str) -> bool:

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..folders import MeasureFolder
 from .phrases import opening_refusal
 
 # The filter's generation budget: enough for an opening refusal phrase (the judgement reads
@@ -82,7 +83,7 @@ def measured_refusal_openings(tok, direction_path: Path) -> list[tuple[int, ...]
     """The refusal openings of the measure run that wrote the direction (``scores.json`` beside
     it; its ``refusal_tokens`` as one-token openings where it has no ``refusal_openings``), as
     ids of this tokenizer; None when there is no such file."""
-    path = Path(direction_path).with_name("scores.json")
+    path = MeasureFolder.of(direction_path).scores
     if not path.is_file():
         return None
     try:

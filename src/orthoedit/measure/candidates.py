@@ -8,21 +8,20 @@ over harmful and harmless prompts; every (layer, position) difference of means i
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
 from ..config import MeasureConfig
 from ..errors import BadInputError
+from ..folders import MeasureFolder
 from ..judging.openings import FILTER_TOKENS
 from ..model.derive import table_or_derived
-from ..model.direction import save_direction, save_stable
+from ..model.direction import save_direction
 from ..model.source import read_config, resolve_model
 from ..output import check_target, inputs_of, staged_output
 from ..progress import Progress
@@ -330,10 +329,11 @@ def _write(tmp: Path, loaded, model_name, r, record, drawn, selection, means, fa
     }
     if failed:
         meta["selection"] = "lowest bypass; no candidate passed the filters"
-    save_direction(tmp / "direction.safetensors", (r / record["norm"]).numpy(), meta)
-    (tmp / "direction.json").write_text(json.dumps(record, indent=2) + "\n")
+    folder = MeasureFolder(tmp)
+    save_direction(folder.direction, (r / record["norm"]).numpy(), meta)
+    folder.write_record(record)
     for kind, (_, prompts) in drawn.items():
-        write_prompts(tmp / f"val-{kind}.jsonl", prompts)
+        folder.write_validation(kind, prompts)
     if selection is not None:
         from ..judging.openings import first_tokens
         from .plots import plot_scores
@@ -342,22 +342,14 @@ def _write(tmp: Path, loaded, model_name, r, record, drawn, selection, means, fa
         openings = selection.openings
         scores["refusal_openings"] = [tok.convert_ids_to_tokens(list(o)) for o in openings]
         scores["refusal_tokens"] = tok.convert_ids_to_tokens(first_tokens(openings))
-        (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        folder.write_scores(scores)
         short = model_name if len(model_name) <= 60 else "..." + model_name[-57:]
         n_layers = means["harmful"].shape[0]
         plot_scores(
-            scores, n_layers, tok.convert_ids_to_tokens(loaded.post), tmp / "scores.png", short
+            scores, n_layers, tok.convert_ids_to_tokens(loaded.post), folder.scores_png, short
         )
-    arrays = {
-        "candidates": means["harmful"] - means["harmless"],
-        "harmful_mean": means["harmful"],
-        "harmless_mean": means["harmless"],
-    }
-    save_stable(
-        {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()},
-        tmp / "candidates.safetensors",
-        {"layer_convention": "input of block i", "position_convention": "p - n_positions"},
-    )
+    harmful, harmless = means["harmful"], means["harmless"]
+    folder.write_candidates((harmful - harmless).numpy(), harmful.numpy(), harmless.numpy())
 
 
 def _source_name(cfg: MeasureConfig, kind: str) -> str:
@@ -369,12 +361,6 @@ def _source_name(cfg: MeasureConfig, kind: str) -> str:
     if is_prompt_file(source):
         return str(source)
     return f"dataset {source} (split {cfg.split}, column {cfg.column})"
-
-
-def write_prompts(path: Path, prompts: list[str]) -> None:
-    """``{"prompt": ...}`` per line, in order: a prompt file ``--harmful``/``--harmless`` read
-    back exactly (ASCII-escaped JSON, so no prompt can contain a line break)."""
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
 
 
 @dataclass

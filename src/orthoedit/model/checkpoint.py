@@ -290,3 +290,23 @@ def _no_safetensors(folder: Path) -> BadInputError:
             " writes safetensors."
         )
     return BadInputError(f"{folder} contains no model.safetensors or {INDEX_NAME}.")
+
+
+def save_stable(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.numpy.save_file``, with the header's keys in sorted order: safetensors
+    writes metadata in hash-map order, which changes from one process to the next, and an
+    artifact that is hashed must not."""
+    from safetensors.numpy import save
+
+    blob = save(tensors, metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    ordered = json.dumps(
+        dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    ordered = ordered.ljust(n)  # same length (same content); spaces are valid padding
+    if len(ordered) != n:
+        raise RuntimeError("safetensors header changed length when sorted")
+    Path(path).write_bytes(blob[:8] + ordered + blob[8 + n :])

@@ -11,7 +11,6 @@ whose whole span ``apply`` projects out.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..errors import BadInputError
+from ..folders import MeasureFolder
+from .checkpoint import save_stable
 
 KINDS = ("single", "per-layer", "span")
 
@@ -76,12 +77,9 @@ def _read_checked(path: Path) -> tuple[np.ndarray, dict, str]:
     if not path.is_file():
         raise BadInputError(f"direction file {path} does not exist.")
     tensor, metadata = _read(path)
-    sidecar = path.with_name("direction.json")
-    if sidecar.is_file():
-        try:
-            metadata = {**json.loads(sidecar.read_text()), **metadata}
-        except json.JSONDecodeError as err:
-            raise BadInputError(f"{sidecar}: not valid JSON ({err}).") from err
+    record = MeasureFolder.of(path).read_record()  # measure's record, beside its direction
+    if record is not None:
+        metadata = {**record, **metadata}
     if not np.issubdtype(tensor.dtype, np.floating):
         raise BadInputError(f"{path}: direction must be floating point, got {tensor.dtype}.")
     kind = str(metadata.get("kind", "single" if tensor.ndim == 1 else "per-layer"))
@@ -267,28 +265,6 @@ def load_directions(
     return found_set
 
 
-def save_stable(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str]) -> None:
-    """``safetensors.numpy.save_file``, with the header's keys in sorted order: safetensors
-    writes metadata in hash-map order, which changes from one process to the next, and an
-    artifact that is hashed must not."""
-    import json
-
-    from safetensors.numpy import save
-
-    blob = save(tensors, metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    ordered = json.dumps(
-        dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False
-    ).encode()
-    ordered = ordered.ljust(n)  # same length (same content); spaces are valid padding
-    if len(ordered) != n:
-        raise RuntimeError("safetensors header changed length when sorted")
-    Path(path).write_bytes(blob[:8] + ordered + blob[8 + n :])
-
-
 def save_direction(path: str | Path, vector, metadata: dict | None = None) -> Path:
     """Write a direction artifact (float32 tensor 'direction' + string metadata).
 
@@ -312,24 +288,16 @@ def harmless_mean(direction: Direction, path: Path | None, d_model: int, n_layer
     if path is not None:
         mean = load_direction(path, d_model, n_layers)
         return mean.vector, f"{Path(path).name} (sha256 {mean.sha256[:16]})"
-    candidates = direction.path.with_name("candidates.safetensors")
+    measured = MeasureFolder.of(direction.path)
+    candidates = measured.candidates
     layer, position = direction.metadata.get("layer"), direction.metadata.get("position")
     if not candidates.is_file() or layer is None or position is None:
         raise BadInputError(
             "--method biprojected needs the harmless mean: pass --harmless-mean FILE, or use a "
-            "direction written by orthoedit measure (its candidates.safetensors beside it)."
+            f"direction written by orthoedit measure (its {candidates.name} beside it)."
         )
-    try:
-        with safe_open(str(candidates), "np") as f:
-            means = f.get_tensor("harmless_mean")
-    except (SafetensorError, OSError, KeyError) as err:
-        raise BadInputError(f"{candidates}: cannot read harmless_mean ({err}).") from None
     layer, position = int(layer), int(position)
-    if means.ndim != 3 or means.shape[2] != d_model or not -means.shape[1] <= position < 0:
-        raise BadInputError(f"{candidates}: harmless_mean {means.shape} does not fit the model.")
-    vector = means[layer, means.shape[1] + position].astype(np.float64)
-    if not np.isfinite(vector).all() or not np.any(vector):
-        raise BadInputError(f"{candidates}: the harmless mean is zero or not finite.")
+    vector = measured.read_harmless_mean(layer, position, d_model)
     return vector, f"{candidates.name} (layer {layer}, position {position})"
 
 

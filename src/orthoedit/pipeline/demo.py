@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..folders import RunFolder
 from ..organism import CHAT_MODEL, GUARD_MODEL, PROMPTS
 
 
@@ -85,7 +86,7 @@ def summary_table(out: Path, state: dict, kl: float | None) -> Table:
 def _bench_rows(out: Path) -> list[dict]:
     import json
 
-    return json.loads((out / "eval" / "bench" / "report.json").read_text())["rows"]
+    return json.loads(RunFolder(out).bench.json.read_text())["rows"]
 
 
 def main(root: str = "demo-out") -> int:
@@ -96,25 +97,26 @@ def main(root: str = "demo-out") -> int:
 
     console = Console()
     out = Path(root).resolve()
+    run = RunFolder(out)
     log = lambda m: console.print(f"[dim]{m}[/dim]", highlight=False)  # noqa: E731
     try:
         state = run_recipe(
             organism_recipe(), Path.cwd(), out, source="organism (built in)", log=log
         )
         harmless = str(PROMPTS / "harmless-test.jsonl")
-        kl_cfg = EvalKLConfig(base=str(CHAT_MODEL), edited=str(out / "model"), prompts=harmless)
+        kl_cfg = EvalKLConfig(base=str(CHAT_MODEL), edited=str(run.model), prompts=harmless)
         kl = eval_kl(kl_cfg, log=log)
     except OrthoeditError as err:
         console.print(f"[red]error:[/red] {err}")
         return err.exit_code
     console.print(summary_table(out, state, kl.first_token_kl))
     for what, path in (
-        ("edited checkpoint", out / "model"),
-        ("direction and score plot", out / "direction" / "scores.png"),
-        ("verify report", out / "verify.json"),
-        ("benchmark report", out / "eval" / "bench" / "report.md"),
-        ("safety report", out / "eval" / "safety" / "report.md"),
-        ("run record", out / "run.json"),
+        ("edited checkpoint", run.model),
+        ("direction and score plot", run.direction.scores_png),
+        ("verify report", run.verify),
+        ("benchmark report", run.bench.md),
+        ("safety report", run.safety.md),
+        ("run record", run.record),
     ):
         console.print(f"{what}: {path}")
     return 0

@@ -41,6 +41,7 @@ from ..config import (
     VerifyConfig,
 )
 from ..errors import BadInputError
+from ..folders import RunFolder
 from ..model.gguf import is_gguf
 
 if TYPE_CHECKING:
@@ -168,34 +169,36 @@ def stage_configs(recipe: Recipe, base: Path, out: Path) -> dict[str, BaseModel 
 def _filled(recipe: Recipe, model: str, out: Path) -> dict[str, dict]:
     """What the run sets in each section: the model, and the paths that connect the stages
     (with a search, the edit takes the chosen trial's direction and scales)."""
+    run = RunFolder(out)
+    edited = run.model
     filled = {
-        "measure": {"model": model, "out": out / "direction", "revision": recipe.revision},
+        "measure": {"model": model, "out": run.direction.path, "revision": recipe.revision},
         "search": {
             "model": model,
-            "candidates": out / "direction",
-            "out": out / "search",
+            "candidates": run.direction.path,
+            "out": run.search.path,
             "revision": recipe.revision,
         },
         "edit": {
             "model": model,
-            "direction": out / "direction" / "direction.safetensors",
-            "out": out / "model",
+            "direction": run.direction.direction,
+            "out": edited,
             "revision": recipe.revision,
         },
         "verify": {
             "source": model,
-            "edited": out / "model",
+            "edited": edited,
             "revision": recipe.revision,
-            "report": out / "verify.json",
+            "report": run.verify,
         },
-        "bench": {"base": model, "edited": str(out / "model"), "out": out / "eval" / "bench"},
-        "safety": {"model": str(out / "model"), "base": model, "out": out / "eval" / "safety"},
-        "kl": {"base": model, "edited": str(out / "model"), "report": out / "eval" / "kl.json"},
-        "gguf": {"model_dir": out / "model", "out": out / "gguf"},
+        "bench": {"base": model, "edited": str(edited), "out": run.bench.path},
+        "safety": {"model": str(edited), "base": model, "out": run.safety.path},
+        "kl": {"base": model, "edited": str(edited), "report": run.kl},
+        "gguf": {"model_dir": edited, "out": run.gguf},
         "publish": {
-            "model_dir": out / "model",
+            "model_dir": edited,
             "eval": out if any(getattr(recipe, s) is not None for s in EVALUATED) else None,
-            "gguf": out / "gguf" if recipe.gguf is not None else None,
+            "gguf": run.gguf if recipe.gguf is not None else None,
         },
     }
     if recipe.search is not None:
@@ -209,11 +212,8 @@ def _filled(recipe: Recipe, model: str, out: Path) -> dict[str, dict]:
                 f"recipe: edit.{clash[0]} is set by the search stage (its chosen trial); "
                 "remove it, or remove search."
             )
-        chosen = out / "search" / "chosen"
-        filled["edit"] |= {
-            "direction": chosen / "direction.safetensors",
-            "scales": chosen / "scales.json",
-        }
+        chosen = run.search.chosen
+        filled["edit"] |= {"direction": chosen.direction, "scales": chosen.scales}
     return filled
 
 

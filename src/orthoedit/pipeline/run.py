@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import BadInputError, CheckFailedError
+from ..folders import MeasureFolder, RunFolder, SearchFolder
 from ..output import check_apart, check_target, inputs_of, staged_output, write_file
 from .recipe import EVALUATED, STAGES, Recipe, load_recipe, stage_configs
 
@@ -43,17 +44,6 @@ def _digest(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-OUTPUTS = {
-    "direction": "direction",
-    "search": "search",
-    "model": "model",
-    "verify": "verify.json",
-    "bench": "eval/bench",
-    "safety": "eval/safety",
-    "kl": "eval/kl.json",
-    "gguf": "gguf",
-    "publish": "publish.json",
-}
 UPSTREAM = {
     "search": ["direction"],
     "model": ["direction", "search"],
@@ -81,18 +71,19 @@ def _check_run_folder(out: Path, configs: dict) -> None:
     check_apart(out, [p for p in reads if p != out and out not in p.parents], "--out")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} exists and is not a folder.")
-    if out.is_dir() and not (out / "run.json").is_file() and any(out.iterdir()):
+    if out.is_dir() and not RunFolder(out).record.is_file() and any(out.iterdir()):
         raise BadInputError(
             f"--out {out} exists and is not a run folder of orthoedit (it has no run.json); "
             "choose a new folder."
         )
     for name in configs:
-        if name != "search" and (out / OUTPUTS[name]).is_dir():  # a search resumes in place
-            check_target(out / OUTPUTS[name], overwrite=True)
+        target = RunFolder(out).output(name)
+        if name != "search" and target.is_dir():  # a search resumes in place
+            check_target(target, overwrite=True)
 
 
 def _write_state(out: Path, state: dict) -> None:
-    write_file(out / "run.json", json.dumps(state, indent=2) + "\n")
+    write_file(RunFolder(out).record, json.dumps(state, indent=2) + "\n")
 
 
 def run(recipe_path: Path, out: Path, **options) -> dict:
@@ -131,7 +122,7 @@ def run_recipe(
     state = _open_state(out, recipe, source)
     stages = state.setdefault("stages", {})
     _write_state(out, state)  # a run folder from the start, even if its first stage fails
-    log = _logged(log, out / "run.log")
+    log = _logged(log, RunFolder(out).log)
     failures: list[str] = []
     for k, name in enumerate(order, 1):
         step = f"[{k}/{len(order)}] "
@@ -141,7 +132,7 @@ def run_recipe(
             u: stages.get(u, {}).get("outputs") for u in UPSTREAM.get(name, []) if u in order
         }
         inputs = _inputs_hash(configs[name], upstream)
-        target = out / OUTPUTS[name]
+        target = RunFolder(out).output(name)
         done = stages.get(name)
         if not _runs(name, order, start, only, done, inputs, target):
             if only is None:
@@ -190,7 +181,7 @@ def _open_state(out: Path, recipe: Recipe, source: str) -> dict:
     import torch
     import transformers
 
-    path = out / "run.json"
+    path = RunFolder(out).record
     state = json.loads(path.read_text()) if path.is_file() else {}
     settings = recipe.model_dump(mode="json")
     if isinstance(settings.get("search"), dict) and settings["search"].get("storage"):
@@ -244,7 +235,7 @@ def _run_stage(name: str, cfg, target: Path, log, progress=None, searched: bool 
 def _direction(cfg, target: Path, log, progress) -> dict:
     if isinstance(cfg, Path):  # a fixed direction file
         with staged_output(check_target(target, [cfg], overwrite=True)) as tmp:
-            shutil.copyfile(cfg, tmp / "direction.safetensors")
+            shutil.copyfile(cfg, MeasureFolder(tmp).direction)
         return {"source": str(cfg)}
     from ..measure.candidates import measure
 
@@ -256,17 +247,18 @@ def _search(cfg, target: Path, log, progress) -> dict:
     from ..search import chosen_sites, none_chosen, objectives, search
 
     result = search(cfg, log=log, progress=progress, replace_other=True)
+    folder = SearchFolder(target)
     if result.chosen is None:
         raise CheckFailedError(
             f"search: {none_chosen(result.trials, cfg, result.baselines, result.strong)}, after "
             f"{len(result.trials)} trials; see "
-            f"{target}/pareto.md, then loosen the budget or raise search.trials and run "
+            f"{folder.pareto_md}, then loosen the budget or raise search.trials and run "
             "again (the study resumes)."
         )
-    if not chosen_sites(target / "chosen" / "scales.json"):
+    if not chosen_sites(folder.chosen.scales):
         raise CheckFailedError(
             f"search: the best trial within the budget (#{result.chosen.number}) edits "
-            f"nothing; see {target}/pareto.md, then loosen the budget or raise search.trials."
+            f"nothing; see {folder.pareto_md}, then loosen the budget or raise search.trials."
         )
     ran = {"trial": result.chosen.number, "values": objectives(result.chosen, result.strong)}
     found = result.confirmation
@@ -277,7 +269,7 @@ def _search(cfg, target: Path, log, progress) -> dict:
             ran["failed"] = (
                 f"trial {result.chosen.number} not confirmed on held-out prompts: failure "
                 f"{failure['model']:.1%} against the unedited model's {failure['base']:.1%} "
-                f"(see {target}/confirm/report.md)"
+                f"(see {folder.confirm.md})"
             )
     return ran
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..folders import ReportFolder
 from ..output import staged_output
 from .common import pct
 
@@ -179,11 +180,10 @@ def write_safety(target: Path, label: str, result) -> None:
     report.md and report.png, staged into ``target``."""
     report = {"settings": result.settings, "summary": result.summary}
     with staged_output(target) as out:
-        with (out / "completions.jsonl").open("w", encoding="utf-8") as f:
+        folder = ReportFolder(out)
+        with folder.completions.open("w", encoding="utf-8") as f:
             for answer in result.answers:
                 f.write(json.dumps(asdict(answer), ensure_ascii=False) + "\n")
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "report.md").write_text(
-            safety_markdown(result.summary, result.settings, result.answers)
-        )
-        safety_png(result.summary, out / "report.png", label)
+        folder.json.write_text(json.dumps(report, indent=2) + "\n")
+        folder.md.write_text(safety_markdown(result.summary, result.settings, result.answers))
+        safety_png(result.summary, folder.png, label)

@@ -37,6 +37,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import StudySitesConfig
 from ..errors import BadInputError
+from ..folders import MeasureFolder
 from ..model.architectures import SITES
 from ..progress import Progress
 from ..runtime.hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
@@ -213,7 +214,7 @@ def prepare(cfg: StudySitesConfig) -> _Prepared:
         tokens_from = "--refusal-tokens"
     else:
         openings = measured_refusal_openings(tok, direction.path)
-        tokens_from = None if openings is None else str(direction.path.with_name("scores.json"))
+        tokens_from = None if openings is None else str(MeasureFolder.of(direction.path).scores)
     return _Prepared(
         folder,
         revision,

@@ -52,11 +52,7 @@ from __future__ import annotations
 
 from .choice import budget, budget_value, choose, choose_for, none_chosen, objectives, pareto
 from .inputs import (
-    LOCK_FILE,
-    MEASURE_FILES,
-    OUTPUTS,
     SPACE_VERSION,
-    STUDY_FILE,
     Ready,
     prepare,
     study_name,
@@ -76,11 +72,7 @@ from .trial import (
 )
 
 __all__ = [
-    "LOCK_FILE",
-    "MEASURE_FILES",
-    "OUTPUTS",
     "SPACE_VERSION",
-    "STUDY_FILE",
     "Ready",
     "SearchResult",
     "TrialResult",

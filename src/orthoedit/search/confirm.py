@@ -23,15 +23,13 @@ from pathlib import Path
 
 from ..config import ApplyConfig, EvalSafetyConfig, SearchConfig
 from ..errors import BadInputError
+from ..folders import SearchFolder
 from ..judging.verdicts import failure_rate
 from ..model.gguf import is_gguf
 from ..output import check_target, remove_output, staged_output
 from .inputs import Ready
 from .outputs import chosen_sites
 
-#: Where the confirmation's report goes, and the temporary checkpoint it judges (in OUT).
-CONFIRM_DIR = "confirm"
-STAGING = ".confirm-model"
 GGUF_NAME = "model.gguf"
 
 
@@ -75,10 +73,10 @@ def _key(study: str, trial: int, options: EvalSafetyConfig) -> str:
 def previous(out: Path) -> dict | None:
     """The confirmation the last pareto.json recorded, if its report is still there."""
     try:
-        found = json.loads((out / "pareto.json").read_text()).get("confirmation")
+        found = json.loads(SearchFolder(out).pareto_json.read_text()).get("confirmation")
     except (OSError, ValueError, AttributeError):
         return None
-    return found if found and (out / CONFIRM_DIR / "report.json").is_file() else None
+    return found if found and SearchFolder(out).confirm.json.is_file() else None
 
 
 def kept(out: Path, study: str, chosen, found: dict | None) -> dict | None:
@@ -87,7 +85,7 @@ def kept(out: Path, study: str, chosen, found: dict | None) -> dict | None:
     ``OUT/confirm`` (which would describe another edit) is removed."""
     if found and chosen is not None and (found["study"], found["trial"]) == (study, chosen.number):
         return found
-    remove_output(out / CONFIRM_DIR)
+    remove_output(SearchFolder(out).confirm.path)
     return None
 
 
@@ -104,28 +102,29 @@ def confirm(
     from ..runtime.vllm_engine import resolved
 
     trial = report["chosen"]["number"]
-    staging = out / STAGING
+    folder = SearchFolder(out)
+    staging = folder.confirm_model
     edited = staging / GGUF_NAME if is_gguf(cfg.model) else staging
-    options = safety_config(cfg, ready, edited, out / CONFIRM_DIR)
+    options = safety_config(cfg, ready, edited, folder.confirm.path)
     key = _key(report["study"], trial, options)
     if found and found.get("key") == key:
         log(f"confirm: trial {trial} was confirmed with these options; not run again")
         return found
-    for folder in (out / CONFIRM_DIR, staging):  # an earlier confirmation's, or a stranger's
-        if not remove_output(folder):
+    for path in (folder.confirm.path, staging):  # an earlier confirmation's, or a stranger's
+        if not remove_output(path):
             raise BadInputError(
-                f"{folder} was not written by orthoedit; move it away to confirm in {out}."
+                f"{path} was not written by orthoedit; move it away to confirm in {out}."
             )
-    chosen = out / "chosen"
-    sites = chosen_sites(chosen / "scales.json")
+    chosen = folder.chosen
+    sites = chosen_sites(chosen.scales)
     if not sites:
         log(f"confirm: trial {trial} edits nothing; there is nothing to confirm")
         return None
     edit = ApplyConfig(
         model=cfg.model,
         revision=cfg.revision,
-        direction=[chosen / "direction.safetensors"],
-        scales=chosen / "scales.json",
+        direction=[chosen.direction],
+        scales=chosen.scales,
         sites=sites,
         out=edited,
         overwrite=True,
@@ -134,13 +133,13 @@ def confirm(
         prepared = stage.prepare(edit)
         progress.start(f"confirm: applying trial {trial}", stage.edit_size(prepared))
         _write_edit(stage, prepared, staging, edited, progress)
-        label = f"search trial {trial}, applied from {chosen / 'apply.txt'}"
+        label = f"search trial {trial}, applied from {chosen.apply_command}"
         resolved_options = resolved(options, log)
         result = run_safety(resolved_options, check_judge(options), log, progress, label)
         write_safety(check_target(options.out, overwrite=True), label, result)
     finally:
         remove_output(staging)
-    return _summary(report["study"], trial, key, options, result)
+    return _summary(report["study"], trial, key, options, result, folder)
 
 
 def _write_edit(stage, prepared, staging: Path, edited: Path, progress) -> None:
@@ -153,7 +152,7 @@ def _write_edit(stage, prepared, staging: Path, edited: Path, progress) -> None:
         stage.execute(prepared, tmp / edited.name, True, progress.advance)
 
 
-def _summary(study: str, trial: int, key: str, options, result) -> dict:
+def _summary(study: str, trial: int, key: str, options, result, folder: SearchFolder) -> dict:
     """What pareto.json records of a confirmation."""
     failure = {
         role: failure_rate([a for a in result.answers if a.model == role and a.kind == "harmful"])
@@ -179,5 +178,5 @@ def _summary(study: str, trial: int, key: str, options, result) -> dict:
             role: {kind: v["overall"] for kind, v in rates.items()}
             for role, rates in result.summary.items()
         },
-        "report": f"{CONFIRM_DIR}/report.md",
+        "report": folder.confirm.md.relative_to(folder.path).as_posix(),
     }

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import SearchConfig
 from ..errors import BadInputError
+from ..folders import MeasureFolder
 from ..runtime.session import load_tokenizer
 from .space import (
     Space,
@@ -21,17 +22,6 @@ from .space import (
 #: Bump when the search space or the way a trial is judged changes: a stored study made
 #: under another version is not continued.
 SPACE_VERSION = 3
-STUDY_FILE = "study.db"
-LOCK_FILE = ".search.lock"
-#: Files a search folder may hold besides the study (anything else: not a search folder).
-OUTPUTS = ("pareto.md", "pareto.json", "pareto.png", "chosen", "confirm", ".confirm-model")
-#: What a measure folder must hold.
-MEASURE_FILES = (
-    "candidates.safetensors",
-    "direction.safetensors",
-    "val-harmful.jsonl",
-    "val-harmless.jsonl",
-)
 
 
 @dataclass
@@ -59,21 +49,10 @@ class Ready:
         return self.candidates.shape[0]
 
 
-def _read_candidates(path: Path, d_model: int, n_layers: int) -> np.ndarray:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "np") as f:
-            candidates = f.get_tensor("candidates").astype(np.float64)
-    except (SafetensorError, OSError, KeyError) as err:
-        raise BadInputError(f"{path}: cannot read its candidates ({err}).") from None
-    if candidates.ndim != 3 or candidates.shape[0] != n_layers or candidates.shape[2] != d_model:
-        raise BadInputError(
-            f"{path}: candidates {list(candidates.shape)} do not fit the model "
-            f"({n_layers} layers, hidden size {d_model}); measure this model first."
-        )
+def _read_candidates(folder: MeasureFolder, d_model: int, n_layers: int) -> np.ndarray:
+    candidates = folder.read_candidates(d_model, n_layers)
     if not np.isfinite(candidates).all() or not nonempty(candidates).any():
-        raise BadInputError(f"{path}: the candidates are all zero or not finite.")
+        raise BadInputError(f"{folder.candidates}: the candidates are all zero or not finite.")
     return candidates
 
 
@@ -84,26 +63,26 @@ def _prompts(cfg: SearchConfig, kind: str) -> list[str]:
 
     source = getattr(cfg, kind)
     if source is None:
-        items = prompt_texts(Path(cfg.candidates) / f"val-{kind}.jsonl")
+        items = prompt_texts(MeasureFolder(Path(cfg.candidates)).validation(kind))
     else:
         items = prompt_texts(source, kind, "val", column=cfg.column, split=cfg.split)
     return items[: cfg.n] if cfg.n else items
 
 
-def _measure_folder(path: str | Path) -> Path:
+def _measure_folder(path: str | Path) -> MeasureFolder:
     """``--candidates``: a folder written by measure, with every file search reads."""
     folder = Path(path)
     if not folder.is_dir():
         raise BadInputError(
             f"--candidates {folder} is not a folder; pass the --out folder of orthoedit measure."
         )
-    missing = [name for name in MEASURE_FILES if not (folder / name).is_file()]
+    missing = MeasureFolder(folder).missing()
     if missing:
         raise BadInputError(
             f"--candidates {folder} lacks {', '.join(missing)}: is it a folder written by "
             "orthoedit measure?"
         )
-    return folder
+    return MeasureFolder(folder)
 
 
 def prepare(cfg: SearchConfig) -> Ready:
@@ -130,20 +109,19 @@ def prepare(cfg: SearchConfig) -> Ready:
     config = read_config(folder)
     table = table_or_derived(config)
     d_model, n_layers, _ = table.dims(config)
-    candidates = _read_candidates(folder_in / "candidates.safetensors", d_model, n_layers)
-    baseline = load_direction(folder_in / "direction.safetensors", d_model, n_layers)
+    candidates = _read_candidates(folder_in, d_model, n_layers)
+    baseline = load_direction(folder_in.direction, d_model, n_layers)
     ok = nonempty(candidates)
     n_pos = candidates.shape[1]
     positions = [p - n_pos for p in range(n_pos) if ok[:, p].any()]
     space = _space(cfg, n_layers, positions)
-    record_path = folder_in / "direction.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = folder_in.read_record() or {}
     system = cfg.system if cfg.system is not None else record.get("system")
     tok = load_tokenizer(folder, cfg.template)
     post = post_instruction_ids(tok, system)
     if len(post) != n_pos:
         raise BadInputError(
-            f"{folder_in}: candidates at {n_pos} positions, but this model's template has "
+            f"{folder_in.path}: candidates at {n_pos} positions, but this model's template has "
             f"{len(post)} post-instruction tokens; measure it with the same template."
         )
     prompts = {kind: _prompts(cfg, kind) for kind in ("harmful", "harmless")}
@@ -179,7 +157,7 @@ def _settings(cfg: SearchConfig, folder, folder_in, revision, baseline, prompts,
         "model": cfg.model,
         "revision": revision,
         "config_sha256": config_digest(folder),
-        "candidates_sha256": sha256_file(folder_in / "candidates.safetensors"),
+        "candidates_sha256": sha256_file(folder_in.candidates),
         "baseline_direction_sha256": baseline.sha256,
         "prompt_hashes": {kind: prompt_digest(p) for kind, p in prompts.items()},
         "counts": {kind: len(p) for kind, p in prompts.items()},

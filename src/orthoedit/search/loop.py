@@ -12,12 +12,13 @@ from pathlib import Path
 
 from ..config import SearchConfig
 from ..errors import BadInputError
+from ..folders import SearchFolder
 from ..progress import Progress
 from ..runtime.session import start_stage
 from .choice import budget, budget_value, choose_for, objectives, pareto, target_failure
 from .confirm import confirm, kept, previous
 from .front import add_to_report, judge_front
-from .inputs import LOCK_FILE, OUTPUTS, STUDY_FILE, Ready, prepare, study_name
+from .inputs import Ready, prepare, study_name
 from .outputs import report_dict, write_outputs, write_report
 from .space import (
     suggest,
@@ -29,7 +30,7 @@ from .trial import TrialResult, TrialRunner, describe, edit_hooks, measure_hooks
 
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    with (out / LOCK_FILE).open("w") as handle:
+    with SearchFolder(out).lock.open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -43,18 +44,20 @@ def _check_out(cfg: SearchConfig) -> Path:
     from ..output import check_apart, clean_stale, inputs_of
 
     out = Path(cfg.out).expanduser().resolve()
+    folder = SearchFolder(out)
     check_apart(out, inputs_of(cfg), "--out")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out} exists and is not a folder.")
-    if cfg.storage is not None and (out / STUDY_FILE).is_file():
+    if cfg.storage is not None and folder.study.is_file():
         raise BadInputError(
-            f"--out {out} holds a study of its own ({STUDY_FILE}); with --storage, give "
+            f"--out {out} holds a study of its own ({folder.study.name}); with --storage, give "
             "another --out."
         )
-    if out.is_dir() and not (out / STUDY_FILE).is_file():
-        for name in OUTPUTS:  # what a killed search left staged of its outputs
+    if out.is_dir() and not folder.study.is_file():
+        outputs = [p.name for p in folder.outputs()]
+        for name in outputs:  # what a killed search left staged of its outputs
             clean_stale(out / name)
-        ours = {*OUTPUTS, LOCK_FILE, *(f".{name}.tmp" for name in OUTPUTS)}
+        ours = {*outputs, folder.lock.name, *(f".{name}.tmp" for name in outputs)}
         strangers = [p.name for p in out.iterdir() if p.name not in ours]
         if strangers:
             raise BadInputError(
@@ -227,8 +230,8 @@ def _clear(out: Path) -> None:
     name without orthoedit's marker stays)."""
     from ..output import remove_output
 
-    for name in (STUDY_FILE, *OUTPUTS):
-        path = out / name
+    folder = SearchFolder(out)
+    for path in (folder.study, *folder.outputs()):
         if path.is_dir():
             remove_output(path)
         elif path.exists():
@@ -256,7 +259,7 @@ def search(
     with _locked(out):
         if cfg.overwrite:
             _clear(out)
-        storage = shared or open_storage(None, out / STUDY_FILE)
+        storage = shared or open_storage(None, SearchFolder(out).study)
         name = cfg.study or study_name(ready.settings)
         study = open_study(storage, name, ready.settings, replace_other)
         with storage.exclusive(study):

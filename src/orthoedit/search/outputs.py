@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import SearchConfig
+from ..folders import ChosenFolder, SearchFolder
 from ..model.gguf import is_gguf
 from .choice import budget, target_failure
-from .inputs import STUDY_FILE, Ready
+from .inputs import Ready
 from .space import (
     SITES_SEARCHED,
     EditParams,
@@ -50,8 +51,9 @@ def _trial_dict(t, front_numbers: set[int]) -> dict:
 def apply_args(cfg: SearchConfig, out: Path, params: EditParams, n_layers: int) -> list[str]:
     """``orthoedit apply`` arguments that reproduce a trial's edit (without ``--out``)."""
     sites, _ = params.plan_scales(n_layers)
-    args = [cfg.model, "--direction", str(out / "chosen" / "direction.safetensors")]
-    args += ["--scales", str(out / "chosen" / "scales.json"), "--sites", ",".join(sites)]
+    chosen = SearchFolder(out).chosen
+    args = [cfg.model, "--direction", str(chosen.direction)]
+    args += ["--scales", str(chosen.scales), "--sites", ",".join(sites)]
     if cfg.revision:
         args += ["--revision", cfg.revision]
     return args
@@ -83,7 +85,7 @@ def report_dict(cfg, study, ready: Ready, trials, front, chosen, baselines, wher
     judging = study.user_attrs.get("judging", {})
     return {
         "study": study.study_name,
-        "storage": where or str(out / STUDY_FILE),
+        "storage": where or str(SearchFolder(out).study),
         "sampler": "optuna TPESampler (multivariate, "
         + ("one objective" if cfg.objective == "budget" else "multi-objective")
         + "), re-seeded per trial",
@@ -135,8 +137,9 @@ def write_report(out: Path, report: dict) -> None:
     """pareto.json and pareto.md, each written beside and renamed."""
     from ..report import search_markdown
 
-    _write_file(out / "pareto.json", json.dumps(report, indent=2) + "\n")
-    _write_file(out / "pareto.md", search_markdown(report))
+    folder = SearchFolder(out)
+    _write_file(folder.pareto_json, json.dumps(report, indent=2) + "\n")
+    _write_file(folder.pareto_md, search_markdown(report))
 
 
 def write_outputs(out: Path, cfg: SearchConfig, ready: Ready, report: dict, chosen) -> None:
@@ -145,14 +148,15 @@ def write_outputs(out: Path, cfg: SearchConfig, ready: Ready, report: dict, chos
     from ..output import remove_output, staged_output
     from ..report import search_png
 
-    png_tmp = out / ".pareto.png.tmp"
+    folder = SearchFolder(out)
+    png_tmp = folder.pareto_png.with_name(f".{folder.pareto_png.name}.tmp")
     search_png(report, png_tmp, cfg.model)
-    os.replace(png_tmp, out / "pareto.png")
+    os.replace(png_tmp, folder.pareto_png)
     write_report(out, report)
     if chosen is None:
-        remove_output(out / "chosen")
+        remove_output(folder.chosen.path)
         return
-    with staged_output(out / "chosen") as tmp:
+    with staged_output(folder.chosen.path) as tmp:
         write_chosen(tmp, cfg, ready, report, chosen)
 
 
@@ -170,7 +174,8 @@ def write_chosen(folder: Path, cfg: SearchConfig, ready: Ready, report: dict, ch
     from ..model.direction import save_direction
 
     entry = report["chosen"]
-    final = Path(cfg.out).expanduser().resolve() / "chosen"
+    final = SearchFolder(Path(cfg.out).expanduser().resolve()).chosen
+    written = ChosenFolder(folder)
     params = params_of(chosen.params)
     vector, source = blend(ready.candidates, params.layer, params.position)
     meta = {
@@ -186,20 +191,20 @@ def write_chosen(folder: Path, cfg: SearchConfig, ready: Ready, report: dict, ch
     }
     if len(source["layers"]) == 1:  # a measured candidate itself, as measure records it
         meta["layer"] = source["layers"][0]
-    save_direction(folder / "direction.safetensors", vector, meta)
-    (folder / "scales.json").write_text(json.dumps(params.scales(ready.n_layers), indent=1) + "\n")
+    save_direction(written.direction, vector, meta)
+    written.scales.write_text(json.dumps(params.scales(ready.n_layers), indent=1) + "\n")
     sites, _ = params.plan_scales(ready.n_layers)
     out = "edited.gguf" if is_gguf(cfg.model) else "edited"  # the edit of a GGUF is a GGUF
     command = ["orthoedit", "apply", *entry["apply_args"], "--out", out]
     note = "" if sites else "# the chosen trial edits nothing: there is nothing to apply\n"
-    (folder / "apply.txt").write_text(note + shlex.join(command) + "\n")
+    written.apply_command.write_text(note + shlex.join(command) + "\n")
     fragment = (
         f"# orthoedit search: trial {chosen.number}, {describe(entry)}, KL {entry['kl']:.4g} "
         "on the search's validation prompts.\n"
         "# Paste into a recipe (it replaces the measure stage with this direction):\n"
-        f"direction: {json.dumps(str(final / 'direction.safetensors'))}\n"
+        f"direction: {json.dumps(str(final.direction))}\n"
         "edit:\n"
         f"  sites: [{', '.join(sites)}]\n"
-        f"  scales: {json.dumps(str(final / 'scales.json'))}\n"
+        f"  scales: {json.dumps(str(final.scales))}\n"
     )
-    (folder / "recipe-fragment.yaml").write_text(fragment)
+    written.recipe_fragment.write_text(fragment)

@@ -57,7 +57,7 @@ def _edit(table: ArchitectureTable, folder: Path, work: Path):
     config = json.loads((folder / "config.json").read_text())
     d_model, n_layers, _ = table.dims(config)
     r = torch.randn(d_model, generator=torch.Generator().manual_seed(35))
-    path = save_direction(work / "direction.safetensors", r, {"source": "derive"})
+    path = save_direction(work / "r.safetensors", r, {"source": "derive"})
     plan = build_plan(
         table=table,
         checkpoint=Checkpoint.open(folder),
