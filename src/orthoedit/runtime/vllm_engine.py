@@ -67,10 +67,10 @@ def resolved(cfg, log):
     return cfg
 
 
-def open_session(folder: Path, cfg, tok=None):
+def open_session(folder: Path, cfg, tok=None, log=None):
     """The session that answers for ``cfg`` (already ``resolved``): vLLM's with
     ``--backend vllm``, llama.cpp's with ``--backend llama.cpp`` (a GGUF), else transformers'
-    (``Session.open``)."""
+    (``Session.open``; ``log`` hears which dtype ``auto`` chose)."""
     if getattr(cfg, "backend", "hf") == "vllm":
         return VllmSession.open(folder, cfg, tok)
     if getattr(cfg, "backend", "hf") == "llama.cpp":
@@ -80,7 +80,7 @@ def open_session(folder: Path, cfg, tok=None):
         if not is_gguf(folder):
             raise BadInputError(f"--backend llama.cpp runs GGUF files; {folder} is not one.")
         return LlamaCppSession.open(folder, cfg, tok)
-    return Session.open(folder, cfg, tok=tok)
+    return Session.open(folder, cfg, tok=tok, log=log)
 
 
 def engine_args(folder: Path, cfg) -> dict:
