@@ -84,11 +84,14 @@ def open_session(folder: Path, cfg, tok=None, log=None):
 
 
 def engine_args(folder: Path, cfg) -> dict:
-    """``vllm.LLM``'s arguments for one replica of ``folder``."""
+    """``vllm.LLM``'s arguments for one replica of ``folder`` (dtype ``auto`` as on a GPU:
+    the checkpoint's, ``runtime.precision``)."""
+    from .precision import resolve_dtype
+
     return {
         "model": str(folder),
         "tokenizer": str(folder),
-        "dtype": cfg.dtype,
+        "dtype": resolve_dtype(cfg.dtype, folder, "cuda").dtype,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
     }
