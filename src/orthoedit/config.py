@@ -37,7 +37,7 @@ def _device(value: str | None) -> str | None:
 
 Device = Annotated[str | None, AfterValidator(_device)]
 #: The dtypes a model runs in; the methods of an edit and of an upload; lm-eval's backends.
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 EditMethod = Literal["project", "norm-preserving", "biprojected"]
 PushMethod = Literal["auto", "commit", "large"]
 Backend = Literal["hf", "vllm", "llama.cpp"]
@@ -78,7 +78,12 @@ class _Placed(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
-    dtype: DType = Field(default="float32", description="Dtype to run the models in.")
+    dtype: DType = Field(
+        default="auto",
+        description="Dtype to run the models in. auto: the checkpoint's on a GPU; on a CPU the "
+        "faster of the checkpoint's and float32 on this machine (timed once, logged and "
+        "recorded).",
+    )
     device: Device = Field(
         default=None, description='Device or device_map, e.g. "cuda", "auto" (default: CPU).'
     )
@@ -367,7 +372,11 @@ class EvalBenchConfig(_Generated):
     max_drop_task: dict[str, float] = Field(
         default_factory=dict, description="Per-task drop thresholds, TASK=VALUE (repeatable)."
     )
-    dtype: str = Field(default="auto", description="Model dtype for lm-eval (auto, float32, ...).")
+    dtype: str = Field(
+        default="auto",
+        description="Model dtype for lm-eval (auto, float32, ...). auto: as every stage's "
+        "(the checkpoint's on a GPU, the faster of it and float32 on a CPU); vLLM's own auto.",
+    )
     device: Device = Field(
         default=None, description="hf backend device (default: cuda if available, else cpu)."
     )

@@ -47,10 +47,21 @@ def model_spec(cfg: EvalBenchConfig, model: str) -> tuple[str, dict]:
         }
         return "vllm", args
     args["device"] = cfg.device or _default_device()
+    args["dtype"] = _hf_dtype(cfg, model)
     args["use_kernels"] = False  # plain PyTorch layers, offline (as runtime.load_model)
     if is_gguf(model):
         args |= _gguf_args(model)
     return "hf", args
+
+
+def _hf_dtype(cfg: EvalBenchConfig, model: str) -> str:
+    """The dtype lm-eval's hf backend loads a local folder in: ``auto`` as every stage
+    resolves it (``runtime.precision``); anything else (a Hub id's auto too) as given."""
+    from ..runtime.precision import AUTO, resolve_dtype
+
+    if cfg.dtype != AUTO or is_gguf(model) or not Path(model).is_dir():
+        return cfg.dtype
+    return resolve_dtype(cfg.dtype, Path(model), cfg.device).dtype
 
 
 def _gguf_args(model: str) -> dict:
@@ -86,7 +97,7 @@ def _load_wrapper(cfg: EvalBenchConfig, model: str):
     from ..runtime.session import load_model, load_tokenizer
 
     folder, _ = resolve_model(model)
-    dtype = cfg.dtype if cfg.dtype in ("float32", "bfloat16", "float16") else "float32"
+    dtype = cfg.dtype if cfg.dtype in ("auto", "float32", "bfloat16", "float16") else "float32"
     return load_model(folder, dtype, cfg.device), load_tokenizer(folder)
 
 
@@ -268,7 +279,7 @@ def eval_bench(
         "seed": cfg.seed,
         "chat_template": chat,
         "backend": cfg.backend,
-        "dtype": cfg.dtype,
+        "dtype": cfg.dtype if cfg.backend == "vllm" else _hf_dtype(cfg, cfg.base),
         "max_drop": cfg.max_drop,
         "max_drop_task": dict(cfg.max_drop_task),
         "noise": f"|delta| > {NOISE_SIGMAS:g} x combined stderr",

@@ -27,6 +27,7 @@ from ..runtime.session import (
     load_tokenizer,
     pad_id,
     post_instruction_ids,
+    run_dtype,
     start_stage,
 )
 
@@ -99,7 +100,7 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     first, ce, answers = {}, {}, None
     for name in ("base", "edited"):
         log(f"{name}: {len(rows)} prompts")
-        session = Session.open(folders[name], cfg, tok=tok)
+        session = Session.open(folders[name], cfg, tok=tok, log=log)
         model = session.model
         first[name] = first_token_logprobs(model, rows, cfg.batch_size, pad)
         if answers is None:  # the base's answers, scored under both
@@ -116,5 +117,6 @@ def eval_kl(cfg: EvalKLConfig, log: Callable[[str], None] = print) -> DamageRepo
     )
     if cfg.report is not None:
         record = {"base": cfg.base, "edited": cfg.edited, **report.to_dict()}
+        record["dtype"] = run_dtype(folders["base"], cfg)
         write_file(cfg.report, json.dumps(record, indent=2) + "\n")
     return report

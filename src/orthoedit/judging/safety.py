@@ -12,6 +12,7 @@ from .. import __version__
 from ..model.source import resolve_model
 from ..progress import Progress
 from ..prompts import load_set
+from ..runtime.session import run_dtype
 from ..runtime.vllm_engine import open_session
 from .answers import answer_prompts, apply_judge, default_max_surprisal, mark_implausible
 from .judges import JudgeSpec
@@ -43,7 +44,8 @@ def run_safety(
     # With a base, the model under test answers first, so that the base, loaded last, can
     # score every complied answer: word salad reads as text to the phrases.
     for role, name in reversed(models.items()):
-        session = open_session(resolve_model(given[role], None)[0], cfg)
+        folder = resolve_model(given[role], None)[0]
+        session = open_session(folder, cfg, log=log)
         by_role[role] = _answers(cfg, session, role, name, sets, phrases, log, progress)
         if role == "base":
             max_surprisal = cfg.max_surprisal or default_max_surprisal(session.vocab_size)
@@ -58,6 +60,8 @@ def run_safety(
         _judge_all(cfg, spec, judge, answers, log, progress)
     summary = summarize(answers, list(models), judged=judge is not None)
     settings = _settings(cfg, spec, judge, phrases, max_surprisal) | {"model": label}
+    if cfg.backend == "hf":  # the dtype auto chose (the models of a run share the machine)
+        settings["dtype"] = run_dtype(folder, cfg)
     return SafetyResult(summary, answers, settings)
 
 

@@ -34,6 +34,7 @@ from ..runtime.session import (
     load_tokenizer,
     placement,
     post_instruction_ids,
+    run_dtype,
     start_stage,
 )
 
@@ -179,7 +180,7 @@ def measure(
     post = post_instruction_ids(tok, cfg.system)
     _check_position(cfg, tok, post)
     log(f"post-instruction tokens: {tok.convert_ids_to_tokens(post)}")
-    session = Session.open(folder, cfg, tok=tok)
+    session = Session.open(folder, cfg, tok=tok, log=log)
     loaded = _Loaded(session.model, tok, table, folder, config, post, session.pad, session)
     drawn, filtered = _draw(cfg, loaded, pools, log, progress)
     means = {}
@@ -293,7 +294,7 @@ def _record(cfg, loaded: _Loaded, revision, layer, position, norm, drawn, filter
         },
         "seed": cfg.seed,
         "system": cfg.system,
-        "dtype": cfg.dtype,
+        "dtype": run_dtype(loaded.folder, cfg),
         "placement": placement(loaded.model),
     }
 

@@ -46,7 +46,7 @@ from ..model.source import resolve_model
 from ..output import check_target, inputs_of
 from ..prompts import load_sets
 from ..runtime.hooks import plan_hooks
-from ..runtime.session import Session, generate, start_stage
+from ..runtime.session import Session, generate, run_dtype, start_stage
 from .components import (
     Component,
     _shifts_for,
@@ -161,6 +161,7 @@ def attribute(
     together = patch(_shifts_for(components, deltas))  # every component patched at once
 
     settings = _settings(cfg, revision, direction, table, plan, writers, prompts, tok, token_ids)
+    settings["dtype"] = run_dtype(folder, cfg)  # auto resolved
     found = checks(ranked, baseline, harmless, together, every=cfg.patch_all)
     result = Attribution(target, ranked, baseline, harmless, ablated, cumulative, settings, found)
     _write(result)

@@ -41,7 +41,7 @@ from ..folders import MeasureFolder
 from ..model.architectures import SITES
 from ..progress import Progress
 from ..runtime.hooks import ABLATION_POINTS, ablation_hooks, plan_hooks
-from ..runtime.session import Session, load_tokenizer, start_stage
+from ..runtime.session import Session, load_tokenizer, run_dtype, start_stage
 
 #: Run-time conditions: name -> the ablation points hooked (``hooks.ABLATION_POINTS``).
 RUNTIME: dict[str, tuple[str, ...]] = {
@@ -435,7 +435,7 @@ def _settings(cfg: StudySitesConfig, ready: _Prepared) -> dict:
         "judge_style": None if ready.safety_judge is None else ready.safety_judge.style,
         "system": cfg.system,
         "template": None if cfg.template is None else str(cfg.template),
-        "dtype": cfg.dtype,
+        "dtype": run_dtype(ready.folder, cfg),
         "device": cfg.device,
         "batch_size": cfg.batch_size,
         "orthoedit_version": __version__,

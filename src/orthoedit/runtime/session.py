@@ -207,11 +207,20 @@ def load_model(
     device: str | None = None,
     max_memory: str | None = None,
     offload_folder: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ):
     """The model in eval mode, placed by ``device_map``: None is the CPU, a device puts every
     module there, ``auto`` (and the other strategies) spreads them with accelerate, capped by
     ``max_memory`` and spilling to ``offload_folder``. (The device is checked by
-    ``check_device`` where the command starts.)"""
+    ``check_device`` where the command starts.) ``dtype`` ``auto``: the one this machine runs
+    the checkpoint fastest in (``runtime.precision``), said to ``log``."""
+    from .precision import AUTO, resolve_dtype
+
+    if dtype == AUTO:
+        choice = resolve_dtype(dtype, folder, device)
+        dtype = choice.dtype
+        if log is not None:
+            log(choice.note)
     # use_kernels=False: with the `kernels` package installed, transformers would swap layers
     # (rotary, norms, activations) for kernels fetched from the Hub when the model is on a
     # GPU: not offline, and not the plain PyTorch layers the hooks and verify reason about.
@@ -274,19 +283,27 @@ class Placement:
     """Where and in what a model runs, as a stage config's placement options
     (``config._Placed``) say it: for callers without a config."""
 
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str | None = None
     max_memory: str | None = None
     offload_folder: Path | None = None
 
 
-def load_placed(folder: Path, where, dtype: str | None = None):
+def load_placed(folder: Path, where, dtype: str | None = None, log=None):
     """``load_model`` with the placement options of ``where`` (a stage config or a
-    ``Placement``: dtype, device, max_memory, offload_folder); ``dtype`` overrides its dtype.
-    Every stage loads its models through here."""
+    ``Placement``: dtype, device, max_memory, offload_folder); ``dtype`` overrides its dtype;
+    ``log`` hears which dtype ``auto`` chose. Every stage loads its models through here."""
     return load_model(
-        folder, dtype or where.dtype, where.device, where.max_memory, where.offload_folder
+        folder, dtype or where.dtype, where.device, where.max_memory, where.offload_folder, log
     )
+
+
+def run_dtype(folder: Path, where) -> str:
+    """The dtype ``load_placed(folder, where)`` runs the model in (``auto`` resolved): what a
+    stage records."""
+    from .precision import resolve_dtype
+
+    return resolve_dtype(where.dtype, folder, where.device).dtype
 
 
 @torch.no_grad()
@@ -409,12 +426,13 @@ class Session:
     pad: int = 0
 
     @classmethod
-    def open(cls, folder: Path, cfg, tok=None, dtype: str | None = None) -> Session:
+    def open(cls, folder: Path, cfg, tok=None, dtype: str | None = None, log=None) -> Session:
         """Load ``folder`` with ``cfg``'s options (its placement, as ``load_placed``;
         ``batch_size``, ``system`` and, where the config has it, ``template``). ``tok``: a
-        tokenizer already set up; ``dtype`` overrides ``cfg.dtype``."""
+        tokenizer already set up; ``dtype`` overrides ``cfg.dtype``; ``log`` hears which
+        dtype ``auto`` chose."""
         tok = tok or load_tokenizer(folder, getattr(cfg, "template", None))
-        model = load_placed(folder, cfg, dtype)
+        model = load_placed(folder, cfg, dtype, log)
         system = getattr(cfg, "system", None)
         return cls(
             folder,

@@ -67,10 +67,10 @@ def resolved(cfg, log):
     return cfg
 
 
-def open_session(folder: Path, cfg, tok=None):
+def open_session(folder: Path, cfg, tok=None, log=None):
     """The session that answers for ``cfg`` (already ``resolved``): vLLM's with
     ``--backend vllm``, llama.cpp's with ``--backend llama.cpp`` (a GGUF), else transformers'
-    (``Session.open``)."""
+    (``Session.open``; ``log`` hears which dtype ``auto`` chose)."""
     if getattr(cfg, "backend", "hf") == "vllm":
         return VllmSession.open(folder, cfg, tok)
     if getattr(cfg, "backend", "hf") == "llama.cpp":
@@ -80,15 +80,18 @@ def open_session(folder: Path, cfg, tok=None):
         if not is_gguf(folder):
             raise BadInputError(f"--backend llama.cpp runs GGUF files; {folder} is not one.")
         return LlamaCppSession.open(folder, cfg, tok)
-    return Session.open(folder, cfg, tok=tok)
+    return Session.open(folder, cfg, tok=tok, log=log)
 
 
 def engine_args(folder: Path, cfg) -> dict:
-    """``vllm.LLM``'s arguments for one replica of ``folder``."""
+    """``vllm.LLM``'s arguments for one replica of ``folder`` (dtype ``auto`` as on a GPU:
+    the checkpoint's, ``runtime.precision``)."""
+    from .precision import resolve_dtype
+
     return {
         "model": str(folder),
         "tokenizer": str(folder),
-        "dtype": cfg.dtype,
+        "dtype": resolve_dtype(cfg.dtype, folder, "cuda").dtype,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
     }

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import SearchConfig
 from ..errors import BadInputError
 from ..folders import MeasureFolder
-from ..runtime.session import load_tokenizer
+from ..runtime.session import load_tokenizer, run_dtype
 from .space import (
     Space,
     nonempty,
@@ -174,7 +174,7 @@ def _settings(cfg: SearchConfig, folder, folder_in, revision, baseline, prompts,
         "eval_limit": cfg.eval_limit if cfg.eval_task else None,
         "seed": cfg.seed,
         "startup_trials": cfg.startup_trials,
-        "dtype": cfg.dtype,
+        "dtype": run_dtype(folder, cfg),  # auto resolved: trials in another dtype differ
         "space": asdict(space),
         "objective": cfg.objective,
         # what a budget objective's value depends on (in a front search, only the choice)

@@ -212,7 +212,7 @@ class _Work:
     def loaded(self, study, storage: Storage) -> tuple[TrialRunner, object]:
         if self.runner is None:
             self.progress.start("loading the model", None)
-            self.runner = open_runner(self.cfg, self.ready)
+            self.runner = open_runner(self.cfg, self.ready, self.log)
             self.model = self.runner.model
             _baselines(study, storage, self.runner, self.model, self.ready, self.log)
         return self.runner, self.model

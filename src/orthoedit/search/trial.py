@@ -192,12 +192,13 @@ def describe(o: dict) -> str:
     return f"failure {failure_text(o)}{drop}"
 
 
-def open_runner(cfg: SearchConfig, ready: Ready) -> TrialRunner:
+def open_runner(cfg: SearchConfig, ready: Ready, log=None) -> TrialRunner:
     """Load the search's model as a session (measure's system prompt, where the search took
-    it from there) and make the trials' runner on it."""
+    it from there) and make the trials' runner on it; ``log`` hears which dtype ``auto``
+    chose."""
     from ..runtime.session import Session
 
-    session = Session.open(ready.folder, cfg, tok=ready.tok)
+    session = Session.open(ready.folder, cfg, tok=ready.tok, log=log)
     session.system = ready.settings["system"]
     return make_runner(cfg, ready, session)
 
