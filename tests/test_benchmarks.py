@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 #: Helpers that a benchmark runs in its own processes (its smoke run runs them too).
 HELPERS = {"byte_copy.py": "bench_apply.py", "full_load.py": "bench_apply.py"}
+#: Benchmarks whose smoke run has a test file of its own (its runs and its peer's answers).
+ELSEWHERE = {"bench_peers.py": "test_bench_peers.py"}
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -123,8 +125,9 @@ CHECKS = {name[len("check_") :] + ".py": f for name, f in globals().items() if n
 
 def test_every_benchmark_has_a_smoke_run():
     scripts = {p.name for p in BENCHMARKS.glob("*.py")}
-    assert scripts == set(CHECKS) | set(HELPERS)
+    assert scripts == set(CHECKS) | set(HELPERS) | set(ELSEWHERE)
     assert set(HELPERS.values()) <= set(CHECKS)
+    assert all((ROOT / "tests" / test).is_file() for test in ELSEWHERE.values())
 
 
 @pytest.mark.parametrize("script", sorted(CHECKS))
