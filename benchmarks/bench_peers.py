@@ -7,12 +7,15 @@ once here, ``runtime.precision``) and the same number of threads. Each runs as i
 program (heretic is AGPL: it is only ever run, from its own virtual environment, never
 imported); its wall time and peak memory (``/usr/bin/time -v``) are recorded. Then the
 unedited model and both edited checkpoints are judged on the pools' test split, which
-neither tool saw, by orthoedit's one judging layer: ``eval safety`` (refused / evasive /
-complied / broken, answers of ``--max-new-tokens``) and ``eval kl`` (first-token KL on
-harmless test prompts).
+neither tool saw, by orthoedit's one judging layer, after both tools have run: ``eval
+safety``'s judging of all of them in one run, the unedited model answering once (refused /
+evasive / complied / broken, answers of ``--max-new-tokens``), ``eval kl`` (first-token KL
+on harmless test prompts) and ``eval bench``'s capability test (``--capability-task``,
+HumanEval in a sandbox by default). Each tool run and judgement is written as it finishes
+and read again by a run with the same settings.
 
-Output (``--out``): ``peers.json``, ``peers.md`` (one table) and ``peers.png`` (harmful
-prompts refused against first-token KL).
+Output (``--out``): ``peers.json``, ``peers.md`` (one table), ``peers.png`` (harmful
+prompts refused against first-token KL) and ``judged/answers.jsonl``.
 
 ``--smoke`` runs in seconds on the model organism (orthoedit only where heretic is not
 installed; ``--heretic PATH`` names its executable, default ``/work/heretic-venv/bin/heretic``).
@@ -31,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +56,14 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--heretic", type=Path, default=HERETIC, help="heretic's executable")
+    p.add_argument(
+        "--capability-task",
+        default="humaneval_instruct_sandbox",
+        help="the capability test, an lm-eval task ('' to skip it)",
+    )
+    p.add_argument(
+        "--capability-limit", type=float, default=None, help="its problems (default: all)"
+    )
     p.add_argument("--smoke", action="store_true", help="the organism, 2 trials, 8 prompts")
     args = p.parse_args(argv)
     if args.smoke:
@@ -59,6 +71,9 @@ def parse_args(argv):
 
         args.model = args.model or Path(CHAT_MODEL)
         args.trials, args.n, args.max_new_tokens = 2, args.n or 8, 16
+        if args.capability_task == "humaneval_instruct_sandbox":
+            args.capability_task = "organism_capability"
+        args.capability_limit = args.capability_limit or 8
     args.model = (args.model or DEV_MODEL).resolve()
     args.startup_trials = args.startup_trials or max(1, args.trials // 2)
     return args
@@ -304,37 +319,73 @@ def run_heretic(args, dtype: str, prompts: dict[str, Path], work: Path) -> dict:
     return result
 
 
-def judge(args, name: str, edited: str, work: Path) -> dict:
-    """``eval safety`` (the edited model beside the unedited base) and ``eval kl`` on the test
-    split: orthoedit's one judging layer, the same for every model."""
-    from orthoedit.config import EvalKLConfig, EvalSafetyConfig
-    from orthoedit.evaluate.kl import eval_kl
-    from orthoedit.evaluate.safety import eval_safety
+def cached(path: Path, settings: dict, compute):
+    """``compute()``, or what a run with the same settings wrote to ``path`` (JSON): a
+    finished tool run or judgement is read again, not repeated (delete it to repeat it)."""
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("settings") == settings:
+            print(f"reusing {path}")
+            return record["result"]
+    result = compute()
+    if isinstance(result, dict) and (result.get("skipped") or result.get("rc")):
+        return result  # not run, or failed: tried again next time
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "result": result}, indent=2) + "\n")
+    return result
+
+
+def judge_safety(args, edited: dict[str, str], work: Path) -> dict:
+    """``eval safety``'s judging (refused / evasive / complied / broken, word salad scored
+    under the unedited model) of every edit and the unedited model on the test split, in one
+    run: the unedited model answers once. Returns each model's harmful and harmless rates."""
+    from orthoedit.config import EvalSafetyConfig
+    from orthoedit.judging.safety import run_safety
+    from orthoedit.runtime.session import start_stage
 
     source = prompt_source(args.smoke)
-    quiet = lambda _: None  # noqa: E731
-    safety = eval_safety(
-        EvalSafetyConfig(
-            model=edited,
-            base=str(args.model),
-            out=work / f"safety-{name}",
-            harmful=source,
-            harmless=source,
-            n=args.n,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            overwrite=True,
-        ),
-        log=quiet,
-        label=name,
+    (first, model), *rest = edited.items()
+    cfg = EvalSafetyConfig(
+        model=model,
+        base=str(args.model),
+        out=work / "safety",
+        harmful=source,
+        harmless=source,
+        n=args.n,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
     )
-    harmless_test = work / "harmless-test.jsonl"
-    if not harmless_test.is_file():
-        from orthoedit.prompts import prompt_texts
+    result = run_safety(cfg, None, print, start_stage(None), first, others=dict(rest))
+    work.mkdir(parents=True, exist_ok=True)
+    with (work / "answers.jsonl").open("w") as out:
+        for answer in result.answers:
+            role = first if answer.model == "model" else answer.model
+            out.write(json.dumps({"model": role, **_answer(answer)}) + "\n")
+    return {
+        (first if role == "model" else role): {
+            kind: result.summary[role][kind]["overall"] for kind in ("harmful", "harmless")
+        }
+        for role in result.summary
+    }
 
-        texts = prompt_texts(source, "harmless", "test")
-        harmless_test.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+
+def _answer(answer) -> dict:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(answer).items() if k != "model"}
+
+
+def judge_kl(args, edited: str, work: Path) -> dict:
+    """``eval kl``: first-token KL and cross-entropy on the harmless test prompts."""
+    from orthoedit.config import EvalKLConfig
+    from orthoedit.evaluate.kl import eval_kl
+    from orthoedit.prompts import prompt_texts
+
+    harmless_test = work / "harmless-test.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    texts = prompt_texts(prompt_source(args.smoke), "harmless", "test")
+    harmless_test.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     kl = eval_kl(
         EvalKLConfig(
             base=str(args.model),
@@ -344,15 +395,38 @@ def judge(args, name: str, edited: str, work: Path) -> dict:
             batch_size=args.batch_size,
             dtype=args.dtype,
         ),
-        log=quiet,
+        log=lambda _: None,
     )
-    summary = safety.summary
     return {
-        "base": {kind: summary["base"][kind]["overall"] for kind in ("harmful", "harmless")},
-        "edited": {kind: summary["model"][kind]["overall"] for kind in ("harmful", "harmless")},
         "first_token_kl": kl.first_token_kl,
         "cross_entropy": {"base": kl.cross_entropy_base, "edited": kl.cross_entropy_edited},
     }
+
+
+def judge_capability(args, edited: dict[str, str]) -> dict:
+    """``eval bench``'s lm-eval run of the capability test (``--capability-task``, chat
+    template on) on the unedited model once and on every edit, each edit compared with it
+    (delta, the stderr of the delta)."""
+    from dataclasses import asdict
+
+    from orthoedit.config import EvalBenchConfig
+    from orthoedit.evaluate.bench import compare, lm_eval_results
+
+    cfg = EvalBenchConfig(
+        base=str(args.model),
+        edited=next(iter(edited.values())),
+        out=args.out / "capability",
+        tasks=[args.capability_task],
+        limit=args.capability_limit,
+        chat_template=True,
+        dtype=args.dtype,
+        offline=True,
+    )
+    raw = lm_eval_results(cfg, {"unedited": str(args.model), **edited}, cfg.tasks)
+    return {
+        name: [asdict(row) for row in compare(raw["unedited"], raw[name], cfg.max_drop, {})]
+        for name in edited
+    } | {"n_samples": raw["unedited"].get("n-samples")}
 
 
 def _pct(x) -> str:
@@ -375,7 +449,9 @@ ROWS = (
 
 def markdown(results: dict) -> str:
     """One table: the unedited model and each tool's edit, judged alike."""
-    tools = [t for t in ("orthoedit", "heretic") if results["tools"][t].get("judged")]
+    judged = results.get("judged") or {}
+    safety, kl = judged.get("safety") or {}, judged.get("kl") or {}
+    tools = [t for t in results["tools"] if t in safety]
     cols = ["unedited", *tools]
     lines = [
         f"model {results['model']}, {results['trials']} trials each, dtype {results['dtype']}, "
@@ -385,13 +461,24 @@ def markdown(results: dict) -> str:
         "| | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
-    first = results["tools"][tools[0]]["judged"] if tools else None
+    models = ["base", *tools]
     for kind, key, label in ROWS:
-        base = _pct(first["base"][kind][key]) if first else "–"
-        cells = [base] + [_pct(results["tools"][t]["judged"]["edited"][kind][key]) for t in tools]
+        cells = [_pct(safety[m][kind][key]) if m in safety else "–" for m in models]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    kl = ["0"] + [_num(results["tools"][t]["judged"]["first_token_kl"], ".4f") for t in tools]
-    lines.append("| first-token KL (harmless test) | " + " | ".join(kl) + " |")
+    cells = ["0"] + [_num(kl.get(t, {}).get("first_token_kl"), ".4f") for t in tools]
+    lines.append("| first-token KL (harmless test) | " + " | ".join(cells) + " |")
+    capability = judged.get("capability")
+    if capability:
+        for i, row in enumerate(capability[tools[0]] if tools else []):
+            name = f"{row['task']} {row['metric']}"
+            cells = [_pct(row["base"])]
+            for t in tools:
+                r = capability[t][i]
+                cells.append(f"{_pct(r['edited'])} ({100 * r['delta']:+.1f} ± "
+                             f"{100 * (r['stderr'] or 0):.1f})")  # fmt: skip
+            lines.append(
+                f"| {name} (n={capability.get('n_samples')}) | " + " | ".join(cells) + " |"
+            )
     for key, label in (("wall_s", "wall time (s)"), ("peak_rss_mib", "peak memory (MiB)")):
         cells = ["–"] + [_num(results["tools"][t]["run"].get(key), ".0f") for t in tools]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -408,16 +495,18 @@ def figure(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    judged = results.get("judged") or {}
+    safety, kl = judged.get("safety") or {}, judged.get("kl") or {}
     fig, ax = plt.subplots(figsize=(5, 4))
-    points = []
-    for tool, r in results["tools"].items():
-        j = r.get("judged")
-        if j:
-            points.append(("unedited", 0.0, j["base"]["harmful"]["refusal"]))
-            points.append((tool, j["first_token_kl"], j["edited"]["harmful"]["refusal"]))
-    for label, kl, refused in dict((p[0], p) for p in points).values():
-        ax.scatter(kl, 100 * refused, s=40)
-        ax.annotate(label, (kl, 100 * refused), textcoords="offset points", xytext=(5, 5))
+    points = [("unedited", 0.0, safety["base"]["harmful"]["refusal"])] if "base" in safety else []
+    points += [
+        (t, kl[t]["first_token_kl"], safety[t]["harmful"]["refusal"])
+        for t in results["tools"]
+        if t in safety and t in kl
+    ]
+    for label, x, refused in points:
+        ax.scatter(x, 100 * refused, s=40)
+        ax.annotate(label, (x, 100 * refused), textcoords="offset points", xytext=(5, 5))
     ax.set_xlabel("first-token KL on harmless test prompts")
     ax.set_ylabel("harmful test prompts refused (%)")
     ax.set_title(f"{Path(results['model']).name}, {results['trials']} trials each")
@@ -440,9 +529,12 @@ def main(argv=None) -> dict:
     print(choice.note)
     limit = 32 if args.smoke else None  # orthoedit's n_train in a smoke run
     prompts = write_prompts(prompt_source(args.smoke), args.out / "inputs", limit)
-    tools = {}
+    runs = {"model": str(args.model), "trials": args.trials, "dtype": args.dtype}
+    runs |= {"startup_trials": args.startup_trials, "threads": args.threads}
+    tools, edited = {}, {}
     for name, runner in (("orthoedit", run_orthoedit), ("heretic", run_heretic)):
-        r = runner(args, args.dtype, prompts, args.out / name)
+        run = partial(runner, args, args.dtype, prompts, args.out / name)
+        r = cached(args.out / f"run-{name}.json", runs, run)
         tools[name] = entry = {"run": r}
         if r.get("skipped"):
             print(f"{name}: {r['skipped']}")
@@ -452,7 +544,25 @@ def main(argv=None) -> dict:
         if r["edited"] is None:
             entry["error"] = f"{name} wrote no edited checkpoint (exit {r['rc']}; see {r['log']})"
             continue
-        entry["judged"] = judge(args, name, r["edited"], args.out / "judged")
+        edited[name] = r["edited"]
+    judged = {}
+    if edited:
+        work = args.out / "judged"
+        tests = runs | {"n": args.n, "max_new_tokens": args.max_new_tokens, "edited": edited}
+        judged["safety"] = cached(
+            work / "safety.json", tests, lambda: judge_safety(args, edited, work)
+        )
+        judged["kl"] = {
+            name: cached(work / f"kl-{name}.json", tests, partial(judge_kl, args, path, work))
+            for name, path in edited.items()
+        }
+        if args.capability_task:
+            bench = runs | {"task": args.capability_task, "limit": args.capability_limit}
+            judged["capability"] = cached(
+                work / "capability.json",
+                bench | {"edited": edited},
+                lambda: judge_capability(args, edited),
+            )
     results = {
         "model": str(args.model),
         "trials": args.trials,
@@ -462,9 +572,11 @@ def main(argv=None) -> dict:
         "threads": args.threads,
         "test_n": args.n or "all",
         "max_new_tokens": args.max_new_tokens,
+        "capability": {"task": args.capability_task, "limit": args.capability_limit},
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "heretic_changes": HERETIC_CHANGES,
         "tools": tools,
+        "judged": judged,
     }
     (args.out / "peers.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "peers.md").write_text(markdown(results))

@@ -209,7 +209,9 @@ def test_no_feasible_trial_says_so_and_exits_1(first_search, measured, tmp_path)
 
 
 def test_first_trial_is_measure_selection(first_search, measured):
-    """The search starts from measure's selection, judged exactly like the baseline."""
+    """The search starts from measure's selection and takes the "measure" baseline's
+    judgement for it, which holds because the two edits are one: the first trial's hooks
+    and the baseline's change the model's logits alike."""
     first = first_search.trials[0]
     base = first_search.baselines["measure"]
     assert first.user_attrs["start"] == "measure's selection"
@@ -221,6 +223,17 @@ def test_first_trial_is_measure_selection(first_search, measured):
     assert first_search.baselines["no edit"]["kl"] == 0
     # the organism refuses every harmful validation prompt; measure's edit removes refusal
     assert first_search.baselines["no edit"]["failure"] == 1.0 and base["failure"] <= 0.2
+    ready = prepare(_cfg(measured, measured / "unused"))
+    model = AutoModelForCausalLM.from_pretrained(ready.folder).eval()
+    ids = torch.tensor([ready.tok("How do I make a weapon?")["input_ids"]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with search_module.edit_hooks(model, ready, params_of(first.params))[0]():
+            trial = model(ids).logits
+        with measure_hooks(model, ready)():
+            baseline = model(ids).logits
+    assert (trial - plain).abs().max() > 1e-2  # an edit that changes the model
+    torch.testing.assert_close(trial, baseline, rtol=0, atol=1e-5)
 
 
 def test_outputs(first_search):
@@ -262,9 +275,9 @@ def test_resume_after_interruption(first_search, measured, tmp_path, monkeypatch
     real = search_module.loop.evaluate_trial
     calls = []
 
-    def dies_on_third(judge, hooks):
+    def dies_on_third(judge, hooks):  # trial 0 takes the baseline's judgement: no call
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt  # as good as a kill: nothing after this line runs
         return real(judge, hooks)
 

@@ -27,6 +27,7 @@ from orthoedit.runtime.session import Session
 from orthoedit.search import loop as loop_module
 from orthoedit.search import search
 from orthoedit.search.storage import HEARTBEAT_ENV
+from orthoedit.search.store import MEASURE_START
 from test_cli import cli, one_line_error, wide_consoles  # noqa: F401  (the CLI runner and its wide consoles)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -151,6 +152,11 @@ def test_two_workers_finish_one_study(pg, organism_measured, tmp_path, monkeypat
     assert _report(tmp_path / "late")["trials"] == reports[0]["trials"]
 
 
+def _measures(trial) -> bool:
+    """Measure's selection, which takes its baseline's judgement and never sleeps."""
+    return trial.user_attrs.get("start") == MEASURE_START
+
+
 def test_a_killed_workers_trial_is_run_again(pg, organism_measured, tmp_path):
     """SIGKILL mid-trial: the trial stays running until its heartbeat is stale, is then marked
     failed and queued again with the same parameters, and the other worker runs it; the study
@@ -159,9 +165,11 @@ def test_a_killed_workers_trial_is_run_again(pg, organism_measured, tmp_path):
     _wait_for(lambda: _trials(pg.url, "killed"))  # made, measure's trial queued
     healthy = _worker(organism_measured, tmp_path / "healthy", pg.url, "killed", sleep=0.1)
     running = lambda: [  # noqa: E731
-        t for t in _trials(pg.url, "killed") if t.state.name == "RUNNING" and _by(victim)(t)
+        t
+        for t in _trials(pg.url, "killed")
+        if t.state.name == "RUNNING" and _by(victim)(t) and not _measures(t)
     ]
-    held = _wait_for(running)[0]  # the victim's first trial: it never ends
+    held = _wait_for(running)[0]  # the victim's first judged trial: it never ends
     _wait_for(lambda: sum(map(_by(healthy), _trials(pg.url, "killed"))) >= 3)  # mid-run
     victim.send_signal(signal.SIGKILL)
     victim.wait()

@@ -245,8 +245,6 @@ def eval_bench(
     ``cfg.base`` / ``cfg.edited`` then only name it in the report. lm-eval's progress bars
     drive ``progress``; what else it prints goes to ``log`` (``progress.library_output``)."""
     loaded = loaded or {}
-    import tempfile
-
     cfg = _backend(cfg, log)
     target = check_target(cfg.out, inputs_of(cfg), cfg.overwrite)
     _check_inputs(cfg, loaded)
@@ -258,16 +256,8 @@ def eval_bench(
         else:
             chat = _has_chat_template(cfg.base)
     cfg = cfg.model_copy(update={"chat_template": chat})
-    import datasets
-
-    datasets.disable_progress_bars()  # lm-eval's own request bars are the progress shown
-    raw = {}
-    with tempfile.TemporaryDirectory() as tmp, offline_mode(cfg.offline):
-        manager = task_manager(prepare_shipped_tasks(Path(tmp)), tasks)
-        for name, model in (("base", cfg.base), ("edited", cfg.edited)):
-            log(f"lm-eval on the {name} model ({model}): {', '.join(tasks)}")
-            with lm_eval_quiet(progress, lambda line: log(f"lm-eval: {line}")):
-                raw[name] = run_lm_eval(cfg, model, tasks, manager, loaded.get(name))
+    models = {"base": cfg.base, "edited": cfg.edited}
+    raw = lm_eval_results(cfg, models, tasks, log, progress, loaded)
     rows = compare(raw["base"], raw["edited"], cfg.max_drop, dict(cfg.max_drop_task))
     settings = {
         "base": cfg.base,
@@ -289,6 +279,33 @@ def eval_bench(
     }
     _write(target, raw, rows, settings, f"{cfg.base} vs {cfg.edited}")
     return BenchResult(target, rows, settings)
+
+
+def lm_eval_results(
+    cfg: EvalBenchConfig,
+    models: dict[str, str],
+    tasks: list[str],
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+    loaded: dict | None = None,
+) -> dict[str, dict]:
+    """lm-eval's results of each model (name: model) on ``tasks``, one after another with
+    the same settings (``cfg``'s; its chat template already decided): the base once, however
+    many edits are compared with it (``compare``)."""
+    import tempfile
+
+    import datasets
+
+    loaded = loaded or {}
+    datasets.disable_progress_bars()  # lm-eval's own request bars are the progress shown
+    raw = {}
+    with tempfile.TemporaryDirectory() as tmp, offline_mode(cfg.offline):
+        manager = task_manager(prepare_shipped_tasks(Path(tmp)), tasks)
+        for name, model in models.items():
+            log(f"lm-eval on the {name} model ({model}): {', '.join(tasks)}")
+            with lm_eval_quiet(progress, lambda line: log(f"lm-eval: {line}")):
+                raw[name] = run_lm_eval(cfg, model, tasks, manager, loaded.get(name))
+    return raw
 
 
 def _check_inputs(cfg: EvalBenchConfig, loaded: dict) -> None:

@@ -31,14 +31,25 @@ class SafetyResult:
 
 
 def run_safety(
-    cfg, spec: JudgeSpec | None, log: Callable[[str], None], progress: Progress, label: str
+    cfg,
+    spec: JudgeSpec | None,
+    log: Callable[[str], None],
+    progress: Progress,
+    label: str,
+    others: dict[str, str] | None = None,
 ) -> SafetyResult:
     """``cfg``: an ``EvalSafetyConfig`` (its backend already resolved); ``spec``: the checked
-    judge; ``label``: how reports name the model under test."""
+    judge; ``label``: how reports name the model under test. ``others``: more models under
+    test (role: model), answered and judged alike, against the one base answered once; the
+    summary and the answers name each by its role."""
     phrases = load_phrases(cfg.phrases)
     sets = {kind: load_set(getattr(cfg, kind), kind, cfg) for kind in ("harmful", "harmless")}
-    models = {"model": label} if cfg.base is None else {"base": cfg.base, "model": label}
-    given = {"model": cfg.model, "base": cfg.base}
+    others = dict(others or {})
+    if {"base", "model"} & set(others):
+        raise ValueError("the roles base and model are taken")
+    tested = {"model": label} | {role: model for role, model in others.items()}
+    models = tested if cfg.base is None else {"base": cfg.base} | tested
+    given = {"model": cfg.model, "base": cfg.base} | others
     by_role: dict[str, list[Answer]] = {}
     max_surprisal = None
     # With a base, the model under test answers first, so that the base, loaded last, can

@@ -24,7 +24,14 @@ from .space import (
     suggest,
 )
 from .storage import Storage, check_url, open_storage
-from .store import claim, completed, open_study, requeue_interrupted, start_from_measure
+from .store import (
+    MEASURE_START,
+    claim,
+    completed,
+    open_study,
+    requeue_interrupted,
+    start_from_measure,
+)
 from .trial import TrialResult, TrialRunner, describe, edit_hooks, measure_hooks, open_runner
 
 
@@ -134,7 +141,11 @@ def _one_trial(cfg, study, storage: Storage, runner: TrialRunner, model, ready: 
         with storage.beating(trial):
             params = suggest(trial, ready.n_layers, ready.space)
             hooks, _, source = edit_hooks(model, ready, params)
-            outcome = evaluate_trial(runner, hooks)
+            if trial.user_attrs.get("start") == MEASURE_START:
+                # the "measure" baseline judged this very edit already
+                outcome = TrialResult.from_dict(study.user_attrs["baselines"]["measure"])
+            else:
+                outcome = evaluate_trial(runner, hooks)
     except Exception:
         # an error, not an interruption: recorded as failed, not re-run on resume
         study.tell(trial, state=TrialState.FAIL)
@@ -186,6 +197,11 @@ def _run_trials(cfg, study, storage: Storage, work: _Work, clock) -> tuple[int, 
             if outcome is None
             else f"trial {got.trial.number}: {describe(outcome.to_dict())}, "
             f"KL {outcome.kl:.4g}, {outcome.seconds:.1f} s"
+            + (
+                " (the measure baseline)"
+                if got.trial.user_attrs.get("start") == MEASURE_START
+                else ""
+            )
         )
     _show(work.progress, study, cfg, len(completed(study)))
     return ran, stopped

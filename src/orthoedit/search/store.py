@@ -140,6 +140,11 @@ def open_study(storage: Storage, name: str, settings: dict, replace_other: bool 
     return study
 
 
+#: The first trial's ``start`` when it is measure's selection exactly: the same edit as the
+#: search's "measure" baseline, whose judgement it takes instead of being judged again.
+MEASURE_START = "measure's selection"
+
+
 def measure_params(ready: Ready) -> dict | None:
     """Trial parameters that reproduce measure's selection as ``apply`` edits it by default
     (its candidate, every writer at full weight, the embedding too), or come as near it as
@@ -175,9 +180,7 @@ def start_from_measure(study, ready: Ready) -> None:
     if params is not None and not study.get_trials(deepcopy=False):
         meta = ready.baseline_direction.metadata
         exact = params["embed"] and params["direction_layer"] == float(meta["layer"])
-        what = (
-            "measure's selection" if exact else "measure's selection, as near as the space allows"
-        )
+        what = MEASURE_START if exact else f"{MEASURE_START}, as near as the space allows"
         study.enqueue_trial(params, user_attrs={"start": what})
 
 

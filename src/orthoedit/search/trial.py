@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..config import SearchConfig
@@ -50,6 +50,11 @@ class TrialResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "failure": self.failure}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrialResult:
+        """The result that ``to_dict`` wrote (its derived keys left out)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 class TrialRunner:
